@@ -1,0 +1,1 @@
+// adamw: to be written

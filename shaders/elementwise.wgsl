@@ -1,0 +1,118 @@
+// Elementwise kernels: add, scale, axpby, SiLU forward/backward, per-channel broadcast add
+// (time-embedding injection) and channel-slice copies (concat and its backward).
+// Tensors are flat f32 arrays; images are channels-last (NHWC), so a pixel's channels are
+// contiguous. One invocation per element; the grid may be 2-D when it exceeds 65535 groups.
+
+struct Params {
+    n: u32,          // number of elements (or of pixels, for the channel kernels)
+    channels: u32,   // channels per pixel of the broadcast operand / copy width
+    src_stride: u32, // channels per pixel in the source (copy_channels)
+    src_offset: u32, // first source channel (copy_channels)
+    dst_stride: u32, // channels per pixel in the destination (copy_channels)
+    dst_offset: u32, // first destination channel (copy_channels)
+    alpha: f32,
+    beta: f32,
+    pixels_per_sample: u32, // add_channel_bias: H*W
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read_write> y: array<f32>;
+@group(0) @binding(3) var<storage, read_write> z: array<f32>;
+
+const WG: u32 = 256u;
+
+fn linear_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
+    return (wid.y * nwg.x + wid.x) * WG + lid;
+}
+
+// z = x + y  (bindings: x, y read as inputs through the read_write slot, z)
+@compute @workgroup_size(256)
+fn add(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+       @builtin(local_invocation_index) lid: u32) {
+    let i = linear_index(wid, nwg, lid);
+    if (i < p.n) { z[i] = x[i] + y[i]; }
+}
+
+// y = alpha * x + beta * y   (beta = 0 overwrites y: then y is never read, so NaNs in it vanish)
+@compute @workgroup_size(256)
+fn axpby(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+         @builtin(local_invocation_index) lid: u32) {
+    let i = linear_index(wid, nwg, lid);
+    if (i < p.n) {
+        var v = p.alpha * x[i];
+        if (p.beta != 0.0) { v = v + p.beta * y[i]; }
+        y[i] = v;
+    }
+}
+
+// y = alpha * y (in place; binds y only)
+@compute @workgroup_size(256)
+fn scale(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+         @builtin(local_invocation_index) lid: u32) {
+    let i = linear_index(wid, nwg, lid);
+    if (i < p.n) { y[i] = p.alpha * y[i]; }
+}
+
+fn sigmoid(v: f32) -> f32 {
+    return 1.0 / (1.0 + exp(-v));
+}
+
+// y = silu(x) = x * sigmoid(x)
+@compute @workgroup_size(256)
+fn silu_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_index) lid: u32) {
+    let i = linear_index(wid, nwg, lid);
+    if (i < p.n) {
+        let v = x[i];
+        y[i] = v * sigmoid(v);
+    }
+}
+
+// dx = dy * silu'(x), silu'(x) = s * (1 + x * (1 - s)), s = sigmoid(x).
+// Bindings: x (forward input), dy (through the y slot, read only here), dx (z);
+// dx = beta * dx + dy * silu'(x) so a gradient can be accumulated.
+@compute @workgroup_size(256)
+fn silu_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_index) lid: u32) {
+    let i = linear_index(wid, nwg, lid);
+    if (i < p.n) {
+        let v = x[i];
+        let s = sigmoid(v);
+        var g = y[i] * s * (1.0 + v * (1.0 - s));
+        if (p.beta != 0.0) { g = g + p.beta * z[i]; }
+        z[i] = g;
+    }
+}
+
+// y[n, q, c] += alpha * x[n, c] for every pixel q of sample n: the time-embedding projection
+// added to a resnet's hidden state (diffusers ResnetBlock2D, `hidden_states + temb[:, :, None, None]`).
+@compute @workgroup_size(256)
+fn add_channel_bias(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                    @builtin(local_invocation_index) lid: u32) {
+    let i = linear_index(wid, nwg, lid);
+    if (i < p.n) {
+        let c = i % p.channels;
+        let sample = i / (p.channels * p.pixels_per_sample);
+        y[i] = y[i] + p.alpha * x[sample * p.channels + c];
+    }
+}
+
+// y[q, dst_offset + c] = x[q, src_offset + c] + beta * y[q, dst_offset + c] for c < channels:
+// channel concatenation (torch.cat(dim=1) in NCHW is a slice copy in NHWC) and its backward.
+@compute @workgroup_size(256)
+fn copy_channels(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_index) lid: u32) {
+    let i = linear_index(wid, nwg, lid);
+    if (i < p.n * p.channels) {
+        let q = i / p.channels;
+        let c = i % p.channels;
+        let d = q * p.dst_stride + p.dst_offset + c;
+        var v = x[q * p.src_stride + p.src_offset + c];
+        if (p.beta != 0.0) { v = v + p.beta * y[d]; }
+        y[d] = v;
+    }
+}

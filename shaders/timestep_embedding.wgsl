@@ -1,0 +1,1 @@
+// timestep_embedding: to be written

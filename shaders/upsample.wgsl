@@ -1,0 +1,1 @@
+// upsample: to be written

@@ -1,0 +1,271 @@
+//! The shader table and the pipeline cache.
+//!
+//! Every WGSL file is compiled into the binary. A few kernels are templates: loops that must be
+//! fully unrolled into separate variables (the subgroup GEMM's register tile) are written once
+//! with `//#for` blocks and expanded for the lane count in use (see [`expand_template`]).
+//! Pipelines are keyed by shader + entry point + template values + `override` constants, and are
+//! all created while a plan is recorded, before the first step runs.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// Every shader of the project: (name, WGSL source).
+pub const SHADERS: &[(&str, &str)] = &[
+    ("elementwise", include_str!("../../shaders/elementwise.wgsl")),
+    ("gemm", include_str!("../../shaders/gemm.wgsl")),
+    ("gemm_subgroup", include_str!("../../shaders/gemm_subgroup.wgsl")),
+    ("conv2d", include_str!("../../shaders/conv2d.wgsl")),
+    ("conv2d_subgroup", include_str!("../../shaders/conv2d_subgroup.wgsl")),
+    ("pack", include_str!("../../shaders/pack.wgsl")),
+    ("reduce", include_str!("../../shaders/reduce.wgsl")),
+    ("group_norm", include_str!("../../shaders/group_norm.wgsl")),
+    ("softmax", include_str!("../../shaders/softmax.wgsl")),
+    ("upsample", include_str!("../../shaders/upsample.wgsl")),
+    ("timestep_embedding", include_str!("../../shaders/timestep_embedding.wgsl")),
+    ("loss", include_str!("../../shaders/loss.wgsl")),
+    ("adamw", include_str!("../../shaders/adamw.wgsl")),
+    ("noise", include_str!("../../shaders/noise.wgsl")),
+];
+
+pub fn shader_source(name: &str) -> Option<&'static str> {
+    SHADERS.iter().find(|(n, _)| *n == name).map(|(_, s)| *s)
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct KernelKey {
+    pub shader: &'static str,
+    pub entry: &'static str,
+    /// Template values (for `//#for` / `{{…}}` expansion), sorted by name.
+    pub template: Vec<(&'static str, i64)>,
+    /// WGSL `override` constants, sorted by name (values as f64 bits).
+    pub constants: Vec<(&'static str, u64)>,
+}
+
+impl KernelKey {
+    pub fn new(shader: &'static str, entry: &'static str) -> KernelKey {
+        KernelKey { shader, entry, template: Vec::new(), constants: Vec::new() }
+    }
+    pub fn template(mut self, name: &'static str, value: i64) -> Self {
+        self.template.push((name, value));
+        self.template.sort();
+        self
+    }
+    pub fn constant(mut self, name: &'static str, value: f64) -> Self {
+        self.constants.push((name, value.to_bits()));
+        self.constants.sort();
+        self
+    }
+    /// The WGSL after template expansion.
+    pub fn source(&self) -> Result<String, String> {
+        let src = shader_source(self.shader).ok_or_else(|| format!("unknown shader `{}`", self.shader))?;
+        if self.template.is_empty() { Ok(src.to_string()) } else { expand_template(src, &self.template) }
+    }
+    pub fn constants_f64(&self) -> Vec<(&'static str, f64)> {
+        self.constants.iter().map(|(n, v)| (*n, f64::from_bits(*v))).collect()
+    }
+}
+
+type ModuleKey = (&'static str, Vec<(&'static str, i64)>);
+
+pub struct Kernels {
+    device: wgpu::Device,
+    modules: Mutex<HashMap<ModuleKey, Arc<wgpu::ShaderModule>>>,
+    pipelines: Mutex<HashMap<KernelKey, Arc<wgpu::ComputePipeline>>>,
+}
+
+impl Kernels {
+    pub fn new(device: &wgpu::Device) -> Kernels {
+        Kernels { device: device.clone(), modules: Default::default(), pipelines: Default::default() }
+    }
+
+    pub fn pipeline(&self, key: &KernelKey) -> Arc<wgpu::ComputePipeline> {
+        if let Some(p) = self.pipelines.lock().unwrap().get(key) {
+            return p.clone();
+        }
+        let module = {
+            let mk = (key.shader, key.template.clone());
+            let mut modules = self.modules.lock().unwrap();
+            modules
+                .entry(mk)
+                .or_insert_with(|| {
+                    let src = key.source().unwrap_or_else(|e| panic!("shader template: {e}"));
+                    Arc::new(self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                        label: Some(key.shader),
+                        source: wgpu::ShaderSource::Wgsl(src.into()),
+                    }))
+                })
+                .clone()
+        };
+        let constants = key.constants_f64();
+        let pipeline = Arc::new(self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(key.entry),
+            layout: None,
+            module: &module,
+            entry_point: Some(key.entry),
+            compilation_options: wgpu::PipelineCompilationOptions {
+                constants: &constants,
+                zero_initialize_workgroup_memory: false,
+            },
+            cache: None,
+        }));
+        self.pipelines.lock().unwrap().insert(key.clone(), pipeline.clone());
+        pipeline
+    }
+
+    pub fn pipeline_count(&self) -> usize {
+        self.pipelines.lock().unwrap().len()
+    }
+
+    /// Every kernel key built so far (the specializations a run uses; recorded in checkpoints).
+    pub fn keys(&self) -> Vec<KernelKey> {
+        let mut k: Vec<_> = self.pipelines.lock().unwrap().keys().cloned().collect();
+        k.sort_by(|a, b| format!("{a:?}").cmp(&format!("{b:?}")));
+        k
+    }
+}
+
+/// Expands a WGSL template.
+///
+/// * `{{expr}}` is replaced by the integer value of `expr` (names from `vars` and loop
+///   variables, integer literals, `+ - * / %` and parentheses).
+/// * Lines between `//#for NAME in A..B` and the matching `//#end` are repeated for NAME in
+///   A..B (A and B are expressions as above); blocks nest.
+pub fn expand_template(src: &str, vars: &[(&str, i64)]) -> Result<String, String> {
+    let lines: Vec<&str> = src.lines().collect();
+    let mut env: Vec<(String, i64)> = vars.iter().map(|(n, v)| (n.to_string(), *v)).collect();
+    let mut out = String::with_capacity(src.len() * 4);
+    expand_lines(&lines, &mut env, &mut out)?;
+    Ok(out)
+}
+
+fn expand_lines(lines: &[&str], env: &mut Vec<(String, i64)>, out: &mut String) -> Result<(), String> {
+    let mut i = 0;
+    while i < lines.len() {
+        let trimmed = lines[i].trim_start();
+        if let Some(rest) = trimmed.strip_prefix("//#for ") {
+            let (name, range) = rest.split_once(" in ").ok_or_else(|| format!("bad //#for line: {trimmed}"))?;
+            let (a, b) = range.split_once("..").ok_or_else(|| format!("bad //#for range: {trimmed}"))?;
+            let (a, b) = (eval(a.trim(), env)?, eval(b.trim(), env)?);
+            // Find the matching //#end.
+            let mut depth = 1;
+            let mut j = i + 1;
+            while j < lines.len() {
+                let t = lines[j].trim_start();
+                if t.starts_with("//#for ") {
+                    depth += 1;
+                } else if t.starts_with("//#end") {
+                    depth -= 1;
+                    if depth == 0 {
+                        break;
+                    }
+                }
+                j += 1;
+            }
+            if j == lines.len() {
+                return Err(format!("//#for without //#end: {trimmed}"));
+            }
+            for v in a..b {
+                env.push((name.trim().to_string(), v));
+                expand_lines(&lines[i + 1..j], env, out)?;
+                env.pop();
+            }
+            i = j + 1;
+            continue;
+        }
+        substitute(lines[i], env, out)?;
+        out.push('\n');
+        i += 1;
+    }
+    Ok(())
+}
+
+fn substitute(line: &str, env: &[(String, i64)], out: &mut String) -> Result<(), String> {
+    let mut rest = line;
+    while let Some(start) = rest.find("{{") {
+        out.push_str(&rest[..start]);
+        let end = rest[start..].find("}}").ok_or_else(|| format!("unclosed {{{{ in: {line}"))? + start;
+        let v = eval(&rest[start + 2..end], env)?;
+        out.push_str(&v.to_string());
+        rest = &rest[end + 2..];
+    }
+    out.push_str(rest);
+    Ok(())
+}
+
+/// Integer expression evaluator for templates (precedence climbing).
+fn eval(expr: &str, env: &[(String, i64)]) -> Result<i64, String> {
+    let tokens: Vec<char> = expr.chars().filter(|c| !c.is_whitespace()).collect();
+    let mut pos = 0;
+    let v = eval_sum(&tokens, &mut pos, env)?;
+    if pos != tokens.len() {
+        return Err(format!("trailing input in template expression `{expr}`"));
+    }
+    Ok(v)
+}
+
+fn eval_sum(t: &[char], p: &mut usize, env: &[(String, i64)]) -> Result<i64, String> {
+    let mut v = eval_product(t, p, env)?;
+    while *p < t.len() && (t[*p] == '+' || t[*p] == '-') {
+        let op = t[*p];
+        *p += 1;
+        let r = eval_product(t, p, env)?;
+        v = if op == '+' { v + r } else { v - r };
+    }
+    Ok(v)
+}
+
+fn eval_product(t: &[char], p: &mut usize, env: &[(String, i64)]) -> Result<i64, String> {
+    let mut v = eval_atom(t, p, env)?;
+    while *p < t.len() && matches!(t[*p], '*' | '/' | '%') {
+        let op = t[*p];
+        *p += 1;
+        let r = eval_atom(t, p, env)?;
+        v = match op {
+            '*' => v * r,
+            '/' => v.checked_div(r).ok_or("division by zero in template")?,
+            _ => v.checked_rem(r).ok_or("division by zero in template")?,
+        };
+    }
+    Ok(v)
+}
+
+fn eval_atom(t: &[char], p: &mut usize, env: &[(String, i64)]) -> Result<i64, String> {
+    if *p >= t.len() {
+        return Err("unexpected end of template expression".into());
+    }
+    if t[*p] == '(' {
+        *p += 1;
+        let v = eval_sum(t, p, env)?;
+        if *p >= t.len() || t[*p] != ')' {
+            return Err("missing ) in template expression".into());
+        }
+        *p += 1;
+        return Ok(v);
+    }
+    let start = *p;
+    while *p < t.len() && (t[*p].is_alphanumeric() || t[*p] == '_') {
+        *p += 1;
+    }
+    let word: String = t[start..*p].iter().collect();
+    if word.is_empty() {
+        return Err(format!("unexpected `{}` in template expression", t[*p]));
+    }
+    if let Ok(n) = word.parse::<i64>() {
+        return Ok(n);
+    }
+    env.iter().rev().find(|(n, _)| *n == word).map(|(_, v)| *v).ok_or_else(|| format!("unknown template name `{word}`"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn template_expands_nested_loops_and_expressions() {
+        let src = "a\n//#for i in 0..N\n//#for j in 0..2\nx{{i*2+j}} = {{(i+1)%N}};\n//#end\n//#end\nb";
+        let out = expand_template(src, &[("N", 2)]).unwrap();
+        assert_eq!(out, "a\nx0 = 1;\nx1 = 1;\nx2 = 0;\nx3 = 0;\nb\n");
+        assert!(expand_template("//#for i in 0..2\n", &[]).is_err());
+        assert!(expand_template("{{M}}", &[]).is_err());
+    }
+}

@@ -1,0 +1,401 @@
+//! The runtime: adapter choice, device, buffers, the pipeline cache and the step plan.
+//!
+//! Everything a training step does is recorded once into a [`Plan`] (a plain list of dispatches
+//! and copies, see `plan.rs`) and replayed with one queue submit per step. Buffers are allocated
+//! when a plan is built, never while it runs.
+
+mod kernels;
+mod plan;
+mod tensor;
+
+pub use kernels::{KernelKey, Kernels, SHADERS, expand_template, shader_source};
+pub use plan::{Binding, Plan, Recorder, StepRecord, grid_1d};
+pub use tensor::{Tensor, Texture2d};
+
+use std::sync::Arc;
+
+use thiserror::Error;
+
+/// Which wgpu back end to look for adapters on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    /// Vulkan, Metal or DX12, whichever the platform has (GL only as a last resort).
+    #[default]
+    Auto,
+    Vulkan,
+    Metal,
+    Dx12,
+    Gl,
+}
+
+impl BackendChoice {
+    pub fn backends(self) -> wgpu::Backends {
+        match self {
+            BackendChoice::Auto => wgpu::Backends::PRIMARY | wgpu::Backends::GL,
+            BackendChoice::Vulkan => wgpu::Backends::VULKAN,
+            BackendChoice::Metal => wgpu::Backends::METAL,
+            BackendChoice::Dx12 => wgpu::Backends::DX12,
+            BackendChoice::Gl => wgpu::Backends::GL,
+        }
+    }
+}
+
+/// How the GEMM-shaped kernels (conv2d, linear, attention matmuls) run on this adapter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GemmPath {
+    /// Storage buffers with workgroup-memory tiles: what real GPUs want.
+    Portable,
+    /// Operands packed into `rgba32float` storage textures and a register tile shared across a
+    /// subgroup by `subgroupBroadcast` (DESIGN.md, "Fast GEMM on lavapipe"): ~7x faster on
+    /// lavapipe, where buffer loads are scalarised and barriers are coroutines.
+    Subgroup { lanes: u32 },
+}
+
+impl std::fmt::Display for GemmPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GemmPath::Portable => write!(f, "portable"),
+            GemmPath::Subgroup { lanes } => write!(f, "subgroup{lanes}"),
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum GpuError {
+    #[error(
+        "no GPU adapter found for backend `{backend:?}`{filter}.\n\
+         Install a GPU driver with Vulkan (Linux/Windows), Metal (macOS) or DX12 (Windows) support.\n\
+         On Linux without a GPU, Mesa's software Vulkan driver works: `apt-get install mesa-vulkan-drivers` (lavapipe).\n\
+         `wgpu-diffusion devices --backend auto` lists what wgpu can see."
+    )]
+    NoAdapter { backend: BackendChoice, filter: String },
+    #[error("could not open the device on adapter `{adapter}`: {source}")]
+    RequestDevice {
+        adapter: String,
+        #[source]
+        source: wgpu::RequestDeviceError,
+    },
+    #[error("GPU readback failed: {0}")]
+    Readback(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Options for picking an adapter.
+#[derive(Clone, Debug, Default)]
+pub struct GpuOptions {
+    pub backend: BackendChoice,
+    /// Case-insensitive substring of the adapter name.
+    pub adapter: Option<String>,
+    /// Force a GEMM path instead of choosing it from the adapter.
+    pub gemm_path: Option<GemmPathChoice>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum GemmPathChoice {
+    Auto,
+    Portable,
+    Subgroup,
+}
+
+/// On CPUs with AVX-512, Mesa's llvmpipe (lavapipe) runs 16 lanes wide when
+/// `LP_NATIVE_VECTOR_WIDTH=512`, which makes the GEMM kernels ~40 % faster. It must be set
+/// before the Vulkan instance loads the driver; it changes nothing on real GPUs. A value the user
+/// set is kept. Mesa's shader cache key does not include the width, so each width gets its own
+/// cache directory unless `MESA_SHADER_CACHE_DIR` is set.
+pub fn configure_llvmpipe_environment() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let mut width = std::env::var("LP_NATIVE_VECTOR_WIDTH").ok();
+        #[cfg(target_arch = "x86_64")]
+        if width.is_none() && std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: called once, before the wgpu instance (and any driver thread) exists; the
+            // CLI calls it first thing in main, tests through the one shared GPU context.
+            unsafe { std::env::set_var("LP_NATIVE_VECTOR_WIDTH", "512") };
+            width = Some("512".into());
+        }
+        if std::env::var_os("MESA_SHADER_CACHE_DIR").is_none() {
+            let base = std::env::var_os("XDG_CACHE_HOME")
+                .map(std::path::PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache")));
+            if let Some(base) = base {
+                let dir = base.join(format!("wgpu-diffusion/mesa-w{}", width.as_deref().unwrap_or("default")));
+                if std::fs::create_dir_all(&dir).is_ok() {
+                    // SAFETY: as above.
+                    unsafe { std::env::set_var("MESA_SHADER_CACHE_DIR", &dir) };
+                }
+            }
+        }
+        if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+            // Silences a harmless Mesa warning on headless machines.
+            // SAFETY: as above.
+            unsafe { std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir()) };
+        }
+    });
+}
+
+pub fn create_instance(backend: BackendChoice) -> wgpu::Instance {
+    configure_llvmpipe_environment();
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+    desc.backends = backend.backends();
+    wgpu::Instance::new(desc)
+}
+
+/// Summary of an adapter for the `devices` listing and logs.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct AdapterSummary {
+    pub name: String,
+    pub backend: String,
+    pub device_type: String,
+    pub driver: String,
+    pub driver_info: String,
+    pub features: Vec<&'static str>,
+    pub subgroup_sizes: (u32, u32),
+    pub max_storage_buffer_binding_size: u64,
+    pub max_buffer_size: u64,
+    pub max_compute_workgroup_storage_size: u32,
+    pub max_compute_invocations_per_workgroup: u32,
+    pub max_texture_dimension_2d: u32,
+}
+
+/// Optional features this project uses when present.
+const USEFUL_FEATURES: [(wgpu::Features, &str); 4] = [
+    (wgpu::Features::SHADER_F16, "SHADER_F16"),
+    (wgpu::Features::SUBGROUP, "SUBGROUP"),
+    (wgpu::Features::TIMESTAMP_QUERY, "TIMESTAMP_QUERY"),
+    (wgpu::Features::SHADER_F64, "SHADER_F64"),
+];
+
+pub fn summarize(adapter: &wgpu::Adapter) -> AdapterSummary {
+    let info = adapter.get_info();
+    let limits = adapter.limits();
+    let features = adapter.features();
+    AdapterSummary {
+        name: info.name.clone(),
+        backend: format!("{:?}", info.backend),
+        device_type: format!("{:?}", info.device_type),
+        driver: info.driver.clone(),
+        driver_info: info.driver_info.clone(),
+        features: USEFUL_FEATURES.iter().filter(|(f, _)| features.contains(*f)).map(|(_, n)| *n).collect(),
+        subgroup_sizes: (info.subgroup_min_size, info.subgroup_max_size),
+        max_storage_buffer_binding_size: limits.max_storage_buffer_binding_size as u64,
+        max_buffer_size: limits.max_buffer_size,
+        max_compute_workgroup_storage_size: limits.max_compute_workgroup_storage_size,
+        max_compute_invocations_per_workgroup: limits.max_compute_invocations_per_workgroup,
+        max_texture_dimension_2d: limits.max_texture_dimension_2d,
+    }
+}
+
+pub fn list_adapters(backend: BackendChoice) -> Vec<wgpu::Adapter> {
+    let instance = create_instance(backend);
+    pollster::block_on(instance.enumerate_adapters(backend.backends()))
+}
+
+/// The device, its queue and everything chosen for this adapter.
+pub struct Gpu {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub adapter: AdapterSummary,
+    pub features: wgpu::Features,
+    pub limits: wgpu::Limits,
+    pub gemm_path: GemmPath,
+    pub kernels: Kernels,
+}
+
+fn adapter_rank(info: &wgpu::AdapterInfo) -> u32 {
+    let ty = match info.device_type {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Cpu => 3,
+        wgpu::DeviceType::Other => 4,
+    };
+    // Prefer Vulkan/Metal/DX12 over GL for the same device type.
+    let be = if info.backend == wgpu::Backend::Gl { 1 } else { 0 };
+    ty * 2 + be
+}
+
+impl Gpu {
+    /// Picks the best adapter matching `opts` (discrete > integrated > CPU; GL last) and opens
+    /// it with the adapter's own limits and the useful optional features it has.
+    pub fn new(opts: &GpuOptions) -> Result<Arc<Gpu>, GpuError> {
+        let mut adapters = list_adapters(opts.backend);
+        if let Some(filter) = &opts.adapter {
+            let f = filter.to_lowercase();
+            adapters.retain(|a| a.get_info().name.to_lowercase().contains(&f));
+        }
+        adapters.sort_by_key(|a| adapter_rank(&a.get_info()));
+        let adapter = adapters.into_iter().next().ok_or_else(|| GpuError::NoAdapter {
+            backend: opts.backend,
+            filter: opts.adapter.as_ref().map(|f| format!(" whose name contains `{f}`")).unwrap_or_default(),
+        })?;
+        let summary = summarize(&adapter);
+        let info = adapter.get_info();
+        let wanted = USEFUL_FEATURES.iter().fold(wgpu::Features::empty(), |acc, (f, _)| acc | *f);
+        let features = adapter.features() & wanted;
+        let limits = adapter.limits();
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("wgpu-diffusion"),
+            required_features: features,
+            required_limits: limits.clone(),
+            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        }))
+        .map_err(|source| GpuError::RequestDevice { adapter: info.name.clone(), source })?;
+
+        let gemm_path = choose_gemm_path(&info, features, opts.gemm_path)?;
+        Ok(Arc::new(Gpu {
+            kernels: Kernels::new(&device),
+            device,
+            queue,
+            adapter: summary,
+            features,
+            limits,
+            gemm_path,
+        }))
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "{} ({}, {}, {}; gemm path {})",
+            self.adapter.name, self.adapter.backend, self.adapter.device_type, self.adapter.driver_info, self.gemm_path
+        )
+    }
+
+    /// Allocates a zero-filled f32 tensor in its own storage buffer.
+    pub fn tensor(&self, shape: &[usize], label: &str) -> Tensor {
+        Tensor::new(self, shape, label)
+    }
+
+    /// Allocates a tensor and uploads `data` into it.
+    pub fn tensor_from(&self, shape: &[usize], data: &[f32], label: &str) -> Result<Tensor, GpuError> {
+        let t = Tensor::new(self, shape, label);
+        self.write(&t, data)?;
+        Ok(t)
+    }
+
+    pub fn write(&self, t: &Tensor, data: &[f32]) -> Result<(), GpuError> {
+        if data.len() != t.numel() {
+            return Err(GpuError::Invalid(format!(
+                "upload to `{}`: {} values given for shape {:?} ({} elements)",
+                t.label(),
+                data.len(),
+                t.shape(),
+                t.numel()
+            )));
+        }
+        self.queue.write_buffer(t.buffer(), t.byte_offset(), bytemuck::cast_slice(data));
+        Ok(())
+    }
+
+    /// Writes raw 32-bit words (u32 tensors share the f32 storage).
+    pub fn write_u32(&self, t: &Tensor, data: &[u32]) -> Result<(), GpuError> {
+        self.write(t, bytemuck::cast_slice(data))
+    }
+
+    /// Reads a tensor back (blocks until the GPU is done with everything submitted).
+    pub fn read(&self, t: &Tensor) -> Result<Vec<f32>, GpuError> {
+        let bytes = self.read_bytes(t.buffer(), t.byte_offset(), t.byte_len())?;
+        Ok(bytemuck::pod_collect_to_vec(&bytes))
+    }
+
+    pub fn read_u32(&self, t: &Tensor) -> Result<Vec<u32>, GpuError> {
+        let bytes = self.read_bytes(t.buffer(), t.byte_offset(), t.byte_len())?;
+        Ok(bytemuck::pod_collect_to_vec(&bytes))
+    }
+
+    fn read_bytes(&self, buffer: &wgpu::Buffer, offset: u64, len: u64) -> Result<Vec<u8>, GpuError> {
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size: len.max(4),
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = self.device.create_command_encoder(&Default::default());
+        enc.copy_buffer_to_buffer(buffer, offset, &staging, 0, len);
+        self.queue.submit([enc.finish()]);
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        self.wait()?;
+        rx.recv()
+            .map_err(|e| GpuError::Readback(e.to_string()))?
+            .map_err(|e| GpuError::Readback(e.to_string()))?;
+        let view = staging.slice(..).get_mapped_range().map_err(|e| GpuError::Readback(e.to_string()))?;
+        let out = view[..len as usize].to_vec();
+        drop(view);
+        staging.unmap();
+        Ok(out)
+    }
+
+    /// Blocks until every submitted command has finished.
+    pub fn wait(&self) -> Result<(), GpuError> {
+        self.device
+            .poll(wgpu::PollType::Wait { submission_index: None, timeout: None })
+            .map(|_| ())
+            .map_err(|e| GpuError::Readback(format!("device poll failed: {e}")))
+    }
+
+    /// Encodes the plans in order into one command buffer and submits it.
+    pub fn submit(&self, plans: &[&Plan]) -> wgpu::SubmissionIndex {
+        let mut enc = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") });
+        for p in plans {
+            p.encode(&mut enc);
+        }
+        self.queue.submit([enc.finish()])
+    }
+
+    /// Submits and waits: for tests, benchmarks and one-off work.
+    pub fn run(&self, plans: &[&Plan]) -> Result<(), GpuError> {
+        self.submit(plans);
+        self.wait()
+    }
+
+    pub fn recorder(self: &Arc<Self>) -> Recorder {
+        Recorder::new(self.clone())
+    }
+
+    pub fn has_subgroups(&self) -> bool {
+        self.features.contains(wgpu::Features::SUBGROUP)
+    }
+}
+
+/// The subgroup path is the fast one on lavapipe (a CPU adapter, 8 or 16 lanes); real GPUs get
+/// the portable workgroup-memory path unless asked otherwise.
+fn choose_gemm_path(
+    info: &wgpu::AdapterInfo,
+    features: wgpu::Features,
+    choice: Option<GemmPathChoice>,
+) -> Result<GemmPath, GpuError> {
+    let lanes = info.subgroup_min_size;
+    let fixed_small = features.contains(wgpu::Features::SUBGROUP)
+        && info.subgroup_min_size == info.subgroup_max_size
+        && (lanes == 8 || lanes == 16);
+    let env_choice = std::env::var("WGPU_DIFFUSION_GEMM_PATH").ok();
+    let choice = match (choice, env_choice.as_deref()) {
+        (Some(c), _) if c != GemmPathChoice::Auto => c,
+        (_, Some("portable")) => GemmPathChoice::Portable,
+        (_, Some("subgroup")) => GemmPathChoice::Subgroup,
+        _ => GemmPathChoice::Auto,
+    };
+    match choice {
+        GemmPathChoice::Portable => Ok(GemmPath::Portable),
+        GemmPathChoice::Subgroup if fixed_small => Ok(GemmPath::Subgroup { lanes }),
+        GemmPathChoice::Subgroup => Err(GpuError::Invalid(format!(
+            "the subgroup GEMM path needs SUBGROUP with a fixed subgroup size of 8 or 16; adapter `{}` has {}..{} lanes{}",
+            info.name,
+            info.subgroup_min_size,
+            info.subgroup_max_size,
+            if features.contains(wgpu::Features::SUBGROUP) { "" } else { " and no SUBGROUP feature" }
+        ))),
+        GemmPathChoice::Auto => Ok(if fixed_small && info.device_type == wgpu::DeviceType::Cpu {
+            GemmPath::Subgroup { lanes }
+        } else {
+            GemmPath::Portable
+        }),
+    }
+}

@@ -1,0 +1,290 @@
+//! Recording and replaying a step.
+//!
+//! Ops record dispatches into a [`Recorder`] (validating shapes first, so a mistake is an error
+//! value, never a wgpu validation panic). `finish` uploads every dispatch's parameters into one
+//! uniform buffer and builds the bind groups, giving a [`Plan`]: a plain list of dispatches and
+//! copies that is encoded into one command buffer per step, as often as needed, with no
+//! allocation. [`Plan::records`] exposes it as data (kernel, constants, bindings, workgroups).
+
+use std::sync::Arc;
+
+use super::{Gpu, GpuError, KernelKey, Tensor, Texture2d};
+
+/// A resource bound to a kernel, in binding order after the parameter block.
+#[derive(Clone, Debug)]
+pub enum Binding {
+    Buffer(Tensor),
+    Texture(Texture2d),
+}
+
+impl From<&Tensor> for Binding {
+    fn from(t: &Tensor) -> Binding {
+        Binding::Buffer(t.clone())
+    }
+}
+impl From<&Texture2d> for Binding {
+    fn from(t: &Texture2d) -> Binding {
+        Binding::Texture(t.clone())
+    }
+}
+
+/// One recorded dispatch or copy, as data.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct StepRecord {
+    pub kind: &'static str,
+    pub shader: &'static str,
+    pub entry: &'static str,
+    pub constants: Vec<(&'static str, f64)>,
+    pub bindings: Vec<String>,
+    pub workgroups: [u32; 3],
+}
+
+struct PendingDispatch {
+    key: KernelKey,
+    pipeline: Arc<wgpu::ComputePipeline>,
+    params_offset: u64,
+    params_size: u64,
+    bindings: Vec<(u32, Binding)>,
+    groups: [u32; 3],
+}
+
+enum Pending {
+    Dispatch(PendingDispatch),
+    Clear(Tensor),
+    CopyToTexture { src: Tensor, dst: Texture2d, bytes_per_row: u32 },
+    CopyBuffer { src: Tensor, dst: Tensor },
+}
+
+enum Step {
+    Dispatch { pipeline: Arc<wgpu::ComputePipeline>, bind_group: wgpu::BindGroup, groups: [u32; 3] },
+    Clear(Tensor),
+    CopyToTexture { src: Tensor, dst: Texture2d, bytes_per_row: u32 },
+    CopyBuffer { src: Tensor, dst: Tensor },
+}
+
+pub struct Recorder {
+    pub gpu: Arc<Gpu>,
+    params: Vec<u8>,
+    pending: Vec<Pending>,
+    records: Vec<StepRecord>,
+}
+
+const PARAMS_ALIGN: usize = 256;
+
+impl Recorder {
+    pub fn new(gpu: Arc<Gpu>) -> Recorder {
+        Recorder { gpu, params: Vec::new(), pending: Vec::new(), records: Vec::new() }
+    }
+
+    /// Records one dispatch of `key` with `params` at binding 0 and each `(binding, resource)`.
+    pub fn dispatch<P: bytemuck::Pod>(
+        &mut self,
+        key: KernelKey,
+        params: &P,
+        bindings: &[(u32, Binding)],
+        groups: [u32; 3],
+    ) {
+        let align = PARAMS_ALIGN.max(self.gpu.limits.min_uniform_buffer_offset_alignment as usize);
+        let offset = self.params.len().next_multiple_of(align);
+        self.params.resize(offset, 0);
+        let bytes = bytemuck::bytes_of(params);
+        self.params.extend_from_slice(bytes);
+        // Uniform blocks are sized in multiples of 16 bytes.
+        let size = bytes.len().next_multiple_of(16);
+        self.params.resize(offset + size, 0);
+        let pipeline = self.gpu.kernels.pipeline(&key);
+        self.records.push(StepRecord {
+            kind: "dispatch",
+            shader: key.shader,
+            entry: key.entry,
+            constants: key.constants_f64(),
+            bindings: bindings
+                .iter()
+                .map(|(i, b)| match b {
+                    Binding::Buffer(t) => format!("{i}:{}", t.label()),
+                    Binding::Texture(_) => format!("{i}:texture"),
+                })
+                .collect(),
+            workgroups: groups,
+        });
+        self.pending.push(Pending::Dispatch(PendingDispatch {
+            key,
+            pipeline,
+            params_offset: offset as u64,
+            params_size: size as u64,
+            bindings: bindings.to_vec(),
+            groups,
+        }));
+    }
+
+    /// Records a zero fill of `t` (e.g. gradients at the start of a step).
+    pub fn clear(&mut self, t: &Tensor) {
+        self.records.push(StepRecord {
+            kind: "clear",
+            shader: "",
+            entry: "",
+            constants: vec![],
+            bindings: vec![t.label().into()],
+            workgroups: [0; 3],
+        });
+        self.pending.push(Pending::Clear(t.clone()));
+    }
+
+    pub fn copy(&mut self, src: &Tensor, dst: &Tensor) -> Result<(), GpuError> {
+        if src.numel() != dst.numel() {
+            return Err(GpuError::Invalid(format!(
+                "copy `{}` {:?} -> `{}` {:?}: element counts differ",
+                src.label(),
+                src.shape(),
+                dst.label(),
+                dst.shape()
+            )));
+        }
+        self.records.push(StepRecord {
+            kind: "copy",
+            shader: "",
+            entry: "",
+            constants: vec![],
+            bindings: vec![src.label().into(), dst.label().into()],
+            workgroups: [0; 3],
+        });
+        self.pending.push(Pending::CopyBuffer { src: src.clone(), dst: dst.clone() });
+        Ok(())
+    }
+
+    /// Records a copy of a buffer whose rows are exactly `dst.width` texels into a texture
+    /// (`bytes_per_row` must be a multiple of 256).
+    pub fn copy_to_texture(&mut self, src: &Tensor, dst: &Texture2d) {
+        let bytes_per_row = dst.width * 16;
+        debug_assert_eq!(bytes_per_row % 256, 0);
+        self.records.push(StepRecord {
+            kind: "copy_to_texture",
+            shader: "",
+            entry: "",
+            constants: vec![],
+            bindings: vec![src.label().into(), "texture".into()],
+            workgroups: [0; 3],
+        });
+        self.pending.push(Pending::CopyToTexture { src: src.clone(), dst: dst.clone(), bytes_per_row });
+    }
+
+    pub fn len(&self) -> usize {
+        self.pending.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// Uploads the parameter blocks and builds the bind groups.
+    pub fn finish(self) -> Plan {
+        let device = &self.gpu.device;
+        let params = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("plan params"),
+            size: self.params.len().max(16) as u64,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        self.gpu.queue.write_buffer(&params, 0, &self.params);
+        let steps = self
+            .pending
+            .into_iter()
+            .map(|p| match p {
+                Pending::Dispatch(d) => {
+                    let mut entries = vec![wgpu::BindGroupEntry {
+                        binding: 0,
+                        resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                            buffer: &params,
+                            offset: d.params_offset,
+                            size: std::num::NonZeroU64::new(d.params_size),
+                        }),
+                    }];
+                    for (i, b) in &d.bindings {
+                        let resource = match b {
+                            Binding::Buffer(t) => t.binding(),
+                            Binding::Texture(t) => wgpu::BindingResource::TextureView(&t.view),
+                        };
+                        entries.push(wgpu::BindGroupEntry { binding: *i, resource });
+                    }
+                    let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+                        label: Some(d.key.entry),
+                        layout: &d.pipeline.get_bind_group_layout(0),
+                        entries: &entries,
+                    });
+                    Step::Dispatch { pipeline: d.pipeline, bind_group, groups: d.groups }
+                }
+                Pending::Clear(t) => Step::Clear(t),
+                Pending::CopyToTexture { src, dst, bytes_per_row } => Step::CopyToTexture { src, dst, bytes_per_row },
+                Pending::CopyBuffer { src, dst } => Step::CopyBuffer { src, dst },
+            })
+            .collect();
+        Plan { steps, _params: params, records: self.records }
+    }
+}
+
+/// A recorded sequence of dispatches and copies, replayable any number of times.
+pub struct Plan {
+    steps: Vec<Step>,
+    _params: wgpu::Buffer,
+    records: Vec<StepRecord>,
+}
+
+impl Plan {
+    pub fn encode(&self, enc: &mut wgpu::CommandEncoder) {
+        let mut i = 0;
+        while i < self.steps.len() {
+            match &self.steps[i] {
+                Step::Dispatch { .. } => {
+                    let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
+                    while let Some(Step::Dispatch { pipeline, bind_group, groups }) = self.steps.get(i) {
+                        pass.set_pipeline(pipeline);
+                        pass.set_bind_group(0, bind_group, &[]);
+                        pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+                        i += 1;
+                    }
+                    continue;
+                }
+                Step::Clear(t) => enc.clear_buffer(t.buffer(), t.byte_offset(), Some(t.byte_len())),
+                Step::CopyBuffer { src, dst } => {
+                    enc.copy_buffer_to_buffer(src.buffer(), src.byte_offset(), dst.buffer(), dst.byte_offset(), src.byte_len())
+                }
+                Step::CopyToTexture { src, dst, bytes_per_row } => enc.copy_buffer_to_texture(
+                    wgpu::TexelCopyBufferInfo {
+                        buffer: src.buffer(),
+                        layout: wgpu::TexelCopyBufferLayout {
+                            offset: src.byte_offset(),
+                            bytes_per_row: Some(*bytes_per_row),
+                            rows_per_image: None,
+                        },
+                    },
+                    wgpu::TexelCopyTextureInfo {
+                        texture: &dst.texture,
+                        mip_level: 0,
+                        origin: wgpu::Origin3d::ZERO,
+                        aspect: wgpu::TextureAspect::All,
+                    },
+                    wgpu::Extent3d { width: dst.width, height: dst.height, depth_or_array_layers: 1 },
+                ),
+            }
+            i += 1;
+        }
+    }
+
+    pub fn records(&self) -> &[StepRecord] {
+        &self.records
+    }
+    pub fn dispatch_count(&self) -> usize {
+        self.steps.iter().filter(|s| matches!(s, Step::Dispatch { .. })).count()
+    }
+}
+
+/// Splits a 1-D count of workgroups into a 2-D grid within the 65535-per-dimension limit.
+/// Kernels recover the linear index as `wid.x + wid.y * nwg.x`.
+pub fn grid_1d(workgroups: usize) -> [u32; 3] {
+    let w = workgroups.max(1);
+    if w <= 65535 {
+        [w as u32, 1, 1]
+    } else {
+        let y = w.div_ceil(65535);
+        [w.div_ceil(y) as u32, y as u32, 1]
+    }
+}

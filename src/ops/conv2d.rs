@@ -1,0 +1,1 @@
+//! `shaders/conv2d.wgsl`.

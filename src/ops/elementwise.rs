@@ -1,0 +1,150 @@
+//! `shaders/elementwise.wgsl`: add, scale, axpby, SiLU, per-channel broadcast add, channel copies.
+
+use super::{OpResult, expect_distinct, expect_numel, expect_rank, invalid, u32_of};
+use crate::gpu::{KernelKey, Recorder, Tensor, grid_1d};
+
+#[repr(C)]
+#[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct ElementwiseParams {
+    pub n: u32,
+    pub channels: u32,
+    pub src_stride: u32,
+    pub src_offset: u32,
+    pub dst_stride: u32,
+    pub dst_offset: u32,
+    pub alpha: f32,
+    pub beta: f32,
+    pub pixels_per_sample: u32,
+    pub _pad: [u32; 3],
+}
+
+const WG: usize = 256;
+
+fn key(entry: &'static str) -> KernelKey {
+    KernelKey::new("elementwise", entry)
+}
+
+/// out = a + b
+pub fn add(rec: &mut Recorder, a: &Tensor, b: &Tensor, out: &Tensor) -> OpResult {
+    let n = a.numel();
+    expect_numel("add", "b", b, n)?;
+    expect_numel("add", "out", out, n)?;
+    expect_distinct("add", a, out)?;
+    expect_distinct("add", b, out)?;
+    let p = ElementwiseParams { n: u32_of("add", "n", n)?, ..Default::default() };
+    rec.dispatch(key("add"), &p, &[(1, a.into()), (2, b.into()), (3, out.into())], grid_1d(n.div_ceil(WG)));
+    Ok(())
+}
+
+/// y = alpha * x + beta * y  (beta = 0 overwrites y)
+pub fn axpby(rec: &mut Recorder, alpha: f32, x: &Tensor, beta: f32, y: &Tensor) -> OpResult {
+    let n = x.numel();
+    expect_numel("axpby", "y", y, n)?;
+    expect_distinct("axpby", x, y)?;
+    let p = ElementwiseParams { n: u32_of("axpby", "n", n)?, alpha, beta, ..Default::default() };
+    rec.dispatch(key("axpby"), &p, &[(1, x.into()), (2, y.into())], grid_1d(n.div_ceil(WG)));
+    Ok(())
+}
+
+/// y = alpha * y
+pub fn scale(rec: &mut Recorder, alpha: f32, y: &Tensor) -> OpResult {
+    let n = y.numel();
+    let p = ElementwiseParams { n: u32_of("scale", "n", n)?, alpha, ..Default::default() };
+    rec.dispatch(key("scale"), &p, &[(2, y.into())], grid_1d(n.div_ceil(WG)));
+    Ok(())
+}
+
+/// y = silu(x)
+pub fn silu_forward(rec: &mut Recorder, x: &Tensor, y: &Tensor) -> OpResult {
+    let n = x.numel();
+    expect_numel("silu_forward", "y", y, n)?;
+    expect_distinct("silu_forward", x, y)?;
+    let p = ElementwiseParams { n: u32_of("silu_forward", "n", n)?, ..Default::default() };
+    rec.dispatch(key("silu_forward"), &p, &[(1, x.into()), (2, y.into())], grid_1d(n.div_ceil(WG)));
+    Ok(())
+}
+
+/// dx = dy * silu'(x), or dx += … when `accumulate`.
+pub fn silu_backward(rec: &mut Recorder, x: &Tensor, dy: &Tensor, dx: &Tensor, accumulate: bool) -> OpResult {
+    let n = x.numel();
+    expect_numel("silu_backward", "dy", dy, n)?;
+    expect_numel("silu_backward", "dx", dx, n)?;
+    expect_distinct("silu_backward", x, dx)?;
+    expect_distinct("silu_backward", dy, dx)?;
+    let p = ElementwiseParams {
+        n: u32_of("silu_backward", "n", n)?,
+        beta: if accumulate { 1.0 } else { 0.0 },
+        ..Default::default()
+    };
+    rec.dispatch(key("silu_backward"), &p, &[(1, x.into()), (2, dy.into()), (3, dx.into())], grid_1d(n.div_ceil(WG)));
+    Ok(())
+}
+
+/// h[n, y, x, c] += alpha * v[n, c] (NHWC `h`, `v` of shape [N, C]).
+pub fn add_channel_bias(rec: &mut Recorder, v: &Tensor, alpha: f32, h: &Tensor) -> OpResult {
+    const OP: &str = "add_channel_bias";
+    expect_rank(OP, "h", h, 4)?;
+    let (n, c) = (h.shape()[0], h.shape()[3]);
+    expect_numel(OP, "v", v, n * c)?;
+    expect_distinct(OP, v, h)?;
+    let p = ElementwiseParams {
+        n: u32_of(OP, "n", h.numel())?,
+        channels: c as u32,
+        pixels_per_sample: (h.shape()[1] * h.shape()[2]) as u32,
+        alpha,
+        ..Default::default()
+    };
+    rec.dispatch(key(OP), &p, &[(1, v.into()), (2, h.into())], grid_1d(h.numel().div_ceil(WG)));
+    Ok(())
+}
+
+/// dst[q, dst_offset + c] = src[q, src_offset + c] (+ dst[…] when `accumulate`) for c < channels,
+/// over every pixel q: `src` and `dst` are channels-last with any leading shape and the same
+/// number of pixels. Concatenation along channels is two such copies; its backward two more.
+pub fn copy_channels(
+    rec: &mut Recorder,
+    src: &Tensor,
+    src_offset: usize,
+    dst: &Tensor,
+    dst_offset: usize,
+    channels: usize,
+    accumulate: bool,
+) -> OpResult {
+    const OP: &str = "copy_channels";
+    let (sc, dc) = (*src.shape().last().unwrap_or(&0), *dst.shape().last().unwrap_or(&0));
+    if sc == 0 || dc == 0 {
+        return Err(invalid(format!("{OP}: empty tensors `{}` {:?} / `{}` {:?}", src.label(), src.shape(), dst.label(), dst.shape())));
+    }
+    let pixels = src.numel() / sc;
+    if dst.numel() / dc != pixels {
+        return Err(invalid(format!(
+            "{OP}: `{}` {:?} and `{}` {:?} have different pixel counts",
+            src.label(),
+            src.shape(),
+            dst.label(),
+            dst.shape()
+        )));
+    }
+    if src_offset + channels > sc || dst_offset + channels > dc {
+        return Err(invalid(format!(
+            "{OP}: channels {src_offset}..{} of `{}` ({sc} channels) -> {dst_offset}..{} of `{}` ({dc} channels) out of range",
+            src_offset + channels,
+            src.label(),
+            dst_offset + channels,
+            dst.label()
+        )));
+    }
+    expect_distinct(OP, src, dst)?;
+    let p = ElementwiseParams {
+        n: u32_of(OP, "pixels", pixels)?,
+        channels: channels as u32,
+        src_stride: sc as u32,
+        src_offset: src_offset as u32,
+        dst_stride: dc as u32,
+        dst_offset: dst_offset as u32,
+        beta: if accumulate { 1.0 } else { 0.0 },
+        ..Default::default()
+    };
+    rec.dispatch(key(OP), &p, &[(1, src.into()), (2, dst.into())], grid_1d((pixels * channels).div_ceil(WG)));
+    Ok(())
+}

@@ -1,0 +1,1 @@
+//! `shaders/group_norm.wgsl`.

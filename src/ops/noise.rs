@@ -1,0 +1,1 @@
+//! `shaders/noise.wgsl`.

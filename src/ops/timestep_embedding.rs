@@ -1,0 +1,1 @@
+//! `shaders/timestep_embedding.wgsl`.

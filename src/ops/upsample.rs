@@ -1,0 +1,1 @@
+//! `shaders/upsample.wgsl`.

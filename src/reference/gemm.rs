@@ -1,0 +1,1 @@
+//! Reference for `shaders/gemm.wgsl`.

@@ -1,0 +1,1 @@
+//! Reference for `shaders/group_norm.wgsl`.

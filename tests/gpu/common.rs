@@ -1,0 +1,87 @@
+//! Shared test helpers: the one GPU context, tolerance checks that print what differs.
+
+use std::sync::{Arc, OnceLock};
+
+use wgpu_diffusion::gpu::{Gpu, GpuOptions, Plan, Recorder, Tensor};
+pub use wgpu_diffusion::reference::test_data;
+
+/// The GPU every test uses, opened once. Panics (failing the test) with the "how to get an
+/// adapter" message when there is none.
+pub fn gpu() -> Arc<Gpu> {
+    static GPU: OnceLock<Arc<Gpu>> = OnceLock::new();
+    GPU.get_or_init(|| match Gpu::new(&GpuOptions::default()) {
+        Ok(g) => {
+            eprintln!("GPU tests run on: {}", g.describe());
+            g
+        }
+        Err(e) => panic!("GPU tests need an adapter and none could be opened:\n{e}"),
+    })
+    .clone()
+}
+
+pub fn upload(g: &Arc<Gpu>, shape: &[usize], data: &[f64], label: &str) -> Tensor {
+    let v: Vec<f32> = data.iter().map(|&x| x as f32).collect();
+    g.tensor_from(shape, &v, label).expect("upload")
+}
+
+/// Rounds test inputs to f32 so the f64 reference sees exactly what the GPU sees.
+pub fn f32_round(v: &[f64]) -> Vec<f64> {
+    v.iter().map(|&x| x as f32 as f64).collect()
+}
+
+pub fn random(n: usize, seed: u64) -> Vec<f64> {
+    f32_round(&test_data(n, seed))
+}
+
+pub fn run(g: &Arc<Gpu>, record: impl FnOnce(&mut Recorder)) -> Plan {
+    let mut rec = g.recorder();
+    record(&mut rec);
+    let plan = rec.finish();
+    g.run(&[&plan]).expect("run");
+    plan
+}
+
+pub fn read(g: &Arc<Gpu>, t: &Tensor) -> Vec<f32> {
+    g.read(t).expect("readback")
+}
+
+/// Asserts |gpu − ref| ≤ atol + rtol·|ref| elementwise; on failure prints the first values, the
+/// worst element and the max difference.
+pub fn assert_close(what: &str, gpu: &[f32], reference: &[f64], atol: f64, rtol: f64) {
+    assert_eq!(gpu.len(), reference.len(), "{what}: length {} vs reference {}", gpu.len(), reference.len());
+    let mut worst = (0usize, 0.0f64, 0.0f64); // index, excess over tolerance, abs diff
+    let mut max_diff = 0.0f64;
+    let mut bad = 0usize;
+    for (i, (&g, &r)) in gpu.iter().zip(reference).enumerate() {
+        let d = (g as f64 - r).abs();
+        let tol = atol + rtol * r.abs();
+        if !(d <= tol) {
+            bad += 1;
+            let excess = if d.is_nan() { f64::INFINITY } else { d - tol };
+            if excess > worst.1 || worst.1 == 0.0 {
+                worst = (i, excess, d);
+            }
+        }
+        if d > max_diff || d.is_nan() {
+            max_diff = d;
+        }
+    }
+    if bad > 0 {
+        let n = gpu.len().min(8);
+        panic!(
+            "{what}: {bad} of {} elements out of tolerance (atol {atol:e}, rtol {rtol:e}); max |diff| {max_diff:e}; \
+             worst at {}: gpu {} vs ref {}\n  gpu[..{n}] = {:?}\n  ref[..{n}] = {:?}",
+            gpu.len(),
+            worst.0,
+            gpu[worst.0],
+            reference[worst.0],
+            &gpu[..n],
+            &reference[..n]
+        );
+    }
+}
+
+/// Max |ref| of a reference, for tolerances scaled to the data.
+pub fn max_abs(v: &[f64]) -> f64 {
+    v.iter().fold(0.0f64, |m, x| m.max(x.abs()))
+}

@@ -1,0 +1,8 @@
+//! GPU kernel tests: every kernel against its f64 reference (`wgpu_diffusion::reference`) on
+//! several shapes, odd ones included. One integration-test binary so wgpu links once.
+//!
+//! These tests need a GPU adapter; with none they FAIL (never skip) and say how to get one.
+//! On Linux without a GPU: `apt-get install mesa-vulkan-drivers` (lavapipe).
+
+mod common;
+mod elementwise;
