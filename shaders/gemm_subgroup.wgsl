@@ -1,1 +1,240 @@
-// gemm_subgroup: to be written
+// Subgroup-broadcast register-tile GEMM and implicit-GEMM conv2d, for adapters with a fixed
+// subgroup size L of 8 or 16 (lavapipe). DESIGN.md, "Fast GEMM on lavapipe": operands are read
+// from rgba32float storage textures (vectorised loads on llvmpipe), each lane owns 4 output
+// columns and keeps its accumulators in separate variables, and the A values of a lane block
+// are shared with subgroupBroadcast, dividing the A loads by L. This file is a template:
+// `//#for` blocks and double-brace expressions are expanded by src/gpu/kernels.rs for L (lanes), RB (row blocks
+// per subgroup) and SG (subgroups per workgroup). Each output is one lane's fixed-order sum:
+// deterministic. Subgroup operations stay in uniform control flow (no early returns).
+
+struct Params {
+    m: u32, n: u32, k: u32, batch_inner: u32,
+    a_offset: u32, a_ld: u32, a_batch_outer: u32, a_batch_inner: u32,
+    b_offset: u32, b_ld: u32, b_batch_outer: u32, b_batch_inner: u32,
+    c_offset: u32, c_ld: u32, c_batch_outer: u32, c_batch_inner: u32,
+    trans_a: u32, trans_b: u32, has_bias: u32, k_chunk: u32,
+    alpha: f32, beta: f32, _pad0: u32, _pad1: u32,
+    batch: u32, in_h: u32, in_w: u32, in_c: u32,
+    out_h: u32, out_w: u32, out_c: u32, kernel_h: u32,
+    kernel_w: u32, stride: u32, pad_top: u32, pad_left: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var a_tex: texture_storage_2d<rgba32float, read>;
+@group(0) @binding(2) var b_tex: texture_storage_2d<rgba32float, read>;
+@group(0) @binding(3) var<storage, read> bias: array<f32>;
+@group(0) @binding(4) var<storage, read_write> c: array<f32>;
+
+// Writes 4 columns (texel n4) of output row m: alpha * v (+ bias) (+ beta * old).
+fn store_row(m: u32, n4: u32, v: vec4<f32>, c_base: u32) {
+    if (m >= p.m) { return; }
+    for (var e = 0u; e < 4u; e++) {
+        let n = n4 * 4u + e;
+        if (n < p.n) {
+            let idx = c_base + m * p.c_ld + n;
+            var r = p.alpha * v[e];
+            if (p.has_bias != 0u) { r += bias[n]; }
+            if (p.beta != 0.0) { r += p.beta * c[idx]; }
+            c[idx] = r;
+        }
+    }
+}
+
+// C = alpha A B (+ bias) (+ beta C). A: rows = batch * m + row, 4 k per texel.
+// B: rows = batch * k_pad + k, 4 n per texel. Tile per subgroup: (L * RB) rows x (4 * L) columns.
+@compute @workgroup_size({{L*SG}})
+fn gemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) tid: u32,
+        @builtin(subgroup_invocation_id) lane: u32) {
+    let m0 = (wid.y * {{SG}}u + tid / {{L}}u) * {{L*RB}}u;
+    let n4 = wid.x * {{L}}u + lane;
+    let n4_load = i32(min(n4, (p.n + 3u) / 4u - 1u));
+    let outer = wid.z / p.batch_inner;
+    let inner = wid.z % p.batch_inner;
+    let c_base = p.c_offset + outer * p.c_batch_outer + inner * p.c_batch_inner;
+    let k4n = (p.k + 3u) / 4u;
+    let a_row0 = wid.z * p.m;
+    let b_row0 = wid.z * k4n * 4u;
+//#for rb in 0..RB
+    let arow{{rb}} = i32(a_row0 + min(m0 + {{rb*L}}u + lane, p.m - 1u));
+//#end
+//#for i in 0..L*RB
+    var acc{{i}} = vec4<f32>(0.0);
+//#end
+    for (var k4 = 0u; k4 < k4n; k4++) {
+//#for rb in 0..RB
+        let a{{rb}} = textureLoad(a_tex, vec2<i32>(i32(k4), arow{{rb}}));
+//#end
+        let kr = i32(b_row0 + k4 * 4u);
+        let b0 = textureLoad(b_tex, vec2<i32>(n4_load, kr));
+        let b1 = textureLoad(b_tex, vec2<i32>(n4_load, kr + 1));
+        let b2 = textureLoad(b_tex, vec2<i32>(n4_load, kr + 2));
+        let b3 = textureLoad(b_tex, vec2<i32>(n4_load, kr + 3));
+//#for rb in 0..RB
+//#for r in 0..L
+        let s{{rb}}_{{r}} = subgroupBroadcast(a{{rb}}, {{r}}u);
+        acc{{rb*L+r}} = fma(vec4<f32>(s{{rb}}_{{r}}.x), b0, acc{{rb*L+r}});
+        acc{{rb*L+r}} = fma(vec4<f32>(s{{rb}}_{{r}}.y), b1, acc{{rb*L+r}});
+        acc{{rb*L+r}} = fma(vec4<f32>(s{{rb}}_{{r}}.z), b2, acc{{rb*L+r}});
+        acc{{rb*L+r}} = fma(vec4<f32>(s{{rb}}_{{r}}.w), b3, acc{{rb*L+r}});
+//#end
+//#end
+    }
+//#for i in 0..L*RB
+    store_row(m0 + {{i}}u, n4, acc{{i}}, c_base);
+//#end
+}
+
+// Implicit-GEMM conv tile. Forward: rows = output pixels, A = input X (NHWC texture,
+// ceil(Ci/4) texels per pixel), B = weights packed [(tap, ci), co]. Backward-input
+// (`transposed`): rows = input pixels, A = dY, B = weights packed [(tap, co), ci], and an
+// input pixel receives from output pixel (iy + pad - ky) / stride when that divides exactly.
+fn conv_tile(transposed: bool, wid: vec3<u32>, tid: u32, lane: u32) {
+    var oh = p.out_h;
+    var ow = p.out_w;
+    var ah = p.in_h;
+    var aw = p.in_w;
+    var ac = p.in_c;
+    if (transposed) {
+        oh = p.in_h;
+        ow = p.in_w;
+        ah = p.out_h;
+        aw = p.out_w;
+        ac = p.out_c;
+    }
+    let ac4 = (ac + 3u) / 4u;
+    let m0 = (wid.y * {{SG}}u + tid / {{L}}u) * {{L*RB}}u;
+    let n4 = wid.x * {{L}}u + lane;
+    let n4_load = i32(min(n4, (p.n + 3u) / 4u - 1u));
+//#for rb in 0..RB
+    let pix{{rb}} = min(m0 + {{rb*L}}u + lane, p.m - 1u);
+    let px{{rb}} = pix{{rb}} % ow;
+    let py{{rb}} = (pix{{rb}} / ow) % oh;
+    let pn{{rb}} = pix{{rb}} / (ow * oh);
+//#end
+//#for i in 0..L*RB
+    var acc{{i}} = vec4<f32>(0.0);
+//#end
+    for (var ky = 0u; ky < p.kernel_h; ky++) {
+        for (var kx = 0u; kx < p.kernel_w; kx++) {
+            let tap = ky * p.kernel_w + kx;
+//#for rb in 0..RB
+            var ay{{rb}} = i32(py{{rb}} * p.stride + ky) - i32(p.pad_top);
+            var ax{{rb}} = i32(px{{rb}} * p.stride + kx) - i32(p.pad_left);
+            var ok{{rb}} = true;
+            if (transposed) {
+                let ty = i32(py{{rb}} + p.pad_top) - i32(ky);
+                let tx = i32(px{{rb}} + p.pad_left) - i32(kx);
+                ok{{rb}} = ty >= 0 && tx >= 0 && (u32(ty) % p.stride) == 0u && (u32(tx) % p.stride) == 0u;
+                ay{{rb}} = ty / i32(p.stride);
+                ax{{rb}} = tx / i32(p.stride);
+            }
+            ok{{rb}} = ok{{rb}} && ay{{rb}} >= 0 && ax{{rb}} >= 0 && ay{{rb}} < i32(ah) && ax{{rb}} < i32(aw);
+            let tx{{rb}} = select(0, ax{{rb}} * i32(ac4), ok{{rb}});
+            let ty{{rb}} = select(0, i32(pn{{rb}} * ah) + ay{{rb}}, ok{{rb}});
+//#end
+            for (var c4 = 0u; c4 < ac4; c4++) {
+//#for rb in 0..RB
+                let a{{rb}} = select(vec4<f32>(0.0), textureLoad(a_tex, vec2<i32>(tx{{rb}} + i32(c4), ty{{rb}})), ok{{rb}});
+//#end
+                let kr = i32((tap * ac4 + c4) * 4u);
+                let b0 = textureLoad(b_tex, vec2<i32>(n4_load, kr));
+                let b1 = textureLoad(b_tex, vec2<i32>(n4_load, kr + 1));
+                let b2 = textureLoad(b_tex, vec2<i32>(n4_load, kr + 2));
+                let b3 = textureLoad(b_tex, vec2<i32>(n4_load, kr + 3));
+//#for rb in 0..RB
+//#for r in 0..L
+                let s{{rb}}_{{r}} = subgroupBroadcast(a{{rb}}, {{r}}u);
+                acc{{rb*L+r}} = fma(vec4<f32>(s{{rb}}_{{r}}.x), b0, acc{{rb*L+r}});
+                acc{{rb*L+r}} = fma(vec4<f32>(s{{rb}}_{{r}}.y), b1, acc{{rb*L+r}});
+                acc{{rb*L+r}} = fma(vec4<f32>(s{{rb}}_{{r}}.z), b2, acc{{rb*L+r}});
+                acc{{rb*L+r}} = fma(vec4<f32>(s{{rb}}_{{r}}.w), b3, acc{{rb*L+r}});
+//#end
+//#end
+            }
+        }
+    }
+//#for i in 0..L*RB
+    store_row(m0 + {{i}}u, n4, acc{{i}}, p.c_offset);
+//#end
+}
+
+@compute @workgroup_size({{L*SG}})
+fn conv2d_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) tid: u32,
+                  @builtin(subgroup_invocation_id) lane: u32) {
+    conv_tile(false, wid, tid, lane);
+}
+
+@compute @workgroup_size({{L*SG}})
+fn conv2d_backward_input(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) tid: u32,
+                         @builtin(subgroup_invocation_id) lane: u32) {
+    conv_tile(true, wid, tid, lane);
+}
+
+// dW[co, ci, ky, kx] over output pixels [z * k_chunk, (z + 1) * k_chunk) into split-K slice z.
+// Rows = 4 L output channels (lane l loads the dY texel of channels 4l..4l+3 at each pixel and
+// broadcasts it), columns = one texel (tap, 4 input channels) per lane, read from X (NHWC texture)
+// at the pixel shifted by the lane's tap.
+fn store_dw(co: u32, tap: u32, ci4: u32, v: vec4<f32>, c_base: u32) {
+    if (co >= p.out_c) { return; }
+    let taps = p.kernel_h * p.kernel_w;
+    for (var e = 0u; e < 4u; e++) {
+        let ci = ci4 * 4u + e;
+        if (ci < p.in_c) {
+            c[c_base + (co * p.in_c + ci) * taps + tap] = v[e];
+        }
+    }
+}
+
+@compute @workgroup_size({{L*SG}})
+fn conv2d_backward_weight(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) tid: u32,
+                          @builtin(subgroup_invocation_id) lane: u32) {
+    let ci4n = (p.in_c + 3u) / 4u;
+    let co4n = (p.out_c + 3u) / 4u;
+    let taps = p.kernel_h * p.kernel_w;
+    let j = (wid.x * {{SG}}u + tid / {{L}}u) * {{L}}u + lane;
+    let jl = min(j, taps * ci4n - 1u);
+    let tap = jl / ci4n;
+    let ci4 = jl % ci4n;
+    let ky = tap / p.kernel_w;
+    let kx = tap % p.kernel_w;
+    let co4 = min(wid.y * {{L}}u + lane, co4n - 1u);
+//#for i in 0..4*L
+    var acc{{i}} = vec4<f32>(0.0);
+//#end
+    let k_begin = wid.z * p.k_chunk;
+    let k_end = min(p.k, k_begin + p.k_chunk);
+    var ox = k_begin % p.out_w;
+    var oy = (k_begin / p.out_w) % p.out_h;
+    var nn = k_begin / (p.out_w * p.out_h);
+    for (var k = k_begin; k < k_end; k++) {
+        let a = textureLoad(a_tex, vec2<i32>(i32(ox * co4n + co4), i32(nn * p.out_h + oy)));
+        let iy = i32(oy * p.stride + ky) - i32(p.pad_top);
+        let ix = i32(ox * p.stride + kx) - i32(p.pad_left);
+        let ok = iy >= 0 && ix >= 0 && iy < i32(p.in_h) && ix < i32(p.in_w);
+        let bx = select(0, ix * i32(ci4n) + i32(ci4), ok);
+        let by = select(0, i32(nn * p.in_h) + iy, ok);
+        let b = select(vec4<f32>(0.0), textureLoad(b_tex, vec2<i32>(bx, by)), ok);
+//#for s in 0..L
+        let s{{s}} = subgroupBroadcast(a, {{s}}u);
+        acc{{4*s}} = fma(vec4<f32>(s{{s}}.x), b, acc{{4*s}});
+        acc{{4*s+1}} = fma(vec4<f32>(s{{s}}.y), b, acc{{4*s+1}});
+        acc{{4*s+2}} = fma(vec4<f32>(s{{s}}.z), b, acc{{4*s+2}});
+        acc{{4*s+3}} = fma(vec4<f32>(s{{s}}.w), b, acc{{4*s+3}});
+//#end
+        ox += 1u;
+        if (ox == p.out_w) {
+            ox = 0u;
+            oy += 1u;
+            if (oy == p.out_h) {
+                oy = 0u;
+                nn += 1u;
+            }
+        }
+    }
+    if (j < taps * ci4n) {
+        let c_base = p.c_offset + wid.z * p.c_batch_outer;
+//#for i in 0..4*L
+        store_dw(wid.y * {{4*L}}u + {{i}}u, tap, ci4, acc{{i}}, c_base);
+//#end
+    }
+}

@@ -1,1 +1,98 @@
-// pack: to be written
+// Packs GEMM operands from storage buffers into rgba32float textures for the subgroup path
+// (gemm_subgroup.wgsl). On lavapipe, texture loads are vectorised while non-uniform buffer loads
+// become per-lane scalar loops (DESIGN.md, "Fast GEMM on lavapipe"), so the GEMM reads textures.
+// A texel holds 4 consecutive columns; columns and rows beyond the matrix are zero, so the
+// GEMM needs no bounds checks along K.
+
+struct Params {
+    rows: u32,        // matrix rows per batch
+    cols: u32,        // matrix columns
+    rows_padded: u32, // texture rows per batch (>= rows)
+    batch_inner: u32,
+    offset: u32,
+    ld: u32,
+    batch_outer_stride: u32,
+    batch_inner_stride: u32,
+    trans: u32,       // element (r, c) is src[c * ld + r] instead of src[r * ld + c]
+    width: u32,       // texture width in texels
+    height: u32,      // texture height in rows
+    channels: u32,    // pack_nhwc: channels per pixel in the buffer
+    // pack_conv_weight: W is [Co, Ci, KH, KW]; rows = (tap, k-channel padded to 4), cols = channels
+    k_channels: u32,
+    n_channels: u32,
+    taps: u32,
+    io_swapped: u32,  // 0: rows over ci, columns over co (forward); 1: rows over co, columns over ci
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> src: array<f32>;
+@group(0) @binding(2) var dst: texture_storage_2d<rgba32float, write>;
+
+fn texel_coords(wid: vec3<u32>, lid: vec3<u32>) -> vec2<u32> {
+    return vec2<u32>(wid.x * 16u + lid.x, wid.y * 4u + lid.y);
+}
+
+// A (batched, optionally transposed) strided matrix, batches stacked along texture rows.
+@compute @workgroup_size(16, 4)
+fn pack_matrix(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let t = texel_coords(wid, lid);
+    if (t.x >= p.width || t.y >= p.height) { return; }
+    let batch = t.y / p.rows_padded;
+    let r = t.y % p.rows_padded;
+    let base = p.offset + (batch / p.batch_inner) * p.batch_outer_stride + (batch % p.batch_inner) * p.batch_inner_stride;
+    var v = vec4<f32>(0.0);
+    if (r < p.rows) {
+        for (var e = 0u; e < 4u; e++) {
+            let col = t.x * 4u + e;
+            if (col < p.cols) {
+                var idx = base + r * p.ld + col;
+                if (p.trans != 0u) { idx = base + col * p.ld + r; }
+                v[e] = src[idx];
+            }
+        }
+    }
+    textureStore(dst, t, v);
+}
+
+// An NHWC activation [N, H, W, C] as a texture W·ceil(C/4) texels wide and N·H rows high,
+// channels zero-padded to a multiple of 4.
+@compute @workgroup_size(16, 4)
+fn pack_nhwc(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let t = texel_coords(wid, lid);
+    if (t.x >= p.width || t.y >= p.height) { return; }
+    let c4 = (p.channels + 3u) / 4u;
+    let x = t.x / c4;
+    let c0 = (t.x % c4) * 4u;
+    let pixel = t.y * (p.width / c4) + x;
+    var v = vec4<f32>(0.0);
+    for (var e = 0u; e < 4u; e++) {
+        if (c0 + e < p.channels) { v[e] = src[pixel * p.channels + c0 + e]; }
+    }
+    textureStore(dst, t, v);
+}
+
+// Conv weights W [Co, Ci, KH, KW] as the B operand of an implicit GEMM: row (tap, kc) with kc
+// over the reduction channels padded to a multiple of 4, texel x = 4 output channels.
+// Forward: reduce over ci, columns co. Backward-input (io_swapped): reduce over co, columns ci.
+@compute @workgroup_size(16, 4)
+fn pack_conv_weight(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let t = texel_coords(wid, lid);
+    if (t.x >= p.width || t.y >= p.height) { return; }
+    let kpad = ((p.k_channels + 3u) / 4u) * 4u;
+    let tap = t.y / kpad;
+    let kc = t.y % kpad;
+    var v = vec4<f32>(0.0);
+    if (kc < p.k_channels) {
+        for (var e = 0u; e < 4u; e++) {
+            let nc = t.x * 4u + e;
+            if (nc < p.n_channels) {
+                var co = nc;
+                var ci = kc;
+                if (p.io_swapped != 0u) { co = kc; ci = nc; }
+                let in_c = select(p.k_channels, p.n_channels, p.io_swapped != 0u);
+                v[e] = src[(co * in_c + ci) * p.taps + tap];
+            }
+        }
+    }
+    textureStore(dst, t, v);
+}

@@ -1,1 +1,35 @@
-// reduce: to be written
+// Deterministic sums of slices: out[g, j] = beta * out[g, j] + sum over s in chunk g of
+// src[s * stride + j]. Column sums of an [R, C] matrix (bias gradients) and the sum of split-K
+// partials are both this. Each output is one invocation's sum in a fixed order, and the chunk
+// partition depends only on the shape, so the result is bit-identical run to run (no atomics).
+
+struct Params {
+    n: u32,          // elements per slice (columns)
+    slices: u32,     // total slices
+    stride: u32,     // elements between consecutive slices
+    chunk: u32,      // slices per output group
+    out_stride: u32, // elements between output groups
+    beta: f32,
+    _pad0: u32,
+    _pad1: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> src: array<f32>;
+@group(0) @binding(2) var<storage, read_write> dst: array<f32>;
+
+@compute @workgroup_size(64)
+fn sum_slices(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let j = gid.x;
+    let g = gid.y;
+    if (j >= p.n) { return; }
+    let s0 = g * p.chunk;
+    let s1 = min(p.slices, s0 + p.chunk);
+    var acc = 0.0;
+    for (var s = s0; s < s1; s++) {
+        acc += src[s * p.stride + j];
+    }
+    let o = g * p.out_stride + j;
+    if (p.beta != 0.0) { acc += p.beta * dst[o]; }
+    dst[o] = acc;
+}

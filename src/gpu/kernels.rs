@@ -11,17 +11,24 @@ use std::sync::{Arc, Mutex};
 
 /// Every shader of the project: (name, WGSL source).
 pub const SHADERS: &[(&str, &str)] = &[
-    ("elementwise", include_str!("../../shaders/elementwise.wgsl")),
+    (
+        "elementwise",
+        include_str!("../../shaders/elementwise.wgsl"),
+    ),
     ("gemm", include_str!("../../shaders/gemm.wgsl")),
-    ("gemm_subgroup", include_str!("../../shaders/gemm_subgroup.wgsl")),
-    ("conv2d", include_str!("../../shaders/conv2d.wgsl")),
-    ("conv2d_subgroup", include_str!("../../shaders/conv2d_subgroup.wgsl")),
+    (
+        "gemm_subgroup",
+        include_str!("../../shaders/gemm_subgroup.wgsl"),
+    ),
     ("pack", include_str!("../../shaders/pack.wgsl")),
     ("reduce", include_str!("../../shaders/reduce.wgsl")),
     ("group_norm", include_str!("../../shaders/group_norm.wgsl")),
     ("softmax", include_str!("../../shaders/softmax.wgsl")),
     ("upsample", include_str!("../../shaders/upsample.wgsl")),
-    ("timestep_embedding", include_str!("../../shaders/timestep_embedding.wgsl")),
+    (
+        "timestep_embedding",
+        include_str!("../../shaders/timestep_embedding.wgsl"),
+    ),
     ("loss", include_str!("../../shaders/loss.wgsl")),
     ("adamw", include_str!("../../shaders/adamw.wgsl")),
     ("noise", include_str!("../../shaders/noise.wgsl")),
@@ -43,7 +50,12 @@ pub struct KernelKey {
 
 impl KernelKey {
     pub fn new(shader: &'static str, entry: &'static str) -> KernelKey {
-        KernelKey { shader, entry, template: Vec::new(), constants: Vec::new() }
+        KernelKey {
+            shader,
+            entry,
+            template: Vec::new(),
+            constants: Vec::new(),
+        }
     }
     pub fn template(mut self, name: &'static str, value: i64) -> Self {
         self.template.push((name, value));
@@ -57,11 +69,19 @@ impl KernelKey {
     }
     /// The WGSL after template expansion.
     pub fn source(&self) -> Result<String, String> {
-        let src = shader_source(self.shader).ok_or_else(|| format!("unknown shader `{}`", self.shader))?;
-        if self.template.is_empty() { Ok(src.to_string()) } else { expand_template(src, &self.template) }
+        let src = shader_source(self.shader)
+            .ok_or_else(|| format!("unknown shader `{}`", self.shader))?;
+        if self.template.is_empty() {
+            Ok(src.to_string())
+        } else {
+            expand_template(src, &self.template)
+        }
     }
     pub fn constants_f64(&self) -> Vec<(&'static str, f64)> {
-        self.constants.iter().map(|(n, v)| (*n, f64::from_bits(*v))).collect()
+        self.constants
+            .iter()
+            .map(|(n, v)| (*n, f64::from_bits(*v)))
+            .collect()
     }
 }
 
@@ -75,7 +95,11 @@ pub struct Kernels {
 
 impl Kernels {
     pub fn new(device: &wgpu::Device) -> Kernels {
-        Kernels { device: device.clone(), modules: Default::default(), pipelines: Default::default() }
+        Kernels {
+            device: device.clone(),
+            modules: Default::default(),
+            pipelines: Default::default(),
+        }
     }
 
     pub fn pipeline(&self, key: &KernelKey) -> Arc<wgpu::ComputePipeline> {
@@ -88,27 +112,37 @@ impl Kernels {
             modules
                 .entry(mk)
                 .or_insert_with(|| {
-                    let src = key.source().unwrap_or_else(|e| panic!("shader template: {e}"));
-                    Arc::new(self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
-                        label: Some(key.shader),
-                        source: wgpu::ShaderSource::Wgsl(src.into()),
-                    }))
+                    let src = key
+                        .source()
+                        .unwrap_or_else(|e| panic!("shader template: {e}"));
+                    Arc::new(
+                        self.device
+                            .create_shader_module(wgpu::ShaderModuleDescriptor {
+                                label: Some(key.shader),
+                                source: wgpu::ShaderSource::Wgsl(src.into()),
+                            }),
+                    )
                 })
                 .clone()
         };
         let constants = key.constants_f64();
-        let pipeline = Arc::new(self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some(key.entry),
-            layout: None,
-            module: &module,
-            entry_point: Some(key.entry),
-            compilation_options: wgpu::PipelineCompilationOptions {
-                constants: &constants,
-                zero_initialize_workgroup_memory: false,
+        let pipeline = Arc::new(self.device.create_compute_pipeline(
+            &wgpu::ComputePipelineDescriptor {
+                label: Some(key.entry),
+                layout: None,
+                module: &module,
+                entry_point: Some(key.entry),
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants: &constants,
+                    zero_initialize_workgroup_memory: false,
+                },
+                cache: None,
             },
-            cache: None,
-        }));
-        self.pipelines.lock().unwrap().insert(key.clone(), pipeline.clone());
+        ));
+        self.pipelines
+            .lock()
+            .unwrap()
+            .insert(key.clone(), pipeline.clone());
         pipeline
     }
 
@@ -138,13 +172,21 @@ pub fn expand_template(src: &str, vars: &[(&str, i64)]) -> Result<String, String
     Ok(out)
 }
 
-fn expand_lines(lines: &[&str], env: &mut Vec<(String, i64)>, out: &mut String) -> Result<(), String> {
+fn expand_lines(
+    lines: &[&str],
+    env: &mut Vec<(String, i64)>,
+    out: &mut String,
+) -> Result<(), String> {
     let mut i = 0;
     while i < lines.len() {
         let trimmed = lines[i].trim_start();
         if let Some(rest) = trimmed.strip_prefix("//#for ") {
-            let (name, range) = rest.split_once(" in ").ok_or_else(|| format!("bad //#for line: {trimmed}"))?;
-            let (a, b) = range.split_once("..").ok_or_else(|| format!("bad //#for range: {trimmed}"))?;
+            let (name, range) = rest
+                .split_once(" in ")
+                .ok_or_else(|| format!("bad //#for line: {trimmed}"))?;
+            let (a, b) = range
+                .split_once("..")
+                .ok_or_else(|| format!("bad //#for range: {trimmed}"))?;
             let (a, b) = (eval(a.trim(), env)?, eval(b.trim(), env)?);
             // Find the matching //#end.
             let mut depth = 1;
@@ -183,7 +225,10 @@ fn substitute(line: &str, env: &[(String, i64)], out: &mut String) -> Result<(),
     let mut rest = line;
     while let Some(start) = rest.find("{{") {
         out.push_str(&rest[..start]);
-        let end = rest[start..].find("}}").ok_or_else(|| format!("unclosed {{{{ in: {line}"))? + start;
+        let end = rest[start..]
+            .find("}}")
+            .ok_or_else(|| format!("unclosed {{{{ in: {line}"))?
+            + start;
         let v = eval(&rest[start + 2..end], env)?;
         out.push_str(&v.to_string());
         rest = &rest[end + 2..];
@@ -253,7 +298,11 @@ fn eval_atom(t: &[char], p: &mut usize, env: &[(String, i64)]) -> Result<i64, St
     if let Ok(n) = word.parse::<i64>() {
         return Ok(n);
     }
-    env.iter().rev().find(|(n, _)| *n == word).map(|(_, v)| *v).ok_or_else(|| format!("unknown template name `{word}`"))
+    env.iter()
+        .rev()
+        .find(|(n, _)| *n == word)
+        .map(|(_, v)| *v)
+        .ok_or_else(|| format!("unknown template name `{word}`"))
 }
 
 #[cfg(test)]
@@ -262,7 +311,8 @@ mod tests {
 
     #[test]
     fn template_expands_nested_loops_and_expressions() {
-        let src = "a\n//#for i in 0..N\n//#for j in 0..2\nx{{i*2+j}} = {{(i+1)%N}};\n//#end\n//#end\nb";
+        let src =
+            "a\n//#for i in 0..N\n//#for j in 0..2\nx{{i*2+j}} = {{(i+1)%N}};\n//#end\n//#end\nb";
         let out = expand_template(src, &[("N", 2)]).unwrap();
         assert_eq!(out, "a\nx0 = 1;\nx1 = 1;\nx2 = 0;\nx3 = 0;\nb\n");
         assert!(expand_template("//#for i in 0..2\n", &[]).is_err());

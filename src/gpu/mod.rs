@@ -17,7 +17,17 @@ use std::sync::Arc;
 use thiserror::Error;
 
 /// Which wgpu back end to look for adapters on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendChoice {
     /// Vulkan, Metal or DX12, whichever the platform has (GL only as a last resort).
@@ -70,7 +80,10 @@ pub enum GpuError {
          On Linux without a GPU, Mesa's software Vulkan driver works: `apt-get install mesa-vulkan-drivers` (lavapipe).\n\
          `wgpu-diffusion devices --backend auto` lists what wgpu can see."
     )]
-    NoAdapter { backend: BackendChoice, filter: String },
+    NoAdapter {
+        backend: BackendChoice,
+        filter: String,
+    },
     #[error("could not open the device on adapter `{adapter}`: {source}")]
     RequestDevice {
         adapter: String,
@@ -119,9 +132,14 @@ pub fn configure_llvmpipe_environment() {
         if std::env::var_os("MESA_SHADER_CACHE_DIR").is_none() {
             let base = std::env::var_os("XDG_CACHE_HOME")
                 .map(std::path::PathBuf::from)
-                .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache")));
+                .or_else(|| {
+                    std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache"))
+                });
             if let Some(base) = base {
-                let dir = base.join(format!("wgpu-diffusion/mesa-w{}", width.as_deref().unwrap_or("default")));
+                let dir = base.join(format!(
+                    "wgpu-diffusion/mesa-w{}",
+                    width.as_deref().unwrap_or("default")
+                ));
                 if std::fs::create_dir_all(&dir).is_ok() {
                     // SAFETY: as above.
                     unsafe { std::env::set_var("MESA_SHADER_CACHE_DIR", &dir) };
@@ -178,7 +196,11 @@ pub fn summarize(adapter: &wgpu::Adapter) -> AdapterSummary {
         device_type: format!("{:?}", info.device_type),
         driver: info.driver.clone(),
         driver_info: info.driver_info.clone(),
-        features: USEFUL_FEATURES.iter().filter(|(f, _)| features.contains(*f)).map(|(_, n)| *n).collect(),
+        features: USEFUL_FEATURES
+            .iter()
+            .filter(|(f, _)| features.contains(*f))
+            .map(|(_, n)| *n)
+            .collect(),
         subgroup_sizes: (info.subgroup_min_size, info.subgroup_max_size),
         max_storage_buffer_binding_size: limits.max_storage_buffer_binding_size as u64,
         max_buffer_size: limits.max_buffer_size,
@@ -213,7 +235,11 @@ fn adapter_rank(info: &wgpu::AdapterInfo) -> u32 {
         wgpu::DeviceType::Other => 4,
     };
     // Prefer Vulkan/Metal/DX12 over GL for the same device type.
-    let be = if info.backend == wgpu::Backend::Gl { 1 } else { 0 };
+    let be = if info.backend == wgpu::Backend::Gl {
+        1
+    } else {
+        0
+    };
     ty * 2 + be
 }
 
@@ -227,13 +253,22 @@ impl Gpu {
             adapters.retain(|a| a.get_info().name.to_lowercase().contains(&f));
         }
         adapters.sort_by_key(|a| adapter_rank(&a.get_info()));
-        let adapter = adapters.into_iter().next().ok_or_else(|| GpuError::NoAdapter {
-            backend: opts.backend,
-            filter: opts.adapter.as_ref().map(|f| format!(" whose name contains `{f}`")).unwrap_or_default(),
-        })?;
+        let adapter = adapters
+            .into_iter()
+            .next()
+            .ok_or_else(|| GpuError::NoAdapter {
+                backend: opts.backend,
+                filter: opts
+                    .adapter
+                    .as_ref()
+                    .map(|f| format!(" whose name contains `{f}`"))
+                    .unwrap_or_default(),
+            })?;
         let summary = summarize(&adapter);
         let info = adapter.get_info();
-        let wanted = USEFUL_FEATURES.iter().fold(wgpu::Features::empty(), |acc, (f, _)| acc | *f);
+        let wanted = USEFUL_FEATURES
+            .iter()
+            .fold(wgpu::Features::empty(), |acc, (f, _)| acc | *f);
         let features = adapter.features() & wanted;
         let limits = adapter.limits();
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
@@ -244,7 +279,10 @@ impl Gpu {
             memory_hints: wgpu::MemoryHints::Performance,
             trace: wgpu::Trace::Off,
         }))
-        .map_err(|source| GpuError::RequestDevice { adapter: info.name.clone(), source })?;
+        .map_err(|source| GpuError::RequestDevice {
+            adapter: info.name.clone(),
+            source,
+        })?;
 
         let gemm_path = choose_gemm_path(&info, features, opts.gemm_path)?;
         Ok(Arc::new(Gpu {
@@ -261,7 +299,11 @@ impl Gpu {
     pub fn describe(&self) -> String {
         format!(
             "{} ({}, {}, {}; gemm path {})",
-            self.adapter.name, self.adapter.backend, self.adapter.device_type, self.adapter.driver_info, self.gemm_path
+            self.adapter.name,
+            self.adapter.backend,
+            self.adapter.device_type,
+            self.adapter.driver_info,
+            self.gemm_path
         )
     }
 
@@ -271,7 +313,12 @@ impl Gpu {
     }
 
     /// Allocates a tensor and uploads `data` into it.
-    pub fn tensor_from(&self, shape: &[usize], data: &[f32], label: &str) -> Result<Tensor, GpuError> {
+    pub fn tensor_from(
+        &self,
+        shape: &[usize],
+        data: &[f32],
+        label: &str,
+    ) -> Result<Tensor, GpuError> {
         let t = Tensor::new(self, shape, label);
         self.write(&t, data)?;
         Ok(t)
@@ -287,7 +334,8 @@ impl Gpu {
                 t.numel()
             )));
         }
-        self.queue.write_buffer(t.buffer(), t.byte_offset(), bytemuck::cast_slice(data));
+        self.queue
+            .write_buffer(t.buffer(), t.byte_offset(), bytemuck::cast_slice(data));
         Ok(())
     }
 
@@ -307,7 +355,12 @@ impl Gpu {
         Ok(bytemuck::pod_collect_to_vec(&bytes))
     }
 
-    fn read_bytes(&self, buffer: &wgpu::Buffer, offset: u64, len: u64) -> Result<Vec<u8>, GpuError> {
+    fn read_bytes(
+        &self,
+        buffer: &wgpu::Buffer,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, GpuError> {
         let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("readback"),
             size: len.max(4),
@@ -325,7 +378,10 @@ impl Gpu {
         rx.recv()
             .map_err(|e| GpuError::Readback(e.to_string()))?
             .map_err(|e| GpuError::Readback(e.to_string()))?;
-        let view = staging.slice(..).get_mapped_range().map_err(|e| GpuError::Readback(e.to_string()))?;
+        let view = staging
+            .slice(..)
+            .get_mapped_range()
+            .map_err(|e| GpuError::Readback(e.to_string()))?;
         let out = view[..len as usize].to_vec();
         drop(view);
         staging.unmap();
@@ -335,14 +391,21 @@ impl Gpu {
     /// Blocks until every submitted command has finished.
     pub fn wait(&self) -> Result<(), GpuError> {
         self.device
-            .poll(wgpu::PollType::Wait { submission_index: None, timeout: None })
+            .poll(wgpu::PollType::Wait {
+                submission_index: None,
+                timeout: None,
+            })
             .map(|_| ())
             .map_err(|e| GpuError::Readback(format!("device poll failed: {e}")))
     }
 
     /// Encodes the plans in order into one command buffer and submits it.
     pub fn submit(&self, plans: &[&Plan]) -> wgpu::SubmissionIndex {
-        let mut enc = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") });
+        let mut enc = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("step"),
+            });
         for p in plans {
             p.encode(&mut enc);
         }
@@ -390,12 +453,18 @@ fn choose_gemm_path(
             info.name,
             info.subgroup_min_size,
             info.subgroup_max_size,
-            if features.contains(wgpu::Features::SUBGROUP) { "" } else { " and no SUBGROUP feature" }
+            if features.contains(wgpu::Features::SUBGROUP) {
+                ""
+            } else {
+                " and no SUBGROUP feature"
+            }
         ))),
-        GemmPathChoice::Auto => Ok(if fixed_small && info.device_type == wgpu::DeviceType::Cpu {
-            GemmPath::Subgroup { lanes }
-        } else {
-            GemmPath::Portable
-        }),
+        GemmPathChoice::Auto => Ok(
+            if fixed_small && info.device_type == wgpu::DeviceType::Cpu {
+                GemmPath::Subgroup { lanes }
+            } else {
+                GemmPath::Portable
+            },
+        ),
     }
 }

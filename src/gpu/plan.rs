@@ -51,15 +51,33 @@ struct PendingDispatch {
 enum Pending {
     Dispatch(PendingDispatch),
     Clear(Tensor),
-    CopyToTexture { src: Tensor, dst: Texture2d, bytes_per_row: u32 },
-    CopyBuffer { src: Tensor, dst: Tensor },
+    CopyToTexture {
+        src: Tensor,
+        dst: Texture2d,
+        bytes_per_row: u32,
+    },
+    CopyBuffer {
+        src: Tensor,
+        dst: Tensor,
+    },
 }
 
 enum Step {
-    Dispatch { pipeline: Arc<wgpu::ComputePipeline>, bind_group: wgpu::BindGroup, groups: [u32; 3] },
+    Dispatch {
+        pipeline: Arc<wgpu::ComputePipeline>,
+        bind_group: wgpu::BindGroup,
+        groups: [u32; 3],
+    },
     Clear(Tensor),
-    CopyToTexture { src: Tensor, dst: Texture2d, bytes_per_row: u32 },
-    CopyBuffer { src: Tensor, dst: Tensor },
+    CopyToTexture {
+        src: Tensor,
+        dst: Texture2d,
+        bytes_per_row: u32,
+    },
+    CopyBuffer {
+        src: Tensor,
+        dst: Tensor,
+    },
 }
 
 pub struct Recorder {
@@ -67,13 +85,28 @@ pub struct Recorder {
     params: Vec<u8>,
     pending: Vec<Pending>,
     records: Vec<StepRecord>,
+    dummy: Option<Tensor>,
 }
 
 const PARAMS_ALIGN: usize = 256;
 
 impl Recorder {
     pub fn new(gpu: Arc<Gpu>) -> Recorder {
-        Recorder { gpu, params: Vec::new(), pending: Vec::new(), records: Vec::new() }
+        Recorder {
+            gpu,
+            params: Vec::new(),
+            pending: Vec::new(),
+            records: Vec::new(),
+            dummy: None,
+        }
+    }
+
+    /// A small tensor to bind where a kernel's optional operand (a bias, weights) is absent.
+    pub fn dummy(&mut self) -> Tensor {
+        let gpu = self.gpu.clone();
+        self.dummy
+            .get_or_insert_with(|| gpu.tensor(&[4], "unused"))
+            .clone()
     }
 
     /// Records one dispatch of `key` with `params` at binding 0 and each `(binding, resource)`.
@@ -148,7 +181,10 @@ impl Recorder {
             bindings: vec![src.label().into(), dst.label().into()],
             workgroups: [0; 3],
         });
-        self.pending.push(Pending::CopyBuffer { src: src.clone(), dst: dst.clone() });
+        self.pending.push(Pending::CopyBuffer {
+            src: src.clone(),
+            dst: dst.clone(),
+        });
         Ok(())
     }
 
@@ -165,7 +201,11 @@ impl Recorder {
             bindings: vec![src.label().into(), "texture".into()],
             workgroups: [0; 3],
         });
-        self.pending.push(Pending::CopyToTexture { src: src.clone(), dst: dst.clone(), bytes_per_row });
+        self.pending.push(Pending::CopyToTexture {
+            src: src.clone(),
+            dst: dst.clone(),
+            bytes_per_row,
+        });
     }
 
     pub fn len(&self) -> usize {
@@ -203,21 +243,40 @@ impl Recorder {
                             Binding::Buffer(t) => t.binding(),
                             Binding::Texture(t) => wgpu::BindingResource::TextureView(&t.view),
                         };
-                        entries.push(wgpu::BindGroupEntry { binding: *i, resource });
+                        entries.push(wgpu::BindGroupEntry {
+                            binding: *i,
+                            resource,
+                        });
                     }
                     let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
                         label: Some(d.key.entry),
                         layout: &d.pipeline.get_bind_group_layout(0),
                         entries: &entries,
                     });
-                    Step::Dispatch { pipeline: d.pipeline, bind_group, groups: d.groups }
+                    Step::Dispatch {
+                        pipeline: d.pipeline,
+                        bind_group,
+                        groups: d.groups,
+                    }
                 }
                 Pending::Clear(t) => Step::Clear(t),
-                Pending::CopyToTexture { src, dst, bytes_per_row } => Step::CopyToTexture { src, dst, bytes_per_row },
+                Pending::CopyToTexture {
+                    src,
+                    dst,
+                    bytes_per_row,
+                } => Step::CopyToTexture {
+                    src,
+                    dst,
+                    bytes_per_row,
+                },
                 Pending::CopyBuffer { src, dst } => Step::CopyBuffer { src, dst },
             })
             .collect();
-        Plan { steps, _params: params, records: self.records }
+        Plan {
+            steps,
+            _params: params,
+            records: self.records,
+        }
     }
 }
 
@@ -234,8 +293,16 @@ impl Plan {
         while i < self.steps.len() {
             match &self.steps[i] {
                 Step::Dispatch { .. } => {
-                    let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
-                    while let Some(Step::Dispatch { pipeline, bind_group, groups }) = self.steps.get(i) {
+                    let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                        label: None,
+                        timestamp_writes: None,
+                    });
+                    while let Some(Step::Dispatch {
+                        pipeline,
+                        bind_group,
+                        groups,
+                    }) = self.steps.get(i)
+                    {
                         pass.set_pipeline(pipeline);
                         pass.set_bind_group(0, bind_group, &[]);
                         pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
@@ -244,10 +311,18 @@ impl Plan {
                     continue;
                 }
                 Step::Clear(t) => enc.clear_buffer(t.buffer(), t.byte_offset(), Some(t.byte_len())),
-                Step::CopyBuffer { src, dst } => {
-                    enc.copy_buffer_to_buffer(src.buffer(), src.byte_offset(), dst.buffer(), dst.byte_offset(), src.byte_len())
-                }
-                Step::CopyToTexture { src, dst, bytes_per_row } => enc.copy_buffer_to_texture(
+                Step::CopyBuffer { src, dst } => enc.copy_buffer_to_buffer(
+                    src.buffer(),
+                    src.byte_offset(),
+                    dst.buffer(),
+                    dst.byte_offset(),
+                    src.byte_len(),
+                ),
+                Step::CopyToTexture {
+                    src,
+                    dst,
+                    bytes_per_row,
+                } => enc.copy_buffer_to_texture(
                     wgpu::TexelCopyBufferInfo {
                         buffer: src.buffer(),
                         layout: wgpu::TexelCopyBufferLayout {
@@ -262,7 +337,11 @@ impl Plan {
                         origin: wgpu::Origin3d::ZERO,
                         aspect: wgpu::TextureAspect::All,
                     },
-                    wgpu::Extent3d { width: dst.width, height: dst.height, depth_or_array_layers: 1 },
+                    wgpu::Extent3d {
+                        width: dst.width,
+                        height: dst.height,
+                        depth_or_array_layers: 1,
+                    },
                 ),
             }
             i += 1;
@@ -273,7 +352,10 @@ impl Plan {
         &self.records
     }
     pub fn dispatch_count(&self) -> usize {
-        self.steps.iter().filter(|s| matches!(s, Step::Dispatch { .. })).count()
+        self.steps
+            .iter()
+            .filter(|s| matches!(s, Step::Dispatch { .. }))
+            .count()
     }
 }
 

@@ -22,22 +22,42 @@ impl Tensor {
             label: Some(label),
             // Never zero-sized: wgpu rejects empty bindings.
             size: (numel.max(1) * 4).next_multiple_of(16) as u64,
-            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
-        Tensor { buffer: Arc::new(buffer), offset: 0, shape: shape.to_vec(), label: label.into() }
+        Tensor {
+            buffer: Arc::new(buffer),
+            offset: 0,
+            shape: shape.to_vec(),
+            label: label.into(),
+        }
     }
 
     /// A view of `shape` starting `offset` elements into this tensor's buffer. The caller keeps
     /// `offset` a multiple of the adapter's storage offset alignment (64 elements covers 256 B).
     pub fn view(&self, offset: usize, shape: &[usize], label: &str) -> Tensor {
-        Tensor { buffer: self.buffer.clone(), offset: self.offset + offset, shape: shape.to_vec(), label: label.into() }
+        Tensor {
+            buffer: self.buffer.clone(),
+            offset: self.offset + offset,
+            shape: shape.to_vec(),
+            label: label.into(),
+        }
     }
 
     /// Same storage, another shape with the same number of elements.
     pub fn reshape(&self, shape: &[usize]) -> Tensor {
-        assert_eq!(shape.iter().product::<usize>(), self.numel(), "reshape of `{}` must keep the element count", self.label);
-        Tensor { shape: shape.to_vec(), ..self.clone() }
+        assert_eq!(
+            shape.iter().product::<usize>(),
+            self.numel(),
+            "reshape of `{}` must keep the element count",
+            self.label
+        );
+        Tensor {
+            shape: shape.to_vec(),
+            ..self.clone()
+        }
     }
 
     pub fn shape(&self) -> &[usize] {
@@ -90,7 +110,11 @@ impl Texture2d {
     pub fn new(gpu: &Gpu, width: u32, height: u32, label: &str) -> Texture2d {
         let texture = gpu.device.create_texture(&wgpu::TextureDescriptor {
             label: Some(label),
-            size: wgpu::Extent3d { width: width.max(1), height: height.max(1), depth_or_array_layers: 1 },
+            size: wgpu::Extent3d {
+                width: width.max(1),
+                height: height.max(1),
+                depth_or_array_layers: 1,
+            },
             mip_level_count: 1,
             sample_count: 1,
             dimension: wgpu::TextureDimension::D2,
@@ -99,6 +123,11 @@ impl Texture2d {
             view_formats: &[],
         });
         let view = texture.create_view(&Default::default());
-        Texture2d { texture: Arc::new(texture), view: Arc::new(view), width, height }
+        Texture2d {
+            texture: Arc::new(texture),
+            view: Arc::new(view),
+            width,
+            height,
+        }
     }
 }

@@ -1,1 +1,371 @@
-//! `shaders/conv2d.wgsl`.
+//! conv2d forward, backward-input and backward-weight (+ bias gradient) as implicit GEMMs:
+//! entry points of `shaders/gemm.wgsl` (portable) and `shaders/gemm_subgroup.wgsl` (subgroup
+//! path), which share one tile core with the GEMM. Activations are NHWC, weights are torch's
+//! [Co, Ci, KH, KW] (diffusers' state-dict layout, so checkpoints load as they are).
+
+use super::gemm::{
+    GemmParams, PORTABLE_TILES, SUBGROUPS_PER_WORKGROUP, portable_key, subgroup_key,
+};
+use super::{
+    OpResult, expect_distinct, expect_numel, expect_rank, expect_shape, invalid, pack, reduce,
+    u32_of,
+};
+use crate::gpu::{Binding, GemmPath, Recorder, Tensor};
+
+/// Register-tile row blocks of the subgroup conv kernels (RB = 4 in DESIGN.md's recipe).
+pub const SUBGROUP_ROW_BLOCKS: u32 = 4;
+
+/// Stride and padding. google/ddpm downsamplers pad right/bottom by one with padding 0
+/// (`Conv2dGeometry::asymmetric_down()`); diffusers' default pads 1 on every side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conv2dGeometry {
+    pub stride: usize,
+    pub pad_top: usize,
+    pub pad_left: usize,
+    pub pad_bottom: usize,
+    pub pad_right: usize,
+}
+
+impl Conv2dGeometry {
+    pub fn same(stride: usize, pad: usize) -> Conv2dGeometry {
+        Conv2dGeometry {
+            stride,
+            pad_top: pad,
+            pad_left: pad,
+            pad_bottom: pad,
+            pad_right: pad,
+        }
+    }
+    /// F.pad(x, (0, 1, 0, 1)) then a stride-2 conv with padding 0 (diffusers Downsample2D, padding=0).
+    pub fn asymmetric_down() -> Conv2dGeometry {
+        Conv2dGeometry {
+            stride: 2,
+            pad_top: 0,
+            pad_left: 0,
+            pad_bottom: 1,
+            pad_right: 1,
+        }
+    }
+    /// Output size for an input of `h × w` and a `kh × kw` kernel, or None when it is empty.
+    pub fn output_size(&self, h: usize, w: usize, kh: usize, kw: usize) -> Option<(usize, usize)> {
+        let ph = h + self.pad_top + self.pad_bottom;
+        let pw = w + self.pad_left + self.pad_right;
+        if self.stride == 0 || ph < kh || pw < kw {
+            return None;
+        }
+        Some(((ph - kh) / self.stride + 1, (pw - kw) / self.stride + 1))
+    }
+}
+
+/// Checked dimensions of one conv.
+#[derive(Clone, Copy, Debug)]
+pub struct ConvDims {
+    pub n: usize,
+    pub h: usize,
+    pub w: usize,
+    pub ci: usize,
+    pub oh: usize,
+    pub ow: usize,
+    pub co: usize,
+    pub kh: usize,
+    pub kw: usize,
+}
+
+impl ConvDims {
+    pub fn flops(&self) -> f64 {
+        2.0 * (self.n * self.oh * self.ow * self.co * self.ci * self.kh * self.kw) as f64
+    }
+}
+
+/// Validates x [N,H,W,Ci] and w [Co,Ci,KH,KW] against the geometry.
+pub fn conv_dims(
+    op: &str,
+    x_shape: &[usize],
+    w: &Tensor,
+    g: &Conv2dGeometry,
+) -> OpResult<ConvDims> {
+    expect_rank(op, "weight", w, 4)?;
+    let [co, wci, kh, kw] = [w.shape()[0], w.shape()[1], w.shape()[2], w.shape()[3]];
+    let [n, h, wd, ci] = match *x_shape {
+        [a, b, c, d] => [a, b, c, d],
+        _ => {
+            return Err(invalid(format!(
+                "{op}: the input must be NHWC [N, H, W, C], has shape {x_shape:?}"
+            )));
+        }
+    };
+    if wci != ci {
+        return Err(invalid(format!(
+            "{op}: weight `{}` {:?} expects {wci} input channels, the input has {ci}",
+            w.label(),
+            w.shape()
+        )));
+    }
+    if g.pad_top >= kh || g.pad_left >= kw || g.pad_bottom >= kh || g.pad_right >= kw {
+        return Err(invalid(format!(
+            "{op}: padding {g:?} must be smaller than the {kh}x{kw} kernel"
+        )));
+    }
+    let (oh, ow) = g.output_size(h, wd, kh, kw).ok_or_else(|| {
+        invalid(format!(
+            "{op}: a {kh}x{kw} kernel with {g:?} gives no output for a {h}x{wd} input"
+        ))
+    })?;
+    if n * h * wd * ci.max(co) == 0 {
+        return Err(invalid(format!(
+            "{op}: empty tensor (input {x_shape:?}, weight {:?})",
+            w.shape()
+        )));
+    }
+    Ok(ConvDims {
+        n,
+        h,
+        w: wd,
+        ci,
+        oh,
+        ow,
+        co,
+        kh,
+        kw,
+    })
+}
+
+fn conv_params(d: &ConvDims, g: &Conv2dGeometry) -> GemmParams {
+    GemmParams {
+        batch: d.n as u32,
+        in_h: d.h as u32,
+        in_w: d.w as u32,
+        in_c: d.ci as u32,
+        out_h: d.oh as u32,
+        out_w: d.ow as u32,
+        out_c: d.co as u32,
+        kernel_h: d.kh as u32,
+        kernel_w: d.kw as u32,
+        stride: g.stride as u32,
+        pad_top: g.pad_top as u32,
+        pad_left: g.pad_left as u32,
+        alpha: 1.0,
+        batch_inner: 1,
+        ..Default::default()
+    }
+}
+
+fn subgroup_lanes(rec: &Recorder) -> Option<u32> {
+    match rec.gpu.gemm_path {
+        GemmPath::Subgroup { lanes } => Some(lanes),
+        GemmPath::Portable => None,
+    }
+}
+
+/// y = conv2d(x, w) + bias. x [N,H,W,Ci], w [Co,Ci,KH,KW], y [N,OH,OW,Co].
+pub fn conv2d_forward(
+    rec: &mut Recorder,
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    y: &Tensor,
+    g: &Conv2dGeometry,
+) -> OpResult {
+    const OP: &str = "conv2d_forward";
+    let d = conv_dims(OP, x.shape(), w, g)?;
+    expect_shape(OP, "y", y, &[d.n, d.oh, d.ow, d.co])?;
+    if let Some(b) = bias {
+        expect_numel(OP, "bias", b, d.co)?;
+        expect_distinct(OP, b, y)?;
+    }
+    expect_distinct(OP, x, y)?;
+    expect_distinct(OP, w, y)?;
+    let mut p = conv_params(&d, g);
+    p.m = u32_of(OP, "output pixels", d.n * d.oh * d.ow)?;
+    p.n = d.co as u32;
+    p.k = u32_of(OP, "k", d.kh * d.kw * d.ci)?;
+    p.c_ld = d.co as u32;
+    p.has_bias = bias.is_some() as u32;
+    let bias_t = bias.cloned().unwrap_or_else(|| rec.dummy());
+    run_implicit(rec, OP, "conv2d_forward", p, x, w, false, &bias_t, y)
+}
+
+/// dx (+)= conv2d backward with respect to the input. dy [N,OH,OW,Co], w [Co,Ci,KH,KW], dx [N,H,W,Ci].
+pub fn conv2d_backward_input(
+    rec: &mut Recorder,
+    dy: &Tensor,
+    w: &Tensor,
+    dx: &Tensor,
+    g: &Conv2dGeometry,
+    accumulate: bool,
+) -> OpResult {
+    const OP: &str = "conv2d_backward_input";
+    let d = conv_dims(OP, dx.shape(), w, g)?;
+    expect_shape(OP, "dy", dy, &[d.n, d.oh, d.ow, d.co])?;
+    expect_distinct(OP, dy, dx)?;
+    expect_distinct(OP, w, dx)?;
+    let mut p = conv_params(&d, g);
+    p.m = u32_of(OP, "input pixels", d.n * d.h * d.w)?;
+    p.n = d.ci as u32;
+    p.k = u32_of(OP, "k", d.kh * d.kw * d.co)?;
+    p.c_ld = d.ci as u32;
+    p.beta = if accumulate { 1.0 } else { 0.0 };
+    let dummy = rec.dummy();
+    run_implicit(rec, OP, "conv2d_backward_input", p, dy, w, true, &dummy, dx)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_implicit(
+    rec: &mut Recorder,
+    op: &str,
+    entry: &'static str,
+    p: GemmParams,
+    a: &Tensor,
+    w: &Tensor,
+    transposed: bool,
+    bias: &Tensor,
+    out: &Tensor,
+) -> OpResult {
+    let (m, n) = (p.m as usize, p.n as usize);
+    if let Some(lanes) = subgroup_lanes(rec) {
+        let a_tex = pack::pack_nhwc(rec, a, "conv A")?;
+        let b_tex = pack::pack_conv_weight(rec, w, transposed, "conv weights")?;
+        let rows = (lanes * SUBGROUP_ROW_BLOCKS * SUBGROUPS_PER_WORKGROUP) as usize;
+        let groups = [
+            n.div_ceil(4 * lanes as usize) as u32,
+            m.div_ceil(rows) as u32,
+            1,
+        ];
+        check_groups(op, groups)?;
+        rec.dispatch(
+            subgroup_key(entry, lanes),
+            &p,
+            &[
+                (1, (&a_tex).into()),
+                (2, (&b_tex).into()),
+                (3, bias.into()),
+                (4, out.into()),
+            ],
+            groups,
+        );
+    } else {
+        let t = PORTABLE_TILES;
+        let groups = [
+            n.div_ceil(t.bn as usize) as u32,
+            m.div_ceil(t.bm as usize) as u32,
+            1,
+        ];
+        check_groups(op, groups)?;
+        rec.dispatch(
+            portable_key(entry, t),
+            &p,
+            &[
+                (1, a.into()),
+                (2, w.into()),
+                (3, bias.into()),
+                (4, out.into()),
+            ],
+            groups,
+        );
+    }
+    Ok(())
+}
+
+fn check_groups(op: &str, groups: [u32; 3]) -> OpResult {
+    if groups.iter().any(|&g| g > 65535) {
+        return Err(invalid(format!(
+            "{op}: the problem needs {groups:?} workgroups, over the 65535 limit"
+        )));
+    }
+    Ok(())
+}
+
+/// dw (+)= ∂L/∂w and db (+)= Σ dy over pixels. x [N,H,W,Ci], dy [N,OH,OW,Co], dw [Co,Ci,KH,KW].
+/// The reduction over pixels is split into fixed slices summed in a fixed order (deterministic).
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_backward_weight(
+    rec: &mut Recorder,
+    x: &Tensor,
+    dy: &Tensor,
+    dw: &Tensor,
+    db: Option<&Tensor>,
+    g: &Conv2dGeometry,
+    accumulate: bool,
+) -> OpResult {
+    const OP: &str = "conv2d_backward_weight";
+    let d = conv_dims(OP, x.shape(), dw, g)?;
+    expect_shape(OP, "dy", dy, &[d.n, d.oh, d.ow, d.co])?;
+    expect_distinct(OP, x, dw)?;
+    expect_distinct(OP, dy, dw)?;
+    let pixels = d.n * d.oh * d.ow;
+    let taps = d.kh * d.kw;
+    let numel = d.co * d.ci * taps;
+    let mut p = conv_params(&d, g);
+    p.m = d.co as u32;
+    p.n = u32_of(OP, "n", taps * d.ci)?;
+    p.k = u32_of(OP, "pixels", pixels)?;
+    p.c_batch_outer = u32_of(OP, "weights", numel)?;
+
+    let lanes = subgroup_lanes(rec);
+    let (tiles, groups_xy) = match lanes {
+        Some(l) => {
+            let cols = taps * d.ci.div_ceil(4);
+            let gx = cols.div_ceil((l * SUBGROUPS_PER_WORKGROUP) as usize);
+            let gy = d.co.div_ceil(4 * l as usize);
+            (gx * gy, [gx as u32, gy as u32])
+        }
+        None => {
+            let t = PORTABLE_TILES;
+            let gx = (taps * d.ci).div_ceil(t.bn as usize);
+            let gy = d.co.div_ceil(t.bm as usize);
+            (gx * gy, [gx as u32, gy as u32])
+        }
+    };
+    // Enough slices to keep every core busy, each long enough to amortise its partial.
+    let splits = (64 / tiles.max(1)).clamp(1, pixels.div_ceil(256).max(1));
+    let chunk = pixels.div_ceil(splits);
+    let splits = pixels.div_ceil(chunk);
+    p.k_chunk = chunk as u32;
+    let direct = splits == 1 && !accumulate;
+    let target = if direct {
+        dw.clone()
+    } else {
+        rec.gpu
+            .tensor(&[splits, numel], "conv2d_backward_weight partials")
+    };
+    let groups = [groups_xy[0], groups_xy[1], splits as u32];
+    check_groups(OP, groups)?;
+    match lanes {
+        Some(l) => {
+            let a_tex = pack::pack_nhwc(rec, dy, "conv dY")?;
+            let b_tex = pack::pack_nhwc(rec, x, "conv X")?;
+            rec.dispatch(
+                subgroup_key("conv2d_backward_weight", l),
+                &p,
+                &[
+                    (1, (&a_tex).into()),
+                    (2, (&b_tex).into()),
+                    (4, Binding::Buffer(target.clone())),
+                ],
+                groups,
+            );
+        }
+        None => {
+            let dummy = rec.dummy();
+            rec.dispatch(
+                portable_key("conv2d_backward_weight", PORTABLE_TILES),
+                &p,
+                &[
+                    (1, dy.into()),
+                    (2, x.into()),
+                    (3, (&dummy).into()),
+                    (4, Binding::Buffer(target.clone())),
+                ],
+                groups,
+            );
+        }
+    }
+    if !direct {
+        reduce::sum_slices(rec, &target, splits, numel, numel, dw, accumulate)?;
+    }
+    if let Some(db) = db {
+        expect_numel(OP, "db", db, d.co)?;
+        reduce::sum_rows(rec, dy, pixels, d.co, db, accumulate)?;
+    }
+    Ok(())
+}

@@ -31,8 +31,16 @@ pub fn add(rec: &mut Recorder, a: &Tensor, b: &Tensor, out: &Tensor) -> OpResult
     expect_numel("add", "out", out, n)?;
     expect_distinct("add", a, out)?;
     expect_distinct("add", b, out)?;
-    let p = ElementwiseParams { n: u32_of("add", "n", n)?, ..Default::default() };
-    rec.dispatch(key("add"), &p, &[(1, a.into()), (2, b.into()), (3, out.into())], grid_1d(n.div_ceil(WG)));
+    let p = ElementwiseParams {
+        n: u32_of("add", "n", n)?,
+        ..Default::default()
+    };
+    rec.dispatch(
+        key("add"),
+        &p,
+        &[(1, a.into()), (2, b.into()), (3, out.into())],
+        grid_1d(n.div_ceil(WG)),
+    );
     Ok(())
 }
 
@@ -41,15 +49,29 @@ pub fn axpby(rec: &mut Recorder, alpha: f32, x: &Tensor, beta: f32, y: &Tensor) 
     let n = x.numel();
     expect_numel("axpby", "y", y, n)?;
     expect_distinct("axpby", x, y)?;
-    let p = ElementwiseParams { n: u32_of("axpby", "n", n)?, alpha, beta, ..Default::default() };
-    rec.dispatch(key("axpby"), &p, &[(1, x.into()), (2, y.into())], grid_1d(n.div_ceil(WG)));
+    let p = ElementwiseParams {
+        n: u32_of("axpby", "n", n)?,
+        alpha,
+        beta,
+        ..Default::default()
+    };
+    rec.dispatch(
+        key("axpby"),
+        &p,
+        &[(1, x.into()), (2, y.into())],
+        grid_1d(n.div_ceil(WG)),
+    );
     Ok(())
 }
 
 /// y = alpha * y
 pub fn scale(rec: &mut Recorder, alpha: f32, y: &Tensor) -> OpResult {
     let n = y.numel();
-    let p = ElementwiseParams { n: u32_of("scale", "n", n)?, alpha, ..Default::default() };
+    let p = ElementwiseParams {
+        n: u32_of("scale", "n", n)?,
+        alpha,
+        ..Default::default()
+    };
     rec.dispatch(key("scale"), &p, &[(2, y.into())], grid_1d(n.div_ceil(WG)));
     Ok(())
 }
@@ -59,13 +81,27 @@ pub fn silu_forward(rec: &mut Recorder, x: &Tensor, y: &Tensor) -> OpResult {
     let n = x.numel();
     expect_numel("silu_forward", "y", y, n)?;
     expect_distinct("silu_forward", x, y)?;
-    let p = ElementwiseParams { n: u32_of("silu_forward", "n", n)?, ..Default::default() };
-    rec.dispatch(key("silu_forward"), &p, &[(1, x.into()), (2, y.into())], grid_1d(n.div_ceil(WG)));
+    let p = ElementwiseParams {
+        n: u32_of("silu_forward", "n", n)?,
+        ..Default::default()
+    };
+    rec.dispatch(
+        key("silu_forward"),
+        &p,
+        &[(1, x.into()), (2, y.into())],
+        grid_1d(n.div_ceil(WG)),
+    );
     Ok(())
 }
 
 /// dx = dy * silu'(x), or dx += … when `accumulate`.
-pub fn silu_backward(rec: &mut Recorder, x: &Tensor, dy: &Tensor, dx: &Tensor, accumulate: bool) -> OpResult {
+pub fn silu_backward(
+    rec: &mut Recorder,
+    x: &Tensor,
+    dy: &Tensor,
+    dx: &Tensor,
+    accumulate: bool,
+) -> OpResult {
     let n = x.numel();
     expect_numel("silu_backward", "dy", dy, n)?;
     expect_numel("silu_backward", "dx", dx, n)?;
@@ -76,7 +112,12 @@ pub fn silu_backward(rec: &mut Recorder, x: &Tensor, dy: &Tensor, dx: &Tensor, a
         beta: if accumulate { 1.0 } else { 0.0 },
         ..Default::default()
     };
-    rec.dispatch(key("silu_backward"), &p, &[(1, x.into()), (2, dy.into()), (3, dx.into())], grid_1d(n.div_ceil(WG)));
+    rec.dispatch(
+        key("silu_backward"),
+        &p,
+        &[(1, x.into()), (2, dy.into()), (3, dx.into())],
+        grid_1d(n.div_ceil(WG)),
+    );
     Ok(())
 }
 
@@ -94,7 +135,12 @@ pub fn add_channel_bias(rec: &mut Recorder, v: &Tensor, alpha: f32, h: &Tensor) 
         alpha,
         ..Default::default()
     };
-    rec.dispatch(key(OP), &p, &[(1, v.into()), (2, h.into())], grid_1d(h.numel().div_ceil(WG)));
+    rec.dispatch(
+        key(OP),
+        &p,
+        &[(1, v.into()), (2, h.into())],
+        grid_1d(h.numel().div_ceil(WG)),
+    );
     Ok(())
 }
 
@@ -111,9 +157,18 @@ pub fn copy_channels(
     accumulate: bool,
 ) -> OpResult {
     const OP: &str = "copy_channels";
-    let (sc, dc) = (*src.shape().last().unwrap_or(&0), *dst.shape().last().unwrap_or(&0));
+    let (sc, dc) = (
+        *src.shape().last().unwrap_or(&0),
+        *dst.shape().last().unwrap_or(&0),
+    );
     if sc == 0 || dc == 0 {
-        return Err(invalid(format!("{OP}: empty tensors `{}` {:?} / `{}` {:?}", src.label(), src.shape(), dst.label(), dst.shape())));
+        return Err(invalid(format!(
+            "{OP}: empty tensors `{}` {:?} / `{}` {:?}",
+            src.label(),
+            src.shape(),
+            dst.label(),
+            dst.shape()
+        )));
     }
     let pixels = src.numel() / sc;
     if dst.numel() / dc != pixels {
@@ -145,6 +200,26 @@ pub fn copy_channels(
         beta: if accumulate { 1.0 } else { 0.0 },
         ..Default::default()
     };
-    rec.dispatch(key(OP), &p, &[(1, src.into()), (2, dst.into())], grid_1d((pixels * channels).div_ceil(WG)));
+    rec.dispatch(
+        key(OP),
+        &p,
+        &[(1, src.into()), (2, dst.into())],
+        grid_1d((pixels * channels).div_ceil(WG)),
+    );
     Ok(())
+}
+
+pub fn kernel_keys() -> Vec<KernelKey> {
+    [
+        "add",
+        "axpby",
+        "scale",
+        "silu_forward",
+        "silu_backward",
+        "add_channel_bias",
+        "copy_channels",
+    ]
+    .into_iter()
+    .map(key)
+    .collect()
 }

@@ -1,1 +1,465 @@
-//! `shaders/gemm.wgsl`.
+//! Batched GEMM (`shaders/gemm.wgsl`, portable; `shaders/gemm_subgroup.wgsl`, subgroup path):
+//! C = alpha·op(A)·op(B) + beta·C (+ bias), and the linear layer built on it.
+
+use super::{OpResult, expect_distinct, expect_numel, invalid, pack, u32_of};
+use crate::gpu::{Binding, GemmPath, KernelKey, Recorder, Tensor};
+
+/// Parameters shared by gemm.wgsl's four entry points (GEMM and the three conv2d passes).
+#[repr(C)]
+#[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct GemmParams {
+    pub m: u32,
+    pub n: u32,
+    pub k: u32,
+    pub batch_inner: u32,
+    pub a_offset: u32,
+    pub a_ld: u32,
+    pub a_batch_outer: u32,
+    pub a_batch_inner: u32,
+    pub b_offset: u32,
+    pub b_ld: u32,
+    pub b_batch_outer: u32,
+    pub b_batch_inner: u32,
+    pub c_offset: u32,
+    pub c_ld: u32,
+    pub c_batch_outer: u32,
+    pub c_batch_inner: u32,
+    pub trans_a: u32,
+    pub trans_b: u32,
+    pub has_bias: u32,
+    pub k_chunk: u32,
+    pub alpha: f32,
+    pub beta: f32,
+    pub _pad: [u32; 2],
+    pub batch: u32,
+    pub in_h: u32,
+    pub in_w: u32,
+    pub in_c: u32,
+    pub out_h: u32,
+    pub out_w: u32,
+    pub out_c: u32,
+    pub kernel_h: u32,
+    pub kernel_w: u32,
+    pub stride: u32,
+    pub pad_top: u32,
+    pub pad_left: u32,
+}
+
+/// Tile configuration of the portable path (the `override` constants of gemm.wgsl).
+#[derive(Clone, Copy, Debug)]
+pub struct PortableTiles {
+    pub bm: u32,
+    pub bn: u32,
+    pub bk: u32,
+    pub tm: u32,
+    pub tn: u32,
+}
+
+pub const PORTABLE_TILES: PortableTiles = PortableTiles {
+    bm: 64,
+    bn: 64,
+    bk: 16,
+    tm: 4,
+    tn: 4,
+};
+
+pub fn portable_key(entry: &'static str, t: PortableTiles) -> KernelKey {
+    KernelKey::new("gemm", entry)
+        .constant("BM", t.bm as f64)
+        .constant("BN", t.bn as f64)
+        .constant("BK", t.bk as f64)
+        .constant("TM", t.tm as f64)
+        .constant("TN", t.tn as f64)
+        .constant("WG", ((t.bm / t.tm) * (t.bn / t.tn)) as f64)
+}
+
+/// One operand of a batched GEMM: element (row, col) of batch (outer, inner) is at
+/// `offset + outer·batch_outer + inner·batch_inner + row·ld + col` of `tensor` (before `trans`).
+#[derive(Clone, Debug)]
+pub struct MatRef<'a> {
+    pub tensor: &'a Tensor,
+    pub offset: usize,
+    pub ld: usize,
+    pub batch_outer: usize,
+    pub batch_inner: usize,
+    /// Use the transpose of the stored matrix.
+    pub trans: bool,
+}
+
+impl<'a> MatRef<'a> {
+    /// A dense row-major matrix with `cols` columns (one batch).
+    pub fn dense(tensor: &'a Tensor, cols: usize) -> MatRef<'a> {
+        MatRef {
+            tensor,
+            offset: 0,
+            ld: cols,
+            batch_outer: 0,
+            batch_inner: 0,
+            trans: false,
+        }
+    }
+    pub fn t(self) -> MatRef<'a> {
+        MatRef {
+            trans: !self.trans,
+            ..self
+        }
+    }
+    pub fn batched(self, outer: usize, inner: usize) -> MatRef<'a> {
+        MatRef {
+            batch_outer: outer,
+            batch_inner: inner,
+            ..self
+        }
+    }
+    pub fn at(self, offset: usize) -> MatRef<'a> {
+        MatRef { offset, ..self }
+    }
+
+    /// Largest element index touched for a `rows × cols` (after transpose) matrix over the batches.
+    fn max_index(&self, rows: usize, cols: usize, outer: usize, inner: usize) -> usize {
+        let (r, c) = if self.trans {
+            (cols, rows)
+        } else {
+            (rows, cols)
+        };
+        self.offset
+            + (outer - 1) * self.batch_outer
+            + (inner - 1) * self.batch_inner
+            + (r - 1) * self.ld
+            + (c - 1)
+    }
+}
+
+/// Shape and scaling of a batched GEMM: batches = outer × inner, each C[m×n] = alpha·A[m×k]·B[k×n] + beta·C.
+#[derive(Clone, Copy, Debug)]
+pub struct GemmShape {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub batch_outer: usize,
+    pub batch_inner: usize,
+    pub alpha: f32,
+    pub beta: f32,
+}
+
+impl GemmShape {
+    pub fn new(m: usize, n: usize, k: usize) -> GemmShape {
+        GemmShape {
+            m,
+            n,
+            k,
+            batch_outer: 1,
+            batch_inner: 1,
+            alpha: 1.0,
+            beta: 0.0,
+        }
+    }
+    pub fn batches(self, outer: usize, inner: usize) -> GemmShape {
+        GemmShape {
+            batch_outer: outer,
+            batch_inner: inner,
+            ..self
+        }
+    }
+    pub fn scale(self, alpha: f32, beta: f32) -> GemmShape {
+        GemmShape {
+            alpha,
+            beta,
+            ..self
+        }
+    }
+    pub fn flops(&self) -> f64 {
+        2.0 * (self.m * self.n * self.k * self.batch_outer * self.batch_inner) as f64
+    }
+}
+
+/// C = alpha·op(A)·op(B) + beta·C + bias (bias: [n], broadcast over rows).
+pub fn gemm(
+    rec: &mut Recorder,
+    shape: GemmShape,
+    a: MatRef,
+    b: MatRef,
+    bias: Option<&Tensor>,
+    c: MatRef,
+) -> OpResult {
+    const OP: &str = "gemm";
+    let GemmShape {
+        m,
+        n,
+        k,
+        batch_outer,
+        batch_inner,
+        alpha,
+        beta,
+    } = shape;
+    if m == 0 || n == 0 || k == 0 || batch_outer == 0 || batch_inner == 0 {
+        return Err(invalid(format!(
+            "{OP}: empty product m={m} n={n} k={k} batches={batch_outer}x{batch_inner}"
+        )));
+    }
+    if c.trans {
+        return Err(invalid(format!(
+            "{OP}: the output `{}` cannot be transposed",
+            c.tensor.label()
+        )));
+    }
+    for (what, op, rows, cols) in [("A", &a, m, k), ("B", &b, k, n), ("C", &c, m, n)] {
+        let need = op.max_index(rows, cols, batch_outer, batch_inner) + 1;
+        if need > op.tensor.numel() {
+            return Err(invalid(format!(
+                "{OP}: operand {what} (`{}`, {} elements, shape {:?}) is too small for a {}{rows}x{cols} matrix with ld {} over {batch_outer}x{batch_inner} batches (needs {need})",
+                op.tensor.label(),
+                op.tensor.numel(),
+                op.tensor.shape(),
+                if op.trans { "transposed " } else { "" },
+                op.ld
+            )));
+        }
+    }
+    if let Some(bias) = bias {
+        expect_numel(OP, "bias", bias, n)?;
+        expect_distinct(OP, bias, c.tensor)?;
+    }
+    expect_distinct(OP, a.tensor, c.tensor)?;
+    expect_distinct(OP, b.tensor, c.tensor)?;
+    let batches = batch_outer * batch_inner;
+    let params = GemmParams {
+        m: u32_of(OP, "m", m)?,
+        n: u32_of(OP, "n", n)?,
+        k: u32_of(OP, "k", k)?,
+        batch_inner: batch_inner as u32,
+        a_offset: u32_of(OP, "A offset", a.offset)?,
+        a_ld: a.ld as u32,
+        a_batch_outer: a.batch_outer as u32,
+        a_batch_inner: a.batch_inner as u32,
+        b_offset: u32_of(OP, "B offset", b.offset)?,
+        b_ld: b.ld as u32,
+        b_batch_outer: b.batch_outer as u32,
+        b_batch_inner: b.batch_inner as u32,
+        c_offset: u32_of(OP, "C offset", c.offset)?,
+        c_ld: c.ld as u32,
+        c_batch_outer: c.batch_outer as u32,
+        c_batch_inner: c.batch_inner as u32,
+        trans_a: a.trans as u32,
+        trans_b: b.trans as u32,
+        has_bias: bias.is_some() as u32,
+        alpha,
+        beta,
+        ..Default::default()
+    };
+    if batches > 65535 {
+        return Err(invalid(format!(
+            "{OP}: {batches} batches exceed the 65535 dispatch limit"
+        )));
+    }
+    let bias_t = bias.cloned().unwrap_or_else(|| rec.dummy());
+    match rec.gpu.gemm_path {
+        GemmPath::Subgroup { lanes }
+            if pack::fits_texture(&rec.gpu, m * batches, k)
+                && pack::fits_texture(&rec.gpu, k.next_multiple_of(4) * batches, n) =>
+        {
+            gemm_subgroup(rec, lanes, &params, shape, &a, &b, &bias_t, &c)
+        }
+        _ => {
+            let t = PORTABLE_TILES;
+            let groups = [
+                n.div_ceil(t.bn as usize) as u32,
+                m.div_ceil(t.bm as usize) as u32,
+                batches as u32,
+            ];
+            if groups[0] > 65535 || groups[1] > 65535 {
+                return Err(invalid(format!(
+                    "{OP}: {m}x{n} output needs more than 65535 tiles in a dimension"
+                )));
+            }
+            rec.dispatch(
+                portable_key("gemm", t),
+                &params,
+                &[
+                    (1, a.tensor.into()),
+                    (2, b.tensor.into()),
+                    (3, Binding::Buffer(bias_t)),
+                    (4, c.tensor.into()),
+                ],
+                groups,
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Subgroup path: A packed into an `rgba32float` texture (batches stacked along rows, 4
+/// consecutive k per texel), B likewise (4 consecutive n per texel, K padded to a multiple of
+/// 4 per batch), then the register-tile kernel of gemm_subgroup.wgsl.
+#[allow(clippy::too_many_arguments)]
+fn gemm_subgroup(
+    rec: &mut Recorder,
+    lanes: u32,
+    params: &GemmParams,
+    shape: GemmShape,
+    a: &MatRef,
+    b: &MatRef,
+    bias: &Tensor,
+    c: &MatRef,
+) -> OpResult {
+    let GemmShape {
+        m,
+        n,
+        k,
+        batch_outer,
+        batch_inner,
+        ..
+    } = shape;
+    let batches = batch_outer * batch_inner;
+    let k_pad = k.next_multiple_of(4);
+    let a_tex = pack::pack_matrix(rec, a, m, k, m, batch_outer, batch_inner, "gemm A")?;
+    let b_tex = pack::pack_matrix(rec, b, k, n, k_pad, batch_outer, batch_inner, "gemm B")?;
+    let rows_per_group = (lanes * SUBGROUP_ROW_BLOCKS * SUBGROUPS_PER_WORKGROUP) as usize;
+    let groups = [
+        n.div_ceil(4 * lanes as usize) as u32,
+        m.div_ceil(rows_per_group) as u32,
+        batches as u32,
+    ];
+    rec.dispatch(
+        subgroup_key("gemm", lanes),
+        params,
+        &[
+            (1, (&a_tex).into()),
+            (2, (&b_tex).into()),
+            (3, bias.into()),
+            (4, c.tensor.into()),
+        ],
+        groups,
+    );
+    Ok(())
+}
+
+/// Register-tile rows per lane block of the subgroup GEMM (RB in DESIGN.md's recipe).
+pub const SUBGROUP_ROW_BLOCKS: u32 = 2;
+/// Subgroups per workgroup, stacked along M.
+pub const SUBGROUPS_PER_WORKGROUP: u32 = 4;
+
+pub fn subgroup_key(entry: &'static str, lanes: u32) -> KernelKey {
+    let rb = if entry == "gemm" {
+        SUBGROUP_ROW_BLOCKS
+    } else {
+        super::conv2d::SUBGROUP_ROW_BLOCKS
+    };
+    KernelKey::new("gemm_subgroup", entry)
+        .template("L", lanes as i64)
+        .template("RB", rb as i64)
+        .template("SG", SUBGROUPS_PER_WORKGROUP as i64)
+}
+
+/// y[R, out] = x[R, in] · Wᵀ + b, with torch's Linear weight layout W [out, in].
+pub fn linear_forward(
+    rec: &mut Recorder,
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    y: &Tensor,
+) -> OpResult {
+    let (out_f, in_f) = weight_dims("linear_forward", weight)?;
+    let rows = rows_of("linear_forward", x, in_f)?;
+    expect_numel("linear_forward", "y", y, rows * out_f)?;
+    gemm(
+        rec,
+        GemmShape::new(rows, out_f, in_f),
+        MatRef::dense(x, in_f),
+        MatRef::dense(weight, in_f).t(),
+        bias,
+        MatRef::dense(y, out_f),
+    )
+}
+
+/// Backward of `linear_forward`: dx = dy·W (overwritten; skipped when None),
+/// dW (+)= dyᵀ·x, db (+)= Σ_rows dy (`accumulate` adds into dW and db instead of overwriting).
+#[allow(clippy::too_many_arguments)]
+pub fn linear_backward(
+    rec: &mut Recorder,
+    x: &Tensor,
+    weight: &Tensor,
+    dy: &Tensor,
+    dx: Option<&Tensor>,
+    dweight: &Tensor,
+    dbias: Option<&Tensor>,
+    accumulate: bool,
+) -> OpResult {
+    const OP: &str = "linear_backward";
+    let (out_f, in_f) = weight_dims(OP, weight)?;
+    let rows = rows_of(OP, x, in_f)?;
+    expect_numel(OP, "dy", dy, rows * out_f)?;
+    expect_numel(OP, "dweight", dweight, out_f * in_f)?;
+    let beta = if accumulate { 1.0 } else { 0.0 };
+    if let Some(dx) = dx {
+        expect_numel(OP, "dx", dx, rows * in_f)?;
+        gemm(
+            rec,
+            GemmShape::new(rows, in_f, out_f),
+            MatRef::dense(dy, out_f),
+            MatRef::dense(weight, in_f),
+            None,
+            MatRef::dense(dx, in_f),
+        )?;
+    }
+    gemm(
+        rec,
+        GemmShape::new(out_f, in_f, rows).scale(1.0, beta),
+        MatRef::dense(dy, out_f).t(),
+        MatRef::dense(x, in_f),
+        None,
+        MatRef::dense(dweight, in_f),
+    )?;
+    if let Some(db) = dbias {
+        super::reduce::sum_rows(rec, dy, rows, out_f, db, accumulate)?;
+    }
+    Ok(())
+}
+
+fn weight_dims(op: &str, w: &Tensor) -> OpResult<(usize, usize)> {
+    match *w.shape() {
+        [o, i] => Ok((o, i)),
+        [o, i, 1, 1] => Ok((o, i)),
+        _ => Err(invalid(format!(
+            "{op}: weight `{}` must be [out, in], has shape {:?}",
+            w.label(),
+            w.shape()
+        ))),
+    }
+}
+
+fn rows_of(op: &str, x: &Tensor, in_f: usize) -> OpResult<usize> {
+    let last = *x.shape().last().unwrap_or(&0);
+    if last != in_f || x.numel() == 0 {
+        return Err(invalid(format!(
+            "{op}: input `{}` has shape {:?}; its last dimension must be the {in_f} input features",
+            x.label(),
+            x.shape()
+        )));
+    }
+    Ok(x.numel() / in_f)
+}
+
+/// Every specialization of the GEMM kernels the runtime can build.
+pub fn kernel_keys() -> Vec<KernelKey> {
+    let mut keys: Vec<KernelKey> = [
+        "gemm",
+        "conv2d_forward",
+        "conv2d_backward_input",
+        "conv2d_backward_weight",
+    ]
+    .iter()
+    .map(|e| portable_key(e, PORTABLE_TILES))
+    .collect();
+    for lanes in [8, 16] {
+        for entry in [
+            "gemm",
+            "conv2d_forward",
+            "conv2d_backward_input",
+            "conv2d_backward_weight",
+        ] {
+            keys.push(subgroup_key(entry, lanes));
+        }
+    }
+    keys
+}

@@ -76,3 +76,13 @@ pub(crate) fn expect_rank(op: &str, what: &str, t: &Tensor, rank: usize) -> OpRe
 pub(crate) fn u32_of(op: &str, what: &str, v: usize) -> OpResult<u32> {
     u32::try_from(v).map_err(|_| invalid(format!("{op}: {what} = {v} does not fit in 32 bits")))
 }
+
+/// Every kernel specialization the runtime can build (validated by `tests/shaders.rs`).
+pub fn all_kernel_keys() -> Vec<crate::gpu::KernelKey> {
+    let mut keys = Vec::new();
+    keys.extend(gemm::kernel_keys());
+    keys.extend(pack::kernel_keys());
+    keys.extend(reduce::kernel_keys());
+    keys.extend(elementwise::kernel_keys());
+    keys
+}

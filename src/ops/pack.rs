@@ -1,1 +1,148 @@
-//! `shaders/pack.wgsl`.
+//! `shaders/pack.wgsl`: buffers → `rgba32float` textures for the subgroup GEMM path.
+//! Each call allocates its texture while the plan is recorded (never during a step).
+
+use super::{OpResult, expect_rank, gemm::MatRef, invalid, u32_of};
+use crate::gpu::{Gpu, KernelKey, Recorder, Tensor, Texture2d};
+
+#[repr(C)]
+#[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct PackParams {
+    pub rows: u32,
+    pub cols: u32,
+    pub rows_padded: u32,
+    pub batch_inner: u32,
+    pub offset: u32,
+    pub ld: u32,
+    pub batch_outer_stride: u32,
+    pub batch_inner_stride: u32,
+    pub trans: u32,
+    pub width: u32,
+    pub height: u32,
+    pub channels: u32,
+    pub k_channels: u32,
+    pub n_channels: u32,
+    pub taps: u32,
+    pub io_swapped: u32,
+}
+
+pub fn kernel_keys() -> Vec<KernelKey> {
+    ["pack_matrix", "pack_nhwc", "pack_conv_weight"]
+        .iter()
+        .map(|e| KernelKey::new("pack", e))
+        .collect()
+}
+
+/// Whether a `rows × cols` matrix (cols packed 4 per texel) fits one texture on this adapter.
+pub fn fits_texture(gpu: &Gpu, rows: usize, cols: usize) -> bool {
+    let max = gpu.limits.max_texture_dimension_2d as usize;
+    rows <= max && cols.div_ceil(4) <= max
+}
+
+fn dispatch_pack(
+    rec: &mut Recorder,
+    entry: &'static str,
+    p: &PackParams,
+    src: &Tensor,
+    label: &str,
+) -> Texture2d {
+    let tex = Texture2d::new(&rec.gpu, p.width, p.height, label);
+    let groups = [p.width.div_ceil(16), p.height.div_ceil(4), 1];
+    rec.dispatch(
+        KernelKey::new("pack", entry),
+        p,
+        &[(1, src.into()), (2, (&tex).into())],
+        groups,
+    );
+    tex
+}
+
+fn check_fits(rec: &Recorder, op: &str, rows: usize, cols: usize) -> OpResult {
+    if !fits_texture(&rec.gpu, rows, cols) {
+        return Err(invalid(format!(
+            "{op}: a {rows}x{cols} operand exceeds the adapter's {}-texel texture limit",
+            rec.gpu.limits.max_texture_dimension_2d
+        )));
+    }
+    Ok(())
+}
+
+/// Packs op(M) (`rows × cols` per batch, batches stacked with `rows_padded` rows each).
+#[allow(clippy::too_many_arguments)]
+pub fn pack_matrix(
+    rec: &mut Recorder,
+    m: &MatRef,
+    rows: usize,
+    cols: usize,
+    rows_padded: usize,
+    batch_outer: usize,
+    batch_inner: usize,
+    label: &str,
+) -> OpResult<Texture2d> {
+    const OP: &str = "pack_matrix";
+    let height = rows_padded * batch_outer * batch_inner;
+    check_fits(rec, OP, height, cols)?;
+    let p = PackParams {
+        rows: rows as u32,
+        cols: cols as u32,
+        rows_padded: rows_padded as u32,
+        batch_inner: batch_inner as u32,
+        offset: u32_of(OP, "offset", m.offset)?,
+        ld: m.ld as u32,
+        batch_outer_stride: m.batch_outer as u32,
+        batch_inner_stride: m.batch_inner as u32,
+        trans: m.trans as u32,
+        width: cols.div_ceil(4) as u32,
+        height: height as u32,
+        ..Default::default()
+    };
+    Ok(dispatch_pack(rec, "pack_matrix", &p, m.tensor, label))
+}
+
+/// Packs an NHWC activation [N, H, W, C] as a texture W·⌈C/4⌉ texels wide and N·H rows high.
+/// When the rows are already whole texels with a 256-byte-aligned pitch, a plain
+/// `copy_buffer_to_texture` (memcpy speed) replaces the kernel.
+pub fn pack_nhwc(rec: &mut Recorder, x: &Tensor, label: &str) -> OpResult<Texture2d> {
+    const OP: &str = "pack_nhwc";
+    expect_rank(OP, "x", x, 4)?;
+    let [n, h, w, c] = [x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]];
+    let width = w * c.div_ceil(4);
+    check_fits(rec, OP, n * h, width * 4)?;
+    if c % 4 == 0 && (width * 16) % 256 == 0 && x.byte_offset() % 256 == 0 {
+        let tex = Texture2d::new(&rec.gpu, width as u32, (n * h) as u32, label);
+        rec.copy_to_texture(x, &tex);
+        return Ok(tex);
+    }
+    let p = PackParams {
+        width: width as u32,
+        height: (n * h) as u32,
+        channels: c as u32,
+        ..Default::default()
+    };
+    Ok(dispatch_pack(rec, "pack_nhwc", &p, x, label))
+}
+
+/// Packs conv weights [Co, Ci, KH, KW] as the B operand: rows (tap, reduction channel padded
+/// to 4), texels of 4 output channels. `io_swapped` = backward-input (reduce over Co).
+pub fn pack_conv_weight(
+    rec: &mut Recorder,
+    w: &Tensor,
+    io_swapped: bool,
+    label: &str,
+) -> OpResult<Texture2d> {
+    const OP: &str = "pack_conv_weight";
+    expect_rank(OP, "weight", w, 4)?;
+    let [co, ci, kh, kw] = [w.shape()[0], w.shape()[1], w.shape()[2], w.shape()[3]];
+    let (k_channels, n_channels) = if io_swapped { (co, ci) } else { (ci, co) };
+    let height = kh * kw * k_channels.next_multiple_of(4);
+    check_fits(rec, OP, height, n_channels)?;
+    let p = PackParams {
+        width: n_channels.div_ceil(4) as u32,
+        height: height as u32,
+        k_channels: k_channels as u32,
+        n_channels: n_channels as u32,
+        taps: (kh * kw) as u32,
+        io_swapped: io_swapped as u32,
+        ..Default::default()
+    };
+    Ok(dispatch_pack(rec, "pack_conv_weight", &p, w, label))
+}

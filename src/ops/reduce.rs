@@ -1,1 +1,108 @@
-//! `shaders/reduce.wgsl`.
+//! `shaders/reduce.wgsl`: deterministic slice sums (bias gradients, split-K partials).
+
+use super::{OpResult, expect_distinct, expect_numel, invalid, u32_of};
+use crate::gpu::{KernelKey, Recorder, Tensor};
+
+#[repr(C)]
+#[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct ReduceParams {
+    pub n: u32,
+    pub slices: u32,
+    pub stride: u32,
+    pub chunk: u32,
+    pub out_stride: u32,
+    pub beta: f32,
+    pub _pad: [u32; 2],
+}
+
+fn key() -> KernelKey {
+    KernelKey::new("reduce", "sum_slices")
+}
+
+pub fn kernel_keys() -> Vec<KernelKey> {
+    vec![key()]
+}
+
+/// out[j] (+)= Σ_{s < slices} src[s·stride + j] for j < n, one pass (fixed order).
+pub fn sum_slices(
+    rec: &mut Recorder,
+    src: &Tensor,
+    slices: usize,
+    stride: usize,
+    n: usize,
+    out: &Tensor,
+    accumulate: bool,
+) -> OpResult {
+    const OP: &str = "sum_slices";
+    if slices == 0 || n == 0 {
+        return Err(invalid(format!(
+            "{OP}: nothing to sum ({slices} slices of {n})"
+        )));
+    }
+    if (slices - 1) * stride + n > src.numel() {
+        return Err(invalid(format!(
+            "{OP}: `{}` ({} elements) is too small for {slices} slices of {n} at stride {stride}",
+            src.label(),
+            src.numel()
+        )));
+    }
+    expect_numel(OP, "out", out, n)?;
+    expect_distinct(OP, src, out)?;
+    let p = ReduceParams {
+        n: u32_of(OP, "n", n)?,
+        slices: u32_of(OP, "slices", slices)?,
+        stride: u32_of(OP, "stride", stride)?,
+        chunk: slices as u32,
+        out_stride: 0,
+        beta: if accumulate { 1.0 } else { 0.0 },
+        ..Default::default()
+    };
+    rec.dispatch(
+        key(),
+        &p,
+        &[(1, src.into()), (2, out.into())],
+        [n.div_ceil(64) as u32, 1, 1],
+    );
+    Ok(())
+}
+
+/// Column sums of a row-major [rows, cols] matrix: out[c] (+)= Σ_r m[r, c]. Long columns are
+/// summed in two fixed-order stages (chunks of rows, then the chunk partials) for parallelism.
+pub fn sum_rows(
+    rec: &mut Recorder,
+    m: &Tensor,
+    rows: usize,
+    cols: usize,
+    out: &Tensor,
+    accumulate: bool,
+) -> OpResult {
+    const OP: &str = "sum_rows";
+    expect_numel(OP, "matrix", m, rows * cols)?;
+    let chunk = 64;
+    if rows <= 2 * chunk {
+        return sum_slices(rec, m, rows, cols, cols, out, accumulate);
+    }
+    let groups = rows.div_ceil(chunk);
+    let partial = rec.gpu.tensor(&[groups, cols], "sum_rows partials");
+    let p = ReduceParams {
+        n: u32_of(OP, "cols", cols)?,
+        slices: u32_of(OP, "rows", rows)?,
+        stride: cols as u32,
+        chunk: chunk as u32,
+        out_stride: cols as u32,
+        beta: 0.0,
+        ..Default::default()
+    };
+    if groups > 65535 {
+        return Err(invalid(format!(
+            "{OP}: {rows} rows exceed the two-stage limit"
+        )));
+    }
+    rec.dispatch(
+        key(),
+        &p,
+        &[(1, m.into()), (2, (&partial).into())],
+        [cols.div_ceil(64) as u32, groups as u32, 1],
+    );
+    sum_slices(rec, &partial, groups, cols, cols, out, accumulate)
+}

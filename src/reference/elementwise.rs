@@ -10,19 +10,37 @@ pub fn silu_forward(x: &[f64]) -> Vec<f64> {
 
 /// dx = dy * silu'(x), silu'(x) = s (1 + x (1 - s)).
 pub fn silu_backward(x: &[f64], dy: &[f64]) -> Vec<f64> {
-    x.iter().zip(dy).map(|(&v, &g)| {
-        let s = sigmoid(v);
-        g * s * (1.0 + v * (1.0 - s))
-    }).collect()
+    x.iter()
+        .zip(dy)
+        .map(|(&v, &g)| {
+            let s = sigmoid(v);
+            g * s * (1.0 + v * (1.0 - s))
+        })
+        .collect()
 }
 
 /// h[n, q, c] + alpha * v[n, c], h NHWC with `pixels` pixels per sample.
-pub fn add_channel_bias(h: &[f64], v: &[f64], alpha: f64, pixels: usize, channels: usize) -> Vec<f64> {
-    h.iter().enumerate().map(|(i, &x)| x + alpha * v[(i / (pixels * channels)) * channels + i % channels]).collect()
+pub fn add_channel_bias(
+    h: &[f64],
+    v: &[f64],
+    alpha: f64,
+    pixels: usize,
+    channels: usize,
+) -> Vec<f64> {
+    h.iter()
+        .enumerate()
+        .map(|(i, &x)| x + alpha * v[(i / (pixels * channels)) * channels + i % channels])
+        .collect()
 }
 
 /// Backward of add_channel_bias for v: dv[n, c] = alpha * sum_q dh[n, q, c].
-pub fn add_channel_bias_backward(dh: &[f64], alpha: f64, samples: usize, pixels: usize, channels: usize) -> Vec<f64> {
+pub fn add_channel_bias_backward(
+    dh: &[f64],
+    alpha: f64,
+    samples: usize,
+    pixels: usize,
+    channels: usize,
+) -> Vec<f64> {
     let mut dv = vec![0.0; samples * channels];
     for (i, g) in dh.iter().enumerate() {
         dv[(i / (pixels * channels)) * channels + i % channels] += alpha * g;
@@ -51,7 +69,9 @@ mod tests {
         let x: Vec<f64> = test_data(33, 1).iter().map(|v| v * 6.0).collect();
         let dy = test_data(33, 2);
         let analytic = silu_backward(&x, &dy);
-        let numeric = numeric_gradient(&x, 1e-6, |x| silu_forward(x).iter().zip(&dy).map(|(y, g)| y * g).sum());
+        let numeric = numeric_gradient(&x, 1e-6, |x| {
+            silu_forward(x).iter().zip(&dy).map(|(y, g)| y * g).sum()
+        });
         assert_gradients_match("silu", &analytic, &numeric, 1e-7);
     }
 
@@ -62,8 +82,13 @@ mod tests {
         let v = test_data(n * c, 4);
         let dh = test_data(n * q * c, 5);
         let analytic = add_channel_bias_backward(&dh, 0.5, n, q, c);
-        let numeric =
-            numeric_gradient(&v, 1e-6, |v| add_channel_bias(&h, v, 0.5, q, c).iter().zip(&dh).map(|(y, g)| y * g).sum());
+        let numeric = numeric_gradient(&v, 1e-6, |v| {
+            add_channel_bias(&h, v, 0.5, q, c)
+                .iter()
+                .zip(&dh)
+                .map(|(y, g)| y * g)
+                .sum()
+        });
         assert_gradients_match("add_channel_bias", &analytic, &numeric, 1e-7);
     }
 }

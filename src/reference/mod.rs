@@ -55,7 +55,10 @@ pub fn assert_gradients_match(what: &str, analytic: &[f64], numeric: &[f64], tol
         .zip(numeric)
         .map(|(a, n)| (a - n).abs())
         .enumerate()
-        .fold((0, 0.0), |(bi, be), (i, e)| if e > be { (i, e) } else { (bi, be) });
+        .fold(
+            (0, 0.0),
+            |(bi, be), (i, e)| if e > be { (i, e) } else { (bi, be) },
+        );
     assert!(
         err <= tol * scale,
         "{what}: analytic and numeric gradients differ by {err:e} at {i} (scale {scale:e}); analytic[..4] = {:?}, numeric[..4] = {:?}",

@@ -2,7 +2,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use wgpu_diffusion::gpu::{Gpu, GpuOptions, Plan, Recorder, Tensor};
+use wgpu_diffusion::gpu::{GemmPathChoice, Gpu, GpuOptions, Plan, Recorder, Tensor};
 pub use wgpu_diffusion::reference::test_data;
 
 /// The GPU every test uses, opened once. Panics (failing the test) with the "how to get an
@@ -17,6 +17,39 @@ pub fn gpu() -> Arc<Gpu> {
         Err(e) => panic!("GPU tests need an adapter and none could be opened:\n{e}"),
     })
     .clone()
+}
+
+/// A GPU forced onto one GEMM path, so both paths are tested on the same adapter.
+pub fn gpu_with_path(path: GemmPathChoice) -> Arc<Gpu> {
+    static PORTABLE: OnceLock<Arc<Gpu>> = OnceLock::new();
+    static SUBGROUP: OnceLock<Arc<Gpu>> = OnceLock::new();
+    let cell = if path == GemmPathChoice::Subgroup {
+        &SUBGROUP
+    } else {
+        &PORTABLE
+    };
+    cell.get_or_init(|| {
+        gpu(); // report the adapter (and fail with the install hint) first
+        let opts = GpuOptions {
+            gemm_path: Some(path),
+            ..Default::default()
+        };
+        Gpu::new(&opts)
+            .unwrap_or_else(|e| panic!("GEMM path {path:?} unavailable on this adapter: {e}"))
+    })
+    .clone()
+}
+
+/// Both GEMM paths where the adapter has the subgroup one, else the portable one alone.
+pub fn gemm_paths() -> Vec<Arc<Gpu>> {
+    let mut v = vec![gpu_with_path(GemmPathChoice::Portable)];
+    if matches!(
+        gpu().gemm_path,
+        wgpu_diffusion::gpu::GemmPath::Subgroup { .. }
+    ) {
+        v.push(gpu_with_path(GemmPathChoice::Subgroup));
+    }
+    v
 }
 
 pub fn upload(g: &Arc<Gpu>, shape: &[usize], data: &[f64], label: &str) -> Tensor {
@@ -48,7 +81,13 @@ pub fn read(g: &Arc<Gpu>, t: &Tensor) -> Vec<f32> {
 /// Asserts |gpu − ref| ≤ atol + rtol·|ref| elementwise; on failure prints the first values, the
 /// worst element and the max difference.
 pub fn assert_close(what: &str, gpu: &[f32], reference: &[f64], atol: f64, rtol: f64) {
-    assert_eq!(gpu.len(), reference.len(), "{what}: length {} vs reference {}", gpu.len(), reference.len());
+    assert_eq!(
+        gpu.len(),
+        reference.len(),
+        "{what}: length {} vs reference {}",
+        gpu.len(),
+        reference.len()
+    );
     let mut worst = (0usize, 0.0f64, 0.0f64); // index, excess over tolerance, abs diff
     let mut max_diff = 0.0f64;
     let mut bad = 0usize;

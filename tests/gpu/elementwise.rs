@@ -13,7 +13,11 @@ fn add_axpby_scale() {
     let g = gpu();
     for (i, &n) in SIZES.iter().enumerate() {
         let (a, b) = (random(n, 10 + i as u64), random(n, 20 + i as u64));
-        let (ta, tb, tc) = (upload(&g, &[n], &a, "a"), upload(&g, &[n], &b, "b"), g.tensor(&[n], "c"));
+        let (ta, tb, tc) = (
+            upload(&g, &[n], &a, "a"),
+            upload(&g, &[n], &b, "b"),
+            g.tensor(&[n], "c"),
+        );
         run(&g, |rec| {
             ew::add(rec, &ta, &tb, &tc).unwrap();
             ew::axpby(rec, 0.5, &ta, -2.0, &tb).unwrap();
@@ -32,21 +36,48 @@ fn add_axpby_scale() {
 fn silu_forward_backward() {
     let g = gpu();
     for (i, &n) in SIZES.iter().enumerate() {
-        let x: Vec<f64> = f32_round(&test_data(n, 30 + i as u64).iter().map(|v| v * 8.0).collect::<Vec<_>>());
+        let x: Vec<f64> = f32_round(
+            &test_data(n, 30 + i as u64)
+                .iter()
+                .map(|v| v * 8.0)
+                .collect::<Vec<_>>(),
+        );
         let dy = random(n, 40 + i as u64);
         let prior = random(n, 50 + i as u64);
         let (tx, tdy) = (upload(&g, &[n], &x, "x"), upload(&g, &[n], &dy, "dy"));
-        let (ty, tdx, tacc) = (g.tensor(&[n], "y"), g.tensor(&[n], "dx"), upload(&g, &[n], &prior, "acc"));
+        let (ty, tdx, tacc) = (
+            g.tensor(&[n], "y"),
+            g.tensor(&[n], "dx"),
+            upload(&g, &[n], &prior, "acc"),
+        );
         run(&g, |rec| {
             ew::silu_forward(rec, &tx, &ty).unwrap();
             ew::silu_backward(rec, &tx, &tdy, &tdx, false).unwrap();
             ew::silu_backward(rec, &tx, &tdy, &tacc, true).unwrap();
         });
-        assert_close(&format!("silu_forward n={n}"), &read(&g, &ty), &r::silu_forward(&x), 1e-6, 1e-5);
+        assert_close(
+            &format!("silu_forward n={n}"),
+            &read(&g, &ty),
+            &r::silu_forward(&x),
+            1e-6,
+            1e-5,
+        );
         let dx = r::silu_backward(&x, &dy);
-        assert_close(&format!("silu_backward n={n}"), &read(&g, &tdx), &dx, 1e-6, 1e-5);
+        assert_close(
+            &format!("silu_backward n={n}"),
+            &read(&g, &tdx),
+            &dx,
+            1e-6,
+            1e-5,
+        );
         let acc: Vec<f64> = dx.iter().zip(&prior).map(|(a, b)| a + b).collect();
-        assert_close(&format!("silu_backward accumulate n={n}"), &read(&g, &tacc), &acc, 1e-6, 1e-5);
+        assert_close(
+            &format!("silu_backward accumulate n={n}"),
+            &read(&g, &tacc),
+            &acc,
+            1e-6,
+            1e-5,
+        );
     }
 }
 
@@ -69,11 +100,31 @@ fn channel_bias_and_concat() {
             ew::copy_channels(rec, &ta, 0, &tcat, 0, ca, false).unwrap();
             ew::copy_channels(rec, &tb, 0, &tcat, ca, cb, false).unwrap();
         });
-        run(&g, |rec| ew::copy_channels(rec, &tcat, ca, &tback, 0, cb, false).unwrap());
+        run(&g, |rec| {
+            ew::copy_channels(rec, &tcat, ca, &tback, 0, cb, false).unwrap()
+        });
         let shape = format!("{n}x{h}x{w}x{ca}+{cb}");
-        assert_close(&format!("add_channel_bias {shape}"), &read(&g, &th), &r::add_channel_bias(&hx, &v, 0.5, q, ca), 1e-7, 1e-6);
-        assert_close(&format!("concat {shape}"), &read(&g, &tcat), &r::concat_channels(&hx, ca, &b, cb), 0.0, 0.0);
-        assert_close(&format!("concat backward slice {shape}"), &read(&g, &tback), &b, 0.0, 0.0);
+        assert_close(
+            &format!("add_channel_bias {shape}"),
+            &read(&g, &th),
+            &r::add_channel_bias(&hx, &v, 0.5, q, ca),
+            1e-7,
+            1e-6,
+        );
+        assert_close(
+            &format!("concat {shape}"),
+            &read(&g, &tcat),
+            &r::concat_channels(&hx, ca, &b, cb),
+            0.0,
+            0.0,
+        );
+        assert_close(
+            &format!("concat backward slice {shape}"),
+            &read(&g, &tback),
+            &b,
+            0.0,
+            0.0,
+        );
     }
 }
 
@@ -86,6 +137,16 @@ fn invalid_shapes_are_errors() {
     assert!(e.contains("add") && e.contains("`b`"), "{e}");
     let e = ew::silu_forward(&mut rec, &a, &a).unwrap_err().to_string();
     assert!(e.contains("share a buffer"), "{e}");
-    let e = ew::copy_channels(&mut rec, &g.tensor(&[2, 3], "s"), 2, &g.tensor(&[2, 3], "d"), 0, 2, false).unwrap_err().to_string();
+    let e = ew::copy_channels(
+        &mut rec,
+        &g.tensor(&[2, 3], "s"),
+        2,
+        &g.tensor(&[2, 3], "d"),
+        0,
+        2,
+        false,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("out of range"), "{e}");
 }

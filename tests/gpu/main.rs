@@ -5,4 +5,6 @@
 //! On Linux without a GPU: `apt-get install mesa-vulkan-drivers` (lavapipe).
 
 mod common;
+mod conv2d;
 mod elementwise;
+mod gemm;

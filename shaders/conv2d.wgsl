@@ -1,1 +1,0 @@
-// conv2d: to be written

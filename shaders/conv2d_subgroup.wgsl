@@ -1,1 +1,0 @@
-// conv2d_subgroup: to be written

@@ -1,0 +1,186 @@
+//! conv2d forward / backward-input / backward-weight (+ bias grad) against reference::conv2d on
+//! both GEMM paths, with 3×3 and 1×1 kernels, stride 1 and 2, symmetric and the asymmetric
+//! (right/bottom) padding. Tolerance as for GEMM (f32 sums of ≤ 9·64 products for dx and the
+//! forward; dw sums N·OH·OW ≤ 400 products): rtol 1e-4, atol 1e-5·max|ref|.
+
+use crate::common::*;
+use wgpu_diffusion::ops::conv2d::{
+    Conv2dGeometry, conv2d_backward_input, conv2d_backward_weight, conv2d_forward,
+};
+use wgpu_diffusion::reference::conv2d::Conv;
+
+fn geometry(c: &Conv) -> Conv2dGeometry {
+    Conv2dGeometry {
+        stride: c.stride,
+        pad_top: c.pad[0],
+        pad_left: c.pad[1],
+        pad_bottom: c.pad[2],
+        pad_right: c.pad[3],
+    }
+}
+
+#[test]
+fn conv2d_all_passes() {
+    let cases = [
+        Conv {
+            n: 1,
+            h: 1,
+            w: 1,
+            ci: 1,
+            co: 1,
+            kh: 3,
+            kw: 3,
+            stride: 1,
+            pad: [1; 4],
+        },
+        Conv {
+            n: 2,
+            h: 7,
+            w: 5,
+            ci: 3,
+            co: 5,
+            kh: 3,
+            kw: 3,
+            stride: 1,
+            pad: [1; 4],
+        },
+        Conv {
+            n: 3,
+            h: 7,
+            w: 7,
+            ci: 33,
+            co: 7,
+            kh: 3,
+            kw: 3,
+            stride: 2,
+            pad: [0, 0, 1, 1],
+        },
+        Conv {
+            n: 2,
+            h: 8,
+            w: 8,
+            ci: 4,
+            co: 8,
+            kh: 3,
+            kw: 3,
+            stride: 2,
+            pad: [1; 4],
+        },
+        Conv {
+            n: 2,
+            h: 5,
+            w: 3,
+            ci: 7,
+            co: 33,
+            kh: 1,
+            kw: 1,
+            stride: 1,
+            pad: [0; 4],
+        },
+        Conv {
+            n: 2,
+            h: 14,
+            w: 14,
+            ci: 64,
+            co: 64,
+            kh: 3,
+            kw: 3,
+            stride: 1,
+            pad: [1; 4],
+        },
+        Conv {
+            n: 1,
+            h: 16,
+            w: 16,
+            ci: 1,
+            co: 32,
+            kh: 3,
+            kw: 3,
+            stride: 1,
+            pad: [1; 4],
+        },
+    ];
+    for g in gemm_paths() {
+        for (i, c) in cases.iter().enumerate() {
+            let (oh, ow) = (c.out_h(), c.out_w());
+            let x = random(c.n * c.h * c.w * c.ci, 10 + i as u64);
+            let w = random(c.co * c.ci * c.kh * c.kw, 20 + i as u64);
+            let b = random(c.co, 30 + i as u64);
+            let dy = random(c.n * oh * ow * c.co, 40 + i as u64);
+            let prior = random(c.co * c.ci * c.kh * c.kw, 50 + i as u64);
+            let tx = upload(&g, &[c.n, c.h, c.w, c.ci], &x, "x");
+            let tw = upload(&g, &[c.co, c.ci, c.kh, c.kw], &w, "w");
+            let tb = upload(&g, &[c.co], &b, "b");
+            let tdy = upload(&g, &[c.n, oh, ow, c.co], &dy, "dy");
+            let ty = g.tensor(&[c.n, oh, ow, c.co], "y");
+            let tdx = g.tensor(&[c.n, c.h, c.w, c.ci], "dx");
+            let tdw = g.tensor(&[c.co, c.ci, c.kh, c.kw], "dw");
+            let tdw_acc = upload(&g, &[c.co, c.ci, c.kh, c.kw], &prior, "dw acc");
+            let tdb = g.tensor(&[c.co], "db");
+            let geo = geometry(c);
+            run(&g, |rec| {
+                conv2d_forward(rec, &tx, &tw, Some(&tb), &ty, &geo).unwrap();
+                conv2d_backward_input(rec, &tdy, &tw, &tdx, &geo, false).unwrap();
+                conv2d_backward_weight(rec, &tx, &tdy, &tdw, Some(&tdb), &geo, false).unwrap();
+                conv2d_backward_weight(rec, &tx, &tdy, &tdw_acc, None, &geo, true).unwrap();
+            });
+            let y = c.forward(&x, &w, Some(&b));
+            let (dx, dw, db) = c.backward(&x, &w, &dy);
+            let what = format!("{} {c:?}", g.gemm_path);
+            assert_close(
+                &format!("conv forward {what}"),
+                &read(&g, &ty),
+                &y,
+                1e-5 * max_abs(&y),
+                1e-4,
+            );
+            assert_close(
+                &format!("conv backward_input {what}"),
+                &read(&g, &tdx),
+                &dx,
+                1e-5 * max_abs(&dx),
+                1e-4,
+            );
+            assert_close(
+                &format!("conv backward_weight {what}"),
+                &read(&g, &tdw),
+                &dw,
+                1e-5 * max_abs(&dw),
+                1e-4,
+            );
+            assert_close(
+                &format!("conv bias grad {what}"),
+                &read(&g, &tdb),
+                &db,
+                1e-5 * max_abs(&db),
+                1e-4,
+            );
+            let acc: Vec<f64> = dw.iter().zip(&prior).map(|(a, b)| a + b).collect();
+            assert_close(
+                &format!("conv backward_weight accumulate {what}"),
+                &read(&g, &tdw_acc),
+                &acc,
+                1e-5 * max_abs(&acc),
+                1e-4,
+            );
+        }
+    }
+}
+
+#[test]
+fn conv2d_rejects_bad_shapes() {
+    let g = gpu();
+    let mut rec = g.recorder();
+    let x = g.tensor(&[1, 4, 4, 3], "x");
+    let w = g.tensor(&[8, 2, 3, 3], "w");
+    let y = g.tensor(&[1, 4, 4, 8], "y");
+    let e = conv2d_forward(&mut rec, &x, &w, None, &y, &Conv2dGeometry::same(1, 1))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("input channels"), "{e}");
+    let w = g.tensor(&[8, 3, 3, 3], "w");
+    let e = conv2d_forward(&mut rec, &x, &w, None, &y, &Conv2dGeometry::same(2, 1))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`y`") && e.contains("[1, 2, 2, 8]"), "{e}");
+}

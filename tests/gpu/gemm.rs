@@ -1,0 +1,170 @@
+//! gemm.wgsl / gemm_subgroup.wgsl (GEMM and linear) against reference::gemm on both paths.
+//! f32 FMA accumulation over K terms: rtol 1e-4 and atol 1e-5·max|ref| (the floor),
+//! which a K ≤ 600 sum of O(1) products meets with margin (error ~ √K·2⁻²⁴·Σ|ab|).
+
+use crate::common::*;
+use wgpu_diffusion::ops::gemm::{GemmShape, MatRef, gemm, linear_backward, linear_forward};
+use wgpu_diffusion::reference::gemm as r;
+
+#[test]
+fn gemm_shapes_transposes_batches() {
+    for g in gemm_paths() {
+        for &(m, n, k, ta, tb) in &[
+            (1, 1, 1, false, false),
+            (3, 7, 5, false, true),
+            (33, 17, 70, true, false),
+            (64, 64, 64, true, true),
+            (130, 67, 33, false, false),
+            (7, 200, 3, false, true),
+        ] {
+            let (outer, inner) = (2, 3);
+            let a = random(outer * inner * m * k, 1);
+            let b = random(outer * inner * k * n, 2);
+            let c0 = random(outer * inner * m * n, 3);
+            let bias = random(n, 4);
+            let (lda, ldb) = (if ta { m } else { k }, if tb { k } else { n });
+            let ta_t = upload(&g, &[outer * inner * m * k], &a, "A");
+            let tb_t = upload(&g, &[outer * inner * k * n], &b, "B");
+            let tc = upload(&g, &[outer * inner * m * n], &c0, "C");
+            let tbias = upload(&g, &[n], &bias, "bias");
+            let amat = MatRef {
+                tensor: &ta_t,
+                offset: 0,
+                ld: lda,
+                batch_outer: inner * m * k,
+                batch_inner: m * k,
+                trans: ta,
+            };
+            let bmat = MatRef {
+                tensor: &tb_t,
+                offset: 0,
+                ld: ldb,
+                batch_outer: inner * k * n,
+                batch_inner: k * n,
+                trans: tb,
+            };
+            let cmat = MatRef::dense(&tc, n).batched(inner * m * n, m * n);
+            let shape = GemmShape::new(m, n, k)
+                .batches(outer, inner)
+                .scale(0.5, 1.0);
+            run(&g, |rec| {
+                gemm(rec, shape, amat, bmat, Some(&tbias), cmat).unwrap()
+            });
+            let mut expect = c0.clone();
+            for bi in 0..outer * inner {
+                let cs = &mut expect[bi * m * n..(bi + 1) * m * n];
+                r::gemm(
+                    m,
+                    n,
+                    k,
+                    0.5,
+                    &a[bi * m * k..],
+                    lda,
+                    ta,
+                    &b[bi * k * n..],
+                    ldb,
+                    tb,
+                    1.0,
+                    cs,
+                    n,
+                );
+                for (i, v) in cs.iter_mut().enumerate() {
+                    *v += bias[i % n];
+                }
+            }
+            let what = format!("gemm {} m={m} n={n} k={k} ta={ta} tb={tb}", g.gemm_path);
+            assert_close(
+                &what,
+                &read(&g, &tc),
+                &expect,
+                1e-5 * max_abs(&expect),
+                1e-4,
+            );
+        }
+    }
+}
+
+#[test]
+fn linear_forward_backward() {
+    for g in gemm_paths() {
+        for &(rows, in_f, out_f) in &[(1, 1, 1), (3, 5, 7), (33, 64, 128), (70, 33, 3)] {
+            let x = random(rows * in_f, 5);
+            let w = random(out_f * in_f, 6);
+            let b = random(out_f, 7);
+            let dy = random(rows * out_f, 8);
+            let (tx, tw, tb, tdy) = (
+                upload(&g, &[rows, in_f], &x, "x"),
+                upload(&g, &[out_f, in_f], &w, "w"),
+                upload(&g, &[out_f], &b, "b"),
+                upload(&g, &[rows, out_f], &dy, "dy"),
+            );
+            let (ty, tdx, tdw, tdb) = (
+                g.tensor(&[rows, out_f], "y"),
+                g.tensor(&[rows, in_f], "dx"),
+                g.tensor(&[out_f, in_f], "dw"),
+                g.tensor(&[out_f], "db"),
+            );
+            run(&g, |rec| {
+                linear_forward(rec, &tx, &tw, Some(&tb), &ty).unwrap();
+                linear_backward(rec, &tx, &tw, &tdy, Some(&tdx), &tdw, Some(&tdb), false).unwrap();
+            });
+            let y = r::linear_forward(&x, &w, Some(&b), rows, in_f, out_f);
+            let (dx, dw, db) = r::linear_backward(&x, &w, &dy, rows, in_f, out_f);
+            let what = format!("{} rows={rows} in={in_f} out={out_f}", g.gemm_path);
+            assert_close(
+                &format!("linear y {what}"),
+                &read(&g, &ty),
+                &y,
+                1e-5 * max_abs(&y),
+                1e-4,
+            );
+            assert_close(
+                &format!("linear dx {what}"),
+                &read(&g, &tdx),
+                &dx,
+                1e-5 * max_abs(&dx),
+                1e-4,
+            );
+            assert_close(
+                &format!("linear dw {what}"),
+                &read(&g, &tdw),
+                &dw,
+                1e-5 * max_abs(&dw),
+                1e-4,
+            );
+            assert_close(
+                &format!("linear db {what}"),
+                &read(&g, &tdb),
+                &db,
+                1e-5 * max_abs(&db),
+                1e-4,
+            );
+        }
+    }
+}
+
+#[test]
+fn gemm_rejects_bad_operands() {
+    let g = gpu();
+    let (a, b, c) = (
+        g.tensor(&[6], "A"),
+        g.tensor(&[6], "B"),
+        g.tensor(&[4], "C"),
+    );
+    let mut rec = g.recorder();
+    let e = gemm(
+        &mut rec,
+        GemmShape::new(2, 2, 3),
+        MatRef::dense(&a, 3),
+        MatRef::dense(&b, 2),
+        None,
+        MatRef::dense(&c, 3),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("operand C"), "{e}");
+    let e = linear_forward(&mut rec, &a.reshape(&[2, 3]), &b.reshape(&[3, 2]), None, &c)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("input features"), "{e}");
+}
