@@ -1,6 +1,7 @@
 //! wgpu-diffusion: DDPM training and sampling where every tensor operation is a WGSL compute
 //! shader dispatched through wgpu (Vulkan, Metal, DX12; lavapipe for headless CI).
 
+pub mod bench;
 pub mod gpu;
 pub mod ops;
 pub mod reference;

@@ -1,1 +1,108 @@
-fn main() {}
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use wgpu_diffusion::gpu::{BackendChoice, GemmPathChoice, Gpu, GpuOptions, configure_llvmpipe_environment, list_adapters, summarize};
+
+/// Train and sample DDPM diffusion models with every op a WGSL compute shader (wgpu).
+#[derive(Parser)]
+#[command(name = "wgpu-diffusion", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+struct DeviceArgs {
+    /// Graphics API to use.
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    backend: BackendChoice,
+    /// Use the adapter whose name contains this (case-insensitive); see `devices`.
+    #[arg(long)]
+    adapter: Option<String>,
+    /// GEMM/conv kernel path: auto picks subgroup on lavapipe, portable on GPUs.
+    #[arg(long, value_enum, default_value_t = GemmPathChoice::Auto)]
+    gemm_path: GemmPathChoice,
+}
+
+impl DeviceArgs {
+    fn options(&self) -> GpuOptions {
+        GpuOptions { backend: self.backend, adapter: self.adapter.clone(), gemm_path: Some(self.gemm_path) }
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List the GPU adapters wgpu can see, with backend, type, driver, features and limits.
+    Devices {
+        #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+        backend: BackendChoice,
+        /// Print one JSON object per adapter.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Benchmarks: `--kernels` prints GFLOP/s of the GEMM/conv kernels as JSON lines.
+    Bench {
+        #[command(flatten)]
+        device: DeviceArgs,
+        /// Kernel GFLOP/s at U-Net shapes.
+        #[arg(long)]
+        kernels: bool,
+        /// Timed repetitions per case (median reported).
+        #[arg(long, default_value_t = 10)]
+        reps: usize,
+    },
+}
+
+fn main() -> ExitCode {
+    configure_llvmpipe_environment();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Devices { backend, json } => {
+            let adapters = list_adapters(backend);
+            if adapters.is_empty() {
+                return Err(wgpu_diffusion::gpu::GpuError::NoAdapter { backend, filter: String::new() }.into());
+            }
+            for a in &adapters {
+                let s = summarize(a);
+                if json {
+                    println!("{}", serde_json::to_string(&s)?);
+                } else {
+                    println!("{} [{} / {}]", s.name, s.backend, s.device_type);
+                    println!("  driver: {} ({})", s.driver, s.driver_info);
+                    println!("  features: {}", if s.features.is_empty() { "-".to_string() } else { s.features.join(", ") });
+                    println!("  subgroup size: {}..{}", s.subgroup_sizes.0, s.subgroup_sizes.1);
+                    println!(
+                        "  limits: storage binding {} MiB, buffer {} MiB, workgroup memory {} KiB, {} invocations/workgroup, texture 2D {}",
+                        s.max_storage_buffer_binding_size >> 20,
+                        s.max_buffer_size >> 20,
+                        s.max_compute_workgroup_storage_size >> 10,
+                        s.max_compute_invocations_per_workgroup,
+                        s.max_texture_dimension_2d
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Bench { device, kernels, reps } => {
+            if !kernels {
+                anyhow::bail!("choose a benchmark: `bench --kernels`");
+            }
+            let gpu = Gpu::new(&device.options())?;
+            eprintln!("adapter: {}", gpu.describe());
+            wgpu_diffusion::bench::kernels(&gpu, reps.max(1), |r| {
+                println!("{}", serde_json::to_string(r).expect("serialize"));
+            })?;
+            Ok(())
+        }
+    }
+}
