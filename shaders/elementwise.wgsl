@@ -116,3 +116,12 @@ fn copy_channels(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
         y[d] = v;
     }
 }
+
+// y = f32(x as u32): integer timesteps (drawn by the RNG as u32 and stored in an f32 buffer's
+// bits) to the f32 timesteps the embedding takes.
+@compute @workgroup_size(256)
+fn cast_u32_to_f32(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                   @builtin(local_invocation_index) lid: u32) {
+    let i = linear_index(wid, nwg, lid);
+    if (i < p.n) { y[i] = f32(bitcast<u32>(x[i])); }
+}

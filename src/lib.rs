@@ -3,5 +3,6 @@
 
 pub mod bench;
 pub mod gpu;
+pub mod nn;
 pub mod ops;
 pub mod reference;

@@ -1,7 +1,10 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use wgpu_diffusion::gpu::{BackendChoice, GemmPathChoice, Gpu, GpuOptions, configure_llvmpipe_environment, list_adapters, summarize};
+use wgpu_diffusion::gpu::{
+    BackendChoice, GemmPathChoice, Gpu, GpuOptions, configure_llvmpipe_environment, list_adapters,
+    summarize,
+};
 
 /// Train and sample DDPM diffusion models with every op a WGSL compute shader (wgpu).
 #[derive(Parser)]
@@ -26,7 +29,11 @@ struct DeviceArgs {
 
 impl DeviceArgs {
     fn options(&self) -> GpuOptions {
-        GpuOptions { backend: self.backend, adapter: self.adapter.clone(), gemm_path: Some(self.gemm_path) }
+        GpuOptions {
+            backend: self.backend,
+            adapter: self.adapter.clone(),
+            gemm_path: Some(self.gemm_path),
+        }
     }
 }
 
@@ -70,7 +77,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Devices { backend, json } => {
             let adapters = list_adapters(backend);
             if adapters.is_empty() {
-                return Err(wgpu_diffusion::gpu::GpuError::NoAdapter { backend, filter: String::new() }.into());
+                return Err(wgpu_diffusion::gpu::GpuError::NoAdapter {
+                    backend,
+                    filter: String::new(),
+                }
+                .into());
             }
             for a in &adapters {
                 let s = summarize(a);
@@ -79,8 +90,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 } else {
                     println!("{} [{} / {}]", s.name, s.backend, s.device_type);
                     println!("  driver: {} ({})", s.driver, s.driver_info);
-                    println!("  features: {}", if s.features.is_empty() { "-".to_string() } else { s.features.join(", ") });
-                    println!("  subgroup size: {}..{}", s.subgroup_sizes.0, s.subgroup_sizes.1);
+                    println!(
+                        "  features: {}",
+                        if s.features.is_empty() {
+                            "-".to_string()
+                        } else {
+                            s.features.join(", ")
+                        }
+                    );
+                    println!(
+                        "  subgroup size: {}..{}",
+                        s.subgroup_sizes.0, s.subgroup_sizes.1
+                    );
                     println!(
                         "  limits: storage binding {} MiB, buffer {} MiB, workgroup memory {} KiB, {} invocations/workgroup, texture 2D {}",
                         s.max_storage_buffer_binding_size >> 20,
@@ -93,7 +114,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Bench { device, kernels, reps } => {
+        Command::Bench {
+            device,
+            kernels,
+            reps,
+        } => {
             if !kernels {
                 anyhow::bail!("choose a benchmark: `bench --kernels`");
             }

@@ -9,7 +9,10 @@ use std::time::Instant;
 use anyhow::Result;
 
 use crate::gpu::{Gpu, Plan};
-use crate::ops::conv2d::{Conv2dGeometry, ConvDims, conv_dims, conv2d_backward_input, conv2d_backward_weight, conv2d_forward};
+use crate::ops::conv2d::{
+    Conv2dGeometry, ConvDims, conv_dims, conv2d_backward_input, conv2d_backward_weight,
+    conv2d_forward,
+};
 use crate::ops::gemm::{GemmShape, MatRef, gemm};
 
 #[derive(serde::Serialize)]
@@ -37,12 +40,19 @@ fn time_plan(gpu: &Gpu, plan: &Plan, reps: usize) -> Result<f64> {
 
 fn fill(gpu: &Gpu, shape: &[usize], label: &str, seed: u64) -> Result<crate::gpu::Tensor> {
     let n: usize = shape.iter().product();
-    let data: Vec<f32> = crate::reference::test_data(n, seed).iter().map(|&v| v as f32).collect();
+    let data: Vec<f32> = crate::reference::test_data(n, seed)
+        .iter()
+        .map(|&v| v as f32)
+        .collect();
     Ok(gpu.tensor_from(shape, &data, label)?)
 }
 
 /// Runs the kernel benchmark; `emit` receives each result as it is measured.
-pub fn kernels(gpu: &Arc<Gpu>, reps: usize, mut emit: impl FnMut(&KernelResult)) -> Result<Vec<KernelResult>> {
+pub fn kernels(
+    gpu: &Arc<Gpu>,
+    reps: usize,
+    mut emit: impl FnMut(&KernelResult),
+) -> Result<Vec<KernelResult>> {
     let mut results = Vec::new();
     let mut push = |r: KernelResult, results: &mut Vec<KernelResult>| {
         emit(&r);
@@ -54,10 +64,21 @@ pub fn kernels(gpu: &Arc<Gpu>, reps: usize, mut emit: impl FnMut(&KernelResult))
     // SGEMM 1024³
     {
         let n = 1024;
-        let (a, b, c) = (fill(gpu, &[n, n], "A", 1)?, fill(gpu, &[n, n], "B", 2)?, gpu.tensor(&[n, n], "C"));
+        let (a, b, c) = (
+            fill(gpu, &[n, n], "A", 1)?,
+            fill(gpu, &[n, n], "B", 2)?,
+            gpu.tensor(&[n, n], "C"),
+        );
         let shape = GemmShape::new(n, n, n);
         let mut rec = gpu.recorder();
-        gemm(&mut rec, shape, MatRef::dense(&a, n), MatRef::dense(&b, n), None, MatRef::dense(&c, n))?;
+        gemm(
+            &mut rec,
+            shape,
+            MatRef::dense(&a, n),
+            MatRef::dense(&b, n),
+            None,
+            MatRef::dense(&c, n),
+        )?;
         let plan = rec.finish();
         let s = time_plan(gpu, &plan, reps)?;
         push(
@@ -85,10 +106,22 @@ pub fn kernels(gpu: &Arc<Gpu>, reps: usize, mut emit: impl FnMut(&KernelResult))
         let dx = gpu.tensor(&[n, hw, hw, ci], "dx");
         let dw = gpu.tensor(&[co, ci, 3, 3], "dw");
         let shape = format!("N{n} C{ci}->{co} {hw}x{hw} k3");
-        let passes: [(&'static str, Box<dyn Fn(&mut crate::gpu::Recorder) -> crate::ops::OpResult>); 3] = [
-            ("conv2d_forward", Box::new(|rec| conv2d_forward(rec, &x, &w, Some(&b), &y, &geo))),
-            ("conv2d_backward_input", Box::new(|rec| conv2d_backward_input(rec, &dy, &w, &dx, &geo, false))),
-            ("conv2d_backward_weight", Box::new(|rec| conv2d_backward_weight(rec, &x, &dy, &dw, None, &geo, false))),
+        let passes: [(
+            &'static str,
+            Box<dyn Fn(&mut crate::gpu::Recorder) -> crate::ops::OpResult>,
+        ); 3] = [
+            (
+                "conv2d_forward",
+                Box::new(|rec| conv2d_forward(rec, &x, &w, Some(&b), &y, &geo)),
+            ),
+            (
+                "conv2d_backward_input",
+                Box::new(|rec| conv2d_backward_input(rec, &dy, &w, &dx, &geo, false)),
+            ),
+            (
+                "conv2d_backward_weight",
+                Box::new(|rec| conv2d_backward_weight(rec, &x, &dy, &dw, None, &geo, false)),
+            ),
         ];
         for (kernel, record) in passes {
             let mut rec = gpu.recorder();

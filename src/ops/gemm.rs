@@ -372,7 +372,7 @@ pub fn linear_forward(
     )
 }
 
-/// Backward of `linear_forward`: dx = dy·W (overwritten; skipped when None),
+/// Backward of `linear_forward`: dx (+)= dy·W (skipped when None; the flag accumulates),
 /// dW (+)= dyᵀ·x, db (+)= Σ_rows dy (`accumulate` adds into dW and db instead of overwriting).
 #[allow(clippy::too_many_arguments)]
 pub fn linear_backward(
@@ -380,7 +380,7 @@ pub fn linear_backward(
     x: &Tensor,
     weight: &Tensor,
     dy: &Tensor,
-    dx: Option<&Tensor>,
+    dx: Option<(&Tensor, bool)>,
     dweight: &Tensor,
     dbias: Option<&Tensor>,
     accumulate: bool,
@@ -391,11 +391,11 @@ pub fn linear_backward(
     expect_numel(OP, "dy", dy, rows * out_f)?;
     expect_numel(OP, "dweight", dweight, out_f * in_f)?;
     let beta = if accumulate { 1.0 } else { 0.0 };
-    if let Some(dx) = dx {
+    if let Some((dx, dx_accumulate)) = dx {
         expect_numel(OP, "dx", dx, rows * in_f)?;
         gemm(
             rec,
-            GemmShape::new(rows, in_f, out_f),
+            GemmShape::new(rows, in_f, out_f).scale(1.0, if dx_accumulate { 1.0 } else { 0.0 }),
             MatRef::dense(dy, out_f),
             MatRef::dense(weight, in_f),
             None,

@@ -106,3 +106,40 @@ pub fn sum_rows(
     );
     sum_slices(rec, &partial, groups, cols, cols, out, accumulate)
 }
+
+/// out[n, c] (+)= Σ over the pixels of sample n of h[n, y, x, c] (NHWC): the gradient of a
+/// per-sample channel bias (the time-embedding projection added in a resnet block).
+pub fn sum_pixels_per_sample(
+    rec: &mut Recorder,
+    h: &Tensor,
+    out: &Tensor,
+    accumulate: bool,
+) -> OpResult {
+    const OP: &str = "sum_pixels_per_sample";
+    super::expect_rank(OP, "h", h, 4)?;
+    let (n, c) = (h.shape()[0], h.shape()[3]);
+    let pixels = h.shape()[1] * h.shape()[2];
+    expect_numel(OP, "out", out, n * c)?;
+    expect_distinct(OP, h, out)?;
+    if n > 65535 {
+        return Err(invalid(format!(
+            "{OP}: batch {n} exceeds the dispatch limit"
+        )));
+    }
+    let p = ReduceParams {
+        n: u32_of(OP, "channels", c)?,
+        slices: u32_of(OP, "pixels", n * pixels)?,
+        stride: c as u32,
+        chunk: pixels as u32,
+        out_stride: c as u32,
+        beta: if accumulate { 1.0 } else { 0.0 },
+        ..Default::default()
+    };
+    rec.dispatch(
+        key(),
+        &p,
+        &[(1, h.into()), (2, out.into())],
+        [c.div_ceil(64) as u32, n as u32, 1],
+    );
+    Ok(())
+}

@@ -106,7 +106,17 @@ fn linear_forward_backward() {
             );
             run(&g, |rec| {
                 linear_forward(rec, &tx, &tw, Some(&tb), &ty).unwrap();
-                linear_backward(rec, &tx, &tw, &tdy, Some(&tdx), &tdw, Some(&tdb), false).unwrap();
+                linear_backward(
+                    rec,
+                    &tx,
+                    &tw,
+                    &tdy,
+                    Some((&tdx, false)),
+                    &tdw,
+                    Some(&tdb),
+                    false,
+                )
+                .unwrap();
             });
             let y = r::linear_forward(&x, &w, Some(&b), rows, in_f, out_f);
             let (dx, dw, db) = r::linear_backward(&x, &w, &dy, rows, in_f, out_f);

@@ -8,3 +8,4 @@ mod common;
 mod conv2d;
 mod elementwise;
 mod gemm;
+mod parity;

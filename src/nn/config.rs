@@ -1,0 +1,427 @@
+//! `UNetConfig`: the subset of diffusers' `UNet2DModel` config.json this project builds, read and
+//! written with diffusers' own keys. A key or value that would change the model and is not
+//! supported is an error naming it, never silently ignored.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UNetConfig {
+    pub sample_size: usize,
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub block_out_channels: Vec<usize>,
+    pub layers_per_block: usize,
+    pub down_block_types: Vec<String>,
+    pub up_block_types: Vec<String>,
+    pub norm_num_groups: usize,
+    pub norm_eps: f64,
+    pub flip_sin_to_cos: bool,
+    pub freq_shift: f64,
+    pub downsample_padding: usize,
+    pub mid_block_scale_factor: f64,
+    pub attention_head_dim: Option<usize>,
+    pub dropout: f64,
+    pub act_fn: String,
+    pub center_input_sample: bool,
+    pub time_embedding_type: String,
+}
+
+/// Keys diffusers writes that we accept, with the only values we support (None = any value is
+/// fine because it does not change the computation, e.g. bookkeeping keys).
+const ACCEPTED_AS_DEFAULT: &[(&str, Option<&str>)] = &[
+    ("_class_name", None),
+    ("_diffusers_version", None),
+    ("_name_or_path", None),
+    ("resnet_time_scale_shift", Some("\"default\"")),
+    ("class_embed_type", Some("null")),
+    ("num_class_embeds", Some("null")),
+    ("add_attention", Some("true")),
+    ("attn_norm_num_groups", Some("null")),
+    ("downsample_type", Some("\"conv\"")),
+    ("upsample_type", Some("\"conv\"")),
+    ("time_embedding_dim", Some("null")),
+    ("num_train_timesteps", Some("null")),
+];
+
+impl UNetConfig {
+    /// Named presets (DESIGN.md): tiny16, mnist28, cifar32 (google/ddpm-cifar10-32).
+    pub fn preset(name: &str) -> Option<UNetConfig> {
+        let ddpm =
+            |sample_size, in_out, blocks: &[usize], layers, down: &[&str], up: &[&str], groups| {
+                UNetConfig {
+                    sample_size,
+                    in_channels: in_out,
+                    out_channels: in_out,
+                    block_out_channels: blocks.to_vec(),
+                    layers_per_block: layers,
+                    down_block_types: down.iter().map(|s| s.to_string()).collect(),
+                    up_block_types: up.iter().map(|s| s.to_string()).collect(),
+                    norm_num_groups: groups,
+                    norm_eps: 1e-6,
+                    flip_sin_to_cos: false,
+                    freq_shift: 1.0,
+                    downsample_padding: 0,
+                    mid_block_scale_factor: 1.0,
+                    attention_head_dim: None,
+                    dropout: 0.0,
+                    act_fn: "silu".into(),
+                    center_input_sample: false,
+                    time_embedding_type: "positional".into(),
+                }
+            };
+        match name {
+            "tiny16" => Some(ddpm(
+                16,
+                1,
+                &[32, 64],
+                1,
+                &["DownBlock2D", "AttnDownBlock2D"],
+                &["AttnUpBlock2D", "UpBlock2D"],
+                8,
+            )),
+            "mnist28" => Some(ddpm(
+                28,
+                1,
+                &[32, 64, 64],
+                2,
+                &["DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"],
+                &["AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+                8,
+            )),
+            "cifar32" => Some(ddpm(
+                32,
+                3,
+                &[128, 256, 256, 256],
+                2,
+                &[
+                    "DownBlock2D",
+                    "AttnDownBlock2D",
+                    "DownBlock2D",
+                    "DownBlock2D",
+                ],
+                &["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+                32,
+            )),
+            _ => None,
+        }
+    }
+
+    pub const PRESETS: [&'static str; 3] = ["tiny16", "mnist28", "cifar32"];
+
+    /// Parses a diffusers `config.json` (diffusers' defaults fill missing keys).
+    pub fn from_json(text: &str) -> Result<UNetConfig, String> {
+        let v: Value = serde_json::from_str(text)
+            .map_err(|e| format!("config.json is not valid JSON: {e}"))?;
+        let obj = v.as_object().ok_or("config.json must be a JSON object")?;
+        if let Some(class) = obj.get("_class_name").and_then(|c| c.as_str())
+            && class != "UNet2DModel"
+        {
+            return Err(format!(
+                "config.json describes a `{class}`; only `UNet2DModel` is supported"
+            ));
+        }
+        let get_usize = |k: &str, d: usize| -> Result<usize, String> {
+            match obj.get(k) {
+                None | Some(Value::Null) => Ok(d),
+                Some(v) => v.as_u64().map(|x| x as usize).ok_or_else(|| {
+                    format!("config key `{k}` must be a non-negative integer, is {v}")
+                }),
+            }
+        };
+        let get_f64 = |k: &str, d: f64| -> Result<f64, String> {
+            match obj.get(k) {
+                None => Ok(d),
+                Some(v) => v
+                    .as_f64()
+                    .ok_or_else(|| format!("config key `{k}` must be a number, is {v}")),
+            }
+        };
+        let get_bool = |k: &str, d: bool| -> Result<bool, String> {
+            match obj.get(k) {
+                None => Ok(d),
+                Some(v) => v
+                    .as_bool()
+                    .ok_or_else(|| format!("config key `{k}` must be true or false, is {v}")),
+            }
+        };
+        let get_str = |k: &str, d: &str| -> Result<String, String> {
+            match obj.get(k) {
+                None => Ok(d.to_string()),
+                Some(v) => v
+                    .as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| format!("config key `{k}` must be a string, is {v}")),
+            }
+        };
+        let get_list = |k: &str, d: &[&str]| -> Result<Vec<String>, String> {
+            match obj.get(k) {
+                None => Ok(d.iter().map(|s| s.to_string()).collect()),
+                Some(Value::Array(a)) => a
+                    .iter()
+                    .map(|x| {
+                        x.as_str()
+                            .map(str::to_string)
+                            .ok_or_else(|| format!("config key `{k}` must be a list of strings"))
+                    })
+                    .collect(),
+                Some(v) => Err(format!(
+                    "config key `{k}` must be a list of strings, is {v}"
+                )),
+            }
+        };
+        let known: &[&str] = &[
+            "sample_size",
+            "in_channels",
+            "out_channels",
+            "block_out_channels",
+            "layers_per_block",
+            "down_block_types",
+            "up_block_types",
+            "norm_num_groups",
+            "norm_eps",
+            "flip_sin_to_cos",
+            "freq_shift",
+            "downsample_padding",
+            "mid_block_scale_factor",
+            "attention_head_dim",
+            "dropout",
+            "act_fn",
+            "center_input_sample",
+            "time_embedding_type",
+        ];
+        for (k, val) in obj {
+            if known.contains(&k.as_str()) {
+                continue;
+            }
+            match ACCEPTED_AS_DEFAULT.iter().find(|(n, _)| n == k) {
+                Some((_, None)) => {}
+                Some((_, Some(ok))) => {
+                    let ok_v: Value = serde_json::from_str(ok).expect("static JSON");
+                    if *val != ok_v {
+                        return Err(format!(
+                            "config key `{k}` = {val} is not supported (only {ok})"
+                        ));
+                    }
+                }
+                None => {
+                    return Err(format!(
+                        "config key `{k}` is not supported by wgpu-diffusion's UNet2DModel"
+                    ));
+                }
+            }
+        }
+        let block_out_channels = match obj.get("block_out_channels") {
+            None => vec![224, 448, 672, 896],
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|x| {
+                    x.as_u64()
+                        .map(|v| v as usize)
+                        .ok_or("`block_out_channels` must be a list of integers".to_string())
+                })
+                .collect::<Result<_, _>>()?,
+            Some(v) => {
+                return Err(format!(
+                    "`block_out_channels` must be a list of integers, is {v}"
+                ));
+            }
+        };
+        let attention_head_dim =
+            match obj.get("attention_head_dim") {
+                None => Some(8),
+                Some(Value::Null) => None,
+                Some(v) => Some(v.as_u64().ok_or_else(|| {
+                    format!("`attention_head_dim` must be an integer or null, is {v}")
+                })? as usize),
+            };
+        let sample_size = match obj.get("sample_size") {
+            Some(Value::Array(a)) if a.len() == 2 && a[0] == a[1] => {
+                a[0].as_u64().unwrap_or(0) as usize
+            }
+            Some(Value::Array(_)) => return Err("non-square `sample_size` is not supported".into()),
+            _ => get_usize("sample_size", 0)?,
+        };
+        let cfg = UNetConfig {
+            sample_size,
+            in_channels: get_usize("in_channels", 3)?,
+            out_channels: get_usize("out_channels", 3)?,
+            block_out_channels,
+            layers_per_block: get_usize("layers_per_block", 2)?,
+            down_block_types: get_list(
+                "down_block_types",
+                &[
+                    "DownBlock2D",
+                    "AttnDownBlock2D",
+                    "AttnDownBlock2D",
+                    "AttnDownBlock2D",
+                ],
+            )?,
+            up_block_types: get_list(
+                "up_block_types",
+                &[
+                    "AttnUpBlock2D",
+                    "AttnUpBlock2D",
+                    "AttnUpBlock2D",
+                    "UpBlock2D",
+                ],
+            )?,
+            norm_num_groups: get_usize("norm_num_groups", 32)?,
+            norm_eps: get_f64("norm_eps", 1e-5)?,
+            flip_sin_to_cos: get_bool("flip_sin_to_cos", true)?,
+            freq_shift: get_f64("freq_shift", 0.0)?,
+            downsample_padding: get_usize("downsample_padding", 1)?,
+            mid_block_scale_factor: get_f64("mid_block_scale_factor", 1.0)?,
+            attention_head_dim,
+            dropout: get_f64("dropout", 0.0)?,
+            act_fn: get_str("act_fn", "silu")?,
+            center_input_sample: get_bool("center_input_sample", false)?,
+            time_embedding_type: get_str("time_embedding_type", "positional")?,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// diffusers' config.json for this model.
+    pub fn to_json(&self) -> String {
+        let mut v = serde_json::to_value(self).expect("serialize config");
+        let o = v.as_object_mut().expect("object");
+        o.insert("_class_name".into(), Value::from("UNet2DModel"));
+        o.insert("_diffusers_version".into(), Value::from("0.31.0"));
+        o.insert("resnet_time_scale_shift".into(), Value::from("default"));
+        o.insert("class_embed_type".into(), Value::Null);
+        o.insert("num_class_embeds".into(), Value::Null);
+        o.insert("add_attention".into(), Value::from(true));
+        o.insert("downsample_type".into(), Value::from("conv"));
+        o.insert("upsample_type".into(), Value::from("conv"));
+        serde_json::to_string_pretty(&v).expect("serialize config")
+    }
+
+    /// Checks the combination is one this project builds.
+    pub fn validate(&self) -> Result<(), String> {
+        let n = self.block_out_channels.len();
+        if n == 0 {
+            return Err("`block_out_channels` is empty".into());
+        }
+        if self.down_block_types.len() != n || self.up_block_types.len() != n {
+            return Err(format!(
+                "`down_block_types` ({}) and `up_block_types` ({}) must have one entry per `block_out_channels` ({n})",
+                self.down_block_types.len(),
+                self.up_block_types.len()
+            ));
+        }
+        for t in &self.down_block_types {
+            if t != "DownBlock2D" && t != "AttnDownBlock2D" {
+                return Err(format!(
+                    "down block type `{t}` is not supported (DownBlock2D, AttnDownBlock2D)"
+                ));
+            }
+        }
+        for t in &self.up_block_types {
+            if t != "UpBlock2D" && t != "AttnUpBlock2D" {
+                return Err(format!(
+                    "up block type `{t}` is not supported (UpBlock2D, AttnUpBlock2D)"
+                ));
+            }
+        }
+        if self.act_fn != "silu" && self.act_fn != "swish" {
+            return Err(format!(
+                "`act_fn` = `{}` is not supported (silu)",
+                self.act_fn
+            ));
+        }
+        if self.time_embedding_type != "positional" {
+            return Err(format!(
+                "`time_embedding_type` = `{}` is not supported (positional)",
+                self.time_embedding_type
+            ));
+        }
+        if self.center_input_sample {
+            return Err("`center_input_sample` = true is not supported".into());
+        }
+        if self.sample_size == 0
+            || self.sample_size % (1 << (n - 1)) != 0 && self.downsample_padding != 0
+        {
+            // Odd sizes work with the asymmetric (google/ddpm) padding; diffusers' symmetric
+            // padding needs even sizes at every level to upsample back to the same size.
+            return Err(format!(
+                "`sample_size` {} must be divisible by {} with `downsample_padding` 1",
+                self.sample_size,
+                1 << (n - 1)
+            ));
+        }
+        for &c in &self.block_out_channels {
+            if c % self.norm_num_groups != 0 {
+                return Err(format!(
+                    "`block_out_channels` {c} is not divisible by `norm_num_groups` {}",
+                    self.norm_num_groups
+                ));
+            }
+            if let Some(d) = self.attention_head_dim
+                && c % d != 0
+            {
+                return Err(format!(
+                    "channels {c} are not divisible by `attention_head_dim` {d}"
+                ));
+            }
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(format!("`dropout` {} must be in [0, 1)", self.dropout));
+        }
+        if self.downsample_padding > 1 {
+            return Err(format!(
+                "`downsample_padding` {} is not supported (0 or 1)",
+                self.downsample_padding
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn time_embed_dim(&self) -> usize {
+        self.block_out_channels[0] * 4
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_round_trip_through_json() {
+        for name in UNetConfig::PRESETS {
+            let c = UNetConfig::preset(name).unwrap();
+            c.validate().unwrap();
+            assert_eq!(UNetConfig::from_json(&c.to_json()).unwrap(), c);
+        }
+    }
+
+    #[test]
+    fn unsupported_keys_are_named() {
+        let mut v: Value =
+            serde_json::from_str(&UNetConfig::preset("tiny16").unwrap().to_json()).unwrap();
+        v["resnet_time_scale_shift"] = Value::from("scale_shift");
+        let e = UNetConfig::from_json(&v.to_string()).unwrap_err();
+        assert!(e.contains("resnet_time_scale_shift"), "{e}");
+        v["resnet_time_scale_shift"] = Value::from("default");
+        v["class_embed_type"] = Value::from("timestep");
+        assert!(
+            UNetConfig::from_json(&v.to_string())
+                .unwrap_err()
+                .contains("class_embed_type")
+        );
+        v["class_embed_type"] = Value::Null;
+        v["time_embedding_type"] = Value::from("fourier");
+        assert!(
+            UNetConfig::from_json(&v.to_string())
+                .unwrap_err()
+                .contains("fourier")
+        );
+        v["time_embedding_type"] = Value::from("positional");
+        v["mystery"] = Value::from(1);
+        assert!(
+            UNetConfig::from_json(&v.to_string())
+                .unwrap_err()
+                .contains("mystery")
+        );
+    }
+}

@@ -1,0 +1,660 @@
+//! Layers: conv, linear, group norm, the diffusers ResnetBlock2D, Attention, Downsample2D and
+//! Upsample2D. A layer holds its parameter *names* (resolved in the flat [`ParamStore`] when it
+//! records) and the activations it keeps for backward; everything is allocated at build time.
+
+use std::sync::Arc;
+
+use super::{Act, GradTracker, ParamStore};
+use crate::gpu::{Gpu, Recorder, Tensor};
+use crate::ops::conv2d::{
+    Conv2dGeometry, conv2d_backward_input, conv2d_backward_weight, conv2d_forward,
+};
+use crate::ops::elementwise::{add_channel_bias, axpby, silu_backward, silu_forward};
+use crate::ops::gemm::{GemmShape, MatRef, gemm, linear_backward, linear_forward};
+use crate::ops::group_norm::{group_norm_backward, group_norm_forward};
+use crate::ops::reduce::sum_pixels_per_sample;
+use crate::ops::softmax::{softmax_backward, softmax_forward};
+use crate::ops::upsample::{upsample_nearest2x_backward, upsample_nearest2x_forward};
+use crate::ops::{OpResult, invalid};
+
+/// Collects (name, shape) of every parameter while the model is built.
+#[derive(Default)]
+pub struct ParamDecls(pub Vec<(String, Vec<usize>)>);
+
+impl ParamDecls {
+    fn add(&mut self, name: String, shape: &[usize]) -> String {
+        self.0.push((name.clone(), shape.to_vec()));
+        name
+    }
+}
+
+/// dst (+)= src, where `accumulate` comes from the grad tracker.
+fn write_grad(rec: &mut Recorder, src: &Tensor, dst: &Tensor, accumulate: bool) -> OpResult {
+    axpby(rec, 1.0, src, if accumulate { 1.0 } else { 0.0 }, dst)
+}
+
+pub struct Conv2d {
+    pub weight: String,
+    pub bias: String,
+    pub geometry: Conv2dGeometry,
+}
+
+impl Conv2d {
+    pub fn new(
+        decls: &mut ParamDecls,
+        prefix: &str,
+        cin: usize,
+        cout: usize,
+        k: usize,
+        geometry: Conv2dGeometry,
+    ) -> Conv2d {
+        Conv2d {
+            weight: decls.add(format!("{prefix}.weight"), &[cout, cin, k, k]),
+            bias: decls.add(format!("{prefix}.bias"), &[cout]),
+            geometry,
+        }
+    }
+    pub fn forward(&self, rec: &mut Recorder, p: &ParamStore, x: &Act, y: &Act) -> OpResult {
+        let (w, _) = p.get(&self.weight);
+        let (b, _) = p.get(&self.bias);
+        conv2d_forward(rec, &x.value, &w, Some(&b), &y.value, &self.geometry)
+    }
+    /// Parameter gradients (+=) and, when `need_dx`, x.grad (+)= ∂/∂x.
+    pub fn backward(
+        &self,
+        rec: &mut Recorder,
+        p: &ParamStore,
+        gt: &mut GradTracker,
+        x: &Act,
+        y: &Act,
+        need_dx: bool,
+    ) -> OpResult {
+        let (w, dw) = p.get(&self.weight);
+        let (_, db) = p.get(&self.bias);
+        conv2d_backward_weight(rec, &x.value, &y.grad, &dw, Some(&db), &self.geometry, true)?;
+        if need_dx {
+            let acc = gt.accumulate(&x.grad);
+            conv2d_backward_input(rec, &y.grad, &w, &x.grad, &self.geometry, acc)?;
+        }
+        Ok(())
+    }
+}
+
+pub struct Linear {
+    pub weight: String,
+    pub bias: String,
+}
+
+impl Linear {
+    pub fn new(decls: &mut ParamDecls, prefix: &str, fin: usize, fout: usize) -> Linear {
+        Linear {
+            weight: decls.add(format!("{prefix}.weight"), &[fout, fin]),
+            bias: decls.add(format!("{prefix}.bias"), &[fout]),
+        }
+    }
+    pub fn forward(&self, rec: &mut Recorder, p: &ParamStore, x: &Tensor, y: &Tensor) -> OpResult {
+        let (w, _) = p.get(&self.weight);
+        let (b, _) = p.get(&self.bias);
+        linear_forward(rec, x, &w, Some(&b), y)
+    }
+    pub fn backward(
+        &self,
+        rec: &mut Recorder,
+        p: &ParamStore,
+        gt: &mut GradTracker,
+        x: &Act,
+        dy: &Tensor,
+        need_dx: bool,
+    ) -> OpResult {
+        let (w, dw) = p.get(&self.weight);
+        let (_, db) = p.get(&self.bias);
+        let dx = if need_dx {
+            Some((&x.grad, gt.accumulate(&x.grad)))
+        } else {
+            None
+        };
+        linear_backward(rec, &x.value, &w, dy, dx, &dw, Some(&db), true)
+    }
+}
+
+pub struct GroupNorm {
+    pub weight: String,
+    pub bias: String,
+    pub groups: usize,
+    pub eps: f32,
+    mean: Tensor,
+    rstd: Tensor,
+    /// dx lands here first when it must be added to an existing gradient.
+    scratch: Tensor,
+}
+
+impl GroupNorm {
+    pub fn new(
+        gpu: &Arc<Gpu>,
+        decls: &mut ParamDecls,
+        prefix: &str,
+        x_shape: &[usize],
+        groups: usize,
+        eps: f64,
+    ) -> GroupNorm {
+        let (n, c) = (x_shape[0], x_shape[3]);
+        GroupNorm {
+            weight: decls.add(format!("{prefix}.weight"), &[c]),
+            bias: decls.add(format!("{prefix}.bias"), &[c]),
+            groups,
+            eps: eps as f32,
+            mean: gpu.tensor(&[n * groups], &format!("{prefix} mean")),
+            rstd: gpu.tensor(&[n * groups], &format!("{prefix} rstd")),
+            scratch: gpu.tensor(x_shape, &format!("{prefix} dx")),
+        }
+    }
+    pub fn forward(&self, rec: &mut Recorder, p: &ParamStore, x: &Act, y: &Act) -> OpResult {
+        let (g, _) = p.get(&self.weight);
+        let (b, _) = p.get(&self.bias);
+        group_norm_forward(
+            rec,
+            &x.value,
+            &g,
+            &b,
+            self.groups,
+            self.eps,
+            &y.value,
+            &self.mean,
+            &self.rstd,
+        )
+    }
+    pub fn backward(
+        &self,
+        rec: &mut Recorder,
+        p: &ParamStore,
+        gt: &mut GradTracker,
+        x: &Act,
+        y: &Act,
+    ) -> OpResult {
+        let (g, dg) = p.get(&self.weight);
+        let (_, db) = p.get(&self.bias);
+        if gt.accumulate(&x.grad) {
+            group_norm_backward(
+                rec,
+                &x.value,
+                &y.grad,
+                &g,
+                &self.mean,
+                &self.rstd,
+                &self.scratch,
+                &dg,
+                &db,
+                true,
+            )?;
+            write_grad(rec, &self.scratch, &x.grad, true)
+        } else {
+            group_norm_backward(
+                rec, &x.value, &y.grad, &g, &self.mean, &self.rstd, &x.grad, &dg, &db, true,
+            )
+        }
+    }
+}
+
+fn silu_bwd(rec: &mut Recorder, gt: &mut GradTracker, x: &Act, y: &Act) -> OpResult {
+    let acc = gt.accumulate(&x.grad);
+    silu_backward(rec, &x.value, &y.grad, &x.grad, acc)
+}
+
+/// diffusers ResnetBlock2D (time_embedding_norm "default", pre-norm, SiLU):
+/// out = (shortcut(x) + conv2(dropout(silu(norm2(conv1(silu(norm1(x))) + proj(silu(temb))))))) / scale.
+pub struct ResnetBlock {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    time_emb_proj: Linear,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    conv_shortcut: Option<Conv2d>,
+    output_scale: f32,
+    n1: Act,
+    s1: Act,
+    c1: Act,
+    tproj: Act,
+    n2: Act,
+    s2: Act,
+    c2: Act,
+    shortcut: Option<Act>,
+}
+
+/// Shapes and hyperparameters shared by the blocks of one U-Net.
+#[derive(Clone, Copy)]
+pub struct BlockSettings {
+    pub groups: usize,
+    pub eps: f64,
+    pub temb_dim: usize,
+}
+
+impl ResnetBlock {
+    /// `x` is the block's input, `out` its output (allocated by the caller, [N,H,W,cout]).
+    pub fn new(
+        gpu: &Arc<Gpu>,
+        decls: &mut ParamDecls,
+        prefix: &str,
+        x_shape: &[usize],
+        cout: usize,
+        s: BlockSettings,
+        output_scale: f64,
+        out: &Act,
+    ) -> ResnetBlock {
+        let [n, h, w, cin] = [x_shape[0], x_shape[1], x_shape[2], x_shape[3]];
+        let hs = [n, h, w, cout];
+        let a = |shape: &[usize], what: &str| Act::new(gpu, shape, &format!("{prefix}.{what}"));
+        // With output_scale 1, conv2's output gradient *is* the block's output gradient.
+        let c2 = if output_scale == 1.0 {
+            Act {
+                value: gpu.tensor(&hs, &format!("{prefix}.conv2")),
+                grad: out.grad.clone(),
+            }
+        } else {
+            a(&hs, "conv2")
+        };
+        ResnetBlock {
+            norm1: GroupNorm::new(
+                gpu,
+                decls,
+                &format!("{prefix}.norm1"),
+                x_shape,
+                s.groups,
+                s.eps,
+            ),
+            conv1: Conv2d::new(
+                decls,
+                &format!("{prefix}.conv1"),
+                cin,
+                cout,
+                3,
+                Conv2dGeometry::same(1, 1),
+            ),
+            time_emb_proj: Linear::new(decls, &format!("{prefix}.time_emb_proj"), s.temb_dim, cout),
+            norm2: GroupNorm::new(gpu, decls, &format!("{prefix}.norm2"), &hs, s.groups, s.eps),
+            conv2: Conv2d::new(
+                decls,
+                &format!("{prefix}.conv2"),
+                cout,
+                cout,
+                3,
+                Conv2dGeometry::same(1, 1),
+            ),
+            conv_shortcut: (cin != cout).then(|| {
+                Conv2d::new(
+                    decls,
+                    &format!("{prefix}.conv_shortcut"),
+                    cin,
+                    cout,
+                    1,
+                    Conv2dGeometry::same(1, 0),
+                )
+            }),
+            output_scale: output_scale as f32,
+            n1: a(x_shape, "norm1"),
+            s1: a(x_shape, "silu1"),
+            c1: a(&hs, "conv1"),
+            tproj: a(&[n, cout], "time_emb_proj"),
+            n2: a(&hs, "norm2"),
+            s2: a(&hs, "silu2"),
+            c2,
+            shortcut: (cin != cout).then(|| {
+                if output_scale == 1.0 {
+                    Act {
+                        value: gpu.tensor(&hs, &format!("{prefix}.conv_shortcut")),
+                        grad: out.grad.clone(),
+                    }
+                } else {
+                    a(&hs, "conv_shortcut")
+                }
+            }),
+        }
+    }
+
+    /// `temb_act` = silu(time embedding), shared by every block.
+    pub fn forward(
+        &self,
+        rec: &mut Recorder,
+        p: &ParamStore,
+        x: &Act,
+        temb_act: &Act,
+        out: &Act,
+    ) -> OpResult {
+        self.norm1.forward(rec, p, x, &self.n1)?;
+        silu_forward(rec, &self.n1.value, &self.s1.value)?;
+        self.conv1.forward(rec, p, &self.s1, &self.c1)?;
+        self.time_emb_proj
+            .forward(rec, p, &temb_act.value, &self.tproj.value)?;
+        add_channel_bias(rec, &self.tproj.value, 1.0, &self.c1.value)?;
+        self.norm2.forward(rec, p, &self.c1, &self.n2)?;
+        silu_forward(rec, &self.n2.value, &self.s2.value)?;
+        self.conv2.forward(rec, p, &self.s2, &self.c2)?;
+        let residual = match (&self.conv_shortcut, &self.shortcut) {
+            (Some(conv), Some(sc)) => {
+                conv.forward(rec, p, x, sc)?;
+                &sc.value
+            }
+            _ => &x.value,
+        };
+        crate::ops::elementwise::add(rec, residual, &self.c2.value, &out.value)?;
+        if self.output_scale != 1.0 {
+            crate::ops::elementwise::scale(rec, 1.0 / self.output_scale, &out.value)?;
+        }
+        Ok(())
+    }
+
+    pub fn backward(
+        &self,
+        rec: &mut Recorder,
+        p: &ParamStore,
+        gt: &mut GradTracker,
+        x: &Act,
+        temb_act: &Act,
+        out: &Act,
+    ) -> OpResult {
+        if self.output_scale != 1.0 {
+            axpby(rec, 1.0 / self.output_scale, &out.grad, 0.0, &self.c2.grad)?;
+            if let Some(sc) = &self.shortcut {
+                axpby(rec, 1.0 / self.output_scale, &out.grad, 0.0, &sc.grad)?;
+            }
+        }
+        // Residual path.
+        match (&self.conv_shortcut, &self.shortcut) {
+            (Some(conv), Some(sc)) => conv.backward(rec, p, gt, x, sc, true)?,
+            _ => {
+                let acc = gt.accumulate(&x.grad);
+                axpby(
+                    rec,
+                    1.0 / self.output_scale,
+                    &out.grad,
+                    if acc { 1.0 } else { 0.0 },
+                    &x.grad,
+                )?;
+            }
+        }
+        self.conv2.backward(rec, p, gt, &self.s2, &self.c2, true)?;
+        silu_bwd(rec, gt, &self.n2, &self.s2)?;
+        self.norm2.backward(rec, p, gt, &self.c1, &self.n2)?;
+        // c1 = conv1(s1) + tproj[n, c] broadcast over pixels.
+        sum_pixels_per_sample(rec, &self.c1.grad, &self.tproj.grad, false)?;
+        self.time_emb_proj
+            .backward(rec, p, gt, temb_act, &self.tproj.grad, true)?;
+        self.conv1.backward(rec, p, gt, &self.s1, &self.c1, true)?;
+        silu_bwd(rec, gt, &self.n1, &self.s1)?;
+        self.norm1.backward(rec, p, gt, x, &self.n1)
+    }
+}
+
+/// diffusers Attention as UNet2DModel uses it (residual connection, bias, upcast softmax,
+/// group norm first): y = to_out(softmax(q kᵀ / √d) v) + x, with heads = C / head_dim.
+pub struct AttentionBlock {
+    group_norm: GroupNorm,
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+    head_dim: usize,
+    rescale: f32,
+    gn: Act,
+    q: Act,
+    k: Act,
+    v: Act,
+    scores: Tensor,
+    probs: Act,
+    dscores: Tensor,
+    o: Act,
+}
+
+impl AttentionBlock {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        gpu: &Arc<Gpu>,
+        decls: &mut ParamDecls,
+        prefix: &str,
+        x_shape: &[usize],
+        head_dim: usize,
+        s: BlockSettings,
+        rescale: f64,
+    ) -> AttentionBlock {
+        let [n, h, w, c] = [x_shape[0], x_shape[1], x_shape[2], x_shape[3]];
+        let t = h * w;
+        let heads = c / head_dim;
+        let a = |shape: &[usize], what: &str| Act::new(gpu, shape, &format!("{prefix}.{what}"));
+        AttentionBlock {
+            group_norm: GroupNorm::new(
+                gpu,
+                decls,
+                &format!("{prefix}.group_norm"),
+                x_shape,
+                s.groups,
+                s.eps,
+            ),
+            to_q: Linear::new(decls, &format!("{prefix}.to_q"), c, c),
+            to_k: Linear::new(decls, &format!("{prefix}.to_k"), c, c),
+            to_v: Linear::new(decls, &format!("{prefix}.to_v"), c, c),
+            to_out: Linear::new(decls, &format!("{prefix}.to_out.0"), c, c),
+            heads,
+            head_dim,
+            rescale: rescale as f32,
+            gn: a(x_shape, "group_norm"),
+            q: a(&[n * t, c], "q"),
+            k: a(&[n * t, c], "k"),
+            v: a(&[n * t, c], "v"),
+            scores: gpu.tensor(&[n * heads * t, t], &format!("{prefix}.scores")),
+            probs: a(&[n * heads * t, t], "probs"),
+            dscores: gpu.tensor(&[n * heads * t, t], &format!("{prefix}.dscores")),
+            o: a(&[n * t, c], "o"),
+        }
+    }
+
+    fn dims(&self, x: &Act) -> (usize, usize, usize) {
+        let s = x.shape();
+        (s[0], s[1] * s[2], s[3])
+    }
+
+    /// A head slice of a [N·T, C] activation: batch (n, head) at n·T·C + head·dh, rows of ld C.
+    fn heads_of<'a>(&self, t: &'a Tensor, tokens: usize, c: usize) -> MatRef<'a> {
+        MatRef::dense(t, c).batched(tokens * c, self.head_dim)
+    }
+    fn per_head_square<'a>(&self, t: &'a Tensor, tokens: usize) -> MatRef<'a> {
+        MatRef::dense(t, tokens).batched(self.heads * tokens * tokens, tokens * tokens)
+    }
+
+    pub fn forward(&self, rec: &mut Recorder, p: &ParamStore, x: &Act, out: &Act) -> OpResult {
+        let (n, t, c) = self.dims(x);
+        let rows = [n * t, c];
+        self.group_norm.forward(rec, p, x, &self.gn)?;
+        let gn = self.gn.value.reshape(&rows);
+        self.to_q.forward(rec, p, &gn, &self.q.value)?;
+        self.to_k.forward(rec, p, &gn, &self.k.value)?;
+        self.to_v.forward(rec, p, &gn, &self.v.value)?;
+        let scale = 1.0 / (self.head_dim as f32).sqrt();
+        let sh = GemmShape::new(t, t, self.head_dim)
+            .batches(n, self.heads)
+            .scale(scale, 0.0);
+        gemm(
+            rec,
+            sh,
+            self.heads_of(&self.q.value, t, c),
+            self.heads_of(&self.k.value, t, c).t(),
+            None,
+            self.per_head_square(&self.scores, t),
+        )?;
+        softmax_forward(rec, &self.scores, &self.probs.value)?;
+        let sh = GemmShape::new(t, self.head_dim, t).batches(n, self.heads);
+        gemm(
+            rec,
+            sh,
+            self.per_head_square(&self.probs.value, t),
+            self.heads_of(&self.v.value, t, c),
+            None,
+            self.heads_of(&self.o.value, t, c),
+        )?;
+        let out_rows = out.value.reshape(&rows);
+        self.to_out.forward(rec, p, &self.o.value, &out_rows)?;
+        axpby(rec, 1.0, &x.value, 1.0, &out.value)?;
+        if self.rescale != 1.0 {
+            crate::ops::elementwise::scale(rec, 1.0 / self.rescale, &out.value)?;
+        }
+        Ok(())
+    }
+
+    pub fn backward(
+        &self,
+        rec: &mut Recorder,
+        p: &ParamStore,
+        gt: &mut GradTracker,
+        x: &Act,
+        out: &Act,
+    ) -> OpResult {
+        let (n, t, c) = self.dims(x);
+        if self.rescale != 1.0 {
+            return Err(invalid(
+                "attention backward with rescale_output_factor != 1 is not supported",
+            ));
+        }
+        let rows = [n * t, c];
+        // Residual.
+        let acc = gt.accumulate(&x.grad);
+        axpby(rec, 1.0, &out.grad, if acc { 1.0 } else { 0.0 }, &x.grad)?;
+        let dout = out.grad.reshape(&rows);
+        self.to_out.backward(rec, p, gt, &self.o, &dout, true)?;
+        // dP = dO · Vᵀ ; dV = Pᵀ · dO
+        let sh = GemmShape::new(t, t, self.head_dim).batches(n, self.heads);
+        gemm(
+            rec,
+            sh,
+            self.heads_of(&self.o.grad, t, c),
+            self.heads_of(&self.v.value, t, c).t(),
+            None,
+            self.per_head_square(&self.probs.grad, t),
+        )?;
+        let sh = GemmShape::new(t, self.head_dim, t).batches(n, self.heads);
+        gemm(
+            rec,
+            sh,
+            self.per_head_square(&self.probs.value, t).t(),
+            self.heads_of(&self.o.grad, t, c),
+            None,
+            self.heads_of(&self.v.grad, t, c),
+        )?;
+        softmax_backward(rec, &self.probs.value, &self.probs.grad, &self.dscores)?;
+        // dQ = s · dS · K ; dK = s · dSᵀ · Q
+        let scale = 1.0 / (self.head_dim as f32).sqrt();
+        let sh = GemmShape::new(t, self.head_dim, t)
+            .batches(n, self.heads)
+            .scale(scale, 0.0);
+        gemm(
+            rec,
+            sh,
+            self.per_head_square(&self.dscores, t),
+            self.heads_of(&self.k.value, t, c),
+            None,
+            self.heads_of(&self.q.grad, t, c),
+        )?;
+        gemm(
+            rec,
+            sh,
+            self.per_head_square(&self.dscores, t).t(),
+            self.heads_of(&self.q.value, t, c),
+            None,
+            self.heads_of(&self.k.grad, t, c),
+        )?;
+        let gn_rows = Act {
+            value: self.gn.value.reshape(&rows),
+            grad: self.gn.grad.reshape(&rows),
+        };
+        self.to_q
+            .backward(rec, p, gt, &gn_rows, &self.q.grad, true)?;
+        self.to_k
+            .backward(rec, p, gt, &gn_rows, &self.k.grad, true)?;
+        self.to_v
+            .backward(rec, p, gt, &gn_rows, &self.v.grad, true)?;
+        self.group_norm.backward(rec, p, gt, x, &self.gn)
+    }
+}
+
+/// Downsample2D with a conv: stride 2; padding 0 pads right/bottom by one (google/ddpm).
+pub struct Downsample {
+    conv: Conv2d,
+}
+
+impl Downsample {
+    pub fn new(decls: &mut ParamDecls, prefix: &str, c: usize, padding: usize) -> Downsample {
+        let geo = if padding == 0 {
+            Conv2dGeometry::asymmetric_down()
+        } else {
+            Conv2dGeometry::same(2, padding)
+        };
+        Downsample {
+            conv: Conv2d::new(decls, &format!("{prefix}.conv"), c, c, 3, geo),
+        }
+    }
+    pub fn output_hw(&self, h: usize, w: usize) -> (usize, usize) {
+        self.conv
+            .geometry
+            .output_size(h, w, 3, 3)
+            .expect("downsample of a non-empty image")
+    }
+    pub fn forward(&self, rec: &mut Recorder, p: &ParamStore, x: &Act, y: &Act) -> OpResult {
+        self.conv.forward(rec, p, x, y)
+    }
+    pub fn backward(
+        &self,
+        rec: &mut Recorder,
+        p: &ParamStore,
+        gt: &mut GradTracker,
+        x: &Act,
+        y: &Act,
+    ) -> OpResult {
+        self.conv.backward(rec, p, gt, x, y, true)
+    }
+}
+
+/// Upsample2D with a conv: nearest ×2, then 3×3 conv, padding 1.
+pub struct Upsample {
+    conv: Conv2d,
+    up: Act,
+}
+
+impl Upsample {
+    pub fn new(
+        gpu: &Arc<Gpu>,
+        decls: &mut ParamDecls,
+        prefix: &str,
+        x_shape: &[usize],
+    ) -> Upsample {
+        let [n, h, w, c] = [x_shape[0], x_shape[1], x_shape[2], x_shape[3]];
+        Upsample {
+            conv: Conv2d::new(
+                decls,
+                &format!("{prefix}.conv"),
+                c,
+                c,
+                3,
+                Conv2dGeometry::same(1, 1),
+            ),
+            up: Act::new(gpu, &[n, 2 * h, 2 * w, c], &format!("{prefix}.nearest")),
+        }
+    }
+    pub fn forward(&self, rec: &mut Recorder, p: &ParamStore, x: &Act, y: &Act) -> OpResult {
+        upsample_nearest2x_forward(rec, &x.value, &self.up.value)?;
+        self.conv.forward(rec, p, &self.up, y)
+    }
+    pub fn backward(
+        &self,
+        rec: &mut Recorder,
+        p: &ParamStore,
+        gt: &mut GradTracker,
+        x: &Act,
+        y: &Act,
+    ) -> OpResult {
+        self.conv.backward(rec, p, gt, &self.up, y, true)?;
+        if gt.accumulate(&x.grad) {
+            return Err(invalid(
+                "upsample input gradient is expected to be written first by the upsampler",
+            ));
+        }
+        upsample_nearest2x_backward(rec, &self.up.grad, &x.grad)
+    }
+}

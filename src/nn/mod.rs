@@ -1,0 +1,55 @@
+//! Layers that own parameters and activations, and the diffusers-exact U-Net built from them.
+//!
+//! No autograd: a model is built for a fixed batch size, allocating every activation and its
+//! gradient once; `forward` records its dispatches in order and `backward` records the reverse
+//! (llm.c's way). Parameter gradients always accumulate (`+=`) into one flat gradient buffer that
+//! the trainer zeroes once per optimizer step, which makes gradient accumulation free.
+
+pub mod config;
+pub mod layers;
+pub mod params;
+pub mod unet;
+
+pub use config::UNetConfig;
+pub use params::{ParamSpec, ParamStore};
+pub use unet::UNet;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use crate::gpu::{Gpu, Tensor};
+
+/// An activation and the buffer of its gradient.
+#[derive(Clone, Debug)]
+pub struct Act {
+    pub value: Tensor,
+    pub grad: Tensor,
+}
+
+impl Act {
+    pub fn new(gpu: &Arc<Gpu>, shape: &[usize], label: &str) -> Act {
+        Act {
+            value: gpu.tensor(shape, label),
+            grad: gpu.tensor(shape, &format!("d {label}")),
+        }
+    }
+    pub fn shape(&self) -> &[usize] {
+        self.value.shape()
+    }
+}
+
+/// Bookkeeping while a backward pass is recorded: an activation gradient is overwritten by the
+/// first op that writes it and accumulated by every later one (an activation read by several
+/// ops — skip connections, residuals, the time embedding — sums their gradients).
+#[derive(Default)]
+pub struct GradTracker {
+    written: HashSet<usize>,
+}
+
+impl GradTracker {
+    /// Whether the next write to `grad` must accumulate; marks it written.
+    pub fn accumulate(&mut self, grad: &Tensor) -> bool {
+        let key = grad.buffer() as *const wgpu::Buffer as usize + grad.offset();
+        !self.written.insert(key)
+    }
+}

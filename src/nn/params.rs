@@ -1,0 +1,132 @@
+//! All parameters in one flat buffer (and gradients, AdamW moments and EMA weights in buffers of
+//! the same layout), each parameter a view at an offset aligned for binding. One dispatch then
+//! updates or reduces everything (AdamW, EMA, gradient norm).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::gpu::{Gpu, GpuError, Tensor};
+
+/// A named parameter: diffusers' state-dict name and torch shape.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParamSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    /// Offset in the flat buffers, in elements.
+    pub offset: usize,
+}
+
+impl ParamSpec {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// Parameter views must start at a multiple of 256 bytes (the usual
+/// min_storage_buffer_offset_alignment); padding elements stay zero and receive zero gradients.
+pub const PARAM_ALIGN: usize = 64;
+
+pub struct ParamStore {
+    pub specs: Vec<ParamSpec>,
+    index: HashMap<String, usize>,
+    /// Total elements including alignment padding.
+    pub len: usize,
+    pub params: Tensor,
+    pub grads: Tensor,
+}
+
+impl ParamStore {
+    pub fn new(
+        gpu: &Arc<Gpu>,
+        named_shapes: &[(String, Vec<usize>)],
+    ) -> Result<ParamStore, GpuError> {
+        let align = PARAM_ALIGN.max(gpu.limits.min_storage_buffer_offset_alignment as usize / 4);
+        let mut specs = Vec::with_capacity(named_shapes.len());
+        let mut offset = 0;
+        for (name, shape) in named_shapes {
+            specs.push(ParamSpec {
+                name: name.clone(),
+                shape: shape.clone(),
+                offset,
+            });
+            offset += shape.iter().product::<usize>().next_multiple_of(align);
+        }
+        let max_binding = gpu.limits.max_storage_buffer_binding_size as usize / 4;
+        if offset > max_binding {
+            return Err(GpuError::Invalid(format!(
+                "the model's {offset} parameters exceed this adapter's storage binding limit of {max_binding} floats"
+            )));
+        }
+        let index = specs
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.name.clone(), i))
+            .collect();
+        Ok(ParamStore {
+            specs,
+            index,
+            len: offset,
+            params: gpu.tensor(&[offset], "parameters"),
+            grads: gpu.tensor(&[offset], "gradients"),
+        })
+    }
+
+    /// Number of real parameters (without padding).
+    pub fn count(&self) -> usize {
+        self.specs.iter().map(|s| s.numel()).sum()
+    }
+
+    pub fn spec(&self, name: &str) -> Option<&ParamSpec> {
+        self.index.get(name).map(|&i| &self.specs[i])
+    }
+
+    /// (parameter view, gradient view) of `name`. Panics on an unknown name: the model asks only
+    /// for names it declared itself.
+    pub fn get(&self, name: &str) -> (Tensor, Tensor) {
+        let s = self
+            .spec(name)
+            .unwrap_or_else(|| panic!("parameter `{name}` was not declared"));
+        (
+            self.params.view(s.offset, &s.shape, name),
+            self.grads.view(s.offset, &s.shape, &format!("grad {name}")),
+        )
+    }
+
+    /// A view of `name` in another buffer of the same layout (EMA weights, AdamW moments).
+    pub fn view_in(&self, buffer: &Tensor, name: &str) -> Option<Tensor> {
+        self.spec(name)
+            .map(|s| buffer.view(s.offset, &s.shape, name))
+    }
+
+    /// Gathers named f32 values into the flat layout (missing names are errors).
+    pub fn flatten(
+        &self,
+        mut get: impl FnMut(&ParamSpec) -> Result<Vec<f32>, String>,
+    ) -> Result<Vec<f32>, String> {
+        let mut flat = vec![0.0f32; self.len];
+        for s in &self.specs {
+            let v = get(s)?;
+            if v.len() != s.numel() {
+                return Err(format!(
+                    "`{}` has {} values, the model expects shape {:?} ({})",
+                    s.name,
+                    v.len(),
+                    s.shape,
+                    s.numel()
+                ));
+            }
+            flat[s.offset..s.offset + v.len()].copy_from_slice(&v);
+        }
+        Ok(flat)
+    }
+
+    /// Splits a flat vector back into (name, shape, values).
+    pub fn unflatten<'a>(
+        &'a self,
+        flat: &'a [f32],
+    ) -> impl Iterator<Item = (&'a ParamSpec, &'a [f32])> + 'a {
+        self.specs
+            .iter()
+            .map(move |s| (s, &flat[s.offset..s.offset + s.numel()]))
+    }
+}

@@ -1,0 +1,479 @@
+//! diffusers' `UNet2DModel`, built for a fixed batch size: conv_in, down blocks (DownBlock2D /
+//! AttnDownBlock2D), UNetMidBlock2D, up blocks (UpBlock2D / AttnUpBlock2D) with skip
+//! concatenation, GroupNorm + SiLU + conv_out, and the sinusoidal time embedding → linear → SiLU
+//! → linear. Parameters carry diffusers' state-dict names; activations are NHWC.
+
+use std::sync::Arc;
+
+use super::layers::{
+    AttentionBlock, BlockSettings, Conv2d, Downsample, GroupNorm, Linear, ParamDecls, ResnetBlock,
+    Upsample,
+};
+use super::{Act, GradTracker, ParamStore, UNetConfig};
+use crate::gpu::{Gpu, GpuError, Recorder, Tensor};
+use crate::ops::OpResult;
+use crate::ops::conv2d::Conv2dGeometry;
+use crate::ops::elementwise::{copy_channels, silu_backward, silu_forward};
+use crate::ops::timestep_embedding::timestep_embedding;
+
+enum Node {
+    Resnet {
+        block: Box<ResnetBlock>,
+        x: Act,
+        out: Act,
+    },
+    Attention {
+        block: Box<AttentionBlock>,
+        x: Act,
+        out: Act,
+    },
+    Down {
+        block: Downsample,
+        x: Act,
+        out: Act,
+    },
+    Up {
+        block: Upsample,
+        x: Act,
+        out: Act,
+    },
+    Concat {
+        a: Act,
+        b: Act,
+        out: Act,
+    },
+}
+
+pub struct UNet {
+    pub config: UNetConfig,
+    pub batch: usize,
+    pub params: ParamStore,
+    /// The noisy input x_t, NHWC [B, S, S, in_channels].
+    pub sample: Act,
+    /// Timesteps as f32 [B] (fractional values allowed, for samplers that need them).
+    pub timesteps: Tensor,
+    t_proj: Act,
+    linear_1: Linear,
+    t1: Act,
+    t1_act: Act,
+    linear_2: Linear,
+    emb: Act,
+    emb_act: Act,
+    conv_in: Conv2d,
+    h_in: Act,
+    nodes: Vec<Node>,
+    conv_norm_out: GroupNorm,
+    norm_out: Act,
+    act_out: Act,
+    conv_out: Conv2d,
+    /// The model output (ε, v or x0 prediction), NHWC [B, S, S, out_channels].
+    pub output: Act,
+}
+
+impl UNet {
+    pub fn new(gpu: &Arc<Gpu>, config: &UNetConfig, batch: usize) -> Result<UNet, GpuError> {
+        config.validate().map_err(GpuError::Invalid)?;
+        if config.dropout != 0.0 {
+            return Err(GpuError::Invalid(format!(
+                "dropout {} is not implemented yet; use a config with dropout 0",
+                config.dropout
+            )));
+        }
+        if batch == 0 {
+            return Err(GpuError::Invalid("batch size must be at least 1".into()));
+        }
+        let c = config;
+        let nb = c.block_out_channels.len();
+        let s = c.sample_size;
+        let c0 = c.block_out_channels[0];
+        let settings = BlockSettings {
+            groups: c.norm_num_groups,
+            eps: c.norm_eps,
+            temb_dim: c.time_embed_dim(),
+        };
+        let mut d = ParamDecls::default();
+        let act = |shape: &[usize], label: &str| Act::new(gpu, shape, label);
+
+        let sample = act(&[batch, s, s, c.in_channels], "sample");
+        let timesteps = gpu.tensor(&[batch], "timesteps");
+        let t_proj = act(&[batch, c0], "time_proj");
+        let linear_1 = Linear::new(&mut d, "time_embedding.linear_1", c0, c.time_embed_dim());
+        let t1 = act(&[batch, c.time_embed_dim()], "time_embedding.linear_1");
+        let t1_act = act(&[batch, c.time_embed_dim()], "time_embedding.act");
+        let linear_2 = Linear::new(
+            &mut d,
+            "time_embedding.linear_2",
+            c.time_embed_dim(),
+            c.time_embed_dim(),
+        );
+        let emb = act(&[batch, c.time_embed_dim()], "time_embedding");
+        let emb_act = act(&[batch, c.time_embed_dim()], "silu(time_embedding)");
+        let conv_in = Conv2d::new(
+            &mut d,
+            "conv_in",
+            c.in_channels,
+            c0,
+            3,
+            Conv2dGeometry::same(1, 1),
+        );
+        let h_in = act(&[batch, s, s, c0], "conv_in");
+
+        let mut nodes = Vec::new();
+        let mut cur = h_in.clone();
+        let mut skips = vec![h_in.clone()];
+        let hw = |a: &Act| (a.shape()[1], a.shape()[2]);
+
+        for (i, kind) in c.down_block_types.iter().enumerate() {
+            let out_c = c.block_out_channels[i];
+            let head_dim = c.attention_head_dim.unwrap_or(out_c);
+            for j in 0..c.layers_per_block {
+                let (h, w) = hw(&cur);
+                let prefix = format!("down_blocks.{i}.resnets.{j}");
+                let out = act(&[batch, h, w, out_c], &prefix);
+                let block = ResnetBlock::new(
+                    gpu,
+                    &mut d,
+                    &prefix,
+                    cur.shape(),
+                    out_c,
+                    settings,
+                    1.0,
+                    &out,
+                );
+                nodes.push(Node::Resnet {
+                    block: Box::new(block),
+                    x: cur.clone(),
+                    out: out.clone(),
+                });
+                cur = out;
+                if kind == "AttnDownBlock2D" {
+                    let prefix = format!("down_blocks.{i}.attentions.{j}");
+                    let out = act(cur.shape(), &prefix);
+                    let block = AttentionBlock::new(
+                        gpu,
+                        &mut d,
+                        &prefix,
+                        cur.shape(),
+                        head_dim,
+                        settings,
+                        1.0,
+                    );
+                    nodes.push(Node::Attention {
+                        block: Box::new(block),
+                        x: cur.clone(),
+                        out: out.clone(),
+                    });
+                    cur = out;
+                }
+                skips.push(cur.clone());
+            }
+            if i + 1 < nb {
+                let prefix = format!("down_blocks.{i}.downsamplers.0");
+                let block = Downsample::new(&mut d, &prefix, out_c, c.downsample_padding);
+                let (h, w) = hw(&cur);
+                let (oh, ow) = block.output_hw(h, w);
+                let out = act(&[batch, oh, ow, out_c], &prefix);
+                nodes.push(Node::Down {
+                    block,
+                    x: cur.clone(),
+                    out: out.clone(),
+                });
+                cur = out;
+                skips.push(cur.clone());
+            }
+        }
+
+        // UNetMidBlock2D: resnet, attention, resnet.
+        let mid_c = c.block_out_channels[nb - 1];
+        let scale = c.mid_block_scale_factor;
+        for (j, prefix) in [
+            "mid_block.resnets.0",
+            "mid_block.attentions.0",
+            "mid_block.resnets.1",
+        ]
+        .iter()
+        .enumerate()
+        {
+            let out = act(cur.shape(), prefix);
+            if j == 1 {
+                let block = AttentionBlock::new(
+                    gpu,
+                    &mut d,
+                    prefix,
+                    cur.shape(),
+                    c.attention_head_dim.unwrap_or(mid_c),
+                    settings,
+                    scale,
+                );
+                nodes.push(Node::Attention {
+                    block: Box::new(block),
+                    x: cur.clone(),
+                    out: out.clone(),
+                });
+            } else {
+                let block = ResnetBlock::new(
+                    gpu,
+                    &mut d,
+                    prefix,
+                    cur.shape(),
+                    mid_c,
+                    settings,
+                    scale,
+                    &out,
+                );
+                nodes.push(Node::Resnet {
+                    block: Box::new(block),
+                    x: cur.clone(),
+                    out: out.clone(),
+                });
+            }
+            cur = out;
+        }
+
+        let reversed: Vec<usize> = c.block_out_channels.iter().rev().copied().collect();
+        for (i, kind) in c.up_block_types.iter().enumerate() {
+            let out_c = reversed[i];
+            let head_dim = c.attention_head_dim.unwrap_or(out_c);
+            for j in 0..c.layers_per_block + 1 {
+                let skip = skips.pop().expect("one skip per up-block resnet");
+                let (h, w) = hw(&cur);
+                if hw(&skip) != (h, w) {
+                    return Err(GpuError::Invalid(format!(
+                        "sample_size {s}: skip connection {:?} does not match the upsampled {:?} at up block {i}",
+                        skip.shape(),
+                        cur.shape()
+                    )));
+                }
+                let cat_c = cur.shape()[3] + skip.shape()[3];
+                let cat = act(&[batch, h, w, cat_c], &format!("up_blocks.{i}.cat.{j}"));
+                nodes.push(Node::Concat {
+                    a: cur.clone(),
+                    b: skip,
+                    out: cat.clone(),
+                });
+                let prefix = format!("up_blocks.{i}.resnets.{j}");
+                let out = act(&[batch, h, w, out_c], &prefix);
+                let block = ResnetBlock::new(
+                    gpu,
+                    &mut d,
+                    &prefix,
+                    cat.shape(),
+                    out_c,
+                    settings,
+                    1.0,
+                    &out,
+                );
+                nodes.push(Node::Resnet {
+                    block: Box::new(block),
+                    x: cat,
+                    out: out.clone(),
+                });
+                cur = out;
+                if kind == "AttnUpBlock2D" {
+                    let prefix = format!("up_blocks.{i}.attentions.{j}");
+                    let out = act(cur.shape(), &prefix);
+                    let block = AttentionBlock::new(
+                        gpu,
+                        &mut d,
+                        &prefix,
+                        cur.shape(),
+                        head_dim,
+                        settings,
+                        1.0,
+                    );
+                    nodes.push(Node::Attention {
+                        block: Box::new(block),
+                        x: cur.clone(),
+                        out: out.clone(),
+                    });
+                    cur = out;
+                }
+            }
+            if i + 1 < nb {
+                let prefix = format!("up_blocks.{i}.upsamplers.0");
+                let block = Upsample::new(gpu, &mut d, &prefix, cur.shape());
+                let (h, w) = hw(&cur);
+                let out = act(&[batch, 2 * h, 2 * w, out_c], &prefix);
+                nodes.push(Node::Up {
+                    block,
+                    x: cur.clone(),
+                    out: out.clone(),
+                });
+                cur = out;
+            }
+        }
+        if hw(&cur) != (s, s) {
+            return Err(GpuError::Invalid(format!(
+                "sample_size {s} does not survive the down/up path (ends at {:?})",
+                cur.shape()
+            )));
+        }
+
+        let conv_norm_out = GroupNorm::new(
+            gpu,
+            &mut d,
+            "conv_norm_out",
+            cur.shape(),
+            c.norm_num_groups,
+            c.norm_eps,
+        );
+        let norm_out = act(cur.shape(), "conv_norm_out");
+        let act_out = act(cur.shape(), "conv_act");
+        let conv_out = Conv2d::new(
+            &mut d,
+            "conv_out",
+            c0,
+            c.out_channels,
+            3,
+            Conv2dGeometry::same(1, 1),
+        );
+        let output = act(&[batch, s, s, c.out_channels], "conv_out");
+        let params = ParamStore::new(gpu, &d.0)?;
+        Ok(UNet {
+            config: c.clone(),
+            batch,
+            params,
+            sample,
+            timesteps,
+            t_proj,
+            linear_1,
+            t1,
+            t1_act,
+            linear_2,
+            emb,
+            emb_act,
+            conv_in,
+            h_in,
+            nodes,
+            conv_norm_out,
+            norm_out,
+            act_out,
+            conv_out,
+            output,
+        })
+    }
+
+    fn last_hidden(&self) -> &Act {
+        match self.nodes.last().expect("a U-Net has blocks") {
+            Node::Resnet { out, .. }
+            | Node::Attention { out, .. }
+            | Node::Down { out, .. }
+            | Node::Up { out, .. }
+            | Node::Concat { out, .. } => out,
+        }
+    }
+
+    /// Records the forward pass: `sample` and `timesteps` → `output`.
+    pub fn forward(&self, rec: &mut Recorder) -> OpResult {
+        let p = &self.params;
+        let c = &self.config;
+        timestep_embedding(
+            rec,
+            &self.timesteps,
+            &self.t_proj.value,
+            c.flip_sin_to_cos,
+            c.freq_shift as f32,
+        )?;
+        self.linear_1
+            .forward(rec, p, &self.t_proj.value, &self.t1.value)?;
+        silu_forward(rec, &self.t1.value, &self.t1_act.value)?;
+        self.linear_2
+            .forward(rec, p, &self.t1_act.value, &self.emb.value)?;
+        silu_forward(rec, &self.emb.value, &self.emb_act.value)?;
+        self.conv_in.forward(rec, p, &self.sample, &self.h_in)?;
+        for node in &self.nodes {
+            match node {
+                Node::Resnet { block, x, out } => block.forward(rec, p, x, &self.emb_act, out)?,
+                Node::Attention { block, x, out } => block.forward(rec, p, x, out)?,
+                Node::Down { block, x, out } => block.forward(rec, p, x, out)?,
+                Node::Up { block, x, out } => block.forward(rec, p, x, out)?,
+                Node::Concat { a, b, out } => {
+                    let (ca, cb) = (a.shape()[3], b.shape()[3]);
+                    copy_channels(rec, &a.value, 0, &out.value, 0, ca, false)?;
+                    copy_channels(rec, &b.value, 0, &out.value, ca, cb, false)?;
+                }
+            }
+        }
+        let last = self.last_hidden();
+        self.conv_norm_out.forward(rec, p, last, &self.norm_out)?;
+        silu_forward(rec, &self.norm_out.value, &self.act_out.value)?;
+        self.conv_out.forward(rec, p, &self.act_out, &self.output)
+    }
+
+    /// Records the backward pass from `output.grad`; parameter gradients accumulate (+=) into
+    /// `params.grads`.
+    pub fn backward(&self, rec: &mut Recorder) -> OpResult {
+        let p = &self.params;
+        let mut gt = GradTracker::default();
+        let gt = &mut gt;
+        self.conv_out
+            .backward(rec, p, gt, &self.act_out, &self.output, true)?;
+        silu_backward(
+            rec,
+            &self.norm_out.value,
+            &self.act_out.grad,
+            &self.norm_out.grad,
+            false,
+        )?;
+        let last = self.last_hidden();
+        self.conv_norm_out
+            .backward(rec, p, gt, last, &self.norm_out)?;
+        for node in self.nodes.iter().rev() {
+            match node {
+                Node::Resnet { block, x, out } => {
+                    block.backward(rec, p, gt, x, &self.emb_act, out)?
+                }
+                Node::Attention { block, x, out } => block.backward(rec, p, gt, x, out)?,
+                Node::Down { block, x, out } => block.backward(rec, p, gt, x, out)?,
+                Node::Up { block, x, out } => block.backward(rec, p, gt, x, out)?,
+                Node::Concat { a, b, out } => {
+                    let (ca, cb) = (a.shape()[3], b.shape()[3]);
+                    let acc = gt.accumulate(&a.grad);
+                    copy_channels(rec, &out.grad, 0, &a.grad, 0, ca, acc)?;
+                    let acc = gt.accumulate(&b.grad);
+                    copy_channels(rec, &out.grad, ca, &b.grad, 0, cb, acc)?;
+                }
+            }
+        }
+        self.conv_in
+            .backward(rec, p, gt, &self.sample, &self.h_in, false)?;
+        // Time embedding: every resnet added its share to d silu(emb).
+        silu_backward(
+            rec,
+            &self.emb.value,
+            &self.emb_act.grad,
+            &self.emb.grad,
+            false,
+        )?;
+        self.linear_2
+            .backward(rec, p, gt, &self.t1_act, &self.emb.grad, true)?;
+        silu_backward(rec, &self.t1.value, &self.t1_act.grad, &self.t1.grad, false)?;
+        self.linear_1
+            .backward(rec, p, gt, &self.t_proj, &self.t1.grad, false)
+    }
+
+    /// Named intermediate activations (diffusers module names, NHWC) for debugging against the
+    /// `act.*` tensors of a PyTorch fixture.
+    pub fn activations(&self) -> Vec<(String, Tensor)> {
+        let mut v = vec![
+            ("time_proj".to_string(), self.t_proj.value.clone()),
+            ("time_embedding".to_string(), self.emb.value.clone()),
+            ("conv_in".to_string(), self.h_in.value.clone()),
+        ];
+        for node in &self.nodes {
+            match node {
+                Node::Resnet { out, .. }
+                | Node::Attention { out, .. }
+                | Node::Down { out, .. }
+                | Node::Up { out, .. } => {
+                    v.push((out.value.label().to_string(), out.value.clone()))
+                }
+                Node::Concat { .. } => {}
+            }
+        }
+        v.push(("conv_norm_out".into(), self.norm_out.value.clone()));
+        v.push(("conv_act".into(), self.act_out.value.clone()));
+        v.push(("conv_out".into(), self.output.value.clone()));
+        v
+    }
+}
