@@ -4,5 +4,8 @@
 //! These tests need a GPU adapter; with none they FAIL (never skip) and say how to get one.
 //! On Linux without a GPU: `apt-get install mesa-vulkan-drivers` (lavapipe).
 
+mod adamw;
 mod common;
 mod elementwise;
+mod loss;
+mod noise;
