@@ -1,1 +1,115 @@
-// loss: to be written
+// Mean squared error with optional per-sample weights (torch.nn.functional.mse_loss,
+// reduction="mean", times w_b):
+//   loss = (1 / N) Σ_i w_{b(i)} (pred_i − target_i)²,   N = B·C·H·W, b(i) = i / per_sample
+//   dloss/dpred_i = scale · 2 w_{b(i)} (pred_i − target_i) / N
+//
+// The sum is a deterministic two-stage reduction (no float atomics): stage 1 gives workgroup g
+// the fixed chunk [g·CHUNK, (g+1)·CHUNK); each thread adds its ITEMS elements in order, then a
+// fixed binary tree in workgroup memory sums the 256 thread values into partials[g]. Stage 2
+// (one workgroup) adds the partials the same way. The order depends only on N, so the same
+// inputs give the same bits on every run.
+
+struct Params {
+    n: u32,          // elements (stage 1, backward) or partials (stage 2)
+    per_sample: u32, // elements per sample, for the weight index
+    count: f32,      // N, the mean's divisor (torch divides the sum by numel)
+    factor: f32,     // backward: scale · 2 / N, rounded once on the host (torch: 2. / numel)
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> pred: array<f32>;
+@group(0) @binding(2) var<storage, read> tgt: array<f32>;
+@group(0) @binding(3) var<storage, read> weights: array<f32>;
+@group(0) @binding(4) var<storage, read_write> partials: array<f32>;
+@group(0) @binding(5) var<storage, read> partials_in: array<f32>;
+@group(0) @binding(6) var<storage, read_write> result: array<f32>;
+@group(0) @binding(7) var<storage, read_write> dpred: array<f32>;
+
+const WG: u32 = 256u;
+const ITEMS: u32 = 8u;          // elements per thread in stage 1
+const CHUNK: u32 = WG * ITEMS;  // elements per workgroup in stage 1 (src/ops/loss.rs: CHUNK)
+
+var<workgroup> wg_sum: array<f32, 256>;
+
+fn group_index(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return wid.y * nwg.x + wid.x;
+}
+
+// Fixed-shape tree sum of one value per thread; the total is returned to thread 0.
+fn tree_sum(lid: u32, v: f32) -> f32 {
+    wg_sum[lid] = v;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s = s >> 1u) {
+        if (lid < s) {
+            wg_sum[lid] = wg_sum[lid] + wg_sum[lid + s];
+        }
+        workgroupBarrier();
+    }
+    return wg_sum[0];
+}
+
+fn sq_err(i: u32) -> f32 {
+    let d = pred[i] - tgt[i];
+    return d * d;
+}
+
+// Stage 1 without weights: partials[g] = Σ over chunk g of (pred − target)².
+@compute @workgroup_size(256)
+fn mse_partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) lid: u32) {
+    let g = group_index(wid, nwg);
+    let base = g * CHUNK + lid;
+    var acc = 0.0;
+    for (var k = 0u; k < ITEMS; k = k + 1u) {
+        let i = base + k * WG;
+        if (i < p.n) { acc = acc + sq_err(i); }
+    }
+    let total = tree_sum(lid, acc);
+    if (lid == 0u) { partials[g] = total; }
+}
+
+// Stage 1 with weights: partials[g] = Σ over chunk g of w_b (pred − target)².
+@compute @workgroup_size(256)
+fn mse_partial_weighted(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                        @builtin(local_invocation_index) lid: u32) {
+    let g = group_index(wid, nwg);
+    let base = g * CHUNK + lid;
+    var acc = 0.0;
+    for (var k = 0u; k < ITEMS; k = k + 1u) {
+        let i = base + k * WG;
+        if (i < p.n) { acc = acc + weights[i / p.per_sample] * sq_err(i); }
+    }
+    let total = tree_sum(lid, acc);
+    if (lid == 0u) { partials[g] = total; }
+}
+
+// Stage 2 (one workgroup): result[0] = (Σ partials) / N.
+@compute @workgroup_size(256)
+fn mse_finish(@builtin(local_invocation_index) lid: u32) {
+    var acc = 0.0;
+    for (var i = lid; i < p.n; i = i + WG) {
+        acc = acc + partials_in[i];
+    }
+    let total = tree_sum(lid, acc);
+    if (lid == 0u) { result[0] = total / p.count; }
+}
+
+// dpred_i = scale · 2 (pred_i − target_i) / N
+@compute @workgroup_size(256)
+fn mse_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_index) lid: u32) {
+    let i = group_index(wid, nwg) * WG + lid;
+    if (i < p.n) {
+        dpred[i] = p.factor * (pred[i] - tgt[i]);
+    }
+}
+
+// dpred_i = scale · 2 w_b (pred_i − target_i) / N
+@compute @workgroup_size(256)
+fn mse_backward_weighted(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                         @builtin(local_invocation_index) lid: u32) {
+    let i = group_index(wid, nwg) * WG + lid;
+    if (i < p.n) {
+        dpred[i] = p.factor * weights[i / p.per_sample] * (pred[i] - tgt[i]);
+    }
+}

@@ -1,1 +1,139 @@
-//! `shaders/loss.wgsl`.
+//! `shaders/loss.wgsl`: mean squared error (torch `mse_loss`, reduction "mean") with optional
+//! per-sample weights, and its gradient.
+//!
+//! loss = (1/N) Σ_i w_b(i) (pred_i − target_i)², N = numel, w = 1 without weights. The sum is a
+//! deterministic two-stage reduction: fixed chunks of [`CHUNK`] elements per workgroup, a fixed
+//! tree inside each, then one workgroup over the partials, so the result's bits depend only on
+//! the inputs (never on scheduling). No float atomics.
+
+use super::{OpResult, expect_distinct, expect_numel, invalid, u32_of};
+use crate::gpu::{KernelKey, Recorder, Tensor, grid_1d};
+
+#[repr(C)]
+#[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct LossParams {
+    pub n: u32,
+    pub per_sample: u32,
+    pub count: f32,
+    pub factor: f32,
+}
+
+const WG: usize = 256;
+/// Elements per stage-1 workgroup (`WG * ITEMS` in the shader).
+pub const CHUNK: usize = 256 * 8;
+
+fn key(entry: &'static str) -> KernelKey {
+    KernelKey::new("loss", entry)
+}
+
+/// Number of stage-1 partial sums for `n` elements.
+pub fn partials_len(n: usize) -> usize {
+    n.div_ceil(CHUNK).max(1)
+}
+
+/// Checks pred/target/weights and returns (N, elements per sample).
+fn check(
+    op: &str,
+    pred: &Tensor,
+    target: &Tensor,
+    weights: Option<&Tensor>,
+) -> OpResult<(usize, usize)> {
+    let n = pred.numel();
+    if n == 0 || pred.shape().is_empty() {
+        return Err(invalid(format!(
+            "{op}: `pred` (`{}`) is empty, shape {:?}",
+            pred.label(),
+            pred.shape()
+        )));
+    }
+    expect_numel(op, "target", target, n)?;
+    let b = pred.shape()[0];
+    if let Some(w) = weights {
+        expect_numel(op, "weights", w, b)?;
+    }
+    Ok((n, n / b))
+}
+
+/// Records loss[0] = mean_i w_b (pred_i − target_i)² (`loss`: 1 element; `weights`: [B] with
+/// B = pred.shape()[0], or None for w = 1). Allocates its partial-sum scratch tensor now.
+pub fn mse_loss(
+    rec: &mut Recorder,
+    pred: &Tensor,
+    target: &Tensor,
+    weights: Option<&Tensor>,
+    loss: &Tensor,
+) -> OpResult {
+    const OP: &str = "mse_loss";
+    let (n, per_sample) = check(OP, pred, target, weights)?;
+    expect_numel(OP, "loss", loss, 1)?;
+    for t in [Some(pred), Some(target), weights].into_iter().flatten() {
+        expect_distinct(OP, t, loss)?;
+    }
+    let groups = partials_len(n);
+    let partials = rec.gpu.tensor(&[groups], "mse partials");
+    let p = LossParams {
+        n: u32_of(OP, "n", n)?,
+        per_sample: u32_of(OP, "per_sample", per_sample)?,
+        count: n as f32,
+        factor: 0.0,
+    };
+    let mut bindings = vec![
+        (1, pred.into()),
+        (2, target.into()),
+        (4, (&partials).into()),
+    ];
+    let entry = match weights {
+        Some(w) => {
+            bindings.push((3, w.into()));
+            "mse_partial_weighted"
+        }
+        None => "mse_partial",
+    };
+    rec.dispatch(key(entry), &p, &bindings, grid_1d(groups));
+    let p2 = LossParams {
+        n: groups as u32,
+        ..p
+    };
+    rec.dispatch(
+        key("mse_finish"),
+        &p2,
+        &[(5, (&partials).into()), (6, loss.into())],
+        [1, 1, 1],
+    );
+    Ok(())
+}
+
+/// dpred_i = scale · 2 w_b (pred_i − target_i) / N (torch `mse_loss` backward with
+/// grad_output = `scale`; `scale` = 1 for the plain gradient). Overwrites `dpred`.
+pub fn mse_backward(
+    rec: &mut Recorder,
+    pred: &Tensor,
+    target: &Tensor,
+    weights: Option<&Tensor>,
+    scale: f32,
+    dpred: &Tensor,
+) -> OpResult {
+    const OP: &str = "mse_backward";
+    let (n, per_sample) = check(OP, pred, target, weights)?;
+    expect_numel(OP, "dpred", dpred, n)?;
+    for t in [Some(pred), Some(target), weights].into_iter().flatten() {
+        expect_distinct(OP, t, dpred)?;
+    }
+    let p = LossParams {
+        n: u32_of(OP, "n", n)?,
+        per_sample: u32_of(OP, "per_sample", per_sample)?,
+        count: n as f32,
+        // torch: norm = 2. / numel in double, then one multiply by grad_output.
+        factor: (2.0 / n as f64 * scale as f64) as f32,
+    };
+    let mut bindings = vec![(1, pred.into()), (2, target.into()), (7, dpred.into())];
+    let entry = match weights {
+        Some(w) => {
+            bindings.push((3, w.into()));
+            "mse_backward_weighted"
+        }
+        None => "mse_backward",
+    };
+    rec.dispatch(key(entry), &p, &bindings, grid_1d(n.div_ceil(WG)));
+    Ok(())
+}

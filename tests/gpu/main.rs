@@ -4,8 +4,11 @@
 //! These tests need a GPU adapter; with none they FAIL (never skip) and say how to get one.
 //! On Linux without a GPU: `apt-get install mesa-vulkan-drivers` (lavapipe).
 
+mod adamw;
 mod common;
 mod conv2d;
 mod elementwise;
 mod gemm;
+mod loss;
+mod noise;
 mod parity;
