@@ -6,3 +6,7 @@
 
 mod common;
 mod elementwise;
+mod group_norm;
+mod softmax;
+mod timestep_embedding;
+mod upsample;
