@@ -8,7 +8,22 @@ use crate::gpu::{KernelKey, Recorder, Tensor, grid_1d};
 pub struct SoftmaxParams {
     pub rows: u32,
     pub len: u32,
-    pub _pad: [u32; 2],
+    /// Threads per row (a power of two <= 64).
+    pub tpr: u32,
+    pub _pad: u32,
+}
+
+const WG: usize = 64;
+
+/// Threads per row: about 8 columns per thread, a power of two from 1 to the workgroup's 64, so
+/// short rows share a workgroup instead of leaving most of it idle.
+fn threads_per_row(len: usize) -> usize {
+    len.div_ceil(8).next_power_of_two().min(WG)
+}
+
+/// Workgroups for `p`: 64 / tpr rows each.
+fn groups(p: &SoftmaxParams) -> [u32; 3] {
+    grid_1d((p.rows as usize).div_ceil(WG / p.tpr as usize))
 }
 
 fn key(entry: &'static str) -> KernelKey {
@@ -29,7 +44,8 @@ fn rows_of(op: &str, what: &str, t: &Tensor) -> OpResult<SoftmaxParams> {
     Ok(SoftmaxParams {
         rows: (t.numel() / len) as u32,
         len: len as u32,
-        ..Default::default()
+        tpr: threads_per_row(len) as u32,
+        _pad: 0,
     })
 }
 
@@ -39,12 +55,7 @@ pub fn softmax_forward(rec: &mut Recorder, x: &Tensor, y: &Tensor) -> OpResult {
     let p = rows_of(OP, "x", x)?;
     expect_shape(OP, "y", y, x.shape())?;
     expect_distinct(OP, x, y)?;
-    rec.dispatch(
-        key(OP),
-        &p,
-        &[(1, x.into()), (2, y.into())],
-        grid_1d(p.rows as usize),
-    );
+    rec.dispatch(key(OP), &p, &[(1, x.into()), (2, y.into())], groups(&p));
     Ok(())
 }
 
@@ -60,7 +71,7 @@ pub fn softmax_backward(rec: &mut Recorder, y: &Tensor, dy: &Tensor, dx: &Tensor
         key(OP),
         &p,
         &[(3, y.into()), (4, dy.into()), (5, dx.into())],
-        grid_1d(p.rows as usize),
+        groups(&p),
     );
     Ok(())
 }
