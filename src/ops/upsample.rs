@@ -19,7 +19,7 @@ fn key(entry: &'static str) -> KernelKey {
 }
 
 /// Checks `small` [N, H, W, C] and `big` [N, 2H, 2W, C]; returns the parameters for a dispatch
-/// writing `out_numel` elements.
+/// writing `big` (forward) or `small` (backward), as `writes_big` says.
 fn params(
     op: &str,
     small_name: &str,
