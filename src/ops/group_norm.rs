@@ -1,1 +1,259 @@
-//! `shaders/group_norm.wgsl`.
+//! `shaders/group_norm.wgsl`: GroupNorm (torch.nn.GroupNorm semantics) on NHWC activations.
+//!
+//! Forward is two dispatches (per-group statistics, then a per-element normalize) and saves
+//! `mean`/`rstd` ([N*G] each) for backward. Backward is four dispatches through scratch buffers
+//! allocated at record time; every reduction runs in a fixed order, so results are bitwise
+//! reproducible (no float atomics).
+
+use super::{OpResult, expect_distinct, expect_numel, expect_rank, expect_shape, invalid, u32_of};
+use crate::gpu::{KernelKey, Recorder, Tensor, grid_1d};
+
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct GroupNormParams {
+    pub batch: u32,
+    pub pixels: u32,
+    pub channels: u32,
+    pub groups: u32,
+    pub cpg: u32,
+    pub splits: u32,
+    pub split_len: u32,
+    pub numel: u32,
+    pub accumulate: u32,
+    pub eps: f32,
+    pub inv_count: f32,
+    pub _pad0: u32,
+}
+
+const WG: usize = 256;
+/// Channels per workgroup of `group_norm_backward_partials` (its workgroup is 32 x 8 lanes).
+const PARTIAL_CHANNELS: usize = 32;
+/// Aim for at least this many workgroups in `group_norm_backward_partials` by splitting the
+/// pixels of each sample (the split count depends only on the shape, so results stay
+/// reproducible).
+const PARTIAL_TARGET_WORKGROUPS: usize = 64;
+
+fn key(entry: &'static str) -> KernelKey {
+    KernelKey::new("group_norm", entry)
+}
+
+/// (N, H*W, C) of an NHWC tensor, or an error naming `op` and `what`.
+fn nhwc(op: &str, what: &str, t: &Tensor) -> OpResult<(usize, usize, usize)> {
+    expect_rank(op, what, t, 4)?;
+    let s = t.shape();
+    if s.contains(&0) {
+        return Err(invalid(format!(
+            "{op}: `{what}` (`{}`) has an empty shape {:?}",
+            t.label(),
+            s
+        )));
+    }
+    Ok((s[0], s[1] * s[2], s[3]))
+}
+
+/// Errors if two outputs written by one dispatch overlap (views of one buffer may be bound
+/// read-write together, but must not write the same elements).
+fn expect_disjoint(op: &str, a: &Tensor, b: &Tensor) -> OpResult {
+    let overlap = a.offset() < b.offset() + b.numel() && b.offset() < a.offset() + a.numel();
+    if a.shares_buffer(b) && overlap {
+        return Err(invalid(format!(
+            "{op}: outputs `{}` and `{}` overlap",
+            a.label(),
+            b.label()
+        )));
+    }
+    Ok(())
+}
+
+fn check_groups(op: &str, channels: usize, groups: usize) -> OpResult {
+    if groups == 0 || !channels.is_multiple_of(groups) {
+        return Err(invalid(format!(
+            "{op}: {channels} channels cannot be split into {groups} groups (C % G must be 0)"
+        )));
+    }
+    Ok(())
+}
+
+fn base_params(op: &str, x: &Tensor, groups: usize) -> OpResult<GroupNormParams> {
+    let (n, pixels, c) = nhwc(op, "x", x)?;
+    check_groups(op, c, groups)?;
+    let cpg = c / groups;
+    Ok(GroupNormParams {
+        batch: u32_of(op, "N", n)?,
+        pixels: u32_of(op, "H*W", pixels)?,
+        channels: u32_of(op, "C", c)?,
+        groups: u32_of(op, "groups", groups)?,
+        cpg: cpg as u32,
+        numel: u32_of(op, "numel of x", x.numel())?,
+        inv_count: (1.0 / (pixels * cpg) as f64) as f32,
+        ..Default::default()
+    })
+}
+
+/// y = GroupNorm(x) * gamma + beta over NHWC `x` [N, H, W, C] with `groups` groups; writes the
+/// per-(n, g) `mean` and `rstd` = 1/sqrt(var + eps) ([N*G] each, any shape) for backward.
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm_forward(
+    rec: &mut Recorder,
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    groups: usize,
+    eps: f32,
+    y: &Tensor,
+    mean: &Tensor,
+    rstd: &Tensor,
+) -> OpResult {
+    const OP: &str = "group_norm_forward";
+    let mut p = base_params(OP, x, groups)?;
+    let (n, c) = (p.batch as usize, p.channels as usize);
+    if !(eps.is_finite() && eps >= 0.0) {
+        return Err(invalid(format!(
+            "{OP}: eps = {eps} must be finite and >= 0"
+        )));
+    }
+    p.eps = eps;
+    expect_shape(OP, "y", y, x.shape())?;
+    expect_numel(OP, "gamma", gamma, c)?;
+    expect_numel(OP, "beta", beta, c)?;
+    expect_numel(OP, "mean", mean, n * groups)?;
+    expect_numel(OP, "rstd", rstd, n * groups)?;
+    for input in [x, gamma, beta, mean, rstd] {
+        expect_distinct(OP, input, y)?;
+    }
+    expect_distinct(OP, x, mean)?;
+    expect_distinct(OP, x, rstd)?;
+    expect_disjoint(OP, mean, rstd)?;
+
+    rec.dispatch(
+        key("group_norm_stats"),
+        &p,
+        &[(1, x.into()), (5, mean.into()), (6, rstd.into())],
+        grid_1d(n * groups),
+    );
+    rec.dispatch(
+        key("group_norm_forward"),
+        &p,
+        &[
+            (1, x.into()),
+            (2, gamma.into()),
+            (3, beta.into()),
+            (4, y.into()),
+            (7, mean.into()),
+            (8, rstd.into()),
+        ],
+        grid_1d(x.numel().div_ceil(WG)),
+    );
+    Ok(())
+}
+
+/// Backward of [`group_norm_forward`] given the saved `mean`/`rstd` (the group count is
+/// `mean.numel() / N`). `dx` is overwritten; `dgamma`/`dbeta` ([C]) are overwritten, or added to
+/// when `accumulate_param_grads`.
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm_backward(
+    rec: &mut Recorder,
+    x: &Tensor,
+    dy: &Tensor,
+    gamma: &Tensor,
+    mean: &Tensor,
+    rstd: &Tensor,
+    dx: &Tensor,
+    dgamma: &Tensor,
+    dbeta: &Tensor,
+    accumulate_param_grads: bool,
+) -> OpResult {
+    const OP: &str = "group_norm_backward";
+    let (n, pixels, c) = nhwc(OP, "x", x)?;
+    if !mean.numel().is_multiple_of(n) {
+        return Err(invalid(format!(
+            "{OP}: `mean` (`{}`) has {} elements, not a multiple of N = {n}",
+            mean.label(),
+            mean.numel()
+        )));
+    }
+    let groups = mean.numel() / n;
+    let mut p = base_params(OP, x, groups)?;
+    expect_numel(OP, "rstd", rstd, n * groups)?;
+    expect_shape(OP, "dy", dy, x.shape())?;
+    expect_shape(OP, "dx", dx, x.shape())?;
+    expect_numel(OP, "gamma", gamma, c)?;
+    expect_numel(OP, "dgamma", dgamma, c)?;
+    expect_numel(OP, "dbeta", dbeta, c)?;
+    for input in [x, dy, gamma, mean, rstd] {
+        expect_distinct(OP, input, dx)?;
+    }
+    expect_disjoint(OP, dgamma, dbeta)?;
+
+    // Pixel splits so the partial-sum pass has enough workgroups even for small N*C; at least
+    // 64 pixels per split so the partial rows stay few.
+    let cblocks = c.div_ceil(PARTIAL_CHANNELS);
+    let splits = PARTIAL_TARGET_WORKGROUPS
+        .div_ceil(n * cblocks)
+        .clamp(1, (pixels / 64).max(1));
+    let split_len = pixels.div_ceil(splits);
+    let splits = pixels.div_ceil(split_len);
+    let rows = n * splits;
+    if rows > 65535 || cblocks > 65535 {
+        return Err(invalid(format!(
+            "{OP}: grid of {cblocks} x {rows} workgroups exceeds 65535 per dimension"
+        )));
+    }
+    p.splits = splits as u32;
+    p.split_len = split_len as u32;
+    p.accumulate = accumulate_param_grads as u32;
+
+    let partials = rec
+        .gpu
+        .tensor(&[2, rows, c], "group_norm_backward.partials");
+    let gsums = rec
+        .gpu
+        .tensor(&[2, n * groups], "group_norm_backward.group_sums");
+    rec.dispatch(
+        key("group_norm_backward_partials"),
+        &p,
+        &[
+            (1, x.into()),
+            (7, mean.into()),
+            (8, rstd.into()),
+            (9, dy.into()),
+            (10, (&partials).into()),
+        ],
+        [cblocks as u32, rows as u32, 1],
+    );
+    rec.dispatch(
+        key("group_norm_backward_group_sums"),
+        &p,
+        &[
+            (2, gamma.into()),
+            (11, (&partials).into()),
+            (12, (&gsums).into()),
+        ],
+        grid_1d((n * groups).div_ceil(WG)),
+    );
+    rec.dispatch(
+        key("group_norm_backward_params"),
+        &p,
+        &[
+            (11, (&partials).into()),
+            (13, dgamma.into()),
+            (14, dbeta.into()),
+        ],
+        grid_1d(c.div_ceil(WG)),
+    );
+    rec.dispatch(
+        key("group_norm_backward_dx"),
+        &p,
+        &[
+            (1, x.into()),
+            (2, gamma.into()),
+            (7, mean.into()),
+            (8, rstd.into()),
+            (9, dy.into()),
+            (15, (&gsums).into()),
+            (16, dx.into()),
+        ],
+        grid_1d(x.numel().div_ceil(WG)),
+    );
+    Ok(())
+}

@@ -1,1 +1,79 @@
-//! `shaders/upsample.wgsl`.
+//! `shaders/upsample.wgsl`: nearest-neighbour x2 upsampling of NHWC images and its backward.
+
+use super::{OpResult, expect_distinct, expect_rank, expect_shape, invalid, u32_of};
+use crate::gpu::{KernelKey, Recorder, Tensor, grid_1d};
+
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct UpsampleParams {
+    pub numel: u32,
+    pub height: u32,
+    pub width: u32,
+    pub channels: u32,
+}
+
+const WG: usize = 256;
+
+fn key(entry: &'static str) -> KernelKey {
+    KernelKey::new("upsample", entry)
+}
+
+/// Checks `small` [N, H, W, C] and `big` [N, 2H, 2W, C]; returns the parameters for a dispatch
+/// writing `big` (forward) or `small` (backward), as `writes_big` says.
+fn params(
+    op: &str,
+    small_name: &str,
+    small: &Tensor,
+    big_name: &str,
+    big: &Tensor,
+    writes_big: bool,
+) -> OpResult<UpsampleParams> {
+    expect_rank(op, small_name, small, 4)?;
+    let s = small.shape();
+    if s.contains(&0) {
+        return Err(invalid(format!(
+            "{op}: `{small_name}` (`{}`) has an empty shape {s:?}",
+            small.label()
+        )));
+    }
+    expect_shape(op, big_name, big, &[s[0], 2 * s[1], 2 * s[2], s[3]])?;
+    u32_of(op, &format!("numel of `{big_name}`"), big.numel())?;
+    Ok(UpsampleParams {
+        numel: if writes_big {
+            big.numel()
+        } else {
+            small.numel()
+        } as u32,
+        height: s[1] as u32,
+        width: s[2] as u32,
+        channels: s[3] as u32,
+    })
+}
+
+/// y [N, 2H, 2W, C] = nearest x2 upsampling of x [N, H, W, C].
+pub fn upsample_nearest2x_forward(rec: &mut Recorder, x: &Tensor, y: &Tensor) -> OpResult {
+    const OP: &str = "upsample_nearest2x_forward";
+    let p = params(OP, "x", x, "y", y, true)?;
+    expect_distinct(OP, x, y)?;
+    rec.dispatch(
+        key(OP),
+        &p,
+        &[(1, x.into()), (2, y.into())],
+        grid_1d(y.numel().div_ceil(WG)),
+    );
+    Ok(())
+}
+
+/// dx [N, H, W, C] = sum of the four children in dy [N, 2H, 2W, C] (overwrites dx).
+pub fn upsample_nearest2x_backward(rec: &mut Recorder, dy: &Tensor, dx: &Tensor) -> OpResult {
+    const OP: &str = "upsample_nearest2x_backward";
+    let p = params(OP, "dx", dx, "dy", dy, false)?;
+    expect_distinct(OP, dy, dx)?;
+    rec.dispatch(
+        key(OP),
+        &p,
+        &[(1, dy.into()), (2, dx.into())],
+        grid_1d(dx.numel().div_ceil(WG)),
+    );
+    Ok(())
+}
