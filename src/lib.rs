@@ -2,6 +2,8 @@
 //! shader dispatched through wgpu (Vulkan, Metal, DX12; lavapipe for headless CI).
 
 pub mod bench;
+pub mod data;
+pub mod diffusion;
 pub mod gpu;
 pub mod nn;
 pub mod ops;

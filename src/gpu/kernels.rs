@@ -32,7 +32,30 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("loss", include_str!("../../shaders/loss.wgsl")),
     ("adamw", include_str!("../../shaders/adamw.wgsl")),
     ("noise", include_str!("../../shaders/noise.wgsl")),
+    ("diffusion", include_str!("../../shaders/diffusion.wgsl")),
 ];
+
+/// Names of the `@compute` entry points of a WGSL source (the `fn` following each attribute).
+pub fn entry_points(src: &'static str) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    let mut rest = src;
+    while let Some(i) = rest.find("@compute") {
+        rest = &rest[i..];
+        if let Some(f) = rest.find("fn ") {
+            let name: &str = rest[f + 3..]
+                .split(|c: char| !(c.is_alphanumeric() || c == '_'))
+                .next()
+                .unwrap_or("");
+            if !name.is_empty() {
+                out.push(name);
+            }
+            rest = &rest[f + 3..];
+        } else {
+            break;
+        }
+    }
+    out
+}
 
 pub fn shader_source(name: &str) -> Option<&'static str> {
     SHADERS.iter().find(|(n, _)| *n == name).map(|(_, s)| *s)
@@ -115,13 +138,21 @@ impl Kernels {
                     let src = key
                         .source()
                         .unwrap_or_else(|e| panic!("shader template: {e}"));
-                    Arc::new(
-                        self.device
-                            .create_shader_module(wgpu::ShaderModuleDescriptor {
-                                label: Some(key.shader),
-                                source: wgpu::ShaderSource::Wgsl(src.into()),
-                            }),
-                    )
+                    let desc = wgpu::ShaderModuleDescriptor {
+                        label: Some(key.shader),
+                        source: wgpu::ShaderSource::Wgsl(src.into()),
+                    };
+                    if std::env::var_os("WGPU_DIFFUSION_UNCHECKED_SHADERS").is_some() {
+                        // SAFETY: opt-in experiment; every op validates its indices before recording.
+                        Arc::new(unsafe {
+                            self.device.create_shader_module_trusted(
+                                desc,
+                                wgpu::ShaderRuntimeChecks::unchecked(),
+                            )
+                        })
+                    } else {
+                        Arc::new(self.device.create_shader_module(desc))
+                    }
                 })
                 .clone()
         };

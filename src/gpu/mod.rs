@@ -8,7 +8,7 @@ mod kernels;
 mod plan;
 mod tensor;
 
-pub use kernels::{KernelKey, Kernels, SHADERS, expand_template, shader_source};
+pub use kernels::{KernelKey, Kernels, SHADERS, entry_points, expand_template, shader_source};
 pub use plan::{Binding, Plan, Recorder, StepRecord, grid_1d};
 pub use tensor::{Tensor, Texture2d};
 

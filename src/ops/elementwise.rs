@@ -208,18 +208,3 @@ pub fn copy_channels(
     );
     Ok(())
 }
-
-pub fn kernel_keys() -> Vec<KernelKey> {
-    [
-        "add",
-        "axpby",
-        "scale",
-        "silu_forward",
-        "silu_backward",
-        "add_channel_bias",
-        "copy_channels",
-    ]
-    .into_iter()
-    .map(key)
-    .collect()
-}

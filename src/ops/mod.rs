@@ -4,6 +4,7 @@
 
 pub mod adamw;
 pub mod conv2d;
+pub mod diffusion;
 pub mod elementwise;
 pub mod gemm;
 pub mod group_norm;
@@ -77,12 +78,20 @@ pub(crate) fn u32_of(op: &str, what: &str, v: usize) -> OpResult<u32> {
     u32::try_from(v).map_err(|_| invalid(format!("{op}: {what} = {v} does not fit in 32 bits")))
 }
 
-/// Every kernel specialization the runtime can build (validated by `tests/shaders.rs`).
+/// Every kernel specialization the runtime can build (validated by `tests/shaders.rs`): the
+/// GEMM family with its tile constants and templates, and every entry point of the others.
 pub fn all_kernel_keys() -> Vec<crate::gpu::KernelKey> {
-    let mut keys = Vec::new();
-    keys.extend(gemm::kernel_keys());
-    keys.extend(pack::kernel_keys());
-    keys.extend(reduce::kernel_keys());
-    keys.extend(elementwise::kernel_keys());
+    use crate::gpu::{KernelKey, SHADERS, entry_points};
+    let mut keys = gemm::kernel_keys();
+    for (shader, src) in SHADERS {
+        if *shader == "gemm" || *shader == "gemm_subgroup" {
+            continue;
+        }
+        keys.extend(
+            entry_points(src)
+                .into_iter()
+                .map(|e| KernelKey::new(shader, e)),
+        );
+    }
     keys
 }

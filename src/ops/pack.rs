@@ -25,13 +25,6 @@ pub struct PackParams {
     pub io_swapped: u32,
 }
 
-pub fn kernel_keys() -> Vec<KernelKey> {
-    ["pack_matrix", "pack_nhwc", "pack_conv_weight"]
-        .iter()
-        .map(|e| KernelKey::new("pack", e))
-        .collect()
-}
-
 /// Whether a `rows × cols` matrix (cols packed 4 per texel) fits one texture on this adapter.
 pub fn fits_texture(gpu: &Gpu, rows: usize, cols: usize) -> bool {
     let max = gpu.limits.max_texture_dimension_2d as usize;

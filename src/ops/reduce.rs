@@ -19,10 +19,6 @@ fn key() -> KernelKey {
     KernelKey::new("reduce", "sum_slices")
 }
 
-pub fn kernel_keys() -> Vec<KernelKey> {
-    vec![key()]
-}
-
 /// out[j] (+)= Σ_{s < slices} src[s·stride + j] for j < n, one pass (fixed order).
 pub fn sum_slices(
     rec: &mut Recorder,

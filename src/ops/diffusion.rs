@@ -1,0 +1,146 @@
+//! `shaders/diffusion.wgsl`: v-prediction targets, min-SNR-γ weights, the DDPM sampler step.
+
+use super::{OpResult, expect_distinct, expect_numel, invalid, u32_of};
+use crate::diffusion::PredictionType;
+use crate::gpu::{KernelKey, Recorder, Tensor, grid_1d};
+
+#[repr(C)]
+#[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct DiffusionParams {
+    pub n: u32,
+    pub per_sample: u32,
+    pub prediction: u32,
+    pub clip_sample: u32,
+    pub gamma: f32,
+    pub _pad: [u32; 3],
+}
+
+fn key(entry: &'static str) -> KernelKey {
+    KernelKey::new("diffusion", entry)
+}
+
+fn prediction_code(p: PredictionType) -> u32 {
+    match p {
+        PredictionType::Epsilon => 0,
+        PredictionType::VPrediction => 1,
+        PredictionType::Sample => 2,
+    }
+}
+
+fn samples_of(op: &str, t: &Tensor) -> OpResult<(usize, usize)> {
+    let b = *t.shape().first().unwrap_or(&0);
+    if b == 0 || t.numel() == 0 {
+        return Err(invalid(format!("{op}: `{}` is empty", t.label())));
+    }
+    Ok((b, t.numel() / b))
+}
+
+/// target = √ᾱ_t·noise − √(1−ᾱ_t)·x0 per sample (timesteps u32 [B]).
+pub fn v_target(
+    rec: &mut Recorder,
+    x0: &Tensor,
+    noise: &Tensor,
+    timesteps: &Tensor,
+    alphas_cumprod: &Tensor,
+    target: &Tensor,
+) -> OpResult {
+    const OP: &str = "v_target";
+    let (b, per) = samples_of(OP, x0)?;
+    expect_numel(OP, "noise", noise, x0.numel())?;
+    expect_numel(OP, "target", target, x0.numel())?;
+    expect_numel(OP, "timesteps", timesteps, b)?;
+    for t in [x0, noise, timesteps, alphas_cumprod] {
+        expect_distinct(OP, t, target)?;
+    }
+    let p = DiffusionParams {
+        n: u32_of(OP, "n", x0.numel())?,
+        per_sample: per as u32,
+        ..Default::default()
+    };
+    rec.dispatch(
+        key(OP),
+        &p,
+        &[
+            (1, x0.into()),
+            (2, noise.into()),
+            (3, timesteps.into()),
+            (4, alphas_cumprod.into()),
+            (5, target.into()),
+        ],
+        grid_1d(x0.numel().div_ceil(256)),
+    );
+    Ok(())
+}
+
+/// weights[b] = min-SNR-γ weight of timesteps[b] for the prediction type.
+pub fn min_snr_weights(
+    rec: &mut Recorder,
+    timesteps: &Tensor,
+    alphas_cumprod: &Tensor,
+    gamma: f32,
+    prediction: PredictionType,
+    weights: &Tensor,
+) -> OpResult {
+    const OP: &str = "min_snr_weights";
+    let b = timesteps.numel();
+    expect_numel(OP, "weights", weights, b)?;
+    if !(gamma > 0.0) {
+        return Err(invalid(format!("{OP}: γ must be positive, is {gamma}")));
+    }
+    let p = DiffusionParams {
+        n: u32_of(OP, "n", b)?,
+        prediction: prediction_code(prediction),
+        gamma,
+        ..Default::default()
+    };
+    rec.dispatch(
+        key(OP),
+        &p,
+        &[
+            (3, timesteps.into()),
+            (4, alphas_cumprod.into()),
+            (5, weights.into()),
+        ],
+        [b.div_ceil(64) as u32, 1, 1],
+    );
+    Ok(())
+}
+
+/// x (in place) ← one DDPM reverse step from `model_output` and fresh noise `z`, with the
+/// step's coefficients in `coeffs` ([√ᾱ_t, √(1−ᾱ_t), c_x0, c_xt, σ], rewritten every step).
+pub fn ddpm_step(
+    rec: &mut Recorder,
+    x: &Tensor,
+    model_output: &Tensor,
+    z: &Tensor,
+    coeffs: &Tensor,
+    prediction: PredictionType,
+    clip_sample: bool,
+) -> OpResult {
+    const OP: &str = "ddpm_step";
+    let n = x.numel();
+    expect_numel(OP, "model_output", model_output, n)?;
+    expect_numel(OP, "z", z, n)?;
+    expect_numel(OP, "coeffs", coeffs, 5)?;
+    for t in [model_output, z, coeffs] {
+        expect_distinct(OP, t, x)?;
+    }
+    let p = DiffusionParams {
+        n: u32_of(OP, "n", n)?,
+        prediction: prediction_code(prediction),
+        clip_sample: clip_sample as u32,
+        ..Default::default()
+    };
+    rec.dispatch(
+        key(OP),
+        &p,
+        &[
+            (1, model_output.into()),
+            (2, z.into()),
+            (5, x.into()),
+            (6, coeffs.into()),
+        ],
+        grid_1d(n.div_ceil(256)),
+    );
+    Ok(())
+}
