@@ -2,9 +2,11 @@
 //! shader dispatched through wgpu (Vulkan, Metal, DX12; lavapipe for headless CI).
 
 pub mod bench;
+pub mod cli_train;
 pub mod data;
 pub mod diffusion;
 pub mod gpu;
 pub mod nn;
 pub mod ops;
 pub mod reference;
+pub mod train;

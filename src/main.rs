@@ -47,6 +47,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Train a diffusion U-Net (default: tiny16 on the embedded MNIST).
+    Train {
+        #[command(flatten)]
+        device: DeviceArgs,
+        #[command(flatten)]
+        args: wgpu_diffusion::cli_train::TrainArgs,
+    },
     /// Benchmarks: `--kernels` prints GFLOP/s of the GEMM/conv kernels as JSON lines.
     Bench {
         #[command(flatten)]
@@ -112,6 +119,44 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     );
                 }
             }
+            Ok(())
+        }
+        Command::Train { device, args } => {
+            let mut opts = device.options();
+            let base = match &args.resume {
+                Some(dir) => {
+                    // A resumed run keeps its options and the kernel path it started with.
+                    let path = dir.join("config.toml");
+                    let text = std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("--resume {}: {e}", path.display()))?;
+                    if let Some(last) = (wgpu_diffusion::train::RunDir { root: dir.clone() }).list_checkpoints().pop() {
+                        let ck = wgpu_diffusion::train::checkpoint::LoadedTensors::read(&last)?;
+                        if let Some(path) = ck.metadata().get("gemm_path") {
+                            opts.gemm_path = Some(if path == "portable" { GemmPathChoice::Portable } else { GemmPathChoice::Subgroup });
+                        }
+                    }
+                    Some(toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?)
+                }
+                None => None,
+            };
+            let cfg = args.resolve(base)?;
+            let gpu = Gpu::new(&opts)?;
+            eprintln!("adapter: {}", gpu.describe());
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let flag = stop.clone();
+            ctrlc::set_handler(move || {
+                if flag.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    std::process::exit(130);
+                }
+                eprintln!("\ninterrupted: writing a checkpoint (Ctrl-C again to quit at once)");
+            })?;
+            let mut progress = wgpu_diffusion::cli_train::ConsoleProgress::new();
+            let summary = wgpu_diffusion::train::run(gpu, cfg, args.resume.as_deref(), stop, &mut progress)?;
+            eprintln!(
+                "{} at step {}: {}",
+                if summary.interrupted { "stopped" } else { "done" },
+                summary.steps,
+                summary.run_dir.display()
+            );
             Ok(())
         }
         Command::Bench {

@@ -208,3 +208,14 @@ pub fn copy_channels(
     );
     Ok(())
 }
+
+/// y[i] = x[i] as f32, where x holds u32 values (e.g. timesteps drawn by the RNG).
+pub fn cast_u32_to_f32(rec: &mut Recorder, x: &Tensor, y: &Tensor) -> OpResult {
+    const OP: &str = "cast_u32_to_f32";
+    let n = x.numel();
+    expect_numel(OP, "y", y, n)?;
+    expect_distinct(OP, x, y)?;
+    let p = ElementwiseParams { n: u32_of(OP, "n", n)?, ..Default::default() };
+    rec.dispatch(key(OP), &p, &[(1, x.into()), (2, y.into())], grid_1d(n.div_ceil(WG)));
+    Ok(())
+}

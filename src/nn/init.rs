@@ -1,0 +1,42 @@
+//! Default parameter initialisation with PyTorch's distributions (seeded, CPU, once at start):
+//! Conv2d and Linear weights and biases U(−1/√fan_in, 1/√fan_in) (kaiming_uniform with a = √5),
+//! GroupNorm weight 1 and bias 0. Not torch's random stream, the same distribution.
+
+use super::ParamStore;
+
+pub fn default_init(store: &ParamStore, seed: u64) -> Vec<f32> {
+    let mut state = seed ^ 0x1A2B_3C4D_5E6F_7081;
+    let mut uniform = move || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z >> 40) as f64 / (1u64 << 24) as f64 * 2.0 - 1.0
+    };
+    let mut flat = vec![0.0f32; store.len];
+    let mut fan_in_of: std::collections::HashMap<String, usize> = Default::default();
+    for s in &store.specs {
+        if s.name.ends_with(".weight") && s.shape.len() >= 2 {
+            fan_in_of.insert(s.name.trim_end_matches(".weight").to_string(), s.shape[1..].iter().product());
+        }
+    }
+    for s in &store.specs {
+        let prefix = s.name.rsplit_once('.').map(|(p, _)| p).unwrap_or("");
+        let out = &mut flat[s.offset..s.offset + s.numel()];
+        match fan_in_of.get(prefix) {
+            Some(&fan_in) => {
+                let bound = 1.0 / (fan_in as f64).sqrt();
+                for v in out.iter_mut() {
+                    *v = (uniform() * bound) as f32;
+                }
+            }
+            // Norm layers (1-D weight without a matching matrix): weight 1, bias 0.
+            None => {
+                let value = if s.name.ends_with(".weight") { 1.0 } else { 0.0 };
+                out.fill(value);
+            }
+        }
+    }
+    flat
+}
