@@ -21,7 +21,14 @@ fn main() -> anyhow::Result<()> {
     pack_matrix(&mut rec, &MatRef::dense(&b, n), n, n, n, 1, 1, "B")?;
     let packs = rec.finish();
     let mut rec = gpu.recorder();
-    gemm(&mut rec, GemmShape::new(n, n, n), MatRef::dense(&a, n), MatRef::dense(&b, n), None, MatRef::dense(&c, n))?;
+    gemm(
+        &mut rec,
+        GemmShape::new(n, n, n),
+        MatRef::dense(&a, n),
+        MatRef::dense(&b, n),
+        None,
+        MatRef::dense(&c, n),
+    )?;
     let full = rec.finish();
     for (name, plan) in [("packs", &packs), ("pack+gemm", &full)] {
         gpu.run(&[plan])?;

@@ -93,8 +93,10 @@ impl TrainArgs {
     pub fn resolve(&self, base: Option<TrainConfig>) -> anyhow::Result<TrainConfig> {
         let mut c = match (&self.config_file, base) {
             (Some(path), _) => {
-                let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("--config-file {}: {e}", path.display()))?;
-                toml::from_str(&text).map_err(|e| anyhow::anyhow!("--config-file {}: {e}", path.display()))?
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| anyhow::anyhow!("--config-file {}: {e}", path.display()))?;
+                toml::from_str(&text)
+                    .map_err(|e| anyhow::anyhow!("--config-file {}: {e}", path.display()))?
             }
             (None, Some(b)) => b,
             (None, None) => TrainConfig::default(),
@@ -102,8 +104,29 @@ impl TrainArgs {
         macro_rules! set {
             ($($f:ident),*) => { $( if let Some(v) = &self.$f { c.$f = v.clone(); } )* };
         }
-        set!(model, steps, batch_size, grad_accum, lr, lr_warmup_steps, lr_schedule, weight_decay, max_grad_norm, beta_schedule);
-        set!(num_train_timesteps, prediction_type, snr_gamma, ema, ema_decay, seed, sample_every, sample_steps, checkpoint_every);
+        set!(
+            model,
+            steps,
+            batch_size,
+            grad_accum,
+            lr,
+            lr_warmup_steps,
+            lr_schedule,
+            weight_decay,
+            max_grad_norm,
+            beta_schedule
+        );
+        set!(
+            num_train_timesteps,
+            prediction_type,
+            snr_gamma,
+            ema,
+            ema_decay,
+            seed,
+            sample_every,
+            sample_steps,
+            checkpoint_every
+        );
         set!(keep_checkpoints, log_every);
         if self.model_config.is_some() {
             c.model_config = self.model_config.clone();
@@ -119,7 +142,8 @@ impl TrainArgs {
         }
         c.hflip |= self.hflip;
         c.strict |= self.strict;
-        c.validate().map_err(|e| anyhow::anyhow!("invalid training options: {e}"))?;
+        c.validate()
+            .map_err(|e| anyhow::anyhow!("invalid training options: {e}"))?;
         Ok(c)
     }
 }
@@ -135,7 +159,13 @@ pub struct ConsoleProgress {
 
 impl ConsoleProgress {
     pub fn new() -> ConsoleProgress {
-        ConsoleProgress { bar: None, last_line: Instant::now(), total: 0, last_loss: None, last_ips: 0.0 }
+        ConsoleProgress {
+            bar: None,
+            last_line: Instant::now(),
+            total: 0,
+            last_loss: None,
+            last_ips: 0.0,
+        }
     }
 }
 
@@ -151,9 +181,11 @@ impl Progress for ConsoleProgress {
         if std::io::stderr().is_terminal() {
             let bar = indicatif::ProgressBar::new(total);
             bar.set_style(
-                indicatif::ProgressStyle::with_template("{bar:30.cyan/blue} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
-                    .expect("template")
-                    .progress_chars("=> "),
+                indicatif::ProgressStyle::with_template(
+                    "{bar:30.cyan/blue} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+                )
+                .expect("template")
+                .progress_chars("=> "),
             );
             bar.set_position(first_step);
             self.bar = Some(bar);
@@ -169,7 +201,9 @@ impl Progress for ConsoleProgress {
         }
         let msg = format!(
             "loss {} lr {lr:.2e} {:.0} img/s",
-            self.last_loss.map(|l| format!("{l:.4}")).unwrap_or_else(|| "-".into()),
+            self.last_loss
+                .map(|l| format!("{l:.4}"))
+                .unwrap_or_else(|| "-".into()),
             self.last_ips
         );
         match &self.bar {
@@ -178,7 +212,9 @@ impl Progress for ConsoleProgress {
                 bar.set_message(msg);
             }
             None => {
-                if loss.is_some() && (self.last_line.elapsed().as_secs_f64() >= 5.0 || step == self.total) {
+                if loss.is_some()
+                    && (self.last_line.elapsed().as_secs_f64() >= 5.0 || step == self.total)
+                {
                     self.last_line = Instant::now();
                     eprintln!("step {step}/{} {msg}", self.total);
                 }

@@ -61,6 +61,18 @@ enum Command {
         /// Kernel GFLOP/s at U-Net shapes.
         #[arg(long)]
         kernels: bool,
+        /// Whole training steps (forward, backward, AdamW, EMA) of a preset.
+        #[arg(long)]
+        train: bool,
+        /// Model preset for --train.
+        #[arg(long, default_value = "tiny16")]
+        model: String,
+        /// Batch size for --train.
+        #[arg(long, default_value_t = 32)]
+        batch_size: usize,
+        /// With --train: a per-kernel time table of one step (stderr).
+        #[arg(long)]
+        profile: bool,
         /// Timed repetitions per case (median reported).
         #[arg(long, default_value_t = 10)]
         reps: usize,
@@ -127,14 +139,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(dir) => {
                     // A resumed run keeps its options and the kernel path it started with.
                     let path = dir.join("config.toml");
-                    let text = std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("--resume {}: {e}", path.display()))?;
-                    if let Some(last) = (wgpu_diffusion::train::RunDir { root: dir.clone() }).list_checkpoints().pop() {
+                    let text = std::fs::read_to_string(&path)
+                        .map_err(|e| anyhow::anyhow!("--resume {}: {e}", path.display()))?;
+                    if let Some(last) = (wgpu_diffusion::train::RunDir { root: dir.clone() })
+                        .list_checkpoints()
+                        .pop()
+                    {
                         let ck = wgpu_diffusion::train::checkpoint::LoadedTensors::read(&last)?;
                         if let Some(path) = ck.metadata().get("gemm_path") {
-                            opts.gemm_path = Some(if path == "portable" { GemmPathChoice::Portable } else { GemmPathChoice::Subgroup });
+                            opts.gemm_path = Some(if path == "portable" {
+                                GemmPathChoice::Portable
+                            } else {
+                                GemmPathChoice::Subgroup
+                            });
                         }
                     }
-                    Some(toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?)
+                    Some(
+                        toml::from_str(&text)
+                            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+                    )
                 }
                 None => None,
             };
@@ -150,10 +173,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 eprintln!("\ninterrupted: writing a checkpoint (Ctrl-C again to quit at once)");
             })?;
             let mut progress = wgpu_diffusion::cli_train::ConsoleProgress::new();
-            let summary = wgpu_diffusion::train::run(gpu, cfg, args.resume.as_deref(), stop, &mut progress)?;
+            let summary =
+                wgpu_diffusion::train::run(gpu, cfg, args.resume.as_deref(), stop, &mut progress)?;
             eprintln!(
                 "{} at step {}: {}",
-                if summary.interrupted { "stopped" } else { "done" },
+                if summary.interrupted {
+                    "stopped"
+                } else {
+                    "done"
+                },
                 summary.steps,
                 summary.run_dir.display()
             );
@@ -162,13 +190,31 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench {
             device,
             kernels,
+            train,
+            model,
+            batch_size,
+            profile,
             reps,
         } => {
-            if !kernels {
-                anyhow::bail!("choose a benchmark: `bench --kernels`");
+            if !kernels && !train {
+                anyhow::bail!("choose a benchmark: `bench --kernels` and/or `bench --train`");
             }
             let gpu = Gpu::new(&device.options())?;
             eprintln!("adapter: {}", gpu.describe());
+            if train {
+                let r = wgpu_diffusion::bench::train_steps(
+                    &gpu,
+                    &model,
+                    batch_size,
+                    reps.max(1),
+                    2,
+                    profile,
+                )?;
+                println!("{}", serde_json::to_string(&r)?);
+                if !kernels {
+                    return Ok(());
+                }
+            }
             wgpu_diffusion::bench::kernels(&gpu, reps.max(1), |r| {
                 println!("{}", serde_json::to_string(r).expect("serialize"));
             })?;

@@ -143,3 +143,84 @@ pub fn kernels(
     }
     Ok(results)
 }
+
+#[derive(serde::Serialize)]
+pub struct TrainResult {
+    pub bench: &'static str,
+    pub model: String,
+    pub batch: usize,
+    pub median_step_s: f64,
+    pub min_step_s: f64,
+    pub images_per_s: f64,
+    pub first_step_s: f64,
+    pub path: String,
+    pub adapter: String,
+}
+
+/// Times whole training steps (submit + wait each, after `warmup` steps) on random data.
+pub fn train_steps(
+    gpu: &Arc<Gpu>,
+    model: &str,
+    batch: usize,
+    steps: usize,
+    warmup: usize,
+    profile: bool,
+) -> Result<TrainResult> {
+    let cfg = crate::train::TrainConfig {
+        model: model.to_string(),
+        batch_size: batch,
+        ..Default::default()
+    };
+    let unet_cfg = crate::train::resolve_model_config(&cfg)?;
+    let t0 = Instant::now();
+    let mut trainer = crate::train::Trainer::new(gpu.clone(), cfg.clone(), &unet_cfg)?;
+    trainer.set_weights(&crate::nn::init::default_init(&trainer.unet.params, 0))?;
+    let numel: usize = trainer.unet.sample.shape().iter().product();
+    let data: Vec<f32> = crate::reference::test_data(numel, 1)
+        .iter()
+        .map(|&v| v as f32)
+        .collect();
+    trainer.submit_step(std::slice::from_ref(&data))?;
+    gpu.wait()?;
+    let first_step_s = t0.elapsed().as_secs_f64();
+    for _ in 0..warmup {
+        trainer.submit_step(std::slice::from_ref(&data))?;
+        gpu.wait()?;
+    }
+    let mut times = Vec::new();
+    for _ in 0..steps.max(1) {
+        let t = Instant::now();
+        trainer.submit_step(std::slice::from_ref(&data))?;
+        gpu.wait()?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    if profile {
+        let prof = trainer.profile_step();
+        let total: f64 = prof.iter().map(|p| p.2).sum();
+        for (name, n, secs) in prof.iter().take(25) {
+            eprintln!(
+                "{:>8.2} ms {:>5.1}% {n:>4}x {name}",
+                secs * 1e3,
+                100.0 * secs / total
+            );
+        }
+        eprintln!(
+            "{:>8.2} ms total over {} dispatches and copies (one submit each)",
+            total * 1e3,
+            prof.iter().map(|p| p.1).sum::<usize>()
+        );
+    }
+    let median = times[times.len() / 2];
+    Ok(TrainResult {
+        bench: "train_step",
+        model: model.to_string(),
+        batch,
+        median_step_s: median,
+        min_step_s: times[0],
+        images_per_s: batch as f64 / median,
+        first_step_s,
+        path: gpu.gemm_path.to_string(),
+        adapter: gpu.adapter.name.clone(),
+    })
+}

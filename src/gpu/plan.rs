@@ -289,9 +289,13 @@ pub struct Plan {
 
 impl Plan {
     pub fn encode(&self, enc: &mut wgpu::CommandEncoder) {
+        self.encode_steps(&self.steps, enc);
+    }
+
+    fn encode_steps(&self, steps: &[Step], enc: &mut wgpu::CommandEncoder) {
         let mut i = 0;
-        while i < self.steps.len() {
-            match &self.steps[i] {
+        while i < steps.len() {
+            match &steps[i] {
                 Step::Dispatch { .. } => {
                     let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
                         label: None,
@@ -301,7 +305,7 @@ impl Plan {
                         pipeline,
                         bind_group,
                         groups,
-                    }) = self.steps.get(i)
+                    }) = steps.get(i)
                     {
                         pass.set_pipeline(pipeline);
                         pass.set_bind_group(0, bind_group, &[]);
@@ -346,6 +350,21 @@ impl Plan {
             }
             i += 1;
         }
+    }
+
+    /// Runs each dispatch or copy in its own submit and returns (record index, seconds): a
+    /// rough per-kernel profile (each time includes one submit + wait, ~0.1 ms on lavapipe).
+    pub fn profile(&self, gpu: &super::Gpu) -> Vec<(usize, f64)> {
+        let mut out = Vec::with_capacity(self.steps.len());
+        for i in 0..self.steps.len() {
+            let mut enc = gpu.device.create_command_encoder(&Default::default());
+            self.encode_steps(&self.steps[i..i + 1], &mut enc);
+            let t = std::time::Instant::now();
+            gpu.queue.submit([enc.finish()]);
+            let _ = gpu.wait();
+            out.push((i, t.elapsed().as_secs_f64()));
+        }
+        out
     }
 
     pub fn records(&self) -> &[StepRecord] {

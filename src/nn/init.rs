@@ -18,7 +18,10 @@ pub fn default_init(store: &ParamStore, seed: u64) -> Vec<f32> {
     let mut fan_in_of: std::collections::HashMap<String, usize> = Default::default();
     for s in &store.specs {
         if s.name.ends_with(".weight") && s.shape.len() >= 2 {
-            fan_in_of.insert(s.name.trim_end_matches(".weight").to_string(), s.shape[1..].iter().product());
+            fan_in_of.insert(
+                s.name.trim_end_matches(".weight").to_string(),
+                s.shape[1..].iter().product(),
+            );
         }
     }
     for s in &store.specs {
@@ -33,7 +36,11 @@ pub fn default_init(store: &ParamStore, seed: u64) -> Vec<f32> {
             }
             // Norm layers (1-D weight without a matching matrix): weight 1, bias 0.
             None => {
-                let value = if s.name.ends_with(".weight") { 1.0 } else { 0.0 };
+                let value = if s.name.ends_with(".weight") {
+                    1.0
+                } else {
+                    0.0
+                };
                 out.fill(value);
             }
         }

@@ -215,7 +215,15 @@ pub fn cast_u32_to_f32(rec: &mut Recorder, x: &Tensor, y: &Tensor) -> OpResult {
     let n = x.numel();
     expect_numel(OP, "y", y, n)?;
     expect_distinct(OP, x, y)?;
-    let p = ElementwiseParams { n: u32_of(OP, "n", n)?, ..Default::default() };
-    rec.dispatch(key(OP), &p, &[(1, x.into()), (2, y.into())], grid_1d(n.div_ceil(WG)));
+    let p = ElementwiseParams {
+        n: u32_of(OP, "n", n)?,
+        ..Default::default()
+    };
+    rec.dispatch(
+        key(OP),
+        &p,
+        &[(1, x.into()), (2, y.into())],
+        grid_1d(n.div_ceil(WG)),
+    );
     Ok(())
 }

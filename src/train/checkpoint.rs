@@ -16,13 +16,20 @@ use crate::nn::{ParamStore, UNetConfig};
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tmp = dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("file")));
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file")
+    ));
     {
-        let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(bytes).with_context(|| format!("writing {}", tmp.display()))?;
-        f.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
+        let mut f =
+            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(bytes)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        f.sync_all()
+            .with_context(|| format!("syncing {}", tmp.display()))?;
     }
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
     }
@@ -30,15 +37,30 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// Serializes named f32 tensors (split out of flat buffers by the store's layout).
-pub fn serialize_named(store: &ParamStore, groups: &[(&str, &[f32])], metadata: HashMap<String, String>) -> Result<Vec<u8>> {
+pub fn serialize_named(
+    store: &ParamStore,
+    groups: &[(&str, &[f32])],
+    metadata: HashMap<String, String>,
+) -> Result<Vec<u8>> {
     let mut views = Vec::new();
     for (prefix, flat) in groups {
         if flat.len() != store.len {
-            bail!("buffer `{prefix}` has {} values, the parameter layout {}", flat.len(), store.len);
+            bail!(
+                "buffer `{prefix}` has {} values, the parameter layout {}",
+                flat.len(),
+                store.len
+            );
         }
         for (spec, values) in store.unflatten(flat) {
-            let name = if prefix.is_empty() { spec.name.clone() } else { format!("{prefix}.{}", spec.name) };
-            views.push((name, TensorView::new(Dtype::F32, spec.shape.clone(), bytemuck::cast_slice(values))?));
+            let name = if prefix.is_empty() {
+                spec.name.clone()
+            } else {
+                format!("{prefix}.{}", spec.name)
+            };
+            views.push((
+                name,
+                TensorView::new(Dtype::F32, spec.shape.clone(), bytemuck::cast_slice(values))?,
+            ));
         }
     }
     Ok(safetensors::serialize(views, Some(metadata))?)
@@ -54,15 +76,24 @@ impl LoadedTensors {
     pub fn read(path: &Path) -> Result<LoadedTensors> {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         SafeTensors::deserialize(&bytes).map_err(|e| {
-            anyhow!("{} is not a valid safetensors file (truncated or corrupt?): {e}", path.display())
+            anyhow!(
+                "{} is not a valid safetensors file (truncated or corrupt?): {e}",
+                path.display()
+            )
         })?;
-        Ok(LoadedTensors { path: path.to_path_buf(), bytes })
+        Ok(LoadedTensors {
+            path: path.to_path_buf(),
+            bytes,
+        })
     }
     fn st(&self) -> SafeTensors<'_> {
         SafeTensors::deserialize(&self.bytes).expect("validated in read")
     }
     pub fn metadata(&self) -> HashMap<String, String> {
-        SafeTensors::read_metadata(&self.bytes).ok().and_then(|(_, m)| m.metadata().clone()).unwrap_or_default()
+        SafeTensors::read_metadata(&self.bytes)
+            .ok()
+            .and_then(|(_, m)| m.metadata().clone())
+            .unwrap_or_default()
     }
     pub fn names(&self) -> Vec<String> {
         self.st().names().into_iter().map(str::to_string).collect()
@@ -70,11 +101,20 @@ impl LoadedTensors {
     /// The f32 values and shape of `name`.
     pub fn get(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
         let st = self.st();
-        let t = st.tensor(name).map_err(|_| anyhow!("{}: tensor `{name}` is missing", self.path.display()))?;
+        let t = st
+            .tensor(name)
+            .map_err(|_| anyhow!("{}: tensor `{name}` is missing", self.path.display()))?;
         let values: Vec<f32> = match t.dtype() {
             Dtype::F32 => bytemuck::pod_collect_to_vec(t.data()),
-            Dtype::F16 => t.data().chunks_exact(2).map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]]))).collect(),
-            d => bail!("{}: tensor `{name}` has dtype {d:?}; F32 or F16 expected", self.path.display()),
+            Dtype::F16 => t
+                .data()
+                .chunks_exact(2)
+                .map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]])))
+                .collect(),
+            d => bail!(
+                "{}: tensor `{name}` has dtype {d:?}; F32 or F16 expected",
+                self.path.display()
+            ),
         };
         Ok((t.shape().to_vec(), values))
     }
@@ -84,11 +124,18 @@ impl LoadedTensors {
     pub fn flat(&self, store: &ParamStore, prefix: &str) -> Result<Vec<f32>> {
         let mut problems = Vec::new();
         let flat = store.flatten(|spec| {
-            let name = if prefix.is_empty() { spec.name.clone() } else { format!("{prefix}.{}", spec.name) };
+            let name = if prefix.is_empty() {
+                spec.name.clone()
+            } else {
+                format!("{prefix}.{}", spec.name)
+            };
             match self.get(&name) {
                 Ok((shape, v)) if shape == spec.shape => Ok(v),
                 Ok((shape, _)) => {
-                    problems.push(format!("`{name}` has shape {shape:?}, the model expects {:?}", spec.shape));
+                    problems.push(format!(
+                        "`{name}` has shape {shape:?}, the model expects {:?}",
+                        spec.shape
+                    ));
                     Ok(vec![0.0; spec.numel()])
                 }
                 Err(_) => {
@@ -99,7 +146,11 @@ impl LoadedTensors {
         });
         let flat = flat.map_err(|e| anyhow!(e))?;
         if !problems.is_empty() {
-            bail!("{} does not fit the model:\n  {}", self.path.display(), problems.join("\n  "));
+            bail!(
+                "{} does not fit the model:\n  {}",
+                self.path.display(),
+                problems.join("\n  ")
+            );
         }
         Ok(flat)
     }
@@ -130,7 +181,12 @@ fn f16_to_f32(h: u16) -> f32 {
 
 /// Older diffusers attention parameter names (`query`, `key`, `value`, `proj_attn`) → current.
 pub fn modern_name(name: &str) -> String {
-    for (old, new) in [(".query.", ".to_q."), (".key.", ".to_k."), (".value.", ".to_v."), (".proj_attn.", ".to_out.0.")] {
+    for (old, new) in [
+        (".query.", ".to_q."),
+        (".key.", ".to_k."),
+        (".value.", ".to_v."),
+        (".proj_attn.", ".to_out.0."),
+    ] {
         if name.contains(old) {
             return name.replacen(old, new, 1);
         }
@@ -141,13 +197,22 @@ pub fn modern_name(name: &str) -> String {
 pub const MODEL_WEIGHTS: &str = "diffusion_pytorch_model.safetensors";
 
 /// Writes a diffusers model directory (the weights given, with diffusers' names).
-pub fn save_model_dir(dir: &Path, config: &UNetConfig, store: &ParamStore, weights: &[f32], scheduler_json: &str) -> Result<()> {
+pub fn save_model_dir(
+    dir: &Path,
+    config: &UNetConfig,
+    store: &ParamStore,
+    weights: &[f32],
+    scheduler_json: &str,
+) -> Result<()> {
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
     let bytes = serialize_named(store, &[("", weights)], meta)?;
     atomic_write(&dir.join(MODEL_WEIGHTS), &bytes)?;
     atomic_write(&dir.join("config.json"), config.to_json().as_bytes())?;
-    atomic_write(&dir.join("scheduler_config.json"), scheduler_json.as_bytes())?;
+    atomic_write(
+        &dir.join("scheduler_config.json"),
+        scheduler_json.as_bytes(),
+    )?;
     Ok(())
 }
 
@@ -155,7 +220,8 @@ pub fn save_model_dir(dir: &Path, config: &UNetConfig, store: &ParamStore, weigh
 /// the caller from that config). Unknown, missing or mis-shaped tensors are errors naming them.
 pub fn read_model_config(dir: &Path) -> Result<UNetConfig> {
     let cfg_path = dir.join("config.json");
-    let text = std::fs::read_to_string(&cfg_path).with_context(|| format!("reading {}", cfg_path.display()))?;
+    let text = std::fs::read_to_string(&cfg_path)
+        .with_context(|| format!("reading {}", cfg_path.display()))?;
     UNetConfig::from_json(&text).map_err(|e| anyhow!("{}: {e}", cfg_path.display()))
 }
 
@@ -173,7 +239,11 @@ pub fn read_model_weights(dir: &Path, store: &ParamStore) -> Result<Vec<f32>> {
     }
     if !unknown.is_empty() {
         unknown.sort();
-        bail!("{}: tensors the model does not have: {}", loaded.path.display(), unknown.join(", "));
+        bail!(
+            "{}: tensors the model does not have: {}",
+            loaded.path.display(),
+            unknown.join(", ")
+        );
     }
     let mut problems = Vec::new();
     let flat = store
@@ -185,17 +255,29 @@ pub fn read_model_weights(dir: &Path, store: &ParamStore) -> Result<Vec<f32>> {
             Some(file_name) => {
                 let (shape, v) = loaded.get(file_name).map_err(|e| e.to_string())?;
                 // Old checkpoints store attention projections as 1x1 convs [C, C, 1, 1].
-                if shape.iter().product::<usize>() == spec.numel() && shape.iter().filter(|&&d| d != 1).eq(spec.shape.iter().filter(|&&d| d != 1)) {
+                if shape.iter().product::<usize>() == spec.numel()
+                    && shape
+                        .iter()
+                        .filter(|&&d| d != 1)
+                        .eq(spec.shape.iter().filter(|&&d| d != 1))
+                {
                     Ok(v)
                 } else {
-                    problems.push(format!("`{}` has shape {shape:?}, the model expects {:?}", file_name, spec.shape));
+                    problems.push(format!(
+                        "`{}` has shape {shape:?}, the model expects {:?}",
+                        file_name, spec.shape
+                    ));
                     Ok(vec![0.0; spec.numel()])
                 }
             }
         })
         .map_err(|e| anyhow!(e))?;
     if !problems.is_empty() {
-        bail!("{} does not fit its config:\n  {}", loaded.path.display(), problems.join("\n  "));
+        bail!(
+            "{} does not fit its config:\n  {}",
+            loaded.path.display(),
+            problems.join("\n  ")
+        );
     }
     Ok(flat)
 }
@@ -209,8 +291,14 @@ mod tests {
         assert_eq!(f16_to_f32(0x3c00), 1.0);
         assert_eq!(f16_to_f32(0xc000), -2.0);
         assert_eq!(f16_to_f32(0x0001), 2f32.powi(-24));
-        assert_eq!(modern_name("mid_block.attentions.0.query.weight"), "mid_block.attentions.0.to_q.weight");
-        assert_eq!(modern_name("up_blocks.0.attentions.1.proj_attn.bias"), "up_blocks.0.attentions.1.to_out.0.bias");
+        assert_eq!(
+            modern_name("mid_block.attentions.0.query.weight"),
+            "mid_block.attentions.0.to_q.weight"
+        );
+        assert_eq!(
+            modern_name("up_blocks.0.attentions.1.proj_attn.bias"),
+            "up_blocks.0.attentions.1.to_out.0.bias"
+        );
         assert_eq!(modern_name("conv_in.weight"), "conv_in.weight");
     }
 }

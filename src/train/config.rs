@@ -124,10 +124,16 @@ impl TrainConfig {
             return err("max_grad_norm, snr_gamma and weight_decay must not be negative".into());
         }
         if !(0.0..=1.0).contains(&self.ema_decay) {
-            return err(format!("ema_decay must be in [0, 1], is {}", self.ema_decay));
+            return err(format!(
+                "ema_decay must be in [0, 1], is {}",
+                self.ema_decay
+            ));
         }
         if self.sample_steps == 0 || self.sample_steps > self.num_train_timesteps {
-            return err(format!("sample_steps must be in 1..={}", self.num_train_timesteps));
+            return err(format!(
+                "sample_steps must be in 1..={}",
+                self.num_train_timesteps
+            ));
         }
         if self.log_every == 0 || self.keep_checkpoints == 0 {
             return err("log_every and keep_checkpoints must be at least 1".into());
@@ -159,17 +165,35 @@ mod tests {
 
     #[test]
     fn toml_round_trip_and_unknown_keys() {
-        let c = TrainConfig { steps: 7, model: "mnist28".into(), snr_gamma: 5.0, ..Default::default() };
+        let c = TrainConfig {
+            steps: 7,
+            model: "mnist28".into(),
+            snr_gamma: 5.0,
+            ..Default::default()
+        };
         let text = toml::to_string(&c).unwrap();
         assert_eq!(toml::from_str::<TrainConfig>(&text).unwrap(), c);
-        assert!(toml::from_str::<TrainConfig>("stepz = 3").unwrap_err().to_string().contains("stepz"));
-        let partial: TrainConfig = toml::from_str("steps = 5\nprediction_type = \"v_prediction\"\nbeta_schedule = \"squaredcos_cap_v2\"").unwrap();
+        assert!(
+            toml::from_str::<TrainConfig>("stepz = 3")
+                .unwrap_err()
+                .to_string()
+                .contains("stepz")
+        );
+        let partial: TrainConfig = toml::from_str(
+            "steps = 5\nprediction_type = \"v_prediction\"\nbeta_schedule = \"squaredcos_cap_v2\"",
+        )
+        .unwrap();
         assert_eq!((partial.steps, partial.batch_size), (5, 32));
     }
 
     #[test]
     fn lr_warmup_then_cosine() {
-        let c = TrainConfig { lr: 1.0, lr_warmup_steps: 10, steps: 110, ..Default::default() };
+        let c = TrainConfig {
+            lr: 1.0,
+            lr_warmup_steps: 10,
+            steps: 110,
+            ..Default::default()
+        };
         assert_eq!(c.lr_at(1), 0.0);
         assert!((c.lr_at(6) - 0.5).abs() < 1e-12);
         assert!((c.lr_at(11) - 1.0).abs() < 1e-12);

@@ -22,7 +22,9 @@ use crate::data::{Dataset, Loader};
 use crate::diffusion::{NoiseSchedule, PredictionType};
 use crate::gpu::{Gpu, Plan, Tensor};
 use crate::nn::{UNet, UNetConfig};
-use crate::ops::adamw::{AdamwConfig, AdamwHyper, EmaConfig, HYPER_LEN, adamw_step, ema_update, grad_norm, write_hyper};
+use crate::ops::adamw::{
+    AdamwConfig, AdamwHyper, EmaConfig, HYPER_LEN, adamw_step, ema_update, grad_norm, write_hyper,
+};
 use crate::ops::diffusion::{min_snr_weights, v_target};
 use crate::ops::elementwise::cast_u32_to_f32;
 use crate::ops::loss::{mse_backward, mse_loss};
@@ -35,11 +37,17 @@ pub fn resolve_model_config(cfg: &TrainConfig) -> Result<UNetConfig> {
         return checkpoint::read_model_config(init);
     }
     if let Some(path) = &cfg.model_config {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading --model-config {}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading --model-config {}", path.display()))?;
         return UNetConfig::from_json(&text).map_err(|e| anyhow!("{}: {e}", path.display()));
     }
-    UNetConfig::preset(&cfg.model)
-        .ok_or_else(|| anyhow!("unknown model preset `{}` (choose {})", cfg.model, UNetConfig::PRESETS.join(", ")))
+    UNetConfig::preset(&cfg.model).ok_or_else(|| {
+        anyhow!(
+            "unknown model preset `{}` (choose {})",
+            cfg.model,
+            UNetConfig::PRESETS.join(", ")
+        )
+    })
 }
 
 /// Everything a step touches, allocated once.
@@ -68,19 +76,34 @@ pub struct Trainer {
 
 impl Trainer {
     pub fn new(gpu: Arc<Gpu>, cfg: TrainConfig, model: &UNetConfig) -> Result<Trainer> {
-        cfg.validate().map_err(|e| anyhow!("invalid training options: {e}"))?;
+        cfg.validate()
+            .map_err(|e| anyhow!("invalid training options: {e}"))?;
         let unet = UNet::new(&gpu, model, cfg.batch_size).context("building the U-Net")?;
-        let schedule = NoiseSchedule::new(cfg.beta_schedule, cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end).map_err(|e| anyhow!(e))?;
+        let schedule = NoiseSchedule::new(
+            cfg.beta_schedule,
+            cfg.num_train_timesteps,
+            cfg.beta_start,
+            cfg.beta_end,
+        )
+        .map_err(|e| anyhow!(e))?;
         let n = unet.params.len;
         let b = cfg.batch_size;
         let image_shape = unet.sample.shape().to_vec();
         let numel: usize = image_shape.iter().product();
         let accum = cfg.grad_accum;
-        let x0: Vec<Tensor> = (0..accum).map(|i| gpu.tensor(&image_shape, &format!("x0 {i}"))).collect();
-        let losses: Vec<Tensor> = (0..accum).map(|i| gpu.tensor(&[1], &format!("loss {i}"))).collect();
+        let x0: Vec<Tensor> = (0..accum)
+            .map(|i| gpu.tensor(&image_shape, &format!("x0 {i}")))
+            .collect();
+        let losses: Vec<Tensor> = (0..accum)
+            .map(|i| gpu.tensor(&[1], &format!("loss {i}")))
+            .collect();
         let noise = gpu.tensor(&image_shape, "noise");
         let timesteps = gpu.tensor(&[b], "timesteps u32");
-        let acp = gpu.tensor_from(&[schedule.num_train_timesteps], &schedule.alphas_cumprod, "alphas_cumprod")?;
+        let acp = gpu.tensor_from(
+            &[schedule.num_train_timesteps],
+            &schedule.alphas_cumprod,
+            "alphas_cumprod",
+        )?;
         let hyper = gpu.tensor(&[HYPER_LEN], "adamw hyper");
         let rng_state = gpu.tensor(&[4], "rng state");
         let clip = gpu.tensor(&[2], "grad clip, norm");
@@ -104,9 +127,22 @@ impl Trainer {
         let mut rec = gpu.recorder();
         rec.clear(&unet.params.grads);
         for (i, x0_i) in x0.iter().enumerate() {
-            random_uniform_u32(&mut rec, &rng_state, purpose::TIMESTEPS, (i * b) as u32, schedule.num_train_timesteps as u32, &timesteps)?;
+            random_uniform_u32(
+                &mut rec,
+                &rng_state,
+                purpose::TIMESTEPS,
+                (i * b) as u32,
+                schedule.num_train_timesteps as u32,
+                &timesteps,
+            )?;
             cast_u32_to_f32(&mut rec, &timesteps, &unet.timesteps)?;
-            random_normal(&mut rec, &rng_state, purpose::NOISE, (i * numel) as u32, &noise)?;
+            random_normal(
+                &mut rec,
+                &rng_state,
+                purpose::NOISE,
+                (i * numel) as u32,
+                &noise,
+            )?;
             q_sample(&mut rec, x0_i, &noise, &timesteps, &acp, &unet.sample.value)?;
             unet.forward(&mut rec)?;
             let target_t = match (cfg.prediction_type, &target) {
@@ -119,20 +155,53 @@ impl Trainer {
                 (PredictionType::VPrediction, None) => unreachable!("v target allocated above"),
             };
             if let Some(w) = &weights {
-                min_snr_weights(&mut rec, &timesteps, &acp, cfg.snr_gamma as f32, cfg.prediction_type, w)?;
+                min_snr_weights(
+                    &mut rec,
+                    &timesteps,
+                    &acp,
+                    cfg.snr_gamma as f32,
+                    cfg.prediction_type,
+                    w,
+                )?;
             }
-            mse_loss(&mut rec, &unet.output.value, target_t, weights.as_ref(), &losses[i])?;
-            mse_backward(&mut rec, &unet.output.value, target_t, weights.as_ref(), 1.0 / accum as f32, &unet.output.grad)?;
+            mse_loss(
+                &mut rec,
+                &unet.output.value,
+                target_t,
+                weights.as_ref(),
+                &losses[i],
+            )?;
+            mse_backward(
+                &mut rec,
+                &unet.output.value,
+                target_t,
+                weights.as_ref(),
+                1.0 / accum as f32,
+                &unet.output.grad,
+            )?;
             unet.backward(&mut rec)?;
         }
         let max_norm = (cfg.max_grad_norm > 0.0).then_some(cfg.max_grad_norm as f32);
         grad_norm(&mut rec, &unet.params.grads, max_norm, &clip)?;
-        adamw_step(&mut rec, &hyper, &clip, &unet.params.grads, &unet.params.params, &exp_avg, &exp_avg_sq)?;
+        adamw_step(
+            &mut rec,
+            &hyper,
+            &clip,
+            &unet.params.grads,
+            &unet.params.params,
+            &exp_avg,
+            &exp_avg_sq,
+        )?;
         if cfg.ema {
             ema_update(&mut rec, &hyper, &unet.params.params, &ema)?;
         }
         let step_plan = rec.finish();
-        let adam = AdamwConfig { beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, eps: cfg.adam_eps, weight_decay: cfg.weight_decay };
+        let adam = AdamwConfig {
+            beta1: cfg.adam_beta1,
+            beta2: cfg.adam_beta2,
+            eps: cfg.adam_eps,
+            weight_decay: cfg.weight_decay,
+        };
         let ema_cfg = EmaConfig {
             decay: cfg.ema_decay,
             min_decay: cfg.ema_min_decay,
@@ -162,6 +231,26 @@ impl Trainer {
         })
     }
 
+    /// Per-kernel wall time of one step, summed by shader entry point, slowest first.
+    pub fn profile_step(&self) -> Vec<(String, usize, f64)> {
+        let mut by_entry: HashMap<String, (usize, f64)> = HashMap::new();
+        let records = self.step_plan.records();
+        for (i, secs) in self.step_plan.profile(&self.gpu) {
+            let r = &records[i];
+            let name = if r.kind == "dispatch" {
+                format!("{}::{}", r.shader, r.entry)
+            } else {
+                r.kind.to_string()
+            };
+            let e = by_entry.entry(name).or_default();
+            e.0 += 1;
+            e.1 += secs;
+        }
+        let mut v: Vec<_> = by_entry.into_iter().map(|(k, (n, s))| (k, n, s)).collect();
+        v.sort_by(|a, b| b.2.total_cmp(&a.2));
+        v
+    }
+
     /// Uploads initial weights (EMA starts equal to them).
     pub fn set_weights(&self, flat: &[f32]) -> Result<()> {
         self.gpu.write(&self.unet.params.params, flat)?;
@@ -173,20 +262,39 @@ impl Trainer {
     /// Returns the submission index; nothing is read back.
     pub fn submit_step(&mut self, batches: &[Vec<f32>]) -> Result<wgpu::SubmissionIndex> {
         if batches.len() != self.x0.len() {
-            bail!("{} micro-batches given, grad_accum is {}", batches.len(), self.x0.len());
+            bail!(
+                "{} micro-batches given, grad_accum is {}",
+                batches.len(),
+                self.x0.len()
+            );
         }
         for (t, data) in self.x0.iter().zip(batches) {
             self.gpu.write(t, data)?;
         }
         let step = self.step + 1;
         let ema_decay = self.ema_cfg.get_decay(step);
-        write_hyper(&self.gpu, &self.hyper, &AdamwHyper::new(&self.adam, self.cfg.lr_at(step), step as u32, ema_decay))?;
+        write_hyper(
+            &self.gpu,
+            &self.hyper,
+            &AdamwHyper::new(&self.adam, self.cfg.lr_at(step), step as u32, ema_decay),
+        )?;
         write_rng_state(&self.gpu, &self.rng_state, self.cfg.seed, step as u32)?;
-        let mut enc = self.gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("train step") });
+        let mut enc = self
+            .gpu
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("train step"),
+            });
         self.step_plan.encode(&mut enc);
         let slot = ((step - 1) % self.cfg.log_every) as usize * self.losses.len();
         for (i, l) in self.losses.iter().enumerate() {
-            enc.copy_buffer_to_buffer(l.buffer(), l.byte_offset(), self.loss_log.buffer(), ((slot + i) * 4) as u64, 4);
+            enc.copy_buffer_to_buffer(
+                l.buffer(),
+                l.byte_offset(),
+                self.loss_log.buffer(),
+                ((slot + i) * 4) as u64,
+                4,
+            );
         }
         let idx = self.gpu.queue.submit([enc.finish()]);
         self.step = step;
@@ -197,26 +305,41 @@ impl Trainer {
     /// returned flag turns true when `read_losses` can be called; `device.poll` drives it.
     pub fn request_losses(&self) -> Arc<AtomicBool> {
         let mut enc = self.gpu.device.create_command_encoder(&Default::default());
-        enc.copy_buffer_to_buffer(self.loss_log.buffer(), 0, &self.staging, 0, self.loss_log.byte_len());
+        enc.copy_buffer_to_buffer(
+            self.loss_log.buffer(),
+            0,
+            &self.staging,
+            0,
+            self.loss_log.byte_len(),
+        );
         self.gpu.queue.submit([enc.finish()]);
         let ready = Arc::new(AtomicBool::new(false));
         let flag = ready.clone();
-        self.staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
-            if r.is_ok() {
-                flag.store(true, Ordering::Release);
-            }
-        });
+        self.staging
+            .slice(..)
+            .map_async(wgpu::MapMode::Read, move |r| {
+                if r.is_ok() {
+                    flag.store(true, Ordering::Release);
+                }
+            });
         ready
     }
 
     /// Per-step mean losses of the last readback.
     pub fn read_losses(&self) -> Result<Vec<f32>> {
-        let view = self.staging.slice(..).get_mapped_range().map_err(|e| anyhow!("loss readback: {e}"))?;
+        let view = self
+            .staging
+            .slice(..)
+            .get_mapped_range()
+            .map_err(|e| anyhow!("loss readback: {e}"))?;
         let all: Vec<f32> = bytemuck::pod_collect_to_vec(&view);
         drop(view);
         self.staging.unmap();
         let accum = self.losses.len();
-        Ok(all.chunks(accum).map(|c| c.iter().sum::<f32>() / accum as f32).collect())
+        Ok(all
+            .chunks(accum)
+            .map(|c| c.iter().sum::<f32>() / accum as f32)
+            .collect())
     }
 
     /// Everything needed to continue the run, as one safetensors file.
@@ -230,22 +353,46 @@ impl Trainer {
         meta.insert("format".into(), "wgpu-diffusion checkpoint v1".into());
         meta.insert("step".into(), self.step.to_string());
         meta.insert("data_position".into(), self.data_position.to_string());
-        meta.insert("rng".into(), format!("philox4x32-10 seed {} counter step {}", self.cfg.seed, self.step));
+        meta.insert(
+            "rng".into(),
+            format!(
+                "philox4x32-10 seed {} counter step {}",
+                self.cfg.seed, self.step
+            ),
+        );
         meta.insert("train_config".into(), toml::to_string(&self.cfg)?);
         meta.insert("unet_config".into(), model.to_json());
         meta.insert("gemm_path".into(), self.gpu.gemm_path.to_string());
-        let kernels: Vec<String> = self.gpu.kernels.keys().iter().map(|k| format!("{k:?}")).collect();
+        let kernels: Vec<String> = self
+            .gpu
+            .kernels
+            .keys()
+            .iter()
+            .map(|k| format!("{k:?}"))
+            .collect();
         meta.insert("kernels".into(), serde_json::to_string(&kernels)?);
-        serialize_named(&self.unet.params, &[("param", &params), ("ema", &ema), ("exp_avg", &m), ("exp_avg_sq", &v)], meta)
+        serialize_named(
+            &self.unet.params,
+            &[
+                ("param", &params),
+                ("ema", &ema),
+                ("exp_avg", &m),
+                ("exp_avg_sq", &v),
+            ],
+            meta,
+        )
     }
 
     /// Restores parameters, EMA, moments and the position from a checkpoint.
     pub fn restore(&mut self, ck: &LoadedTensors) -> Result<()> {
         let meta = ck.metadata();
         let num = |k: &str| -> Result<u64> {
-            meta.get(k)
-                .and_then(|v| v.parse().ok())
-                .ok_or_else(|| anyhow!("{}: metadata `{k}` is missing; not a wgpu-diffusion checkpoint?", ck.path.display()))
+            meta.get(k).and_then(|v| v.parse().ok()).ok_or_else(|| {
+                anyhow!(
+                    "{}: metadata `{k}` is missing; not a wgpu-diffusion checkpoint?",
+                    ck.path.display()
+                )
+            })
         };
         let store = &self.unet.params;
         let g = &self.gpu;
@@ -283,7 +430,11 @@ impl RunDir {
     /// Checkpoint files, oldest first.
     pub fn list_checkpoints(&self) -> Vec<PathBuf> {
         let mut v: Vec<PathBuf> = std::fs::read_dir(self.checkpoints())
-            .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|e| e == "safetensors")).collect())
+            .map(|d| {
+                d.filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+                    .collect()
+            })
             .unwrap_or_default();
         v.sort();
         v
@@ -309,17 +460,35 @@ pub trait Progress {
 
 /// Runs (or resumes) training. `stop` is raised by Ctrl-C: the loop then writes a checkpoint and
 /// returns cleanly.
-pub fn run(gpu: Arc<Gpu>, mut cfg: TrainConfig, resume: Option<&Path>, stop: Arc<AtomicBool>, progress: &mut dyn Progress) -> Result<RunSummary> {
+pub fn run(
+    gpu: Arc<Gpu>,
+    mut cfg: TrainConfig,
+    resume: Option<&Path>,
+    stop: Arc<AtomicBool>,
+    progress: &mut dyn Progress,
+) -> Result<RunSummary> {
     let (run_dir, checkpoint) = match resume {
         Some(dir) => {
-            let rd = RunDir { root: dir.to_path_buf() };
-            let last = rd.list_checkpoints().pop().ok_or_else(|| anyhow!("--resume {}: no checkpoint in {}", dir.display(), rd.checkpoints().display()))?;
+            let rd = RunDir {
+                root: dir.to_path_buf(),
+            };
+            let last = rd.list_checkpoints().pop().ok_or_else(|| {
+                anyhow!(
+                    "--resume {}: no checkpoint in {}",
+                    dir.display(),
+                    rd.checkpoints().display()
+                )
+            })?;
             (rd, Some(LoadedTensors::read(&last)?))
         }
         None => {
             let root = cfg.out.clone().unwrap_or_else(default_run_dir);
             if root.join("checkpoints").exists() {
-                bail!("{} already holds a run; use `train --resume {}` or another --out", root.display(), root.display());
+                bail!(
+                    "{} already holds a run; use `train --resume {}` or another --out",
+                    root.display(),
+                    root.display()
+                );
             }
             (RunDir { root }, None)
         }
@@ -327,7 +496,9 @@ pub fn run(gpu: Arc<Gpu>, mut cfg: TrainConfig, resume: Option<&Path>, stop: Arc
     let model = match &checkpoint {
         Some(ck) => {
             let meta = ck.metadata();
-            let text = meta.get("unet_config").ok_or_else(|| anyhow!("{}: no unet_config in its metadata", ck.path.display()))?;
+            let text = meta
+                .get("unet_config")
+                .ok_or_else(|| anyhow!("{}: no unet_config in its metadata", ck.path.display()))?;
             UNetConfig::from_json(text).map_err(|e| anyhow!("{}: {e}", ck.path.display()))?
         }
         None => resolve_model_config(&cfg)?,
@@ -336,7 +507,8 @@ pub fn run(gpu: Arc<Gpu>, mut cfg: TrainConfig, resume: Option<&Path>, stop: Arc
         bail!("the model config has no sample_size");
     }
     cfg.out = Some(run_dir.root.clone());
-    std::fs::create_dir_all(run_dir.checkpoints()).with_context(|| format!("creating {}", run_dir.root.display()))?;
+    std::fs::create_dir_all(run_dir.checkpoints())
+        .with_context(|| format!("creating {}", run_dir.root.display()))?;
     std::fs::create_dir_all(run_dir.samples())?;
     atomic_write(&run_dir.config(), toml::to_string(&cfg)?.as_bytes())?;
 
@@ -344,9 +516,19 @@ pub fn run(gpu: Arc<Gpu>, mut cfg: TrainConfig, resume: Option<&Path>, stop: Arc
     let data: Arc<Dataset> = Arc::new(match &cfg.data {
         None => crate::data::mnist::load(model.sample_size, model.in_channels)?,
         Some(dir) => {
-            let (d, skipped) = crate::data::folder::load(dir, model.sample_size, model.in_channels, cfg.hflip, cfg.strict)?;
+            let (d, skipped) = crate::data::folder::load(
+                dir,
+                model.sample_size,
+                model.in_channels,
+                cfg.hflip,
+                cfg.strict,
+            )?;
             if !skipped.is_empty() {
-                progress.message(&format!("warning: skipped {} unreadable image(s), e.g. {}", skipped.len(), skipped[0]));
+                progress.message(&format!(
+                    "warning: skipped {} unreadable image(s), e.g. {}",
+                    skipped.len(),
+                    skipped[0]
+                ));
             }
             d
         }
@@ -364,20 +546,41 @@ pub fn run(gpu: Arc<Gpu>, mut cfg: TrainConfig, resume: Option<&Path>, stop: Arc
     match &checkpoint {
         Some(ck) => {
             trainer.restore(ck)?;
-            progress.message(&format!("resumed from {} at step {}", ck.path.display(), trainer.step));
+            progress.message(&format!(
+                "resumed from {} at step {}",
+                ck.path.display(),
+                trainer.step
+            ));
         }
         None => match &cfg.init {
             Some(dir) => {
                 trainer.set_weights(&checkpoint::read_model_weights(dir, &trainer.unet.params)?)?;
                 progress.message(&format!("initialised from {}", dir.display()));
             }
-            None => trainer.set_weights(&crate::nn::init::default_init(&trainer.unet.params, cfg.seed))?,
+            None => trainer.set_weights(&crate::nn::init::default_init(
+                &trainer.unet.params,
+                cfg.seed,
+            ))?,
         },
     }
-    let mut sampler = sample::Sampler::new(&gpu, &model, &trainer.schedule, cfg.prediction_type, cfg.sample_steps)?;
+    let mut sampler = sample::Sampler::new(
+        &gpu,
+        &model,
+        &trainer.schedule,
+        cfg.prediction_type,
+        cfg.sample_steps,
+    )?;
 
-    let loader = Loader::start(data.clone(), cfg.batch_size, cfg.seed, trainer.data_position);
-    let mut metrics = std::fs::OpenOptions::new().create(true).append(true).open(run_dir.metrics())?;
+    let loader = Loader::start(
+        data.clone(),
+        cfg.batch_size,
+        cfg.seed,
+        trainer.data_position,
+    );
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(run_dir.metrics())?;
     let mut history: Vec<(u64, f32)> = read_metric_history(&run_dir.metrics(), trainer.step);
     let start = Instant::now();
     let mut pending: Option<(Arc<AtomicBool>, u64, Instant)> = None;
@@ -404,7 +607,10 @@ pub fn run(gpu: Arc<Gpu>, mut cfg: TrainConfig, resume: Option<&Path>, stop: Arc
         if inflight.len() > 2 {
             let old = inflight.pop_front().expect("non-empty");
             gpu.device
-                .poll(wgpu::PollType::Wait { submission_index: Some(old), timeout: None })
+                .poll(wgpu::PollType::Wait {
+                    submission_index: Some(old),
+                    timeout: None,
+                })
                 .map_err(|e| anyhow!("GPU error: {e}"))?;
         } else {
             let _ = gpu.device.poll(wgpu::PollType::Poll);
@@ -421,7 +627,8 @@ pub fn run(gpu: Arc<Gpu>, mut cfg: TrainConfig, resume: Option<&Path>, stop: Arc
             pending = None;
             let n = losses.len() as u64;
             let now = Instant::now();
-            let ips = ((last_step - window_start.0) * (cfg.batch_size * cfg.grad_accum) as u64) as f64
+            let ips = ((last_step - window_start.0) * (cfg.batch_size * cfg.grad_accum) as u64)
+                as f64
                 / now.duration_since(window_start.1).as_secs_f64().max(1e-9);
             window_start = (last_step, now);
             for (k, loss) in losses.iter().enumerate() {
@@ -430,7 +637,8 @@ pub fn run(gpu: Arc<Gpu>, mut cfg: TrainConfig, resume: Option<&Path>, stop: Arc
                     let last = run_dir.list_checkpoints().pop();
                     bail!(
                         "the loss became non-finite ({loss}) at step {s}. Training stopped; the last good checkpoint is {}. Lower --lr or set --max-grad-norm.",
-                        last.map(|p| p.display().to_string()).unwrap_or_else(|| "none (no checkpoint was written yet)".into())
+                        last.map(|p| p.display().to_string())
+                            .unwrap_or_else(|| "none (no checkpoint was written yet)".into())
                     );
                 }
                 history.push((s, *loss));
@@ -444,9 +652,8 @@ pub fn run(gpu: Arc<Gpu>, mut cfg: TrainConfig, resume: Option<&Path>, stop: Arc
         }
         if step % cfg.log_every == 0 && pending.is_none() {
             pending = Some((trainer.request_losses(), step, Instant::now()));
-        } else {
-            progress.update(step, None, lr, 0.0);
         }
+        progress.update(step, None, lr, 0.0);
 
         if cfg.sample_every > 0 && step % cfg.sample_every == 0 && step < cfg.steps {
             write_samples(&gpu, &trainer, &mut sampler, &run_dir, step, progress)?;
@@ -458,14 +665,21 @@ pub fn run(gpu: Arc<Gpu>, mut cfg: TrainConfig, resume: Option<&Path>, stop: Arc
     // Drain the last losses.
     gpu.wait()?;
     if let Some((ready, last_step, _)) = pending.take() {
-        let _ = gpu.device.poll(wgpu::PollType::Wait { submission_index: None, timeout: None });
+        let _ = gpu.device.poll(wgpu::PollType::Wait {
+            submission_index: None,
+            timeout: None,
+        });
         if ready.load(Ordering::Acquire) {
             let losses = trainer.read_losses()?;
             let n = losses.len() as u64;
             for (k, loss) in losses.iter().enumerate() {
                 let s = last_step + 1 - n + k as u64;
                 history.push((s, *loss));
-                writeln!(metrics, "{}", serde_json::json!({"step": s, "loss": loss, "lr": cfg.lr_at(s), "elapsed_s": start.elapsed().as_secs_f64()}))?;
+                writeln!(
+                    metrics,
+                    "{}",
+                    serde_json::json!({"step": s, "loss": loss, "lr": cfg.lr_at(s), "elapsed_s": start.elapsed().as_secs_f64()})
+                )?;
             }
         }
     }
@@ -476,15 +690,29 @@ pub fn run(gpu: Arc<Gpu>, mut cfg: TrainConfig, resume: Option<&Path>, stop: Arc
     }
     save_checkpoint(&trainer, &model, &run_dir, progress)?;
     if !interrupted {
-        write_samples(&gpu, &trainer, &mut sampler, &run_dir, trainer.step, progress)?;
+        write_samples(
+            &gpu,
+            &trainer,
+            &mut sampler,
+            &run_dir,
+            trainer.step,
+            progress,
+        )?;
     }
     plot::loss_plot(&history, &run_dir.root.join("loss.png"))?;
     progress.finish();
-    Ok(RunSummary { run_dir: run_dir.root, steps: trainer.step, interrupted, losses: history })
+    Ok(RunSummary {
+        run_dir: run_dir.root,
+        steps: trainer.step,
+        interrupted,
+        losses: history,
+    })
 }
 
 fn read_metric_history(path: &Path, up_to: u64) -> Vec<(u64, f32)> {
-    let Ok(text) = std::fs::read_to_string(path) else { return Vec::new() };
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Vec::new();
+    };
     text.lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter_map(|v| Some((v["step"].as_u64()?, v["loss"].as_f64()? as f32)))
@@ -493,33 +721,74 @@ fn read_metric_history(path: &Path, up_to: u64) -> Vec<(u64, f32)> {
 }
 
 fn default_run_dir() -> PathBuf {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     PathBuf::from("runs").join(format!("run-{secs}"))
 }
 
-fn save_checkpoint(trainer: &Trainer, model: &UNetConfig, run_dir: &RunDir, progress: &mut dyn Progress) -> Result<()> {
+fn save_checkpoint(
+    trainer: &Trainer,
+    model: &UNetConfig,
+    run_dir: &RunDir,
+    progress: &mut dyn Progress,
+) -> Result<()> {
     let bytes = trainer.checkpoint_bytes(model)?;
-    let path = run_dir.checkpoints().join(format!("step-{:08}.safetensors", trainer.step));
+    let path = run_dir
+        .checkpoints()
+        .join(format!("step-{:08}.safetensors", trainer.step));
     atomic_write(&path, &bytes)?;
     // The exported model: EMA weights when EMA is on.
-    let weights = trainer.gpu.read(if trainer.cfg.ema { &trainer.ema } else { &trainer.unet.params.params })?;
-    save_model_dir(&run_dir.model(), model, &trainer.unet.params, &weights, &trainer.schedule.scheduler_config_json(trainer.cfg.prediction_type))?;
+    let weights = trainer.gpu.read(if trainer.cfg.ema {
+        &trainer.ema
+    } else {
+        &trainer.unet.params.params
+    })?;
+    save_model_dir(
+        &run_dir.model(),
+        model,
+        &trainer.unet.params,
+        &weights,
+        &trainer
+            .schedule
+            .scheduler_config_json(trainer.cfg.prediction_type),
+    )?;
     let all = run_dir.list_checkpoints();
     if all.len() > trainer.cfg.keep_checkpoints {
         for old in &all[..all.len() - trainer.cfg.keep_checkpoints] {
             let _ = std::fs::remove_file(old);
         }
     }
-    progress.message(&format!("checkpoint {} (model exported to {})", path.display(), run_dir.model().display()));
+    progress.message(&format!(
+        "checkpoint {} (model exported to {})",
+        path.display(),
+        run_dir.model().display()
+    ));
     Ok(())
 }
 
-fn write_samples(gpu: &Arc<Gpu>, trainer: &Trainer, sampler: &mut sample::Sampler, run_dir: &RunDir, step: u64, progress: &mut dyn Progress) -> Result<()> {
+fn write_samples(
+    gpu: &Arc<Gpu>,
+    trainer: &Trainer,
+    sampler: &mut sample::Sampler,
+    run_dir: &RunDir,
+    step: u64,
+    progress: &mut dyn Progress,
+) -> Result<()> {
     let t = Instant::now();
-    let weights = if trainer.cfg.ema { &trainer.ema } else { &trainer.unet.params.params };
+    let weights = if trainer.cfg.ema {
+        &trainer.ema
+    } else {
+        &trainer.unet.params.params
+    };
     let images = sampler.sample(gpu, weights, trainer.cfg.seed)?;
     let path = run_dir.samples().join(format!("step-{step:08}.png"));
     plot::save_grid(&images, sampler.image_shape(), 4, &path)?;
-    progress.message(&format!("samples {} ({:.1} s)", path.display(), t.elapsed().as_secs_f64()));
+    progress.message(&format!(
+        "samples {} ({:.1} s)",
+        path.display(),
+        t.elapsed().as_secs_f64()
+    ));
     Ok(())
 }

@@ -13,14 +13,21 @@ pub fn save_grid(images: &[f32], shape: [usize; 4], cols: usize, path: &Path) ->
     let pad = 2;
     let (cw, ch) = (w * scale + pad, h * scale + pad);
     let (width, height) = (cols * cw + pad, rows * ch + pad);
-    let mut img = image::RgbImage::from_pixel(width as u32, height as u32, image::Rgb([255, 255, 255]));
+    let mut img =
+        image::RgbImage::from_pixel(width as u32, height as u32, image::Rgb([255, 255, 255]));
     for i in 0..n {
         let (gx, gy) = (pad + (i % cols) * cw, pad + (i / cols) * ch);
         for y in 0..h * scale {
             for x in 0..w * scale {
                 let base = ((i * h + y / scale) * w + x / scale) * c;
-                let px = |k: usize| ((images[base + k.min(c - 1)].clamp(-1.0, 1.0) + 1.0) * 127.5).round() as u8;
-                img.put_pixel((gx + x) as u32, (gy + y) as u32, image::Rgb([px(0), px(1), px(2)]));
+                let px = |k: usize| {
+                    ((images[base + k.min(c - 1)].clamp(-1.0, 1.0) + 1.0) * 127.5).round() as u8
+                };
+                img.put_pixel(
+                    (gx + x) as u32,
+                    (gy + y) as u32,
+                    image::Rgb([px(0), px(1), px(2)]),
+                );
             }
         }
     }
@@ -30,7 +37,10 @@ pub fn save_grid(images: &[f32], shape: [usize; 4], cols: usize, path: &Path) ->
 fn save_png(img: &image::RgbImage, path: &Path) -> Result<()> {
     let mut bytes = Vec::new();
     image::DynamicImage::ImageRgb8(img.clone())
-        .write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
+        .write_to(
+            &mut std::io::Cursor::new(&mut bytes),
+            image::ImageFormat::Png,
+        )
         .context("encoding PNG")?;
     super::checkpoint::atomic_write(path, &bytes)
 }
@@ -39,7 +49,11 @@ fn save_png(img: &image::RgbImage, path: &Path) -> Result<()> {
 pub fn loss_plot(history: &[(u64, f32)], path: &Path) -> Result<()> {
     let (width, height, margin) = (800u32, 400u32, 40u32);
     let mut img = image::RgbImage::from_pixel(width, height, image::Rgb([255, 255, 255]));
-    let points: Vec<(u64, f64)> = history.iter().filter(|(_, l)| l.is_finite() && *l > 0.0).map(|&(s, l)| (s, (l as f64).log10())).collect();
+    let points: Vec<(u64, f64)> = history
+        .iter()
+        .filter(|(_, l)| l.is_finite() && *l > 0.0)
+        .map(|&(s, l)| (s, (l as f64).log10()))
+        .collect();
     // Axes.
     for x in margin..width - margin / 2 {
         img.put_pixel(x, height - margin, image::Rgb([0, 0, 0]));
@@ -53,8 +67,10 @@ pub fn loss_plot(history: &[(u64, f32)], path: &Path) -> Result<()> {
         let hi = points.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
         let span = (hi - lo).max(1e-6);
         let to_px = |s: f64, l: f64| {
-            let x = margin as f64 + (s - s0) / (s1 - s0).max(1.0) * (width - margin - margin / 2) as f64;
-            let y = (height - margin) as f64 - (l - lo) / span * (height - margin - margin / 2) as f64;
+            let x = margin as f64
+                + (s - s0) / (s1 - s0).max(1.0) * (width - margin - margin / 2) as f64;
+            let y =
+                (height - margin) as f64 - (l - lo) / span * (height - margin - margin / 2) as f64;
             (x, y)
         };
         let k = (points.len() / 50).max(1);
@@ -62,7 +78,10 @@ pub fn loss_plot(history: &[(u64, f32)], path: &Path) -> Result<()> {
             .map(|i| {
                 let a = i.saturating_sub(k);
                 let window = &points[a..=i];
-                (points[i].0, window.iter().map(|p| p.1).sum::<f64>() / window.len() as f64)
+                (
+                    points[i].0,
+                    window.iter().map(|p| p.1).sum::<f64>() / window.len() as f64,
+                )
             })
             .collect();
         for (series, color) in [(&points, [170, 190, 230]), (&smooth, [20, 60, 160])] {

@@ -25,21 +25,48 @@ pub struct Sampler {
 }
 
 impl Sampler {
-    pub fn new(gpu: &Arc<Gpu>, model: &UNetConfig, schedule: &NoiseSchedule, prediction: PredictionType, num_steps: usize) -> Result<Sampler> {
+    pub fn new(
+        gpu: &Arc<Gpu>,
+        model: &UNetConfig,
+        schedule: &NoiseSchedule,
+        prediction: PredictionType,
+        num_steps: usize,
+    ) -> Result<Sampler> {
         let unet = UNet::new(gpu, model, GRID_IMAGES)?;
         let steps = ddpm_steps(schedule, num_steps).map_err(anyhow::Error::msg)?;
         let coeffs = gpu.tensor(&[5], "ddpm coefficients");
         let rng_state = gpu.tensor(&[4], "sampling rng");
         let z = gpu.tensor(unet.sample.shape(), "sampling noise");
         let mut rec = gpu.recorder();
-        random_normal(&mut rec, &rng_state, purpose::SAMPLING, 0, &unet.sample.value)?;
+        random_normal(
+            &mut rec,
+            &rng_state,
+            purpose::SAMPLING,
+            0,
+            &unet.sample.value,
+        )?;
         let init_plan = rec.finish();
         let mut rec = gpu.recorder();
         unet.forward(&mut rec)?;
         random_normal(&mut rec, &rng_state, purpose::SAMPLING, 0, &z)?;
-        ddpm_step(&mut rec, &unet.sample.value, &unet.output.value, &z, &coeffs, prediction, true)?;
+        ddpm_step(
+            &mut rec,
+            &unet.sample.value,
+            &unet.output.value,
+            &z,
+            &coeffs,
+            prediction,
+            true,
+        )?;
         let step_plan = rec.finish();
-        Ok(Sampler { unet, steps, coeffs, rng_state, init_plan, step_plan })
+        Ok(Sampler {
+            unet,
+            steps,
+            coeffs,
+            rng_state,
+            init_plan,
+            step_plan,
+        })
     }
 
     pub fn image_shape(&self) -> [usize; 4] {
@@ -51,7 +78,13 @@ impl Sampler {
     /// seeded by `seed` alone (the same seed draws the same initial noise every time).
     pub fn sample(&mut self, gpu: &Arc<Gpu>, weights: &Tensor, seed: u64) -> Result<Vec<f32>> {
         let mut enc = gpu.device.create_command_encoder(&Default::default());
-        enc.copy_buffer_to_buffer(weights.buffer(), weights.byte_offset(), self.unet.params.params.buffer(), 0, weights.byte_len());
+        enc.copy_buffer_to_buffer(
+            weights.buffer(),
+            weights.byte_offset(),
+            self.unet.params.params.buffer(),
+            0,
+            weights.byte_len(),
+        );
         gpu.queue.submit([enc.finish()]);
         // Step u32::MAX draws x_T; step i draws the noise of reverse step i.
         write_rng_state(gpu, &self.rng_state, seed, u32::MAX)?;

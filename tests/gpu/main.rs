@@ -15,4 +15,5 @@ mod noise;
 mod parity;
 mod softmax;
 mod timestep_embedding;
+mod train;
 mod upsample;
