@@ -52,7 +52,7 @@ enum Command {
         #[command(flatten)]
         device: DeviceArgs,
         #[command(flatten)]
-        args: wgpu_diffusion::cli_train::TrainArgs,
+        args: Box<wgpu_diffusion::cli_train::TrainArgs>,
     },
     /// Benchmarks: `--kernels` prints GFLOP/s of the GEMM/conv kernels as JSON lines.
     Bench {

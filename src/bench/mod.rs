@@ -15,6 +15,9 @@ use crate::ops::conv2d::{
 };
 use crate::ops::gemm::{GemmShape, MatRef, gemm};
 
+/// Records one kernel pass into a recorder.
+type RecordFn<'a> = Box<dyn Fn(&mut crate::gpu::Recorder) -> crate::ops::OpResult + 'a>;
+
 #[derive(serde::Serialize)]
 pub struct KernelResult {
     pub kernel: &'static str,
@@ -106,10 +109,7 @@ pub fn kernels(
         let dx = gpu.tensor(&[n, hw, hw, ci], "dx");
         let dw = gpu.tensor(&[co, ci, 3, 3], "dw");
         let shape = format!("N{n} C{ci}->{co} {hw}x{hw} k3");
-        let passes: [(
-            &'static str,
-            Box<dyn Fn(&mut crate::gpu::Recorder) -> crate::ops::OpResult>,
-        ); 3] = [
+        let passes: [(&'static str, RecordFn); 3] = [
             (
                 "conv2d_forward",
                 Box::new(|rec| conv2d_forward(rec, &x, &w, Some(&b), &y, &geo)),

@@ -340,7 +340,7 @@ impl UNetConfig {
             return Err("`center_input_sample` = true is not supported".into());
         }
         if self.sample_size == 0
-            || self.sample_size % (1 << (n - 1)) != 0 && self.downsample_padding != 0
+            || !self.sample_size.is_multiple_of(1 << (n - 1)) && self.downsample_padding != 0
         {
             // Odd sizes work with the asymmetric (google/ddpm) padding; diffusers' symmetric
             // padding needs even sizes at every level to upsample back to the same size.

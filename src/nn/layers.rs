@@ -229,6 +229,7 @@ pub struct BlockSettings {
 }
 
 impl ResnetBlock {
+    #[allow(clippy::too_many_arguments)]
     /// `x` is the block's input, `out` its output (allocated by the caller, [N,H,W,cout]).
     pub fn new(
         gpu: &Arc<Gpu>,

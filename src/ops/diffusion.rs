@@ -84,7 +84,7 @@ pub fn min_snr_weights(
     const OP: &str = "min_snr_weights";
     let b = timesteps.numel();
     expect_numel(OP, "weights", weights, b)?;
-    if !(gamma > 0.0) {
+    if gamma.is_nan() || gamma <= 0.0 {
         return Err(invalid(format!("{OP}: γ must be positive, is {gamma}")));
     }
     let p = DiffusionParams {

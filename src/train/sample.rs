@@ -90,7 +90,7 @@ impl Sampler {
         write_rng_state(gpu, &self.rng_state, seed, u32::MAX)?;
         gpu.submit(&[&self.init_plan]);
         for (i, s) in self.steps.iter().enumerate() {
-            gpu.write(&self.unet.timesteps, &vec![s.timestep as f32; GRID_IMAGES])?;
+            gpu.write(&self.unet.timesteps, &[s.timestep as f32; GRID_IMAGES])?;
             gpu.write(&self.coeffs, &s.coefficients())?;
             write_rng_state(gpu, &self.rng_state, seed, i as u32)?;
             gpu.submit(&[&self.step_plan]);

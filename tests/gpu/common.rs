@@ -94,7 +94,7 @@ pub fn assert_close(what: &str, gpu: &[f32], reference: &[f64], atol: f64, rtol:
     for (i, (&g, &r)) in gpu.iter().zip(reference).enumerate() {
         let d = (g as f64 - r).abs();
         let tol = atol + rtol * r.abs();
-        if !(d <= tol) {
+        if d.is_nan() || d > tol {
             bad += 1;
             let excess = if d.is_nan() { f64::INFINITY } else { d - tol };
             if excess > worst.1 || worst.1 == 0.0 {
