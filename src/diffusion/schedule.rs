@@ -129,13 +129,14 @@ impl NoiseSchedule {
                 "the {schedule:?} schedule with beta_start {beta_start}, beta_end {beta_end} gives betas outside (0, 1)"
             ));
         }
-        // alphas_cumprod = torch.cumprod(1 - betas) in float32.
-        let mut acc = 1.0f32;
+        // alphas = 1 - betas in float32; torch.cumprod on the CPU accumulates in double
+        // (ATen's acc_type<float> is double) and rounds each partial product to float32.
+        let mut acc = 1.0f64;
         let alphas_cumprod = betas
             .iter()
             .map(|b| {
-                acc *= 1.0 - b;
-                acc
+                acc *= (1.0f32 - b) as f64;
+                acc as f32
             })
             .collect();
         Ok(NoiseSchedule {
