@@ -9,9 +9,9 @@
 // a fixed order, then a fixed tree (or a fixed sequential loop) combines the threads. There are
 // no atomics, so the same inputs always give the same bits.
 //
-// Dispatches: forward = group_norm_stats (one workgroup per (n,g), two passes over the group:
-// mean, then the centred sum of squares, so var never suffers the E[x^2]-E[x]^2 cancellation)
-// + group_norm_forward (one thread per element). Backward = group_norm_backward_partials
+// Dispatches: forward = group_norm_stats_partial + group_norm_stats (per-column two-pass
+// statistics merged per group with Chan's formula, so var never suffers the E[x^2]-E[x]^2
+// cancellation) + group_norm_forward (per channel, looping over a pixel split). Backward = group_norm_backward_partials
 // (per-(n, pixel split, c) sums of dy*xhat and dy into a scratch buffer) + group_norm_backward_group_sums
 // (per-(n,g) sums of dxhat, dxhat*xhat from those partials) + group_norm_backward_params
 // (dgamma, dbeta: fixed-order sum over the partial rows) + group_norm_backward_dx (per element).
@@ -60,76 +60,90 @@ fn linear_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
     return (wid.y * nwg.x + wid.x) * WG + lid;
 }
 
-// Fixed binary tree over the 256 slots of `red`; the result is in red[0] for every thread.
-fn tree_sum(lid: u32) -> f32 {
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s = s >> 1u) {
-        if (lid < s) { red[lid] = red[lid] + red[lid + s]; }
-        workgroupBarrier();
+// Statistics in two barrier-free dispatches (lavapipe runs barriers as coroutines and turns
+// per-element integer division into scalar code, so neither appears in a loop here):
+// group_norm_stats_partial: one invocation per (n, pixel split s, channel c) computes the
+// count, mean and centred sum of squares M2 of its column of the split (two passes over data
+// that stays in cache); group_norm_stats: one invocation per (n, g) merges the (s, c) partials
+// of its group in a fixed order with Chan et al.'s pairwise update
+//   n = na + nb, d = mb - ma, m = ma + d nb / n, M2 = M2a + M2b + d^2 na nb / n,
+// which is as accurate as a two-pass variance and deterministic.
+@compute @workgroup_size(32)
+fn group_norm_stats_partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let c = wid.x * 32u + lid;
+    let row = wid.y; // n * S + s
+    if (c >= p.channels) { return; }
+    let n = row / p.splits;
+    let s = row % p.splits;
+    let q0 = s * p.split_len;
+    let q1 = min(q0 + p.split_len, p.pixels);
+    let base = n * p.pixels * p.channels + c;
+    var sum = 0.0;
+    for (var q = q0; q < q1; q = q + 1u) {
+        sum = sum + x[base + q * p.channels];
     }
-    let total = red[0];
-    // Everyone has read red[0] before the next reduction overwrites it.
-    workgroupBarrier();
-    return total;
+    let cnt = f32(q1 - q0);
+    let m = sum / cnt;
+    var m2 = 0.0;
+    for (var q = q0; q < q1; q = q + 1u) {
+        let d = x[base + q * p.channels] - m;
+        m2 = m2 + d * d;
+    }
+    let rows = p.batch * p.splits;
+    partials_out[row * p.channels + c] = m;
+    partials_out[(rows + row) * p.channels + c] = m2;
 }
 
-// One workgroup per (n, g). Element e of the group (e < M) is pixel q = e / cpg, channel
-// g*cpg + e % cpg; thread `lid` takes e = lid, lid + 256, ... (q and c stepped incrementally to
-// avoid a division per element).
-@compute @workgroup_size(256)
-fn group_norm_stats(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                    @builtin(local_invocation_index) lid: u32) {
-    let gi = wid.y * nwg.x + wid.x; // uniform across the workgroup, so the return keeps barriers uniform
-    if (gi >= p.batch * p.groups) { return; }
-    let n = gi / p.groups;
-    let g = gi % p.groups;
-    let base = n * p.pixels * p.channels + g * p.cpg;
-    let step_q = WG / p.cpg;
-    let step_c = WG % p.cpg;
-
-    // Pass 1: mean.
-    var acc = 0.0;
-    var q = lid / p.cpg;
-    var c = lid % p.cpg;
-    while (q < p.pixels) {
-        acc = acc + x[base + q * p.channels + c];
-        c = c + step_c;
-        q = q + step_q;
-        if (c >= p.cpg) { c = c - p.cpg; q = q + 1u; }
+@compute @workgroup_size(64)
+fn group_norm_stats(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let i = gid.x;
+    if (i >= p.batch * p.groups) { return; }
+    let n = i / p.groups;
+    let g = i % p.groups;
+    let rows = p.batch * p.splits;
+    var cnt = 0.0;
+    var mu = 0.0;
+    var m2 = 0.0;
+    for (var s = 0u; s < p.splits; s = s + 1u) {
+        let row = n * p.splits + s;
+        let nb = f32(min((s + 1u) * p.split_len, p.pixels) - s * p.split_len);
+        for (var j = 0u; j < p.cpg; j = j + 1u) {
+            let c = g * p.cpg + j;
+            let mb = partials[row * p.channels + c];
+            let m2b = partials[(rows + row) * p.channels + c];
+            let total = cnt + nb;
+            let d = mb - mu;
+            mu = mu + d * (nb / total);
+            m2 = m2 + m2b + d * d * (cnt * nb / total);
+            cnt = total;
+        }
     }
-    red[lid] = acc;
-    let mu = tree_sum(lid) * p.inv_count;
-
-    // Pass 2: centred sum of squares (two-pass variance, accurate for large |mean|/std).
-    acc = 0.0;
-    q = lid / p.cpg;
-    c = lid % p.cpg;
-    while (q < p.pixels) {
-        let d = x[base + q * p.channels + c] - mu;
-        acc = acc + d * d;
-        c = c + step_c;
-        q = q + step_q;
-        if (c >= p.cpg) { c = c - p.cpg; q = q + 1u; }
-    }
-    red[lid] = acc;
-    let variance = tree_sum(lid) * p.inv_count;
-    if (lid == 0u) {
-        mean_out[gi] = mu;
-        // 1/sqrt rather than inverseSqrt: WGSL allows inverseSqrt 2 ulp, sqrt + divide is tighter.
-        rstd_out[gi] = 1.0 / sqrt(variance + p.eps);
-    }
+    mean_out[i] = mu;
+    // 1/sqrt rather than inverseSqrt: WGSL allows inverseSqrt 2 ulp, sqrt + divide is tighter.
+    rstd_out[i] = 1.0 / sqrt(m2 * p.inv_count + p.eps);
 }
 
-// y = (x - mean) * rstd * gamma + beta, one thread per element.
-@compute @workgroup_size(256)
-fn group_norm_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                      @builtin(local_invocation_index) lid: u32) {
-    let i = linear_index(wid, nwg, lid);
-    if (i >= p.numel) { return; }
-    let c = i % p.channels;
-    let n = i / (p.pixels * p.channels);
-    let s = n * p.groups + c / p.cpg;
-    y[i] = (x[i] - mean[s]) * rstd[s] * gamma[c] + beta[c];
+// y = (x - mean) * rstd * gamma + beta. One invocation per (n, pixel split, channel): the
+// per-channel values are loaded once and the pixel loop has no division.
+@compute @workgroup_size(32)
+fn group_norm_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let c = wid.x * 32u + lid;
+    let row = wid.y;
+    if (c >= p.channels) { return; }
+    let n = row / p.splits;
+    let s = row % p.splits;
+    let q0 = s * p.split_len;
+    let q1 = min(q0 + p.split_len, p.pixels);
+    let st = n * p.groups + c / p.cpg;
+    let mu = mean[st];
+    let rs = rstd[st];
+    let ga = gamma[c];
+    let be = beta[c];
+    let base = n * p.pixels * p.channels + c;
+    for (var q = q0; q < q1; q = q + 1u) {
+        let idx = base + q * p.channels;
+        y[idx] = (x[idx] - mu) * rs * ga + be;
+    }
 }
 
 // Grid (ceil(C/32), N*S). Thread lid = k*32 + cl handles channel cb*32 + cl and pixels
@@ -220,19 +234,28 @@ fn group_norm_backward_params(@builtin(workgroup_id) wid: vec3<u32>, @builtin(nu
     dbeta[c] = sb;
 }
 
-// dx = rstd * (gamma*dy - sum(dxhat)/M - xhat * sum(dxhat*xhat)/M), one thread per element.
-@compute @workgroup_size(256)
-fn group_norm_backward_dx(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                          @builtin(local_invocation_index) lid: u32) {
-    let i = linear_index(wid, nwg, lid);
-    if (i >= p.numel) { return; }
-    let c = i % p.channels;
-    let n = i / (p.pixels * p.channels);
+// dx = rstd * (gamma*dy - sum(dxhat)/M - xhat * sum(dxhat*xhat)/M), one invocation per
+// (n, pixel split, channel) as in group_norm_forward.
+@compute @workgroup_size(32)
+fn group_norm_backward_dx(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let c = wid.x * 32u + lid;
+    let row = wid.y;
+    if (c >= p.channels) { return; }
+    let n = row / p.splits;
+    let s = row % p.splits;
+    let q0 = s * p.split_len;
+    let q1 = min(q0 + p.split_len, p.pixels);
     let st = n * p.groups + c / p.cpg;
     let rs = rstd[st];
-    let xhat = (x[i] - mean[st]) * rs;
+    let mu = mean[st];
     let ng = p.batch * p.groups;
     let m1 = gsums[st] * p.inv_count;
     let m2 = gsums[ng + st] * p.inv_count;
-    dx[i] = rs * (gamma[c] * dy[i] - m1 - xhat * m2);
+    let ga = gamma[c];
+    let base = n * p.pixels * p.channels + c;
+    for (var q = q0; q < q1; q = q + 1u) {
+        let idx = base + q * p.channels;
+        let xhat = (x[idx] - mu) * rs;
+        dx[idx] = rs * (ga * dy[idx] - m1 - xhat * m2);
+    }
 }

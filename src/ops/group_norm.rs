@@ -26,6 +26,21 @@ pub struct GroupNormParams {
 }
 
 const WG: usize = 256;
+/// Channels per workgroup of the per-(split, channel) kernels (stats_partial, forward, dx).
+const COLUMN_CHANNELS: usize = 32;
+
+/// Pixel splits for the per-(n, split, channel) kernels: enough workgroups to keep every core
+/// busy, at least 64 pixels each. Depends only on the shape, so results stay reproducible.
+fn pixel_splits(op: &str, n: usize, pixels: usize, c: usize, per_block: usize) -> OpResult<(usize, usize, usize)> {
+    let cblocks = c.div_ceil(per_block);
+    let splits = PARTIAL_TARGET_WORKGROUPS.div_ceil(n * cblocks).clamp(1, (pixels / 64).max(1));
+    let split_len = pixels.div_ceil(splits);
+    let splits = pixels.div_ceil(split_len);
+    if n * splits > 65535 || cblocks > 65535 {
+        return Err(invalid(format!("{op}: grid of {cblocks} x {} workgroups exceeds 65535 per dimension", n * splits)));
+    }
+    Ok((cblocks, splits, split_len))
+}
 /// Channels per workgroup of `group_norm_backward_partials` (its workgroup is 32 x 8 lanes).
 const PARTIAL_CHANNELS: usize = 32;
 /// Aim for at least this many workgroups in `group_norm_backward_partials` by splitting the
@@ -125,11 +140,18 @@ pub fn group_norm_forward(
     expect_distinct(OP, x, rstd)?;
     expect_disjoint(OP, mean, rstd)?;
 
+    let pixels = p.pixels as usize;
+    let (cblocks, splits, split_len) = pixel_splits(OP, n, pixels, c, COLUMN_CHANNELS)?;
+    p.splits = splits as u32;
+    p.split_len = split_len as u32;
+    let partials = rec.gpu.tensor(&[2, n * splits, c], "group_norm_forward.partials");
+    let grid = [cblocks as u32, (n * splits) as u32, 1];
+    rec.dispatch(key("group_norm_stats_partial"), &p, &[(1, x.into()), (10, (&partials).into())], grid);
     rec.dispatch(
         key("group_norm_stats"),
         &p,
-        &[(1, x.into()), (5, mean.into()), (6, rstd.into())],
-        grid_1d(n * groups),
+        &[(5, mean.into()), (6, rstd.into()), (11, (&partials).into())],
+        [(n * groups).div_ceil(64) as u32, 1, 1],
     );
     rec.dispatch(
         key("group_norm_forward"),
@@ -142,7 +164,7 @@ pub fn group_norm_forward(
             (7, mean.into()),
             (8, rstd.into()),
         ],
-        grid_1d(x.numel().div_ceil(WG)),
+        grid,
     );
     Ok(())
 }
@@ -253,7 +275,8 @@ pub fn group_norm_backward(
             (15, (&gsums).into()),
             (16, dx.into()),
         ],
-        grid_1d(x.numel().div_ceil(WG)),
+        // Same (channel block, n * split) grid as the partial sums.
+        [cblocks as u32, rows as u32, 1],
     );
     Ok(())
 }
