@@ -15,7 +15,7 @@ struct Params {
     range: u32,    // uniform integers in [0, range); 0 = raw 32-bit words
     per_sample: u32, // q_sample: elements per sample (C*H*W)
     num_t: u32,    // q_sample: number of timesteps T (length of alphas_cumprod)
-    _pad0: u32,
+    scale_bits: u32, // dropout: bits of the f32 scale 1 / (1 - p)
     _pad1: u32,
 }
 
@@ -163,4 +163,18 @@ fn philox_kat(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     out_u32[4u * k + 1u] = o.y;
     out_u32[4u * k + 2u] = o.z;
     out_u32[4u * k + 3u] = o.w;
+}
+
+// Inverted dropout (Srivastava et al. 2014): y = x · keep / (1 − p) with keep = (word ≥ p·2^32),
+// the word being stream element `first + i` (bindings: x through x0, y through out_f32). The
+// mask is a pure function of (seed, purpose, step, index), so the backward pass is this same
+// kernel applied to dy: no mask is stored.
+@compute @workgroup_size(256)
+fn dropout(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+           @builtin(local_invocation_index) lid: u32) {
+    let i = linear_index(wid, nwg, lid);
+    if (i >= p.n) { return; }
+    let index = p.first + i;
+    let w = block_of(index)[index % 4u];
+    out_f32[i] = select(0.0, x0[i] * bitcast<f32>(p.scale_bits), w >= p.range);
 }

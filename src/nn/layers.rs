@@ -12,6 +12,7 @@ use crate::ops::conv2d::{
 use crate::ops::elementwise::{add_channel_bias, axpby, silu_backward, silu_forward};
 use crate::ops::gemm::{GemmShape, MatRef, gemm, linear_backward, linear_forward};
 use crate::ops::group_norm::{group_norm_backward, group_norm_forward};
+use crate::ops::noise::dropout;
 use crate::ops::reduce::sum_pixels_per_sample;
 use crate::ops::softmax::{softmax_backward, softmax_forward};
 use crate::ops::upsample::{upsample_nearest2x_backward, upsample_nearest2x_forward};
@@ -210,6 +211,8 @@ pub struct ResnetBlock {
     conv2: Conv2d,
     conv_shortcut: Option<Conv2d>,
     output_scale: f32,
+    /// Dropout after the second SiLU (training only): (p, RNG purpose, mask output).
+    dropout: Option<(f32, u32, Act)>,
     n1: Act,
     s1: Act,
     c1: Act,
@@ -240,6 +243,7 @@ impl ResnetBlock {
         s: BlockSettings,
         output_scale: f64,
         out: &Act,
+        dropout: Option<(f32, u32)>,
     ) -> ResnetBlock {
         let [n, h, w, cin] = [x_shape[0], x_shape[1], x_shape[2], x_shape[3]];
         let hs = [n, h, w, cout];
@@ -291,6 +295,7 @@ impl ResnetBlock {
                 )
             }),
             output_scale: output_scale as f32,
+            dropout: dropout.map(|(p, purpose)| (p, purpose, a(&hs, "dropout"))),
             n1: a(x_shape, "norm1"),
             s1: a(x_shape, "silu1"),
             c1: a(&hs, "conv1"),
@@ -311,7 +316,8 @@ impl ResnetBlock {
         }
     }
 
-    /// `temb_act` = silu(time embedding), shared by every block.
+    /// `temb_act` = silu(time embedding), shared by every block. `rng` = (state, first stream
+    /// index) for dropout, when the block has dropout.
     pub fn forward(
         &self,
         rec: &mut Recorder,
@@ -319,6 +325,7 @@ impl ResnetBlock {
         x: &Act,
         temb_act: &Act,
         out: &Act,
+        rng: Option<(&Tensor, u32)>,
     ) -> OpResult {
         self.norm1.forward(rec, p, x, &self.n1)?;
         silu_forward(rec, &self.n1.value, &self.s1.value)?;
@@ -328,7 +335,18 @@ impl ResnetBlock {
         add_channel_bias(rec, &self.tproj.value, 1.0, &self.c1.value)?;
         self.norm2.forward(rec, p, &self.c1, &self.n2)?;
         silu_forward(rec, &self.n2.value, &self.s2.value)?;
-        self.conv2.forward(rec, p, &self.s2, &self.c2)?;
+        match (&self.dropout, rng) {
+            (Some((prob, purpose, d)), Some((state, first))) => {
+                dropout(rec, state, *purpose, first, *prob, &self.s2.value, &d.value)?;
+                self.conv2.forward(rec, p, d, &self.c2)?;
+            }
+            (Some(_), None) => {
+                return Err(invalid(
+                    "resnet dropout needs the RNG state (training mode)",
+                ));
+            }
+            (None, _) => self.conv2.forward(rec, p, &self.s2, &self.c2)?,
+        }
         let residual = match (&self.conv_shortcut, &self.shortcut) {
             (Some(conv), Some(sc)) => {
                 conv.forward(rec, p, x, sc)?;
@@ -343,6 +361,7 @@ impl ResnetBlock {
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
         rec: &mut Recorder,
@@ -351,6 +370,7 @@ impl ResnetBlock {
         x: &Act,
         temb_act: &Act,
         out: &Act,
+        rng: Option<(&Tensor, u32)>,
     ) -> OpResult {
         if self.output_scale != 1.0 {
             axpby(rec, 1.0 / self.output_scale, &out.grad, 0.0, &self.c2.grad)?;
@@ -372,7 +392,20 @@ impl ResnetBlock {
                 )?;
             }
         }
-        self.conv2.backward(rec, p, gt, &self.s2, &self.c2, true)?;
+        match (&self.dropout, rng) {
+            (Some((prob, purpose, d)), Some((state, first))) => {
+                self.conv2.backward(rec, p, gt, d, &self.c2, true)?;
+                // The same mask, regenerated from the counter: ds2 = dd · keep / (1 − p).
+                dropout(rec, state, *purpose, first, *prob, &d.grad, &self.s2.grad)?;
+                gt.accumulate(&self.s2.grad);
+            }
+            (Some(_), None) => {
+                return Err(invalid(
+                    "resnet dropout needs the RNG state (training mode)",
+                ));
+            }
+            (None, _) => self.conv2.backward(rec, p, gt, &self.s2, &self.c2, true)?,
+        }
         silu_bwd(rec, gt, &self.n2, &self.s2)?;
         self.norm2.backward(rec, p, gt, &self.c1, &self.n2)?;
         // c1 = conv1(s1) + tproj[n, c] broadcast over pixels.

@@ -68,17 +68,71 @@ pub struct UNet {
     conv_out: Conv2d,
     /// The model output (ε, v or x0 prediction), NHWC [B, S, S, out_channels].
     pub output: Act,
+    /// RNG state [seed lo, seed hi, step, 0] for dropout (the trainer's state tensor).
+    pub rng_state: Tensor,
+    /// Training mode: dropout active (when the config has it).
+    pub training: bool,
+    /// Stream offset of the micro-batch being recorded (dropout masks differ per micro-batch).
+    micro_batch: std::cell::Cell<u32>,
 }
 
+/// Each micro-batch's dropout masks start this many stream elements further (so one dropout
+/// layer's activation may hold up to 2^24 elements, and 256 micro-batches fit in 2^32).
+const DROPOUT_MICRO_STRIDE: u32 = 1 << 24;
+
 impl UNet {
+    /// A U-Net in training mode (dropout active when the config sets it).
     pub fn new(gpu: &Arc<Gpu>, config: &UNetConfig, batch: usize) -> Result<UNet, GpuError> {
+        Self::build(gpu, config, batch, true)
+    }
+
+    /// A U-Net for sampling (`model.eval()`: no dropout).
+    pub fn for_inference(
+        gpu: &Arc<Gpu>,
+        config: &UNetConfig,
+        batch: usize,
+    ) -> Result<UNet, GpuError> {
+        Self::build(gpu, config, batch, false)
+    }
+
+    /// Selects the micro-batch whose dispatches are recorded next (gradient accumulation).
+    pub fn set_micro_batch(&self, i: u32) {
+        self.micro_batch.set(i);
+    }
+
+    fn rng(&self) -> Option<(&Tensor, u32)> {
+        (self.training && self.config.dropout > 0.0).then(|| {
+            (
+                &self.rng_state,
+                self.micro_batch.get() * DROPOUT_MICRO_STRIDE,
+            )
+        })
+    }
+
+    fn build(
+        gpu: &Arc<Gpu>,
+        config: &UNetConfig,
+        batch: usize,
+        training: bool,
+    ) -> Result<UNet, GpuError> {
         config.validate().map_err(GpuError::Invalid)?;
-        if config.dropout != 0.0 {
-            return Err(GpuError::Invalid(format!(
-                "dropout {} is not implemented yet; use a config with dropout 0",
-                config.dropout
-            )));
-        }
+        let mut dropout_layers = 0u32;
+        let mut next_dropout = |shape: &[usize]| -> Result<Option<(f32, u32)>, GpuError> {
+            if !training || config.dropout == 0.0 {
+                return Ok(None);
+            }
+            if shape.iter().product::<usize>() > DROPOUT_MICRO_STRIDE as usize {
+                return Err(GpuError::Invalid(format!(
+                    "dropout on an activation of {:?} (over 2^24 elements) is not supported; use a smaller batch",
+                    shape
+                )));
+            }
+            dropout_layers += 1;
+            Ok(Some((
+                config.dropout as f32,
+                crate::ops::noise::purpose::DROPOUT_BASE + dropout_layers,
+            )))
+        };
         if batch == 0 {
             return Err(GpuError::Invalid("batch size must be at least 1".into()));
         }
@@ -139,6 +193,7 @@ impl UNet {
                     settings,
                     1.0,
                     &out,
+                    next_dropout(&[batch, cur.shape()[1], cur.shape()[2], out_c])?,
                 );
                 nodes.push(Node::Resnet {
                     block: Box::new(block),
@@ -220,6 +275,7 @@ impl UNet {
                     settings,
                     scale,
                     &out,
+                    next_dropout(&[batch, cur.shape()[1], cur.shape()[2], mid_c])?,
                 );
                 nodes.push(Node::Resnet {
                     block: Box::new(block),
@@ -262,6 +318,7 @@ impl UNet {
                     settings,
                     1.0,
                     &out,
+                    next_dropout(&[batch, cur.shape()[1], cur.shape()[2], out_c])?,
                 );
                 nodes.push(Node::Resnet {
                     block: Box::new(block),
@@ -329,6 +386,7 @@ impl UNet {
         );
         let output = act(&[batch, s, s, c.out_channels], "conv_out");
         let params = ParamStore::new(gpu, &d.0)?;
+        let rng_state = gpu.tensor(&[4], "rng state");
         Ok(UNet {
             config: c.clone(),
             batch,
@@ -350,6 +408,9 @@ impl UNet {
             act_out,
             conv_out,
             output,
+            rng_state,
+            training,
+            micro_batch: std::cell::Cell::new(0),
         })
     }
 
@@ -383,7 +444,9 @@ impl UNet {
         self.conv_in.forward(rec, p, &self.sample, &self.h_in)?;
         for node in &self.nodes {
             match node {
-                Node::Resnet { block, x, out } => block.forward(rec, p, x, &self.emb_act, out)?,
+                Node::Resnet { block, x, out } => {
+                    block.forward(rec, p, x, &self.emb_act, out, self.rng())?
+                }
                 Node::Attention { block, x, out } => block.forward(rec, p, x, out)?,
                 Node::Down { block, x, out } => block.forward(rec, p, x, out)?,
                 Node::Up { block, x, out } => block.forward(rec, p, x, out)?,
@@ -421,7 +484,7 @@ impl UNet {
         for node in self.nodes.iter().rev() {
             match node {
                 Node::Resnet { block, x, out } => {
-                    block.backward(rec, p, gt, x, &self.emb_act, out)?
+                    block.backward(rec, p, gt, x, &self.emb_act, out, self.rng())?
                 }
                 Node::Attention { block, x, out } => block.backward(rec, p, gt, x, out)?,
                 Node::Down { block, x, out } => block.backward(rec, p, gt, x, out)?,

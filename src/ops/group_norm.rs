@@ -31,13 +31,24 @@ const COLUMN_CHANNELS: usize = 32;
 
 /// Pixel splits for the per-(n, split, channel) kernels: enough workgroups to keep every core
 /// busy, at least 64 pixels each. Depends only on the shape, so results stay reproducible.
-fn pixel_splits(op: &str, n: usize, pixels: usize, c: usize, per_block: usize) -> OpResult<(usize, usize, usize)> {
+fn pixel_splits(
+    op: &str,
+    n: usize,
+    pixels: usize,
+    c: usize,
+    per_block: usize,
+) -> OpResult<(usize, usize, usize)> {
     let cblocks = c.div_ceil(per_block);
-    let splits = PARTIAL_TARGET_WORKGROUPS.div_ceil(n * cblocks).clamp(1, (pixels / 64).max(1));
+    let splits = PARTIAL_TARGET_WORKGROUPS
+        .div_ceil(n * cblocks)
+        .clamp(1, (pixels / 64).max(1));
     let split_len = pixels.div_ceil(splits);
     let splits = pixels.div_ceil(split_len);
     if n * splits > 65535 || cblocks > 65535 {
-        return Err(invalid(format!("{op}: grid of {cblocks} x {} workgroups exceeds 65535 per dimension", n * splits)));
+        return Err(invalid(format!(
+            "{op}: grid of {cblocks} x {} workgroups exceeds 65535 per dimension",
+            n * splits
+        )));
     }
     Ok((cblocks, splits, split_len))
 }
@@ -144,9 +155,16 @@ pub fn group_norm_forward(
     let (cblocks, splits, split_len) = pixel_splits(OP, n, pixels, c, COLUMN_CHANNELS)?;
     p.splits = splits as u32;
     p.split_len = split_len as u32;
-    let partials = rec.gpu.tensor(&[2, n * splits, c], "group_norm_forward.partials");
+    let partials = rec
+        .gpu
+        .tensor(&[2, n * splits, c], "group_norm_forward.partials");
     let grid = [cblocks as u32, (n * splits) as u32, 1];
-    rec.dispatch(key("group_norm_stats_partial"), &p, &[(1, x.into()), (10, (&partials).into())], grid);
+    rec.dispatch(
+        key("group_norm_stats_partial"),
+        &p,
+        &[(1, x.into()), (10, (&partials).into())],
+        grid,
+    );
     rec.dispatch(
         key("group_norm_stats"),
         &p,

@@ -51,7 +51,9 @@ pub struct NoiseParams {
     pub range: u32,
     pub per_sample: u32,
     pub num_t: u32,
-    pub _pad: [u32; 2],
+    /// dropout: bits of the f32 scale 1 / (1 − p).
+    pub scale_bits: u32,
+    pub _pad: u32,
 }
 
 /// Stream ids used by the trainer (the `purpose` counter word).
@@ -64,6 +66,8 @@ pub mod purpose {
     pub const DATA: u32 = 3;
     /// Sampling (inference) noise.
     pub const SAMPLING: u32 = 4;
+    /// Dropout masks: `DROPOUT_BASE + i` for the i-th dropout layer of the model.
+    pub const DROPOUT_BASE: u32 = 16;
 }
 
 const WG: usize = 256;
@@ -239,6 +243,50 @@ pub fn philox_kat(rec: &mut Recorder, input: &Tensor, out: &Tensor) -> OpResult 
         &p,
         &[(1, input.into()), (2, out.into())],
         grid_1d(vectors.div_ceil(WG)),
+    );
+    Ok(())
+}
+
+/// The keep threshold of dropout with drop probability `p`: a word w keeps its element when
+/// w ≥ threshold, so P(drop) = threshold / 2^32 = p to within 2^-32.
+pub fn dropout_threshold(p: f32) -> u32 {
+    ((p as f64) * 4_294_967_296.0).round().min(u32::MAX as f64) as u32
+}
+
+/// y = x · keep / (1 − p) (inverted dropout) with keep drawn from stream element `first + i`.
+/// Applying it to dy with the same state, purpose and `first` gives the backward pass.
+pub fn dropout(
+    rec: &mut Recorder,
+    state: &Tensor,
+    purpose: u32,
+    first: u32,
+    p: f32,
+    x: &Tensor,
+    y: &Tensor,
+) -> OpResult {
+    const OP: &str = "dropout";
+    if !(0.0..1.0).contains(&p) {
+        return Err(invalid(format!(
+            "{OP}: drop probability {p} must be in [0, 1)"
+        )));
+    }
+    check_state(OP, state, y)?;
+    let n = check_range(OP, y, first)?;
+    expect_numel(OP, "x", x, n as usize)?;
+    expect_distinct(OP, x, y)?;
+    let params = NoiseParams {
+        n,
+        first,
+        purpose,
+        range: dropout_threshold(p),
+        scale_bits: (1.0 / (1.0 - p)).to_bits(),
+        ..Default::default()
+    };
+    rec.dispatch(
+        key(OP),
+        &params,
+        &[(1, state.into()), (3, y.into()), (4, x.into())],
+        grid_1d((n as usize).div_ceil(WG)),
     );
     Ok(())
 }

@@ -105,7 +105,8 @@ impl Trainer {
             "alphas_cumprod",
         )?;
         let hyper = gpu.tensor(&[HYPER_LEN], "adamw hyper");
-        let rng_state = gpu.tensor(&[4], "rng state");
+        // One RNG state for timesteps, noise and dropout masks, rewritten every step.
+        let rng_state = unet.rng_state.clone();
         let clip = gpu.tensor(&[2], "grad clip, norm");
         let ema = gpu.tensor(&[n], "ema");
         let exp_avg = gpu.tensor(&[n], "exp_avg");
@@ -127,6 +128,7 @@ impl Trainer {
         let mut rec = gpu.recorder();
         rec.clear(&unet.params.grads);
         for (i, x0_i) in x0.iter().enumerate() {
+            unet.set_micro_batch(i as u32);
             random_uniform_u32(
                 &mut rec,
                 &rng_state,

@@ -32,7 +32,7 @@ impl Sampler {
         prediction: PredictionType,
         num_steps: usize,
     ) -> Result<Sampler> {
-        let unet = UNet::new(gpu, model, GRID_IMAGES)?;
+        let unet = UNet::for_inference(gpu, model, GRID_IMAGES)?;
         let steps = ddpm_steps(schedule, num_steps).map_err(anyhow::Error::msg)?;
         let coeffs = gpu.tensor(&[5], "ddpm coefficients");
         let rng_state = gpu.tensor(&[4], "sampling rng");

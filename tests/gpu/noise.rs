@@ -405,3 +405,49 @@ fn invalid_arguments_are_errors() {
         .to_string();
     assert!(e.contains("share a buffer"), "{e}");
 }
+
+/// Inverted dropout: the mask is the reference Philox stream (bit-exact keep decisions), kept
+/// values are scaled by 1/(1-p) (two f32 roundings, of the scale and of the product: rtol
+/// 2.5e-7; a wrong keep decision would be off by the whole value), and the drop rate is p.
+#[test]
+fn dropout_matches_the_reference_mask() {
+    use wgpu_diffusion::ops::noise::{dropout, dropout_threshold, write_rng_state};
+    use wgpu_diffusion::reference::noise::random_u32;
+    let g = gpu();
+    let (seed, step, purpose, p) = (7u64, 3u32, 17u32, 0.3f32);
+    for &(n, first) in &[(1usize, 0u32), (33, 5), (70_001, 1000)] {
+        let x: Vec<f64> = random(n, 90).iter().map(|v| v + 2.0).collect();
+        let tx = upload(&g, &[n], &x, "x");
+        let ty = g.tensor(&[n], "y");
+        let state = g.tensor(&[4], "rng");
+        write_rng_state(&g, &state, seed, step).unwrap();
+        run(&g, |rec| {
+            dropout(rec, &state, purpose, first, p, &tx, &ty).unwrap()
+        });
+        let scale = (1.0f32 / (1.0 - p)) as f64;
+        let threshold = dropout_threshold(p);
+        let expect: Vec<f64> = (0..n)
+            .map(|i| {
+                if random_u32(seed, purpose, step, first + i as u32) >= threshold {
+                    x[i] * scale
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        assert_close(
+            &format!("dropout n={n}"),
+            &read(&g, &ty),
+            &expect,
+            0.0,
+            2.5e-7,
+        );
+        if n > 10_000 {
+            let dropped = expect.iter().filter(|v| **v == 0.0).count() as f64 / n as f64;
+            assert!(
+                (dropped - p as f64).abs() < 0.01,
+                "drop rate {dropped} for p = {p}"
+            );
+        }
+    }
+}

@@ -335,12 +335,25 @@ fn upload_f32(
 #[test]
 fn linear_schedule_matches_diffusers_alphas_cumprod() {
     use wgpu_diffusion::diffusion::{BetaSchedule, NoiseSchedule};
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ref_tiny16_s0.safetensors");
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ref_tiny16_s0.safetensors");
     let bytes = std::fs::read(&path).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let reference = f32s(&st, "alphas_cumprod");
-    let ours = NoiseSchedule::new(BetaSchedule::Linear, 1000, 1e-4, 0.02).unwrap().alphas_cumprod;
-    let max_ulps = ours.iter().zip(&reference).map(|(a, b)| (a.to_bits() as i64 - b.to_bits() as i64).abs()).max().unwrap();
+    let ours = NoiseSchedule::new(BetaSchedule::Linear, 1000, 1e-4, 0.02)
+        .unwrap()
+        .alphas_cumprod;
+    let max_ulps = ours
+        .iter()
+        .zip(&reference)
+        .map(|(a, b)| (a.to_bits() as i64 - b.to_bits() as i64).abs())
+        .max()
+        .unwrap();
     eprintln!("alphas_cumprod: max difference {max_ulps} ulp");
-    assert!(max_ulps <= 4, "alphas_cumprod differs from diffusers by up to {max_ulps} ulp; first ours {:?} ref {:?}", &ours[..3], &reference[..3]);
+    assert!(
+        max_ulps <= 4,
+        "alphas_cumprod differs from diffusers by up to {max_ulps} ulp; first ours {:?} ref {:?}",
+        &ours[..3],
+        &reference[..3]
+    );
 }
