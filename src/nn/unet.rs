@@ -80,6 +80,28 @@ pub struct UNet {
 /// layer's activation may hold up to 2^24 elements, and 256 micro-batches fit in 2^32).
 const DROPOUT_MICRO_STRIDE: u32 = 1 << 24;
 
+/// Appends an attention block reading `x` and returns its output.
+#[allow(clippy::too_many_arguments)]
+fn attention_node(
+    gpu: &Arc<Gpu>,
+    d: &mut ParamDecls,
+    prefix: &str,
+    x: &Act,
+    head_dim: usize,
+    settings: BlockSettings,
+    rescale: f64,
+    nodes: &mut Vec<Node>,
+) -> Act {
+    let out = Act::new(gpu, x.shape(), prefix);
+    let block = AttentionBlock::new(gpu, d, prefix, x.shape(), head_dim, settings, rescale);
+    nodes.push(Node::Attention {
+        block: Box::new(block),
+        x: x.clone(),
+        out: out.clone(),
+    });
+    out
+}
+
 impl UNet {
     /// A U-Net in training mode (dropout active when the config sets it).
     pub fn new(gpu: &Arc<Gpu>, config: &UNetConfig, batch: usize) -> Result<UNet, GpuError> {
@@ -203,22 +225,9 @@ impl UNet {
                 cur = out;
                 if kind == "AttnDownBlock2D" {
                     let prefix = format!("down_blocks.{i}.attentions.{j}");
-                    let out = act(cur.shape(), &prefix);
-                    let block = AttentionBlock::new(
-                        gpu,
-                        &mut d,
-                        &prefix,
-                        cur.shape(),
-                        head_dim,
-                        settings,
-                        1.0,
+                    cur = attention_node(
+                        gpu, &mut d, &prefix, &cur, head_dim, settings, 1.0, &mut nodes,
                     );
-                    nodes.push(Node::Attention {
-                        block: Box::new(block),
-                        x: cur.clone(),
-                        out: out.clone(),
-                    });
-                    cur = out;
                 }
                 skips.push(cur.clone());
             }
@@ -328,22 +337,9 @@ impl UNet {
                 cur = out;
                 if kind == "AttnUpBlock2D" {
                     let prefix = format!("up_blocks.{i}.attentions.{j}");
-                    let out = act(cur.shape(), &prefix);
-                    let block = AttentionBlock::new(
-                        gpu,
-                        &mut d,
-                        &prefix,
-                        cur.shape(),
-                        head_dim,
-                        settings,
-                        1.0,
+                    cur = attention_node(
+                        gpu, &mut d, &prefix, &cur, head_dim, settings, 1.0, &mut nodes,
                     );
-                    nodes.push(Node::Attention {
-                        block: Box::new(block),
-                        x: cur.clone(),
-                        out: out.clone(),
-                    });
-                    cur = out;
                 }
             }
             if i + 1 < nb {
