@@ -31,6 +31,11 @@ pub struct ParamStore {
     index: HashMap<String, usize>,
     /// Total elements including alignment padding.
     pub len: usize,
+    /// (offset, length) ranges covering the flat buffers, each within the adapter's storage
+    /// binding limit and starting at a parameter: whole-model ops (AdamW, EMA, the gradient
+    /// norm) run once per range, so models larger than one binding (cifar32 on lavapipe's
+    /// 128 MiB) still train.
+    pub chunks: Vec<(usize, usize)>,
     pub params: Tensor,
     pub grads: Tensor,
 }
@@ -51,11 +56,21 @@ impl ParamStore {
             });
             offset += shape.iter().product::<usize>().next_multiple_of(align);
         }
-        let max_binding = gpu.limits.max_storage_buffer_binding_size as usize / 4;
-        if offset > max_binding {
-            return Err(GpuError::Invalid(format!(
-                "the model's {offset} parameters exceed this adapter's storage binding limit of {max_binding} floats"
-            )));
+        let max_binding = (gpu.limits.max_storage_buffer_binding_size as usize / 4) / align * align;
+        let mut chunks: Vec<(usize, usize)> = Vec::new();
+        for sp in &specs {
+            let len = sp.numel().next_multiple_of(align);
+            if len > max_binding {
+                return Err(GpuError::Invalid(format!(
+                    "parameter `{}` ({} values) exceeds this adapter's storage binding limit of {max_binding} floats",
+                    sp.name,
+                    sp.numel()
+                )));
+            }
+            match chunks.last_mut() {
+                Some((_, l)) if *l + len <= max_binding => *l += len,
+                _ => chunks.push((sp.offset, len)),
+            }
         }
         let index = specs
             .iter()
@@ -66,9 +81,18 @@ impl ParamStore {
             specs,
             index,
             len: offset,
+            chunks,
             params: gpu.tensor(&[offset], "parameters"),
             grads: gpu.tensor(&[offset], "gradients"),
         })
+    }
+
+    /// `buffer` (of the flat layout) as one view per chunk.
+    pub fn chunk_views(&self, buffer: &Tensor) -> Vec<Tensor> {
+        self.chunks
+            .iter()
+            .map(|&(o, l)| buffer.view(o, &[l], buffer.label()))
+            .collect()
     }
 
     /// Number of real parameters (without padding).

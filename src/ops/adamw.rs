@@ -251,31 +251,55 @@ pub fn grad_norm(
     max_norm: Option<f32>,
     out: &Tensor,
 ) -> OpResult {
+    grad_norm_chunks(rec, std::slice::from_ref(grads), max_norm, out)
+}
+
+/// [`grad_norm`] over several tensors (the chunks of one flat gradient buffer that exceeds a
+/// storage binding): each chunk writes its partial sums into its own 64-aligned slice of one
+/// partials tensor (unused slots stay zero), and one finish pass sums them all in order.
+pub fn grad_norm_chunks(
+    rec: &mut Recorder,
+    chunks: &[Tensor],
+    max_norm: Option<f32>,
+    out: &Tensor,
+) -> OpResult {
     const OP: &str = "grad_norm";
-    let n = grads.numel();
     expect_numel(OP, "out", out, 2)?;
-    expect_distinct(OP, grads, out)?;
+    if chunks.is_empty() {
+        return Err(invalid(format!("{OP}: no gradient tensors")));
+    }
     if let Some(m) = max_norm.filter(|m| !(*m > 0.0 && m.is_finite())) {
         return Err(invalid(format!(
             "{OP}: max_norm must be positive and finite, got {m}"
         )));
     }
-    let groups = n.div_ceil(CHUNK).max(1);
-    let partials = rec.gpu.tensor(&[groups], "grad norm partials");
-    let p = AdamwParams {
-        n: u32_of(OP, "n", n)?,
+    let slots: Vec<usize> = chunks
+        .iter()
+        .map(|g| g.numel().div_ceil(CHUNK).max(1).next_multiple_of(64))
+        .collect();
+    let partials = rec.gpu.tensor(&[slots.iter().sum()], "grad norm partials");
+    let mut offset = 0;
+    for (grads, &len) in chunks.iter().zip(&slots) {
+        expect_distinct(OP, grads, out)?;
+        let n = grads.numel();
+        let groups = n.div_ceil(CHUNK).max(1);
+        let view = partials.view(offset, &[len], "grad norm partials");
+        let p = AdamwParams {
+            n: u32_of(OP, "n", n)?,
+            ..Default::default()
+        };
+        rec.dispatch(
+            key("sumsq_partial"),
+            &p,
+            &[(2, grads.into()), (9, (&view).into())],
+            grid_1d(groups),
+        );
+        offset += len;
+    }
+    let p2 = AdamwParams {
+        n: u32_of(OP, "partials", offset)?,
         max_norm: max_norm.unwrap_or(0.0),
         ..Default::default()
-    };
-    rec.dispatch(
-        key("sumsq_partial"),
-        &p,
-        &[(2, grads.into()), (9, (&partials).into())],
-        grid_1d(groups),
-    );
-    let p2 = AdamwParams {
-        n: groups as u32,
-        ..p
     };
     rec.dispatch(
         key("grad_norm_finish"),

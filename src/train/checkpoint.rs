@@ -196,7 +196,11 @@ pub fn modern_name(name: &str) -> String {
 
 pub const MODEL_WEIGHTS: &str = "diffusion_pytorch_model.safetensors";
 
-/// Writes a diffusers model directory (the weights given, with diffusers' names).
+/// Writes a diffusers model directory with the weights given (diffusers' names): `config.json`
+/// + `diffusion_pytorch_model.safetensors` + `scheduler_config.json` at the top
+/// (`UNet2DModel.from_pretrained(dir)`), and the pipeline layout beside them — `model_index.json`,
+/// `unet/`, `scheduler/` — so `DDPMPipeline.from_pretrained(dir)` loads it too. The `unet/`
+/// weights are a hard link to the top-level file where the file system allows it.
 pub fn save_model_dir(
     dir: &Path,
     config: &UNetConfig,
@@ -207,11 +211,34 @@ pub fn save_model_dir(
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
     let bytes = serialize_named(store, &[("", weights)], meta)?;
+    let config_json = config.to_json();
     atomic_write(&dir.join(MODEL_WEIGHTS), &bytes)?;
-    atomic_write(&dir.join("config.json"), config.to_json().as_bytes())?;
+    atomic_write(&dir.join("config.json"), config_json.as_bytes())?;
     atomic_write(
         &dir.join("scheduler_config.json"),
         scheduler_json.as_bytes(),
+    )?;
+    let unet = dir.join("unet");
+    std::fs::create_dir_all(&unet).with_context(|| format!("creating {}", unet.display()))?;
+    let linked = unet.join(MODEL_WEIGHTS);
+    let _ = std::fs::remove_file(&linked);
+    if std::fs::hard_link(dir.join(MODEL_WEIGHTS), &linked).is_err() {
+        atomic_write(&linked, &bytes)?;
+    }
+    atomic_write(&unet.join("config.json"), config_json.as_bytes())?;
+    atomic_write(
+        &dir.join("scheduler").join("scheduler_config.json"),
+        scheduler_json.as_bytes(),
+    )?;
+    let index = serde_json::json!({
+        "_class_name": "DDPMPipeline",
+        "_diffusers_version": "0.31.0",
+        "scheduler": ["diffusers", "DDPMScheduler"],
+        "unet": ["diffusers", "UNet2DModel"]
+    });
+    atomic_write(
+        &dir.join("model_index.json"),
+        serde_json::to_string_pretty(&index)?.as_bytes(),
     )?;
     Ok(())
 }

@@ -23,7 +23,8 @@ use crate::diffusion::{NoiseSchedule, PredictionType};
 use crate::gpu::{Gpu, Plan, Tensor};
 use crate::nn::{UNet, UNetConfig};
 use crate::ops::adamw::{
-    AdamwConfig, AdamwHyper, EmaConfig, HYPER_LEN, adamw_step, ema_update, grad_norm, write_hyper,
+    AdamwConfig, AdamwHyper, EmaConfig, HYPER_LEN, adamw_step, ema_update, grad_norm_chunks,
+    write_hyper,
 };
 use crate::ops::diffusion::{min_snr_weights, v_target};
 use crate::ops::elementwise::cast_u32_to_f32;
@@ -184,18 +185,21 @@ impl Trainer {
             unet.backward(&mut rec)?;
         }
         let max_norm = (cfg.max_grad_norm > 0.0).then_some(cfg.max_grad_norm as f32);
-        grad_norm(&mut rec, &unet.params.grads, max_norm, &clip)?;
-        adamw_step(
-            &mut rec,
-            &hyper,
-            &clip,
-            &unet.params.grads,
-            &unet.params.params,
-            &exp_avg,
-            &exp_avg_sq,
-        )?;
-        if cfg.ema {
-            ema_update(&mut rec, &hyper, &unet.params.params, &ema)?;
+        let store = &unet.params;
+        grad_norm_chunks(&mut rec, &store.chunk_views(&store.grads), max_norm, &clip)?;
+        let views = |t: &Tensor| store.chunk_views(t);
+        let (p_v, g_v, m_v, v_v, e_v) = (
+            views(&store.params),
+            views(&store.grads),
+            views(&exp_avg),
+            views(&exp_avg_sq),
+            views(&ema),
+        );
+        for i in 0..store.chunks.len() {
+            adamw_step(&mut rec, &hyper, &clip, &g_v[i], &p_v[i], &m_v[i], &v_v[i])?;
+            if cfg.ema {
+                ema_update(&mut rec, &hyper, &p_v[i], &e_v[i])?;
+            }
         }
         let step_plan = rec.finish();
         let adam = AdamwConfig {

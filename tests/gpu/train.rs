@@ -243,3 +243,47 @@ fn bad_checkpoints_and_model_dirs_are_clear_errors() {
     assert!(e.contains("no checkpoint"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn presets_have_pytorchs_parameter_counts() {
+    let g = gpu();
+    for (name, count) in [
+        ("tiny16", 701_345),
+        ("mnist28", 1_707_009),
+        ("cifar32", 35_746_307),
+    ] {
+        let unet = UNet::new(&g, &UNetConfig::preset(name).unwrap(), 1).unwrap();
+        assert_eq!(unet.params.count(), count, "{name}");
+    }
+}
+
+#[test]
+fn a_non_finite_loss_stops_the_run_with_a_clear_error() {
+    let g = gpu();
+    let dir = temp_dir("nan");
+    let mut cfg = small_config(&dir, 20);
+    cfg.lr = 1e30;
+    cfg.lr_warmup_steps = 0;
+    cfg.max_grad_norm = 0.0;
+    let never = Arc::new(AtomicBool::new(false));
+    let e = run(
+        g,
+        cfg,
+        None,
+        never.clone(),
+        &mut StopAt {
+            stop: never,
+            stop_at: u64::MAX,
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("non-finite"), "{e}");
+    assert!(
+        wgpu_diffusion::train::RunDir { root: dir.clone() }
+            .list_checkpoints()
+            .is_empty(),
+        "no checkpoint may be written after a non-finite loss"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
