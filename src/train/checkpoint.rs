@@ -196,8 +196,8 @@ pub fn modern_name(name: &str) -> String {
 
 pub const MODEL_WEIGHTS: &str = "diffusion_pytorch_model.safetensors";
 
-/// Writes a diffusers model directory with the weights given (diffusers' names): `config.json`
-/// + `diffusion_pytorch_model.safetensors` + `scheduler_config.json` at the top
+/// Writes a diffusers model directory with the weights given (diffusers' names): `config.json`,
+/// `diffusion_pytorch_model.safetensors` and `scheduler_config.json` at the top
 /// (`UNet2DModel.from_pretrained(dir)`), and the pipeline layout beside them — `model_index.json`,
 /// `unet/`, `scheduler/` — so `DDPMPipeline.from_pretrained(dir)` loads it too. The `unet/`
 /// weights are a hard link to the top-level file where the file system allows it.
