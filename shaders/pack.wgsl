@@ -27,6 +27,8 @@ struct Params {
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> src: array<f32>;
 @group(0) @binding(2) var dst: texture_storage_2d<rgba32float, write>;
+// The same source seen as vec4s (pack_matrix_vec4: rows of whole, aligned texels).
+@group(0) @binding(3) var<storage, read> src4: array<vec4<f32>>;
 
 fn texel_coords(wid: vec3<u32>, lid: vec3<u32>) -> vec2<u32> {
     return vec2<u32>(wid.x * 16u + lid.x, wid.y * 4u + lid.y);
@@ -50,6 +52,23 @@ fn pack_matrix(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
                 v[e] = src[idx];
             }
         }
+    }
+    textureStore(dst, t, v);
+}
+
+// pack_matrix for the common case of a non-transposed matrix whose rows are whole, 16-byte
+// aligned texels (cols, ld, offset and batch strides multiples of 4): one vec4 load per texel
+// instead of four scalar loads (non-uniform buffer loads are scalarised on lavapipe).
+@compute @workgroup_size(16, 4)
+fn pack_matrix_vec4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let t = texel_coords(wid, lid);
+    if (t.x >= p.width || t.y >= p.height) { return; }
+    let batch = t.y / p.rows_padded;
+    let r = t.y % p.rows_padded;
+    let base = p.offset + (batch / p.batch_inner) * p.batch_outer_stride + (batch % p.batch_inner) * p.batch_inner_stride;
+    var v = vec4<f32>(0.0);
+    if (r < p.rows) {
+        v = src4[(base + r * p.ld) / 4u + t.x];
     }
     textureStore(dst, t, v);
 }

@@ -88,6 +88,23 @@ pub fn pack_matrix(
         height: height as u32,
         ..Default::default()
     };
+    let aligned = !m.trans
+        && cols.is_multiple_of(4)
+        && [m.ld, m.offset, m.batch_outer, m.batch_inner]
+            .iter()
+            .all(|v| v.is_multiple_of(4))
+        && m.tensor.byte_offset().is_multiple_of(16);
+    if aligned {
+        let tex = Texture2d::new(&rec.gpu, p.width, p.height, label);
+        let groups = [p.width.div_ceil(16), p.height.div_ceil(4), 1];
+        rec.dispatch(
+            KernelKey::new("pack", "pack_matrix_vec4"),
+            &p,
+            &[(2, (&tex).into()), (3, m.tensor.into())],
+            groups,
+        );
+        return Ok(tex);
+    }
     Ok(dispatch_pack(rec, "pack_matrix", &p, m.tensor, label))
 }
 

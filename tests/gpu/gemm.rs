@@ -16,6 +16,8 @@ fn gemm_shapes_transposes_batches() {
             (64, 64, 64, true, true),
             (130, 67, 33, false, false),
             (7, 200, 3, false, true),
+            // rows of whole aligned texels: the vec4 packing path
+            (12, 16, 8, false, false),
         ] {
             let (outer, inner) = (2, 3);
             let a = random(outer * inner * m * k, 1);
