@@ -2,5 +2,6 @@
 
 pub mod sampler;
 pub mod schedule;
+pub mod scheduler;
 
 pub use schedule::{BetaSchedule, NoiseSchedule, PredictionType};

@@ -33,6 +33,7 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("adamw", include_str!("../../shaders/adamw.wgsl")),
     ("noise", include_str!("../../shaders/noise.wgsl")),
     ("diffusion", include_str!("../../shaders/diffusion.wgsl")),
+    ("samplers", include_str!("../../shaders/samplers.wgsl")),
 ];
 
 /// Names of the `@compute` entry points of a WGSL source (the `fn` following each attribute).

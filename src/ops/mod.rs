@@ -12,6 +12,7 @@ pub mod loss;
 pub mod noise;
 pub mod pack;
 pub mod reduce;
+pub mod samplers;
 pub mod softmax;
 pub mod timestep_embedding;
 pub mod upsample;

@@ -10,6 +10,7 @@ pub mod group_norm;
 pub mod loss;
 pub mod noise;
 pub mod reduce;
+pub mod samplers;
 pub mod softmax;
 pub mod timestep_embedding;
 pub mod upsample;

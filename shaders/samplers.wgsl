@@ -1,0 +1,132 @@
+// Sampler updates with diffusers' semantics (src/diffusion/scheduler.rs computes the per-step
+// constants): DDPM (Ho et al. 2020, eq. 7), DDIM (Song et al. 2021, eq. 12), DPM-Solver++ 2M
+// (Lu et al. 2022, Algorithm 2, midpoint), and Euler / Heun steps in σ-space (Karras et al. 2022,
+// Algorithms 1–2 with s_churn = 0), plus `scale_model_input`.
+//
+// Every constant that changes from step to step is read from `coeffs` (8 floats the host
+// rewrites before each submit), so one recorded plan serves the whole loop:
+//   coeffs[0..2] = (a, s): the x0 estimate from the model output m and the current x,
+//                  ε: x0 = (x − s·m)/a, v: x0 = a·x − s·m, sample: x0 = m;
+//   coeffs[2..5] = the update's own constants (see each entry point);
+//   coeffs[7]    = the model-input scale of `scale_model_input`.
+
+struct Params {
+    n: u32,           // elements
+    prediction: u32,  // 0 epsilon, 1 v_prediction, 2 sample
+    clip: u32,        // clamp the x0 estimate to [−clip_range, clip_range]
+    clip_range: f32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> model_output: array<f32>;
+@group(0) @binding(2) var<storage, read> z: array<f32>;            // fresh noise of this step
+@group(0) @binding(3) var<storage, read> coeffs: array<f32>;
+@group(0) @binding(4) var<storage, read_write> x: array<f32>;      // the sample, updated in place
+@group(0) @binding(5) var<storage, read_write> aux0: array<f32>;   // DPM: previous x0; Heun: saved x
+@group(0) @binding(6) var<storage, read_write> aux1: array<f32>;   // Heun: saved derivative
+@group(0) @binding(7) var<storage, read> src: array<f32>;          // scale_model_input's input
+
+const WG: u32 = 256u;
+
+fn linear_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
+    return (wid.y * nwg.x + wid.x) * WG + lid;
+}
+
+// The x0 estimate before clipping.
+fn x0_raw(xv: f32, m: f32) -> f32 {
+    let a = coeffs[0];
+    let s = coeffs[1];
+    if (p.prediction == 0u) { return (xv - s * m) / a; }
+    if (p.prediction == 1u) { return a * xv - s * m; }
+    return m;
+}
+
+fn clipped(x0: f32) -> f32 {
+    if (p.clip != 0u) { return clamp(x0, -p.clip_range, p.clip_range); }
+    return x0;
+}
+
+// out = src · coeffs[7] (diffusers' scale_model_input: 1 for VP samplers, 1/√(σ²+1) in σ-space).
+@compute @workgroup_size(256)
+fn scale_model_input(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                     @builtin(local_invocation_index) lid: u32) {
+    let i = linear_index(wid, nwg, lid);
+    if (i >= p.n) { return; }
+    x[i] = src[i] * coeffs[7];
+}
+
+// DDPMScheduler.step: x ← c_x0·clip(x0) + c_xt·x + σ·z, coeffs[2..5] = (c_x0, c_xt, σ).
+@compute @workgroup_size(256)
+fn ddpm_step(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+             @builtin(local_invocation_index) lid: u32) {
+    let i = linear_index(wid, nwg, lid);
+    if (i >= p.n) { return; }
+    let xv = x[i];
+    let x0 = clipped(x0_raw(xv, model_output[i]));
+    var next = coeffs[2] * x0 + coeffs[3] * xv;
+    if (coeffs[4] != 0.0) { next = next + coeffs[4] * z[i]; }
+    x[i] = next;
+}
+
+// DDIMScheduler.step: x ← c_x0·clip(x0) + c_eps·ε̂ + σ·z, coeffs[2..5] = (c_x0, c_eps, σ);
+// ε̂ is the model's own noise estimate (ε: m; v: a·m + s·x; sample: (x − a·x0)/s), not
+// recomputed from the clipped x0 (diffusers' use_clipped_model_output = False).
+@compute @workgroup_size(256)
+fn ddim_step(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+             @builtin(local_invocation_index) lid: u32) {
+    let i = linear_index(wid, nwg, lid);
+    if (i >= p.n) { return; }
+    let xv = x[i];
+    let m = model_output[i];
+    let a = coeffs[0];
+    let s = coeffs[1];
+    let raw = x0_raw(xv, m);
+    var eps = m;
+    if (p.prediction == 1u) { eps = a * m + s * xv; }
+    if (p.prediction == 2u) { eps = (xv - a * raw) / s; }
+    var next = coeffs[2] * clipped(raw) + coeffs[3] * eps;
+    if (coeffs[4] != 0.0) { next = next + coeffs[4] * z[i]; }
+    x[i] = next;
+}
+
+// DPMSolverMultistepScheduler (dpmsolver++, order 2, midpoint): with D0 = x0 and
+// D1 = (x0 − x0_prev)/r0, x ← (σ_t/σ_s)·x − α_t(e^{−h} − 1)·D0 − ½α_t(e^{−h} − 1)·D1;
+// coeffs[2..5] = (σ_t/σ_s, α_t(e^{−h} − 1), ½α_t(e^{−h} − 1)/r0, or 0 for a first-order step).
+// aux0 keeps this step's x0 for the next one.
+@compute @workgroup_size(256)
+fn dpm_solver_step(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                   @builtin(local_invocation_index) lid: u32) {
+    let i = linear_index(wid, nwg, lid);
+    if (i >= p.n) { return; }
+    let xv = x[i];
+    let x0 = clipped(x0_raw(xv, model_output[i]));
+    var next = coeffs[2] * xv - coeffs[3] * x0;
+    if (coeffs[4] != 0.0) { next = next - coeffs[4] * (x0 - aux0[i]); }
+    aux0[i] = x0;
+    x[i] = next;
+}
+
+// σ-space steps, coeffs[2..5] = (σ, dt, stage): derivative d = (x − x0)/σ, then
+//   stage 0 (Euler):            x ← x + d·dt;
+//   stage 1 (Heun, first half): saves x and d, x ← x + d·dt;
+//   stage 2 (Heun, correction): x ← x_saved + ½(d_saved + d)·dt.
+@compute @workgroup_size(256)
+fn sigma_step(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_index) lid: u32) {
+    let i = linear_index(wid, nwg, lid);
+    if (i >= p.n) { return; }
+    let xv = x[i];
+    let x0 = clipped(x0_raw(xv, model_output[i]));
+    let d = (xv - x0) / coeffs[2];
+    let dt = coeffs[3];
+    let stage = coeffs[4];
+    if (stage == 2.0) {
+        x[i] = aux0[i] + (aux1[i] + d) / 2.0 * dt;
+        return;
+    }
+    if (stage == 1.0) {
+        aux0[i] = xv;
+        aux1[i] = d;
+    }
+    x[i] = xv + d * dt;
+}

@@ -1,0 +1,995 @@
+//! The samplers' schedules with diffusers 0.42's semantics: which timesteps a scheduler visits
+//! for `set_timesteps(n)`, what it passes to the U-Net, how it scales the model input, and the
+//! per-step constants of its update — computed here on the CPU, once per run; the element-wise
+//! update itself is a WGSL kernel (`shaders/samplers.wgsl`) fed with [`Update::kernel_coeffs`].
+//!
+//! Five schedulers, each as diffusers builds it with `XScheduler.from_config(scheduler_config)`:
+//!
+//! * `DDPMScheduler` — ancestral sampling (Ho et al. 2020, eq. 6–7), variance fixed_small or
+//!   fixed_large, clip_sample;
+//! * `DDIMScheduler` — Song et al. 2021, eq. 12 with σ_t(η) of eq. 16, `set_alpha_to_one`;
+//! * `DPMSolverMultistepScheduler` with `algorithm_type="dpmsolver++"`, `solver_order=2`,
+//!   midpoint solver, `lower_order_final`, `final_sigmas_type="zero"` (Lu et al. 2022,
+//!   "DPM-Solver++", Algorithm 2);
+//! * `EulerDiscreteScheduler` and `HeunDiscreteScheduler` with `use_karras_sigmas=True`: the
+//!   σ spacing of Karras et al. 2022 (eq. 5, ρ = 7) over a DDPM-trained model, fractional
+//!   timesteps found by interpolating log σ, inputs scaled by 1/√(σ²+1) (Karras et al.,
+//!   Algorithms 1 and 2 with s_churn = 0).
+//!
+//! The arithmetic follows diffusers' order of operations: numpy's float64 where diffusers uses
+//! numpy (timesteps, σ interpolation, Karras spacing), float32 where it uses torch tensors.
+
+use serde_json::Value;
+
+use super::{BetaSchedule, NoiseSchedule, PredictionType};
+
+/// A sampler (diffusers scheduler class).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+pub enum SamplerKind {
+    /// DDPMScheduler: ancestral sampling, fresh noise every step.
+    Ddpm,
+    /// DDIMScheduler: deterministic for --eta 0.
+    Ddim,
+    /// DPMSolverMultistepScheduler, dpmsolver++ order 2 (good at 15–25 steps).
+    #[value(name = "dpmpp-2m")]
+    DpmSolverPp2m,
+    /// EulerDiscreteScheduler with Karras sigmas.
+    Euler,
+    /// HeunDiscreteScheduler with Karras sigmas (two U-Net evaluations per step).
+    Heun,
+}
+
+impl SamplerKind {
+    pub fn diffusers_class(self) -> &'static str {
+        match self {
+            SamplerKind::Ddpm => "DDPMScheduler",
+            SamplerKind::Ddim => "DDIMScheduler",
+            SamplerKind::DpmSolverPp2m => "DPMSolverMultistepScheduler",
+            SamplerKind::Euler => "EulerDiscreteScheduler",
+            SamplerKind::Heun => "HeunDiscreteScheduler",
+        }
+    }
+
+    /// Whether the scheduler class has `clip_sample` (DDPM, DDIM, Heun).
+    fn has_clip_sample(self) -> bool {
+        matches!(
+            self,
+            SamplerKind::Ddpm | SamplerKind::Ddim | SamplerKind::Heun
+        )
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TimestepSpacing {
+    Leading,
+    Trailing,
+    Linspace,
+}
+
+impl TimestepSpacing {
+    fn parse(s: &str) -> Result<TimestepSpacing, String> {
+        match s {
+            "leading" => Ok(TimestepSpacing::Leading),
+            "trailing" => Ok(TimestepSpacing::Trailing),
+            "linspace" => Ok(TimestepSpacing::Linspace),
+            _ => Err(format!(
+                "timestep_spacing `{s}` is not supported (leading, trailing, linspace)"
+            )),
+        }
+    }
+}
+
+/// DDPMScheduler's `variance_type` (the two fixed ones).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VarianceType {
+    /// σ² = β̃_t, the posterior variance.
+    FixedSmall,
+    /// σ² = β_t.
+    FixedLarge,
+}
+
+/// A `scheduler_config.json` as `from_config` sees it: the keys it holds (a key absent from
+/// the file takes each scheduler class's own default when a sampler is built).
+#[derive(Clone, Debug, Default)]
+pub struct SchedulerConfig {
+    keys: serde_json::Map<String, Value>,
+}
+
+impl SchedulerConfig {
+    /// Parses a scheduler_config.json. Settings that change the computation and that we do not
+    /// implement are refused here, by name.
+    pub fn from_json(text: &str) -> Result<SchedulerConfig, String> {
+        let v: Value = serde_json::from_str(text)
+            .map_err(|e| format!("scheduler_config.json is not valid JSON: {e}"))?;
+        let keys = match v {
+            Value::Object(o) => o,
+            _ => return Err("scheduler_config.json must be a JSON object".into()),
+        };
+        let cfg = SchedulerConfig { keys };
+        let unsupported_true = [
+            "thresholding",
+            "rescale_betas_zero_snr",
+            "use_exponential_sigmas",
+            "use_beta_sigmas",
+            "use_lu_lambdas",
+            "use_flow_sigmas",
+            "use_dynamic_shifting",
+        ];
+        for k in unsupported_true {
+            if cfg.bool_key(k)? == Some(true) {
+                return Err(format!(
+                    "scheduler setting `{k}` = true is not supported by wgpu-diffusion"
+                ));
+            }
+        }
+        if let Some(t) = cfg.keys.get("trained_betas")
+            && !t.is_null()
+        {
+            return Err("scheduler setting `trained_betas` (explicit betas) is not supported; use a beta_schedule".into());
+        }
+        // Validate the values we read now, so a bad file is reported before any GPU work.
+        cfg.num_key("beta_start")?;
+        cfg.num_key("beta_end")?;
+        cfg.usize_key("num_train_timesteps")?;
+        cfg.usize_key("steps_offset")?;
+        cfg.bool_key("clip_sample")?;
+        cfg.bool_key("set_alpha_to_one")?;
+        cfg.num_key("clip_sample_range")?;
+        if let Some(s) = cfg.str_key("beta_schedule")? {
+            beta_schedule_of(&s)?;
+        }
+        if let Some(s) = cfg.str_key("prediction_type")? {
+            prediction_of(&s)?;
+        }
+        if let Some(s) = cfg.str_key("timestep_spacing")? {
+            TimestepSpacing::parse(&s)?;
+        }
+        if let Some(s) = cfg.str_key("variance_type")? {
+            variance_of(&s)?;
+        }
+        Ok(cfg)
+    }
+
+    /// The configuration of `DDPMScheduler()` with every key present (what our trainer writes,
+    /// and what sampling assumes for a model directory without a scheduler_config.json).
+    pub fn ddpm_default() -> SchedulerConfig {
+        let s = NoiseSchedule::new(BetaSchedule::Linear, 1000, 1e-4, 0.02).expect("default");
+        SchedulerConfig::from_json(&s.scheduler_config_json(PredictionType::Epsilon))
+            .expect("default config")
+    }
+
+    /// A key's value as it is in the file (for messages and tests).
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.keys.get(key).filter(|v| !v.is_null())
+    }
+
+    fn num_key(&self, k: &str) -> Result<Option<f64>, String> {
+        self.get(k)
+            .map(|v| {
+                v.as_f64()
+                    .ok_or_else(|| format!("scheduler key `{k}` must be a number, is {v}"))
+            })
+            .transpose()
+    }
+    fn usize_key(&self, k: &str) -> Result<Option<usize>, String> {
+        self.get(k)
+            .map(|v| {
+                v.as_u64().map(|x| x as usize).ok_or_else(|| {
+                    format!("scheduler key `{k}` must be a non-negative integer, is {v}")
+                })
+            })
+            .transpose()
+    }
+    fn bool_key(&self, k: &str) -> Result<Option<bool>, String> {
+        self.get(k)
+            .map(|v| {
+                v.as_bool()
+                    .ok_or_else(|| format!("scheduler key `{k}` must be true or false, is {v}"))
+            })
+            .transpose()
+    }
+    fn str_key(&self, k: &str) -> Result<Option<String>, String> {
+        self.get(k)
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| format!("scheduler key `{k}` must be a string, is {v}"))
+            })
+            .transpose()
+    }
+
+    /// The prediction type the file declares (epsilon when absent).
+    pub fn prediction_type(&self) -> Result<PredictionType, String> {
+        Ok(match self.str_key("prediction_type")? {
+            Some(s) => prediction_of(&s)?,
+            None => PredictionType::Epsilon,
+        })
+    }
+
+    /// The settings `kind.from_config(self)` ends up with.
+    pub fn resolve(&self, kind: SamplerKind) -> Result<ResolvedScheduler, String> {
+        let heun = kind == SamplerKind::Heun;
+        let beta_schedule = match self.str_key("beta_schedule")? {
+            Some(s) => beta_schedule_of(&s)?,
+            None => BetaSchedule::Linear,
+        };
+        if beta_schedule == BetaSchedule::Sigmoid && kind != SamplerKind::Ddpm {
+            return Err(format!(
+                "beta_schedule `sigmoid` is not implemented by diffusers' {} (only DDPMScheduler has it); sample with --sampler ddpm",
+                kind.diffusers_class()
+            ));
+        }
+        let clip_default = kind != SamplerKind::Heun;
+        let clip_sample =
+            kind.has_clip_sample() && self.bool_key("clip_sample")?.unwrap_or(clip_default);
+        let timestep_spacing = match self.str_key("timestep_spacing")? {
+            Some(s) => TimestepSpacing::parse(&s)?,
+            None => match kind {
+                SamplerKind::Ddpm | SamplerKind::Ddim => TimestepSpacing::Leading,
+                _ => TimestepSpacing::Linspace,
+            },
+        };
+        let variance_type = match (kind, self.str_key("variance_type")?) {
+            (SamplerKind::Ddpm, Some(s)) => variance_of(&s)?,
+            _ => VarianceType::FixedSmall,
+        };
+        if kind == SamplerKind::DpmSolverPp2m {
+            for (k, ok) in [
+                ("algorithm_type", "dpmsolver++"),
+                ("solver_type", "midpoint"),
+                ("final_sigmas_type", "zero"),
+            ] {
+                if let Some(v) = self.str_key(k)?
+                    && v != ok
+                {
+                    return Err(format!(
+                        "scheduler setting `{k}` = `{v}` is not supported by --sampler dpmpp-2m (only `{ok}`)"
+                    ));
+                }
+            }
+            if let Some(o) = self.usize_key("solver_order")?
+                && o != 2
+            {
+                return Err(format!(
+                    "scheduler setting `solver_order` = {o} is not supported by --sampler dpmpp-2m (2)"
+                ));
+            }
+            if self.bool_key("use_karras_sigmas")? == Some(true) {
+                return Err("scheduler setting `use_karras_sigmas` = true is not supported by --sampler dpmpp-2m".into());
+            }
+        }
+        if matches!(kind, SamplerKind::Euler) {
+            if let Some(v) = self.str_key("final_sigmas_type")?
+                && v != "zero"
+            {
+                return Err(format!(
+                    "scheduler setting `final_sigmas_type` = `{v}` is not supported (zero)"
+                ));
+            }
+            if let Some(v) = self.str_key("timestep_type")?
+                && v != "discrete"
+            {
+                return Err(format!(
+                    "scheduler setting `timestep_type` = `{v}` is not supported (discrete)"
+                ));
+            }
+        }
+        if matches!(kind, SamplerKind::Euler | SamplerKind::Heun)
+            && (self.get("sigma_min").is_some() || self.get("sigma_max").is_some())
+        {
+            return Err(
+                "scheduler settings `sigma_min` / `sigma_max` are not supported by wgpu-diffusion"
+                    .into(),
+            );
+        }
+        let set_alpha_to_one =
+            kind != SamplerKind::Ddim || self.bool_key("set_alpha_to_one")?.unwrap_or(true);
+        Ok(ResolvedScheduler {
+            kind,
+            num_train_timesteps: self.usize_key("num_train_timesteps")?.unwrap_or(1000),
+            beta_start: self
+                .num_key("beta_start")?
+                .unwrap_or(if heun { 0.00085 } else { 1e-4 }),
+            beta_end: self
+                .num_key("beta_end")?
+                .unwrap_or(if heun { 0.012 } else { 0.02 }),
+            beta_schedule,
+            prediction_type: self.prediction_type()?,
+            clip_sample,
+            clip_sample_range: self.num_key("clip_sample_range")?.unwrap_or(1.0),
+            timestep_spacing,
+            steps_offset: self.usize_key("steps_offset")?.unwrap_or(0),
+            set_alpha_to_one,
+            variance_type,
+        })
+    }
+}
+
+fn beta_schedule_of(s: &str) -> Result<BetaSchedule, String> {
+    match s {
+        "linear" => Ok(BetaSchedule::Linear),
+        "scaled_linear" => Ok(BetaSchedule::ScaledLinear),
+        "squaredcos_cap_v2" => Ok(BetaSchedule::SquaredcosCapV2),
+        "sigmoid" => Ok(BetaSchedule::Sigmoid),
+        _ => Err(format!(
+            "beta_schedule `{s}` is not supported (linear, scaled_linear, squaredcos_cap_v2, sigmoid)"
+        )),
+    }
+}
+
+fn prediction_of(s: &str) -> Result<PredictionType, String> {
+    match s {
+        "epsilon" => Ok(PredictionType::Epsilon),
+        "v_prediction" => Ok(PredictionType::VPrediction),
+        "sample" => Ok(PredictionType::Sample),
+        _ => Err(format!(
+            "prediction_type `{s}` is not supported (epsilon, v_prediction, sample)"
+        )),
+    }
+}
+
+fn variance_of(s: &str) -> Result<VarianceType, String> {
+    match s {
+        "fixed_small" => Ok(VarianceType::FixedSmall),
+        "fixed_large" => Ok(VarianceType::FixedLarge),
+        _ => Err(format!(
+            "variance_type `{s}` is not supported (fixed_small, fixed_large)"
+        )),
+    }
+}
+
+/// The settings one scheduler class ends up with after `from_config`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ResolvedScheduler {
+    pub kind: SamplerKind,
+    pub num_train_timesteps: usize,
+    pub beta_start: f64,
+    pub beta_end: f64,
+    pub beta_schedule: BetaSchedule,
+    pub prediction_type: PredictionType,
+    pub clip_sample: bool,
+    pub clip_sample_range: f64,
+    pub timestep_spacing: TimestepSpacing,
+    pub steps_offset: usize,
+    pub set_alpha_to_one: bool,
+    pub variance_type: VarianceType,
+}
+
+/// The element-wise update after one U-Net evaluation; every field is a per-step constant.
+///
+/// Every variant first turns the model output m into the x0 estimate with (a, s):
+/// ε: x0 = (x − s·m)/a, v: x0 = a·x − s·m, sample: x0 = m (then clamps it where the scheduler
+/// clips). For the variance-preserving samplers (a, s) = (√ᾱ_t, √(1−ᾱ_t)); in σ-space (Euler,
+/// Heun, x = x0 + σ·ε) they are (1, σ) for ε and (1/(σ²+1), σ/√(σ²+1)) for v.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Update {
+    /// x ← c_x0·x0 + c_xt·x + σ·z (DDPMScheduler.step).
+    Ddpm {
+        a: f32,
+        s: f32,
+        c_x0: f32,
+        c_xt: f32,
+        sigma: f32,
+    },
+    /// x ← c_x0·x0 + c_eps·ε̂ + σ·z, ε̂ the model's noise estimate (DDIMScheduler.step).
+    Ddim {
+        a: f32,
+        s: f32,
+        c_x0: f32,
+        c_eps: f32,
+        sigma: f32,
+    },
+    /// x ← c_x·x − c_d0·x0 − c_d1·(x0 − x0_prev); then x0_prev ← x0 (c_d1 = 0: first order).
+    DpmSolver {
+        a: f32,
+        s: f32,
+        c_x: f32,
+        c_d0: f32,
+        c_d1: f32,
+    },
+    /// d = (x − x0)/σ; x ← x + d·dt (Euler, and the first, saving half of a Heun step);
+    /// Heun's second half: d = ((x − x0)/σ + d_saved)/2; x ← x_saved + d·dt.
+    Sigma {
+        a: f32,
+        s: f32,
+        sigma: f32,
+        dt: f32,
+        stage: SigmaStage,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SigmaStage {
+    Euler,
+    HeunFirst,
+    HeunSecond,
+}
+
+impl Update {
+    /// The 8 constants the update kernels read (`shaders/samplers.wgsl`).
+    pub fn kernel_coeffs(&self, input_scale: f32) -> [f32; 8] {
+        match *self {
+            Update::Ddpm {
+                a,
+                s,
+                c_x0,
+                c_xt,
+                sigma,
+            } => [a, s, c_x0, c_xt, sigma, 0.0, 0.0, input_scale],
+            Update::Ddim {
+                a,
+                s,
+                c_x0,
+                c_eps,
+                sigma,
+            } => [a, s, c_x0, c_eps, sigma, 0.0, 0.0, input_scale],
+            Update::DpmSolver {
+                a,
+                s,
+                c_x,
+                c_d0,
+                c_d1,
+            } => [a, s, c_x, c_d0, c_d1, 0.0, 0.0, input_scale],
+            Update::Sigma {
+                a,
+                s,
+                sigma,
+                dt,
+                stage,
+            } => {
+                let code = match stage {
+                    SigmaStage::Euler => 0.0,
+                    SigmaStage::HeunFirst => 1.0,
+                    SigmaStage::HeunSecond => 2.0,
+                };
+                [a, s, sigma, dt, code, 0.0, 0.0, input_scale]
+            }
+        }
+    }
+}
+
+/// One U-Net evaluation of a sampling loop and the update that follows it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ModelEval {
+    /// The timestep given to the U-Net (fractional for Euler/Heun).
+    pub timestep: f32,
+    /// `scale_model_input`: the U-Net sees x·input_scale.
+    pub input_scale: f32,
+    pub update: Update,
+    /// The step adds fresh noise (DDPM at t > 0, DDIM with η > 0): entry `step` of the
+    /// per-step noise.
+    pub adds_noise: bool,
+    /// The scheduler step this evaluation belongs to (Heun: two evaluations per step).
+    pub step: usize,
+}
+
+/// A whole sampling loop: `x = noise·init_noise_sigma`, then for each evaluation
+/// `x = update(x, unet(x·input_scale, timestep))`.
+#[derive(Clone, Debug)]
+pub struct SamplingSchedule {
+    pub settings: ResolvedScheduler,
+    pub num_inference_steps: usize,
+    pub init_noise_sigma: f32,
+    /// `sched.timesteps` as diffusers lists them.
+    pub timesteps: Vec<f32>,
+    pub evals: Vec<ModelEval>,
+}
+
+/// numpy.linspace(start, stop, num) (float64, endpoint included).
+fn np_linspace(start: f64, stop: f64, num: usize) -> Vec<f64> {
+    if num == 1 {
+        return vec![start];
+    }
+    let step = (stop - start) / (num - 1) as f64;
+    let mut v: Vec<f64> = (0..num).map(|i| start + i as f64 * step).collect();
+    v[num - 1] = stop;
+    v
+}
+
+/// numpy.arange(start, stop, step) for a negative float step.
+fn np_arange_down(start: f64, stop: f64, step: f64) -> Vec<f64> {
+    let len = ((stop - start) / step).ceil().max(0.0) as usize;
+    (0..len).map(|i| start + i as f64 * step).collect()
+}
+
+/// The integer timesteps diffusers' DDPM/DDIM (and the spacing part of Euler/Heun) choose.
+fn spaced_timesteps(
+    spacing: TimestepSpacing,
+    t_train: usize,
+    n: usize,
+    steps_offset: usize,
+) -> Vec<f64> {
+    match spacing {
+        TimestepSpacing::Linspace => np_linspace(0.0, (t_train - 1) as f64, n)
+            .into_iter()
+            .rev()
+            .collect(),
+        TimestepSpacing::Leading => {
+            let ratio = t_train / n;
+            (0..n)
+                .rev()
+                .map(|i| (i * ratio + steps_offset) as f64)
+                .collect()
+        }
+        TimestepSpacing::Trailing => {
+            let ratio = t_train as f64 / n as f64;
+            np_arange_down(t_train as f64, 0.0, -ratio)
+                .into_iter()
+                .map(|t| t.round_ties_even() - 1.0)
+                .collect()
+        }
+    }
+}
+
+/// log σ(t) as numpy holds it (float32), with σ(t) = √((1−ᾱ)/ᾱ) computed by torch in float32.
+fn train_sigmas(acp: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let sigmas: Vec<f32> = acp.iter().map(|&a| ((1.0 - a) / a).sqrt()).collect();
+    let logs = sigmas.iter().map(|&s| (s as f64).ln() as f32).collect();
+    (sigmas, logs)
+}
+
+/// numpy.interp(x, arange(len), table).
+fn interp(x: f64, table: &[f32]) -> f64 {
+    let last = table.len() - 1;
+    if x <= 0.0 {
+        return table[0] as f64;
+    }
+    if x >= last as f64 {
+        return table[last] as f64;
+    }
+    let i = x.floor() as usize;
+    let f = x - i as f64;
+    let (lo, hi) = (table[i] as f64, table[i + 1] as f64);
+    if f == 0.0 { lo } else { lo + (hi - lo) * f }
+}
+
+/// `_sigma_to_t`: the fractional timestep whose log σ interpolates to log `sigma`.
+fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
+    let log_sigma = sigma.max(1e-10).ln();
+    let n = log_sigmas.len();
+    let low_idx = log_sigmas
+        .iter()
+        .rposition(|&l| log_sigma - l as f64 >= 0.0)
+        .unwrap_or(0)
+        .min(n - 2);
+    let low = log_sigmas[low_idx] as f64;
+    let high = log_sigmas[low_idx + 1] as f64;
+    let w = ((low - log_sigma) / (low - high)).clamp(0.0, 1.0);
+    (1.0 - w) * low_idx as f64 + w * (low_idx + 1) as f64
+}
+
+/// `_convert_to_karras` (Karras et al. 2022, eq. 5, ρ = 7) between the first and last σ given.
+fn karras_sigmas(in_sigmas: &[f64], n: usize) -> Vec<f64> {
+    let rho = 7.0;
+    let (sigma_min, sigma_max) = (in_sigmas[in_sigmas.len() - 1], in_sigmas[0]);
+    let (min_inv, max_inv) = (sigma_min.powf(1.0 / rho), sigma_max.powf(1.0 / rho));
+    np_linspace(0.0, 1.0, n)
+        .into_iter()
+        .map(|r| (max_inv + r * (min_inv - max_inv)).powf(rho))
+        .collect()
+}
+
+/// (a, s) of the x0 estimate in σ-space for a prediction type (see [`Update`]).
+fn sigma_space_x0(prediction: PredictionType, sigma: f32) -> (f32, f32) {
+    match prediction {
+        PredictionType::Epsilon => (1.0, sigma),
+        PredictionType::VPrediction => {
+            let v = sigma * sigma + 1.0;
+            (1.0 / v, sigma / v.sqrt())
+        }
+        PredictionType::Sample => (1.0, 0.0),
+    }
+}
+
+impl SamplingSchedule {
+    /// `kind.from_config(config)` (with `--timestep-spacing` overriding the file), then
+    /// `set_timesteps(steps)`; `eta` is DDIM's η.
+    pub fn new(
+        config: &SchedulerConfig,
+        kind: SamplerKind,
+        steps: usize,
+        spacing_override: Option<TimestepSpacing>,
+        eta: f64,
+    ) -> Result<SamplingSchedule, String> {
+        let mut settings = config.resolve(kind)?;
+        if let Some(s) = spacing_override {
+            settings.timestep_spacing = s;
+        }
+        let t_train = settings.num_train_timesteps;
+        if steps == 0 || steps > t_train {
+            return Err(format!(
+                "--steps must be in 1..={t_train} (the model's num_train_timesteps), is {steps}"
+            ));
+        }
+        if !(eta.is_finite() && eta >= 0.0) {
+            return Err(format!("--eta must be a finite number ≥ 0, is {eta}"));
+        }
+        if eta > 0.0 && kind != SamplerKind::Ddim {
+            return Err(format!(
+                "--eta applies to --sampler ddim only, not {}",
+                kind.diffusers_class()
+            ));
+        }
+        let schedule = NoiseSchedule::new(
+            settings.beta_schedule,
+            t_train,
+            settings.beta_start,
+            settings.beta_end,
+        )?;
+        let acp = &schedule.alphas_cumprod;
+        let p = settings.prediction_type;
+        let base = match kind {
+            SamplerKind::DpmSolverPp2m => dpm_timesteps(&settings, steps),
+            _ => spaced_timesteps(
+                settings.timestep_spacing,
+                t_train,
+                steps,
+                settings.steps_offset,
+            ),
+        };
+        if base.iter().any(|&t| t < 0.0 || t >= t_train as f64)
+            || base.windows(2).any(|w| w[1] >= w[0])
+        {
+            return Err(format!(
+                "{steps} steps with {:?} spacing (steps_offset {}) give the timesteps {:?}, which are not distinct values in 0..{t_train}; choose fewer steps or another --timestep-spacing",
+                settings.timestep_spacing, settings.steps_offset, base
+            ));
+        }
+        let mut out = SamplingSchedule {
+            settings: settings.clone(),
+            num_inference_steps: steps,
+            init_noise_sigma: 1.0,
+            timesteps: Vec::new(),
+            evals: Vec::new(),
+        };
+        match kind {
+            SamplerKind::Ddpm => {
+                let ts: Vec<usize> = base.iter().map(|&t| t as usize).collect();
+                for (i, &t) in ts.iter().enumerate() {
+                    let prev = ts.get(i + 1).copied();
+                    let a_t = acp[t];
+                    let a_prev = prev.map(|p| acp[p]).unwrap_or(1.0);
+                    let beta_prod_t = 1.0 - a_t;
+                    let beta_prod_prev = 1.0 - a_prev;
+                    let current_alpha = a_t / a_prev;
+                    let current_beta = 1.0 - current_alpha;
+                    let variance = match settings.variance_type {
+                        VarianceType::FixedSmall => {
+                            (beta_prod_prev / beta_prod_t * current_beta).max(1e-20)
+                        }
+                        VarianceType::FixedLarge => current_beta,
+                    };
+                    out.evals.push(ModelEval {
+                        timestep: t as f32,
+                        input_scale: 1.0,
+                        update: Update::Ddpm {
+                            a: a_t.sqrt(),
+                            s: beta_prod_t.sqrt(),
+                            c_x0: a_prev.sqrt() * current_beta / beta_prod_t,
+                            c_xt: current_alpha.sqrt() * beta_prod_prev / beta_prod_t,
+                            sigma: if t > 0 { variance.sqrt() } else { 0.0 },
+                        },
+                        adds_noise: t > 0,
+                        step: i,
+                    });
+                }
+            }
+            SamplerKind::Ddim => {
+                let final_alpha = if settings.set_alpha_to_one {
+                    1.0f32
+                } else {
+                    acp[0]
+                };
+                let stride = (t_train / steps) as isize;
+                for (i, &t) in base.iter().enumerate() {
+                    let t = t as usize;
+                    // DDIM always steps back by T // n, whatever the spacing (diffusers).
+                    let prev = t as isize - stride;
+                    let a_t = acp[t];
+                    let a_prev = if prev >= 0 {
+                        acp[prev as usize]
+                    } else {
+                        final_alpha
+                    };
+                    let beta_t = 1.0 - a_t;
+                    let variance = ((1.0 - a_prev) / beta_t) * (1.0 - a_t / a_prev);
+                    let std = (eta as f32) * variance.sqrt();
+                    out.evals.push(ModelEval {
+                        timestep: t as f32,
+                        input_scale: 1.0,
+                        update: Update::Ddim {
+                            a: a_t.sqrt(),
+                            s: beta_t.sqrt(),
+                            c_x0: a_prev.sqrt(),
+                            c_eps: (1.0 - a_prev - std * std).sqrt(),
+                            sigma: std,
+                        },
+                        adds_noise: eta > 0.0,
+                        step: i,
+                    });
+                }
+            }
+            SamplerKind::DpmSolverPp2m => {
+                let (sig_f32, _) = train_sigmas(acp);
+                let mut sigmas: Vec<f32> =
+                    base.iter().map(|&t| interp(t, &sig_f32) as f32).collect();
+                sigmas.push(0.0);
+                // _sigma_to_alpha_sigma_t and λ = log α − log σ, per DPM-Solver++ (eq. 4).
+                let alpha_sigma = |sig: f32| {
+                    let sig = sig as f64;
+                    let alpha = 1.0 / (sig * sig + 1.0).sqrt();
+                    (alpha, sig * alpha)
+                };
+                let lambda = |sig: f32| {
+                    let (a, s) = alpha_sigma(sig);
+                    a.ln() - s.ln()
+                };
+                let n = base.len();
+                for i in 0..n {
+                    let (alpha_s, sigma_s) = alpha_sigma(sigmas[i]);
+                    let (alpha_t, sigma_t) = alpha_sigma(sigmas[i + 1]);
+                    // σ_t = 0 at the end: λ_t = ∞, e^{−h} = 0, and the update returns x0.
+                    let exp_neg_h = if sigma_t == 0.0 {
+                        0.0
+                    } else {
+                        (-(lambda(sigmas[i + 1]) - lambda(sigmas[i]))).exp()
+                    };
+                    let c_d0 = alpha_t * (exp_neg_h - 1.0);
+                    let first_order = i == 0 || i == n - 1;
+                    let c_d1 = if first_order {
+                        0.0
+                    } else {
+                        let h = lambda(sigmas[i + 1]) - lambda(sigmas[i]);
+                        let h0 = lambda(sigmas[i]) - lambda(sigmas[i - 1]);
+                        0.5 * c_d0 / (h0 / h)
+                    };
+                    out.evals.push(ModelEval {
+                        timestep: base[i] as f32,
+                        input_scale: 1.0,
+                        update: Update::DpmSolver {
+                            a: alpha_s as f32,
+                            s: sigma_s as f32,
+                            c_x: (sigma_t / sigma_s) as f32,
+                            c_d0: c_d0 as f32,
+                            c_d1: c_d1 as f32,
+                        },
+                        adds_noise: false,
+                        step: i,
+                    });
+                }
+            }
+            SamplerKind::Euler | SamplerKind::Heun => {
+                let (sig_f32, log_sigmas) = train_sigmas(acp);
+                // Euler/Heun keep the spaced timesteps as float32 before interpolating.
+                let interpolated: Vec<f64> = base
+                    .iter()
+                    .map(|&t| interp(t as f32 as f64, &sig_f32))
+                    .collect();
+                let karras = karras_sigmas(&interpolated, steps);
+                let ts: Vec<f32> = karras
+                    .iter()
+                    .map(|&s| sigma_to_t(s, &log_sigmas) as f32)
+                    .collect();
+                let mut sigmas: Vec<f32> = karras.iter().map(|&s| s as f32).collect();
+                sigmas.push(0.0);
+                let max_sigma = sigmas.iter().cloned().fold(0.0f32, f32::max);
+                out.init_noise_sigma = match settings.timestep_spacing {
+                    TimestepSpacing::Linspace | TimestepSpacing::Trailing => max_sigma,
+                    TimestepSpacing::Leading => (max_sigma * max_sigma + 1.0).sqrt(),
+                };
+                let scale = |s: f32| 1.0 / (s * s + 1.0).sqrt();
+                for i in 0..steps {
+                    let (sigma, next) = (sigmas[i], sigmas[i + 1]);
+                    let (a, s) = sigma_space_x0(p, sigma);
+                    let stage = if kind == SamplerKind::Euler {
+                        SigmaStage::Euler
+                    } else {
+                        SigmaStage::HeunFirst
+                    };
+                    out.evals.push(ModelEval {
+                        timestep: ts[i],
+                        input_scale: scale(sigma),
+                        update: Update::Sigma {
+                            a,
+                            s,
+                            sigma,
+                            dt: next - sigma,
+                            stage,
+                        },
+                        adds_noise: false,
+                        step: i,
+                    });
+                    // Heun's correction at σ_next (none after the last step, whose σ_next = 0).
+                    if kind == SamplerKind::Heun && i + 1 < steps {
+                        let (a, s) = sigma_space_x0(p, next);
+                        out.evals.push(ModelEval {
+                            timestep: ts[i + 1],
+                            input_scale: scale(next),
+                            update: Update::Sigma {
+                                a,
+                                s,
+                                sigma: next,
+                                dt: next - sigma,
+                                stage: SigmaStage::HeunSecond,
+                            },
+                            adds_noise: false,
+                            step: i,
+                        });
+                    }
+                }
+            }
+        }
+        out.timesteps = out.evals.iter().map(|e| e.timestep).collect();
+        Ok(out)
+    }
+
+    /// Steps that draw per-step noise.
+    pub fn uses_step_noise(&self) -> bool {
+        self.evals.iter().any(|e| e.adds_noise)
+    }
+}
+
+/// DPMSolverMultistepScheduler.set_timesteps (lambda_min_clipped = −∞, so last_timestep = T).
+fn dpm_timesteps(settings: &ResolvedScheduler, n: usize) -> Vec<f64> {
+    let t_train = settings.num_train_timesteps;
+    match settings.timestep_spacing {
+        TimestepSpacing::Linspace => {
+            let mut v: Vec<f64> = np_linspace(0.0, (t_train - 1) as f64, n + 1)
+                .into_iter()
+                .map(f64::round_ties_even)
+                .rev()
+                .collect();
+            v.pop();
+            v
+        }
+        TimestepSpacing::Leading => {
+            let ratio = t_train / (n + 1);
+            (1..=n)
+                .rev()
+                .map(|i| (i * ratio + settings.steps_offset) as f64)
+                .collect()
+        }
+        TimestepSpacing::Trailing => {
+            let ratio = t_train as f64 / n as f64;
+            np_arange_down(t_train as f64, 0.0, -ratio)
+                .into_iter()
+                .map(|t| t.round_ties_even() - 1.0)
+                .collect()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ddpm_cfg() -> SchedulerConfig {
+        SchedulerConfig::ddpm_default()
+    }
+
+    fn ts(kind: SamplerKind, n: usize, spacing: Option<TimestepSpacing>) -> Vec<f32> {
+        SamplingSchedule::new(&ddpm_cfg(), kind, n, spacing, 0.0)
+            .unwrap()
+            .timesteps
+    }
+
+    #[test]
+    fn leading_ten_steps_per_sampler() {
+        let hundreds: Vec<f32> = (0..10).rev().map(|i| (i * 100) as f32).collect();
+        assert_eq!(ts(SamplerKind::Ddim, 10, None), hundreds);
+        assert_eq!(ts(SamplerKind::Ddpm, 10, None), hundreds);
+        // DPM-Solver divides by n + 1 and drops the last: 900, 810, …, 90.
+        let dpm: Vec<f32> = (1..=10).rev().map(|i| (i * 90) as f32).collect();
+        assert_eq!(ts(SamplerKind::DpmSolverPp2m, 10, None), dpm);
+        // Euler under "leading" spans σ(900)..σ(0) (Karras spacing between them).
+        let e = ts(SamplerKind::Euler, 10, None);
+        assert!((e[0] - 900.0).abs() < 1e-3 && e[9].abs() < 1e-3, "{e:?}");
+    }
+
+    #[test]
+    fn trailing_and_linspace() {
+        let trailing: Vec<f32> = (0..10).rev().map(|i| (i * 100 + 99) as f32).collect();
+        assert_eq!(
+            ts(SamplerKind::Ddim, 10, Some(TimestepSpacing::Trailing)),
+            trailing
+        );
+        assert_eq!(
+            ts(SamplerKind::Ddim, 4, Some(TimestepSpacing::Linspace)),
+            vec![999.0, 666.0, 333.0, 0.0]
+        );
+        assert_eq!(
+            ts(
+                SamplerKind::DpmSolverPp2m,
+                3,
+                Some(TimestepSpacing::Linspace)
+            ),
+            vec![999.0, 666.0, 333.0]
+        );
+    }
+
+    #[test]
+    fn init_noise_sigma_depends_on_spacing() {
+        let lead = SamplingSchedule::new(&ddpm_cfg(), SamplerKind::Euler, 10, None, 0.0).unwrap();
+        let lin = SamplingSchedule::new(
+            &ddpm_cfg(),
+            SamplerKind::Euler,
+            10,
+            Some(TimestepSpacing::Linspace),
+            0.0,
+        )
+        .unwrap();
+        let s = NoiseSchedule::new(BetaSchedule::Linear, 1000, 1e-4, 0.02).unwrap();
+        let sigma = |t: usize| ((1.0 - s.alphas_cumprod[t]) / s.alphas_cumprod[t]).sqrt();
+        assert!((lin.init_noise_sigma - sigma(999)).abs() < 1e-3 * sigma(999));
+        let expect = (sigma(900).powi(2) + 1.0).sqrt();
+        assert!((lead.init_noise_sigma - expect).abs() < 1e-3 * expect);
+        assert_eq!(
+            SamplingSchedule::new(&ddpm_cfg(), SamplerKind::Ddim, 10, None, 0.0)
+                .unwrap()
+                .init_noise_sigma,
+            1.0
+        );
+    }
+
+    #[test]
+    fn heun_evaluates_twice_per_step_but_the_last() {
+        let h = SamplingSchedule::new(&ddpm_cfg(), SamplerKind::Heun, 10, None, 0.0).unwrap();
+        assert_eq!(h.evals.len(), 19);
+        assert_eq!(h.timesteps[1], h.timesteps[2]);
+        assert!(matches!(
+            h.evals[18].update,
+            Update::Sigma {
+                stage: SigmaStage::HeunFirst,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn class_defaults_apply_to_missing_keys() {
+        let c = SchedulerConfig::from_json("{}").unwrap();
+        let heun = c.resolve(SamplerKind::Heun).unwrap();
+        assert_eq!((heun.beta_start, heun.beta_end), (0.00085, 0.012));
+        assert!(!heun.clip_sample);
+        assert_eq!(heun.timestep_spacing, TimestepSpacing::Linspace);
+        let ddim = c.resolve(SamplerKind::Ddim).unwrap();
+        assert!(ddim.clip_sample && ddim.set_alpha_to_one);
+        assert_eq!(ddim.timestep_spacing, TimestepSpacing::Leading);
+        // Euler and DPM-Solver have no clip_sample even when the file sets it.
+        let d = ddpm_cfg();
+        assert!(!d.resolve(SamplerKind::Euler).unwrap().clip_sample);
+        assert!(d.resolve(SamplerKind::Heun).unwrap().clip_sample);
+    }
+
+    #[test]
+    fn bad_settings_are_named() {
+        let sig = r#"{"beta_schedule": "sigmoid"}"#;
+        let c = SchedulerConfig::from_json(sig).unwrap();
+        assert!(c.resolve(SamplerKind::Ddpm).is_ok());
+        let e = c.resolve(SamplerKind::Euler).unwrap_err();
+        assert!(e.contains("sigmoid"), "{e}");
+        let e = SchedulerConfig::from_json(r#"{"thresholding": true}"#).unwrap_err();
+        assert!(e.contains("thresholding"), "{e}");
+        let e = SchedulerConfig::from_json(r#"{"variance_type": "learned"}"#).unwrap_err();
+        assert!(e.contains("learned"), "{e}");
+        let e = SamplingSchedule::new(&ddpm_cfg(), SamplerKind::Ddim, 0, None, 0.0).unwrap_err();
+        assert!(e.contains("--steps"), "{e}");
+        assert!(SamplingSchedule::new(&ddpm_cfg(), SamplerKind::Ddim, 1001, None, 0.0).is_err());
+        assert!(SamplingSchedule::new(&ddpm_cfg(), SamplerKind::Euler, 10, None, 0.5).is_err());
+    }
+
+    #[test]
+    fn ddpm_final_step_returns_x0() {
+        let s = SamplingSchedule::new(&ddpm_cfg(), SamplerKind::Ddpm, 50, None, 0.0).unwrap();
+        assert_eq!(s.timesteps[0], 980.0);
+        match s.evals[49].update {
+            Update::Ddpm {
+                c_x0, c_xt, sigma, ..
+            } => {
+                assert!((c_x0 - 1.0).abs() < 1e-6 && c_xt.abs() < 1e-6 && sigma == 0.0);
+            }
+            u => panic!("{u:?}"),
+        }
+        assert!(!s.evals[49].adds_noise && s.evals[0].adds_noise);
+    }
+}

@@ -1,0 +1,132 @@
+//! `shaders/samplers.wgsl`: `scale_model_input` and the sampler updates (DDPM, DDIM,
+//! DPM-Solver++ 2M, Euler/Heun). The per-step constants live in an 8-float `coeffs` tensor
+//! written by the host before each submit ([`crate::diffusion::scheduler::Update::kernel_coeffs`]).
+
+use super::{OpResult, expect_distinct, expect_numel, invalid, u32_of};
+use crate::diffusion::PredictionType;
+use crate::diffusion::scheduler::SamplerKind;
+use crate::gpu::{KernelKey, Recorder, Tensor, grid_1d};
+
+#[repr(C)]
+#[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct SamplerParams {
+    pub n: u32,
+    pub prediction: u32,
+    pub clip: u32,
+    pub clip_range: f32,
+}
+
+/// Elements of the per-step constants tensor.
+pub const COEFFS_LEN: usize = 8;
+
+fn key(entry: &'static str) -> KernelKey {
+    KernelKey::new("samplers", entry)
+}
+
+pub(crate) fn prediction_code(p: PredictionType) -> u32 {
+    match p {
+        PredictionType::Epsilon => 0,
+        PredictionType::VPrediction => 1,
+        PredictionType::Sample => 2,
+    }
+}
+
+/// out = x · coeffs[7] (diffusers' `scale_model_input`).
+pub fn scale_model_input(
+    rec: &mut Recorder,
+    x: &Tensor,
+    coeffs: &Tensor,
+    out: &Tensor,
+) -> OpResult {
+    const OP: &str = "scale_model_input";
+    let n = x.numel();
+    expect_numel(OP, "out", out, n)?;
+    expect_numel(OP, "coeffs", coeffs, COEFFS_LEN)?;
+    expect_distinct(OP, x, out)?;
+    expect_distinct(OP, coeffs, out)?;
+    let p = SamplerParams {
+        n: u32_of(OP, "n", n)?,
+        ..Default::default()
+    };
+    rec.dispatch(
+        key(OP),
+        &p,
+        &[(3, coeffs.into()), (4, out.into()), (7, x.into())],
+        grid_1d(n.div_ceil(256)),
+    );
+    Ok(())
+}
+
+/// The state a sampler's update reads and writes besides x.
+pub struct UpdateBuffers<'a> {
+    /// The sample, updated in place.
+    pub x: &'a Tensor,
+    /// The model output (guided, where guidance applies).
+    pub model_output: &'a Tensor,
+    /// This step's fresh noise (DDPM, DDIM with η > 0; otherwise unread).
+    pub z: &'a Tensor,
+    /// The step's constants ([`COEFFS_LEN`] floats).
+    pub coeffs: &'a Tensor,
+    /// DPM-Solver: the previous x0 estimate; Heun: the saved sample. Zero it before a loop.
+    pub aux0: &'a Tensor,
+    /// Heun: the saved derivative.
+    pub aux1: &'a Tensor,
+}
+
+/// Records the update of `kind` on `b.x`; `clip` is the clip_sample range, if the scheduler
+/// clips.
+pub fn sampler_update(
+    rec: &mut Recorder,
+    kind: SamplerKind,
+    prediction: PredictionType,
+    clip: Option<f32>,
+    b: &UpdateBuffers,
+) -> OpResult {
+    let entry = match kind {
+        SamplerKind::Ddpm => "ddpm_step",
+        SamplerKind::Ddim => "ddim_step",
+        SamplerKind::DpmSolverPp2m => "dpm_solver_step",
+        SamplerKind::Euler | SamplerKind::Heun => "sigma_step",
+    };
+    let n = b.x.numel();
+    for (what, t) in [
+        ("model_output", b.model_output),
+        ("z", b.z),
+        ("aux0", b.aux0),
+        ("aux1", b.aux1),
+    ] {
+        expect_numel(entry, what, t, n)?;
+    }
+    expect_numel(entry, "coeffs", b.coeffs, COEFFS_LEN)?;
+    for t in [b.model_output, b.z, b.coeffs, b.aux0, b.aux1] {
+        expect_distinct(entry, t, b.x)?;
+    }
+    if let Some(r) = clip
+        && !(r.is_finite() && r > 0.0)
+    {
+        return Err(invalid(format!(
+            "{entry}: clip range must be positive, is {r}"
+        )));
+    }
+    let p = SamplerParams {
+        n: u32_of(entry, "n", n)?,
+        prediction: prediction_code(prediction),
+        clip: clip.is_some() as u32,
+        clip_range: clip.unwrap_or(0.0),
+    };
+    let mut bindings = vec![
+        (1, b.model_output.into()),
+        (3, b.coeffs.into()),
+        (4, b.x.into()),
+    ];
+    match kind {
+        SamplerKind::Ddpm | SamplerKind::Ddim => bindings.push((2, b.z.into())),
+        SamplerKind::DpmSolverPp2m => bindings.push((5, b.aux0.into())),
+        SamplerKind::Euler | SamplerKind::Heun => {
+            bindings.push((5, b.aux0.into()));
+            bindings.push((6, b.aux1.into()));
+        }
+    }
+    rec.dispatch(key(entry), &p, &bindings, grid_1d(n.div_ceil(256)));
+    Ok(())
+}

@@ -1,0 +1,126 @@
+//! f64 references of `shaders/samplers.wgsl` and of the training targets in
+//! `shaders/diffusion.wgsl` (v-prediction target, min-SNR-γ weights).
+
+use crate::diffusion::PredictionType;
+use crate::diffusion::scheduler::{SigmaStage, Update};
+
+/// The x0 estimate (before clipping) from x and the model output m with the step's (a, s).
+fn x0_raw(prediction: PredictionType, a: f64, s: f64, x: f64, m: f64) -> f64 {
+    match prediction {
+        PredictionType::Epsilon => (x - s * m) / a,
+        PredictionType::VPrediction => a * x - s * m,
+        PredictionType::Sample => m,
+    }
+}
+
+/// One sampler update in place on `x` (see [`Update`] for each formula).
+pub fn sampler_update(
+    update: &Update,
+    prediction: PredictionType,
+    clip: Option<f64>,
+    x: &mut [f64],
+    m: &[f64],
+    z: &[f64],
+    aux0: &mut [f64],
+    aux1: &mut [f64],
+) {
+    let clipped = |v: f64| match clip {
+        Some(r) => v.clamp(-r, r),
+        None => v,
+    };
+    for i in 0..x.len() {
+        let xv = x[i];
+        match *update {
+            Update::Ddpm {
+                a,
+                s,
+                c_x0,
+                c_xt,
+                sigma,
+            } => {
+                let x0 = clipped(x0_raw(prediction, a as f64, s as f64, xv, m[i]));
+                x[i] = c_x0 as f64 * x0 + c_xt as f64 * xv + sigma as f64 * z[i];
+            }
+            Update::Ddim {
+                a,
+                s,
+                c_x0,
+                c_eps,
+                sigma,
+            } => {
+                let (a, s) = (a as f64, s as f64);
+                let raw = x0_raw(prediction, a, s, xv, m[i]);
+                let eps = match prediction {
+                    PredictionType::Epsilon => m[i],
+                    PredictionType::VPrediction => a * m[i] + s * xv,
+                    PredictionType::Sample => (xv - a * raw) / s,
+                };
+                x[i] = c_x0 as f64 * clipped(raw) + c_eps as f64 * eps + sigma as f64 * z[i];
+            }
+            Update::DpmSolver {
+                a,
+                s,
+                c_x,
+                c_d0,
+                c_d1,
+            } => {
+                let x0 = clipped(x0_raw(prediction, a as f64, s as f64, xv, m[i]));
+                x[i] = c_x as f64 * xv - c_d0 as f64 * x0 - c_d1 as f64 * (x0 - aux0[i]);
+                aux0[i] = x0;
+            }
+            Update::Sigma {
+                a,
+                s,
+                sigma,
+                dt,
+                stage,
+            } => {
+                let x0 = clipped(x0_raw(prediction, a as f64, s as f64, xv, m[i]));
+                let d = (xv - x0) / sigma as f64;
+                let dt = dt as f64;
+                match stage {
+                    SigmaStage::Euler => x[i] = xv + d * dt,
+                    SigmaStage::HeunFirst => {
+                        aux0[i] = xv;
+                        aux1[i] = d;
+                        x[i] = xv + d * dt;
+                    }
+                    SigmaStage::HeunSecond => x[i] = aux0[i] + (aux1[i] + d) / 2.0 * dt,
+                }
+            }
+        }
+    }
+}
+
+/// v = √ᾱ_t·ε − √(1−ᾱ_t)·x0 per sample (Salimans & Ho 2022).
+pub fn v_target(x0: &[f64], noise: &[f64], timesteps: &[u32], alphas_cumprod: &[f64]) -> Vec<f64> {
+    let per = x0.len() / timesteps.len();
+    (0..x0.len())
+        .map(|i| {
+            let a = alphas_cumprod[timesteps[i / per] as usize];
+            a.sqrt() * noise[i] - (1.0 - a).sqrt() * x0[i]
+        })
+        .collect()
+}
+
+/// min-SNR-γ weights (Hang et al. 2023, eq. 10) per sample.
+pub fn min_snr_weights(
+    timesteps: &[u32],
+    alphas_cumprod: &[f64],
+    gamma: f64,
+    prediction: PredictionType,
+) -> Vec<f64> {
+    timesteps
+        .iter()
+        .map(|&t| {
+            let a = alphas_cumprod[t as usize];
+            let snr = a / (1.0 - a);
+            let m = snr.min(gamma);
+            match prediction {
+                PredictionType::Epsilon => m / snr,
+                PredictionType::VPrediction => m / (snr + 1.0),
+                PredictionType::Sample => m,
+            }
+        })
+        .collect()
+}
