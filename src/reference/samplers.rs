@@ -14,6 +14,7 @@ fn x0_raw(prediction: PredictionType, a: f64, s: f64, x: f64, m: f64) -> f64 {
 }
 
 /// One sampler update in place on `x` (see [`Update`] for each formula).
+#[allow(clippy::too_many_arguments)]
 pub fn sampler_update(
     update: &Update,
     prediction: PredictionType,
