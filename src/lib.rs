@@ -9,4 +9,5 @@ pub mod gpu;
 pub mod nn;
 pub mod ops;
 pub mod reference;
+pub mod sample;
 pub mod train;

@@ -22,6 +22,7 @@ init_noise_sigma), the per-step noise `step_noise` [n,N,C,H,W] of the DDPM case,
     for t in sched.timesteps:
         x = sched.step(unet(sched.scale_model_input(x, t), t).sample, t, x).prev_sample
 
+`ddpm_stats.mean` / `ddpm_stats.std` ([C,H,W], over 512 DDPM samples drawn with torch's RNG), and
 with the timesteps of each case in the metadata (`timesteps.<case>`, JSON).
 """
 import argparse
@@ -44,6 +45,7 @@ from safetensors.torch import save_file
 
 STEPS = 10
 N = 2
+STATS_N = 512
 
 CASES = [
     # name, scheduler class, extra from_config kwargs
@@ -116,7 +118,11 @@ def write(out_dir, name, seed, sched_kwargs, pipeline):
     else:
         unet.save_pretrained(d)
         ddpm.save_pretrained(d)
-    config = dict(ddpm.config)
+    # The config as the saved scheduler_config.json holds it (every key, `_class_name`
+    # included): what `from_config(scheduler_config)` carries across classes. An in-memory
+    # `ddpm.config` would differ: its `_use_default_values` makes other classes keep their own
+    # defaults for the keys DDPMScheduler was not given explicitly.
+    config = DDPMScheduler.load_config(os.path.join(d, "scheduler") if pipeline else d)
     g = torch.Generator().manual_seed(seed + 100)
     c, s = unet.config.in_channels, unet.config.sample_size
     noise = torch.randn(N, c, s, s, generator=g)
@@ -135,6 +141,15 @@ def write(out_dir, name, seed, sched_kwargs, pipeline):
     tensors["sample.ddpm"] = x.contiguous()
     meta["timesteps.ddpm"] = json.dumps([float(t) for t in ts])
     print(f"{name} ddpm: max |x| {x.abs().max():.4f}")
+    # Statistics of DDPM ancestral sampling with torch's own noise, for a distributional check
+    # of ours with the GPU RNG: per-pixel mean and standard deviation over STATS_N images.
+    torch.manual_seed(seed + 200)
+    sched = DDPMScheduler.from_config(config)
+    sched.set_timesteps(STEPS)
+    many = run_loop(unet, sched, torch.randn(STATS_N, c, s, s))
+    tensors["ddpm_stats.mean"] = many.mean(0).contiguous()
+    tensors["ddpm_stats.std"] = many.std(0).contiguous()
+    meta["ddpm_stats.n"] = str(STATS_N)
     save_file(tensors, os.path.join(d, "results.safetensors"), metadata=meta)
 
 

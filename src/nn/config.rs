@@ -42,6 +42,8 @@ const ACCEPTED_AS_DEFAULT: &[(&str, Option<&str>)] = &[
     ("upsample_type", Some("\"conv\"")),
     ("time_embedding_dim", Some("null")),
     ("num_train_timesteps", Some("null")),
+    // diffusers ≥ 0.30 writes the mid block's class; null would mean "no mid block".
+    ("mid_block_type", Some("\"UNetMidBlock2D\"")),
 ];
 
 impl UNetConfig {
@@ -199,8 +201,13 @@ impl UNetConfig {
                 Some((_, Some(ok))) => {
                     let ok_v: Value = serde_json::from_str(ok).expect("static JSON");
                     if *val != ok_v {
+                        let why = if k == "mid_block_type" && val.is_null() {
+                            ": a U-Net without a mid block is not built by wgpu-diffusion"
+                        } else {
+                            ""
+                        };
                         return Err(format!(
-                            "config key `{k}` = {val} is not supported (only {ok})"
+                            "config key `{k}` = {val} is not supported (only {ok}){why}"
                         ));
                     }
                 }
@@ -294,6 +301,7 @@ impl UNetConfig {
         o.insert("add_attention".into(), Value::from(true));
         o.insert("downsample_type".into(), Value::from("conv"));
         o.insert("upsample_type".into(), Value::from("conv"));
+        o.insert("mid_block_type".into(), Value::from("UNetMidBlock2D"));
         serde_json::to_string_pretty(&v).expect("serialize config")
     }
 
@@ -395,6 +403,16 @@ mod tests {
         }
     }
 
+    /// A config.json that diffusers 0.42.1 wrote with `UNet2DModel.save_pretrained` (its own
+    /// defaults: flip_sin_to_cos, freq_shift 0, downsample_padding 1, mid_block_type, …).
+    #[test]
+    fn diffusers_saved_config_loads() {
+        let text = include_str!("../../tests/fixtures/samplers/eps/config.json");
+        let c = UNetConfig::from_json(text).unwrap();
+        assert_eq!(c.block_out_channels, vec![16, 32]);
+        assert!(c.flip_sin_to_cos && c.downsample_padding == 1 && c.attention_head_dim == Some(8));
+    }
+
     #[test]
     fn unsupported_keys_are_named() {
         let mut v: Value =
@@ -417,6 +435,13 @@ mod tests {
                 .contains("fourier")
         );
         v["time_embedding_type"] = Value::from("positional");
+        v["mid_block_type"] = Value::Null;
+        let e = UNetConfig::from_json(&v.to_string()).unwrap_err();
+        assert!(
+            e.contains("mid_block_type") && e.contains("mid block"),
+            "{e}"
+        );
+        v["mid_block_type"] = Value::from("UNetMidBlock2D");
         v["mystery"] = Value::from(1);
         assert!(
             UNetConfig::from_json(&v.to_string())

@@ -1,0 +1,261 @@
+//! Sampling: diffusers' loop `x = noise·init_noise_sigma; for t: x = step(unet(scale(x, t), t),
+//! t, x)` on the GPU. One U-Net evaluation and its update are recorded once into a plan and
+//! replayed with new per-step constants (timestep, coefficients, RNG step) written before each
+//! submit: one submit per evaluation, nothing read back until the batch is done.
+//!
+//! The latent `x` is kept apart from the U-Net's input (`scale_model_input` writes that input),
+//! so conditioning fits in between: a batched conditional/unconditional forward whose outputs
+//! are combined before the update, and a hook after the update that replaces a known region.
+
+pub mod source;
+
+use std::sync::Arc;
+
+use anyhow::{Result, bail};
+
+use crate::diffusion::scheduler::{SamplerKind, SamplingSchedule};
+use crate::gpu::{Gpu, Plan, Tensor};
+use crate::nn::{UNet, UNetConfig};
+use crate::ops::elementwise::scale;
+use crate::ops::noise::{purpose, random_normal, write_rng_state};
+use crate::ops::samplers::{COEFFS_LEN, UpdateBuffers, sampler_update, scale_model_input};
+
+pub use source::ModelSource;
+
+/// Where the noise of a batch comes from.
+pub enum Noise<'a> {
+    /// The GPU RNG: image k's initial noise is stream (SAMPLING, step 2^32−1) at k·numel, and
+    /// its noise of scheduler step i is stream (SAMPLING, i) at k·numel, whatever the batch.
+    Seeded(u64),
+    /// Given values, NHWC: `initial` for the batch; `steps[i]` for scheduler step i (when the
+    /// sampler draws per-step noise).
+    Given {
+        initial: &'a [f32],
+        steps: Option<Vec<&'a [f32]>>,
+    },
+}
+
+/// A sampler bound to a U-Net of a fixed batch size.
+pub struct Sampler {
+    gpu: Arc<Gpu>,
+    pub unet: UNet,
+    pub schedule: SamplingSchedule,
+    x: Tensor,
+    z: Tensor,
+    coeffs: Tensor,
+    rng_state: Tensor,
+    step_plan: Plan,
+    reset_plan: Plan,
+}
+
+impl Sampler {
+    pub fn new(
+        gpu: &Arc<Gpu>,
+        model: &UNetConfig,
+        schedule: SamplingSchedule,
+        batch: usize,
+    ) -> Result<Sampler> {
+        if batch == 0 {
+            bail!("the sampling batch size must be at least 1");
+        }
+        if model.out_channels != model.in_channels {
+            bail!(
+                "the model maps {} input channels to {} output channels; sampling needs them equal",
+                model.in_channels,
+                model.out_channels
+            );
+        }
+        let unet = UNet::for_inference(gpu, model, batch)?;
+        let shape = unet.sample.shape().to_vec();
+        let x = gpu.tensor(&shape, "sampling x");
+        let z = gpu.tensor(&shape, "sampling step noise");
+        let aux0 = gpu.tensor(&shape, "sampler state 0");
+        let aux1 = gpu.tensor(&shape, "sampler state 1");
+        let coeffs = gpu.tensor(&[COEFFS_LEN], "sampler coefficients");
+        let rng_state = gpu.tensor(&[4], "sampling rng");
+        let settings = &schedule.settings;
+        let clip = settings
+            .clip_sample
+            .then_some(settings.clip_sample_range as f32);
+        let mut rec = gpu.recorder();
+        scale_model_input(&mut rec, &x, &coeffs, &unet.sample.value)?;
+        unet.forward(&mut rec)?;
+        sampler_update(
+            &mut rec,
+            settings.kind,
+            settings.prediction_type,
+            clip,
+            &UpdateBuffers {
+                x: &x,
+                model_output: &unet.output.value,
+                z: &z,
+                coeffs: &coeffs,
+                aux0: &aux0,
+                aux1: &aux1,
+            },
+        )?;
+        let step_plan = rec.finish();
+        let mut rec = gpu.recorder();
+        rec.clear(&aux0);
+        rec.clear(&aux1);
+        rec.clear(&z);
+        let reset_plan = rec.finish();
+        Ok(Sampler {
+            gpu: gpu.clone(),
+            unet,
+            schedule,
+            x,
+            z,
+            coeffs,
+            rng_state,
+            step_plan,
+            reset_plan,
+        })
+    }
+
+    pub fn batch(&self) -> usize {
+        self.unet.batch
+    }
+
+    /// [B, H, W, C] of a batch (NHWC).
+    pub fn image_shape(&self) -> [usize; 4] {
+        let s = self.unet.sample.shape();
+        [s[0], s[1], s[2], s[3]]
+    }
+
+    fn image_numel(&self) -> usize {
+        self.x.numel() / self.batch()
+    }
+
+    pub fn kind(&self) -> SamplerKind {
+        self.schedule.settings.kind
+    }
+
+    /// U-Net evaluations per batch.
+    pub fn evaluations(&self) -> usize {
+        self.schedule.evals.len()
+    }
+
+    /// Uploads weights in the U-Net's flat parameter layout.
+    pub fn set_weights(&self, flat: &[f32]) -> Result<()> {
+        Ok(self.gpu.write(&self.unet.params.params, flat)?)
+    }
+
+    /// Copies weights from a flat parameter buffer of the same layout (a trainer's EMA).
+    pub fn copy_weights_from(&self, weights: &Tensor) {
+        let mut enc = self.gpu.device.create_command_encoder(&Default::default());
+        enc.copy_buffer_to_buffer(
+            weights.buffer(),
+            weights.byte_offset(),
+            self.unet.params.params.buffer(),
+            self.unet.params.params.byte_offset(),
+            weights.byte_len(),
+        );
+        self.gpu.queue.submit([enc.finish()]);
+    }
+
+    /// A one-dispatch plan drawing this batch's slice of a noise stream into `out`.
+    fn noise_plan(&self, first_image: usize, out: &Tensor) -> Result<Plan> {
+        let first = first_image
+            .checked_mul(self.image_numel())
+            .and_then(|v| u32::try_from(v).ok())
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "image index {first_image} is beyond what the sampling noise stream addresses (2^32 values per step)"
+                )
+            })?;
+        let mut rec = self.gpu.recorder();
+        random_normal(&mut rec, &self.rng_state, purpose::SAMPLING, first, out)?;
+        Ok(rec.finish())
+    }
+
+    /// Samples one batch whose first image has index `first_image` (which keys its seeded
+    /// noise) and returns the final x, NHWC [B, H, W, C]. `on_eval` is called after each U-Net
+    /// evaluation has been submitted.
+    pub fn sample_batch(
+        &mut self,
+        first_image: usize,
+        noise: &Noise,
+        on_eval: &mut dyn FnMut(usize),
+    ) -> Result<Vec<f32>> {
+        let g = self.gpu.clone();
+        let sigma0 = self.schedule.init_noise_sigma;
+        g.submit(&[&self.reset_plan]);
+        let step_noise_plan = match noise {
+            Noise::Seeded(seed) => {
+                write_rng_state(&g, &self.rng_state, *seed, u32::MAX)?;
+                let init = self.noise_plan(first_image, &self.x)?;
+                let mut rec = g.recorder();
+                if sigma0 != 1.0 {
+                    scale(&mut rec, sigma0, &self.x)?;
+                }
+                g.submit(&[&init, &rec.finish()]);
+                Some(self.noise_plan(first_image, &self.z)?)
+            }
+            Noise::Given { initial, .. } => {
+                // diffusers: latents = noise * init_noise_sigma, in float32.
+                let scaled: Vec<f32> = initial.iter().map(|v| v * sigma0).collect();
+                g.write(&self.x, &scaled)?;
+                None
+            }
+        };
+        let batch = self.batch();
+        for (e, eval) in self.schedule.evals.iter().enumerate() {
+            g.write(&self.unet.timesteps, &vec![eval.timestep; batch])?;
+            g.write(&self.coeffs, &eval.update.kernel_coeffs(eval.input_scale))?;
+            let mut plans: Vec<&Plan> = Vec::with_capacity(2);
+            if eval.adds_noise {
+                match (noise, &step_noise_plan) {
+                    (Noise::Seeded(seed), Some(p)) => {
+                        write_rng_state(&g, &self.rng_state, *seed, eval.step as u32)?;
+                        plans.push(p);
+                    }
+                    (Noise::Given { steps: Some(s), .. }, _) => {
+                        let z = s.get(eval.step).ok_or_else(|| {
+                            anyhow::anyhow!("no step noise for step {}", eval.step)
+                        })?;
+                        g.write(&self.z, z)?;
+                    }
+                    _ => bail!(
+                        "the {} sampler adds noise at every step: give the per-step noise too (--step-noise) or sample from a seed",
+                        self.kind().diffusers_class()
+                    ),
+                }
+            }
+            plans.push(&self.step_plan);
+            g.submit(&plans);
+            on_eval(e);
+        }
+        Ok(g.read(&self.x)?)
+    }
+}
+
+/// [N, C, H, W] → [N, H, W, C] (PyTorch's layout to ours).
+pub fn nchw_to_nhwc(v: &[f32], [n, c, h, w]: [usize; 4]) -> Vec<f32> {
+    let mut out = vec![0.0; v.len()];
+    for b in 0..n {
+        for ch in 0..c {
+            for y in 0..h {
+                for x in 0..w {
+                    out[((b * h + y) * w + x) * c + ch] = v[((b * c + ch) * h + y) * w + x];
+                }
+            }
+        }
+    }
+    out
+}
+
+/// [N, H, W, C] → [N, C, H, W].
+pub fn nhwc_to_nchw(v: &[f32], [n, h, w, c]: [usize; 4]) -> Vec<f32> {
+    let mut out = vec![0.0; v.len()];
+    for b in 0..n {
+        for ch in 0..c {
+            for y in 0..h {
+                for x in 0..w {
+                    out[((b * c + ch) * h + y) * w + x] = v[((b * h + y) * w + x) * c + ch];
+                }
+            }
+        }
+    }
+    out
+}

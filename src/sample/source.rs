@@ -1,0 +1,195 @@
+//! Where a model comes from — one way for `sample` and `train --init`: a diffusers model
+//! directory (`config.json` + `diffusion_pytorch_model.safetensors`, with a
+//! `scheduler_config.json` beside it or none), a diffusers pipeline directory (`unet/` +
+//! `scheduler/`), one of our run folders (its `model/`), or one of our checkpoints.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail};
+
+use crate::diffusion::NoiseSchedule;
+use crate::diffusion::scheduler::SchedulerConfig;
+use crate::nn::{ParamStore, UNetConfig};
+use crate::train::TrainConfig;
+use crate::train::checkpoint::{LoadedTensors, MODEL_WEIGHTS, read_model_weights};
+
+enum Weights {
+    /// A diffusers directory holding `diffusion_pytorch_model.safetensors`.
+    Dir(PathBuf),
+    /// A checkpoint's tensors under `prefix.` (`ema` or `param`).
+    Checkpoint(Box<LoadedTensors>, &'static str),
+}
+
+/// A model's architecture, its scheduler settings, and where its weights are.
+pub struct ModelSource {
+    pub config: UNetConfig,
+    pub scheduler: SchedulerConfig,
+    /// Where the scheduler settings came from (a path, or the DDPMScheduler defaults).
+    pub scheduler_origin: String,
+    /// What was loaded, for messages: the directory or checkpoint and which weights.
+    pub description: String,
+    /// Notes for the user (e.g. "trained without EMA: using the raw weights").
+    pub notes: Vec<String>,
+    weights: Weights,
+}
+
+fn read_scheduler(path: &Path) -> Result<SchedulerConfig> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    SchedulerConfig::from_json(&text).map_err(|e| anyhow!("{}: {e}", path.display()))
+}
+
+fn read_config(path: &Path) -> Result<UNetConfig> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    UNetConfig::from_json(&text).map_err(|e| anyhow!("{}: {e}", path.display()))
+}
+
+impl ModelSource {
+    /// A model directory in any of the layouts above (a run folder's `model/` included).
+    pub fn from_dir(dir: &Path) -> Result<ModelSource> {
+        if !dir.is_dir() {
+            bail!(
+                "{} is not a directory (expected a diffusers model or pipeline directory, or a run folder)",
+                dir.display()
+            );
+        }
+        let flat_config = dir.join("config.json");
+        if flat_config.is_file() {
+            return Self::from_unet_dir(
+                dir,
+                &[
+                    dir.join("scheduler_config.json"),
+                    dir.join("scheduler").join("scheduler_config.json"),
+                ],
+            );
+        }
+        if dir.join("unet").join("config.json").is_file() {
+            return Self::from_unet_dir(
+                &dir.join("unet"),
+                &[dir.join("scheduler").join("scheduler_config.json")],
+            );
+        }
+        if dir.join("model").is_dir() {
+            return Self::from_dir(&dir.join("model"));
+        }
+        if dir.join("checkpoints").is_dir() {
+            bail!(
+                "{} is a run folder without an exported model/ yet (it is written with the first checkpoint); use --checkpoint with a file from {}",
+                dir.display(),
+                dir.join("checkpoints").display()
+            );
+        }
+        bail!(
+            "{} holds no model: expected config.json + {MODEL_WEIGHTS} (a diffusers model directory), unet/ + scheduler/ (a pipeline directory), or a run folder with model/",
+            dir.display()
+        )
+    }
+
+    fn from_unet_dir(dir: &Path, scheduler_paths: &[PathBuf]) -> Result<ModelSource> {
+        let config = read_config(&dir.join("config.json"))?;
+        let weights = dir.join(MODEL_WEIGHTS);
+        if !weights.is_file() {
+            let bin = dir.join("diffusion_pytorch_model.bin");
+            if bin.is_file() {
+                bail!(
+                    "{} holds PyTorch pickle weights ({}); only safetensors are read. Convert with diffusers: UNet2DModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)",
+                    dir.display(),
+                    bin.display()
+                );
+            }
+            bail!(
+                "{}: {MODEL_WEIGHTS} is missing (config.json is there)",
+                dir.display()
+            );
+        }
+        let (scheduler, scheduler_origin) = match scheduler_paths.iter().find(|p| p.is_file()) {
+            Some(p) => (read_scheduler(p)?, p.display().to_string()),
+            None => (
+                SchedulerConfig::ddpm_default(),
+                "DDPMScheduler() defaults (no scheduler_config.json found)".to_string(),
+            ),
+        };
+        Ok(ModelSource {
+            config,
+            scheduler,
+            scheduler_origin,
+            description: dir.display().to_string(),
+            notes: Vec::new(),
+            weights: Weights::Dir(dir.to_path_buf()),
+        })
+    }
+
+    /// One of our checkpoints: the EMA weights unless `raw`, or when the run had no EMA.
+    pub fn from_checkpoint(path: &Path, raw: bool) -> Result<ModelSource> {
+        let ck = LoadedTensors::read(path)?;
+        let meta = ck.metadata();
+        let unet = meta.get("unet_config").ok_or_else(|| {
+            anyhow!(
+                "{}: no `unet_config` in its metadata; not a wgpu-diffusion checkpoint (for a diffusers directory use --model)",
+                path.display()
+            )
+        })?;
+        let config = UNetConfig::from_json(unet).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        let train: TrainConfig = meta
+            .get("train_config")
+            .ok_or_else(|| anyhow!("{}: no `train_config` in its metadata", path.display()))
+            .and_then(|t| {
+                toml::from_str(t).map_err(|e| anyhow!("{}: train_config: {e}", path.display()))
+            })?;
+        let schedule = NoiseSchedule::new(
+            train.beta_schedule,
+            train.num_train_timesteps,
+            train.beta_start,
+            train.beta_end,
+        )
+        .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        let scheduler =
+            SchedulerConfig::from_json(&schedule.scheduler_config_json(train.prediction_type))
+                .map_err(|e| anyhow!(e))?;
+        let mut notes = Vec::new();
+        let prefix = if raw {
+            "param"
+        } else if train.ema {
+            "ema"
+        } else {
+            notes.push("this run was trained without EMA: using its raw weights".to_string());
+            "param"
+        };
+        let step = meta.get("step").cloned().unwrap_or_else(|| "?".into());
+        Ok(ModelSource {
+            config,
+            scheduler,
+            scheduler_origin: format!("the training settings of {}", path.display()),
+            description: format!(
+                "{} (step {step}, {} weights)",
+                path.display(),
+                if prefix == "ema" { "EMA" } else { "raw" }
+            ),
+            notes,
+            weights: Weights::Checkpoint(Box::new(ck), prefix),
+        })
+    }
+
+    /// The weights in `store`'s flat layout; every missing, mis-shaped or non-finite tensor is
+    /// an error naming it.
+    pub fn weights(&self, store: &ParamStore) -> Result<Vec<f32>> {
+        let flat = match &self.weights {
+            Weights::Dir(dir) => read_model_weights(dir, store)?,
+            Weights::Checkpoint(ck, prefix) => ck.flat(store, prefix)?,
+        };
+        let bad: Vec<String> = store
+            .unflatten(&flat)
+            .filter(|(_, v)| v.iter().any(|x| !x.is_finite()))
+            .map(|(spec, _)| format!("`{}`", spec.name))
+            .collect();
+        if !bad.is_empty() {
+            bail!(
+                "{}: non-finite (NaN or infinite) values in {}",
+                self.description,
+                bad.join(", ")
+            );
+        }
+        Ok(flat)
+    }
+}
