@@ -2,6 +2,7 @@
 //! shader dispatched through wgpu (Vulkan, Metal, DX12; lavapipe for headless CI).
 
 pub mod bench;
+pub mod cli_sample;
 pub mod cli_train;
 pub mod data;
 pub mod diffusion;

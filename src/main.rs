@@ -54,6 +54,13 @@ enum Command {
         #[command(flatten)]
         args: Box<wgpu_diffusion::cli_train::TrainArgs>,
     },
+    /// Generate images from a trained model (DDPM, DDIM, DPM-Solver++ 2M, Euler, Heun).
+    Sample {
+        #[command(flatten)]
+        device: DeviceArgs,
+        #[command(flatten)]
+        args: Box<wgpu_diffusion::cli_sample::SampleArgs>,
+    },
     /// Benchmarks: `--kernels` prints GFLOP/s of the GEMM/conv kernels as JSON lines.
     Bench {
         #[command(flatten)]
@@ -132,6 +139,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
             Ok(())
+        }
+        Command::Sample { device, args } => {
+            wgpu_diffusion::cli_sample::run(&device.options(), &args)
         }
         Command::Train { device, args } => {
             let mut opts = device.options();

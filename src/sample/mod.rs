@@ -170,8 +170,8 @@ impl Sampler {
     }
 
     /// Samples one batch whose first image has index `first_image` (which keys its seeded
-    /// noise) and returns the final x, NHWC [B, H, W, C]. `on_eval` is called after each U-Net
-    /// evaluation has been submitted.
+    /// noise) and returns the final x, NHWC [B, H, W, C]. `on_eval(e)` is called when U-Net
+    /// evaluation `e` and its update have finished.
     pub fn sample_batch(
         &mut self,
         first_image: usize,
@@ -200,6 +200,7 @@ impl Sampler {
             }
         };
         let batch = self.batch();
+        let mut in_flight: Option<wgpu::SubmissionIndex> = None;
         for (e, eval) in self.schedule.evals.iter().enumerate() {
             g.write(&self.unet.timesteps, &vec![eval.timestep; batch])?;
             g.write(&self.coeffs, &eval.update.kernel_coeffs(eval.input_scale))?;
@@ -223,10 +224,22 @@ impl Sampler {
                 }
             }
             plans.push(&self.step_plan);
-            g.submit(&plans);
-            on_eval(e);
+            let idx = g.submit(&plans);
+            // Keep one evaluation queued behind the running one: the GPU never idles and
+            // progress reports what has finished.
+            if let Some(prev) = in_flight.replace(idx) {
+                g.device
+                    .poll(wgpu::PollType::Wait {
+                        submission_index: Some(prev),
+                        timeout: None,
+                    })
+                    .map_err(|err| anyhow::anyhow!("GPU error while sampling: {err}"))?;
+                on_eval(e - 1);
+            }
         }
-        Ok(g.read(&self.x)?)
+        let out = g.read(&self.x)?;
+        on_eval(self.schedule.evals.len() - 1);
+        Ok(out)
     }
 }
 

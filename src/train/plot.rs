@@ -34,6 +34,34 @@ pub fn save_grid(images: &[f32], shape: [usize; 4], cols: usize, path: &Path) ->
     save_png(&img, path)
 }
 
+/// Saves one image (NHWC f32 in [-1, 1], `[H, W, C]`) at its own resolution: 8-bit grayscale
+/// for one channel, RGB for three.
+pub fn save_image(pixels: &[f32], [h, w, c]: [usize; 3], path: &Path) -> Result<()> {
+    let byte = |v: f32| ((v.clamp(-1.0, 1.0) + 1.0) * 127.5).round() as u8;
+    let dynamic = if c == 1 {
+        let data: Vec<u8> = pixels.iter().map(|&v| byte(v)).collect();
+        image::DynamicImage::ImageLuma8(
+            image::GrayImage::from_raw(w as u32, h as u32, data).context("image size")?,
+        )
+    } else {
+        let data: Vec<u8> = pixels
+            .chunks(c)
+            .flat_map(|p| [byte(p[0]), byte(p[1.min(c - 1)]), byte(p[2.min(c - 1)])])
+            .collect();
+        image::DynamicImage::ImageRgb8(
+            image::RgbImage::from_raw(w as u32, h as u32, data).context("image size")?,
+        )
+    };
+    let mut bytes = Vec::new();
+    dynamic
+        .write_to(
+            &mut std::io::Cursor::new(&mut bytes),
+            image::ImageFormat::Png,
+        )
+        .context("encoding PNG")?;
+    super::checkpoint::atomic_write(path, &bytes)
+}
+
 fn save_png(img: &image::RgbImage, path: &Path) -> Result<()> {
     let mut bytes = Vec::new();
     image::DynamicImage::ImageRgb8(img.clone())

@@ -13,6 +13,7 @@ mod group_norm;
 mod loss;
 mod noise;
 mod parity;
+mod sample_cli;
 mod sample_parity;
 mod samplers;
 mod softmax;

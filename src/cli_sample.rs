@@ -1,0 +1,297 @@
+//! `wgpu-diffusion sample`: flags, input checks, the batch loop with a progress bar, and the
+//! outputs (a grid, one PNG per image, optionally the raw tensor).
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result, anyhow, bail};
+use safetensors::{Dtype, tensor::TensorView};
+
+use crate::diffusion::scheduler::{SamplerKind, SamplingSchedule, TimestepSpacing};
+use crate::gpu::{Gpu, GpuOptions};
+use crate::sample::{ModelSource, Noise, Sampler, nchw_to_nhwc, nhwc_to_nchw};
+use crate::train::checkpoint::{LoadedTensors, atomic_write};
+use crate::train::plot::{save_grid, save_image};
+
+#[derive(clap::Args, Clone, Debug)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["model", "checkpoint"])))]
+pub struct SampleArgs {
+    /// A diffusers model directory (config.json + diffusion_pytorch_model.safetensors [+
+    /// scheduler_config.json]), a pipeline directory (unet/ + scheduler/), or a run folder.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// One of our training checkpoints (runs/…/checkpoints/step-*.safetensors).
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
+    /// With --checkpoint: the raw weights instead of the EMA ones.
+    #[arg(long)]
+    pub no_ema: bool,
+    #[arg(long, value_enum, default_value_t = SamplerKind::Ddim)]
+    pub sampler: SamplerKind,
+    /// Denoising steps (Heun evaluates the U-Net about twice per step).
+    #[arg(long, default_value_t = 50)]
+    pub steps: usize,
+    /// DDIM's η: 0 is deterministic, 1 is DDPM-like.
+    #[arg(long, default_value_t = 0.0)]
+    pub eta: f64,
+    /// Overrides the scheduler config's timestep_spacing.
+    #[arg(long, value_enum)]
+    pub timestep_spacing: Option<TimestepSpacing>,
+    /// Images to generate.
+    #[arg(long, default_value_t = 16)]
+    pub num: usize,
+    /// Images per U-Net batch (default: --num, at most 64).
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output folder: grid.png and one PNG per image.
+    #[arg(long, default_value = "samples")]
+    pub out: PathBuf,
+    /// Initial noise: a safetensors file with tensor `noise`, f32 [N, C, H, W] (before
+    /// init_noise_sigma scaling); N images are generated.
+    #[arg(long)]
+    pub noise: Option<PathBuf>,
+    /// Per-step noise for DDPM / DDIM with η > 0: tensor `step_noise`, f32 [steps, N, C, H, W].
+    #[arg(long)]
+    pub step_noise: Option<PathBuf>,
+    /// Also write the raw final samples: tensor `sample`, f32 [N, C, H, W], no clamping.
+    #[arg(long)]
+    pub save_tensor: Option<PathBuf>,
+}
+
+/// Reads one f32 tensor of a safetensors file, checking its shape.
+fn read_tensor(
+    path: &Path,
+    name: &str,
+    flag: &str,
+    expect: &[Option<usize>],
+) -> Result<(Vec<usize>, Vec<f32>)> {
+    let file = LoadedTensors::read(path).with_context(|| format!("{flag} {}", path.display()))?;
+    let (shape, values) = file
+        .get(name)
+        .with_context(|| format!("{flag} {}", path.display()))?;
+    let fits = shape.len() == expect.len()
+        && shape
+            .iter()
+            .zip(expect)
+            .all(|(&s, e)| e.is_none_or(|e| e == s));
+    if !fits {
+        let want: Vec<String> = expect
+            .iter()
+            .map(|e| e.map(|v| v.to_string()).unwrap_or_else(|| "N".into()))
+            .collect();
+        bail!(
+            "{flag} {}: tensor `{name}` has shape {shape:?}; expected [{}]",
+            path.display(),
+            want.join(", ")
+        );
+    }
+    Ok((shape, values))
+}
+
+pub fn run(opts: &GpuOptions, args: &SampleArgs) -> Result<()> {
+    // Everything that can be checked without a GPU is checked first.
+    let source = match (&args.model, &args.checkpoint) {
+        (Some(dir), None) => {
+            if args.no_ema {
+                bail!(
+                    "--no-ema applies to --checkpoint (a model directory holds one set of weights)"
+                );
+            }
+            ModelSource::from_dir(dir)?
+        }
+        (None, Some(file)) => ModelSource::from_checkpoint(file, args.no_ema)?,
+        _ => bail!("give exactly one of --model DIR and --checkpoint FILE"),
+    };
+    let schedule = SamplingSchedule::new(
+        &source.scheduler,
+        args.sampler,
+        args.steps,
+        args.timestep_spacing,
+        args.eta,
+    )
+    .map_err(|e| anyhow!("{e} (scheduler settings from {})", source.scheduler_origin))?;
+    let cfg = &source.config;
+    let (c, s) = (cfg.in_channels, cfg.sample_size);
+    let mut num = args.num;
+    let noise = match &args.noise {
+        Some(path) => {
+            let (shape, v) =
+                read_tensor(path, "noise", "--noise", &[None, Some(c), Some(s), Some(s)])?;
+            num = shape[0];
+            if num == 0 {
+                bail!("--noise {}: the tensor holds no images", path.display());
+            }
+            Some(nchw_to_nhwc(&v, [num, c, s, s]))
+        }
+        None => None,
+    };
+    if num == 0 {
+        bail!("--num must be at least 1");
+    }
+    let step_noise = match &args.step_noise {
+        Some(path) => {
+            if noise.is_none() {
+                bail!("--step-noise needs --noise (the initial noise of the same images)");
+            }
+            let (_, v) = read_tensor(
+                path,
+                "step_noise",
+                "--step-noise",
+                &[Some(args.steps), Some(num), Some(c), Some(s), Some(s)],
+            )?;
+            let per = num * c * s * s;
+            Some(
+                v.chunks(per)
+                    .map(|chunk| nchw_to_nhwc(chunk, [num, c, s, s]))
+                    .collect::<Vec<_>>(),
+            )
+        }
+        None => None,
+    };
+    if noise.is_some() && step_noise.is_none() && schedule.uses_step_noise() {
+        bail!(
+            "--sampler {:?} adds fresh noise at every step: with --noise, also give --step-noise (or drop --noise to use the seeded GPU noise)",
+            args.sampler
+        );
+    }
+    let batch = args.batch_size.unwrap_or(num.min(64));
+    if batch == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    let batch = batch.min(num);
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating the output folder {}", args.out.display()))?;
+
+    let gpu: Arc<Gpu> = Gpu::new(opts)?;
+    eprintln!("device: {}", gpu.describe());
+    eprintln!("model: {}", source.description);
+    for n in &source.notes {
+        eprintln!("note: {n}");
+    }
+    eprintln!(
+        "sampler: {} ({} steps, {} U-Net evaluations per batch, timesteps {}…{}), scheduler settings from {}",
+        args.sampler.diffusers_class(),
+        args.steps,
+        schedule.evals.len(),
+        schedule.timesteps.first().copied().unwrap_or(0.0),
+        schedule.timesteps.last().copied().unwrap_or(0.0),
+        source.scheduler_origin
+    );
+    let mut sampler = Sampler::new(&gpu, cfg, schedule, batch)?;
+    sampler.set_weights(&source.weights(&sampler.unet.params)?)?;
+    let per_image = c * s * s;
+    let batches = num.div_ceil(batch);
+    let evals = sampler.evaluations();
+    let mut progress = StepProgress::new((batches * evals) as u64);
+    let start = Instant::now();
+    let mut images: Vec<f32> = Vec::with_capacity(num * per_image);
+    for b in 0..batches {
+        let first = b * batch;
+        let take = batch.min(num - first);
+        let pad = |v: &[f32]| {
+            let mut out = v[first * per_image..(first + take) * per_image].to_vec();
+            out.resize(batch * per_image, 0.0);
+            out
+        };
+        let given_initial = noise.as_ref().map(|v| pad(v));
+        let given_steps: Option<Vec<Vec<f32>>> = step_noise
+            .as_ref()
+            .map(|steps| steps.iter().map(|v| pad(v)).collect());
+        let source_noise = match &given_initial {
+            Some(initial) => Noise::Given {
+                initial,
+                steps: given_steps
+                    .as_ref()
+                    .map(|v| v.iter().map(|x| x.as_slice()).collect()),
+            },
+            None => Noise::Seeded(args.seed),
+        };
+        let out = sampler.sample_batch(first, &source_noise, &mut |e| {
+            progress.set((b * evals + e + 1) as u64)
+        })?;
+        images.extend_from_slice(&out[..take * per_image]);
+    }
+    progress.finish();
+    let secs = start.elapsed().as_secs_f64();
+
+    let shape = [num, s, s, c];
+    let cols = (num as f64).sqrt().ceil() as usize;
+    let grid = args.out.join("grid.png");
+    save_grid(&images, shape, cols.max(1), &grid)?;
+    for (k, img) in images.chunks(per_image).enumerate() {
+        save_image(img, [s, s, c], &args.out.join(format!("{k:05}.png")))?;
+    }
+    if let Some(path) = &args.save_tensor {
+        let nchw = nhwc_to_nchw(&images, shape);
+        let mut meta = HashMap::new();
+        meta.insert(
+            "sampler".to_string(),
+            args.sampler.diffusers_class().to_string(),
+        );
+        meta.insert("steps".to_string(), args.steps.to_string());
+        meta.insert("seed".to_string(), args.seed.to_string());
+        meta.insert("model".to_string(), source.description.clone());
+        let view = TensorView::new(Dtype::F32, vec![num, c, s, s], bytemuck::cast_slice(&nchw))?;
+        let bytes = safetensors::serialize([("sample", view)], Some(meta))?;
+        atomic_write(path, &bytes)?;
+        eprintln!("raw samples: {}", path.display());
+    }
+    eprintln!(
+        "{num} images in {secs:.1} s ({:.2} images/s): {} and {}/00000.png…",
+        num as f64 / secs,
+        grid.display(),
+        args.out.display()
+    );
+    Ok(())
+}
+
+/// A bar over U-Net evaluations on terminals; a line every few seconds otherwise.
+struct StepProgress {
+    bar: Option<indicatif::ProgressBar>,
+    total: u64,
+    last_line: Instant,
+}
+
+impl StepProgress {
+    fn new(total: u64) -> StepProgress {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new(total);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:30.cyan/blue} {pos}/{len} U-Net evaluations [{elapsed_precise}<{eta_precise}]",
+                )
+                .expect("template")
+                .progress_chars("=> "),
+            );
+            bar
+        });
+        StepProgress {
+            bar,
+            total,
+            last_line: Instant::now(),
+        }
+    }
+
+    fn set(&mut self, done: u64) {
+        match &self.bar {
+            Some(bar) => bar.set_position(done),
+            None => {
+                if self.last_line.elapsed().as_secs_f64() >= 5.0 || done == self.total {
+                    self.last_line = Instant::now();
+                    eprintln!("sampling: {done}/{} U-Net evaluations", self.total);
+                }
+            }
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish();
+        }
+    }
+}

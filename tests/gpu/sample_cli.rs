@@ -1,0 +1,214 @@
+//! `wgpu-diffusion sample` as a user runs it: outputs on disk, and a clear error (no panic)
+//! for each kind of bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use wgpu_diffusion::train::checkpoint::LoadedTensors;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/samplers")
+        .join(name)
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "wgpu-diffusion-sample-cli-{}-{name}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn sample(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_wgpu-diffusion"))
+        .arg("sample")
+        .args(args)
+        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+        .output()
+        .expect("run wgpu-diffusion");
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!stderr.contains("panicked"), "the CLI panicked:\n{stderr}");
+    (out.status.success(), stderr)
+}
+
+fn expect_error(args: &[&str], needle: &str) {
+    let (ok, stderr) = sample(args);
+    assert!(!ok, "{args:?} should fail");
+    assert!(
+        stderr.contains(needle),
+        "{args:?}: expected `{needle}` in:\n{stderr}"
+    );
+}
+
+#[test]
+fn sample_writes_grid_images_and_tensor() {
+    let out = scratch("outputs");
+    let tensor = out.join("raw.safetensors");
+    let model = fixture("eps");
+    let (ok, stderr) = sample(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--sampler",
+        "euler",
+        "--steps",
+        "3",
+        "--num",
+        "3",
+        "--batch-size",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+        "--save-tensor",
+        tensor.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("images/s"), "{stderr}");
+    for f in ["grid.png", "00000.png", "00001.png", "00002.png"] {
+        assert!(out.join(f).is_file(), "{f} missing; stderr:\n{stderr}");
+    }
+    let img = image::open(out.join("00002.png")).unwrap();
+    assert_eq!((img.width(), img.height()), (8, 8));
+    let (shape, values) = LoadedTensors::read(&tensor).unwrap().get("sample").unwrap();
+    assert_eq!(shape, vec![3, 1, 8, 8]);
+    assert!(values.iter().all(|v| v.is_finite()));
+}
+
+#[test]
+fn bad_sample_inputs_are_clear_errors() {
+    let dir = scratch("errors");
+    let eps = fixture("eps");
+    let eps = eps.to_str().unwrap();
+    let out = dir.join("out");
+    let out = out.to_str().unwrap();
+    expect_error(
+        &["--model", eps, "--sampler", "plms"],
+        "invalid value 'plms'",
+    );
+    expect_error(
+        &["--model", eps, "--steps", "0", "--out", out],
+        "--steps must be in 1..=1000",
+    );
+    expect_error(
+        &["--model", eps, "--steps", "1001", "--out", out],
+        "--steps must be in 1..=1000",
+    );
+    expect_error(
+        &["--model", "/nonexistent/model", "--out", out],
+        "is not a directory",
+    );
+    expect_error(
+        &["--model", eps, "--no-ema", "--out", out],
+        "--no-ema applies to --checkpoint",
+    );
+    expect_error(&["--out", out], "required");
+
+    // --noise of the wrong shape, and DDPM with --noise but no --step-noise.
+    let noise = dir.join("noise.safetensors");
+    let values = vec![0.5f32; 2 * 3 * 8 * 8];
+    let view = safetensors::tensor::TensorView::new(
+        safetensors::Dtype::F32,
+        vec![2, 3, 8, 8],
+        bytemuck::cast_slice(&values),
+    )
+    .unwrap();
+    std::fs::write(
+        &noise,
+        safetensors::serialize([("noise", view)], None).unwrap(),
+    )
+    .unwrap();
+    expect_error(
+        &[
+            "--model",
+            eps,
+            "--noise",
+            noise.to_str().unwrap(),
+            "--out",
+            out,
+        ],
+        "tensor `noise` has shape [2, 3, 8, 8]; expected [N, 1, 8, 8]",
+    );
+    let results = fixture("eps").join("results.safetensors");
+    expect_error(
+        &[
+            "--model",
+            eps,
+            "--sampler",
+            "ddpm",
+            "--noise",
+            results.to_str().unwrap(),
+            "--out",
+            out,
+        ],
+        "--step-noise",
+    );
+
+    // A directory with config.json only; mismatched weights; unsupported scheduler settings.
+    let partial = dir.join("partial");
+    std::fs::create_dir_all(&partial).unwrap();
+    std::fs::copy(
+        fixture("eps").join("config.json"),
+        partial.join("config.json"),
+    )
+    .unwrap();
+    expect_error(
+        &["--model", partial.to_str().unwrap(), "--out", out],
+        "diffusion_pytorch_model.safetensors is missing",
+    );
+    let mismatched = dir.join("mismatched");
+    std::fs::create_dir_all(&mismatched).unwrap();
+    let config = std::fs::read_to_string(fixture("eps").join("config.json"))
+        .unwrap()
+        .replace("\"layers_per_block\": 1", "\"layers_per_block\": 2");
+    std::fs::write(mismatched.join("config.json"), config).unwrap();
+    std::fs::copy(
+        fixture("eps").join("diffusion_pytorch_model.safetensors"),
+        mismatched.join("diffusion_pytorch_model.safetensors"),
+    )
+    .unwrap();
+    expect_error(
+        &[
+            "--model",
+            mismatched.to_str().unwrap(),
+            "--steps",
+            "2",
+            "--out",
+            out,
+        ],
+        "is missing",
+    );
+    for (key, value, needle) in [
+        (
+            "thresholding",
+            "true",
+            "`thresholding` = true is not supported",
+        ),
+        ("beta_schedule", "\"sigmoid\"", "sigmoid"),
+        ("variance_type", "\"learned_range\"", "learned_range"),
+    ] {
+        let d = dir.join(format!("sched-{key}"));
+        std::fs::create_dir_all(&d).unwrap();
+        for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
+            std::fs::copy(fixture("eps").join(f), d.join(f)).unwrap();
+        }
+        let mut sched: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(fixture("eps").join("scheduler_config.json")).unwrap(),
+        )
+        .unwrap();
+        sched[key] = serde_json::from_str(value).unwrap();
+        std::fs::write(d.join("scheduler_config.json"), sched.to_string()).unwrap();
+        expect_error(
+            &[
+                "--model",
+                d.to_str().unwrap(),
+                "--sampler",
+                "euler",
+                "--out",
+                out,
+            ],
+            needle,
+        );
+    }
+}
