@@ -60,10 +60,10 @@ pub struct TrainArgs {
     pub ema_decay: Option<f64>,
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Steps between sample grids (0 = only at the end).
+    /// Steps between sample grids (plus early grids at 100, 250, 500 and one at the end; 0 = no grids).
     #[arg(long)]
     pub sample_every: Option<u64>,
-    /// DDPM steps per sample grid.
+    /// DDIM steps per sample grid.
     #[arg(long)]
     pub sample_steps: Option<usize>,
     #[arg(long)]

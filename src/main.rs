@@ -71,10 +71,19 @@ enum Command {
         /// Whole training steps (forward, backward, AdamW, EMA) of a preset.
         #[arg(long)]
         train: bool,
-        /// Model preset for --train.
+        /// Whole sampling batches (images/s) of a preset.
+        #[arg(long)]
+        sample: bool,
+        /// Sampler for --sample.
+        #[arg(long, value_enum, default_value_t = wgpu_diffusion::diffusion::scheduler::SamplerKind::Ddim)]
+        sampler: wgpu_diffusion::diffusion::scheduler::SamplerKind,
+        /// Sampling steps for --sample.
+        #[arg(long, default_value_t = 50)]
+        steps: usize,
+        /// Model preset for --train and --sample.
         #[arg(long, default_value = "tiny16")]
         model: String,
-        /// Batch size for --train.
+        /// Batch size for --train and --sample.
         #[arg(long, default_value_t = 32)]
         batch_size: usize,
         /// With --train: a per-kernel time table of one step (stderr).
@@ -201,16 +210,35 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             device,
             kernels,
             train,
+            sample,
+            sampler,
+            steps,
             model,
             batch_size,
             profile,
             reps,
         } => {
-            if !kernels && !train {
-                anyhow::bail!("choose a benchmark: `bench --kernels` and/or `bench --train`");
+            if !kernels && !train && !sample {
+                anyhow::bail!(
+                    "choose a benchmark: `bench --kernels`, `bench --train` and/or `bench --sample`"
+                );
             }
             let gpu = Gpu::new(&device.options())?;
             eprintln!("adapter: {}", gpu.describe());
+            if sample {
+                let r = wgpu_diffusion::bench::sample_batches(
+                    &gpu,
+                    &model,
+                    sampler,
+                    steps,
+                    batch_size,
+                    reps.max(1),
+                )?;
+                println!("{}", serde_json::to_string(&r)?);
+                if !kernels && !train {
+                    return Ok(());
+                }
+            }
             if train {
                 let r = wgpu_diffusion::bench::train_steps(
                     &gpu,

@@ -224,3 +224,66 @@ pub fn train_steps(
         adapter: gpu.adapter.name.clone(),
     })
 }
+
+#[derive(serde::Serialize)]
+pub struct SampleResult {
+    pub bench: &'static str,
+    pub model: String,
+    pub sampler: String,
+    pub steps: usize,
+    pub evaluations: usize,
+    pub batch: usize,
+    /// Median over `reps` whole batches (after one warm-up batch that pays the JIT compile).
+    pub median_batch_s: f64,
+    pub images_per_s: f64,
+    pub first_batch_s: f64,
+    pub path: String,
+    pub adapter: String,
+}
+
+/// Times whole sampling batches of a preset (weights from the default initialisation: the
+/// arithmetic is the same as a trained model's).
+pub fn sample_batches(
+    gpu: &Arc<Gpu>,
+    model: &str,
+    kind: crate::diffusion::scheduler::SamplerKind,
+    steps: usize,
+    batch: usize,
+    reps: usize,
+) -> Result<SampleResult> {
+    use crate::diffusion::scheduler::{SamplingSchedule, SchedulerConfig};
+    use crate::sample::{Noise, Sampler};
+    let cfg = crate::train::TrainConfig {
+        model: model.to_string(),
+        ..Default::default()
+    };
+    let unet_cfg = crate::train::resolve_model_config(&cfg)?;
+    let schedule = SamplingSchedule::new(&SchedulerConfig::ddpm_default(), kind, steps, None, 0.0)
+        .map_err(anyhow::Error::msg)?;
+    let t0 = Instant::now();
+    let mut sampler = Sampler::new(gpu, &unet_cfg, schedule, batch)?;
+    sampler.set_weights(&crate::nn::init::default_init(&sampler.unet.params, 0))?;
+    sampler.sample_batch(0, &Noise::Seeded(0), &mut |_| {})?;
+    let first_batch_s = t0.elapsed().as_secs_f64();
+    let mut times = Vec::new();
+    for r in 0..reps.max(1) {
+        let t = Instant::now();
+        sampler.sample_batch((r + 1) * batch, &Noise::Seeded(0), &mut |_| {})?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    Ok(SampleResult {
+        bench: "sample",
+        model: model.to_string(),
+        sampler: kind.diffusers_class().to_string(),
+        steps,
+        evaluations: sampler.evaluations(),
+        batch,
+        median_batch_s: median,
+        images_per_s: batch as f64 / median,
+        first_batch_s,
+        path: gpu.gemm_path.to_string(),
+        adapter: gpu.adapter.name.clone(),
+    })
+}

@@ -1,6 +1,5 @@
 //! Noise schedules, prediction targets and samplers with diffusers' semantics.
 
-pub mod sampler;
 pub mod schedule;
 pub mod scheduler;
 

@@ -1,4 +1,5 @@
-//! `shaders/diffusion.wgsl`: v-prediction targets, min-SNR-γ weights, the DDPM sampler step.
+//! `shaders/diffusion.wgsl`: v-prediction targets and min-SNR-γ weights for training (the
+//! sampler updates are in `shaders/samplers.wgsl`).
 
 use super::{OpResult, expect_distinct, expect_numel, invalid, u32_of};
 use crate::diffusion::PredictionType;
@@ -10,7 +11,7 @@ pub struct DiffusionParams {
     pub n: u32,
     pub per_sample: u32,
     pub prediction: u32,
-    pub clip_sample: u32,
+    pub _reserved: u32,
     pub gamma: f32,
     pub _pad: [u32; 3],
 }
@@ -19,7 +20,7 @@ fn key(entry: &'static str) -> KernelKey {
     KernelKey::new("diffusion", entry)
 }
 
-fn prediction_code(p: PredictionType) -> u32 {
+pub(crate) fn prediction_code(p: PredictionType) -> u32 {
     match p {
         PredictionType::Epsilon => 0,
         PredictionType::VPrediction => 1,
@@ -102,45 +103,6 @@ pub fn min_snr_weights(
             (5, weights.into()),
         ],
         [b.div_ceil(64) as u32, 1, 1],
-    );
-    Ok(())
-}
-
-/// x (in place) ← one DDPM reverse step from `model_output` and fresh noise `z`, with the
-/// step's coefficients in `coeffs` ([√ᾱ_t, √(1−ᾱ_t), c_x0, c_xt, σ], rewritten every step).
-pub fn ddpm_step(
-    rec: &mut Recorder,
-    x: &Tensor,
-    model_output: &Tensor,
-    z: &Tensor,
-    coeffs: &Tensor,
-    prediction: PredictionType,
-    clip_sample: bool,
-) -> OpResult {
-    const OP: &str = "ddpm_step";
-    let n = x.numel();
-    expect_numel(OP, "model_output", model_output, n)?;
-    expect_numel(OP, "z", z, n)?;
-    expect_numel(OP, "coeffs", coeffs, 5)?;
-    for t in [model_output, z, coeffs] {
-        expect_distinct(OP, t, x)?;
-    }
-    let p = DiffusionParams {
-        n: u32_of(OP, "n", n)?,
-        prediction: prediction_code(prediction),
-        clip_sample: clip_sample as u32,
-        ..Default::default()
-    };
-    rec.dispatch(
-        key(OP),
-        &p,
-        &[
-            (1, model_output.into()),
-            (2, z.into()),
-            (5, x.into()),
-            (6, coeffs.into()),
-        ],
-        grid_1d(n.div_ceil(256)),
     );
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! DPM-Solver++ 2M, Euler/Heun). The per-step constants live in an 8-float `coeffs` tensor
 //! written by the host before each submit ([`crate::diffusion::scheduler::Update::kernel_coeffs`]).
 
+use super::diffusion::prediction_code;
 use super::{OpResult, expect_distinct, expect_numel, invalid, u32_of};
 use crate::diffusion::PredictionType;
 use crate::diffusion::scheduler::SamplerKind;
@@ -21,14 +22,6 @@ pub const COEFFS_LEN: usize = 8;
 
 fn key(entry: &'static str) -> KernelKey {
     KernelKey::new("samplers", entry)
-}
-
-pub(crate) fn prediction_code(p: PredictionType) -> u32 {
-    match p {
-        PredictionType::Epsilon => 0,
-        PredictionType::VPrediction => 1,
-        PredictionType::Sample => 2,
-    }
 }
 
 /// out = x · coeffs[7] (diffusers' `scale_model_input`).

@@ -48,9 +48,10 @@ pub struct TrainConfig {
     pub ema_warmup: bool,
     pub ema_power: f64,
     pub seed: u64,
-    /// Steps between sample grids (0 = only at the end).
+    /// Steps between sample grids, plus early grids at 100, 250, 500 and one at the end (0 = no
+    /// grids).
     pub sample_every: u64,
-    /// DDPM steps per sample grid (set_timesteps semantics).
+    /// DDIM steps per sample grid (set_timesteps semantics).
     pub sample_steps: usize,
     pub checkpoint_every: u64,
     pub keep_checkpoints: usize,

@@ -1,15 +1,18 @@
 //! The training loop: AdamW with warmup + constant/cosine LR, global-norm clipping on the GPU,
 //! EMA (diffusers EMAModel), gradient accumulation, one queue submit per step, losses read back
-//! asynchronously, a background data thread, seeded sample grids, atomic checkpoints and resume.
+//! asynchronously, a background data thread, seeded DDIM sample grids, atomic checkpoints and
+//! resume. The step itself lives in [`trainer`], the run folder in [`run_dir`].
 
 pub mod checkpoint;
 pub mod config;
 pub mod plot;
-pub mod sample;
+pub mod run_dir;
+pub mod trainer;
 
 pub use config::{LrSchedule, TrainConfig};
+pub use run_dir::RunDir;
+pub use trainer::Trainer;
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,23 +22,31 @@ use std::time::Instant;
 use anyhow::{Context, Result, anyhow, bail};
 
 use crate::data::{Dataset, Loader};
-use crate::diffusion::{NoiseSchedule, PredictionType};
-use crate::gpu::{Gpu, Plan, Tensor};
-use crate::nn::{UNet, UNetConfig};
-use crate::ops::adamw::{
-    AdamwConfig, AdamwHyper, EmaConfig, HYPER_LEN, adamw_step, ema_update, grad_norm_chunks,
-    write_hyper,
-};
-use crate::ops::diffusion::{min_snr_weights, v_target};
-use crate::ops::elementwise::cast_u32_to_f32;
-use crate::ops::loss::{mse_backward, mse_loss};
-use crate::ops::noise::{purpose, q_sample, random_normal, random_uniform_u32, write_rng_state};
-use checkpoint::{LoadedTensors, atomic_write, save_model_dir, serialize_named};
+use crate::diffusion::scheduler::{SamplerKind, SamplingSchedule, SchedulerConfig};
+use crate::gpu::Gpu;
+use crate::nn::UNetConfig;
+use crate::sample::{ModelSource, Noise, Sampler};
+use checkpoint::{LoadedTensors, atomic_write, save_model_dir};
+use run_dir::{default_run_dir, read_metric_history};
+
+/// Images in a training sample grid.
+pub const GRID_IMAGES: usize = 16;
+
+/// Whether a sample grid is drawn after optimizer step `step`: early at 100, 250 and 500 (so a
+/// default run shows digits within minutes), then every `sample_every` steps, and at the end;
+/// never with `sample_every` = 0.
+pub fn is_grid_step(step: u64, sample_every: u64, total: u64) -> bool {
+    if sample_every == 0 {
+        return false;
+    }
+    let early = [100, 250, 500].contains(&step) && step < sample_every;
+    early || step.is_multiple_of(sample_every) || step == total
+}
 
 /// Resolves the model config of a run.
 pub fn resolve_model_config(cfg: &TrainConfig) -> Result<UNetConfig> {
     if let Some(init) = &cfg.init {
-        return checkpoint::read_model_config(init);
+        return Ok(ModelSource::from_dir(init)?.config);
     }
     if let Some(path) = &cfg.model_config {
         let text = std::fs::read_to_string(path)
@@ -49,402 +60,6 @@ pub fn resolve_model_config(cfg: &TrainConfig) -> Result<UNetConfig> {
             UNetConfig::PRESETS.join(", ")
         )
     })
-}
-
-/// Everything a step touches, allocated once.
-pub struct Trainer {
-    pub gpu: Arc<Gpu>,
-    pub cfg: TrainConfig,
-    pub unet: UNet,
-    pub schedule: NoiseSchedule,
-    x0: Vec<Tensor>,
-    losses: Vec<Tensor>,
-    hyper: Tensor,
-    rng_state: Tensor,
-    pub ema: Tensor,
-    pub exp_avg: Tensor,
-    pub exp_avg_sq: Tensor,
-    loss_log: Tensor,
-    staging: wgpu::Buffer,
-    step_plan: Plan,
-    adam: AdamwConfig,
-    ema_cfg: EmaConfig,
-    /// Optimizer steps done.
-    pub step: u64,
-    /// Images consumed from the data stream.
-    pub data_position: u64,
-}
-
-impl Trainer {
-    pub fn new(gpu: Arc<Gpu>, cfg: TrainConfig, model: &UNetConfig) -> Result<Trainer> {
-        cfg.validate()
-            .map_err(|e| anyhow!("invalid training options: {e}"))?;
-        let unet = UNet::new(&gpu, model, cfg.batch_size).context("building the U-Net")?;
-        let schedule = NoiseSchedule::new(
-            cfg.beta_schedule,
-            cfg.num_train_timesteps,
-            cfg.beta_start,
-            cfg.beta_end,
-        )
-        .map_err(|e| anyhow!(e))?;
-        let n = unet.params.len;
-        let b = cfg.batch_size;
-        let image_shape = unet.sample.shape().to_vec();
-        let numel: usize = image_shape.iter().product();
-        let accum = cfg.grad_accum;
-        let x0: Vec<Tensor> = (0..accum)
-            .map(|i| gpu.tensor(&image_shape, &format!("x0 {i}")))
-            .collect();
-        let losses: Vec<Tensor> = (0..accum)
-            .map(|i| gpu.tensor(&[1], &format!("loss {i}")))
-            .collect();
-        let noise = gpu.tensor(&image_shape, "noise");
-        let timesteps = gpu.tensor(&[b], "timesteps u32");
-        let acp = gpu.tensor_from(
-            &[schedule.num_train_timesteps],
-            &schedule.alphas_cumprod,
-            "alphas_cumprod",
-        )?;
-        let hyper = gpu.tensor(&[HYPER_LEN], "adamw hyper");
-        // One RNG state for timesteps, noise and dropout masks, rewritten every step.
-        let rng_state = unet.rng_state.clone();
-        let clip = gpu.tensor(&[2], "grad clip, norm");
-        let ema = gpu.tensor(&[n], "ema");
-        let exp_avg = gpu.tensor(&[n], "exp_avg");
-        let exp_avg_sq = gpu.tensor(&[n], "exp_avg_sq");
-        let log_len = cfg.log_every as usize * accum;
-        let loss_log = gpu.tensor(&[log_len], "loss log");
-        let staging = gpu.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("loss readback"),
-            size: (log_len * 4) as u64,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        let target = match cfg.prediction_type {
-            PredictionType::VPrediction => Some(gpu.tensor(&image_shape, "v target")),
-            _ => None,
-        };
-        let weights = (cfg.snr_gamma > 0.0).then(|| gpu.tensor(&[b], "min-SNR weights"));
-
-        let mut rec = gpu.recorder();
-        rec.clear(&unet.params.grads);
-        for (i, x0_i) in x0.iter().enumerate() {
-            unet.set_micro_batch(i as u32);
-            random_uniform_u32(
-                &mut rec,
-                &rng_state,
-                purpose::TIMESTEPS,
-                (i * b) as u32,
-                schedule.num_train_timesteps as u32,
-                &timesteps,
-            )?;
-            cast_u32_to_f32(&mut rec, &timesteps, &unet.timesteps)?;
-            random_normal(
-                &mut rec,
-                &rng_state,
-                purpose::NOISE,
-                (i * numel) as u32,
-                &noise,
-            )?;
-            q_sample(&mut rec, x0_i, &noise, &timesteps, &acp, &unet.sample.value)?;
-            unet.forward(&mut rec)?;
-            let target_t = match (cfg.prediction_type, &target) {
-                (PredictionType::Epsilon, _) => &noise,
-                (PredictionType::Sample, _) => x0_i,
-                (PredictionType::VPrediction, Some(t)) => {
-                    v_target(&mut rec, x0_i, &noise, &timesteps, &acp, t)?;
-                    t
-                }
-                (PredictionType::VPrediction, None) => unreachable!("v target allocated above"),
-            };
-            if let Some(w) = &weights {
-                min_snr_weights(
-                    &mut rec,
-                    &timesteps,
-                    &acp,
-                    cfg.snr_gamma as f32,
-                    cfg.prediction_type,
-                    w,
-                )?;
-            }
-            mse_loss(
-                &mut rec,
-                &unet.output.value,
-                target_t,
-                weights.as_ref(),
-                &losses[i],
-            )?;
-            mse_backward(
-                &mut rec,
-                &unet.output.value,
-                target_t,
-                weights.as_ref(),
-                1.0 / accum as f32,
-                &unet.output.grad,
-            )?;
-            unet.backward(&mut rec)?;
-        }
-        let max_norm = (cfg.max_grad_norm > 0.0).then_some(cfg.max_grad_norm as f32);
-        let store = &unet.params;
-        grad_norm_chunks(&mut rec, &store.chunk_views(&store.grads), max_norm, &clip)?;
-        let views = |t: &Tensor| store.chunk_views(t);
-        let (p_v, g_v, m_v, v_v, e_v) = (
-            views(&store.params),
-            views(&store.grads),
-            views(&exp_avg),
-            views(&exp_avg_sq),
-            views(&ema),
-        );
-        for i in 0..store.chunks.len() {
-            adamw_step(&mut rec, &hyper, &clip, &g_v[i], &p_v[i], &m_v[i], &v_v[i])?;
-            if cfg.ema {
-                ema_update(&mut rec, &hyper, &p_v[i], &e_v[i])?;
-            }
-        }
-        let step_plan = rec.finish();
-        let adam = AdamwConfig {
-            beta1: cfg.adam_beta1,
-            beta2: cfg.adam_beta2,
-            eps: cfg.adam_eps,
-            weight_decay: cfg.weight_decay,
-        };
-        let ema_cfg = EmaConfig {
-            decay: cfg.ema_decay,
-            min_decay: cfg.ema_min_decay,
-            use_ema_warmup: cfg.ema_warmup,
-            power: cfg.ema_power,
-            ..Default::default()
-        };
-        Ok(Trainer {
-            gpu,
-            cfg,
-            unet,
-            schedule,
-            x0,
-            losses,
-            hyper,
-            rng_state,
-            ema,
-            exp_avg,
-            exp_avg_sq,
-            loss_log,
-            staging,
-            step_plan,
-            adam,
-            ema_cfg,
-            step: 0,
-            data_position: 0,
-        })
-    }
-
-    /// Per-kernel wall time of one step, summed by shader entry point, slowest first.
-    pub fn profile_step(&self) -> Vec<(String, usize, f64)> {
-        let mut by_entry: HashMap<String, (usize, f64)> = HashMap::new();
-        let records = self.step_plan.records();
-        for (i, secs) in self.step_plan.profile(&self.gpu) {
-            let r = &records[i];
-            let name = if r.kind == "dispatch" {
-                format!("{}::{}", r.shader, r.entry)
-            } else {
-                r.kind.to_string()
-            };
-            let e = by_entry.entry(name).or_default();
-            e.0 += 1;
-            e.1 += secs;
-        }
-        let mut v: Vec<_> = by_entry.into_iter().map(|(k, (n, s))| (k, n, s)).collect();
-        v.sort_by(|a, b| b.2.total_cmp(&a.2));
-        v
-    }
-
-    /// Uploads initial weights (EMA starts equal to them).
-    pub fn set_weights(&self, flat: &[f32]) -> Result<()> {
-        self.gpu.write(&self.unet.params.params, flat)?;
-        self.gpu.write(&self.ema, flat)?;
-        Ok(())
-    }
-
-    /// Queues one optimizer step on `batches` (one per accumulation micro-batch): one submit.
-    /// Returns the submission index; nothing is read back.
-    pub fn submit_step(&mut self, batches: &[Vec<f32>]) -> Result<wgpu::SubmissionIndex> {
-        if batches.len() != self.x0.len() {
-            bail!(
-                "{} micro-batches given, grad_accum is {}",
-                batches.len(),
-                self.x0.len()
-            );
-        }
-        for (t, data) in self.x0.iter().zip(batches) {
-            self.gpu.write(t, data)?;
-        }
-        let step = self.step + 1;
-        let ema_decay = self.ema_cfg.get_decay(step);
-        write_hyper(
-            &self.gpu,
-            &self.hyper,
-            &AdamwHyper::new(&self.adam, self.cfg.lr_at(step), step as u32, ema_decay),
-        )?;
-        write_rng_state(&self.gpu, &self.rng_state, self.cfg.seed, step as u32)?;
-        let mut enc = self
-            .gpu
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("train step"),
-            });
-        self.step_plan.encode(&mut enc);
-        let slot = ((step - 1) % self.cfg.log_every) as usize * self.losses.len();
-        for (i, l) in self.losses.iter().enumerate() {
-            enc.copy_buffer_to_buffer(
-                l.buffer(),
-                l.byte_offset(),
-                self.loss_log.buffer(),
-                ((slot + i) * 4) as u64,
-                4,
-            );
-        }
-        let idx = self.gpu.queue.submit([enc.finish()]);
-        self.step = step;
-        Ok(idx)
-    }
-
-    /// Starts an asynchronous readback of the loss log (the last `log_every` steps). The
-    /// returned flag turns true when `read_losses` can be called; `device.poll` drives it.
-    pub fn request_losses(&self) -> Arc<AtomicBool> {
-        let mut enc = self.gpu.device.create_command_encoder(&Default::default());
-        enc.copy_buffer_to_buffer(
-            self.loss_log.buffer(),
-            0,
-            &self.staging,
-            0,
-            self.loss_log.byte_len(),
-        );
-        self.gpu.queue.submit([enc.finish()]);
-        let ready = Arc::new(AtomicBool::new(false));
-        let flag = ready.clone();
-        self.staging
-            .slice(..)
-            .map_async(wgpu::MapMode::Read, move |r| {
-                if r.is_ok() {
-                    flag.store(true, Ordering::Release);
-                }
-            });
-        ready
-    }
-
-    /// Per-step mean losses of the last readback.
-    pub fn read_losses(&self) -> Result<Vec<f32>> {
-        let view = self
-            .staging
-            .slice(..)
-            .get_mapped_range()
-            .map_err(|e| anyhow!("loss readback: {e}"))?;
-        let all: Vec<f32> = bytemuck::pod_collect_to_vec(&view);
-        drop(view);
-        self.staging.unmap();
-        let accum = self.losses.len();
-        Ok(all
-            .chunks(accum)
-            .map(|c| c.iter().sum::<f32>() / accum as f32)
-            .collect())
-    }
-
-    /// Everything needed to continue the run, as one safetensors file.
-    pub fn checkpoint_bytes(&self, model: &UNetConfig) -> Result<Vec<u8>> {
-        let g = &self.gpu;
-        let params = g.read(&self.unet.params.params)?;
-        let ema = g.read(&self.ema)?;
-        let m = g.read(&self.exp_avg)?;
-        let v = g.read(&self.exp_avg_sq)?;
-        let mut meta = HashMap::new();
-        meta.insert("format".into(), "wgpu-diffusion checkpoint v1".into());
-        meta.insert("step".into(), self.step.to_string());
-        meta.insert("data_position".into(), self.data_position.to_string());
-        meta.insert(
-            "rng".into(),
-            format!(
-                "philox4x32-10 seed {} counter step {}",
-                self.cfg.seed, self.step
-            ),
-        );
-        meta.insert("train_config".into(), toml::to_string(&self.cfg)?);
-        meta.insert("unet_config".into(), model.to_json());
-        meta.insert("gemm_path".into(), self.gpu.gemm_path.to_string());
-        let kernels: Vec<String> = self
-            .gpu
-            .kernels
-            .keys()
-            .iter()
-            .map(|k| format!("{k:?}"))
-            .collect();
-        meta.insert("kernels".into(), serde_json::to_string(&kernels)?);
-        serialize_named(
-            &self.unet.params,
-            &[
-                ("param", &params),
-                ("ema", &ema),
-                ("exp_avg", &m),
-                ("exp_avg_sq", &v),
-            ],
-            meta,
-        )
-    }
-
-    /// Restores parameters, EMA, moments and the position from a checkpoint.
-    pub fn restore(&mut self, ck: &LoadedTensors) -> Result<()> {
-        let meta = ck.metadata();
-        let num = |k: &str| -> Result<u64> {
-            meta.get(k).and_then(|v| v.parse().ok()).ok_or_else(|| {
-                anyhow!(
-                    "{}: metadata `{k}` is missing; not a wgpu-diffusion checkpoint?",
-                    ck.path.display()
-                )
-            })
-        };
-        let store = &self.unet.params;
-        let g = &self.gpu;
-        g.write(&store.params, &ck.flat(store, "param")?)?;
-        g.write(&self.ema, &ck.flat(store, "ema")?)?;
-        g.write(&self.exp_avg, &ck.flat(store, "exp_avg")?)?;
-        g.write(&self.exp_avg_sq, &ck.flat(store, "exp_avg_sq")?)?;
-        self.step = num("step")?;
-        self.data_position = num("data_position")?;
-        Ok(())
-    }
-}
-
-/// The folders of a run.
-pub struct RunDir {
-    pub root: PathBuf,
-}
-
-impl RunDir {
-    pub fn checkpoints(&self) -> PathBuf {
-        self.root.join("checkpoints")
-    }
-    pub fn samples(&self) -> PathBuf {
-        self.root.join("samples")
-    }
-    pub fn model(&self) -> PathBuf {
-        self.root.join("model")
-    }
-    pub fn config(&self) -> PathBuf {
-        self.root.join("config.toml")
-    }
-    pub fn metrics(&self) -> PathBuf {
-        self.root.join("metrics.jsonl")
-    }
-    /// Checkpoint files, oldest first.
-    pub fn list_checkpoints(&self) -> Vec<PathBuf> {
-        let mut v: Vec<PathBuf> = std::fs::read_dir(self.checkpoints())
-            .map(|d| {
-                d.filter_map(|e| e.ok().map(|e| e.path()))
-                    .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
-                    .collect()
-            })
-            .unwrap_or_default();
-        v.sort();
-        v
-    }
 }
 
 /// What a finished (or stopped) run reports.
@@ -560,7 +175,7 @@ pub fn run(
         }
         None => match &cfg.init {
             Some(dir) => {
-                trainer.set_weights(&checkpoint::read_model_weights(dir, &trainer.unet.params)?)?;
+                trainer.set_weights(&ModelSource::from_dir(dir)?.weights(&trainer.unet.params)?)?;
                 progress.message(&format!("initialised from {}", dir.display()));
             }
             None => trainer.set_weights(&crate::nn::init::default_init(
@@ -569,13 +184,18 @@ pub fn run(
             ))?,
         },
     }
-    let mut sampler = sample::Sampler::new(
-        &gpu,
-        &model,
-        &trainer.schedule,
-        cfg.prediction_type,
-        cfg.sample_steps,
-    )?;
+    let mut sampler = if cfg.sample_every > 0 {
+        let scheduler = SchedulerConfig::from_json(
+            &trainer.schedule.scheduler_config_json(cfg.prediction_type),
+        )
+        .map_err(|e| anyhow!(e))?;
+        let schedule =
+            SamplingSchedule::new(&scheduler, SamplerKind::Ddim, cfg.sample_steps, None, 0.0)
+                .map_err(|e| anyhow!("sample grids: {e}"))?;
+        Some(Sampler::new(&gpu, &model, schedule, GRID_IMAGES)?)
+    } else {
+        None
+    };
 
     let loader = Loader::start(
         data.clone(),
@@ -588,9 +208,12 @@ pub fn run(
         .append(true)
         .open(run_dir.metrics())?;
     let mut history: Vec<(u64, f32)> = read_metric_history(&run_dir.metrics(), trainer.step);
-    let start = Instant::now();
-    let mut pending: Option<(Arc<AtomicBool>, u64, Instant)> = None;
-    let mut window_start = (trainer.step, Instant::now());
+    let mut losses = LossLog {
+        pending: None,
+        next_first: trainer.step + 1,
+        window_start: (trainer.step, Instant::now()),
+        run_start: Instant::now(),
+    };
     let mut inflight: std::collections::VecDeque<wgpu::SubmissionIndex> = Default::default();
     let mut interrupted = false;
     progress.start(trainer.step, cfg.steps);
@@ -624,86 +247,43 @@ pub fn run(
         let step = trainer.step;
         let lr = cfg.lr_at(step);
 
-        // Losses of the previous window, read back asynchronously.
-        if let Some((ready, last_step, _)) = &pending
-            && ready.load(Ordering::Acquire)
+        // Losses, read back asynchronously: a finished readback is recorded as soon as it is
+        // seen; at each window's end the previous one is waited for, so no step is ever lost.
+        if losses
+            .pending
+            .as_ref()
+            .is_some_and(|p| p.ready.load(Ordering::Acquire))
         {
-            let last_step = *last_step;
-            let losses = trainer.read_losses()?;
-            pending = None;
-            let n = losses.len() as u64;
-            let now = Instant::now();
-            let ips = ((last_step - window_start.0) * (cfg.batch_size * cfg.grad_accum) as u64)
-                as f64
-                / now.duration_since(window_start.1).as_secs_f64().max(1e-9);
-            window_start = (last_step, now);
-            for (k, loss) in losses.iter().enumerate() {
-                let s = last_step + 1 - n + k as u64;
-                if !loss.is_finite() {
-                    let last = run_dir.list_checkpoints().pop();
-                    bail!(
-                        "the loss became non-finite ({loss}) at step {s}. Training stopped; the last good checkpoint is {}. Lower --lr or set --max-grad-norm.",
-                        last.map(|p| p.display().to_string())
-                            .unwrap_or_else(|| "none (no checkpoint was written yet)".into())
-                    );
-                }
-                history.push((s, *loss));
-                writeln!(
-                    metrics,
-                    "{}",
-                    serde_json::json!({"step": s, "loss": loss, "lr": cfg.lr_at(s), "img_per_s": ips, "elapsed_s": start.elapsed().as_secs_f64()})
-                )?;
-            }
-            progress.update(last_step, losses.last().copied(), cfg.lr_at(last_step), ips);
+            losses.finish(&trainer, &run_dir, &mut history, &mut metrics, progress)?;
         }
-        if step % cfg.log_every == 0 && pending.is_none() {
-            pending = Some((trainer.request_losses(), step, Instant::now()));
+        if step.is_multiple_of(cfg.log_every) {
+            losses.finish(&trainer, &run_dir, &mut history, &mut metrics, progress)?;
+            losses.request(&trainer, step);
         }
         progress.update(step, None, lr, 0.0);
 
-        if cfg.sample_every > 0 && step % cfg.sample_every == 0 && step < cfg.steps {
-            write_samples(&gpu, &trainer, &mut sampler, &run_dir, step, progress)?;
+        if let Some(sampler) = &mut sampler
+            && is_grid_step(step, cfg.sample_every, cfg.steps)
+            && step < cfg.steps
+        {
+            write_samples(&trainer, sampler, &run_dir, step, progress)?;
         }
         if step % cfg.checkpoint_every == 0 && step < cfg.steps {
             save_checkpoint(&trainer, &model, &run_dir, progress)?;
         }
     }
-    // Drain the last losses.
-    gpu.wait()?;
-    if let Some((ready, last_step, _)) = pending.take() {
-        let _ = gpu.device.poll(wgpu::PollType::Wait {
-            submission_index: None,
-            timeout: None,
-        });
-        if ready.load(Ordering::Acquire) {
-            let losses = trainer.read_losses()?;
-            let n = losses.len() as u64;
-            for (k, loss) in losses.iter().enumerate() {
-                let s = last_step + 1 - n + k as u64;
-                history.push((s, *loss));
-                writeln!(
-                    metrics,
-                    "{}",
-                    serde_json::json!({"step": s, "loss": loss, "lr": cfg.lr_at(s), "elapsed_s": start.elapsed().as_secs_f64()})
-                )?;
-            }
-        }
-    }
-    if let Some(&(_, l)) = history.last()
-        && !l.is_finite()
-    {
-        bail!("the loss became non-finite; training stopped without writing a checkpoint");
+    // Drain the last window and the steps after it (a run need not end on a window's end):
+    // every loss is checked before the final checkpoint is written.
+    losses.finish(&trainer, &run_dir, &mut history, &mut metrics, progress)?;
+    if losses.next_first <= trainer.step {
+        losses.request(&trainer, trainer.step);
+        losses.finish(&trainer, &run_dir, &mut history, &mut metrics, progress)?;
     }
     save_checkpoint(&trainer, &model, &run_dir, progress)?;
-    if !interrupted {
-        write_samples(
-            &gpu,
-            &trainer,
-            &mut sampler,
-            &run_dir,
-            trainer.step,
-            progress,
-        )?;
+    if let Some(sampler) = &mut sampler
+        && !interrupted
+    {
+        write_samples(&trainer, sampler, &run_dir, trainer.step, progress)?;
     }
     plot::loss_plot(&history, &run_dir.root.join("loss.png"))?;
     progress.finish();
@@ -715,23 +295,94 @@ pub fn run(
     })
 }
 
-fn read_metric_history(path: &Path, up_to: u64) -> Vec<(u64, f32)> {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return Vec::new();
-    };
-    text.lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| Some((v["step"].as_u64()?, v["loss"].as_f64()? as f32)))
-        .filter(|(s, _)| *s <= up_to)
-        .collect()
+/// The asynchronous loss readback of a run: at most one window in flight.
+struct LossLog {
+    pending: Option<PendingLosses>,
+    /// First step of the next window to request.
+    next_first: u64,
+    /// (last step, time) of the last window recorded, for images/s.
+    window_start: (u64, Instant),
+    run_start: Instant,
 }
 
-fn default_run_dir() -> PathBuf {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    PathBuf::from("runs").join(format!("run-{secs}"))
+struct PendingLosses {
+    ready: Arc<AtomicBool>,
+    submission: wgpu::SubmissionIndex,
+    first: u64,
+    last: u64,
+}
+
+impl LossLog {
+    /// Requests the losses of steps `next_first..=last` (no window may be pending).
+    fn request(&mut self, trainer: &Trainer, last: u64) {
+        debug_assert!(self.pending.is_none());
+        let (ready, submission) = trainer.request_losses();
+        self.pending = Some(PendingLosses {
+            ready,
+            submission,
+            first: self.next_first,
+            last,
+        });
+        self.next_first = last + 1;
+    }
+
+    /// Waits for the pending window (if any), checks every loss and records it.
+    fn finish(
+        &mut self,
+        trainer: &Trainer,
+        run_dir: &RunDir,
+        history: &mut Vec<(u64, f32)>,
+        metrics: &mut std::fs::File,
+        progress: &mut dyn Progress,
+    ) -> Result<()> {
+        let Some(p) = self.pending.take() else {
+            return Ok(());
+        };
+        if !p.ready.load(Ordering::Acquire) {
+            trainer
+                .gpu
+                .device
+                .poll(wgpu::PollType::Wait {
+                    submission_index: Some(p.submission),
+                    timeout: None,
+                })
+                .map_err(|e| anyhow!("GPU error while reading the loss back: {e}"))?;
+        }
+        if !p.ready.load(Ordering::Acquire) {
+            bail!("the loss readback of steps {}..={} failed", p.first, p.last);
+        }
+        let slots = trainer.read_losses()?;
+        let cfg = &trainer.cfg;
+        let now = Instant::now();
+        let images = (p.last - self.window_start.0) * (cfg.batch_size * cfg.grad_accum) as u64;
+        let ips = images as f64
+            / now
+                .duration_since(self.window_start.1)
+                .as_secs_f64()
+                .max(1e-9);
+        self.window_start = (p.last, now);
+        let mut last_loss = None;
+        for s in p.first..=p.last {
+            let loss = slots[((s - 1) % cfg.log_every) as usize];
+            if !loss.is_finite() {
+                let last = run_dir.list_checkpoints().pop();
+                bail!(
+                    "the loss became non-finite ({loss}) at step {s}. Training stopped; the last good checkpoint is {}. Lower --lr or set --max-grad-norm.",
+                    last.map(|p| p.display().to_string())
+                        .unwrap_or_else(|| "none (no checkpoint was written yet)".into())
+                );
+            }
+            history.push((s, loss));
+            writeln!(
+                metrics,
+                "{}",
+                serde_json::json!({"step": s, "loss": loss, "lr": cfg.lr_at(s), "img_per_s": ips, "elapsed_s": self.run_start.elapsed().as_secs_f64()})
+            )?;
+            last_loss = Some(loss);
+        }
+        progress.update(p.last, last_loss, cfg.lr_at(p.last), ips);
+        Ok(())
+    }
 }
 
 fn save_checkpoint(
@@ -775,26 +426,44 @@ fn save_checkpoint(
 }
 
 fn write_samples(
-    gpu: &Arc<Gpu>,
     trainer: &Trainer,
-    sampler: &mut sample::Sampler,
+    sampler: &mut Sampler,
     run_dir: &RunDir,
     step: u64,
     progress: &mut dyn Progress,
 ) -> Result<()> {
     let t = Instant::now();
-    let weights = if trainer.cfg.ema {
+    sampler.copy_weights_from(if trainer.cfg.ema {
         &trainer.ema
     } else {
         &trainer.unet.params.params
-    };
-    let images = sampler.sample(gpu, weights, trainer.cfg.seed)?;
+    });
+    // The same seeded noise at every grid, so grids show the model's progress, not new noise.
+    let images = sampler.sample_batch(0, &Noise::Seeded(trainer.cfg.seed), &mut |_| {})?;
     let path = run_dir.samples().join(format!("step-{step:08}.png"));
     plot::save_grid(&images, sampler.image_shape(), 4, &path)?;
     progress.message(&format!(
-        "samples {} ({:.1} s)",
+        "samples {} (DDIM {} steps, {:.1} s)",
         path.display(),
+        sampler.schedule.num_inference_steps,
         t.elapsed().as_secs_f64()
     ));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_grid_step;
+
+    #[test]
+    fn grids_early_then_every_n_and_at_the_end() {
+        let steps: Vec<u64> = (1..=3000)
+            .filter(|&s| is_grid_step(s, 1000, 3000))
+            .collect();
+        assert_eq!(steps, vec![100, 250, 500, 1000, 2000, 3000]);
+        let frequent: Vec<u64> = (1..=300).filter(|&s| is_grid_step(s, 100, 300)).collect();
+        assert_eq!(frequent, vec![100, 200, 300]);
+        assert!((1..=3000).all(|s| !is_grid_step(s, 0, 3000)));
+        assert!(is_grid_step(37, 1000, 37));
+    }
 }

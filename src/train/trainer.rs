@@ -1,0 +1,385 @@
+//! The training step: everything a step touches, allocated once; the step recorded once into a
+//! plan (timesteps and noise drawn on the GPU, forward, loss, backward, clipping, AdamW, EMA)
+//! and replayed with one submit; losses read back asynchronously; checkpoint contents.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{Context, Result, anyhow, bail};
+
+use super::TrainConfig;
+use super::checkpoint::{LoadedTensors, serialize_named};
+use crate::diffusion::{NoiseSchedule, PredictionType};
+use crate::gpu::{Gpu, Plan, Tensor};
+use crate::nn::{UNet, UNetConfig};
+use crate::ops::adamw::{
+    AdamwConfig, AdamwHyper, EmaConfig, HYPER_LEN, adamw_step, ema_update, grad_norm_chunks,
+    write_hyper,
+};
+use crate::ops::diffusion::{min_snr_weights, v_target};
+use crate::ops::elementwise::cast_u32_to_f32;
+use crate::ops::loss::{mse_backward, mse_loss};
+use crate::ops::noise::{purpose, q_sample, random_normal, random_uniform_u32, write_rng_state};
+
+/// Everything a step touches, allocated once.
+pub struct Trainer {
+    pub gpu: Arc<Gpu>,
+    pub cfg: TrainConfig,
+    pub unet: UNet,
+    pub schedule: NoiseSchedule,
+    x0: Vec<Tensor>,
+    losses: Vec<Tensor>,
+    hyper: Tensor,
+    rng_state: Tensor,
+    pub ema: Tensor,
+    pub exp_avg: Tensor,
+    pub exp_avg_sq: Tensor,
+    loss_log: Tensor,
+    staging: wgpu::Buffer,
+    pub(super) step_plan: Plan,
+    adam: AdamwConfig,
+    ema_cfg: EmaConfig,
+    /// Optimizer steps done.
+    pub step: u64,
+    /// Images consumed from the data stream.
+    pub data_position: u64,
+}
+
+impl Trainer {
+    pub fn new(gpu: Arc<Gpu>, cfg: TrainConfig, model: &UNetConfig) -> Result<Trainer> {
+        cfg.validate()
+            .map_err(|e| anyhow!("invalid training options: {e}"))?;
+        let unet = UNet::new(&gpu, model, cfg.batch_size).context("building the U-Net")?;
+        let schedule = NoiseSchedule::new(
+            cfg.beta_schedule,
+            cfg.num_train_timesteps,
+            cfg.beta_start,
+            cfg.beta_end,
+        )
+        .map_err(|e| anyhow!(e))?;
+        let n = unet.params.len;
+        let b = cfg.batch_size;
+        let image_shape = unet.sample.shape().to_vec();
+        let numel: usize = image_shape.iter().product();
+        let accum = cfg.grad_accum;
+        let x0: Vec<Tensor> = (0..accum)
+            .map(|i| gpu.tensor(&image_shape, &format!("x0 {i}")))
+            .collect();
+        let losses: Vec<Tensor> = (0..accum)
+            .map(|i| gpu.tensor(&[1], &format!("loss {i}")))
+            .collect();
+        let noise = gpu.tensor(&image_shape, "noise");
+        let timesteps = gpu.tensor(&[b], "timesteps u32");
+        let acp = gpu.tensor_from(
+            &[schedule.num_train_timesteps],
+            &schedule.alphas_cumprod,
+            "alphas_cumprod",
+        )?;
+        let hyper = gpu.tensor(&[HYPER_LEN], "adamw hyper");
+        // One RNG state for timesteps, noise and dropout masks, rewritten every step.
+        let rng_state = unet.rng_state.clone();
+        let clip = gpu.tensor(&[2], "grad clip, norm");
+        let ema = gpu.tensor(&[n], "ema");
+        let exp_avg = gpu.tensor(&[n], "exp_avg");
+        let exp_avg_sq = gpu.tensor(&[n], "exp_avg_sq");
+        let log_len = cfg.log_every as usize * accum;
+        let loss_log = gpu.tensor(&[log_len], "loss log");
+        let staging = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("loss readback"),
+            size: (log_len * 4) as u64,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let target = match cfg.prediction_type {
+            PredictionType::VPrediction => Some(gpu.tensor(&image_shape, "v target")),
+            _ => None,
+        };
+        let weights = (cfg.snr_gamma > 0.0).then(|| gpu.tensor(&[b], "min-SNR weights"));
+
+        let mut rec = gpu.recorder();
+        rec.clear(&unet.params.grads);
+        for (i, x0_i) in x0.iter().enumerate() {
+            unet.set_micro_batch(i as u32);
+            random_uniform_u32(
+                &mut rec,
+                &rng_state,
+                purpose::TIMESTEPS,
+                (i * b) as u32,
+                schedule.num_train_timesteps as u32,
+                &timesteps,
+            )?;
+            cast_u32_to_f32(&mut rec, &timesteps, &unet.timesteps)?;
+            random_normal(
+                &mut rec,
+                &rng_state,
+                purpose::NOISE,
+                (i * numel) as u32,
+                &noise,
+            )?;
+            q_sample(&mut rec, x0_i, &noise, &timesteps, &acp, &unet.sample.value)?;
+            unet.forward(&mut rec)?;
+            let target_t = match (cfg.prediction_type, &target) {
+                (PredictionType::Epsilon, _) => &noise,
+                (PredictionType::Sample, _) => x0_i,
+                (PredictionType::VPrediction, Some(t)) => {
+                    v_target(&mut rec, x0_i, &noise, &timesteps, &acp, t)?;
+                    t
+                }
+                (PredictionType::VPrediction, None) => unreachable!("v target allocated above"),
+            };
+            if let Some(w) = &weights {
+                min_snr_weights(
+                    &mut rec,
+                    &timesteps,
+                    &acp,
+                    cfg.snr_gamma as f32,
+                    cfg.prediction_type,
+                    w,
+                )?;
+            }
+            mse_loss(
+                &mut rec,
+                &unet.output.value,
+                target_t,
+                weights.as_ref(),
+                &losses[i],
+            )?;
+            mse_backward(
+                &mut rec,
+                &unet.output.value,
+                target_t,
+                weights.as_ref(),
+                1.0 / accum as f32,
+                &unet.output.grad,
+            )?;
+            unet.backward(&mut rec)?;
+        }
+        let max_norm = (cfg.max_grad_norm > 0.0).then_some(cfg.max_grad_norm as f32);
+        let store = &unet.params;
+        grad_norm_chunks(&mut rec, &store.chunk_views(&store.grads), max_norm, &clip)?;
+        let views = |t: &Tensor| store.chunk_views(t);
+        let (p_v, g_v, m_v, v_v, e_v) = (
+            views(&store.params),
+            views(&store.grads),
+            views(&exp_avg),
+            views(&exp_avg_sq),
+            views(&ema),
+        );
+        for i in 0..store.chunks.len() {
+            adamw_step(&mut rec, &hyper, &clip, &g_v[i], &p_v[i], &m_v[i], &v_v[i])?;
+            if cfg.ema {
+                ema_update(&mut rec, &hyper, &p_v[i], &e_v[i])?;
+            }
+        }
+        let step_plan = rec.finish();
+        let adam = AdamwConfig {
+            beta1: cfg.adam_beta1,
+            beta2: cfg.adam_beta2,
+            eps: cfg.adam_eps,
+            weight_decay: cfg.weight_decay,
+        };
+        let ema_cfg = EmaConfig {
+            decay: cfg.ema_decay,
+            min_decay: cfg.ema_min_decay,
+            use_ema_warmup: cfg.ema_warmup,
+            power: cfg.ema_power,
+            ..Default::default()
+        };
+        Ok(Trainer {
+            gpu,
+            cfg,
+            unet,
+            schedule,
+            x0,
+            losses,
+            hyper,
+            rng_state,
+            ema,
+            exp_avg,
+            exp_avg_sq,
+            loss_log,
+            staging,
+            step_plan,
+            adam,
+            ema_cfg,
+            step: 0,
+            data_position: 0,
+        })
+    }
+
+    /// Per-kernel wall time of one step, summed by shader entry point, slowest first.
+    pub fn profile_step(&self) -> Vec<(String, usize, f64)> {
+        let mut by_entry: HashMap<String, (usize, f64)> = HashMap::new();
+        let records = self.step_plan.records();
+        for (i, secs) in self.step_plan.profile(&self.gpu) {
+            let r = &records[i];
+            let name = if r.kind == "dispatch" {
+                format!("{}::{}", r.shader, r.entry)
+            } else {
+                r.kind.to_string()
+            };
+            let e = by_entry.entry(name).or_default();
+            e.0 += 1;
+            e.1 += secs;
+        }
+        let mut v: Vec<_> = by_entry.into_iter().map(|(k, (n, s))| (k, n, s)).collect();
+        v.sort_by(|a, b| b.2.total_cmp(&a.2));
+        v
+    }
+
+    /// Uploads initial weights (EMA starts equal to them).
+    pub fn set_weights(&self, flat: &[f32]) -> Result<()> {
+        self.gpu.write(&self.unet.params.params, flat)?;
+        self.gpu.write(&self.ema, flat)?;
+        Ok(())
+    }
+
+    /// Queues one optimizer step on `batches` (one per accumulation micro-batch): one submit.
+    /// Returns the submission index; nothing is read back.
+    pub fn submit_step(&mut self, batches: &[Vec<f32>]) -> Result<wgpu::SubmissionIndex> {
+        if batches.len() != self.x0.len() {
+            bail!(
+                "{} micro-batches given, grad_accum is {}",
+                batches.len(),
+                self.x0.len()
+            );
+        }
+        for (t, data) in self.x0.iter().zip(batches) {
+            self.gpu.write(t, data)?;
+        }
+        let step = self.step + 1;
+        let ema_decay = self.ema_cfg.get_decay(step);
+        write_hyper(
+            &self.gpu,
+            &self.hyper,
+            &AdamwHyper::new(&self.adam, self.cfg.lr_at(step), step as u32, ema_decay),
+        )?;
+        write_rng_state(&self.gpu, &self.rng_state, self.cfg.seed, step as u32)?;
+        let mut enc = self
+            .gpu
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("train step"),
+            });
+        self.step_plan.encode(&mut enc);
+        let slot = ((step - 1) % self.cfg.log_every) as usize * self.losses.len();
+        for (i, l) in self.losses.iter().enumerate() {
+            enc.copy_buffer_to_buffer(
+                l.buffer(),
+                l.byte_offset(),
+                self.loss_log.buffer(),
+                ((slot + i) * 4) as u64,
+                4,
+            );
+        }
+        let idx = self.gpu.queue.submit([enc.finish()]);
+        self.step = step;
+        Ok(idx)
+    }
+
+    /// Starts an asynchronous readback of the loss log (one slot per step, `(step − 1) %
+    /// log_every`). The returned flag turns true when `read_losses` can be called;
+    /// `device.poll` drives it (waiting on the returned submission guarantees it).
+    pub fn request_losses(&self) -> (Arc<AtomicBool>, wgpu::SubmissionIndex) {
+        let mut enc = self.gpu.device.create_command_encoder(&Default::default());
+        enc.copy_buffer_to_buffer(
+            self.loss_log.buffer(),
+            0,
+            &self.staging,
+            0,
+            self.loss_log.byte_len(),
+        );
+        let submission = self.gpu.queue.submit([enc.finish()]);
+        let ready = Arc::new(AtomicBool::new(false));
+        let flag = ready.clone();
+        self.staging
+            .slice(..)
+            .map_async(wgpu::MapMode::Read, move |r| {
+                if r.is_ok() {
+                    flag.store(true, Ordering::Release);
+                }
+            });
+        (ready, submission)
+    }
+
+    /// Per-step mean losses of the last readback, by slot.
+    pub fn read_losses(&self) -> Result<Vec<f32>> {
+        let view = self
+            .staging
+            .slice(..)
+            .get_mapped_range()
+            .map_err(|e| anyhow!("loss readback: {e}"))?;
+        let all: Vec<f32> = bytemuck::pod_collect_to_vec(&view);
+        drop(view);
+        self.staging.unmap();
+        let accum = self.losses.len();
+        Ok(all
+            .chunks(accum)
+            .map(|c| c.iter().sum::<f32>() / accum as f32)
+            .collect())
+    }
+
+    /// Everything needed to continue the run, as one safetensors file.
+    pub fn checkpoint_bytes(&self, model: &UNetConfig) -> Result<Vec<u8>> {
+        let g = &self.gpu;
+        let params = g.read(&self.unet.params.params)?;
+        let ema = g.read(&self.ema)?;
+        let m = g.read(&self.exp_avg)?;
+        let v = g.read(&self.exp_avg_sq)?;
+        let mut meta = HashMap::new();
+        meta.insert("format".into(), "wgpu-diffusion checkpoint v1".into());
+        meta.insert("step".into(), self.step.to_string());
+        meta.insert("data_position".into(), self.data_position.to_string());
+        meta.insert(
+            "rng".into(),
+            format!(
+                "philox4x32-10 seed {} counter step {}",
+                self.cfg.seed, self.step
+            ),
+        );
+        meta.insert("train_config".into(), toml::to_string(&self.cfg)?);
+        meta.insert("unet_config".into(), model.to_json());
+        meta.insert("gemm_path".into(), self.gpu.gemm_path.to_string());
+        let kernels: Vec<String> = self
+            .gpu
+            .kernels
+            .keys()
+            .iter()
+            .map(|k| format!("{k:?}"))
+            .collect();
+        meta.insert("kernels".into(), serde_json::to_string(&kernels)?);
+        serialize_named(
+            &self.unet.params,
+            &[
+                ("param", &params),
+                ("ema", &ema),
+                ("exp_avg", &m),
+                ("exp_avg_sq", &v),
+            ],
+            meta,
+        )
+    }
+
+    /// Restores parameters, EMA, moments and the position from a checkpoint.
+    pub fn restore(&mut self, ck: &LoadedTensors) -> Result<()> {
+        let meta = ck.metadata();
+        let num = |k: &str| -> Result<u64> {
+            meta.get(k).and_then(|v| v.parse().ok()).ok_or_else(|| {
+                anyhow!(
+                    "{}: metadata `{k}` is missing; not a wgpu-diffusion checkpoint?",
+                    ck.path.display()
+                )
+            })
+        };
+        let store = &self.unet.params;
+        let g = &self.gpu;
+        g.write(&store.params, &ck.flat(store, "param")?)?;
+        g.write(&self.ema, &ck.flat(store, "ema")?)?;
+        g.write(&self.exp_avg, &ck.flat(store, "exp_avg")?)?;
+        g.write(&self.exp_avg_sq, &ck.flat(store, "exp_avg_sq")?)?;
+        self.step = num("step")?;
+        self.data_position = num("data_position")?;
+        Ok(())
+    }
+}
