@@ -34,6 +34,7 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("noise", include_str!("../../shaders/noise.wgsl")),
     ("diffusion", include_str!("../../shaders/diffusion.wgsl")),
     ("samplers", include_str!("../../shaders/samplers.wgsl")),
+    ("embedding", include_str!("../../shaders/embedding.wgsl")),
 ];
 
 /// Names of the `@compute` entry points of a WGSL source (the `fn` following each attribute).

@@ -25,6 +25,14 @@ pub struct UNetConfig {
     pub act_fn: String,
     pub center_input_sample: bool,
     pub time_embedding_type: String,
+    /// Class conditioning: a learned `nn.Embedding(num_class_embeds, time_embed_dim)` row added
+    /// to the time embedding (diffusers' `class_embed_type` null).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_class_embeds: Option<usize>,
+    /// The label of the unconditional ("null") class of a model trained with label dropout
+    /// (classifier-free guidance); written as `_null_class` (diffusers ignores `_` keys).
+    #[serde(default, rename = "_null_class", skip_serializing_if = "Option::is_none")]
+    pub null_class: Option<usize>,
 }
 
 /// Keys diffusers writes that we accept, with the only values we support (None = any value is
@@ -35,7 +43,6 @@ const ACCEPTED_AS_DEFAULT: &[(&str, Option<&str>)] = &[
     ("_name_or_path", None),
     ("resnet_time_scale_shift", Some("\"default\"")),
     ("class_embed_type", Some("null")),
-    ("num_class_embeds", Some("null")),
     ("add_attention", Some("true")),
     ("attn_norm_num_groups", Some("null")),
     ("downsample_type", Some("\"conv\"")),
@@ -70,6 +77,8 @@ impl UNetConfig {
                     act_fn: "silu".into(),
                     center_input_sample: false,
                     time_embedding_type: "positional".into(),
+                    num_class_embeds: None,
+                    null_class: None,
                 }
             };
         match name {
@@ -191,9 +200,16 @@ impl UNetConfig {
             "act_fn",
             "center_input_sample",
             "time_embedding_type",
+            "num_class_embeds",
+            "_null_class",
         ];
         for (k, val) in obj {
             if known.contains(&k.as_str()) {
+                continue;
+            }
+            // diffusers ignores `_`-prefixed keys on load (bookkeeping: `_class_name`,
+            // `_diffusers_version`, `_name_or_path`, ours), and so do we.
+            if k.starts_with('_') {
                 continue;
             }
             match ACCEPTED_AS_DEFAULT.iter().find(|(n, _)| n == k) {
@@ -284,6 +300,14 @@ impl UNetConfig {
             act_fn: get_str("act_fn", "silu")?,
             center_input_sample: get_bool("center_input_sample", false)?,
             time_embedding_type: get_str("time_embedding_type", "positional")?,
+            num_class_embeds: match obj.get("num_class_embeds") {
+                None | Some(Value::Null) => None,
+                Some(_) => Some(get_usize("num_class_embeds", 0)?),
+            },
+            null_class: match obj.get("_null_class") {
+                None | Some(Value::Null) => None,
+                Some(_) => Some(get_usize("_null_class", 0)?),
+            },
         };
         cfg.validate()?;
         Ok(cfg)
@@ -297,7 +321,10 @@ impl UNetConfig {
         o.insert("_diffusers_version".into(), Value::from("0.31.0"));
         o.insert("resnet_time_scale_shift".into(), Value::from("default"));
         o.insert("class_embed_type".into(), Value::Null);
-        o.insert("num_class_embeds".into(), Value::Null);
+        o.insert(
+            "num_class_embeds".into(),
+            self.num_class_embeds.map(Value::from).unwrap_or(Value::Null),
+        );
         o.insert("add_attention".into(), Value::from(true));
         o.insert("downsample_type".into(), Value::from("conv"));
         o.insert("upsample_type".into(), Value::from("conv"));
@@ -375,6 +402,18 @@ impl UNetConfig {
         }
         if !(0.0..1.0).contains(&self.dropout) {
             return Err(format!("`dropout` {} must be in [0, 1)", self.dropout));
+        }
+        match (self.num_class_embeds, self.null_class) {
+            (Some(0), _) => return Err("`num_class_embeds` must be at least 1".into()),
+            (None, Some(_)) => {
+                return Err("`_null_class` is set but the model has no `num_class_embeds`".into());
+            }
+            (Some(k), Some(n)) if n >= k => {
+                return Err(format!(
+                    "`_null_class` {n} is not a class of `num_class_embeds` {k}"
+                ));
+            }
+            _ => {}
         }
         if self.downsample_padding > 1 {
             return Err(format!(

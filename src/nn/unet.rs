@@ -14,6 +14,7 @@ use crate::gpu::{Gpu, GpuError, Recorder, Tensor};
 use crate::ops::OpResult;
 use crate::ops::conv2d::Conv2dGeometry;
 use crate::ops::elementwise::{copy_channels, silu_backward, silu_forward};
+use crate::ops::embedding::{embedding_add_forward, embedding_backward};
 use crate::ops::timestep_embedding::timestep_embedding;
 
 enum Node {
@@ -52,6 +53,10 @@ pub struct UNet {
     pub sample: Act,
     /// Timesteps as f32 [B] (fractional values allowed, for samplers that need them).
     pub timesteps: Tensor,
+    /// Class labels as u32 [B], for a model with `num_class_embeds`.
+    pub class_labels: Option<Tensor>,
+    /// The name of the class embedding table (`class_embedding.weight`, [K, time_embed_dim]).
+    class_embedding: Option<String>,
     t_proj: Act,
     linear_1: Linear,
     t1: Act,
@@ -183,6 +188,17 @@ impl UNet {
             c.time_embed_dim(),
         );
         let emb = act(&[batch, c.time_embed_dim()], "time_embedding");
+        // diffusers: emb = time_embedding(t_emb) + class_embedding(class_labels).
+        let class_embedding = c.num_class_embeds.map(|k| {
+            d.0.push((
+                "class_embedding.weight".to_string(),
+                vec![k, c.time_embed_dim()],
+            ));
+            "class_embedding.weight".to_string()
+        });
+        let class_labels = c
+            .num_class_embeds
+            .map(|_| gpu.tensor(&[batch], "class labels u32"));
         let emb_act = act(&[batch, c.time_embed_dim()], "silu(time_embedding)");
         let conv_in = Conv2d::new(
             &mut d,
@@ -389,6 +405,8 @@ impl UNet {
             params,
             sample,
             timesteps,
+            class_labels,
+            class_embedding,
             t_proj,
             linear_1,
             t1,
@@ -436,6 +454,10 @@ impl UNet {
         silu_forward(rec, &self.t1.value, &self.t1_act.value)?;
         self.linear_2
             .forward(rec, p, &self.t1_act.value, &self.emb.value)?;
+        if let (Some(table), Some(labels)) = (&self.class_embedding, &self.class_labels) {
+            let (w, _) = p.get(table);
+            embedding_add_forward(rec, labels, &w, &self.emb.value)?;
+        }
         silu_forward(rec, &self.emb.value, &self.emb_act.value)?;
         self.conv_in.forward(rec, p, &self.sample, &self.h_in)?;
         for node in &self.nodes {
@@ -504,6 +526,10 @@ impl UNet {
             &self.emb.grad,
             false,
         )?;
+        if let (Some(table), Some(labels)) = (&self.class_embedding, &self.class_labels) {
+            let (_, dw) = p.get(table);
+            embedding_backward(rec, labels, &self.emb.grad, &dw)?;
+        }
         self.linear_2
             .backward(rec, p, gt, &self.t1_act, &self.emb.grad, true)?;
         silu_backward(rec, &self.t1.value, &self.t1_act.grad, &self.t1.grad, false)?;

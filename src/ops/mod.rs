@@ -6,6 +6,7 @@ pub mod adamw;
 pub mod conv2d;
 pub mod diffusion;
 pub mod elementwise;
+pub mod embedding;
 pub mod gemm;
 pub mod group_norm;
 pub mod loss;

@@ -5,6 +5,7 @@
 pub mod adamw;
 pub mod conv2d;
 pub mod elementwise;
+pub mod embedding;
 pub mod gemm;
 pub mod group_norm;
 pub mod loss;

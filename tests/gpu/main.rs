@@ -8,6 +8,7 @@ mod adamw;
 mod common;
 mod conv2d;
 mod elementwise;
+mod embedding;
 mod gemm;
 mod group_norm;
 mod loss;

@@ -138,6 +138,16 @@ fn training_step_matches_pytorch() {
             &t_i32.iter().map(|&t| t as f32).collect::<Vec<_>>(),
         )
         .unwrap();
+        // Class-conditional fixtures (num_class_embeds) carry the labels as int32.
+        match (st.tensor("class_labels"), &unet.class_labels) {
+            (Ok(t), Some(labels)) => {
+                let l: Vec<i32> = bytemuck::pod_collect_to_vec(t.data());
+                g.write_u32(labels, &l.iter().map(|&v| v as u32).collect::<Vec<_>>())
+                    .unwrap();
+            }
+            (Err(_), None) => {}
+            _ => panic!("fixture and model disagree about class labels"),
+        }
         let acp = f32s(&st, "alphas_cumprod");
         let acp_t = g.tensor_from(&[acp.len()], &acp, "alphas_cumprod").unwrap();
         let loss_t = g.tensor(&[1], "loss");

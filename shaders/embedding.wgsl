@@ -1,0 +1,45 @@
+// A learned embedding table (torch nn.Embedding) added to activations: diffusers' class
+// conditioning adds `class_embedding(class_labels)` to the time embedding (UNet2DModel with
+// num_class_embeds and class_embed_type None).
+//   embedding_add_forward:  out[b, j] += table[labels[b], j]
+//   embedding_backward:     d_table[k, j] += Σ_{b : labels[b] = k} d_out[b, j]
+// The backward sums each table entry's batch rows in ascending b, one invocation per entry: a
+// fixed order, no atomics, so the gradient is bit-reproducible.
+
+struct Params {
+    batch: u32,
+    dim: u32,
+    rows: u32,   // table rows (number of classes)
+    _pad: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> labels: array<u32>;
+@group(0) @binding(2) var<storage, read> table: array<f32>;        // [rows, dim]
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;    // [batch, dim]
+@group(0) @binding(4) var<storage, read> d_out: array<f32>;        // [batch, dim]
+@group(0) @binding(5) var<storage, read_write> d_table: array<f32>; // [rows, dim]
+
+@compute @workgroup_size(64)
+fn embedding_add_forward(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let i = gid.x;
+    if (i >= p.batch * p.dim) { return; }
+    let b = i / p.dim;
+    let j = i % p.dim;
+    // Labels are validated on the host; the clamp only keeps a bad one inside the table.
+    let k = min(labels[b], p.rows - 1u);
+    out[i] = out[i] + table[k * p.dim + j];
+}
+
+@compute @workgroup_size(64)
+fn embedding_backward(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let i = gid.x;
+    if (i >= p.rows * p.dim) { return; }
+    let k = i / p.dim;
+    let j = i % p.dim;
+    var acc = 0.0;
+    for (var b = 0u; b < p.batch; b = b + 1u) {
+        if (labels[b] == k) { acc = acc + d_out[b * p.dim + j]; }
+    }
+    d_table[i] = d_table[i] + acc;
+}
