@@ -11,10 +11,14 @@
 //   coeffs[7]    = the model-input scale of `scale_model_input`.
 
 struct Params {
-    n: u32,           // elements
+    n: u32,           // elements (of x: one copy of the batch)
     prediction: u32,  // 0 epsilon, 1 v_prediction, 2 sample
     clip: u32,        // clamp the x0 estimate to [−clip_range, clip_range]
     clip_range: f32,
+    copies: u32,      // scale_model_input: copies of the batch written (2 for guidance)
+    guidance: f32,    // guidance_combine: the scale s
+    _pad0: u32,
+    _pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -46,13 +50,31 @@ fn clipped(x0: f32) -> f32 {
     return x0;
 }
 
-// out = src · coeffs[7] (diffusers' scale_model_input: 1 for VP samplers, 1/√(σ²+1) in σ-space).
+// out[c·n + i] = src[i] · coeffs[7] for each copy c (diffusers' scale_model_input: 1 for VP
+// samplers, 1/√(σ²+1) in σ-space; with guidance the conditional and unconditional halves of the
+// U-Net batch see the same input).
 @compute @workgroup_size(256)
 fn scale_model_input(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                      @builtin(local_invocation_index) lid: u32) {
     let i = linear_index(wid, nwg, lid);
     if (i >= p.n) { return; }
-    x[i] = src[i] * coeffs[7];
+    let v = src[i] * coeffs[7];
+    for (var c = 0u; c < p.copies; c = c + 1u) {
+        x[c * p.n + i] = v;
+    }
+}
+
+// Classifier-free guidance (Ho & Salimans 2022, eq. 6, as diffusers' pipelines apply it to the
+// raw model output): out = u + s·(c − u), with the conditional outputs c in the first n values
+// of model_output and the unconditional u in the next n.
+@compute @workgroup_size(256)
+fn guidance_combine(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                    @builtin(local_invocation_index) lid: u32) {
+    let i = linear_index(wid, nwg, lid);
+    if (i >= p.n) { return; }
+    let c = model_output[i];
+    let u = model_output[p.n + i];
+    x[i] = u + p.guidance * (c - u);
 }
 
 // DDPMScheduler.step: x ← c_x0·clip(x0) + c_xt·x + σ·z, coeffs[2..5] = (c_x0, c_xt, σ).

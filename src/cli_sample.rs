@@ -40,9 +40,17 @@ pub struct SampleArgs {
     /// Overrides the scheduler config's timestep_spacing.
     #[arg(long, value_enum)]
     pub timestep_spacing: Option<TimestepSpacing>,
-    /// Images to generate.
-    #[arg(long, default_value_t = 16)]
-    pub num: usize,
+    /// Images to generate (default 16; with `--class all`, per class, default 8).
+    #[arg(long)]
+    pub num: Option<usize>,
+    /// Class-conditional models: a class index, a class name (class_names.json), or `all` (a
+    /// grid with one row per class).
+    #[arg(long)]
+    pub class: Option<String>,
+    /// Classifier-free guidance scale s: ε̂ = ε_uncond + s·(ε_cond − ε_uncond); 1 = conditional
+    /// only, 0 = unconditional (needs a model trained with --cond-drop).
+    #[arg(long)]
+    pub guidance_scale: Option<f32>,
     /// Images per U-Net batch (default: --num, at most 64).
     #[arg(long)]
     pub batch_size: Option<usize>,
@@ -117,7 +125,39 @@ pub fn run(opts: &GpuOptions, args: &SampleArgs) -> Result<()> {
     .map_err(|e| anyhow!("{e} (scheduler settings from {})", source.scheduler_origin))?;
     let cfg = &source.config;
     let (c, s) = (cfg.in_channels, cfg.sample_size);
-    let mut num = args.num;
+    // Classes: which label each image gets.
+    let classes: Option<Vec<u32>> = match (cfg.num_class_embeds, &args.class) {
+        (None, Some(_)) => bail!(
+            "--class: {} is not class-conditional (no num_class_embeds)",
+            source.description
+        ),
+        (None, None) => None,
+        (Some(_), None) => bail!(
+            "{} is class-conditional: choose --class (0..{}{}) or --class all",
+            source.description,
+            source.real_classes() - 1,
+            if source.class_names.is_empty() {
+                String::new()
+            } else {
+                format!(", or a name: {}", source.class_names.join(", "))
+            }
+        ),
+        (Some(_), Some(spec)) if spec == "all" => Some((0..source.real_classes() as u32).collect()),
+        (Some(_), Some(spec)) => Some(vec![source.class_index(spec)?]),
+    };
+    if args.guidance_scale.is_some() && cfg.num_class_embeds.is_none() {
+        bail!(
+            "--guidance-scale: {} is not class-conditional, there is nothing to guide",
+            source.description
+        );
+    }
+    let guidance = args.guidance_scale.filter(|&g| g != 1.0);
+    let all_classes = args.class.as_deref() == Some("all");
+    let per_class = args.num.unwrap_or(if all_classes { 8 } else { 16 });
+    let mut num = match &classes {
+        Some(list) if all_classes => list.len() * per_class,
+        _ => per_class,
+    };
     let noise = match &args.noise {
         Some(path) => {
             let (shape, v) =
@@ -182,7 +222,29 @@ pub fn run(opts: &GpuOptions, args: &SampleArgs) -> Result<()> {
         schedule.timesteps.last().copied().unwrap_or(0.0),
         source.scheduler_origin
     );
-    let mut sampler = Sampler::new(&gpu, cfg, schedule, batch)?;
+    let mut sampler = Sampler::new(&gpu, cfg, schedule, batch, guidance)?;
+    if let Some(list) = &classes {
+        eprintln!(
+            "classes: {}{}",
+            if all_classes {
+                "all, one row each".to_string()
+            } else {
+                source.class_label(list[0])
+            },
+            match guidance {
+                Some(g) => format!(", classifier-free guidance scale {g}"),
+                None => String::new(),
+            }
+        );
+    }
+    // Image k's label: its row's class with --class all, else the one class.
+    let label_of = |k: usize| -> u32 {
+        match &classes {
+            Some(list) if all_classes => list[(k / per_class).min(list.len() - 1)],
+            Some(list) => list[0],
+            None => 0,
+        }
+    };
     sampler.set_weights(&source.weights(&sampler.unet.params)?)?;
     let per_image = c * s * s;
     let batches = num.div_ceil(batch);
@@ -211,7 +273,9 @@ pub fn run(opts: &GpuOptions, args: &SampleArgs) -> Result<()> {
             },
             None => Noise::Seeded(args.seed),
         };
-        let out = sampler.sample_batch(first, &source_noise, &mut |e| {
+        let labels: Vec<u32> = (first..first + batch).map(label_of).collect();
+        let labels = classes.as_ref().map(|_| labels.as_slice());
+        let out = sampler.sample_batch(first, &source_noise, labels, &mut |e| {
             progress.set((b * evals + e + 1) as u64)
         })?;
         images.extend_from_slice(&out[..take * per_image]);
@@ -220,7 +284,11 @@ pub fn run(opts: &GpuOptions, args: &SampleArgs) -> Result<()> {
     let secs = start.elapsed().as_secs_f64();
 
     let shape = [num, s, s, c];
-    let cols = (num as f64).sqrt().ceil() as usize;
+    let cols = if all_classes {
+        per_class
+    } else {
+        (num as f64).sqrt().ceil() as usize
+    };
     let grid = args.out.join("grid.png");
     save_grid(&images, shape, cols.max(1), &grid)?;
     for (k, img) in images.chunks(per_image).enumerate() {

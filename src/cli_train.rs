@@ -86,6 +86,13 @@ pub struct TrainArgs {
     /// Stop at the first unreadable image instead of skipping it.
     #[arg(long)]
     pub strict: bool,
+    /// Train a class-conditional model: MNIST's digits, or with --data one sub-folder per class.
+    #[arg(long)]
+    pub class_conditional: bool,
+    /// With --class-conditional: probability of dropping a label to the null class, which trains
+    /// the unconditional branch classifier-free guidance needs (0 = none).
+    #[arg(long)]
+    pub cond_drop: Option<f64>,
 }
 
 impl TrainArgs {
@@ -127,7 +134,7 @@ impl TrainArgs {
             sample_steps,
             checkpoint_every
         );
-        set!(keep_checkpoints, log_every);
+        set!(keep_checkpoints, log_every, cond_drop);
         if self.model_config.is_some() {
             c.model_config = self.model_config.clone();
         }
@@ -142,6 +149,7 @@ impl TrainArgs {
         }
         c.hflip |= self.hflip;
         c.strict |= self.strict;
+        c.class_conditional |= self.class_conditional;
         c.validate()
             .map_err(|e| anyhow::anyhow!("invalid training options: {e}"))?;
         Ok(c)

@@ -180,17 +180,17 @@ pub fn train_steps(
         .iter()
         .map(|&v| v as f32)
         .collect();
-    trainer.submit_step(std::slice::from_ref(&data))?;
+    trainer.submit_step(std::slice::from_ref(&data), &[])?;
     gpu.wait()?;
     let first_step_s = t0.elapsed().as_secs_f64();
     for _ in 0..warmup {
-        trainer.submit_step(std::slice::from_ref(&data))?;
+        trainer.submit_step(std::slice::from_ref(&data), &[])?;
         gpu.wait()?;
     }
     let mut times = Vec::new();
     for _ in 0..steps.max(1) {
         let t = Instant::now();
-        trainer.submit_step(std::slice::from_ref(&data))?;
+        trainer.submit_step(std::slice::from_ref(&data), &[])?;
         gpu.wait()?;
         times.push(t.elapsed().as_secs_f64());
     }
@@ -261,14 +261,14 @@ pub fn sample_batches(
     let schedule = SamplingSchedule::new(&SchedulerConfig::ddpm_default(), kind, steps, None, 0.0)
         .map_err(anyhow::Error::msg)?;
     let t0 = Instant::now();
-    let mut sampler = Sampler::new(gpu, &unet_cfg, schedule, batch)?;
+    let mut sampler = Sampler::new(gpu, &unet_cfg, schedule, batch, None)?;
     sampler.set_weights(&crate::nn::init::default_init(&sampler.unet.params, 0))?;
-    sampler.sample_batch(0, &Noise::Seeded(0), &mut |_| {})?;
+    sampler.sample_batch(0, &Noise::Seeded(0), None, &mut |_| {})?;
     let first_batch_s = t0.elapsed().as_secs_f64();
     let mut times = Vec::new();
     for r in 0..reps.max(1) {
         let t = Instant::now();
-        sampler.sample_batch((r + 1) * batch, &Noise::Seeded(0), &mut |_| {})?;
+        sampler.sample_batch((r + 1) * batch, &Noise::Seeded(0), None, &mut |_| {})?;
         times.push(t.elapsed().as_secs_f64());
     }
     times.sort_by(f64::total_cmp);

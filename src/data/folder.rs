@@ -58,11 +58,30 @@ pub fn load(
             dir.display()
         )));
     }
+    // Classes: the first sub-folder under `dir` of each file, sorted by name. Files at the top
+    // level have none, so such a folder has no labels.
+    let class_of = |f: &Path| -> Option<String> {
+        let rel = f.strip_prefix(dir).ok()?;
+        let mut parts = rel.components();
+        let first = parts.next()?;
+        parts.next()?;
+        Some(first.as_os_str().to_string_lossy().to_string())
+    };
+    let mut class_names: Vec<String> = files.iter().filter_map(|f| class_of(f)).collect();
+    class_names.sort();
+    class_names.dedup();
+    let all_in_classes = files.iter().all(|f| class_of(f).is_some());
     let mut images = Vec::with_capacity(files.len() * size * size * channels);
+    let mut labels = Vec::new();
     let mut skipped = Vec::new();
     for f in &files {
         match image::open(f) {
-            Ok(img) => images.extend(to_model_input(img, size, channels)),
+            Ok(img) => {
+                images.extend(to_model_input(img, size, channels));
+                if let Some(c) = class_of(f) {
+                    labels.push(class_names.binary_search(&c).expect("listed") as u32);
+                }
+            }
             Err(e) => {
                 let msg = format!("{}: {e}", f.display());
                 if strict {
@@ -99,6 +118,12 @@ pub fn load(
             len,
             hflip,
             description,
+            labels: all_in_classes.then_some(labels),
+            class_names: if all_in_classes {
+                class_names
+            } else {
+                Vec::new()
+            },
         },
         skipped,
     ))
@@ -126,6 +151,8 @@ mod tests {
         std::fs::write(dir.join("broken.png"), b"not a png").unwrap();
         let (d, skipped) = load(&dir, 8, 3, false, false).unwrap();
         assert_eq!((d.len, skipped.len()), (1, 1));
+        // broken.png sits at the top level: no classes.
+        assert!(d.labels.is_none());
         assert_eq!(d.images.len(), 8 * 8 * 3);
         assert!((d.images[0] - 1.0).abs() < 1e-6 && (d.images[1] + 1.0).abs() < 1e-6);
         assert!(
@@ -134,6 +161,14 @@ mod tests {
                 .to_string()
                 .contains("--strict")
         );
+        std::fs::remove_file(dir.join("broken.png")).unwrap();
+        std::fs::create_dir_all(dir.join("apples")).unwrap();
+        image::RgbImage::from_pixel(9, 9, image::Rgb([0, 0, 255]))
+            .save(dir.join("apples/b.png"))
+            .unwrap();
+        let (d, _) = load(&dir, 8, 3, false, false).unwrap();
+        assert_eq!(d.class_names, vec!["apples".to_string(), "sub".to_string()]);
+        assert_eq!(d.labels, Some(vec![0, 1]));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -7,6 +7,32 @@ use std::io::Read;
 use super::{DataError, Dataset};
 
 const TRAIN_IMAGES_GZ: &[u8] = include_bytes!("../../data/mnist/train-images.idx3-ubyte.gz");
+const TRAIN_LABELS_GZ: &[u8] = include_bytes!("../../data/mnist/train-labels.idx1-ubyte.gz");
+
+/// Decodes an IDX1 (ubyte) label file.
+pub fn decode_idx1(bytes: &[u8]) -> Result<Vec<u8>, DataError> {
+    let bad = |m: &str| DataError::Invalid(format!("MNIST label file: {m}"));
+    if bytes.len() < 8 {
+        return Err(bad("shorter than its 8-byte header"));
+    }
+    let word = |i: usize| {
+        u32::from_be_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]) as usize
+    };
+    if word(0) != 0x0000_0801 {
+        return Err(bad(&format!(
+            "magic {:#010x}, expected 0x00000801 (ubyte, 1 dimension)",
+            word(0)
+        )));
+    }
+    if bytes.len() != 8 + word(4) {
+        return Err(bad(&format!(
+            "{} bytes, the header promises {}",
+            bytes.len(),
+            8 + word(4)
+        )));
+    }
+    Ok(bytes[8..].to_vec())
+}
 
 /// Decodes an IDX3 (ubyte) image file: (count, rows, cols, pixels).
 pub fn decode_idx3(bytes: &[u8]) -> Result<(usize, usize, usize, Vec<u8>), DataError> {
@@ -67,6 +93,12 @@ pub fn load(size: usize, channels: usize) -> Result<Dataset, DataError> {
             }
         }
     }
+    let labels = decode_idx1(&gunzip(TRAIN_LABELS_GZ)?)?;
+    if labels.len() != n || labels.iter().any(|&l| l > 9) {
+        return Err(DataError::Invalid(
+            "MNIST labels do not match the images".into(),
+        ));
+    }
     Ok(Dataset {
         size,
         channels,
@@ -74,6 +106,8 @@ pub fn load(size: usize, channels: usize) -> Result<Dataset, DataError> {
         len: n,
         hflip: false,
         description: format!("MNIST train ({n} digits, embedded)"),
+        labels: Some(labels.iter().map(|&l| l as u32).collect()),
+        class_names: (0..10).map(|d| d.to_string()).collect(),
     })
 }
 
@@ -87,5 +121,10 @@ mod tests {
         assert_eq!((n, r, c, px.len()), (60000, 28, 28, 60000 * 784));
         assert!(decode_idx3(&[0u8; 10]).is_err());
         assert!(gunzip(&TRAIN_IMAGES_GZ[..1000]).is_err());
+        let labels = decode_idx1(&gunzip(TRAIN_LABELS_GZ).unwrap()).unwrap();
+        assert_eq!(labels.len(), 60000);
+        // The first training digits of MNIST are 5, 0, 4, 1, 9.
+        assert_eq!(&labels[..5], &[5, 0, 4, 1, 9]);
+        assert!(decode_idx1(&[0u8; 4]).is_err());
     }
 }

@@ -32,6 +32,10 @@ pub struct Dataset {
     /// Random horizontal flips at batch time.
     pub hflip: bool,
     pub description: String,
+    /// Class index of each image (MNIST's digit, or the sub-folder of an image folder).
+    pub labels: Option<Vec<u32>>,
+    /// The class names, by index (MNIST: "0".."9"; folders: sub-folder names, sorted).
+    pub class_names: Vec<String>,
 }
 
 impl Dataset {
@@ -67,6 +71,8 @@ pub fn epoch_order(len: usize, seed: u64, epoch: u64) -> Vec<u32> {
 /// A batch ready for upload and the data position after it.
 pub struct Batch {
     pub data: Vec<f32>,
+    /// The images' class labels (empty when the data set has none).
+    pub labels: Vec<u32>,
     /// Number of images consumed since the start of the run, after this batch.
     pub position: u64,
 }
@@ -83,11 +89,12 @@ impl Loader {
         let handle = std::thread::spawn(move || {
             let mut pos = position;
             loop {
-                let b = make_batch(&data, batch, seed, pos);
+                let (b, labels) = make_batch(&data, batch, seed, pos);
                 pos += batch as u64;
                 if tx
                     .send(Batch {
                         data: b,
+                        labels,
                         position: pos,
                     })
                     .is_err()
@@ -119,9 +126,10 @@ impl Drop for Loader {
 }
 
 /// The batch starting at image `position` of the endless shuffled stream.
-pub fn make_batch(data: &Dataset, batch: usize, seed: u64, position: u64) -> Vec<f32> {
+pub fn make_batch(data: &Dataset, batch: usize, seed: u64, position: u64) -> (Vec<f32>, Vec<u32>) {
     let il = data.image_len();
     let mut out = Vec::with_capacity(batch * il);
+    let mut labels = Vec::new();
     let mut cached: Option<(u64, Vec<u32>)> = None;
     for k in 0..batch as u64 {
         let p = position + k;
@@ -131,6 +139,9 @@ pub fn make_batch(data: &Dataset, batch: usize, seed: u64, position: u64) -> Vec
         }
         let idx = cached.as_ref().unwrap().1[(p % data.len as u64) as usize] as usize;
         let img = data.image(idx);
+        if let Some(l) = &data.labels {
+            labels.push(l[idx]);
+        }
         let mut flip_state = seed ^ p.wrapping_mul(0x2545_F491_4F6C_DD1D);
         if data.hflip && splitmix(&mut flip_state) & 1 == 1 {
             let (s, c) = (data.size, data.channels);
@@ -143,7 +154,7 @@ pub fn make_batch(data: &Dataset, batch: usize, seed: u64, position: u64) -> Vec
             out.extend_from_slice(img);
         }
     }
-    out
+    (out, labels)
 }
 
 /// Resizes a `w × h × channels` u8 image to `size × size` (shorter side to `size` with a
@@ -194,9 +205,18 @@ mod tests {
             len: 10,
             hflip: true,
             description: String::new(),
+            labels: Some((0..10).map(|v| v % 3).collect()),
+            class_names: vec!["a".into(), "b".into(), "c".into()],
         };
         let whole = make_batch(&data, 7, 3, 5);
-        let part = [make_batch(&data, 3, 3, 5), make_batch(&data, 4, 3, 8)].concat();
-        assert_eq!(whole, part);
+        let (p1, l1) = make_batch(&data, 3, 3, 5);
+        let (p2, l2) = make_batch(&data, 4, 3, 8);
+        assert_eq!(whole.0, [p1, p2].concat());
+        assert_eq!(whole.1, [l1, l2].concat());
+        // Each label belongs to its image (image i holds values 4i..4i+3, label i % 3).
+        for (k, &l) in whole.1.iter().enumerate() {
+            let first = whole.0[k * 4].min(whole.0[k * 4 + 1]);
+            assert_eq!((first as u32 / 4) % 3, l);
+        }
     }
 }

@@ -31,7 +31,11 @@ pub struct UNetConfig {
     pub num_class_embeds: Option<usize>,
     /// The label of the unconditional ("null") class of a model trained with label dropout
     /// (classifier-free guidance); written as `_null_class` (diffusers ignores `_` keys).
-    #[serde(default, rename = "_null_class", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "_null_class",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub null_class: Option<usize>,
 }
 
@@ -323,7 +327,9 @@ impl UNetConfig {
         o.insert("class_embed_type".into(), Value::Null);
         o.insert(
             "num_class_embeds".into(),
-            self.num_class_embeds.map(Value::from).unwrap_or(Value::Null),
+            self.num_class_embeds
+                .map(Value::from)
+                .unwrap_or(Value::Null),
         );
         o.insert("add_attention".into(), Value::from(true));
         o.insert("downsample_type".into(), Value::from("conv"));

@@ -66,6 +66,8 @@ pub mod purpose {
     pub const DATA: u32 = 3;
     /// Sampling (inference) noise.
     pub const SAMPLING: u32 = 4;
+    /// Label dropout of class-conditional training (drawn on the host from the same stream).
+    pub const CLASS_DROP: u32 = 5;
     /// Dropout masks: `DROPOUT_BASE + i` for the i-th dropout layer of the model.
     pub const DROPOUT_BASE: u32 = 16;
 }

@@ -15,6 +15,9 @@ pub struct SamplerParams {
     pub prediction: u32,
     pub clip: u32,
     pub clip_range: f32,
+    pub copies: u32,
+    pub guidance: f32,
+    pub _pad: [u32; 2],
 }
 
 /// Elements of the per-step constants tensor.
@@ -24,27 +27,64 @@ fn key(entry: &'static str) -> KernelKey {
     KernelKey::new("samplers", entry)
 }
 
-/// out = x · coeffs[7] (diffusers' `scale_model_input`).
+/// out = x · coeffs[7] (diffusers' `scale_model_input`), written `copies` times one after the
+/// other (out has `copies` × x's elements: the halves of a guided batch).
 pub fn scale_model_input(
     rec: &mut Recorder,
     x: &Tensor,
     coeffs: &Tensor,
     out: &Tensor,
+    copies: usize,
 ) -> OpResult {
     const OP: &str = "scale_model_input";
     let n = x.numel();
-    expect_numel(OP, "out", out, n)?;
+    if copies == 0 {
+        return Err(invalid(format!("{OP}: copies must be at least 1")));
+    }
+    expect_numel(OP, "out", out, n * copies)?;
     expect_numel(OP, "coeffs", coeffs, COEFFS_LEN)?;
     expect_distinct(OP, x, out)?;
     expect_distinct(OP, coeffs, out)?;
     let p = SamplerParams {
         n: u32_of(OP, "n", n)?,
+        copies: copies as u32,
         ..Default::default()
     };
     rec.dispatch(
         key(OP),
         &p,
         &[(3, coeffs.into()), (4, out.into()), (7, x.into())],
+        grid_1d(n.div_ceil(256)),
+    );
+    Ok(())
+}
+
+/// Classifier-free guidance: out = u + s·(c − u), with `model_output` = [c; u] (twice out's
+/// elements).
+pub fn guidance_combine(
+    rec: &mut Recorder,
+    model_output: &Tensor,
+    scale: f32,
+    out: &Tensor,
+) -> OpResult {
+    const OP: &str = "guidance_combine";
+    let n = out.numel();
+    expect_numel(OP, "model_output", model_output, 2 * n)?;
+    expect_distinct(OP, model_output, out)?;
+    if !scale.is_finite() {
+        return Err(invalid(format!(
+            "{OP}: the guidance scale must be finite, is {scale}"
+        )));
+    }
+    let p = SamplerParams {
+        n: u32_of(OP, "n", n)?,
+        guidance: scale,
+        ..Default::default()
+    };
+    rec.dispatch(
+        key(OP),
+        &p,
+        &[(1, model_output.into()), (4, out.into())],
         grid_1d(n.div_ceil(256)),
     );
     Ok(())
@@ -106,6 +146,7 @@ pub fn sampler_update(
         prediction: prediction_code(prediction),
         clip: clip.is_some() as u32,
         clip_range: clip.unwrap_or(0.0),
+        ..Default::default()
     };
     let mut bindings = vec![
         (1, b.model_output.into()),

@@ -125,3 +125,14 @@ pub fn min_snr_weights(
         })
         .collect()
 }
+
+/// Classifier-free guidance on a [cond; uncond] model output: u + s·(c − u).
+pub fn guidance_combine(model_output: &[f64], scale: f64) -> Vec<f64> {
+    let n = model_output.len() / 2;
+    (0..n)
+        .map(|i| {
+            let (c, u) = (model_output[i], model_output[n + i]);
+            u + scale * (c - u)
+        })
+        .collect()
+}

@@ -18,7 +18,9 @@ use crate::gpu::{Gpu, Plan, Tensor};
 use crate::nn::{UNet, UNetConfig};
 use crate::ops::elementwise::scale;
 use crate::ops::noise::{purpose, random_normal, write_rng_state};
-use crate::ops::samplers::{COEFFS_LEN, UpdateBuffers, sampler_update, scale_model_input};
+use crate::ops::samplers::{
+    COEFFS_LEN, UpdateBuffers, guidance_combine, sampler_update, scale_model_input,
+};
 
 pub use source::ModelSource;
 
@@ -40,6 +42,9 @@ pub struct Sampler {
     gpu: Arc<Gpu>,
     pub unet: UNet,
     pub schedule: SamplingSchedule,
+    /// Classifier-free guidance scale; the U-Net then runs a batch of 2B (conditional first).
+    pub guidance: Option<f32>,
+    batch: usize,
     x: Tensor,
     z: Tensor,
     coeffs: Tensor,
@@ -49,11 +54,14 @@ pub struct Sampler {
 }
 
 impl Sampler {
+    /// `guidance`: classifier-free guidance with this scale (the model must have a null class):
+    /// conditional and unconditional branches in one U-Net batch of 2·`batch`.
     pub fn new(
         gpu: &Arc<Gpu>,
         model: &UNetConfig,
         schedule: SamplingSchedule,
         batch: usize,
+        guidance: Option<f32>,
     ) -> Result<Sampler> {
         if batch == 0 {
             bail!("the sampling batch size must be at least 1");
@@ -65,8 +73,23 @@ impl Sampler {
                 model.out_channels
             );
         }
-        let unet = UNet::for_inference(gpu, model, batch)?;
+        if let Some(s) = guidance {
+            if model.num_class_embeds.is_none() {
+                bail!("guidance needs a class-conditional model; this one has no num_class_embeds");
+            }
+            if model.null_class.is_none() {
+                bail!(
+                    "guidance scale {s} needs a model trained with label dropout (an unconditional null class); this model has none: use guidance scale 1 (conditional only)"
+                );
+            }
+            if !s.is_finite() {
+                bail!("the guidance scale must be a finite number, is {s}");
+            }
+        }
+        let copies = if guidance.is_some() { 2 } else { 1 };
+        let unet = UNet::for_inference(gpu, model, batch * copies)?;
         let shape = unet.sample.shape().to_vec();
+        let shape = [&[batch], &shape[1..]].concat();
         let x = gpu.tensor(&shape, "sampling x");
         let z = gpu.tensor(&shape, "sampling step noise");
         let aux0 = gpu.tensor(&shape, "sampler state 0");
@@ -78,8 +101,16 @@ impl Sampler {
             .clip_sample
             .then_some(settings.clip_sample_range as f32);
         let mut rec = gpu.recorder();
-        scale_model_input(&mut rec, &x, &coeffs, &unet.sample.value)?;
+        scale_model_input(&mut rec, &x, &coeffs, &unet.sample.value, copies)?;
         unet.forward(&mut rec)?;
+        let guided = match guidance {
+            Some(scale) => {
+                let g = gpu.tensor(&shape, "guided model output");
+                guidance_combine(&mut rec, &unet.output.value, scale, &g)?;
+                g
+            }
+            None => unet.output.value.clone(),
+        };
         sampler_update(
             &mut rec,
             settings.kind,
@@ -87,7 +118,7 @@ impl Sampler {
             clip,
             &UpdateBuffers {
                 x: &x,
-                model_output: &unet.output.value,
+                model_output: &guided,
                 z: &z,
                 coeffs: &coeffs,
                 aux0: &aux0,
@@ -104,6 +135,8 @@ impl Sampler {
             gpu: gpu.clone(),
             unet,
             schedule,
+            guidance,
+            batch,
             x,
             z,
             coeffs,
@@ -114,12 +147,12 @@ impl Sampler {
     }
 
     pub fn batch(&self) -> usize {
-        self.unet.batch
+        self.batch
     }
 
     /// [B, H, W, C] of a batch (NHWC).
     pub fn image_shape(&self) -> [usize; 4] {
-        let s = self.unet.sample.shape();
+        let s = self.x.shape();
         [s[0], s[1], s[2], s[3]]
     }
 
@@ -170,15 +203,43 @@ impl Sampler {
     }
 
     /// Samples one batch whose first image has index `first_image` (which keys its seeded
-    /// noise) and returns the final x, NHWC [B, H, W, C]. `on_eval(e)` is called when U-Net
+    /// noise) and returns the final x, NHWC [B, H, W, C]. `labels` are the batch's classes
+    /// (required by a class-conditional model, refused by others). `on_eval(e)` is called when U-Net
     /// evaluation `e` and its update have finished.
     pub fn sample_batch(
         &mut self,
         first_image: usize,
         noise: &Noise,
+        labels: Option<&[u32]>,
         on_eval: &mut dyn FnMut(usize),
     ) -> Result<Vec<f32>> {
         let g = self.gpu.clone();
+        let cfg = &self.unet.config;
+        match (&self.unet.class_labels, labels) {
+            (Some(t), Some(l)) => {
+                let k = cfg.num_class_embeds.unwrap_or(0);
+                if l.len() != self.batch {
+                    bail!("{} class labels for a batch of {}", l.len(), self.batch);
+                }
+                if let Some(&bad) = l.iter().find(|&&c| c as usize >= k) {
+                    bail!(
+                        "class {bad} is out of range: the model has classes 0..{}",
+                        k - 1
+                    );
+                }
+                let mut all = l.to_vec();
+                if self.guidance.is_some() {
+                    let null = cfg.null_class.expect("checked in new") as u32;
+                    all.extend(std::iter::repeat_n(null, self.batch));
+                }
+                g.write_u32(t, &all)?;
+            }
+            (None, None) => {}
+            (Some(_), None) => bail!("the model is class-conditional: give the class labels"),
+            (None, Some(_)) => {
+                bail!("the model is not class-conditional: it takes no class labels")
+            }
+        }
         let sigma0 = self.schedule.init_noise_sigma;
         g.submit(&[&self.reset_plan]);
         let step_noise_plan = match noise {
@@ -199,10 +260,9 @@ impl Sampler {
                 None
             }
         };
-        let batch = self.batch();
         let mut in_flight: Option<wgpu::SubmissionIndex> = None;
         for (e, eval) in self.schedule.evals.iter().enumerate() {
-            g.write(&self.unet.timesteps, &vec![eval.timestep; batch])?;
+            g.write(&self.unet.timesteps, &vec![eval.timestep; self.unet.batch])?;
             g.write(&self.coeffs, &eval.update.kernel_coeffs(eval.input_scale))?;
             let mut plans: Vec<&Plan> = Vec::with_capacity(2);
             if eval.adds_noise {

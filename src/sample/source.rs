@@ -30,7 +30,28 @@ pub struct ModelSource {
     pub description: String,
     /// Notes for the user (e.g. "trained without EMA: using the raw weights").
     pub notes: Vec<String>,
+    /// Class names by index (`class_names.json` of a class-conditional model; may be empty).
+    pub class_names: Vec<String>,
     weights: Weights,
+}
+
+/// The file beside a class-conditional model's config.json that names its classes: a JSON list
+/// of names, by class index.
+pub const CLASS_NAMES: &str = "class_names.json";
+
+fn read_class_names(path: &Path) -> Result<Option<Vec<String>>> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let names: Vec<String> = serde_json::from_str(&text).map_err(|e| {
+        anyhow!(
+            "{}: expected a JSON list of class names: {e}",
+            path.display()
+        )
+    })?;
+    Ok(Some(names))
 }
 
 fn read_scheduler(path: &Path) -> Result<SchedulerConfig> {
@@ -110,12 +131,18 @@ impl ModelSource {
                 "DDPMScheduler() defaults (no scheduler_config.json found)".to_string(),
             ),
         };
+        let class_names = read_class_names(&dir.join(CLASS_NAMES))?
+            .or(read_class_names(
+                &dir.parent().unwrap_or(dir).join(CLASS_NAMES),
+            )?)
+            .unwrap_or_default();
         Ok(ModelSource {
             config,
             scheduler,
             scheduler_origin,
             description: dir.display().to_string(),
             notes: Vec::new(),
+            class_names,
             weights: Weights::Dir(dir.to_path_buf()),
         })
     }
@@ -167,8 +194,58 @@ impl ModelSource {
                 if prefix == "ema" { "EMA" } else { "raw" }
             ),
             notes,
+            class_names: meta
+                .get("class_names")
+                .and_then(|t| serde_json::from_str(t).ok())
+                .unwrap_or_default(),
             weights: Weights::Checkpoint(Box::new(ck), prefix),
         })
+    }
+
+    /// Classes a user can ask for (all but the null class of a guidance-trained model).
+    pub fn real_classes(&self) -> usize {
+        let k = self.config.num_class_embeds.unwrap_or(0);
+        match self.config.null_class {
+            Some(n) if n + 1 == k => n,
+            _ => k,
+        }
+    }
+
+    /// `--class` as an index: a number, or a name from class_names.json.
+    pub fn class_index(&self, spec: &str) -> Result<u32> {
+        let k = self.real_classes();
+        let index = match spec.parse::<usize>() {
+            Ok(i) => i,
+            Err(_) => self
+                .class_names
+                .iter()
+                .position(|n| n == spec)
+                .ok_or_else(|| {
+                    anyhow!(
+                        "--class {spec}: not a class index{}",
+                        if self.class_names.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" or name ({})", self.class_names.join(", "))
+                        }
+                    )
+                })?,
+        };
+        if index >= k {
+            bail!(
+                "--class {index} is out of range: the model has classes 0..{}",
+                k.saturating_sub(1)
+            );
+        }
+        Ok(index as u32)
+    }
+
+    /// A class for messages: its index and, when known, its name.
+    pub fn class_label(&self, index: u32) -> String {
+        match self.class_names.get(index as usize) {
+            Some(n) if n != &index.to_string() => format!("{index} ({n})"),
+            _ => index.to_string(),
+        }
     }
 
     /// The weights in `store`'s flat layout; every missing, mis-shaped or non-finite tensor is

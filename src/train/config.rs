@@ -62,6 +62,11 @@ pub struct TrainConfig {
     pub data: Option<PathBuf>,
     pub hflip: bool,
     pub strict: bool,
+    /// Condition on class labels (MNIST's digits, or the sub-folders of `data`).
+    pub class_conditional: bool,
+    /// Label dropout for classifier-free guidance: the probability that a sample's label is
+    /// replaced by the null class (0 = no unconditional branch).
+    pub cond_drop: f64,
 }
 
 impl Default for TrainConfig {
@@ -102,6 +107,8 @@ impl Default for TrainConfig {
             data: None,
             hflip: false,
             strict: false,
+            class_conditional: false,
+            cond_drop: 0.1,
         }
     }
 }
@@ -134,6 +141,12 @@ impl TrainConfig {
             return err(format!(
                 "sample_steps must be in 1..={}",
                 self.num_train_timesteps
+            ));
+        }
+        if !(0.0..1.0).contains(&self.cond_drop) {
+            return err(format!(
+                "cond_drop must be in [0, 1), is {}",
+                self.cond_drop
             ));
         }
         if self.log_every == 0 || self.keep_checkpoints == 0 {

@@ -25,12 +25,62 @@ use crate::data::{Dataset, Loader};
 use crate::diffusion::scheduler::{SamplerKind, SamplingSchedule, SchedulerConfig};
 use crate::gpu::Gpu;
 use crate::nn::UNetConfig;
+use crate::sample::source::CLASS_NAMES;
 use crate::sample::{ModelSource, Noise, Sampler};
 use checkpoint::{LoadedTensors, atomic_write, save_model_dir};
 use run_dir::{default_run_dir, read_metric_history};
 
 /// Images in a training sample grid.
 pub const GRID_IMAGES: usize = 16;
+
+/// Sets the class embedding of a class-conditional run from the data's classes (+ a null class
+/// for label dropout), or checks that a model loaded from elsewhere already fits them. Returns
+/// the class names.
+fn configure_classes(
+    cfg: &TrainConfig,
+    data: &Dataset,
+    model: &mut UNetConfig,
+) -> Result<Vec<String>> {
+    if !cfg.class_conditional {
+        if model.num_class_embeds.is_some() {
+            bail!(
+                "the model is class-conditional (num_class_embeds {}): train it with --class-conditional",
+                model.num_class_embeds.unwrap_or(0)
+            );
+        }
+        return Ok(Vec::new());
+    }
+    if data.labels.is_none() || data.class_names.is_empty() {
+        bail!(
+            "--class-conditional needs labelled data: the embedded MNIST, or --data with one sub-folder per class ({} has images outside any sub-folder)",
+            data.description
+        );
+    }
+    let k = data.class_names.len();
+    let (want, null) = if cfg.cond_drop > 0.0 {
+        (k + 1, Some(k))
+    } else {
+        (k, None)
+    };
+    match model.num_class_embeds {
+        None => {
+            model.num_class_embeds = Some(want);
+            model.null_class = null;
+        }
+        Some(have) if have == want && model.null_class == null => {}
+        Some(have) => bail!(
+            "the model has num_class_embeds {have} (null class {:?}), the data {k} classes{}: they do not fit",
+            model.null_class,
+            if null.is_some() {
+                " + a null class for --cond-drop"
+            } else {
+                ""
+            }
+        ),
+    }
+    model.validate().map_err(|e| anyhow!(e))?;
+    Ok(data.class_names.clone())
+}
 
 /// Whether a sample grid is drawn after optimizer step `step`: early at 100, 250 and 500 (so a
 /// default run shows digits within minutes), then every `sample_every` steps, and at the end;
@@ -114,7 +164,7 @@ pub fn run(
             (RunDir { root }, None)
         }
     };
-    let model = match &checkpoint {
+    let mut model = match &checkpoint {
         Some(ck) => {
             let meta = ck.metadata();
             let text = meta
@@ -127,13 +177,8 @@ pub fn run(
     if model.sample_size == 0 {
         bail!("the model config has no sample_size");
     }
-    cfg.out = Some(run_dir.root.clone());
-    std::fs::create_dir_all(run_dir.checkpoints())
-        .with_context(|| format!("creating {}", run_dir.root.display()))?;
-    std::fs::create_dir_all(run_dir.samples())?;
-    atomic_write(&run_dir.config(), toml::to_string(&cfg)?.as_bytes())?;
 
-    // Data, decoded once.
+    // Data, decoded once (before the run folder exists, so a bad --data leaves nothing behind).
     let data: Arc<Dataset> = Arc::new(match &cfg.data {
         None => crate::data::mnist::load(model.sample_size, model.in_channels)?,
         Some(dir) => {
@@ -155,8 +200,22 @@ pub fn run(
         }
     });
     progress.message(&format!("data: {}", data.description));
+    let class_names = configure_classes(&cfg, &data, &mut model)?;
+
+    cfg.out = Some(run_dir.root.clone());
+    std::fs::create_dir_all(run_dir.checkpoints())
+        .with_context(|| format!("creating {}", run_dir.root.display()))?;
+    std::fs::create_dir_all(run_dir.samples())?;
+    atomic_write(&run_dir.config(), toml::to_string(&cfg)?.as_bytes())?;
+    if !class_names.is_empty() {
+        atomic_write(
+            &run_dir.root.join(CLASS_NAMES),
+            serde_json::to_string_pretty(&class_names)?.as_bytes(),
+        )?;
+    }
 
     let mut trainer = Trainer::new(gpu.clone(), cfg.clone(), &model)?;
+    trainer.class_names = class_names;
     progress.message(&format!(
         "model: {} parameters, batch {} x {} accumulation, {} dispatches per step",
         trainer.unet.params.count(),
@@ -192,7 +251,7 @@ pub fn run(
         let schedule =
             SamplingSchedule::new(&scheduler, SamplerKind::Ddim, cfg.sample_steps, None, 0.0)
                 .map_err(|e| anyhow!("sample grids: {e}"))?;
-        Some(Sampler::new(&gpu, &model, schedule, GRID_IMAGES)?)
+        Some(Sampler::new(&gpu, &model, schedule, GRID_IMAGES, None)?)
     } else {
         None
     };
@@ -223,14 +282,19 @@ pub fn run(
             interrupted = true;
             break;
         }
-        let batches: Vec<Vec<f32>> = (0..cfg.grad_accum)
+        let (batches, labels): (Vec<Vec<f32>>, Vec<Vec<u32>>) = (0..cfg.grad_accum)
             .map(|_| {
                 let b = loader.next();
                 trainer.data_position = b.position;
-                b.data
+                (b.data, b.labels)
             })
-            .collect();
-        let idx = trainer.submit_step(&batches)?;
+            .unzip();
+        let labels = if trainer.unet.class_labels.is_some() {
+            labels
+        } else {
+            Vec::new()
+        };
+        let idx = trainer.submit_step(&batches, &labels)?;
         inflight.push_back(idx);
         // Keep at most two steps queued so the CPU never runs far ahead of the GPU.
         if inflight.len() > 2 {
@@ -411,6 +475,12 @@ fn save_checkpoint(
             .schedule
             .scheduler_config_json(trainer.cfg.prediction_type),
     )?;
+    if !trainer.class_names.is_empty() {
+        atomic_write(
+            &run_dir.model().join(CLASS_NAMES),
+            serde_json::to_string_pretty(&trainer.class_names)?.as_bytes(),
+        )?;
+    }
     let all = run_dir.list_checkpoints();
     if all.len() > trainer.cfg.keep_checkpoints {
         for old in &all[..all.len() - trainer.cfg.keep_checkpoints] {
@@ -439,7 +509,17 @@ fn write_samples(
         &trainer.unet.params.params
     });
     // The same seeded noise at every grid, so grids show the model's progress, not new noise.
-    let images = sampler.sample_batch(0, &Noise::Seeded(trainer.cfg.seed), &mut |_| {})?;
+    // Class-conditional runs: image i shows class i mod K (conditional, no guidance).
+    let labels: Option<Vec<u32>> = trainer.unet.class_labels.as_ref().map(|_| {
+        let k = trainer.class_names.len().max(1) as u32;
+        (0..GRID_IMAGES as u32).map(|i| i % k).collect()
+    });
+    let images = sampler.sample_batch(
+        0,
+        &Noise::Seeded(trainer.cfg.seed),
+        labels.as_deref(),
+        &mut |_| {},
+    )?;
     let path = run_dir.samples().join(format!("step-{step:08}.png"));
     plot::save_grid(&images, sampler.image_shape(), 4, &path)?;
     progress.message(&format!(

@@ -29,6 +29,8 @@ pub struct Trainer {
     pub unet: UNet,
     pub schedule: NoiseSchedule,
     x0: Vec<Tensor>,
+    /// Class labels of each micro-batch (class-conditional models).
+    labels: Vec<Tensor>,
     losses: Vec<Tensor>,
     hyper: Tensor,
     rng_state: Tensor,
@@ -44,6 +46,8 @@ pub struct Trainer {
     pub step: u64,
     /// Images consumed from the data stream.
     pub data_position: u64,
+    /// Class names by label (class-conditional runs), saved with checkpoints and exports.
+    pub class_names: Vec<String>,
 }
 
 impl Trainer {
@@ -63,6 +67,12 @@ impl Trainer {
         let image_shape = unet.sample.shape().to_vec();
         let numel: usize = image_shape.iter().product();
         let accum = cfg.grad_accum;
+        let labels: Vec<Tensor> = match &unet.class_labels {
+            Some(_) => (0..accum)
+                .map(|i| gpu.tensor(&[b], &format!("class labels {i}")))
+                .collect(),
+            None => Vec::new(),
+        };
         let x0: Vec<Tensor> = (0..accum)
             .map(|i| gpu.tensor(&image_shape, &format!("x0 {i}")))
             .collect();
@@ -101,6 +111,9 @@ impl Trainer {
         rec.clear(&unet.params.grads);
         for (i, x0_i) in x0.iter().enumerate() {
             unet.set_micro_batch(i as u32);
+            if let (Some(dst), Some(src)) = (&unet.class_labels, labels.get(i)) {
+                rec.copy(src, dst)?;
+            }
             random_uniform_u32(
                 &mut rec,
                 &rng_state,
@@ -192,6 +205,7 @@ impl Trainer {
             unet,
             schedule,
             x0,
+            labels,
             losses,
             hyper,
             rng_state,
@@ -205,6 +219,7 @@ impl Trainer {
             ema_cfg,
             step: 0,
             data_position: 0,
+            class_names: Vec::new(),
         })
     }
 
@@ -237,7 +252,15 @@ impl Trainer {
 
     /// Queues one optimizer step on `batches` (one per accumulation micro-batch): one submit.
     /// Returns the submission index; nothing is read back.
-    pub fn submit_step(&mut self, batches: &[Vec<f32>]) -> Result<wgpu::SubmissionIndex> {
+    /// `labels`: each micro-batch's class labels (class-conditional models; empty otherwise).
+    /// With `cond_drop` > 0 each label is replaced by the null class with that probability,
+    /// decided by the Philox stream (seed, CLASS_DROP, step, micro-batch·B + sample): the same
+    /// draws whatever the machine, so resume stays exact.
+    pub fn submit_step(
+        &mut self,
+        batches: &[Vec<f32>],
+        labels: &[Vec<u32>],
+    ) -> Result<wgpu::SubmissionIndex> {
         if batches.len() != self.x0.len() {
             bail!(
                 "{} micro-batches given, grad_accum is {}",
@@ -249,6 +272,45 @@ impl Trainer {
             self.gpu.write(t, data)?;
         }
         let step = self.step + 1;
+        if !self.labels.is_empty() {
+            if labels.len() != self.labels.len() {
+                bail!("the class-conditional model needs the labels of every micro-batch");
+            }
+            let config = &self.unet.config;
+            let real = config
+                .null_class
+                .unwrap_or(config.num_class_embeds.unwrap_or(0));
+            let b = self.cfg.batch_size;
+            for (i, (t, l)) in self.labels.iter().zip(labels).enumerate() {
+                if l.len() != b || l.iter().any(|&c| c as usize >= real) {
+                    bail!(
+                        "micro-batch {i}: {} labels, expected {b} in 0..{real}",
+                        l.len()
+                    );
+                }
+                let dropped: Vec<u32> = l
+                    .iter()
+                    .enumerate()
+                    .map(|(k, &c)| match config.null_class {
+                        Some(null) if self.cfg.cond_drop > 0.0 => {
+                            let word = crate::reference::noise::random_u32(
+                                self.cfg.seed,
+                                purpose::CLASS_DROP,
+                                step as u32,
+                                (i * b + k) as u32,
+                            );
+                            if (word as f64) < self.cfg.cond_drop * 4_294_967_296.0 {
+                                null as u32
+                            } else {
+                                c
+                            }
+                        }
+                        _ => c,
+                    })
+                    .collect();
+                self.gpu.write_u32(t, &dropped)?;
+            }
+        }
         let ema_decay = self.ema_cfg.get_decay(step);
         write_hyper(
             &self.gpu,
@@ -349,6 +411,12 @@ impl Trainer {
             .map(|k| format!("{k:?}"))
             .collect();
         meta.insert("kernels".into(), serde_json::to_string(&kernels)?);
+        if !self.class_names.is_empty() {
+            meta.insert(
+                "class_names".into(),
+                serde_json::to_string(&self.class_names)?,
+            );
+        }
         serialize_named(
             &self.unet.params,
             &[

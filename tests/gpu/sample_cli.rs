@@ -104,6 +104,14 @@ fn bad_sample_inputs_are_clear_errors() {
         "--no-ema applies to --checkpoint",
     );
     expect_error(&["--out", out], "required");
+    expect_error(
+        &["--model", eps, "--class", "3", "--out", out],
+        "is not class-conditional",
+    );
+    expect_error(
+        &["--model", eps, "--guidance-scale", "2", "--out", out],
+        "nothing to guide",
+    );
 
     // --noise of the wrong shape, and DDPM with --noise but no --step-noise.
     let noise = dir.join("noise.safetensors");

@@ -59,7 +59,7 @@ fn check_model(name: &str) {
                 );
             }
             assert_eq!(schedule.timesteps.len(), expect_ts.len(), "{name} {case}");
-            let mut sampler = Sampler::new(&g, &source.config, schedule, shape4[0]).unwrap();
+            let mut sampler = Sampler::new(&g, &source.config, schedule, shape4[0], None).unwrap();
             sampler
                 .set_weights(&source.weights(&sampler.unet.params).unwrap())
                 .unwrap();
@@ -67,7 +67,7 @@ fn check_model(name: &str) {
                 initial: &noise,
                 steps: Some(per_step.iter().map(|v| v.as_slice()).collect()),
             };
-            let ours = sampler.sample_batch(0, &noise, &mut |_| {}).unwrap();
+            let ours = sampler.sample_batch(0, &noise, None, &mut |_| {}).unwrap();
             let (_, theirs) = results.get(&format!("sample.{case}")).unwrap();
             let theirs = nchw_to_nhwc(&theirs, shape4);
             let scale = theirs.iter().fold(1.0f32, |m, v| m.max(v.abs()));
@@ -120,7 +120,7 @@ fn ddpm_with_gpu_noise_matches_diffusers_statistically() {
         let schedule =
             SamplingSchedule::new(&source.scheduler, SamplerKind::Ddpm, 10, None, 0.0).unwrap();
         let batch = 128;
-        let mut sampler = Sampler::new(&g, &source.config, schedule, batch).unwrap();
+        let mut sampler = Sampler::new(&g, &source.config, schedule, batch, None).unwrap();
         sampler
             .set_weights(&source.weights(&sampler.unet.params).unwrap())
             .unwrap();
@@ -128,7 +128,7 @@ fn ddpm_with_gpu_noise_matches_diffusers_statistically() {
         for b in 0..4 {
             all.extend(
                 sampler
-                    .sample_batch(b * batch, &Noise::Seeded(7), &mut |_| {})
+                    .sample_batch(b * batch, &Noise::Seeded(7), None, &mut |_| {})
                     .unwrap(),
             );
         }
@@ -163,14 +163,14 @@ fn seeded_noise_is_keyed_by_image_index() {
     let run = |batch: usize| -> Vec<f32> {
         let schedule =
             SamplingSchedule::new(&source.scheduler, SamplerKind::Ddpm, 5, None, 0.0).unwrap();
-        let mut s = Sampler::new(&g, &source.config, schedule, batch).unwrap();
+        let mut s = Sampler::new(&g, &source.config, schedule, batch, None).unwrap();
         s.set_weights(&source.weights(&s.unet.params).unwrap())
             .unwrap();
         let mut out = Vec::new();
         let mut first = 0;
         while first < 5 {
             out.extend(
-                s.sample_batch(first, &Noise::Seeded(3), &mut |_| {})
+                s.sample_batch(first, &Noise::Seeded(3), None, &mut |_| {})
                     .unwrap(),
             );
             first += batch;

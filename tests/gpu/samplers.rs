@@ -67,7 +67,7 @@ fn sampler_loops_match_reference() {
                 let clear = rec.finish();
                 g.run(&[&clear]).unwrap();
                 let mut rec = g.recorder();
-                op::scale_model_input(&mut rec, &tx, &coeffs, &scaled).unwrap();
+                op::scale_model_input(&mut rec, &tx, &coeffs, &scaled, 1).unwrap();
                 op::sampler_update(
                     &mut rec,
                     kind,
@@ -224,5 +224,40 @@ fn v_target_and_min_snr_weights_match_reference() {
                 2e-6,
             );
         }
+    }
+}
+
+#[test]
+fn guidance_and_duplicated_model_input_match_reference() {
+    let g = gpu();
+    for n in [1usize, 7, 70_001] {
+        let x = random(n, 40 + n as u64);
+        let out2 = random(2 * n, 41 + n as u64);
+        let tx = upload(&g, &[n], &x, "x");
+        let coeffs = g.tensor(&[COEFFS_LEN], "coeffs");
+        g.write(&coeffs, &[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.625])
+            .unwrap();
+        let doubled = g.tensor(&[2 * n], "doubled input");
+        let to = upload(&g, &[2 * n], &out2, "model output [c; u]");
+        let guided = g.tensor(&[n], "guided");
+        run(&g, |rec| {
+            op::scale_model_input(rec, &tx, &coeffs, &doubled, 2).unwrap();
+            op::guidance_combine(rec, &to, 3.5, &guided).unwrap();
+        });
+        let expect: Vec<f64> = x.iter().chain(&x).map(|v| v * 0.625).collect();
+        assert_close(
+            &format!("doubled input n={n}"),
+            &read(&g, &doubled),
+            &expect,
+            0.0,
+            1e-7,
+        );
+        assert_close(
+            &format!("guidance n={n}"),
+            &read(&g, &guided),
+            &r::guidance_combine(&out2, 3.5),
+            1e-6,
+            1e-6,
+        );
     }
 }

@@ -72,8 +72,97 @@ fn params_of(dir: &Path) -> Vec<f32> {
 
 #[test]
 fn interrupted_run_resumes_to_identical_parameters() {
+    resume_matches_straight_run("plain", |c| c);
+}
+
+/// The same with class labels and label dropout (drawn per step from the host's Philox stream).
+#[test]
+fn class_conditional_run_resumes_and_samples_every_class() {
+    let (_, b) = resume_matches_straight_run("classes", |mut c| {
+        c.class_conditional = true;
+        c.cond_drop = 0.5;
+        c
+    });
+    let model = b.join("model");
+    let config = read_model_config(&model).unwrap();
+    assert_eq!(
+        (config.num_class_embeds, config.null_class),
+        (Some(11), Some(10))
+    );
+    let names: Vec<String> =
+        serde_json::from_str(&std::fs::read_to_string(model.join("class_names.json")).unwrap())
+            .unwrap();
+    assert_eq!(names.len(), 10);
+    let sample = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_wgpu-diffusion"))
+            .arg("sample")
+            .args(args)
+            .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        (out.status.success(), stderr)
+    };
+    let m = model.to_str().unwrap();
+    let out = b.join("grid");
+    let o = out.to_str().unwrap();
+    let (ok, err) = sample(&[
+        "--model",
+        m,
+        "--class",
+        "all",
+        "--num",
+        "2",
+        "--guidance-scale",
+        "3",
+        "--steps",
+        "2",
+        "--batch-size",
+        "5",
+        "--out",
+        o,
+    ]);
+    assert!(ok, "{err}");
+    assert!(err.contains("guidance scale 3"), "{err}");
+    let grid = image::open(out.join("grid.png")).unwrap();
+    assert!(
+        grid.height() > 4 * grid.width(),
+        "one row per class: {}x{}",
+        grid.width(),
+        grid.height()
+    );
+    assert!(out.join("00019.png").exists() && !out.join("00020.png").exists());
+    for (args, needle) in [
+        (
+            vec!["--model", m, "--out", o],
+            "is class-conditional: choose --class",
+        ),
+        (
+            vec!["--model", m, "--class", "10", "--out", o],
+            "out of range",
+        ),
+        (
+            vec!["--model", m, "--class", "seven", "--out", o],
+            "not a class index or name",
+        ),
+    ] {
+        let (ok, err) = sample(&args);
+        assert!(!ok && err.contains(needle), "{args:?}: {err}");
+    }
+    let _ = std::fs::remove_dir_all(&b);
+}
+
+fn resume_matches_straight_run(
+    name: &str,
+    adjust: impl Fn(TrainConfig) -> TrainConfig,
+) -> (PathBuf, PathBuf) {
+    let small_config = |d: &Path, steps| adjust(small_config(d, steps));
     let g = gpu();
-    let (a, b) = (temp_dir("straight"), temp_dir("resumed"));
+    let (a, b) = (
+        temp_dir(&format!("straight-{name}")),
+        temp_dir(&format!("resumed-{name}")),
+    );
     let never = Arc::new(AtomicBool::new(false));
     let straight = run(
         g.clone(),
@@ -140,7 +229,8 @@ fn interrupted_run_resumes_to_identical_parameters() {
         );
         assert!(d.join("metrics.jsonl").exists() && d.join("loss.png").exists());
     }
-    let _ = (std::fs::remove_dir_all(&a), std::fs::remove_dir_all(&b));
+    let _ = std::fs::remove_dir_all(&a);
+    (a, b)
 }
 
 #[test]
