@@ -17,7 +17,7 @@ struct Params {
     clip_range: f32,
     copies: u32,      // scale_model_input: copies of the batch written (2 for guidance)
     guidance: f32,    // guidance_combine: the scale s
-    _pad0: u32,
+    per_image: u32,   // inpaint_known: elements of one image (known/keep are one image, broadcast)
     _pad1: u32,
 }
 
@@ -29,6 +29,8 @@ struct Params {
 @group(0) @binding(5) var<storage, read_write> aux0: array<f32>;   // DPM: previous x0; Heun: saved x
 @group(0) @binding(6) var<storage, read_write> aux1: array<f32>;   // Heun: saved derivative
 @group(0) @binding(7) var<storage, read> src: array<f32>;          // scale_model_input's input
+@group(0) @binding(8) var<storage, read> known: array<f32>;        // inpainting: the original image
+@group(0) @binding(9) var<storage, read> keep: array<f32>;         // inpainting: 1 = keep, 0 = regenerate
 
 const WG: u32 = 256u;
 
@@ -151,4 +153,28 @@ fn sigma_step(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
         aux1[i] = d;
     }
     x[i] = xv + d * dt;
+}
+
+// RePaint's known region (Lugmayr et al. 2022, eq. 8–9): after the update, the pixels to keep
+// are the original noised to the level the step lands on, with this step's noise:
+// x ← keep·(coeffs[5]·x0_known + coeffs[6]·z) + (1 − keep)·x, coeffs[5..7] = (√ᾱ_prev, √(1−ᾱ_prev)).
+@compute @workgroup_size(256)
+fn inpaint_known(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_index) lid: u32) {
+    let i = linear_index(wid, nwg, lid);
+    if (i >= p.n) { return; }
+    let j = i % p.per_image;
+    let k = keep[j];
+    let noised = coeffs[5] * known[j] + coeffs[6] * z[i];
+    x[i] = k * noised + (1.0 - k) * x[i];
+}
+
+// RePaint's resampling jump (diffusers RePaintScheduler.undo_step, all betas of the jump at
+// once): x ← coeffs[5]·x + coeffs[6]·z with (√Π(1−β), √(1 − Π(1−β))).
+@compute @workgroup_size(256)
+fn renoise(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+           @builtin(local_invocation_index) lid: u32) {
+    let i = linear_index(wid, nwg, lid);
+    if (i >= p.n) { return; }
+    x[i] = coeffs[5] * x[i] + coeffs[6] * z[i];
 }

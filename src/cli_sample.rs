@@ -12,7 +12,7 @@ use safetensors::{Dtype, tensor::TensorView};
 
 use crate::diffusion::scheduler::{SamplerKind, SamplingSchedule, TimestepSpacing};
 use crate::gpu::{Gpu, GpuOptions};
-use crate::sample::{ModelSource, Noise, Sampler, nchw_to_nhwc, nhwc_to_nchw};
+use crate::sample::{ModelSource, Noise, Sampler, SamplerOptions, nchw_to_nhwc, nhwc_to_nchw};
 use crate::train::checkpoint::{LoadedTensors, atomic_write};
 use crate::train::plot::{save_grid, save_image};
 
@@ -69,6 +69,72 @@ pub struct SampleArgs {
     /// Also write the raw final samples: tensor `sample`, f32 [N, C, H, W], no clamping.
     #[arg(long)]
     pub save_tensor: Option<PathBuf>,
+    /// Inpainting (RePaint, with --sampler ddpm or ddim): the image to complete, resized and
+    /// centre-cropped like training data.
+    #[arg(long, requires = "mask")]
+    pub inpaint: Option<PathBuf>,
+    /// The inpainting mask, the image's size: white = regenerate, black = keep.
+    #[arg(long, requires = "inpaint")]
+    pub mask: Option<PathBuf>,
+    /// Masks in diffusers' RePaint convention (white = keep, black = regenerate).
+    #[arg(long)]
+    pub mask_invert: bool,
+    /// RePaint: steps of each jump back up (diffusers' default 10).
+    #[arg(long, default_value_t = 10)]
+    pub jump_length: usize,
+    /// RePaint: how often each jump point is resampled (1 = no resampling; diffusers' 10).
+    #[arg(long, default_value_t = 10)]
+    pub jump_n_sample: usize,
+}
+
+/// The inpainting inputs at the model's size: the image in [-1, 1] and the keep mask (1 = keep),
+/// both NHWC [S, S, C].
+fn read_inpaint(
+    args: &SampleArgs,
+    size: usize,
+    channels: usize,
+) -> Result<Option<(Vec<f32>, Vec<f32>)>> {
+    let (Some(image_path), Some(mask_path)) = (&args.inpaint, &args.mask) else {
+        return Ok(None);
+    };
+    let open = |p: &Path, what: &str| {
+        image::open(p).map_err(|e| anyhow!("{what} {}: not a readable image: {e}", p.display()))
+    };
+    let image = open(image_path, "--inpaint")?;
+    let mask = open(mask_path, "--mask")?;
+    if (image.width(), image.height()) != (mask.width(), mask.height()) {
+        bail!(
+            "--mask {} is {}x{} but the image is {}x{}: the mask must cover the image pixel for pixel",
+            mask_path.display(),
+            mask.width(),
+            mask.height(),
+            image.width(),
+            image.height()
+        );
+    }
+    let known = crate::data::to_model_input(image, size, channels);
+    let grey = crate::data::to_model_input(mask, size, 1);
+    // Binarised at mid-grey (as diffusers' RePaint pipeline does); white = regenerate.
+    let keep: Vec<f32> = grey
+        .iter()
+        .flat_map(|&v| {
+            let white = v > 0.0;
+            let k = if white == args.mask_invert { 1.0 } else { 0.0 };
+            std::iter::repeat_n(k, channels)
+        })
+        .collect();
+    if keep.iter().all(|&k| k == 1.0) {
+        bail!(
+            "--mask {}: nothing to regenerate (the mask keeps every pixel{})",
+            mask_path.display(),
+            if args.mask_invert {
+                "; --mask-invert is set"
+            } else {
+                ""
+            }
+        );
+    }
+    Ok(Some((known, keep)))
 }
 
 /// Reads one f32 tensor of a safetensors file, checking its shape.
@@ -115,16 +181,32 @@ pub fn run(opts: &GpuOptions, args: &SampleArgs) -> Result<()> {
         (None, Some(file)) => ModelSource::from_checkpoint(file, args.no_ema)?,
         _ => bail!("give exactly one of --model DIR and --checkpoint FILE"),
     };
-    let schedule = SamplingSchedule::new(
-        &source.scheduler,
-        args.sampler,
-        args.steps,
-        args.timestep_spacing,
-        args.eta,
-    )
-    .map_err(|e| anyhow!("{e} (scheduler settings from {})", source.scheduler_origin))?;
     let cfg = &source.config;
     let (c, s) = (cfg.in_channels, cfg.sample_size);
+    let inpaint = read_inpaint(args, s, c)?;
+    let schedule = match &inpaint {
+        None => SamplingSchedule::new(
+            &source.scheduler,
+            args.sampler,
+            args.steps,
+            args.timestep_spacing,
+            args.eta,
+        ),
+        Some(_) => {
+            if args.timestep_spacing.is_some() {
+                bail!("--timestep-spacing does not apply to inpainting (RePaint steps by T/N)");
+            }
+            SamplingSchedule::repaint(
+                &source.scheduler,
+                args.sampler,
+                args.steps,
+                args.eta,
+                args.jump_length,
+                args.jump_n_sample,
+            )
+        }
+    }
+    .map_err(|e| anyhow!("{e} (scheduler settings from {})", source.scheduler_origin))?;
     // Classes: which label each image gets.
     let classes: Option<Vec<u32>> = match (cfg.num_class_embeds, &args.class) {
         (None, Some(_)) => bail!(
@@ -222,7 +304,16 @@ pub fn run(opts: &GpuOptions, args: &SampleArgs) -> Result<()> {
         schedule.timesteps.last().copied().unwrap_or(0.0),
         source.scheduler_origin
     );
-    let mut sampler = Sampler::new(&gpu, cfg, schedule, batch, guidance)?;
+    if inpaint.is_some() && noise.is_some() {
+        bail!("inpainting draws fresh noise at every step from the seeded GPU RNG: drop --noise");
+    }
+    let mut sampler = Sampler::new(
+        &gpu,
+        cfg,
+        schedule,
+        batch,
+        &SamplerOptions { guidance, inpaint },
+    )?;
     if let Some(list) = &classes {
         eprintln!(
             "classes: {}{}",

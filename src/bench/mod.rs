@@ -252,7 +252,7 @@ pub fn sample_batches(
     reps: usize,
 ) -> Result<SampleResult> {
     use crate::diffusion::scheduler::{SamplingSchedule, SchedulerConfig};
-    use crate::sample::{Noise, Sampler};
+    use crate::sample::{Noise, Sampler, SamplerOptions};
     let cfg = crate::train::TrainConfig {
         model: model.to_string(),
         ..Default::default()
@@ -261,7 +261,7 @@ pub fn sample_batches(
     let schedule = SamplingSchedule::new(&SchedulerConfig::ddpm_default(), kind, steps, None, 0.0)
         .map_err(anyhow::Error::msg)?;
     let t0 = Instant::now();
-    let mut sampler = Sampler::new(gpu, &unet_cfg, schedule, batch, None)?;
+    let mut sampler = Sampler::new(gpu, &unet_cfg, schedule, batch, &SamplerOptions::default())?;
     sampler.set_weights(&crate::nn::init::default_init(&sampler.unet.params, 0))?;
     sampler.sample_batch(0, &Noise::Seeded(0), None, &mut |_| {})?;
     let first_batch_s = t0.elapsed().as_secs_f64();

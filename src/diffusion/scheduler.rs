@@ -405,6 +405,19 @@ pub enum SigmaStage {
     HeunSecond,
 }
 
+impl ModelEval {
+    /// The 8 constants the kernels of this evaluation read: the update's, the known-region
+    /// coefficients (inpainting) in slots 5 and 6, the model-input scale in slot 7.
+    pub fn kernel_coeffs(&self) -> [f32; 8] {
+        let mut c = self.update.kernel_coeffs(self.input_scale);
+        if let Some((a, b)) = self.known {
+            c[5] = a;
+            c[6] = b;
+        }
+        c
+    }
+}
+
 impl Update {
     /// The 8 constants the update kernels read (`shaders/samplers.wgsl`).
     pub fn kernel_coeffs(&self, input_scale: f32) -> [f32; 8] {
@@ -449,7 +462,7 @@ impl Update {
 }
 
 /// One U-Net evaluation of a sampling loop and the update that follows it.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ModelEval {
     /// The timestep given to the U-Net (fractional for Euler/Heun).
     pub timestep: f32,
@@ -461,6 +474,14 @@ pub struct ModelEval {
     pub adds_noise: bool,
     /// The scheduler step this evaluation belongs to (Heun: two evaluations per step).
     pub step: usize,
+    /// Inpainting: after the update, the known region is set to a·x0_known + b·z (the
+    /// original noised to the level the step lands on, with this step's noise z).
+    pub known: Option<(f32, f32)>,
+    /// Inpainting's resampling: before this evaluation, x ← a·x + b·z' for each (a, b), each
+    /// with fresh noise.
+    pub renoise_before: Vec<(f32, f32)>,
+    /// ᾱ of the level the update lands on (DDPM/DDIM, 1 at the end; 0 for the others).
+    pub alpha_prev: f32,
 }
 
 /// A whole sampling loop: `x = noise·init_noise_sigma`, then for each evaluation
@@ -646,67 +667,18 @@ impl SamplingSchedule {
             SamplerKind::Ddpm => {
                 let ts: Vec<usize> = base.iter().map(|&t| t as usize).collect();
                 for (i, &t) in ts.iter().enumerate() {
+                    // DDPMScheduler.previous_timestep: the next entry of the list.
                     let prev = ts.get(i + 1).copied();
-                    let a_t = acp[t];
-                    let a_prev = prev.map(|p| acp[p]).unwrap_or(1.0);
-                    let beta_prod_t = 1.0 - a_t;
-                    let beta_prod_prev = 1.0 - a_prev;
-                    let current_alpha = a_t / a_prev;
-                    let current_beta = 1.0 - current_alpha;
-                    let variance = match settings.variance_type {
-                        VarianceType::FixedSmall => {
-                            (beta_prod_prev / beta_prod_t * current_beta).max(1e-20)
-                        }
-                        VarianceType::FixedLarge => current_beta,
-                    };
-                    out.evals.push(ModelEval {
-                        timestep: t as f32,
-                        input_scale: 1.0,
-                        update: Update::Ddpm {
-                            a: a_t.sqrt(),
-                            s: beta_prod_t.sqrt(),
-                            c_x0: a_prev.sqrt() * current_beta / beta_prod_t,
-                            c_xt: current_alpha.sqrt() * beta_prod_prev / beta_prod_t,
-                            sigma: if t > 0 { variance.sqrt() } else { 0.0 },
-                        },
-                        adds_noise: t > 0,
-                        step: i,
-                    });
+                    out.evals.push(ddpm_eval(&settings, acp, t, prev, i));
                 }
             }
             SamplerKind::Ddim => {
-                let final_alpha = if settings.set_alpha_to_one {
-                    1.0f32
-                } else {
-                    acp[0]
-                };
-                let stride = (t_train / steps) as isize;
+                let stride = t_train / steps;
                 for (i, &t) in base.iter().enumerate() {
-                    let t = t as usize;
                     // DDIM always steps back by T // n, whatever the spacing (diffusers).
-                    let prev = t as isize - stride;
-                    let a_t = acp[t];
-                    let a_prev = if prev >= 0 {
-                        acp[prev as usize]
-                    } else {
-                        final_alpha
-                    };
-                    let beta_t = 1.0 - a_t;
-                    let variance = ((1.0 - a_prev) / beta_t) * (1.0 - a_t / a_prev);
-                    let std = (eta as f32) * variance.sqrt();
-                    out.evals.push(ModelEval {
-                        timestep: t as f32,
-                        input_scale: 1.0,
-                        update: Update::Ddim {
-                            a: a_t.sqrt(),
-                            s: beta_t.sqrt(),
-                            c_x0: a_prev.sqrt(),
-                            c_eps: (1.0 - a_prev - std * std).sqrt(),
-                            sigma: std,
-                        },
-                        adds_noise: eta > 0.0,
-                        step: i,
-                    });
+                    let t = t as usize;
+                    out.evals
+                        .push(ddim_eval(&settings, acp, t, t.checked_sub(stride), eta, i));
                 }
             }
             SamplerKind::DpmSolverPp2m => {
@@ -755,6 +727,9 @@ impl SamplingSchedule {
                         },
                         adds_noise: false,
                         step: i,
+                        known: None,
+                        renoise_before: Vec::new(),
+                        alpha_prev: 0.0,
                     });
                 }
             }
@@ -798,6 +773,9 @@ impl SamplingSchedule {
                         },
                         adds_noise: false,
                         step: i,
+                        known: None,
+                        renoise_before: Vec::new(),
+                        alpha_prev: 0.0,
                     });
                     // Heun's correction at σ_next (none after the last step, whose σ_next = 0).
                     if kind == SamplerKind::Heun && i + 1 < steps {
@@ -814,6 +792,9 @@ impl SamplingSchedule {
                             },
                             adds_noise: false,
                             step: i,
+                            known: None,
+                            renoise_before: Vec::new(),
+                            alpha_prev: 0.0,
                         });
                     }
                 }
@@ -826,6 +807,174 @@ impl SamplingSchedule {
     /// Steps that draw per-step noise.
     pub fn uses_step_noise(&self) -> bool {
         self.evals.iter().any(|e| e.adds_noise)
+    }
+}
+
+/// One DDPMScheduler step from t to `prev` (None: the end, ᾱ_prev = 1).
+fn ddpm_eval(
+    settings: &ResolvedScheduler,
+    acp: &[f32],
+    t: usize,
+    prev: Option<usize>,
+    step: usize,
+) -> ModelEval {
+    let a_t = acp[t];
+    let a_prev = prev.map(|p| acp[p]).unwrap_or(1.0);
+    let beta_prod_t = 1.0 - a_t;
+    let beta_prod_prev = 1.0 - a_prev;
+    let current_alpha = a_t / a_prev;
+    let current_beta = 1.0 - current_alpha;
+    let variance = match settings.variance_type {
+        VarianceType::FixedSmall => (beta_prod_prev / beta_prod_t * current_beta).max(1e-20),
+        VarianceType::FixedLarge => current_beta,
+    };
+    ModelEval {
+        timestep: t as f32,
+        input_scale: 1.0,
+        update: Update::Ddpm {
+            a: a_t.sqrt(),
+            s: beta_prod_t.sqrt(),
+            c_x0: a_prev.sqrt() * current_beta / beta_prod_t,
+            c_xt: current_alpha.sqrt() * beta_prod_prev / beta_prod_t,
+            sigma: if t > 0 { variance.sqrt() } else { 0.0 },
+        },
+        adds_noise: t > 0,
+        step,
+        known: None,
+        renoise_before: Vec::new(),
+        alpha_prev: a_prev,
+    }
+}
+
+/// One DDIMScheduler step from t to `prev` (None: the end, ᾱ_prev = final_alpha_cumprod),
+/// σ_t = η·√((1−ᾱ_prev)/(1−ᾱ_t)·(1 − ᾱ_t/ᾱ_prev)) (Song et al. 2021, eq. 16).
+fn ddim_eval(
+    settings: &ResolvedScheduler,
+    acp: &[f32],
+    t: usize,
+    prev: Option<usize>,
+    eta: f64,
+    step: usize,
+) -> ModelEval {
+    let final_alpha = if settings.set_alpha_to_one {
+        1.0f32
+    } else {
+        acp[0]
+    };
+    let a_t = acp[t];
+    let a_prev = prev.map(|p| acp[p]).unwrap_or(final_alpha);
+    let beta_t = 1.0 - a_t;
+    let variance = ((1.0 - a_prev) / beta_t) * (1.0 - a_t / a_prev);
+    let std = (eta as f32) * variance.sqrt();
+    ModelEval {
+        timestep: t as f32,
+        input_scale: 1.0,
+        update: Update::Ddim {
+            a: a_t.sqrt(),
+            s: beta_t.sqrt(),
+            c_x0: a_prev.sqrt(),
+            c_eps: (1.0 - a_prev - std * std).sqrt(),
+            sigma: std,
+        },
+        adds_noise: eta > 0.0,
+        step,
+        known: None,
+        renoise_before: Vec::new(),
+        alpha_prev: a_prev,
+    }
+}
+
+impl SamplingSchedule {
+    /// RePaint (Lugmayr et al. 2022) with diffusers' `RePaintScheduler` timetable: N denoising
+    /// steps of T/N train steps with DDPM or DDIM updates (ε or v models), where every step also
+    /// replaces the known region by the original noised to the step's target level, and after
+    /// a step that lands on a jump point the sample is renoised `jump_length` steps back up
+    /// (`undo_step`: x ← √(Π(1−β))·x + √(1 − Π(1−β))·z over the T/N betas from t) and
+    /// denoised again, `jump_n_sample − 1` times per jump point.
+    pub fn repaint(
+        config: &SchedulerConfig,
+        kind: SamplerKind,
+        steps: usize,
+        eta: f64,
+        jump_length: usize,
+        jump_n_sample: usize,
+    ) -> Result<SamplingSchedule, String> {
+        if !matches!(kind, SamplerKind::Ddpm | SamplerKind::Ddim) {
+            return Err(format!(
+                "inpainting (RePaint) works with --sampler ddpm or ddim, not {}",
+                kind.diffusers_class()
+            ));
+        }
+        if jump_length == 0 || jump_n_sample == 0 {
+            return Err("--jump-length and --jump-n-sample must be at least 1".into());
+        }
+        // Reuses the plain schedule's checks (steps, η, settings) and init sigma.
+        let mut out = SamplingSchedule::new(
+            config,
+            kind,
+            steps,
+            None,
+            if kind == SamplerKind::Ddim { eta } else { 0.0 },
+        )?;
+        let settings = out.settings.clone();
+        let t_train = settings.num_train_timesteps;
+        let schedule = NoiseSchedule::new(
+            settings.beta_schedule,
+            t_train,
+            settings.beta_start,
+            settings.beta_end,
+        )?;
+        let acp = &schedule.alphas_cumprod;
+        let stride = t_train / steps;
+        // RePaintScheduler.set_timesteps, in units of `stride`.
+        let mut jumps: std::collections::HashMap<usize, usize> = Default::default();
+        let mut j = 0;
+        while j + jump_length < steps {
+            jumps.insert(j, jump_n_sample - 1);
+            j += jump_length;
+        }
+        let mut list = Vec::new();
+        let mut t = steps;
+        while t >= 1 {
+            t -= 1;
+            list.push(t);
+            if let Some(left) = jumps.get_mut(&t)
+                && *left > 0
+            {
+                *left -= 1;
+                for _ in 0..jump_length {
+                    t += 1;
+                    list.push(t);
+                }
+            }
+        }
+        out.evals.clear();
+        let mut pending_renoise = Vec::new();
+        let mut t_last = list[0] + 1;
+        for (i, &u) in list.iter().enumerate() {
+            if u < t_last {
+                let t = u * stride;
+                let prev = t.checked_sub(stride);
+                let mut eval = match kind {
+                    SamplerKind::Ddpm => ddpm_eval(&settings, acp, t, prev, i),
+                    _ => ddim_eval(&settings, acp, t, prev, eta, i),
+                };
+                eval.known = Some((eval.alpha_prev.sqrt(), (1.0 - eval.alpha_prev).sqrt()));
+                // The known region needs fresh noise at every step.
+                eval.adds_noise = true;
+                eval.renoise_before = std::mem::take(&mut pending_renoise);
+                out.evals.push(eval);
+            } else {
+                // undo_step(x, t_last): the betas of train steps t_last·stride + k, k < stride.
+                let a: f64 = (0..stride)
+                    .map(|k| 1.0 - schedule.betas[t_last * stride + k] as f64)
+                    .product();
+                pending_renoise.push((a.sqrt() as f32, (1.0 - a).sqrt() as f32));
+            }
+            t_last = u;
+        }
+        out.timesteps = out.evals.iter().map(|e| e.timestep).collect();
+        Ok(out)
     }
 }
 
@@ -976,6 +1125,34 @@ mod tests {
         assert!(e.contains("--steps"), "{e}");
         assert!(SamplingSchedule::new(&ddpm_cfg(), SamplerKind::Ddim, 1001, None, 0.0).is_err());
         assert!(SamplingSchedule::new(&ddpm_cfg(), SamplerKind::Euler, 10, None, 0.5).is_err());
+    }
+
+    /// diffusers' RePaintScheduler.set_timesteps(10, jump_length=3, jump_n_sample=2) lists
+    /// 900 800 700 600 700 800 900 800 700 600 500 400 300 400 500 600 500 400 300 200 100 0
+    /// 100 200 300 200 100 0: the model runs at each descending entry, the ascending ones are
+    /// jumps back up.
+    #[test]
+    fn repaint_timetable_matches_diffusers() {
+        let r = SamplingSchedule::repaint(&ddpm_cfg(), SamplerKind::Ddim, 10, 0.0, 3, 2).unwrap();
+        let evals: Vec<f32> = vec![
+            900., 800., 700., 600., 800., 700., 600., 500., 400., 300., 500., 400., 300., 200.,
+            100., 0., 200., 100., 0.,
+        ];
+        assert_eq!(r.timesteps, evals);
+        let jumps: Vec<usize> = r.evals.iter().map(|e| e.renoise_before.len()).collect();
+        assert_eq!(
+            jumps,
+            vec![0, 0, 0, 0, 3, 0, 0, 0, 0, 0, 3, 0, 0, 0, 0, 0, 3, 0, 0]
+        );
+        // The last step lands on ᾱ = 1: the known region is the original exactly.
+        assert_eq!(r.evals.last().unwrap().known, Some((1.0, 0.0)));
+        assert!(r.evals.iter().all(|e| e.adds_noise));
+        let none =
+            SamplingSchedule::repaint(&ddpm_cfg(), SamplerKind::Ddpm, 5, 0.0, 10, 10).unwrap();
+        assert_eq!(none.timesteps, vec![800., 600., 400., 200., 0.]);
+        assert!(
+            SamplingSchedule::repaint(&ddpm_cfg(), SamplerKind::Euler, 5, 0.0, 10, 10).is_err()
+        );
     }
 
     #[test]

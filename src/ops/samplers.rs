@@ -17,7 +17,8 @@ pub struct SamplerParams {
     pub clip_range: f32,
     pub copies: u32,
     pub guidance: f32,
-    pub _pad: [u32; 2],
+    pub per_image: u32,
+    pub _pad: u32,
 }
 
 /// Elements of the per-step constants tensor.
@@ -162,5 +163,70 @@ pub fn sampler_update(
         }
     }
     rec.dispatch(key(entry), &p, &bindings, grid_1d(n.div_ceil(256)));
+    Ok(())
+}
+
+/// Inpainting: x ← keep·(coeffs[5]·known + coeffs[6]·z) + (1 − keep)·x, with `known` and `keep`
+/// one image each, applied to every image of the batch.
+pub fn inpaint_known(
+    rec: &mut Recorder,
+    x: &Tensor,
+    z: &Tensor,
+    coeffs: &Tensor,
+    known: &Tensor,
+    keep: &Tensor,
+) -> OpResult {
+    const OP: &str = "inpaint_known";
+    let n = x.numel();
+    let per = known.numel();
+    expect_numel(OP, "z", z, n)?;
+    expect_numel(OP, "keep", keep, per)?;
+    expect_numel(OP, "coeffs", coeffs, COEFFS_LEN)?;
+    if per == 0 || !n.is_multiple_of(per) {
+        return Err(invalid(format!(
+            "{OP}: the batch ({n} values) is not a whole number of images of {per}"
+        )));
+    }
+    for t in [z, coeffs, known, keep] {
+        expect_distinct(OP, t, x)?;
+    }
+    let p = SamplerParams {
+        n: u32_of(OP, "n", n)?,
+        per_image: u32_of(OP, "per_image", per)?,
+        ..Default::default()
+    };
+    rec.dispatch(
+        key(OP),
+        &p,
+        &[
+            (2, z.into()),
+            (3, coeffs.into()),
+            (4, x.into()),
+            (8, known.into()),
+            (9, keep.into()),
+        ],
+        grid_1d(n.div_ceil(256)),
+    );
+    Ok(())
+}
+
+/// x ← coeffs[5]·x + coeffs[6]·z (RePaint's jump back up).
+pub fn renoise(rec: &mut Recorder, x: &Tensor, z: &Tensor, coeffs: &Tensor) -> OpResult {
+    const OP: &str = "renoise";
+    let n = x.numel();
+    expect_numel(OP, "z", z, n)?;
+    expect_numel(OP, "coeffs", coeffs, COEFFS_LEN)?;
+    expect_distinct(OP, z, x)?;
+    expect_distinct(OP, coeffs, x)?;
+    let p = SamplerParams {
+        n: u32_of(OP, "n", n)?,
+        ..Default::default()
+    };
+    rec.dispatch(
+        key(OP),
+        &p,
+        &[(2, z.into()), (3, coeffs.into()), (4, x.into())],
+        grid_1d(n.div_ceil(256)),
+    );
     Ok(())
 }

@@ -136,3 +136,21 @@ pub fn guidance_combine(model_output: &[f64], scale: f64) -> Vec<f64> {
         })
         .collect()
 }
+
+/// Inpainting's known region: keep·(a·known + b·z) + (1 − keep)·x, known/keep per image.
+pub fn inpaint_known(
+    x: &[f64],
+    z: &[f64],
+    a: f64,
+    b: f64,
+    known: &[f64],
+    keep: &[f64],
+) -> Vec<f64> {
+    let per = known.len();
+    (0..x.len())
+        .map(|i| {
+            let k = keep[i % per];
+            k * (a * known[i % per] + b * z[i]) + (1.0 - k) * x[i]
+        })
+        .collect()
+}

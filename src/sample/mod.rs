@@ -19,7 +19,8 @@ use crate::nn::{UNet, UNetConfig};
 use crate::ops::elementwise::scale;
 use crate::ops::noise::{purpose, random_normal, write_rng_state};
 use crate::ops::samplers::{
-    COEFFS_LEN, UpdateBuffers, guidance_combine, sampler_update, scale_model_input,
+    COEFFS_LEN, UpdateBuffers, guidance_combine, inpaint_known, renoise, sampler_update,
+    scale_model_input,
 };
 
 pub use source::ModelSource;
@@ -37,6 +38,17 @@ pub enum Noise<'a> {
     },
 }
 
+/// What conditions sampling besides class labels.
+#[derive(Clone, Debug, Default)]
+pub struct SamplerOptions {
+    /// Classifier-free guidance scale (the model must have a null class): conditional and
+    /// unconditional branches in one U-Net batch of 2B.
+    pub guidance: Option<f32>,
+    /// Inpainting (RePaint; a schedule from [`SamplingSchedule::repaint`]): the original image
+    /// and the keep mask (1 = keep, 0 = regenerate), one image each, NHWC [H, W, C].
+    pub inpaint: Option<(Vec<f32>, Vec<f32>)>,
+}
+
 /// A sampler bound to a U-Net of a fixed batch size.
 pub struct Sampler {
     gpu: Arc<Gpu>,
@@ -51,18 +63,19 @@ pub struct Sampler {
     rng_state: Tensor,
     step_plan: Plan,
     reset_plan: Plan,
+    /// Inpainting's jump back up: x ← a·x + b·z.
+    renoise_plan: Option<Plan>,
 }
 
 impl Sampler {
-    /// `guidance`: classifier-free guidance with this scale (the model must have a null class):
-    /// conditional and unconditional branches in one U-Net batch of 2·`batch`.
     pub fn new(
         gpu: &Arc<Gpu>,
         model: &UNetConfig,
         schedule: SamplingSchedule,
         batch: usize,
-        guidance: Option<f32>,
+        options: &SamplerOptions,
     ) -> Result<Sampler> {
+        let guidance = options.guidance;
         if batch == 0 {
             bail!("the sampling batch size must be at least 1");
         }
@@ -125,6 +138,16 @@ impl Sampler {
                 aux1: &aux1,
             },
         )?;
+        let mut renoise_plan = None;
+        if let Some((known, keep)) = &options.inpaint {
+            let image = &shape[1..];
+            let known = gpu.tensor_from(image, known, "inpainting: original")?;
+            let keep = gpu.tensor_from(image, keep, "inpainting: keep mask")?;
+            inpaint_known(&mut rec, &x, &z, &coeffs, &known, &keep)?;
+            let mut r = gpu.recorder();
+            renoise(&mut r, &x, &z, &coeffs)?;
+            renoise_plan = Some(r.finish());
+        }
         let step_plan = rec.finish();
         let mut rec = gpu.recorder();
         rec.clear(&aux0);
@@ -143,6 +166,7 @@ impl Sampler {
             rng_state,
             step_plan,
             reset_plan,
+            renoise_plan,
         })
     }
 
@@ -261,9 +285,25 @@ impl Sampler {
             }
         };
         let mut in_flight: Option<wgpu::SubmissionIndex> = None;
+        let mut renoise_count = 0u32;
         for (e, eval) in self.schedule.evals.iter().enumerate() {
+            for &(a, b) in &eval.renoise_before {
+                let (Some(plan), Some(noise_plan), Noise::Seeded(seed)) =
+                    (&self.renoise_plan, &step_noise_plan, noise)
+                else {
+                    bail!("inpainting draws its noise from the seeded GPU RNG (no --noise)");
+                };
+                let mut c = [0.0f32; COEFFS_LEN];
+                c[5] = a;
+                c[6] = b;
+                g.write(&self.coeffs, &c)?;
+                // Streams of the jumps: steps from 2^31 up, apart from the denoising steps'.
+                write_rng_state(&g, &self.rng_state, *seed, (1 << 31) + renoise_count)?;
+                renoise_count += 1;
+                g.submit(&[noise_plan, plan]);
+            }
             g.write(&self.unet.timesteps, &vec![eval.timestep; self.unet.batch])?;
-            g.write(&self.coeffs, &eval.update.kernel_coeffs(eval.input_scale))?;
+            g.write(&self.coeffs, &eval.kernel_coeffs())?;
             let mut plans: Vec<&Plan> = Vec::with_capacity(2);
             if eval.adds_noise {
                 match (noise, &step_noise_plan) {

@@ -26,7 +26,7 @@ use crate::diffusion::scheduler::{SamplerKind, SamplingSchedule, SchedulerConfig
 use crate::gpu::Gpu;
 use crate::nn::UNetConfig;
 use crate::sample::source::CLASS_NAMES;
-use crate::sample::{ModelSource, Noise, Sampler};
+use crate::sample::{ModelSource, Noise, Sampler, SamplerOptions};
 use checkpoint::{LoadedTensors, atomic_write, save_model_dir};
 use run_dir::{default_run_dir, read_metric_history};
 
@@ -251,7 +251,13 @@ pub fn run(
         let schedule =
             SamplingSchedule::new(&scheduler, SamplerKind::Ddim, cfg.sample_steps, None, 0.0)
                 .map_err(|e| anyhow!("sample grids: {e}"))?;
-        Some(Sampler::new(&gpu, &model, schedule, GRID_IMAGES, None)?)
+        Some(Sampler::new(
+            &gpu,
+            &model,
+            schedule,
+            GRID_IMAGES,
+            &SamplerOptions::default(),
+        )?)
     } else {
         None
     };

@@ -220,3 +220,143 @@ fn bad_sample_inputs_are_clear_errors() {
         );
     }
 }
+
+/// RePaint end to end: the kept half comes back exactly as the original (the last step lands
+/// on ᾱ = 1), the regenerated half is new; bad masks and samplers are clear errors.
+#[test]
+fn inpainting_keeps_the_known_region() {
+    let dir = scratch("inpaint");
+    let eps = fixture("eps");
+    let eps = eps.to_str().unwrap();
+    let (image, mask) = (dir.join("image.png"), dir.join("mask.png"));
+    image::GrayImage::from_fn(8, 8, |x, y| image::Luma([(x * 30 + y * 3) as u8]))
+        .save(&image)
+        .unwrap();
+    // Right half white: regenerate it; keep the left half.
+    image::GrayImage::from_fn(8, 8, |x, _| image::Luma([if x >= 4 { 255 } else { 0 }]))
+        .save(&mask)
+        .unwrap();
+    let out = dir.join("out");
+    let raw = dir.join("raw.safetensors");
+    let (i, m, o, rw) = (
+        image.to_str().unwrap(),
+        mask.to_str().unwrap(),
+        out.to_str().unwrap(),
+        raw.to_str().unwrap(),
+    );
+    for sampler in ["ddim", "ddpm"] {
+        let (ok, err) = sample(&[
+            "--model",
+            eps,
+            "--sampler",
+            sampler,
+            "--steps",
+            "6",
+            "--jump-length",
+            "2",
+            "--jump-n-sample",
+            "2",
+            "--inpaint",
+            i,
+            "--mask",
+            m,
+            "--num",
+            "2",
+            "--out",
+            o,
+            "--save-tensor",
+            rw,
+        ]);
+        assert!(ok, "{err}");
+        let (_, values) = LoadedTensors::read(&raw).unwrap().get("sample").unwrap();
+        for img in values.chunks(64) {
+            for y in 0..8 {
+                for x in 0..8 {
+                    let v = img[y * 8 + x];
+                    let original = (x * 30 + y * 3) as f32 / 127.5 - 1.0;
+                    if x < 4 {
+                        assert!(
+                            (v - original).abs() < 1e-5,
+                            "{sampler}: kept pixel ({x},{y}) = {v}, original {original}"
+                        );
+                    }
+                }
+            }
+            let changed = (0..8)
+                .flat_map(|y| (4..8).map(move |x| (x, y)))
+                .filter(|&(x, y)| {
+                    (img[y * 8 + x] - ((x * 30 + y * 3) as f32 / 127.5 - 1.0)).abs() > 1e-3
+                });
+            assert!(
+                changed.count() > 16,
+                "{sampler}: the masked half was not regenerated"
+            );
+        }
+    }
+    let small = dir.join("small.png");
+    image::GrayImage::new(4, 4).save(&small).unwrap();
+    expect_error(
+        &[
+            "--model",
+            eps,
+            "--inpaint",
+            i,
+            "--mask",
+            small.to_str().unwrap(),
+            "--out",
+            o,
+        ],
+        "must cover the image",
+    );
+    expect_error(
+        &[
+            "--model",
+            eps,
+            "--sampler",
+            "euler",
+            "--inpaint",
+            i,
+            "--mask",
+            m,
+            "--out",
+            o,
+        ],
+        "ddpm or ddim",
+    );
+    expect_error(&["--model", eps, "--inpaint", i, "--out", o], "--mask");
+    // In diffusers' convention (--mask-invert) a white mask keeps everything.
+    let white = dir.join("white.png");
+    image::GrayImage::from_pixel(8, 8, image::Luma([255]))
+        .save(&white)
+        .unwrap();
+    let w = white.to_str().unwrap();
+    expect_error(
+        &[
+            "--model",
+            eps,
+            "--inpaint",
+            i,
+            "--mask",
+            w,
+            "--mask-invert",
+            "--out",
+            o,
+        ],
+        "--mask-invert is set",
+    );
+    let black = dir.join("black.png");
+    image::GrayImage::new(8, 8).save(&black).unwrap();
+    expect_error(
+        &[
+            "--model",
+            eps,
+            "--inpaint",
+            i,
+            "--mask",
+            black.to_str().unwrap(),
+            "--out",
+            o,
+        ],
+        "nothing to regenerate",
+    );
+}

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use crate::common::*;
 use wgpu_diffusion::diffusion::scheduler::{SamplerKind, SamplingSchedule, TimestepSpacing};
-use wgpu_diffusion::sample::{ModelSource, Noise, Sampler, nchw_to_nhwc};
+use wgpu_diffusion::sample::{ModelSource, Noise, Sampler, SamplerOptions, nchw_to_nhwc};
 use wgpu_diffusion::train::checkpoint::LoadedTensors;
 
 const CASES: [(&str, SamplerKind, Option<TimestepSpacing>); 6] = [
@@ -59,7 +59,14 @@ fn check_model(name: &str) {
                 );
             }
             assert_eq!(schedule.timesteps.len(), expect_ts.len(), "{name} {case}");
-            let mut sampler = Sampler::new(&g, &source.config, schedule, shape4[0], None).unwrap();
+            let mut sampler = Sampler::new(
+                &g,
+                &source.config,
+                schedule,
+                shape4[0],
+                &SamplerOptions::default(),
+            )
+            .unwrap();
             sampler
                 .set_weights(&source.weights(&sampler.unet.params).unwrap())
                 .unwrap();
@@ -120,7 +127,14 @@ fn ddpm_with_gpu_noise_matches_diffusers_statistically() {
         let schedule =
             SamplingSchedule::new(&source.scheduler, SamplerKind::Ddpm, 10, None, 0.0).unwrap();
         let batch = 128;
-        let mut sampler = Sampler::new(&g, &source.config, schedule, batch, None).unwrap();
+        let mut sampler = Sampler::new(
+            &g,
+            &source.config,
+            schedule,
+            batch,
+            &SamplerOptions::default(),
+        )
+        .unwrap();
         sampler
             .set_weights(&source.weights(&sampler.unet.params).unwrap())
             .unwrap();
@@ -163,7 +177,14 @@ fn seeded_noise_is_keyed_by_image_index() {
     let run = |batch: usize| -> Vec<f32> {
         let schedule =
             SamplingSchedule::new(&source.scheduler, SamplerKind::Ddpm, 5, None, 0.0).unwrap();
-        let mut s = Sampler::new(&g, &source.config, schedule, batch, None).unwrap();
+        let mut s = Sampler::new(
+            &g,
+            &source.config,
+            schedule,
+            batch,
+            &SamplerOptions::default(),
+        )
+        .unwrap();
         s.set_weights(&source.weights(&s.unet.params).unwrap())
             .unwrap();
         let mut out = Vec::new();

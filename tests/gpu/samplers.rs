@@ -91,8 +91,7 @@ fn sampler_loops_match_reference() {
                         .unwrap();
                     g.write(&tz, &z.iter().map(|&v| v as f32).collect::<Vec<_>>())
                         .unwrap();
-                    g.write(&coeffs, &eval.update.kernel_coeffs(eval.input_scale))
-                        .unwrap();
+                    g.write(&coeffs, &eval.kernel_coeffs()).unwrap();
                     g.run(&[&step]).unwrap();
                     let expect_scaled: Vec<f64> =
                         x.iter().map(|v| v * eval.input_scale as f64).collect();
@@ -256,6 +255,49 @@ fn guidance_and_duplicated_model_input_match_reference() {
             &format!("guidance n={n}"),
             &read(&g, &guided),
             &r::guidance_combine(&out2, 3.5),
+            1e-6,
+            1e-6,
+        );
+    }
+}
+
+#[test]
+fn inpaint_known_and_renoise_match_reference() {
+    let g = gpu();
+    for (images, per) in [(1usize, 1usize), (3, 7), (5, 333)] {
+        let n = images * per;
+        let x = random(n, 50 + n as u64);
+        let z = random(n, 51 + n as u64);
+        let known = random(per, 52 + n as u64);
+        let keep: Vec<f64> = (0..per).map(|j| (j % 3 == 0) as u32 as f64).collect();
+        let (a, b) = (0.8125f32, 0.375f32);
+        let coeffs_v = [0.0, 0.0, 0.0, 0.0, 0.0, a, b, 0.0];
+        let tx = upload(&g, &[n], &x, "x");
+        let tx2 = upload(&g, &[n], &x, "x renoised");
+        let tz = upload(&g, &[n], &z, "z");
+        let tk = upload(&g, &[per], &known, "known");
+        let tm = upload(&g, &[per], &keep, "keep");
+        let coeffs = g.tensor_from(&[COEFFS_LEN], &coeffs_v, "coeffs").unwrap();
+        run(&g, |rec| {
+            op::inpaint_known(rec, &tx, &tz, &coeffs, &tk, &tm).unwrap();
+            op::renoise(rec, &tx2, &tz, &coeffs).unwrap();
+        });
+        assert_close(
+            &format!("inpaint_known {images}x{per}"),
+            &read(&g, &tx),
+            &r::inpaint_known(&x, &z, a as f64, b as f64, &known, &keep),
+            1e-6,
+            1e-6,
+        );
+        let expect: Vec<f64> = x
+            .iter()
+            .zip(&z)
+            .map(|(x, z)| a as f64 * x + b as f64 * z)
+            .collect();
+        assert_close(
+            &format!("renoise {n}"),
+            &read(&g, &tx2),
+            &expect,
             1e-6,
             1e-6,
         );
