@@ -1,3 +1,7 @@
+// Resampling of channels-last (NHWC) images for super-resolution: bicubic upsampling by an
+// integer factor and average pooling (the low-resolution input), then the U-Net's
+// nearest-neighbour x2 upsampling with its backward.
+//
 // Nearest-neighbour x2 upsampling of channels-last (NHWC) images (torch F.interpolate(mode="nearest",
 // scale_factor=2), as in diffusers Upsample2D):
 //   forward:  y[n, oy, ox, c] = x[n, oy / 2, ox / 2, c]            (one thread per output element)
@@ -10,6 +14,10 @@ struct Params {
     height: u32, // H of the small (input) image
     width: u32,  // W of the small image
     channels: u32,
+    factor: u32, // bicubic / average pooling: the integer scale factor (nearest x2: unused)
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -52,4 +60,83 @@ fn upsample_nearest2x_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(n
     let row = 2u * p.width * p.channels; // one output row
     let b = ((n * 2u * p.height + 2u * iy) * 2u * p.width + 2u * ix) * p.channels + c;
     dst[i] = ((src[b] + src[b + p.channels]) + src[b + row]) + src[b + row + p.channels];
+}
+
+// torch F.interpolate(mode="bicubic", align_corners=False, scale_factor=k) (Keys' cubic
+// convolution with A = −0.75; aten/src/ATen/native/UpSample.h): for output x, the source
+// position is (x + 0.5)/k − 0.5 (not clamped), taps at floor − 1 .. floor + 2 with their indices
+// clamped to the image, weights from the fractional part. Separable: 4 × 4 taps per output.
+// src = small [N, H, W, C], dst = [N, kH, kW, C].
+const CUBIC_A: f32 = -0.75;
+
+fn cubic_weights(t: f32) -> vec4<f32> {
+    // cubic_convolution2(t + 1), cubic_convolution1(t), cubic_convolution1(1 − t),
+    // cubic_convolution2(2 − t)
+    let x0 = t + 1.0;
+    let x1 = t;
+    let x2 = 1.0 - t;
+    let x3 = 2.0 - t;
+    let w0 = ((CUBIC_A * x0 - 5.0 * CUBIC_A) * x0 + 8.0 * CUBIC_A) * x0 - 4.0 * CUBIC_A;
+    let w1 = ((CUBIC_A + 2.0) * x1 - (CUBIC_A + 3.0)) * x1 * x1 + 1.0;
+    let w2 = ((CUBIC_A + 2.0) * x2 - (CUBIC_A + 3.0)) * x2 * x2 + 1.0;
+    let w3 = ((CUBIC_A * x3 - 5.0 * CUBIC_A) * x3 + 8.0 * CUBIC_A) * x3 - 4.0 * CUBIC_A;
+    return vec4<f32>(w0, w1, w2, w3);
+}
+
+@compute @workgroup_size(256)
+fn upsample_bicubic_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                            @builtin(local_invocation_index) lid: u32) {
+    let i = linear_index(wid, nwg, lid);
+    if (i >= p.numel) { return; }
+    let k = p.factor;
+    let c = i % p.channels;
+    let pix = i / p.channels;
+    let ox = pix % (k * p.width);
+    let t = pix / (k * p.width);
+    let oy = t % (k * p.height);
+    let n = t / (k * p.height);
+    let scale = 1.0 / f32(k);
+    let real_x = scale * (f32(ox) + 0.5) - 0.5;
+    let real_y = scale * (f32(oy) + 0.5) - 0.5;
+    let fx = floor(real_x);
+    let fy = floor(real_y);
+    let wx = cubic_weights(real_x - fx);
+    let wy = cubic_weights(real_y - fy);
+    let last_x = i32(p.width) - 1;
+    let last_y = i32(p.height) - 1;
+    var acc = 0.0;
+    for (var a = 0; a < 4; a = a + 1) {
+        let sy = u32(clamp(i32(fy) - 1 + a, 0, last_y));
+        var row = 0.0;
+        for (var b = 0; b < 4; b = b + 1) {
+            let sx = u32(clamp(i32(fx) - 1 + b, 0, last_x));
+            row = row + wx[b] * src[((n * p.height + sy) * p.width + sx) * p.channels + c];
+        }
+        acc = acc + wy[a] * row;
+    }
+    dst[i] = acc;
+}
+
+// Average pooling by k (torch F.avg_pool2d(kernel_size=k)): src = [N, kH, kW, C] (the big
+// image), dst = [N, H, W, C]; height/width are the small image's.
+@compute @workgroup_size(256)
+fn avg_pool_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                    @builtin(local_invocation_index) lid: u32) {
+    let i = linear_index(wid, nwg, lid);
+    if (i >= p.numel) { return; }
+    let k = p.factor;
+    let c = i % p.channels;
+    let pix = i / p.channels;
+    let x = pix % p.width;
+    let t = pix / p.width;
+    let y = t % p.height;
+    let n = t / p.height;
+    let bw = k * p.width;
+    var acc = 0.0;
+    for (var a = 0u; a < k; a = a + 1u) {
+        for (var b = 0u; b < k; b = b + 1u) {
+            acc = acc + src[((n * k * p.height + k * y + a) * bw + k * x + b) * p.channels + c];
+        }
+    }
+    dst[i] = acc / f32(k * k);
 }

@@ -1,4 +1,5 @@
-//! `shaders/upsample.wgsl`: nearest-neighbour x2 upsampling of NHWC images and its backward.
+//! `shaders/upsample.wgsl`: nearest-neighbour x2 upsampling of NHWC images and its backward;
+//! bicubic upsampling and average pooling by an integer factor (super-resolution inputs).
 
 use super::{OpResult, expect_distinct, expect_rank, expect_shape, invalid, u32_of};
 use crate::gpu::{KernelKey, Recorder, Tensor, grid_1d};
@@ -10,6 +11,8 @@ pub struct UpsampleParams {
     pub height: u32,
     pub width: u32,
     pub channels: u32,
+    pub factor: u32,
+    pub _pad: [u32; 3],
 }
 
 const WG: usize = 256;
@@ -47,6 +50,8 @@ fn params(
         height: s[1] as u32,
         width: s[2] as u32,
         channels: s[3] as u32,
+        factor: 2,
+        _pad: [0; 3],
     })
 }
 
@@ -74,6 +79,76 @@ pub fn upsample_nearest2x_backward(rec: &mut Recorder, dy: &Tensor, dx: &Tensor)
         &p,
         &[(1, dy.into()), (2, dx.into())],
         grid_1d(dx.numel().div_ceil(WG)),
+    );
+    Ok(())
+}
+
+/// Checks `small` [N, H, W, C] against `big` [N, kH, kW, C] for factor k.
+fn resample_params(
+    op: &str,
+    small: &Tensor,
+    big: &Tensor,
+    factor: usize,
+    writes_big: bool,
+) -> OpResult<UpsampleParams> {
+    expect_rank(op, "small", small, 4)?;
+    let s = small.shape();
+    if s.contains(&0) || factor == 0 {
+        return Err(invalid(format!(
+            "{op}: empty shape {s:?} or factor {factor}"
+        )));
+    }
+    expect_shape(op, "big", big, &[s[0], factor * s[1], factor * s[2], s[3]])?;
+    u32_of(op, "numel", big.numel())?;
+    Ok(UpsampleParams {
+        numel: if writes_big {
+            big.numel()
+        } else {
+            small.numel()
+        } as u32,
+        height: s[1] as u32,
+        width: s[2] as u32,
+        channels: s[3] as u32,
+        factor: factor as u32,
+        _pad: [0; 3],
+    })
+}
+
+/// big [N, kH, kW, C] = bicubic upsampling of small [N, H, W, C] by k (torch `interpolate`,
+/// mode "bicubic", align_corners False, A = −0.75).
+pub fn upsample_bicubic_forward(
+    rec: &mut Recorder,
+    small: &Tensor,
+    factor: usize,
+    big: &Tensor,
+) -> OpResult {
+    const OP: &str = "upsample_bicubic_forward";
+    let p = resample_params(OP, small, big, factor, true)?;
+    expect_distinct(OP, small, big)?;
+    rec.dispatch(
+        key(OP),
+        &p,
+        &[(1, small.into()), (2, big.into())],
+        grid_1d(big.numel().div_ceil(WG)),
+    );
+    Ok(())
+}
+
+/// small [N, H, W, C] = k × k average pooling of big [N, kH, kW, C].
+pub fn avg_pool_forward(
+    rec: &mut Recorder,
+    big: &Tensor,
+    factor: usize,
+    small: &Tensor,
+) -> OpResult {
+    const OP: &str = "avg_pool_forward";
+    let p = resample_params(OP, small, big, factor, false)?;
+    expect_distinct(OP, big, small)?;
+    rec.dispatch(
+        key(OP),
+        &p,
+        &[(1, big.into()), (2, small.into())],
+        grid_1d(small.numel().div_ceil(WG)),
     );
     Ok(())
 }

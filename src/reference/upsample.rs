@@ -65,3 +65,121 @@ mod tests {
         assert_gradients_match("upsample_nearest2x", &analytic, &numeric, 1e-8);
     }
 }
+
+/// Keys' cubic convolution weights for the fractional offset t (A = −0.75, torch's).
+fn cubic_weights(t: f64) -> [f64; 4] {
+    let a = -0.75;
+    let c1 = |x: f64| ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0;
+    let c2 = |x: f64| ((a * x - 5.0 * a) * x + 8.0 * a) * x - 4.0 * a;
+    [c2(t + 1.0), c1(t), c1(1.0 - t), c2(2.0 - t)]
+}
+
+/// torch F.interpolate(x, scale_factor=k, mode="bicubic", align_corners=False) on NHWC.
+pub fn upsample_bicubic(x: &[f64], [n, h, w, c]: [usize; 4], k: usize) -> Vec<f64> {
+    let (oh, ow) = (k * h, k * w);
+    let mut out = vec![0.0; n * oh * ow * c];
+    let src = |o: usize| (o as f64 + 0.5) / k as f64 - 0.5;
+    for b in 0..n {
+        for oy in 0..oh {
+            let ry = src(oy);
+            let fy = ry.floor();
+            let wy = cubic_weights(ry - fy);
+            for ox in 0..ow {
+                let rx = src(ox);
+                let fx = rx.floor();
+                let wx = cubic_weights(rx - fx);
+                for ch in 0..c {
+                    let mut acc = 0.0;
+                    for (a, wya) in wy.iter().enumerate() {
+                        let sy = (fy as isize - 1 + a as isize).clamp(0, h as isize - 1) as usize;
+                        for (bb, wxb) in wx.iter().enumerate() {
+                            let sx =
+                                (fx as isize - 1 + bb as isize).clamp(0, w as isize - 1) as usize;
+                            acc += wya * wxb * x[((b * h + sy) * w + sx) * c + ch];
+                        }
+                    }
+                    out[((b * oh + oy) * ow + ox) * c + ch] = acc;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// k × k average pooling of NHWC `x` [n, kh, kw, c] → [n, h, w, c].
+pub fn avg_pool(x: &[f64], [n, h, w, c]: [usize; 4], k: usize) -> Vec<f64> {
+    let (bh, bw) = (k * h, k * w);
+    let mut out = vec![0.0; n * h * w * c];
+    for b in 0..n {
+        for y in 0..h {
+            for xx in 0..w {
+                for ch in 0..c {
+                    let mut acc = 0.0;
+                    for a in 0..k {
+                        for d in 0..k {
+                            acc += x[((b * bh + k * y + a) * bw + k * xx + d) * c + ch];
+                        }
+                    }
+                    out[((b * h + y) * w + xx) * c + ch] = acc / (k * k) as f64;
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod resample_tests {
+    use super::*;
+
+    /// Values torch 2.15 printed for F.interpolate(x, scale_factor=k, mode="bicubic",
+    /// align_corners=False) and F.avg_pool2d(x[:, :, :2], 2) of x = arange(12)^1.5 / 7 as
+    /// [1, 1, 3, 4] (float64); every 5th output.
+    #[test]
+    fn bicubic_and_avg_pool_match_torch() {
+        let x: Vec<f64> = (0..12).map(|v| (v as f64).powf(1.5) / 7.0).collect();
+        let up2 = upsample_bicubic(&x, [1, 3, 4, 1], 2);
+        let torch2 = [
+            -0.132137913779,
+            0.32176989706,
+            0.313179918056,
+            1.123436549603,
+            1.324612136022,
+            1.836131065672,
+            3.311381464688,
+            3.579162412433,
+            3.385102773892,
+            5.004810907182,
+        ];
+        for (i, t) in torch2.iter().enumerate() {
+            assert!(
+                (up2[5 * i] - t).abs() < 1e-9,
+                "x2 [{}]: {} vs torch {t}",
+                5 * i,
+                up2[5 * i]
+            );
+        }
+        let up4 = upsample_bicubic(&x, [1, 3, 4, 1], 4);
+        let torch4 = [
+            -0.13749327977,
+            -0.045119283558,
+            0.267591362319,
+            0.567839922142,
+            -0.031748465153,
+            0.234905927008,
+            0.628890465117,
+            0.141798200448,
+        ];
+        for (i, t) in torch4.iter().enumerate() {
+            assert!(
+                (up4[5 * i] - t).abs() < 1e-9,
+                "x4 [{}]: {} vs torch {t}",
+                5 * i,
+                up4[5 * i]
+            );
+        }
+        let pooled = avg_pool(&x[..8], [1, 1, 2, 1], 2);
+        assert!((pooled[0] - 0.7207264245535339).abs() < 1e-12);
+        assert!((pooled[1] - 1.4729206136287152).abs() < 1e-12);
+    }
+}

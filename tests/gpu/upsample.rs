@@ -74,3 +74,39 @@ fn invalid_shapes_are_errors() {
     assert!(e.contains("share a buffer"), "{e}");
     assert!(rec.is_empty());
 }
+
+/// Bicubic upsampling (×2, ×4) and average pooling against the f64 reference, itself checked
+/// against torch's values (reference::upsample). 16 taps of f32 products: rtol/atol 1e-5.
+#[test]
+fn bicubic_and_avg_pool_match_reference() {
+    let g = gpu();
+    for (n, h, w, c) in [(1, 1, 1, 1), (2, 3, 5, 1), (3, 7, 7, 3)] {
+        for k in [2usize, 4] {
+            let x = random(n * h * w * c, (n * h * w * c * k) as u64);
+            let small = upload(&g, &[n, h, w, c], &x, "small");
+            let big = g.tensor(&[n, k * h, k * w, c], "big");
+            let bigx = random(n * k * h * k * w * c, 77 + k as u64);
+            let big_in = upload(&g, &[n, k * h, k * w, c], &bigx, "big in");
+            let pooled = g.tensor(&[n, h, w, c], "pooled");
+            run(&g, |rec| {
+                up::upsample_bicubic_forward(rec, &small, k, &big).unwrap();
+                up::avg_pool_forward(rec, &big_in, k, &pooled).unwrap();
+            });
+            let what = format!("{n}x{h}x{w}x{c} k{k}");
+            assert_close(
+                &format!("bicubic {what}"),
+                &read(&g, &big),
+                &wgpu_diffusion::reference::upsample::upsample_bicubic(&x, [n, h, w, c], k),
+                1e-5,
+                1e-5,
+            );
+            assert_close(
+                &format!("avg_pool {what}"),
+                &read(&g, &pooled),
+                &wgpu_diffusion::reference::upsample::avg_pool(&bigx, [n, h, w, c], k),
+                1e-6,
+                1e-6,
+            );
+        }
+    }
+}
