@@ -7,6 +7,7 @@ pub mod cli_train;
 pub mod data;
 pub mod diffusion;
 pub mod gpu;
+pub mod metrics;
 pub mod nn;
 pub mod ops;
 pub mod reference;

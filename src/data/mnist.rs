@@ -8,6 +8,16 @@ use super::{DataError, Dataset};
 
 const TRAIN_IMAGES_GZ: &[u8] = include_bytes!("../../data/mnist/train-images.idx3-ubyte.gz");
 const TRAIN_LABELS_GZ: &[u8] = include_bytes!("../../data/mnist/train-labels.idx1-ubyte.gz");
+const TEST_IMAGES_GZ: &[u8] = include_bytes!("../../data/mnist/t10k-images.idx3-ubyte.gz");
+
+/// The 10,000 MNIST test digits, 28×28, in [-1, 1] (super-resolution evaluation).
+pub fn test_images() -> Result<(usize, Vec<f32>), DataError> {
+    let (n, rows, cols, pixels) = decode_idx3(&gunzip(TEST_IMAGES_GZ)?)?;
+    if (rows, cols) != (28, 28) {
+        return Err(DataError::Invalid("MNIST test images are not 28x28".into()));
+    }
+    Ok((n, pixels.iter().map(|&b| b as f32 / 127.5 - 1.0).collect()))
+}
 
 /// Decodes an IDX1 (ubyte) label file.
 pub fn decode_idx1(bytes: &[u8]) -> Result<Vec<u8>, DataError> {
