@@ -85,6 +85,60 @@ pub struct SampleArgs {
     /// RePaint: how often each jump point is resampled (1 = no resampling; diffusers' 10).
     #[arg(long, default_value_t = 10)]
     pub jump_n_sample: usize,
+    /// `sr` for a super-resolution model (inferred from the model; given, it is checked).
+    #[arg(long, value_enum)]
+    pub task: Option<crate::train::config::Task>,
+    /// Super-resolution: a low-resolution image, or a folder of them (sorted by name); each must
+    /// be sample_size / scale pixels square. One output per input.
+    #[arg(long)]
+    pub lowres: Option<PathBuf>,
+}
+
+/// The low-resolution inputs of a super-resolution model, NHWC in [-1, 1], with their paths.
+fn read_lowres(
+    path: &Path,
+    size: usize,
+    scale: usize,
+    channels: usize,
+) -> Result<(Vec<PathBuf>, Vec<f32>)> {
+    let mut files = Vec::new();
+    if path.is_dir() {
+        for e in std::fs::read_dir(path).with_context(|| format!("--lowres {}", path.display()))? {
+            let p = e?.path();
+            let ext = p
+                .extension()
+                .and_then(|e| e.to_str())
+                .map(|e| e.to_ascii_lowercase());
+            if matches!(ext.as_deref(), Some("png" | "jpg" | "jpeg")) {
+                files.push(p);
+            }
+        }
+        files.sort();
+        if files.is_empty() {
+            bail!(
+                "--lowres {}: no PNG or JPEG images in the folder",
+                path.display()
+            );
+        }
+    } else {
+        files.push(path.to_path_buf());
+    }
+    let low = size / scale;
+    let mut values = Vec::new();
+    for f in &files {
+        let img = image::open(f)
+            .map_err(|e| anyhow!("--lowres {}: not a readable image: {e}", f.display()))?;
+        if (img.width(), img.height()) != (low as u32, low as u32) {
+            bail!(
+                "--lowres {} is {}x{}; this x{scale} model of sample_size {size} needs {low}x{low} inputs",
+                f.display(),
+                img.width(),
+                img.height()
+            );
+        }
+        values.extend(crate::data::to_model_input(img, low, channels));
+    }
+    Ok((files, values))
 }
 
 /// The inpainting inputs at the model's size: the image in [-1, 1] and the keep mask (1 = keep),
@@ -182,7 +236,31 @@ pub fn run(opts: &GpuOptions, args: &SampleArgs) -> Result<()> {
         _ => bail!("give exactly one of --model DIR and --checkpoint FILE"),
     };
     let cfg = &source.config;
-    let (c, s) = (cfg.in_channels, cfg.sample_size);
+    let (c, s) = (cfg.out_channels, cfg.sample_size);
+    let lowres = match (cfg.sr_scale, &args.lowres, args.task) {
+        (Some(k), Some(path), _) => Some(read_lowres(path, s, k, c)?),
+        (Some(k), None, _) => bail!(
+            "{} is a x{k} super-resolution model: give the low-resolution input with --lowres IMAGE|DIR ({}x{} pixels)",
+            source.description,
+            s / k,
+            s / k
+        ),
+        (None, _, Some(crate::train::config::Task::Sr)) | (None, Some(_), _) => bail!(
+            "{} is not a super-resolution model (its config has no _sr_scale)",
+            source.description
+        ),
+        (None, None, _) => None,
+    };
+    if lowres.is_some()
+        && (args.num.is_some()
+            || args.noise.is_some()
+            || args.inpaint.is_some()
+            || args.class.is_some())
+    {
+        bail!(
+            "with --lowres there is one output per low-resolution image: --num, --noise, --inpaint and --class do not apply"
+        );
+    }
     let inpaint = read_inpaint(args, s, c)?;
     let schedule = match &inpaint {
         None => SamplingSchedule::new(
@@ -236,8 +314,9 @@ pub fn run(opts: &GpuOptions, args: &SampleArgs) -> Result<()> {
     let guidance = args.guidance_scale.filter(|&g| g != 1.0);
     let all_classes = args.class.as_deref() == Some("all");
     let per_class = args.num.unwrap_or(if all_classes { 8 } else { 16 });
-    let mut num = match &classes {
-        Some(list) if all_classes => list.len() * per_class,
+    let mut num = match (&classes, &lowres) {
+        (_, Some((files, _))) => files.len(),
+        (Some(list), _) if all_classes => list.len() * per_class,
         _ => per_class,
     };
     let noise = match &args.noise {
@@ -364,6 +443,12 @@ pub fn run(opts: &GpuOptions, args: &SampleArgs) -> Result<()> {
             },
             None => Noise::Seeded(args.seed),
         };
+        if let Some((_, low)) = &lowres {
+            let per_low = low.len() / num;
+            let mut chunk = low[first * per_low..(first + take) * per_low].to_vec();
+            chunk.resize(batch * per_low, 0.0);
+            sampler.set_lowres(&chunk)?;
+        }
         let labels: Vec<u32> = (first..first + batch).map(label_of).collect();
         let labels = classes.as_ref().map(|_| labels.as_slice());
         let out = sampler.sample_batch(first, &source_noise, labels, &mut |e| {
@@ -414,16 +499,21 @@ struct StepProgress {
     bar: Option<indicatif::ProgressBar>,
     total: u64,
     last_line: Instant,
+    unit: &'static str,
 }
 
 impl StepProgress {
     fn new(total: u64) -> StepProgress {
+        Self::with_unit(total, "U-Net evaluations")
+    }
+
+    fn with_unit(total: u64, unit: &'static str) -> StepProgress {
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = indicatif::ProgressBar::new(total);
             bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{bar:30.cyan/blue} {pos}/{len} U-Net evaluations [{elapsed_precise}<{eta_precise}]",
-                )
+                indicatif::ProgressStyle::with_template(&format!(
+                    "{{bar:30.cyan/blue}} {{pos}}/{{len}} {unit} [{{elapsed_precise}}<{{eta_precise}}]"
+                ))
                 .expect("template")
                 .progress_chars("=> "),
             );
@@ -433,6 +523,7 @@ impl StepProgress {
             bar,
             total,
             last_line: Instant::now(),
+            unit,
         }
     }
 
@@ -442,7 +533,7 @@ impl StepProgress {
             None => {
                 if self.last_line.elapsed().as_secs_f64() >= 5.0 || done == self.total {
                     self.last_line = Instant::now();
-                    eprintln!("sampling: {done}/{} U-Net evaluations", self.total);
+                    eprintln!("sampling: {done}/{} {}", self.total, self.unit);
                 }
             }
         }
@@ -453,4 +544,171 @@ impl StepProgress {
             bar.finish();
         }
     }
+}
+
+/// `wgpu-diffusion eval-sr`: a super-resolution model on the MNIST test digits.
+#[derive(clap::Args, Clone, Debug)]
+pub struct EvalSrArgs {
+    /// The super-resolution model (a model directory or run folder).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Evaluate the first N test digits (default: all 10,000).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    #[arg(long, value_enum, default_value_t = SamplerKind::Ddim)]
+    pub sampler: SamplerKind,
+    #[arg(long, default_value_t = 50)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// Also write a comparison picture (rows: LR, bicubic, ours, ground truth) of the first 8.
+    #[arg(long)]
+    pub picture: Option<PathBuf>,
+}
+
+/// Mean PSNR / SSIM against the ground truth and the consistency PSNR (avg_pool(SR) vs LR).
+#[derive(Default, serde::Serialize)]
+pub struct SrScores {
+    pub psnr: f64,
+    pub ssim: f64,
+    pub consistency_psnr: f64,
+}
+
+fn score(sr: &[f32], hr: &[f32], lr: &[f32], k: usize, totals: &mut SrScores) {
+    use crate::metrics::{psnr, ssim, to_unit};
+    let (a, b) = (to_unit(sr), to_unit(hr));
+    totals.psnr += psnr(&a, &b);
+    totals.ssim += ssim(&a, &b, 28, 28, 1);
+    let pooled = crate::reference::upsample::avg_pool(&a, [1, 28 / k, 28 / k, 1], k);
+    totals.consistency_psnr += psnr(&pooled, &to_unit(lr));
+}
+
+pub fn run_eval_sr(opts: &GpuOptions, args: &EvalSrArgs) -> Result<()> {
+    use crate::reference::upsample::{avg_pool, upsample_bicubic};
+    let source = ModelSource::from_dir(&args.model)?;
+    let cfg = &source.config;
+    let Some(k) = cfg.sr_scale else {
+        bail!(
+            "{} is not a super-resolution model (no _sr_scale in its config)",
+            source.description
+        );
+    };
+    if (cfg.sample_size, cfg.out_channels) != (28, 1) {
+        bail!(
+            "eval-sr measures on the MNIST test digits (28x28, 1 channel); this model makes {}x{} images with {} channels",
+            cfg.sample_size,
+            cfg.sample_size,
+            cfg.out_channels
+        );
+    }
+    let schedule = SamplingSchedule::new(&source.scheduler, args.sampler, args.steps, None, 0.0)
+        .map_err(anyhow::Error::msg)?;
+    let (total, images) = crate::data::mnist::test_images()?;
+    let n = args.limit.unwrap_or(total).min(total);
+    if n == 0 || args.batch_size == 0 {
+        bail!("--limit and --batch-size must be at least 1");
+    }
+    let gpu: Arc<Gpu> = Gpu::new(opts)?;
+    eprintln!("device: {}", gpu.describe());
+    eprintln!(
+        "model: {} (x{k}); {} test digits, {} {} steps, seed {}",
+        source.description,
+        n,
+        args.sampler.diffusers_class(),
+        args.steps,
+        args.seed
+    );
+    let batch = args.batch_size.min(n);
+    let mut sampler = Sampler::new(&gpu, cfg, schedule, batch, &SamplerOptions::default())?;
+    sampler.set_weights(&source.weights(&sampler.unet.params)?)?;
+    let (low_n, per) = ((28 / k) * (28 / k), 28 * 28);
+    let mut ours = SrScores::default();
+    let mut bicubic = SrScores::default();
+    let mut picture: Vec<Vec<f32>> = vec![Vec::new(); 4];
+    let mut progress = StepProgress::with_unit(n.div_ceil(batch) as u64, "batches");
+    let start = Instant::now();
+    for (b, first) in (0..n).step_by(batch).enumerate() {
+        let take = batch.min(n - first);
+        let hr = &images[first * per..(first + take) * per];
+        let mut low: Vec<f32> = Vec::with_capacity(batch * low_n);
+        for img in hr.chunks(per) {
+            let hr64: Vec<f64> = img.iter().map(|&v| v as f64).collect();
+            low.extend(
+                avg_pool(&hr64, [1, 28 / k, 28 / k, 1], k)
+                    .iter()
+                    .map(|&v| v as f32),
+            );
+        }
+        let mut padded = low.clone();
+        padded.resize(batch * low_n, 0.0);
+        sampler.set_lowres(&padded)?;
+        let sr = sampler.sample_batch(first, &Noise::Seeded(args.seed), None, &mut |_| {})?;
+        for i in 0..take {
+            let (h, l, o) = (
+                &hr[i * per..(i + 1) * per],
+                &low[i * low_n..(i + 1) * low_n],
+                &sr[i * per..(i + 1) * per],
+            );
+            score(o, h, l, k, &mut ours);
+            let l64: Vec<f64> = l.iter().map(|&v| v as f64).collect();
+            let up: Vec<f32> = upsample_bicubic(&l64, [1, 28 / k, 28 / k, 1], k)
+                .iter()
+                .map(|&v| v as f32)
+                .collect();
+            score(&up, h, l, k, &mut bicubic);
+            if first + i < 8 {
+                // Nearest-neighbour view of the LR input at full size.
+                let nn: Vec<f32> = (0..per)
+                    .map(|p| l[((p / 28) / k) * (28 / k) + (p % 28) / k])
+                    .collect();
+                picture[0].extend(nn);
+                picture[1].extend(up);
+                picture[2].extend_from_slice(o);
+                picture[3].extend_from_slice(h);
+            }
+        }
+        progress.set(b as u64 + 1);
+    }
+    progress.finish();
+    for sc in [&mut ours, &mut bicubic] {
+        sc.psnr /= n as f64;
+        sc.ssim /= n as f64;
+        sc.consistency_psnr /= n as f64;
+    }
+    println!("| x{k}, {n} MNIST test digits | PSNR (dB) | SSIM | consistency PSNR (dB) |");
+    println!("|---|---|---|---|");
+    println!(
+        "| bicubic | {:.2} | {:.3} | {:.2} |",
+        bicubic.psnr, bicubic.ssim, bicubic.consistency_psnr
+    );
+    println!(
+        "| {} ({} {} steps) | {:.2} | {:.3} | {:.2} |",
+        source.description,
+        args.sampler.diffusers_class(),
+        args.steps,
+        ours.psnr,
+        ours.ssim,
+        ours.consistency_psnr
+    );
+    eprintln!(
+        "{:.1} s ({:.2} images/s)",
+        start.elapsed().as_secs_f64(),
+        n as f64 / start.elapsed().as_secs_f64()
+    );
+    println!(
+        "{}",
+        serde_json::json!({"eval": "sr", "scale": k, "images": n, "sampler": args.sampler.diffusers_class(), "steps": args.steps, "seed": args.seed, "ours": ours, "bicubic": bicubic})
+    );
+    if let Some(path) = &args.picture {
+        let cols = picture[3].len() / per;
+        let all: Vec<f32> = picture.concat();
+        save_grid(&all, [4 * cols, 28, 28, 1], cols, path)?;
+        eprintln!(
+            "picture: {} (rows: LR, bicubic, ours, ground truth)",
+            path.display()
+        );
+    }
+    Ok(())
 }

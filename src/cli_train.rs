@@ -89,6 +89,13 @@ pub struct TrainArgs {
     /// Train a class-conditional model: MNIST's digits, or with --data one sub-folder per class.
     #[arg(long)]
     pub class_conditional: bool,
+    /// `sr`: train a super-resolution model (input: noisy image + bicubic upsampling of its
+    /// average-pooled low-resolution version).
+    #[arg(long, value_enum)]
+    pub task: Option<crate::train::config::Task>,
+    /// Super-resolution factor for --task sr (2 or 4).
+    #[arg(long)]
+    pub scale: Option<usize>,
     /// With --class-conditional: probability of dropping a label to the null class, which trains
     /// the unconditional branch classifier-free guidance needs (0 = none).
     #[arg(long)]
@@ -134,7 +141,7 @@ impl TrainArgs {
             sample_steps,
             checkpoint_every
         );
-        set!(keep_checkpoints, log_every, cond_drop);
+        set!(keep_checkpoints, log_every, cond_drop, task, scale);
         if self.model_config.is_some() {
             c.model_config = self.model_config.clone();
         }

@@ -61,6 +61,13 @@ enum Command {
         #[command(flatten)]
         args: Box<wgpu_diffusion::cli_sample::SampleArgs>,
     },
+    /// Super-resolution quality on the MNIST test digits: PSNR, SSIM, consistency, beside bicubic.
+    EvalSr {
+        #[command(flatten)]
+        device: DeviceArgs,
+        #[command(flatten)]
+        args: Box<wgpu_diffusion::cli_sample::EvalSrArgs>,
+    },
     /// Benchmarks: `--kernels` prints GFLOP/s of the GEMM/conv kernels as JSON lines.
     Bench {
         #[command(flatten)]
@@ -148,6 +155,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
             Ok(())
+        }
+        Command::EvalSr { device, args } => {
+            wgpu_diffusion::cli_sample::run_eval_sr(&device.options(), &args)
         }
         Command::Sample { device, args } => {
             wgpu_diffusion::cli_sample::run(&device.options(), &args)

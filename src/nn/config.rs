@@ -37,6 +37,10 @@ pub struct UNetConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub null_class: Option<usize>,
+    /// Super-resolution by this factor: the input is `cat([x_t, bicubic(LR)])`, so
+    /// `in_channels` = 2 × `out_channels`; written as `_sr_scale`.
+    #[serde(default, rename = "_sr_scale", skip_serializing_if = "Option::is_none")]
+    pub sr_scale: Option<usize>,
 }
 
 /// Keys diffusers writes that we accept, with the only values we support (None = any value is
@@ -58,7 +62,8 @@ const ACCEPTED_AS_DEFAULT: &[(&str, Option<&str>)] = &[
 ];
 
 impl UNetConfig {
-    /// Named presets (DESIGN.md): tiny16, mnist28, cifar32 (google/ddpm-cifar10-32).
+    /// Named presets (DESIGN.md): tiny16, mnist28, cifar32 (google/ddpm-cifar10-32), and tiny28
+    /// (tiny16's network at 28×28).
     pub fn preset(name: &str) -> Option<UNetConfig> {
         let ddpm =
             |sample_size, in_out, blocks: &[usize], layers, down: &[&str], up: &[&str], groups| {
@@ -83,11 +88,22 @@ impl UNetConfig {
                     time_embedding_type: "positional".into(),
                     num_class_embeds: None,
                     null_class: None,
+                    sr_scale: None,
                 }
             };
         match name {
             "tiny16" => Some(ddpm(
                 16,
+                1,
+                &[32, 64],
+                1,
+                &["DownBlock2D", "AttnDownBlock2D"],
+                &["AttnUpBlock2D", "UpBlock2D"],
+                8,
+            )),
+            // tiny16's network at MNIST's full size (super-resolution runs).
+            "tiny28" => Some(ddpm(
+                28,
                 1,
                 &[32, 64],
                 1,
@@ -122,7 +138,7 @@ impl UNetConfig {
         }
     }
 
-    pub const PRESETS: [&'static str; 3] = ["tiny16", "mnist28", "cifar32"];
+    pub const PRESETS: [&'static str; 4] = ["tiny16", "tiny28", "mnist28", "cifar32"];
 
     /// Parses a diffusers `config.json` (diffusers' defaults fill missing keys).
     pub fn from_json(text: &str) -> Result<UNetConfig, String> {
@@ -206,6 +222,7 @@ impl UNetConfig {
             "time_embedding_type",
             "num_class_embeds",
             "_null_class",
+            "_sr_scale",
         ];
         for (k, val) in obj {
             if known.contains(&k.as_str()) {
@@ -311,6 +328,10 @@ impl UNetConfig {
             null_class: match obj.get("_null_class") {
                 None | Some(Value::Null) => None,
                 Some(_) => Some(get_usize("_null_class", 0)?),
+            },
+            sr_scale: match obj.get("_sr_scale") {
+                None | Some(Value::Null) => None,
+                Some(_) => Some(get_usize("_sr_scale", 0)?),
             },
         };
         cfg.validate()?;
@@ -420,6 +441,20 @@ impl UNetConfig {
                 ));
             }
             _ => {}
+        }
+        if let Some(k) = self.sr_scale {
+            if k < 2 || !self.sample_size.is_multiple_of(k) {
+                return Err(format!(
+                    "`_sr_scale` {k} must be at least 2 and divide `sample_size` {}",
+                    self.sample_size
+                ));
+            }
+            if self.in_channels != 2 * self.out_channels {
+                return Err(format!(
+                    "a super-resolution model takes cat([x_t, upsampled LR]): `in_channels` must be 2 × `out_channels` ({}), is {}",
+                    self.out_channels, self.in_channels
+                ));
+            }
         }
         if self.downsample_padding > 1 {
             return Err(format!(

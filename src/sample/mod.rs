@@ -16,12 +16,13 @@ use anyhow::{Result, bail};
 use crate::diffusion::scheduler::{SamplerKind, SamplingSchedule};
 use crate::gpu::{Gpu, Plan, Tensor};
 use crate::nn::{UNet, UNetConfig};
-use crate::ops::elementwise::scale;
+use crate::ops::elementwise::{copy_channels, scale};
 use crate::ops::noise::{purpose, random_normal, write_rng_state};
 use crate::ops::samplers::{
     COEFFS_LEN, UpdateBuffers, guidance_combine, inpaint_known, renoise, sampler_update,
     scale_model_input,
 };
+use crate::ops::upsample::upsample_bicubic_forward;
 
 pub use source::ModelSource;
 
@@ -65,6 +66,15 @@ pub struct Sampler {
     reset_plan: Plan,
     /// Inpainting's jump back up: x ← a·x + b·z.
     renoise_plan: Option<Plan>,
+    /// Super-resolution models: the batch's low-resolution input and its bicubic upsampling.
+    sr: Option<SuperResolution>,
+}
+
+struct SuperResolution {
+    low: Tensor,
+    upsample_plan: Plan,
+    /// A low-resolution batch was given for the next `sample_batch`.
+    ready: bool,
 }
 
 impl Sampler {
@@ -79,12 +89,16 @@ impl Sampler {
         if batch == 0 {
             bail!("the sampling batch size must be at least 1");
         }
-        if model.out_channels != model.in_channels {
+        let expect_in = model.out_channels * if model.sr_scale.is_some() { 2 } else { 1 };
+        if model.in_channels != expect_in {
             bail!(
-                "the model maps {} input channels to {} output channels; sampling needs them equal",
+                "the model maps {} input channels to {} output channels; sampling needs them equal (twice as many inputs for super-resolution)",
                 model.in_channels,
                 model.out_channels
             );
+        }
+        if model.sr_scale.is_some() && options.guidance.is_some() {
+            bail!("guidance is not supported for super-resolution models");
         }
         if let Some(s) = guidance {
             if model.num_class_embeds.is_none() {
@@ -101,7 +115,7 @@ impl Sampler {
         }
         let copies = if guidance.is_some() { 2 } else { 1 };
         let unet = UNet::for_inference(gpu, model, batch * copies)?;
-        let shape = unet.sample.shape().to_vec();
+        let shape = unet.output.shape().to_vec();
         let shape = [&[batch], &shape[1..]].concat();
         let x = gpu.tensor(&shape, "sampling x");
         let z = gpu.tensor(&shape, "sampling step noise");
@@ -114,7 +128,30 @@ impl Sampler {
             .clip_sample
             .then_some(settings.clip_sample_range as f32);
         let mut rec = gpu.recorder();
-        scale_model_input(&mut rec, &x, &coeffs, &unet.sample.value, copies)?;
+        let sr = match model.sr_scale {
+            None => {
+                scale_model_input(&mut rec, &x, &coeffs, &unet.sample.value, copies)?;
+                None
+            }
+            Some(k) => {
+                // cat([scale_model_input(x), bicubic(LR)]) along channels.
+                let s = model.sample_size;
+                let c = model.out_channels;
+                let low = gpu.tensor(&[batch, s / k, s / k, c], "sr: low resolution");
+                let up = gpu.tensor(&shape, "sr: bicubic upsampled");
+                let scaled = gpu.tensor(&shape, "sr: scaled x");
+                scale_model_input(&mut rec, &x, &coeffs, &scaled, 1)?;
+                copy_channels(&mut rec, &scaled, 0, &unet.sample.value, 0, c, false)?;
+                copy_channels(&mut rec, &up, 0, &unet.sample.value, c, c, false)?;
+                let mut r = gpu.recorder();
+                upsample_bicubic_forward(&mut r, &low, k, &up)?;
+                Some(SuperResolution {
+                    low,
+                    upsample_plan: r.finish(),
+                    ready: false,
+                })
+            }
+        };
         unet.forward(&mut rec)?;
         let guided = match guidance {
             Some(scale) => {
@@ -167,6 +204,7 @@ impl Sampler {
             step_plan,
             reset_plan,
             renoise_plan,
+            sr,
         })
     }
 
@@ -191,6 +229,18 @@ impl Sampler {
     /// U-Net evaluations per batch.
     pub fn evaluations(&self) -> usize {
         self.schedule.evals.len()
+    }
+
+    /// Super-resolution models: the next batch's low-resolution images, NHWC [B, S/k, S/k, C]
+    /// in [-1, 1] (upsampled once on the GPU; every step sees it beside x).
+    pub fn set_lowres(&mut self, low: &[f32]) -> Result<()> {
+        let Some(sr) = &mut self.sr else {
+            bail!("the model is not a super-resolution model: it takes no low-resolution input");
+        };
+        self.gpu.write(&sr.low, low)?;
+        self.gpu.submit(&[&sr.upsample_plan]);
+        sr.ready = true;
+        Ok(())
     }
 
     /// Uploads weights in the U-Net's flat parameter layout.
@@ -238,6 +288,14 @@ impl Sampler {
         on_eval: &mut dyn FnMut(usize),
     ) -> Result<Vec<f32>> {
         let g = self.gpu.clone();
+        if let Some(sr) = &mut self.sr {
+            if !sr.ready {
+                bail!(
+                    "a super-resolution model needs the batch's low-resolution images (set_lowres)"
+                );
+            }
+            sr.ready = false;
+        }
         let cfg = &self.unet.config;
         match (&self.unet.class_labels, labels) {
             (Some(t), Some(l)) => {

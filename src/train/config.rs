@@ -67,6 +67,19 @@ pub struct TrainConfig {
     /// Label dropout for classifier-free guidance: the probability that a sample's label is
     /// replaced by the null class (0 = no unconditional branch).
     pub cond_drop: f64,
+    /// What the model learns: to generate images, or to super-resolve them.
+    pub task: Task,
+    /// Super-resolution factor (`task = "sr"`): LR = average pooling of the target by it.
+    pub scale: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Task {
+    /// Unconditional or class-conditional generation.
+    Generate,
+    /// Super-resolution: the U-Net sees cat([x_t, bicubic(avg_pool(x0))]).
+    Sr,
 }
 
 impl Default for TrainConfig {
@@ -109,6 +122,8 @@ impl Default for TrainConfig {
             strict: false,
             class_conditional: false,
             cond_drop: 0.1,
+            task: Task::Generate,
+            scale: 2,
         }
     }
 }
@@ -142,6 +157,9 @@ impl TrainConfig {
                 "sample_steps must be in 1..={}",
                 self.num_train_timesteps
             ));
+        }
+        if self.task == Task::Sr && !matches!(self.scale, 2 | 4) {
+            return err(format!("scale must be 2 or 4, is {}", self.scale));
         }
         if !(0.0..1.0).contains(&self.cond_drop) {
             return err(format!(

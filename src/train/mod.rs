@@ -82,6 +82,33 @@ fn configure_classes(
     Ok(data.class_names.clone())
 }
 
+/// A super-resolution run doubles the U-Net's input channels (noisy image + upsampled LR) and
+/// records the factor; a model from elsewhere must already fit.
+fn configure_task(cfg: &TrainConfig, model: &mut UNetConfig) -> Result<()> {
+    match (cfg.task, model.sr_scale) {
+        (config::Task::Generate, None) => Ok(()),
+        (config::Task::Generate, Some(k)) => {
+            bail!("the model is a x{k} super-resolution model: train it with --task sr --scale {k}")
+        }
+        (config::Task::Sr, Some(k)) if k == cfg.scale => Ok(()),
+        (config::Task::Sr, Some(k)) => {
+            bail!("the model super-resolves by {k}, not --scale {}", cfg.scale)
+        }
+        (config::Task::Sr, None) => {
+            if model.in_channels != model.out_channels {
+                bail!(
+                    "--task sr builds its input from a model with in_channels = out_channels (the preset's); this config has {} and {}",
+                    model.in_channels,
+                    model.out_channels
+                );
+            }
+            model.in_channels = 2 * model.out_channels;
+            model.sr_scale = Some(cfg.scale);
+            model.validate().map_err(|e| anyhow!(e))
+        }
+    }
+}
+
 /// Whether a sample grid is drawn after optimizer step `step`: early at 100, 250 and 500 (so a
 /// default run shows digits within minutes), then every `sample_every` steps, and at the end;
 /// never with `sample_every` = 0.
@@ -180,12 +207,12 @@ pub fn run(
 
     // Data, decoded once (before the run folder exists, so a bad --data leaves nothing behind).
     let data: Arc<Dataset> = Arc::new(match &cfg.data {
-        None => crate::data::mnist::load(model.sample_size, model.in_channels)?,
+        None => crate::data::mnist::load(model.sample_size, model.out_channels)?,
         Some(dir) => {
             let (d, skipped) = crate::data::folder::load(
                 dir,
                 model.sample_size,
-                model.in_channels,
+                model.out_channels,
                 cfg.hflip,
                 cfg.strict,
             )?;
@@ -201,6 +228,7 @@ pub fn run(
     });
     progress.message(&format!("data: {}", data.description));
     let class_names = configure_classes(&cfg, &data, &mut model)?;
+    configure_task(&cfg, &mut model)?;
 
     cfg.out = Some(run_dir.root.clone());
     std::fs::create_dir_all(run_dir.checkpoints())
@@ -216,6 +244,17 @@ pub fn run(
 
     let mut trainer = Trainer::new(gpu.clone(), cfg.clone(), &model)?;
     trainer.class_names = class_names;
+    // Super-resolution grids upsample the first images of the data set (the same every time).
+    let grid_lowres: Option<Vec<f32>> = model.sr_scale.map(|k| {
+        let (s, c) = (model.sample_size, model.out_channels);
+        (0..GRID_IMAGES)
+            .flat_map(|i| {
+                let hr: Vec<f64> = data.image(i % data.len).iter().map(|&v| v as f64).collect();
+                crate::reference::upsample::avg_pool(&hr, [1, s / k, s / k, c], k)
+            })
+            .map(|v| v as f32)
+            .collect()
+    });
     progress.message(&format!(
         "model: {} parameters, batch {} x {} accumulation, {} dispatches per step",
         trainer.unet.params.count(),
@@ -336,7 +375,14 @@ pub fn run(
             && is_grid_step(step, cfg.sample_every, cfg.steps)
             && step < cfg.steps
         {
-            write_samples(&trainer, sampler, &run_dir, step, progress)?;
+            write_samples(
+                &trainer,
+                sampler,
+                grid_lowres.as_deref(),
+                &run_dir,
+                step,
+                progress,
+            )?;
         }
         if step % cfg.checkpoint_every == 0 && step < cfg.steps {
             save_checkpoint(&trainer, &model, &run_dir, progress)?;
@@ -353,7 +399,14 @@ pub fn run(
     if let Some(sampler) = &mut sampler
         && !interrupted
     {
-        write_samples(&trainer, sampler, &run_dir, trainer.step, progress)?;
+        write_samples(
+            &trainer,
+            sampler,
+            grid_lowres.as_deref(),
+            &run_dir,
+            trainer.step,
+            progress,
+        )?;
     }
     plot::loss_plot(&history, &run_dir.root.join("loss.png"))?;
     progress.finish();
@@ -504,6 +557,7 @@ fn save_checkpoint(
 fn write_samples(
     trainer: &Trainer,
     sampler: &mut Sampler,
+    lowres: Option<&[f32]>,
     run_dir: &RunDir,
     step: u64,
     progress: &mut dyn Progress,
@@ -515,6 +569,9 @@ fn write_samples(
         &trainer.unet.params.params
     });
     // The same seeded noise at every grid, so grids show the model's progress, not new noise.
+    if let Some(low) = lowres {
+        sampler.set_lowres(low)?;
+    }
     // Class-conditional runs: image i shows class i mod K (conditional, no guidance).
     let labels: Option<Vec<u32>> = trainer.unet.class_labels.as_ref().map(|_| {
         let k = trainer.class_names.len().max(1) as u32;

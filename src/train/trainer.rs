@@ -18,9 +18,10 @@ use crate::ops::adamw::{
     write_hyper,
 };
 use crate::ops::diffusion::{min_snr_weights, v_target};
-use crate::ops::elementwise::cast_u32_to_f32;
+use crate::ops::elementwise::{cast_u32_to_f32, copy_channels};
 use crate::ops::loss::{mse_backward, mse_loss};
 use crate::ops::noise::{purpose, q_sample, random_normal, random_uniform_u32, write_rng_state};
+use crate::ops::upsample::{avg_pool_forward, upsample_bicubic_forward};
 
 /// Everything a step touches, allocated once.
 pub struct Trainer {
@@ -64,7 +65,19 @@ impl Trainer {
         .map_err(|e| anyhow!(e))?;
         let n = unet.params.len;
         let b = cfg.batch_size;
-        let image_shape = unet.sample.shape().to_vec();
+        // The images (x0, noise, targets) have the output's channels; a super-resolution U-Net
+        // takes twice as many (x_t and the upsampled low-resolution image).
+        let image_shape = unet.output.shape().to_vec();
+        let sr = model.sr_scale.map(|k| {
+            let s = model.sample_size;
+            let c = model.out_channels;
+            (
+                k,
+                gpu.tensor(&image_shape, "sr: x_t"),
+                gpu.tensor(&[b, s / k, s / k, c], "sr: low resolution"),
+                gpu.tensor(&image_shape, "sr: bicubic upsampled"),
+            )
+        });
         let numel: usize = image_shape.iter().product();
         let accum = cfg.grad_accum;
         let labels: Vec<Tensor> = match &unet.class_labels {
@@ -130,7 +143,19 @@ impl Trainer {
                 (i * numel) as u32,
                 &noise,
             )?;
-            q_sample(&mut rec, x0_i, &noise, &timesteps, &acp, &unet.sample.value)?;
+            match &sr {
+                None => q_sample(&mut rec, x0_i, &noise, &timesteps, &acp, &unet.sample.value)?,
+                Some((k, x_t, low, up)) => {
+                    // LR = avg_pool(x0); the U-Net sees cat([x_t, bicubic(LR)]) (noisy image
+                    // first, as StableDiffusionUpscalePipeline orders it).
+                    let c = model.out_channels;
+                    avg_pool_forward(&mut rec, x0_i, *k, low)?;
+                    upsample_bicubic_forward(&mut rec, low, *k, up)?;
+                    q_sample(&mut rec, x0_i, &noise, &timesteps, &acp, x_t)?;
+                    copy_channels(&mut rec, x_t, 0, &unet.sample.value, 0, c, false)?;
+                    copy_channels(&mut rec, up, 0, &unet.sample.value, c, c, false)?;
+                }
+            }
             unet.forward(&mut rec)?;
             let target_t = match (cfg.prediction_type, &target) {
                 (PredictionType::Epsilon, _) => &noise,

@@ -343,6 +343,7 @@ fn presets_have_pytorchs_parameter_counts() {
     let g = gpu();
     for (name, count) in [
         ("tiny16", 701_345),
+        ("tiny28", 701_345),
         ("mnist28", 1_707_009),
         ("cifar32", 35_746_307),
     ] {
