@@ -382,3 +382,107 @@ fn a_non_finite_loss_stops_the_run_with_a_clear_error() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A super-resolution run (×2 on tiny16: 8×8 → 16×16) trains, exports `_sr_scale`, samples from
+/// low-resolution PNGs, and refuses what does not fit.
+#[test]
+fn super_resolution_run_samples_from_lowres_inputs() {
+    let g = gpu();
+    let dir = temp_dir("sr");
+    let mut cfg = small_config(&dir, 3);
+    cfg.task = wgpu_diffusion::train::config::Task::Sr;
+    cfg.scale = 2;
+    let never = Arc::new(AtomicBool::new(false));
+    run(
+        g,
+        cfg,
+        None,
+        never.clone(),
+        &mut StopAt {
+            stop: never,
+            stop_at: u64::MAX,
+        },
+    )
+    .unwrap();
+    let model = dir.join("model");
+    let config = read_model_config(&model).unwrap();
+    assert_eq!(
+        (config.sr_scale, config.in_channels, config.out_channels),
+        (Some(2), 2, 1)
+    );
+    let sample = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_wgpu-diffusion"))
+            .args(args)
+            .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        (out.status.success(), stderr)
+    };
+    let lowres = dir.join("low");
+    std::fs::create_dir_all(&lowres).unwrap();
+    for i in 0..3u8 {
+        image::GrayImage::from_fn(8, 8, |x, y| {
+            image::Luma([(x as u8 * 30) ^ (y as u8 * 20 + i)])
+        })
+        .save(lowres.join(format!("{i}.png")))
+        .unwrap();
+    }
+    let (m, l, o) = (
+        model.to_str().unwrap().to_string(),
+        lowres.to_str().unwrap().to_string(),
+        dir.join("out").to_str().unwrap().to_string(),
+    );
+    let (ok, err) = sample(&[
+        "sample", "--model", &m, "--lowres", &l, "--steps", "2", "--out", &o,
+    ]);
+    assert!(ok, "{err}");
+    let img = image::open(dir.join("out/00002.png")).unwrap();
+    assert_eq!((img.width(), img.height()), (16, 16));
+    let big = dir.join("big.png");
+    image::GrayImage::new(16, 16).save(&big).unwrap();
+    let eps = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/samplers/eps");
+    for (args, needle) in [
+        (
+            vec!["sample", "--model", &m, "--out", &o],
+            "give the low-resolution input with --lowres",
+        ),
+        (
+            vec![
+                "sample",
+                "--model",
+                &m,
+                "--lowres",
+                big.to_str().unwrap(),
+                "--out",
+                &o,
+            ],
+            "needs 8x8 inputs",
+        ),
+        (
+            vec![
+                "sample",
+                "--model",
+                eps.to_str().unwrap(),
+                "--lowres",
+                &l,
+                "--out",
+                &o,
+            ],
+            "not a super-resolution model",
+        ),
+        (
+            vec!["eval-sr", "--model", &m, "--limit", "2"],
+            "MNIST test digits (28x28",
+        ),
+        (
+            vec!["eval-sr", "--model", eps.to_str().unwrap()],
+            "not a super-resolution model",
+        ),
+    ] {
+        let (ok, err) = sample(&args);
+        assert!(!ok && err.contains(needle), "{args:?}: {err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
