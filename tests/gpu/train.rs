@@ -104,6 +104,40 @@ fn class_conditional_run_resumes_and_samples_every_class() {
         assert!(!stderr.contains("panicked"), "{stderr}");
         (out.status.success(), stderr)
     };
+    // Guidance algebra on the real batched path: s = 1 is the conditional branch alone, s = 0 the
+    // unconditional (null-class) branch alone.
+    {
+        use wgpu_diffusion::diffusion::scheduler::{SamplerKind, SamplingSchedule};
+        use wgpu_diffusion::sample::{ModelSource, Noise, Sampler, SamplerOptions};
+        let g = gpu();
+        let source = ModelSource::from_dir(&model).unwrap();
+        let run_with = |guidance: Option<f32>, label: u32| {
+            let schedule =
+                SamplingSchedule::new(&source.scheduler, SamplerKind::Ddim, 3, None, 0.0).unwrap();
+            let opts = SamplerOptions {
+                guidance,
+                inpaint: None,
+            };
+            let mut s = Sampler::new(&g, &source.config, schedule, 2, &opts).unwrap();
+            s.set_weights(&source.weights(&s.unet.params).unwrap())
+                .unwrap();
+            s.sample_batch(0, &Noise::Seeded(5), Some(&[label, label]), &mut |_| {})
+                .unwrap()
+        };
+        let max_diff = |a: &[f32], b: &[f32]| {
+            a.iter()
+                .zip(b)
+                .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
+        };
+        let cond = run_with(None, 3);
+        let d1 = max_diff(&run_with(Some(1.0), 3), &cond);
+        let d0 = max_diff(&run_with(Some(0.0), 3), &run_with(None, 10));
+        assert!(
+            d1 < 1e-4 && d0 < 1e-4,
+            "guidance 1 vs conditional {d1}, 0 vs null class {d0}"
+        );
+        assert!(max_diff(&run_with(Some(3.0), 3), &cond) > 1e-3);
+    }
     let m = model.to_str().unwrap();
     let out = b.join("grid");
     let o = out.to_str().unwrap();
