@@ -181,7 +181,11 @@ pub fn run(
         }
         None => {
             let root = cfg.out.clone().unwrap_or_else(default_run_dir);
-            if root.join("checkpoints").exists() {
+            let rd = RunDir { root: root.clone() };
+            // A folder left by a run that failed or was killed before its first checkpoint and
+            // first logged loss holds nothing to resume: it is free.
+            let has_metrics = std::fs::metadata(rd.metrics()).is_ok_and(|m| m.len() > 0);
+            if !rd.list_checkpoints().is_empty() || has_metrics {
                 bail!(
                     "{} already holds a run; use `train --resume {}` or another --out",
                     root.display(),

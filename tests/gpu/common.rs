@@ -124,3 +124,16 @@ pub fn assert_close(what: &str, gpu: &[f32], reference: &[f64], atol: f64, rtol:
 pub fn max_abs(v: &[f64]) -> f64 {
     v.iter().fold(0.0f64, |m, x| m.max(x.abs()))
 }
+
+/// Runs the `wgpu-diffusion` binary with `args`; returns (success, stderr). Fails the test if
+/// the tool panicked: every bad input must be an error message.
+pub fn run_cli(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wgpu-diffusion"))
+        .args(args)
+        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+        .output()
+        .expect("run wgpu-diffusion");
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!stderr.contains("panicked"), "the CLI panicked:\n{stderr}");
+    (out.status.success(), stderr)
+}

@@ -2,8 +2,8 @@
 //! for each kind of bad input.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
+use crate::common::run_cli;
 use wgpu_diffusion::train::checkpoint::LoadedTensors;
 
 fn fixture(name: &str) -> PathBuf {
@@ -23,15 +23,7 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 fn sample(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_wgpu-diffusion"))
-        .arg("sample")
-        .args(args)
-        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
-        .output()
-        .expect("run wgpu-diffusion");
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!stderr.contains("panicked"), "the CLI panicked:\n{stderr}");
-    (out.status.success(), stderr)
+    run_cli(&[&["sample"], args].concat())
 }
 
 fn expect_error(args: &[&str], needle: &str) {

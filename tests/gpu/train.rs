@@ -93,17 +93,6 @@ fn class_conditional_run_resumes_and_samples_every_class() {
         serde_json::from_str(&std::fs::read_to_string(model.join("class_names.json")).unwrap())
             .unwrap();
     assert_eq!(names.len(), 10);
-    let sample = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_wgpu-diffusion"))
-            .arg("sample")
-            .args(args)
-            .env("XDG_RUNTIME_DIR", std::env::temp_dir())
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-        assert!(!stderr.contains("panicked"), "{stderr}");
-        (out.status.success(), stderr)
-    };
     // Guidance algebra on the real batched path: s = 1 is the conditional branch alone, s = 0 the
     // unconditional (null-class) branch alone.
     {
@@ -141,7 +130,8 @@ fn class_conditional_run_resumes_and_samples_every_class() {
     let m = model.to_str().unwrap();
     let out = b.join("grid");
     let o = out.to_str().unwrap();
-    let (ok, err) = sample(&[
+    let (ok, err) = run_cli(&[
+        "sample",
         "--model",
         m,
         "--class",
@@ -169,19 +159,19 @@ fn class_conditional_run_resumes_and_samples_every_class() {
     assert!(out.join("00019.png").exists() && !out.join("00020.png").exists());
     for (args, needle) in [
         (
-            vec!["--model", m, "--out", o],
+            vec!["sample", "--model", m, "--out", o],
             "is class-conditional: choose --class",
         ),
         (
-            vec!["--model", m, "--class", "10", "--out", o],
+            vec!["sample", "--model", m, "--class", "10", "--out", o],
             "out of range",
         ),
         (
-            vec!["--model", m, "--class", "seven", "--out", o],
+            vec!["sample", "--model", m, "--class", "seven", "--out", o],
             "not a class index or name",
         ),
     ] {
-        let (ok, err) = sample(&args);
+        let (ok, err) = run_cli(&args);
         assert!(!ok && err.contains(needle), "{args:?}: {err}");
     }
     let _ = std::fs::remove_dir_all(&b);
@@ -444,16 +434,6 @@ fn super_resolution_run_samples_from_lowres_inputs() {
         (config.sr_scale, config.in_channels, config.out_channels),
         (Some(2), 2, 1)
     );
-    let sample = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_wgpu-diffusion"))
-            .args(args)
-            .env("XDG_RUNTIME_DIR", std::env::temp_dir())
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-        assert!(!stderr.contains("panicked"), "{stderr}");
-        (out.status.success(), stderr)
-    };
     let lowres = dir.join("low");
     std::fs::create_dir_all(&lowres).unwrap();
     for i in 0..3u8 {
@@ -468,7 +448,7 @@ fn super_resolution_run_samples_from_lowres_inputs() {
         lowres.to_str().unwrap().to_string(),
         dir.join("out").to_str().unwrap().to_string(),
     );
-    let (ok, err) = sample(&[
+    let (ok, err) = run_cli(&[
         "sample", "--model", &m, "--lowres", &l, "--steps", "2", "--out", &o,
     ]);
     assert!(ok, "{err}");
@@ -515,8 +495,33 @@ fn super_resolution_run_samples_from_lowres_inputs() {
             "not a super-resolution model",
         ),
     ] {
-        let (ok, err) = sample(&args);
+        let (ok, err) = run_cli(&args);
         assert!(!ok && err.contains(needle), "{args:?}: {err}");
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A folder left by a run that stopped before its first checkpoint and logged loss is free: the
+/// same command with the same --out starts over instead of being refused.
+#[test]
+fn an_abandoned_run_folder_is_reused() {
+    let g = gpu();
+    let dir = temp_dir("abandoned");
+    std::fs::create_dir_all(dir.join("checkpoints")).unwrap();
+    std::fs::create_dir_all(dir.join("samples")).unwrap();
+    std::fs::write(dir.join("config.toml"), "steps = 1\n").unwrap();
+    let never = Arc::new(AtomicBool::new(false));
+    let s = run(
+        g,
+        small_config(&dir, 1),
+        None,
+        never.clone(),
+        &mut StopAt {
+            stop: never,
+            stop_at: u64::MAX,
+        },
+    )
+    .unwrap();
+    assert_eq!(s.steps, 1);
     let _ = std::fs::remove_dir_all(&dir);
 }
