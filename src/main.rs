@@ -199,7 +199,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 if flag.swap(true, std::sync::atomic::Ordering::SeqCst) {
                     std::process::exit(130);
                 }
-                eprintln!("\ninterrupted: writing a checkpoint (Ctrl-C again to quit at once)");
+                eprintln!(
+                    "\ninterrupted (Ctrl-C or SIGTERM): writing a checkpoint (again to quit at once)"
+                );
             })?;
             let mut progress = wgpu_diffusion::cli_train::ConsoleProgress::new();
             let summary =

@@ -167,6 +167,9 @@ impl TrainConfig {
                 self.cond_drop
             ));
         }
+        if self.checkpoint_every == 0 {
+            return err("checkpoint_every must be at least 1".into());
+        }
         if self.log_every == 0 || self.keep_checkpoints == 0 {
             return err("log_every and keep_checkpoints must be at least 1".into());
         }
@@ -216,6 +219,25 @@ mod tests {
         )
         .unwrap();
         assert_eq!((partial.steps, partial.batch_size), (5, 32));
+    }
+
+    #[test]
+    fn zero_intervals_are_refused_by_name() {
+        let c = TrainConfig {
+            checkpoint_every: 0,
+            ..Default::default()
+        };
+        assert!(c.validate().unwrap_err().contains("checkpoint_every"));
+        let c = TrainConfig {
+            log_every: 0,
+            ..Default::default()
+        };
+        assert!(c.validate().unwrap_err().contains("log_every"));
+        let c = TrainConfig {
+            cond_drop: 1.0,
+            ..Default::default()
+        };
+        assert!(c.validate().unwrap_err().contains("cond_drop"));
     }
 
     #[test]
