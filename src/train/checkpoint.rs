@@ -111,8 +111,14 @@ impl LoadedTensors {
                 .chunks_exact(2)
                 .map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]])))
                 .collect(),
+            // bfloat16 is the top half of an f32: the conversion is exact.
+            Dtype::BF16 => t
+                .data()
+                .chunks_exact(2)
+                .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
+                .collect(),
             d => bail!(
-                "{}: tensor `{name}` has dtype {d:?}; F32 or F16 expected",
+                "{}: tensor `{name}` has dtype {d:?}; F32, F16 or BF16 expected",
                 self.path.display()
             ),
         };
@@ -327,5 +333,32 @@ mod tests {
             "up_blocks.0.attentions.1.to_out.0.bias"
         );
         assert_eq!(modern_name("conv_in.weight"), "conv_in.weight");
+    }
+
+    #[test]
+    fn bf16_loads_exactly_and_other_dtypes_are_named() {
+        let dir = std::env::temp_dir().join(format!("wgpu-diffusion-bf16-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("w.safetensors");
+        // 1.0, -2.5, 3.140625 in bfloat16.
+        let bf: Vec<u8> = [0x3f80u16, 0xc020, 0x4049]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let ints = [7u8, 0, 0, 0];
+        let bytes = safetensors::serialize(
+            [
+                ("w", TensorView::new(Dtype::BF16, vec![3], &bf).unwrap()),
+                ("i", TensorView::new(Dtype::I32, vec![1], &ints).unwrap()),
+            ],
+            None,
+        )
+        .unwrap();
+        std::fs::write(&path, bytes).unwrap();
+        let t = LoadedTensors::read(&path).unwrap();
+        assert_eq!(t.get("w").unwrap().1, vec![1.0, -2.5, 3.140625]);
+        let e = t.get("i").unwrap_err().to_string();
+        assert!(e.contains("I32") && e.contains("BF16 expected"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
