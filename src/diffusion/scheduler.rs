@@ -305,27 +305,22 @@ impl SchedulerConfig {
     }
 }
 
+/// A diffusers name parsed by the enum's own serde names (shared with the training config).
+fn named<T: serde::de::DeserializeOwned>(key: &str, s: &str, choices: &str) -> Result<T, String> {
+    serde_json::from_value(Value::from(s))
+        .map_err(|_| format!("{key} `{s}` is not supported ({choices})"))
+}
+
 fn beta_schedule_of(s: &str) -> Result<BetaSchedule, String> {
-    match s {
-        "linear" => Ok(BetaSchedule::Linear),
-        "scaled_linear" => Ok(BetaSchedule::ScaledLinear),
-        "squaredcos_cap_v2" => Ok(BetaSchedule::SquaredcosCapV2),
-        "sigmoid" => Ok(BetaSchedule::Sigmoid),
-        _ => Err(format!(
-            "beta_schedule `{s}` is not supported (linear, scaled_linear, squaredcos_cap_v2, sigmoid)"
-        )),
-    }
+    named(
+        "beta_schedule",
+        s,
+        "linear, scaled_linear, squaredcos_cap_v2, sigmoid",
+    )
 }
 
 fn prediction_of(s: &str) -> Result<PredictionType, String> {
-    match s {
-        "epsilon" => Ok(PredictionType::Epsilon),
-        "v_prediction" => Ok(PredictionType::VPrediction),
-        "sample" => Ok(PredictionType::Sample),
-        _ => Err(format!(
-            "prediction_type `{s}` is not supported (epsilon, v_prediction, sample)"
-        )),
-    }
+    named("prediction_type", s, "epsilon, v_prediction, sample")
 }
 
 fn variance_of(s: &str) -> Result<VarianceType, String> {

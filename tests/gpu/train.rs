@@ -28,6 +28,25 @@ impl Progress for StopAt {
     fn finish(&mut self) {}
 }
 
+/// Runs training to its last step (no interruption).
+fn run_to_end(
+    g: Arc<wgpu_diffusion::gpu::Gpu>,
+    cfg: TrainConfig,
+) -> wgpu_diffusion::train::RunSummary {
+    let never = Arc::new(AtomicBool::new(false));
+    run(
+        g,
+        cfg,
+        None,
+        never.clone(),
+        &mut StopAt {
+            stop: never,
+            stop_at: u64::MAX,
+        },
+    )
+    .unwrap()
+}
+
 fn temp_dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("wgpu-diffusion-test-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -187,18 +206,7 @@ fn resume_matches_straight_run(
         temp_dir(&format!("straight-{name}")),
         temp_dir(&format!("resumed-{name}")),
     );
-    let never = Arc::new(AtomicBool::new(false));
-    let straight = run(
-        g.clone(),
-        small_config(&a, 6),
-        None,
-        never.clone(),
-        &mut StopAt {
-            stop: never.clone(),
-            stop_at: u64::MAX,
-        },
-    )
-    .unwrap();
+    let straight = run_to_end(g.clone(), small_config(&a, 6));
     assert_eq!(straight.steps, 6);
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -268,18 +276,7 @@ fn training_lowers_the_loss_on_mnist() {
     cfg.log_every = 7;
     // One DDIM grid, at the end.
     cfg.sample_every = 60;
-    let never = Arc::new(AtomicBool::new(false));
-    let s = run(
-        g,
-        cfg,
-        None,
-        never.clone(),
-        &mut StopAt {
-            stop: never,
-            stop_at: u64::MAX,
-        },
-    )
-    .unwrap();
+    let s = run_to_end(g, cfg);
     let losses: Vec<f32> = s.losses.iter().map(|(_, l)| *l).collect();
     assert_eq!(losses.len(), 60);
     let first: f32 = losses[..10].iter().sum::<f32>() / 10.0;
@@ -416,18 +413,7 @@ fn super_resolution_run_samples_from_lowres_inputs() {
     let mut cfg = small_config(&dir, 3);
     cfg.task = wgpu_diffusion::train::config::Task::Sr;
     cfg.scale = 2;
-    let never = Arc::new(AtomicBool::new(false));
-    run(
-        g,
-        cfg,
-        None,
-        never.clone(),
-        &mut StopAt {
-            stop: never,
-            stop_at: u64::MAX,
-        },
-    )
-    .unwrap();
+    run_to_end(g, cfg);
     let model = dir.join("model");
     let config = read_model_config(&model).unwrap();
     assert_eq!(
@@ -510,18 +496,7 @@ fn an_abandoned_run_folder_is_reused() {
     std::fs::create_dir_all(dir.join("checkpoints")).unwrap();
     std::fs::create_dir_all(dir.join("samples")).unwrap();
     std::fs::write(dir.join("config.toml"), "steps = 1\n").unwrap();
-    let never = Arc::new(AtomicBool::new(false));
-    let s = run(
-        g,
-        small_config(&dir, 1),
-        None,
-        never.clone(),
-        &mut StopAt {
-            stop: never,
-            stop_at: u64::MAX,
-        },
-    )
-    .unwrap();
+    let s = run_to_end(g, small_config(&dir, 1));
     assert_eq!(s.steps, 1);
     let _ = std::fs::remove_dir_all(&dir);
 }
