@@ -386,13 +386,15 @@ pub fn run(opts: &GpuOptions, args: &SampleArgs) -> Result<()> {
     if inpaint.is_some() && noise.is_some() {
         bail!("inpainting draws fresh noise at every step from the seeded GPU RNG: drop --noise");
     }
-    let mut sampler = Sampler::new(
-        &gpu,
-        cfg,
-        schedule,
-        batch,
-        &SamplerOptions { guidance, inpaint },
-    )?;
+    let mut sampler = gpu.checked_build(|| {
+        Sampler::new(
+            &gpu,
+            cfg,
+            schedule,
+            batch,
+            &SamplerOptions { guidance, inpaint },
+        )
+    })?;
     if let Some(list) = &classes {
         eprintln!(
             "classes: {}{}",
@@ -621,7 +623,8 @@ pub fn run_eval_sr(opts: &GpuOptions, args: &EvalSrArgs) -> Result<()> {
         args.seed
     );
     let batch = args.batch_size.min(n);
-    let mut sampler = Sampler::new(&gpu, cfg, schedule, batch, &SamplerOptions::default())?;
+    let mut sampler =
+        gpu.checked_build(|| Sampler::new(&gpu, cfg, schedule, batch, &SamplerOptions::default()))?;
     sampler.set_weights(&source.weights(&sampler.unet.params)?)?;
     let (low_n, per) = ((28 / k) * (28 / k), 28 * 28);
     let mut ours = SrScores::default();

@@ -168,8 +168,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(dir) => {
                     // A resumed run keeps its options and the kernel path it started with.
                     let path = dir.join("config.toml");
-                    let text = std::fs::read_to_string(&path)
-                        .map_err(|e| anyhow::anyhow!("--resume {}: {e}", path.display()))?;
+                    let text = std::fs::read_to_string(&path).map_err(|e| {
+                        if e.kind() == std::io::ErrorKind::NotFound {
+                            anyhow::anyhow!(
+                                "--resume {}: no run there (no config.toml; a run killed before it wrote one left nothing to resume): start it with `train --out {}`",
+                                dir.display(),
+                                dir.display()
+                            )
+                        } else {
+                            anyhow::anyhow!("--resume {}: {e}", path.display())
+                        }
+                    })?;
                     if let Some(last) = (wgpu_diffusion::train::RunDir { root: dir.clone() })
                         .list_checkpoints()
                         .pop()

@@ -94,6 +94,30 @@ pub enum GpuError {
     Readback(String),
     #[error("{0}")]
     Invalid(String),
+    #[error("the step does not fit this adapter:\n{0}")]
+    TooLarge(String),
+    #[error("the GPU ran out of memory: {0}\n{FIT_ADVICE}")]
+    OutOfMemory(String),
+    #[error("the GPU device was lost ({0})")]
+    Lost(String),
+    #[error("the GPU reported an error: {0}")]
+    Device(String),
+}
+
+/// Bytes for messages: "1.5 GiB".
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }
 
 /// Options for picking an adapter.
@@ -224,7 +248,26 @@ pub struct Gpu {
     pub limits: wgpu::Limits,
     pub gemm_path: GemmPath,
     pub kernels: Kernels,
+    /// Problems found while building plans (a tensor past a limit of the adapter), wgpu errors
+    /// nobody captured, and device loss: reported as errors by [`Gpu::check`], never panics.
+    health: Arc<Health>,
 }
+
+/// What can go wrong with the device outside a call that returns a `Result`.
+#[derive(Default)]
+struct Health {
+    /// Sizes past the adapter's limits, found when a tensor, texture or dispatch was recorded.
+    limits: std::sync::Mutex<Vec<String>>,
+    /// Errors wgpu reported outside any error scope (validation, out of memory, internal).
+    uncaptured: std::sync::Mutex<Vec<String>>,
+    /// Set by the device-lost callback.
+    lost: std::sync::Mutex<Option<String>>,
+    /// Bytes of every buffer and texture allocated through [`Gpu`] so far.
+    allocated: std::sync::atomic::AtomicU64,
+}
+
+/// How to make a step fit when a tensor is past the adapter's limits.
+pub const FIT_ADVICE: &str = "use a smaller --batch-size (with --grad-accum to keep the effective batch), or a smaller model";
 
 fn adapter_rank(info: &wgpu::AdapterInfo) -> u32 {
     let ty = match info.device_type {
@@ -285,6 +328,23 @@ impl Gpu {
         })?;
 
         let gemm_path = choose_gemm_path(&info, features, opts.gemm_path)?;
+        // wgpu's default handler panics on any error outside an error scope; record them instead,
+        // so the next `check` turns them into an error value with context.
+        let health = Arc::new(Health::default());
+        let h = health.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            if let Ok(mut v) = h.uncaptured.lock()
+                && v.len() < 8
+            {
+                v.push(e.to_string());
+            }
+        }));
+        let h = health.clone();
+        device.set_device_lost_callback(move |reason, message| {
+            if let Ok(mut lost) = h.lost.lock() {
+                *lost = Some(format!("{reason:?}: {message}"));
+            }
+        });
         Ok(Arc::new(Gpu {
             kernels: Kernels::new(&device),
             device,
@@ -293,7 +353,146 @@ impl Gpu {
             features,
             limits,
             gemm_path,
+            health,
         }))
+    }
+
+    /// Records a size past the adapter's limits (the allocation or dispatch is replaced by a
+    /// harmless one; [`Gpu::check`] reports it before anything runs).
+    fn limit_problem(&self, what: String) {
+        if let Ok(mut v) = self.health.limits.lock()
+            && v.len() < 8
+        {
+            v.push(what);
+        }
+    }
+
+    /// Whether a buffer of `bytes` can be allocated on this adapter; records the problem if not.
+    pub(crate) fn admit_buffer(&self, bytes: u64, label: &str, shape: &[usize]) -> bool {
+        if bytes > self.limits.max_buffer_size {
+            self.limit_problem(format!(
+                "tensor `{label}` {shape:?} needs {} and this adapter's largest buffer is {} (max_buffer_size)",
+                human_bytes(bytes),
+                human_bytes(self.limits.max_buffer_size)
+            ));
+            return false;
+        }
+        self.health
+            .allocated
+            .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+        true
+    }
+
+    /// Whether a `width` x `height` rgba32float texture fits; records the problem if not.
+    pub(crate) fn admit_texture(&self, width: u32, height: u32, label: &str) -> bool {
+        let max = self.limits.max_texture_dimension_2d;
+        if width > max || height > max {
+            self.limit_problem(format!(
+                "texture `{label}` is {width} x {height} texels and this adapter allows {max} per side (max_texture_dimension_2d)"
+            ));
+            return false;
+        }
+        self.health.allocated.fetch_add(
+            width.max(1) as u64 * height.max(1) as u64 * 16,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        true
+    }
+
+    /// Whether a tensor may be bound to one kernel (its bytes within one storage binding).
+    pub(crate) fn admit_binding(&self, t: &Tensor, entry: &str) -> bool {
+        let max = self.limits.max_storage_buffer_binding_size;
+        if t.byte_len() > max {
+            let named = format!("tensor `{}`", t.label());
+            if self
+                .health
+                .limits
+                .lock()
+                .is_ok_and(|v| v.iter().any(|m| m.starts_with(&named)))
+            {
+                return false;
+            }
+            self.limit_problem(format!(
+                "tensor `{}` {:?} is {} and one storage binding of this adapter holds {} (max_storage_buffer_binding_size; kernel `{entry}`)",
+                t.label(),
+                t.shape(),
+                human_bytes(t.byte_len()),
+                human_bytes(max)
+            ));
+            return false;
+        }
+        true
+    }
+
+    /// Whether a dispatch's workgroup counts are within the adapter's limit.
+    pub(crate) fn admit_workgroups(&self, groups: [u32; 3], entry: &str) -> bool {
+        let max = self.limits.max_compute_workgroups_per_dimension;
+        if groups.iter().any(|&g| g > max) {
+            self.limit_problem(format!(
+                "kernel `{entry}` needs {groups:?} workgroups and this adapter allows {max} per dimension"
+            ));
+            return false;
+        }
+        true
+    }
+
+    /// Bytes of all buffers and textures allocated so far (our own accounting).
+    pub fn allocated_bytes(&self) -> u64 {
+        self.health
+            .allocated
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Every problem recorded so far, as one error: sizes past the adapter's limits (found when
+    /// plans were built, before anything ran), wgpu errors, device loss.
+    pub fn check(&self) -> Result<(), GpuError> {
+        if let Some(reason) = self.health.lost.lock().ok().and_then(|l| l.clone()) {
+            return Err(GpuError::Lost(reason));
+        }
+        let limits = self
+            .health
+            .limits
+            .lock()
+            .map(|v| v.clone())
+            .unwrap_or_default();
+        if !limits.is_empty() {
+            return Err(GpuError::TooLarge(format!(
+                "{}\n{FIT_ADVICE}",
+                limits.join("\n")
+            )));
+        }
+        let errors = self
+            .health
+            .uncaptured
+            .lock()
+            .map(|v| v.clone())
+            .unwrap_or_default();
+        if !errors.is_empty() {
+            return Err(GpuError::Device(errors.join("\n")));
+        }
+        Ok(())
+    }
+
+    /// Runs `build` (allocations, pipelines, plans) inside out-of-memory and validation error
+    /// scopes and turns what they caught, and any size past the adapter's limits, into an error.
+    pub fn checked_build<T, E: From<GpuError>>(
+        &self,
+        build: impl FnOnce() -> Result<T, E>,
+    ) -> Result<T, E> {
+        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let built = build();
+        let validation = pollster::block_on(validation.pop());
+        let oom = pollster::block_on(oom.pop());
+        let built = built?;
+        self.check()?;
+        if let Some(e) = oom {
+            return Err(GpuError::OutOfMemory(e.to_string()).into());
+        }
+        if let Some(e) = validation {
+            return Err(GpuError::Device(e.to_string()).into());
+        }
+        Ok(built)
     }
 
     pub fn describe(&self) -> String {
@@ -395,8 +594,8 @@ impl Gpu {
                 submission_index: None,
                 timeout: None,
             })
-            .map(|_| ())
-            .map_err(|e| GpuError::Readback(format!("device poll failed: {e}")))
+            .map_err(|e| GpuError::Readback(format!("device poll failed: {e}")))?;
+        self.check()
     }
 
     /// Encodes the plans in order into one command buffer and submits it.
@@ -412,8 +611,10 @@ impl Gpu {
         self.queue.submit([enc.finish()])
     }
 
-    /// Submits and waits: for tests, benchmarks and one-off work.
+    /// Submits and waits: for tests, benchmarks and one-off work. Nothing is submitted when a
+    /// plan was built past the adapter's limits.
     pub fn run(&self, plans: &[&Plan]) -> Result<(), GpuError> {
+        self.check()?;
         self.submit(plans);
         self.wait()
     }

@@ -125,6 +125,12 @@ impl Recorder {
         // Uniform blocks are sized in multiples of 16 bytes.
         let size = bytes.len().next_multiple_of(16);
         self.params.resize(offset + size, 0);
+        // A binding or grid past the adapter's limits is recorded (and reported by `Gpu::check`
+        // before anything runs) instead of reaching wgpu, whose validation would panic.
+        let fits = bindings.iter().all(|(_, b)| match b {
+            Binding::Buffer(t) => self.gpu.admit_binding(t, key.entry),
+            Binding::Texture(_) => true,
+        }) && self.gpu.admit_workgroups(groups, key.entry);
         let pipeline = self.gpu.kernels.pipeline(&key);
         self.records.push(StepRecord {
             kind: "dispatch",
@@ -140,6 +146,9 @@ impl Recorder {
                 .collect(),
             workgroups: groups,
         });
+        if !fits {
+            return;
+        }
         self.pending.push(Pending::Dispatch(PendingDispatch {
             key,
             pipeline,

@@ -17,11 +17,20 @@ pub struct Tensor {
 
 impl Tensor {
     pub(super) fn new(gpu: &Gpu, shape: &[usize], label: &str) -> Tensor {
-        let numel: usize = shape.iter().product();
+        // Saturating: a shape whose product overflows is past every limit, not a panic.
+        let numel = shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .unwrap_or(usize::MAX / 8);
+        // Never zero-sized: wgpu rejects empty bindings.
+        let mut size = (numel.max(1) as u64 * 4).next_multiple_of(16);
+        if !gpu.admit_buffer(size, label, shape) {
+            // A stand-in: the plan is refused by `Gpu::check` before it could run.
+            size = 16;
+        }
         let buffer = gpu.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
-            // Never zero-sized: wgpu rejects empty bindings.
-            size: (numel.max(1) * 4).next_multiple_of(16) as u64,
+            size,
             usage: wgpu::BufferUsages::STORAGE
                 | wgpu::BufferUsages::COPY_SRC
                 | wgpu::BufferUsages::COPY_DST,
@@ -108,6 +117,12 @@ pub struct Texture2d {
 
 impl Texture2d {
     pub fn new(gpu: &Gpu, width: u32, height: u32, label: &str) -> Texture2d {
+        // Past the adapter's limit: a 1 x 1 stand-in, refused by `Gpu::check` before use.
+        let (width, height) = if gpu.admit_texture(width, height, label) {
+            (width, height)
+        } else {
+            (1, 1)
+        };
         let texture = gpu.device.create_texture(&wgpu::TextureDescriptor {
             label: Some(label),
             size: wgpu::Extent3d {

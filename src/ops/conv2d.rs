@@ -10,7 +10,7 @@ use super::{
     OpResult, expect_distinct, expect_numel, expect_rank, expect_shape, invalid, pack, reduce,
     u32_of,
 };
-use crate::gpu::{Binding, GemmPath, Recorder, Tensor};
+use crate::gpu::{Binding, GemmPath, GpuError, Recorder, Tensor};
 
 /// Register-tile row blocks of the subgroup conv kernels (RB = 4 in DESIGN.md's recipe).
 pub const SUBGROUP_ROW_BLOCKS: u32 = 4;
@@ -268,8 +268,9 @@ fn run_implicit(
 
 fn check_groups(op: &str, groups: [u32; 3]) -> OpResult {
     if groups.iter().any(|&g| g > 65535) {
-        return Err(invalid(format!(
-            "{op}: the problem needs {groups:?} workgroups, over the 65535 limit"
+        return Err(GpuError::TooLarge(format!(
+            "{op}: the problem needs {groups:?} workgroups, over the 65535 limit\n{}",
+            crate::gpu::FIT_ADVICE
         )));
     }
     Ok(())

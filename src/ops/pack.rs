@@ -1,8 +1,8 @@
 //! `shaders/pack.wgsl`: buffers → `rgba32float` textures for the subgroup GEMM path.
 //! Each call allocates its texture while the plan is recorded (never during a step).
 
-use super::{OpResult, expect_rank, gemm::MatRef, invalid, u32_of};
-use crate::gpu::{Gpu, KernelKey, Recorder, Tensor, Texture2d};
+use super::{OpResult, expect_rank, gemm::MatRef, u32_of};
+use crate::gpu::{Gpu, GpuError, KernelKey, Recorder, Tensor, Texture2d};
 
 #[repr(C)]
 #[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
@@ -51,9 +51,10 @@ fn dispatch_pack(
 
 fn check_fits(rec: &Recorder, op: &str, rows: usize, cols: usize) -> OpResult {
     if !fits_texture(&rec.gpu, rows, cols) {
-        return Err(invalid(format!(
-            "{op}: a {rows}x{cols} operand exceeds the adapter's {}-texel texture limit",
-            rec.gpu.limits.max_texture_dimension_2d
+        return Err(GpuError::TooLarge(format!(
+            "{op}: a {rows}x{cols} operand exceeds the adapter's {}-texel texture limit (max_texture_dimension_2d)\n{}",
+            rec.gpu.limits.max_texture_dimension_2d,
+            crate::gpu::FIT_ADVICE
         )));
     }
     Ok(())

@@ -323,6 +323,8 @@ impl Sampler {
             }
         }
         let sigma0 = self.schedule.init_noise_sigma;
+        // Nothing is submitted when a plan was past the adapter's limits or the device is lost.
+        g.check()?;
         g.submit(&[&self.reset_plan]);
         let step_noise_plan = match noise {
             Noise::Seeded(seed) => {

@@ -205,14 +205,56 @@ pub const MODEL_WEIGHTS: &str = "diffusion_pytorch_model.safetensors";
 /// Writes a diffusers model directory with the weights given (diffusers' names): `config.json`,
 /// `diffusion_pytorch_model.safetensors` and `scheduler_config.json` at the top
 /// (`UNet2DModel.from_pretrained(dir)`), and the pipeline layout beside them — `model_index.json`,
-/// `unet/`, `scheduler/` — so `DDPMPipeline.from_pretrained(dir)` loads it too. The `unet/`
-/// weights are a hard link to the top-level file where the file system allows it.
+/// `unet/`, `scheduler/` — so `DDPMPipeline.from_pretrained(dir)` loads it too; `extra` files
+/// (e.g. `class_names.json`) go beside them. The `unet/` weights are a hard link to the top-level
+/// file where the file system allows it.
+///
+/// The directory is written whole under a temporary name and renamed into place, so a kill
+/// never leaves files of two different steps side by side.
 pub fn save_model_dir(
     dir: &Path,
     config: &UNetConfig,
     store: &ParamStore,
     weights: &[f32],
     scheduler_json: &str,
+    extra: &[(&str, &[u8])],
+) -> Result<()> {
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    let name = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("model")
+        .to_string();
+    let tmp = parent.join(format!(".{name}.tmp"));
+    let old = parent.join(format!(".{name}.old.tmp"));
+    for leftover in [&tmp, &old] {
+        if leftover.exists() {
+            std::fs::remove_dir_all(leftover)
+                .with_context(|| format!("removing {}", leftover.display()))?;
+        }
+    }
+    write_model_files(&tmp, config, store, weights, scheduler_json, extra)?;
+    if dir.exists() {
+        std::fs::rename(dir, &old).with_context(|| format!("moving {} aside", dir.display()))?;
+    }
+    std::fs::rename(&tmp, dir)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))?;
+    if let Ok(d) = std::fs::File::open(parent) {
+        let _ = d.sync_all();
+    }
+    if old.exists() {
+        let _ = std::fs::remove_dir_all(&old);
+    }
+    Ok(())
+}
+
+fn write_model_files(
+    dir: &Path,
+    config: &UNetConfig,
+    store: &ParamStore,
+    weights: &[f32],
+    scheduler_json: &str,
+    extra: &[(&str, &[u8])],
 ) -> Result<()> {
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
@@ -227,7 +269,6 @@ pub fn save_model_dir(
     let unet = dir.join("unet");
     std::fs::create_dir_all(&unet).with_context(|| format!("creating {}", unet.display()))?;
     let linked = unet.join(MODEL_WEIGHTS);
-    let _ = std::fs::remove_file(&linked);
     if std::fs::hard_link(dir.join(MODEL_WEIGHTS), &linked).is_err() {
         atomic_write(&linked, &bytes)?;
     }
@@ -246,6 +287,9 @@ pub fn save_model_dir(
         &dir.join("model_index.json"),
         serde_json::to_string_pretty(&index)?.as_bytes(),
     )?;
+    for (name, bytes) in extra {
+        atomic_write(&dir.join(name), bytes)?;
+    }
     Ok(())
 }
 

@@ -129,49 +129,110 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// Checks every numeric option, naming the key (flags use the same names with dashes).
     pub fn validate(&self) -> Result<(), String> {
-        let err = |m: String| Err(m);
-        if self.steps == 0 {
-            return err("steps must be at least 1".into());
+        fn at_least_one(name: &str, v: u64) -> Result<(), String> {
+            if v == 0 {
+                return Err(format!("{name} must be at least 1, is 0"));
+            }
+            Ok(())
         }
-        if self.batch_size == 0 || self.grad_accum == 0 {
-            return err("batch_size and grad_accum must be at least 1".into());
+        fn finite_non_negative(name: &str, v: f64) -> Result<(), String> {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(format!("{name} must be a finite number >= 0, is {v}"));
+            }
+            Ok(())
         }
-        if !(self.lr > 0.0 && self.lr.is_finite()) {
-            return err(format!("lr must be positive, is {}", self.lr));
+        fn in_unit_interval(name: &str, v: f64) -> Result<(), String> {
+            if !(0.0..1.0).contains(&v) {
+                return Err(format!("{name} must be in [0, 1), is {v}"));
+            }
+            Ok(())
         }
-        if !(0.0..1.0).contains(&self.adam_beta1) || !(0.0..1.0).contains(&self.adam_beta2) {
-            return err("adam betas must be in [0, 1)".into());
-        }
-        if self.max_grad_norm < 0.0 || self.snr_gamma < 0.0 || self.weight_decay < 0.0 {
-            return err("max_grad_norm, snr_gamma and weight_decay must not be negative".into());
-        }
-        if !(0.0..=1.0).contains(&self.ema_decay) {
-            return err(format!(
-                "ema_decay must be in [0, 1], is {}",
-                self.ema_decay
+        at_least_one("steps", self.steps)?;
+        // Step numbers key the random streams as 32-bit words; one more is kept for sampling.
+        if self.steps >= u32::MAX as u64 {
+            return Err(format!(
+                "steps must be below {}, is {}",
+                u32::MAX,
+                self.steps
             ));
         }
-        if self.sample_steps == 0 || self.sample_steps > self.num_train_timesteps {
-            return err(format!(
-                "sample_steps must be in 1..={}",
+        at_least_one("batch_size", self.batch_size as u64)?;
+        at_least_one("grad_accum", self.grad_accum as u64)?;
+        at_least_one("checkpoint_every", self.checkpoint_every)?;
+        at_least_one("log_every", self.log_every)?;
+        at_least_one("keep_checkpoints", self.keep_checkpoints as u64)?;
+        // The loss log holds one window on the GPU.
+        if self.log_every > 100_000 {
+            return Err(format!(
+                "log_every must be at most 100000, is {}",
+                self.log_every
+            ));
+        }
+        finite_non_negative("lr", self.lr)?;
+        finite_non_negative("weight_decay", self.weight_decay)?;
+        finite_non_negative("max_grad_norm", self.max_grad_norm)?;
+        finite_non_negative("snr_gamma", self.snr_gamma)?;
+        finite_non_negative("ema_power", self.ema_power)?;
+        in_unit_interval("adam_beta1", self.adam_beta1)?;
+        in_unit_interval("adam_beta2", self.adam_beta2)?;
+        if !(self.adam_eps.is_finite() && self.adam_eps > 0.0) {
+            return Err(format!(
+                "adam_eps must be a finite number > 0, is {}",
+                self.adam_eps
+            ));
+        }
+        in_unit_interval("ema_decay", self.ema_decay)?;
+        in_unit_interval("ema_min_decay", self.ema_min_decay)?;
+        if self.ema_min_decay > self.ema_decay {
+            return Err(format!(
+                "ema_min_decay ({}) must not exceed ema_decay ({})",
+                self.ema_min_decay, self.ema_decay
+            ));
+        }
+        in_unit_interval("cond_drop", self.cond_drop)?;
+        if !(1..=100_000).contains(&self.num_train_timesteps) {
+            return Err(format!(
+                "num_train_timesteps must be in 1..=100000, is {}",
                 self.num_train_timesteps
             ));
         }
-        if self.task == Task::Sr && !matches!(self.scale, 2 | 4) {
-            return err(format!("scale must be 2 or 4, is {}", self.scale));
-        }
-        if !(0.0..1.0).contains(&self.cond_drop) {
-            return err(format!(
-                "cond_drop must be in [0, 1), is {}",
-                self.cond_drop
+        let betas_ok = self.beta_start.is_finite()
+            && self.beta_end.is_finite()
+            && 0.0 < self.beta_start
+            && self.beta_start <= self.beta_end
+            && self.beta_end < 1.0;
+        if !betas_ok {
+            return Err(format!(
+                "beta_start and beta_end must satisfy 0 < beta_start <= beta_end < 1, are {} and {}",
+                self.beta_start, self.beta_end
             ));
         }
-        if self.checkpoint_every == 0 {
-            return err("checkpoint_every must be at least 1".into());
+        if self.sample_steps == 0 || self.sample_steps > self.num_train_timesteps {
+            return Err(format!(
+                "sample_steps must be in 1..={}, is {}",
+                self.num_train_timesteps, self.sample_steps
+            ));
         }
-        if self.log_every == 0 || self.keep_checkpoints == 0 {
-            return err("log_every and keep_checkpoints must be at least 1".into());
+        if self.task == Task::Sr && !matches!(self.scale, 2 | 4) {
+            return Err(format!("scale must be 2 or 4, is {}", self.scale));
+        }
+        Ok(())
+    }
+
+    /// The random streams address a step's draws with 32-bit counters: every micro-batch's noise
+    /// (grad_accum x batch_size x the image's `image_numel` values) must fit in them.
+    pub fn validate_rng_range(&self, image_numel: usize) -> Result<(), String> {
+        let draws =
+            (self.grad_accum as u128) * (self.batch_size as u128) * (image_numel.max(1) as u128);
+        if draws > u32::MAX as u128 {
+            return Err(format!(
+                "grad_accum x batch_size x image size = {} x {} x {image_numel} = {draws} noise values per step; the random streams address at most {} (lower grad_accum or batch_size)",
+                self.grad_accum,
+                self.batch_size,
+                u32::MAX
+            ));
         }
         Ok(())
     }
@@ -238,6 +299,199 @@ mod tests {
             ..Default::default()
         };
         assert!(c.validate().unwrap_err().contains("cond_drop"));
+    }
+
+    #[test]
+    fn every_numeric_option_is_checked_by_name() {
+        let bad: Vec<(&str, TrainConfig)> = vec![
+            (
+                "steps",
+                TrainConfig {
+                    steps: 0,
+                    ..Default::default()
+                },
+            ),
+            (
+                "steps",
+                TrainConfig {
+                    steps: u32::MAX as u64,
+                    ..Default::default()
+                },
+            ),
+            (
+                "batch_size",
+                TrainConfig {
+                    batch_size: 0,
+                    ..Default::default()
+                },
+            ),
+            (
+                "grad_accum",
+                TrainConfig {
+                    grad_accum: 0,
+                    ..Default::default()
+                },
+            ),
+            (
+                "keep_checkpoints",
+                TrainConfig {
+                    keep_checkpoints: 0,
+                    ..Default::default()
+                },
+            ),
+            (
+                "log_every",
+                TrainConfig {
+                    log_every: 1 << 40,
+                    ..Default::default()
+                },
+            ),
+            (
+                "lr",
+                TrainConfig {
+                    lr: -1e-3,
+                    ..Default::default()
+                },
+            ),
+            (
+                "lr",
+                TrainConfig {
+                    lr: f64::NAN,
+                    ..Default::default()
+                },
+            ),
+            (
+                "lr",
+                TrainConfig {
+                    lr: f64::INFINITY,
+                    ..Default::default()
+                },
+            ),
+            (
+                "weight_decay",
+                TrainConfig {
+                    weight_decay: -0.1,
+                    ..Default::default()
+                },
+            ),
+            (
+                "weight_decay",
+                TrainConfig {
+                    weight_decay: f64::NAN,
+                    ..Default::default()
+                },
+            ),
+            (
+                "max_grad_norm",
+                TrainConfig {
+                    max_grad_norm: -1.0,
+                    ..Default::default()
+                },
+            ),
+            (
+                "max_grad_norm",
+                TrainConfig {
+                    max_grad_norm: f64::NAN,
+                    ..Default::default()
+                },
+            ),
+            (
+                "snr_gamma",
+                TrainConfig {
+                    snr_gamma: f64::NAN,
+                    ..Default::default()
+                },
+            ),
+            (
+                "ema_decay",
+                TrainConfig {
+                    ema_decay: 1.0,
+                    ..Default::default()
+                },
+            ),
+            (
+                "ema_decay",
+                TrainConfig {
+                    ema_decay: -0.5,
+                    ..Default::default()
+                },
+            ),
+            (
+                "ema_decay",
+                TrainConfig {
+                    ema_decay: f64::NAN,
+                    ..Default::default()
+                },
+            ),
+            (
+                "adam_beta2",
+                TrainConfig {
+                    adam_beta2: 1.0,
+                    ..Default::default()
+                },
+            ),
+            (
+                "adam_eps",
+                TrainConfig {
+                    adam_eps: 0.0,
+                    ..Default::default()
+                },
+            ),
+            (
+                "beta_start",
+                TrainConfig {
+                    beta_start: 0.5,
+                    beta_end: 0.1,
+                    ..Default::default()
+                },
+            ),
+            (
+                "num_train_timesteps",
+                TrainConfig {
+                    num_train_timesteps: 0,
+                    ..Default::default()
+                },
+            ),
+            (
+                "sample_steps",
+                TrainConfig {
+                    sample_steps: 0,
+                    ..Default::default()
+                },
+            ),
+        ];
+        for (name, c) in bad {
+            let e = c.validate().unwrap_err();
+            assert!(e.contains(name), "{name}: {e}");
+        }
+        // 0 is allowed where it means "off" or "none".
+        let zeros = TrainConfig {
+            lr: 0.0,
+            weight_decay: 0.0,
+            max_grad_norm: 0.0,
+            sample_every: 0,
+            ema_decay: 0.0,
+            ..Default::default()
+        };
+        zeros.validate().unwrap();
+        // The random streams' 32-bit range: 2^16 x 2^8 x 16x16 overflows, 2^8 x 32 x 16x16 fits.
+        let big = TrainConfig {
+            grad_accum: 1 << 16,
+            batch_size: 1 << 8,
+            ..Default::default()
+        };
+        big.validate().unwrap();
+        assert!(
+            big.validate_rng_range(256)
+                .unwrap_err()
+                .contains("grad_accum")
+        );
+        TrainConfig {
+            grad_accum: 256,
+            ..Default::default()
+        }
+        .validate_rng_range(256)
+        .unwrap();
     }
 
     #[test]

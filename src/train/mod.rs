@@ -28,7 +28,7 @@ use crate::nn::UNetConfig;
 use crate::sample::source::CLASS_NAMES;
 use crate::sample::{ModelSource, Noise, Sampler, SamplerOptions};
 use checkpoint::{LoadedTensors, atomic_write, save_model_dir};
-use run_dir::{default_run_dir, read_metric_history};
+use run_dir::{default_run_dir, truncate_metrics};
 
 /// Images in a training sample grid.
 pub const GRID_IMAGES: usize = 16;
@@ -170,14 +170,13 @@ pub fn run(
             let rd = RunDir {
                 root: dir.to_path_buf(),
             };
-            let last = rd.list_checkpoints().pop().ok_or_else(|| {
-                anyhow!(
-                    "--resume {}: no checkpoint in {}",
-                    dir.display(),
-                    rd.checkpoints().display()
-                )
-            })?;
-            (rd, Some(LoadedTensors::read(&last)?))
+            // A run killed before its first checkpoint starts again from step 0 (with the
+            // options of its config.toml, which the caller merged).
+            let checkpoint = match rd.list_checkpoints().pop() {
+                Some(last) => Some(LoadedTensors::read(&last)?),
+                None => None,
+            };
+            (rd, checkpoint)
         }
         None => {
             let root = cfg.out.clone().unwrap_or_else(default_run_dir);
@@ -208,8 +207,12 @@ pub fn run(
     if model.sample_size == 0 {
         bail!("the model config has no sample_size");
     }
+    cfg.validate_rng_range(model.out_channels * model.sample_size * model.sample_size)
+        .map_err(|e| anyhow!("invalid training options: {e}"))?;
 
-    // Data, decoded once (before the run folder exists, so a bad --data leaves nothing behind).
+    // Everything is checked before the run folder is created, so a bad input leaves nothing
+    // behind: the data (decoded once), the classes, the task, the step's sizes against the
+    // adapter's limits (the plan is built, nothing runs), the weights to start from.
     let data: Arc<Dataset> = Arc::new(match &cfg.data {
         None => crate::data::mnist::load(model.sample_size, model.out_channels)?,
         Some(dir) => {
@@ -235,37 +238,8 @@ pub fn run(
     configure_task(&cfg, &mut model)?;
 
     cfg.out = Some(run_dir.root.clone());
-    std::fs::create_dir_all(run_dir.checkpoints())
-        .with_context(|| format!("creating {}", run_dir.root.display()))?;
-    std::fs::create_dir_all(run_dir.samples())?;
-    atomic_write(&run_dir.config(), toml::to_string(&cfg)?.as_bytes())?;
-    if !class_names.is_empty() {
-        atomic_write(
-            &run_dir.root.join(CLASS_NAMES),
-            serde_json::to_string_pretty(&class_names)?.as_bytes(),
-        )?;
-    }
-
-    let mut trainer = Trainer::new(gpu.clone(), cfg.clone(), &model)?;
+    let mut trainer = gpu.checked_build(|| Trainer::new(gpu.clone(), cfg.clone(), &model))?;
     trainer.class_names = class_names;
-    // Super-resolution grids upsample the first images of the data set (the same every time).
-    let grid_lowres: Option<Vec<f32>> = model.sr_scale.map(|k| {
-        let (s, c) = (model.sample_size, model.out_channels);
-        (0..GRID_IMAGES)
-            .flat_map(|i| {
-                let hr: Vec<f64> = data.image(i % data.len).iter().map(|&v| v as f64).collect();
-                crate::reference::upsample::avg_pool(&hr, [1, s / k, s / k, c], k)
-            })
-            .map(|v| v as f32)
-            .collect()
-    });
-    progress.message(&format!(
-        "model: {} parameters, batch {} x {} accumulation, {} dispatches per step",
-        trainer.unet.params.count(),
-        cfg.batch_size,
-        cfg.grad_accum,
-        trainer.step_plan.dispatch_count()
-    ));
     match &checkpoint {
         Some(ck) => {
             trainer.restore(ck)?;
@@ -294,28 +268,113 @@ pub fn run(
         let schedule =
             SamplingSchedule::new(&scheduler, SamplerKind::Ddim, cfg.sample_steps, None, 0.0)
                 .map_err(|e| anyhow!("sample grids: {e}"))?;
-        Some(Sampler::new(
-            &gpu,
-            &model,
-            schedule,
-            GRID_IMAGES,
-            &SamplerOptions::default(),
-        )?)
+        Some(gpu.checked_build(|| {
+            Sampler::new(
+                &gpu,
+                &model,
+                schedule,
+                GRID_IMAGES,
+                &SamplerOptions::default(),
+            )
+        })?)
     } else {
         None
     };
 
+    std::fs::create_dir_all(run_dir.checkpoints())
+        .with_context(|| format!("creating {}", run_dir.root.display()))?;
+    std::fs::create_dir_all(run_dir.samples())?;
+    run_dir.remove_partial_files();
+    atomic_write(&run_dir.config(), toml::to_string(&cfg)?.as_bytes())?;
+    if !trainer.class_names.is_empty() {
+        atomic_write(
+            &run_dir.root.join(CLASS_NAMES),
+            serde_json::to_string_pretty(&trainer.class_names)?.as_bytes(),
+        )?;
+    }
+    // Super-resolution grids upsample the first images of the data set (the same every time).
+    let grid_lowres: Option<Vec<f32>> = model.sr_scale.map(|k| {
+        let (s, c) = (model.sample_size, model.out_channels);
+        (0..GRID_IMAGES)
+            .flat_map(|i| {
+                let hr: Vec<f64> = data.image(i % data.len).iter().map(|&v| v as f64).collect();
+                crate::reference::upsample::avg_pool(&hr, [1, s / k, s / k, c], k)
+            })
+            .map(|v| v as f32)
+            .collect()
+    });
+    progress.message(&format!(
+        "model: {} parameters, batch {} x {} accumulation, {} dispatches per step",
+        trainer.unet.params.count(),
+        cfg.batch_size,
+        cfg.grad_accum,
+        trainer.step_plan.dispatch_count()
+    ));
+    let result = train_loop(
+        &gpu,
+        &cfg,
+        &model,
+        &mut trainer,
+        sampler.as_mut(),
+        grid_lowres.as_deref(),
+        data,
+        &run_dir,
+        &stop,
+        progress,
+    );
+    // Whatever stopped the run (a lost device, a full disk, a non-finite loss), the last
+    // checkpoint is intact: say where it is and how to go on.
+    result.map_err(|e| {
+        let resume_hint = match run_dir.list_checkpoints().pop() {
+            Some(last) => format!(
+                "the last complete checkpoint is {}; continue with `wgpu-diffusion train --resume {}`",
+                last.display(),
+                run_dir.root.display()
+            ),
+            None => format!(
+                "no checkpoint was written yet; `wgpu-diffusion train --resume {}` starts it again from step 0",
+                run_dir.root.display()
+            ),
+        };
+        match gpu.check() {
+            Err(gpu_err) if !format!("{e:#}").contains(&gpu_err.to_string()) => {
+                e.context(gpu_err.to_string()).context(resume_hint)
+            }
+            _ => e.context(resume_hint),
+        }
+    })
+}
+
+/// The steps of a run, from the trainer's step to `cfg.steps` (or a stop), with loss readback,
+/// sample grids, checkpoints and the final export.
+#[allow(clippy::too_many_arguments)]
+fn train_loop(
+    gpu: &Arc<Gpu>,
+    cfg: &TrainConfig,
+    model: &UNetConfig,
+    trainer: &mut Trainer,
+    mut sampler: Option<&mut Sampler>,
+    grid_lowres: Option<&[f32]>,
+    data: Arc<Dataset>,
+    run_dir: &RunDir,
+    stop: &AtomicBool,
+    progress: &mut dyn Progress,
+) -> Result<RunSummary> {
     let loader = Loader::start(
         data.clone(),
         cfg.batch_size,
         cfg.seed,
         trainer.data_position,
     );
+    // Rows past the checkpoint's step (written before a kill or a stop that lost them) and a
+    // torn last row are dropped, so a resumed run never logs a step twice.
+    let mut history: Vec<(u64, f32)> =
+        truncate_metrics(&run_dir.metrics(), trainer.step).context("metrics.jsonl")?;
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(run_dir.metrics())?;
-    let mut history: Vec<(u64, f32)> = read_metric_history(&run_dir.metrics(), trainer.step);
+        .open(run_dir.metrics())
+        .with_context(|| format!("opening {}", run_dir.metrics().display()))?;
     let mut losses = LossLog {
         pending: None,
         next_first: trainer.step + 1,
@@ -367,47 +426,40 @@ pub fn run(
             .as_ref()
             .is_some_and(|p| p.ready.load(Ordering::Acquire))
         {
-            losses.finish(&trainer, &run_dir, &mut history, &mut metrics, progress)?;
+            losses.finish(trainer, &mut history, &mut metrics, progress)?;
         }
         if step.is_multiple_of(cfg.log_every) {
-            losses.finish(&trainer, &run_dir, &mut history, &mut metrics, progress)?;
-            losses.request(&trainer, step);
+            losses.finish(trainer, &mut history, &mut metrics, progress)?;
+            losses.request(trainer, step);
         }
         progress.update(step, None, lr, 0.0);
 
-        if let Some(sampler) = &mut sampler
+        if let Some(sampler) = sampler.as_deref_mut()
             && is_grid_step(step, cfg.sample_every, cfg.steps)
             && step < cfg.steps
         {
-            write_samples(
-                &trainer,
-                sampler,
-                grid_lowres.as_deref(),
-                &run_dir,
-                step,
-                progress,
-            )?;
+            write_samples(trainer, sampler, grid_lowres, run_dir, step, progress)?;
         }
-        if step % cfg.checkpoint_every == 0 && step < cfg.steps {
-            save_checkpoint(&trainer, &model, &run_dir, progress)?;
+        if step.is_multiple_of(cfg.checkpoint_every) && step < cfg.steps {
+            save_checkpoint(trainer, model, run_dir, progress)?;
         }
     }
     // Drain the last window and the steps after it (a run need not end on a window's end):
     // every loss is checked before the final checkpoint is written.
-    losses.finish(&trainer, &run_dir, &mut history, &mut metrics, progress)?;
+    losses.finish(trainer, &mut history, &mut metrics, progress)?;
     if losses.next_first <= trainer.step {
-        losses.request(&trainer, trainer.step);
-        losses.finish(&trainer, &run_dir, &mut history, &mut metrics, progress)?;
+        losses.request(trainer, trainer.step);
+        losses.finish(trainer, &mut history, &mut metrics, progress)?;
     }
-    save_checkpoint(&trainer, &model, &run_dir, progress)?;
-    if let Some(sampler) = &mut sampler
+    save_checkpoint(trainer, model, run_dir, progress)?;
+    if let Some(sampler) = sampler
         && !interrupted
     {
         write_samples(
-            &trainer,
+            trainer,
             sampler,
-            grid_lowres.as_deref(),
-            &run_dir,
+            grid_lowres,
+            run_dir,
             trainer.step,
             progress,
         )?;
@@ -415,7 +467,7 @@ pub fn run(
     plot::loss_plot(&history, &run_dir.root.join("loss.png"))?;
     progress.finish();
     Ok(RunSummary {
-        run_dir: run_dir.root,
+        run_dir: run_dir.root.clone(),
         steps: trainer.step,
         interrupted,
         losses: history,
@@ -457,7 +509,6 @@ impl LossLog {
     fn finish(
         &mut self,
         trainer: &Trainer,
-        run_dir: &RunDir,
         history: &mut Vec<(u64, f32)>,
         metrics: &mut std::fs::File,
         progress: &mut dyn Progress,
@@ -492,11 +543,8 @@ impl LossLog {
         for s in p.first..=p.last {
             let loss = slots[((s - 1) % cfg.log_every) as usize];
             if !loss.is_finite() {
-                let last = run_dir.list_checkpoints().pop();
                 bail!(
-                    "the loss became non-finite ({loss}) at step {s}. Training stopped; the last good checkpoint is {}. Lower --lr or set --max-grad-norm.",
-                    last.map(|p| p.display().to_string())
-                        .unwrap_or_else(|| "none (no checkpoint was written yet)".into())
+                    "the loss became non-finite ({loss}) at step {s}; training stopped. Lower --lr or set --max-grad-norm."
                 );
             }
             history.push((s, loss));
@@ -529,6 +577,12 @@ fn save_checkpoint(
     } else {
         &trainer.unet.params.params
     })?;
+    let names = if trainer.class_names.is_empty() {
+        None
+    } else {
+        Some(serde_json::to_string_pretty(&trainer.class_names)?)
+    };
+    let extra: Vec<(&str, &[u8])> = names.iter().map(|n| (CLASS_NAMES, n.as_bytes())).collect();
     save_model_dir(
         &run_dir.model(),
         model,
@@ -537,13 +591,8 @@ fn save_checkpoint(
         &trainer
             .schedule
             .scheduler_config_json(trainer.cfg.prediction_type),
+        &extra,
     )?;
-    if !trainer.class_names.is_empty() {
-        atomic_write(
-            &run_dir.model().join(CLASS_NAMES),
-            serde_json::to_string_pretty(&trainer.class_names)?.as_bytes(),
-        )?;
-    }
     let all = run_dir.list_checkpoints();
     if all.len() > trainer.cfg.keep_checkpoints {
         for old in &all[..all.len() - trainer.cfg.keep_checkpoints] {

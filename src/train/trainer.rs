@@ -286,6 +286,8 @@ impl Trainer {
         batches: &[Vec<f32>],
         labels: &[Vec<u32>],
     ) -> Result<wgpu::SubmissionIndex> {
+        // A lost device or an error wgpu reported since the last step ends the run here.
+        self.gpu.check()?;
         if batches.len() != self.x0.len() {
             bail!(
                 "{} micro-batches given, grad_accum is {}",

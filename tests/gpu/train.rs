@@ -227,6 +227,20 @@ fn resume_matches_straight_run(
         first.steps,
         first.interrupted
     );
+    // Rows a killed process logged after its last checkpoint, and a torn one: the resumed run
+    // must drop them, not log those steps twice.
+    {
+        use std::io::Write;
+        let mut m = std::fs::OpenOptions::new()
+            .append(true)
+            .open(b.join("metrics.jsonl"))
+            .unwrap();
+        write!(
+            m,
+            "{{\"step\":4,\"loss\":9.0}}\n{{\"step\":5,\"loss\":9.0}}\n{{\"step\":6,\"lo"
+        )
+        .unwrap();
+    }
     let again = Arc::new(AtomicBool::new(false));
     let resumed = run(
         g.clone(),
@@ -254,11 +268,36 @@ fn resume_matches_straight_run(
         "{differing} of {} values differ between the straight and the resumed run",
         pa.len()
     );
+    let steps_logged = |d: &Path| -> Vec<(u64, u32)> {
+        std::fs::read_to_string(d.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                (
+                    v["step"].as_u64().unwrap(),
+                    (v["loss"].as_f64().unwrap() as f32).to_bits(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        steps_logged(&b),
+        steps_logged(&a),
+        "metrics.jsonl of the resumed run differs from the straight run's (steps, loss bits)"
+    );
     for d in [&a, &b] {
         assert!(
             d.join("model/config.json").exists()
                 && d.join("model/diffusion_pytorch_model.safetensors").exists()
         );
+        let leftovers: Vec<_> = std::fs::read_dir(d)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "left behind: {leftovers:?}");
         assert!(d.join("metrics.jsonl").exists() && d.join("loss.png").exists());
     }
     let _ = std::fs::remove_dir_all(&a);
@@ -316,6 +355,7 @@ fn bad_checkpoints_and_model_dirs_are_clear_errors() {
         store,
         &flat,
         &schedule.scheduler_config_json(wgpu_diffusion::diffusion::PredictionType::Epsilon),
+        &[],
     )
     .unwrap();
     // Round trip.
@@ -341,9 +381,9 @@ fn bad_checkpoints_and_model_dirs_are_clear_errors() {
         e.contains("missing") || e.contains("does not have") || e.contains("shape"),
         "{e}"
     );
-    // Resuming a folder without checkpoints.
+    // Resuming a folder killed before its first checkpoint starts from step 0.
     let never = Arc::new(AtomicBool::new(false));
-    let e = run(
+    let s = run(
         g,
         small_config(&dir, 2),
         Some(&dir),
@@ -353,10 +393,109 @@ fn bad_checkpoints_and_model_dirs_are_clear_errors() {
             stop_at: u64::MAX,
         },
     )
-    .unwrap_err()
-    .to_string();
-    assert!(e.contains("no checkpoint"), "{e}");
+    .unwrap();
+    assert_eq!(s.steps, 2);
+    assert_eq!(s.losses.iter().map(|l| l.0).collect::<Vec<_>>(), vec![1, 2]);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Destroys the device at a step: what a lost GPU (driver reset, eGPU unplugged) looks like.
+struct LoseDeviceAt {
+    gpu: Arc<wgpu_diffusion::gpu::Gpu>,
+    at: u64,
+}
+
+impl Progress for LoseDeviceAt {
+    fn start(&mut self, _: u64, _: u64) {}
+    fn update(&mut self, step: u64, _: Option<f32>, _: f64, _: f64) {
+        if step == self.at {
+            self.gpu.device.destroy();
+        }
+    }
+    fn message(&mut self, _: &str) {}
+    fn finish(&mut self) {}
+}
+
+/// A device lost mid-run ends the run with an error (not a panic) that names the last complete
+/// checkpoint and the command to resume; that checkpoint stays loadable.
+#[test]
+fn a_lost_device_is_an_error_naming_the_checkpoint_to_resume() {
+    // A device of its own: the shared one must outlive this test.
+    let g = wgpu_diffusion::gpu::Gpu::new(&Default::default()).unwrap();
+    let dir = temp_dir("lost");
+    let cfg = TrainConfig {
+        checkpoint_every: 2,
+        ..small_config(&dir, 8)
+    };
+    let never = Arc::new(AtomicBool::new(false));
+    let e = run(
+        g.clone(),
+        cfg,
+        None,
+        never,
+        &mut LoseDeviceAt { gpu: g, at: 3 },
+    )
+    .unwrap_err();
+    let e = format!("{e:#}");
+    assert!(e.contains("lost"), "{e}");
+    assert!(
+        e.contains("step-00000002.safetensors") && e.contains("--resume"),
+        "{e}"
+    );
+    let last = wgpu_diffusion::train::RunDir { root: dir.clone() }
+        .list_checkpoints()
+        .pop()
+        .unwrap();
+    LoadedTensors::read(&last).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Sizes past the adapter's limits are refused with the tensor and the way out named, before
+/// anything is dispatched and before the run folder exists.
+#[test]
+fn impossible_sizes_are_refused_before_any_dispatch() {
+    let dir = temp_dir("impossible");
+    let out = dir.to_str().unwrap();
+    for args in [
+        vec!["train", "--model", "cifar32", "--batch-size", "100000"],
+        vec![
+            "train",
+            "--model",
+            "tiny16",
+            "--batch-size",
+            "5000",
+            "--gemm-path",
+            "portable",
+        ],
+    ] {
+        let mut all = args.clone();
+        all.extend(["--steps", "1", "--out", out]);
+        let (ok, err) = run_cli(&all);
+        assert!(!ok, "{all:?} succeeded");
+        assert!(
+            err.contains("does not fit this adapter") && err.contains("--batch-size"),
+            "{all:?}: {err}"
+        );
+        assert!(!dir.exists(), "{all:?} left a run folder behind");
+    }
+    // An activation past one storage binding names the tensor and the limit.
+    let (_, err) = run_cli(&[
+        "train",
+        "--model",
+        "tiny16",
+        "--batch-size",
+        "5000",
+        "--gemm-path",
+        "portable",
+        "--steps",
+        "1",
+        "--out",
+        out,
+    ]);
+    assert!(
+        err.contains("max_storage_buffer_binding_size") && err.contains("tensor `"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -392,9 +531,10 @@ fn a_non_finite_loss_stops_the_run_with_a_clear_error() {
             stop_at: u64::MAX,
         },
     )
-    .unwrap_err()
-    .to_string();
+    .unwrap_err();
+    let e = format!("{e:#}");
     assert!(e.contains("non-finite"), "{e}");
+    assert!(e.contains("no checkpoint was written yet"), "{e}");
     assert!(
         wgpu_diffusion::train::RunDir { root: dir.clone() }
             .list_checkpoints()
