@@ -126,8 +126,8 @@ fn read_lowres(
     let low = size / scale;
     let mut values = Vec::new();
     for f in &files {
-        let img = image::open(f)
-            .map_err(|e| anyhow!("--lowres {}: not a readable image: {e}", f.display()))?;
+        let img = crate::data::open_image(f)
+            .map_err(|e| anyhow!("--lowres: not a readable image: {e}"))?;
         if (img.width(), img.height()) != (low as u32, low as u32) {
             bail!(
                 "--lowres {} is {}x{}; this x{scale} model of sample_size {size} needs {low}x{low} inputs",
@@ -152,7 +152,7 @@ fn read_inpaint(
         return Ok(None);
     };
     let open = |p: &Path, what: &str| {
-        image::open(p).map_err(|e| anyhow!("{what} {}: not a readable image: {e}", p.display()))
+        crate::data::open_image(p).map_err(|e| anyhow!("{what}: not a readable image: {e}"))
     };
     let image = open(image_path, "--inpaint")?;
     let mask = open(mask_path, "--mask")?;

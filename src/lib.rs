@@ -11,5 +11,6 @@ pub mod metrics;
 pub mod nn;
 pub mod ops;
 pub mod reference;
+pub mod robustness;
 pub mod sample;
 pub mod train;

@@ -75,15 +75,14 @@ pub fn load(
     let mut labels = Vec::new();
     let mut skipped = Vec::new();
     for f in &files {
-        match image::open(f) {
+        match super::open_image(f) {
             Ok(img) => {
                 images.extend(to_model_input(img, size, channels));
                 if let Some(c) = class_of(f) {
                     labels.push(class_names.binary_search(&c).expect("listed") as u32);
                 }
             }
-            Err(e) => {
-                let msg = format!("{}: {e}", f.display());
+            Err(msg) => {
                 if strict {
                     return Err(DataError::Invalid(format!(
                         "unreadable image (--strict): {msg}"

@@ -22,6 +22,49 @@ pub enum DataError {
     },
 }
 
+/// The largest image file, side and decoded size accepted: far beyond any training image, small
+/// enough that a hostile header cannot make the decoder allocate gigabytes.
+pub const MAX_IMAGE_FILE_BYTES: u64 = 256 << 20;
+pub const MAX_IMAGE_SIDE: u32 = 16384;
+pub const MAX_IMAGE_ALLOC: u64 = 512 << 20;
+
+/// Decodes a PNG or JPEG from memory with bounded dimensions and allocations; a decoder that
+/// panics on a malformed file becomes an error too.
+pub fn decode_image(bytes: &[u8]) -> Result<image::DynamicImage, String> {
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_IMAGE_SIDE);
+    limits.max_image_height = Some(MAX_IMAGE_SIDE);
+    limits.max_alloc = Some(MAX_IMAGE_ALLOC);
+    let decode = move || -> Result<image::DynamicImage, String> {
+        let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|e| e.to_string())?;
+        reader.limits(limits);
+        if reader.format().is_none() {
+            return Err("not a PNG or JPEG file".into());
+        }
+        reader.decode().map_err(|e| e.to_string())
+    };
+    std::panic::catch_unwind(decode)
+        .unwrap_or_else(|_| Err("the image decoder failed on this file (malformed)".into()))
+}
+
+/// Reads and decodes an image file (see [`decode_image`]); the error names the file.
+pub fn open_image(path: &std::path::Path) -> Result<image::DynamicImage, String> {
+    let len = std::fs::metadata(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .len();
+    if len > MAX_IMAGE_FILE_BYTES {
+        return Err(format!(
+            "{}: {len} bytes, more than the {} MiB an image may have",
+            path.display(),
+            MAX_IMAGE_FILE_BYTES >> 20
+        ));
+    }
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    decode_image(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+}
+
 /// Images as NHWC f32 in [-1, 1], all `size × size × channels`.
 #[derive(Debug)]
 pub struct Dataset {

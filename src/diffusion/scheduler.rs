@@ -95,6 +95,9 @@ pub struct SchedulerConfig {
     keys: serde_json::Map<String, Value>,
 }
 
+/// The most training timesteps a schedule may have (diffusers' models use 1000).
+pub const MAX_TRAIN_TIMESTEPS: usize = 100_000;
+
 impl SchedulerConfig {
     /// Parses a scheduler_config.json. Settings that change the computation and that we do not
     /// implement are refused here, by name.
@@ -130,8 +133,21 @@ impl SchedulerConfig {
         // Validate the values we read now, so a bad file is reported before any GPU work.
         cfg.num_key("beta_start")?;
         cfg.num_key("beta_end")?;
-        cfg.usize_key("num_train_timesteps")?;
-        cfg.usize_key("steps_offset")?;
+        // The schedule's arrays have num_train_timesteps entries: bound it before allocating.
+        if let Some(t) = cfg.usize_key("num_train_timesteps")?
+            && !(1..=MAX_TRAIN_TIMESTEPS).contains(&t)
+        {
+            return Err(format!(
+                "scheduler key `num_train_timesteps` must be in 1..={MAX_TRAIN_TIMESTEPS}, is {t}"
+            ));
+        }
+        if let Some(o) = cfg.usize_key("steps_offset")?
+            && o > MAX_TRAIN_TIMESTEPS
+        {
+            return Err(format!(
+                "scheduler key `steps_offset` must be at most {MAX_TRAIN_TIMESTEPS}, is {o}"
+            ));
+        }
         cfg.bool_key("clip_sample")?;
         cfg.bool_key("set_alpha_to_one")?;
         cfg.num_key("clip_sample_range")?;

@@ -61,6 +61,12 @@ const ACCEPTED_AS_DEFAULT: &[(&str, Option<&str>)] = &[
     ("mid_block_type", Some("\"UNetMidBlock2D\"")),
 ];
 
+/// Bounds on the sizes a config may ask for, checked before anything is computed from them:
+/// far beyond any model this tool trains, small enough that no arithmetic overflows.
+pub const MAX_CHANNELS: usize = 1 << 14;
+pub const MAX_SAMPLE_SIZE: usize = 4096;
+pub const MAX_CLASSES: usize = 1 << 20;
+
 impl UNetConfig {
     /// Named presets (DESIGN.md): tiny16, mnist28, cifar32 (google/ddpm-cifar10-32), and tiny28
     /// (tiny16's network at 28×28).
@@ -410,6 +416,57 @@ impl UNetConfig {
                 "`sample_size` {} must be divisible by {} with `downsample_padding` 1",
                 self.sample_size,
                 1 << (n - 1)
+            ));
+        }
+        // Bounds first: every size below is used in arithmetic and allocations.
+        if n > 8 {
+            return Err(format!(
+                "`block_out_channels` has {n} levels; at most 8 are supported"
+            ));
+        }
+        if !(1..=MAX_CHANNELS).contains(&self.in_channels)
+            || !(1..=MAX_CHANNELS).contains(&self.out_channels)
+        {
+            return Err(format!(
+                "`in_channels` ({}) and `out_channels` ({}) must be in 1..={MAX_CHANNELS}",
+                self.in_channels, self.out_channels
+            ));
+        }
+        if let Some(&c) = self
+            .block_out_channels
+            .iter()
+            .find(|&&c| !(1..=MAX_CHANNELS).contains(&c))
+        {
+            return Err(format!(
+                "`block_out_channels` entry {c} must be in 1..={MAX_CHANNELS}"
+            ));
+        }
+        if self.sample_size > MAX_SAMPLE_SIZE {
+            return Err(format!(
+                "`sample_size` {} is above the {MAX_SAMPLE_SIZE} supported",
+                self.sample_size
+            ));
+        }
+        if !(1..=16).contains(&self.layers_per_block) {
+            return Err(format!(
+                "`layers_per_block` must be in 1..=16, is {}",
+                self.layers_per_block
+            ));
+        }
+        if self.norm_num_groups == 0 {
+            return Err("`norm_num_groups` must be at least 1".into());
+        }
+        if self.attention_head_dim == Some(0) {
+            return Err("`attention_head_dim` must be at least 1".into());
+        }
+        if !(self.norm_eps.is_finite() && self.norm_eps > 0.0) {
+            return Err(format!("`norm_eps` must be > 0, is {}", self.norm_eps));
+        }
+        if let Some(k) = self.num_class_embeds
+            && k > MAX_CLASSES
+        {
+            return Err(format!(
+                "`num_class_embeds` {k} is above the {MAX_CLASSES} supported"
             ));
         }
         for &c in &self.block_out_channels {

@@ -149,7 +149,13 @@ impl ModelSource {
 
     /// One of our checkpoints: the EMA weights unless `raw`, or when the run had no EMA.
     pub fn from_checkpoint(path: &Path, raw: bool) -> Result<ModelSource> {
-        let ck = LoadedTensors::read(path)?;
+        Self::from_checkpoint_tensors(LoadedTensors::read(path)?, raw)
+    }
+
+    /// [`ModelSource::from_checkpoint`] of a file already read.
+    pub fn from_checkpoint_tensors(ck: LoadedTensors, raw: bool) -> Result<ModelSource> {
+        let path = ck.path.clone();
+        let path = path.as_path();
         let meta = ck.metadata();
         let unet = meta.get("unet_config").ok_or_else(|| {
             anyhow!(
@@ -164,6 +170,9 @@ impl ModelSource {
             .and_then(|t| {
                 toml::from_str(t).map_err(|e| anyhow!("{}: train_config: {e}", path.display()))
             })?;
+        train
+            .validate()
+            .map_err(|e| anyhow!("{}: train_config: {e}", path.display()))?;
         let schedule = NoiseSchedule::new(
             train.beta_schedule,
             train.num_train_timesteps,

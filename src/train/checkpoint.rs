@@ -66,54 +66,65 @@ pub fn serialize_named(
     Ok(safetensors::serialize(views, Some(metadata))?)
 }
 
-/// A safetensors file read into memory, with its metadata.
+/// A safetensors file read into memory, with its header parsed once.
 pub struct LoadedTensors {
     pub path: PathBuf,
     bytes: Vec<u8>,
+    /// Length of the JSON header (the data starts at 8 + this).
+    header_len: usize,
+    header: safetensors::tensor::Metadata,
 }
 
 impl LoadedTensors {
     pub fn read(path: &Path) -> Result<LoadedTensors> {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        SafeTensors::deserialize(&bytes).map_err(|e| {
+        Self::from_bytes(path, bytes)
+    }
+
+    /// Checks `bytes` as a safetensors file (`path` names it in errors). The header is bounded
+    /// and every offset checked against the bytes' length before anything is allocated from it.
+    pub fn from_bytes(path: &Path, bytes: Vec<u8>) -> Result<LoadedTensors> {
+        let invalid = |e: safetensors::SafeTensorError| {
             anyhow!(
                 "{} is not a valid safetensors file (truncated or corrupt?): {e}",
                 path.display()
             )
-        })?;
+        };
+        // `deserialize` also checks that the data section has exactly the bytes the header
+        // describes.
+        SafeTensors::deserialize(&bytes).map_err(invalid)?;
+        let (header_len, header) = SafeTensors::read_metadata(&bytes).map_err(invalid)?;
         Ok(LoadedTensors {
             path: path.to_path_buf(),
             bytes,
+            header_len,
+            header,
         })
     }
-    fn st(&self) -> SafeTensors<'_> {
-        SafeTensors::deserialize(&self.bytes).expect("validated in read")
-    }
     pub fn metadata(&self) -> HashMap<String, String> {
-        SafeTensors::read_metadata(&self.bytes)
-            .ok()
-            .and_then(|(_, m)| m.metadata().clone())
-            .unwrap_or_default()
+        self.header.metadata().clone().unwrap_or_default()
     }
     pub fn names(&self) -> Vec<String> {
-        self.st().names().into_iter().map(str::to_string).collect()
+        self.header.offset_keys()
     }
     /// The f32 values and shape of `name`.
     pub fn get(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
-        let st = self.st();
-        let t = st
-            .tensor(name)
-            .map_err(|_| anyhow!("{}: tensor `{name}` is missing", self.path.display()))?;
-        let values: Vec<f32> = match t.dtype() {
-            Dtype::F32 => bytemuck::pod_collect_to_vec(t.data()),
-            Dtype::F16 => t
-                .data()
+        let info = self
+            .header
+            .info(name)
+            .ok_or_else(|| anyhow!("{}: tensor `{name}` is missing", self.path.display()))?;
+        let start = 8 + self.header_len;
+        let (a, b) = info.data_offsets;
+        // Validated against the buffer when the file was read.
+        let data = &self.bytes[start + a..start + b];
+        let values: Vec<f32> = match info.dtype {
+            Dtype::F32 => bytemuck::pod_collect_to_vec(data),
+            Dtype::F16 => data
                 .chunks_exact(2)
                 .map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]])))
                 .collect(),
             // bfloat16 is the top half of an f32: the conversion is exact.
-            Dtype::BF16 => t
-                .data()
+            Dtype::BF16 => data
                 .chunks_exact(2)
                 .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
                 .collect(),
@@ -122,7 +133,7 @@ impl LoadedTensors {
                 self.path.display()
             ),
         };
-        Ok((t.shape().to_vec(), values))
+        Ok((info.shape.clone(), values))
     }
 
     /// Gathers `prefix.<param name>` for every parameter of `store` into the flat layout; every
@@ -303,7 +314,12 @@ pub fn read_model_config(dir: &Path) -> Result<UNetConfig> {
 }
 
 pub fn read_model_weights(dir: &Path, store: &ParamStore) -> Result<Vec<f32>> {
-    let loaded = LoadedTensors::read(&dir.join(MODEL_WEIGHTS))?;
+    model_weights(&LoadedTensors::read(&dir.join(MODEL_WEIGHTS))?, store)
+}
+
+/// The weights of a diffusers model file in `store`'s flat layout (legacy attention names and
+/// 1x1-conv attention shapes accepted); every unknown, missing or mis-shaped tensor is named.
+pub fn model_weights(loaded: &LoadedTensors, store: &ParamStore) -> Result<Vec<f32>> {
     let names = loaded.names();
     let mut renamed: HashMap<String, String> = HashMap::new();
     let mut unknown = Vec::new();

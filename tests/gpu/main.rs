@@ -11,6 +11,7 @@ mod elementwise;
 mod embedding;
 mod gemm;
 mod group_norm;
+mod hostile;
 mod loss;
 mod noise;
 mod parity;
