@@ -59,14 +59,16 @@ fn fuzz_findings_stay_fixed() {
     }
 }
 
+type Header = serde_json::Map<String, serde_json::Value>;
+
 /// A safetensors file as (header JSON, data), to damage one part and write it back.
-fn split_safetensors(bytes: &[u8]) -> (serde_json::Map<String, serde_json::Value>, Vec<u8>) {
+fn split_safetensors(bytes: &[u8]) -> (Header, Vec<u8>) {
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
     (header.as_object().unwrap().clone(), bytes[8 + n..].to_vec())
 }
 
-fn join_safetensors(header: &serde_json::Map<String, serde_json::Value>, data: &[u8]) -> Vec<u8> {
+fn join_safetensors(header: &Header, data: &[u8]) -> Vec<u8> {
     let h = serde_json::to_vec(header).unwrap();
     let mut out = (h.len() as u64).to_le_bytes().to_vec();
     out.extend(h);
@@ -75,7 +77,7 @@ fn join_safetensors(header: &serde_json::Map<String, serde_json::Value>, data: &
 }
 
 /// The tensor whose data starts at offset 0 (the first in the data section).
-fn first_tensor(header: &serde_json::Map<String, serde_json::Value>) -> String {
+fn first_tensor(header: &Header) -> String {
     header
         .iter()
         .find(|(k, v)| *k != "__metadata__" && v["data_offsets"][0] == 0)
@@ -105,17 +107,16 @@ fn hostile_model_directories_are_refused_by_name() {
         &'static [&'static str],
     );
     let cfg_text = serde_json::to_string_pretty(&config).unwrap();
-    let with_config = |f: &dyn Fn(&mut serde_json::Map<String, serde_json::Value>)| {
+    let with_config = |f: &dyn Fn(&mut Header)| {
         let mut c = config.as_object().unwrap().clone();
         f(&mut c);
         serde_json::to_string(&c).unwrap()
     };
-    let with_header =
-        |f: &dyn Fn(&mut serde_json::Map<String, serde_json::Value>, &mut Vec<u8>)| {
-            let (mut h, mut d) = split_safetensors(&weights);
-            f(&mut h, &mut d);
-            join_safetensors(&h, &d)
-        };
+    let with_header = |f: &dyn Fn(&mut Header, &mut Vec<u8>)| {
+        let (mut h, mut d) = split_safetensors(&weights);
+        f(&mut h, &mut d);
+        join_safetensors(&h, &d)
+    };
     let first = first_tensor(&split_safetensors(&weights).0);
     let mut variants: Vec<Variant> = vec![
         (
