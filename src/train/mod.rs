@@ -441,6 +441,13 @@ fn train_loop(
             write_samples(trainer, sampler, grid_lowres, run_dir, step, progress)?;
         }
         if step.is_multiple_of(cfg.checkpoint_every) && step < cfg.steps {
+            // Every loss up to the checkpoint is checked and logged first: a checkpoint never
+            // follows a non-finite loss, and a run resumed from it has no gap in metrics.jsonl.
+            losses.finish(trainer, &mut history, &mut metrics, progress)?;
+            if losses.next_first <= step {
+                losses.request(trainer, step);
+                losses.finish(trainer, &mut history, &mut metrics, progress)?;
+            }
             save_checkpoint(trainer, model, run_dir, progress)?;
         }
     }
