@@ -48,7 +48,10 @@ fn main() -> anyhow::Result<()> {
         }
     }
     let (a, b) = match args.as_slice() {
-        [a, b] => (LoadedTensors::read(Path::new(a))?, LoadedTensors::read(Path::new(b))?),
+        [a, b] => (
+            LoadedTensors::read(Path::new(a))?,
+            LoadedTensors::read(Path::new(b))?,
+        ),
         _ => anyhow::bail!("usage: checkpoint_diff A B | --check RUN_DIR"),
     };
     let (mut names_a, mut names_b) = (a.names(), b.names());

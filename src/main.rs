@@ -68,17 +68,16 @@ enum Command {
         #[command(flatten)]
         args: Box<wgpu_diffusion::cli_sample::EvalSrArgs>,
     },
-    /// Benchmarks: `--kernels` prints GFLOP/s of the GEMM/conv kernels as JSON lines.
+    /// Benchmarks. By default the training step of `--model` at `--batch-size` (one JSON line:
+    /// step time, sampling step, GFLOP/s, dispatches, memory, time to first step); `--kernels`:
+    /// GFLOP/s of the GEMM/conv kernels; `--sample`: whole sampling loops (images/s).
     Bench {
         #[command(flatten)]
         device: DeviceArgs,
-        /// Kernel GFLOP/s at U-Net shapes.
+        /// Kernel GFLOP/s at U-Net shapes instead.
         #[arg(long)]
         kernels: bool,
-        /// Whole training steps (forward, backward, AdamW, EMA) of a preset.
-        #[arg(long)]
-        train: bool,
-        /// Whole sampling batches (images/s) of a preset.
+        /// Whole sampling batches (images/s) of a preset instead.
         #[arg(long)]
         sample: bool,
         /// Sampler for --sample.
@@ -86,26 +85,32 @@ enum Command {
         sampler: wgpu_diffusion::diffusion::scheduler::SamplerKind,
         /// Sampling steps for --sample.
         #[arg(long, default_value_t = 50)]
-        steps: usize,
-        /// Model preset for --train and --sample.
+        sample_steps: usize,
+        /// Model preset.
         #[arg(long, default_value = "tiny16")]
         model: String,
-        /// Batch size for --train and --sample.
         #[arg(long, default_value_t = 32)]
         batch_size: usize,
-        /// With --train: a per-kernel time table of one step (stderr).
+        /// Timed training steps (median reported), after 2 warm-up steps.
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        /// No gradient clipping and no EMA (the like-for-like row against Burn).
+        #[arg(long)]
+        minimal: bool,
+        /// A per-kernel time table of one training step (stderr).
         #[arg(long)]
         profile: bool,
-        /// Timed repetitions per case (median reported).
+        /// Timed repetitions per --kernels / --sample case (median reported).
         #[arg(long, default_value_t = 10)]
         reps: usize,
     },
 }
 
 fn main() -> ExitCode {
+    let process_start = std::time::Instant::now();
     configure_llvmpipe_environment();
     let cli = Cli::parse();
-    match run(cli) {
+    match run(cli, process_start) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -114,7 +119,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+fn run(cli: Cli, process_start: std::time::Instant) -> anyhow::Result<()> {
     match cli.command {
         Command::Devices { backend, json } => {
             let adapters = list_adapters(backend);
@@ -230,53 +235,47 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench {
             device,
             kernels,
-            train,
             sample,
             sampler,
-            steps,
+            sample_steps,
             model,
             batch_size,
+            steps,
+            minimal,
             profile,
             reps,
         } => {
-            if !kernels && !train && !sample {
-                anyhow::bail!(
-                    "choose a benchmark: `bench --kernels`, `bench --train` and/or `bench --sample`"
-                );
-            }
             let gpu = Gpu::new(&device.options())?;
             eprintln!("adapter: {}", gpu.describe());
+            if kernels {
+                wgpu_diffusion::bench::kernels(&gpu, reps.max(1), |r| {
+                    println!("{}", serde_json::to_string(r).expect("serialize"));
+                })?;
+            }
             if sample {
                 let r = wgpu_diffusion::bench::sample_batches(
                     &gpu,
                     &model,
                     sampler,
-                    steps,
+                    sample_steps,
                     batch_size,
                     reps.max(1),
                 )?;
                 println!("{}", serde_json::to_string(&r)?);
-                if !kernels && !train {
-                    return Ok(());
-                }
             }
-            if train {
+            if !kernels && !sample {
                 let r = wgpu_diffusion::bench::train_steps(
                     &gpu,
                     &model,
                     batch_size,
-                    reps.max(1),
+                    steps,
                     2,
+                    minimal,
                     profile,
+                    process_start,
                 )?;
                 println!("{}", serde_json::to_string(&r)?);
-                if !kernels {
-                    return Ok(());
-                }
             }
-            wgpu_diffusion::bench::kernels(&gpu, reps.max(1), |r| {
-                println!("{}", serde_json::to_string(r).expect("serialize"));
-            })?;
             Ok(())
         }
     }

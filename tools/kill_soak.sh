@@ -60,8 +60,8 @@ while [ "$kills" -lt "$KILLS" ]; do
     kill -9 "$pid"
     wait "$pid" 2>/dev/null || true
     kills=$((kills + 1))
-    last=$(ls "$RUN/checkpoints" 2>/dev/null | grep -E '^step-[0-9]+\.safetensors$' | tail -1 || true)
-    partial=$(find "$RUN" -name '.*.tmp' 2>/dev/null | wc -l)
+    last=$({ ls "$RUN/checkpoints" 2>/dev/null || true; } | { grep -E '^step-[0-9]+\.safetensors$' || true; } | tail -1)
+    partial=$({ find "$RUN" -name '.*.tmp' 2>/dev/null || true; } | wc -l)
     [ -z "$last" ] && before_first=$((before_first + 1))
     [ "$partial" -gt 0 ] && during_write=$((during_write + 1))
     if [ -d "$RUN/checkpoints" ]; then

@@ -144,36 +144,72 @@ pub fn kernels(
     Ok(results)
 }
 
+/// One line of `bench --model M --batch-size B --steps N`: the training step, the sampling
+/// step, and what they cost. Keys are shared with `tools/peer_pytorch.py`, so a table can be made
+/// from runs side by side.
 #[derive(serde::Serialize)]
 pub struct TrainResult {
-    pub bench: &'static str,
     pub model: String,
-    pub batch: usize,
-    pub median_step_s: f64,
-    pub min_step_s: f64,
-    pub images_per_s: f64,
-    pub first_step_s: f64,
-    pub path: String,
+    pub batch_size: usize,
     pub adapter: String,
+    pub backend: String,
+    pub path: String,
+    /// Clipping and EMA off (the like-for-like row against Burn, which has neither).
+    pub minimal: bool,
+    /// Median of the timed steps (after warm-up), each submit + wait.
+    pub train_step_s: f64,
+    pub train_step_min_s: f64,
+    pub train_img_per_s: f64,
+    /// One U-Net forward + one DDIM update at the same batch (median over a DDIM-10 loop).
+    pub sample_step_s: f64,
+    /// FLOPs of the step's GEMMs and convolutions, 2 per multiply-add (PyTorch FlopCounter's
+    /// convention), counted from the recorded plan.
+    pub gflops_per_train_step: f64,
+    pub achieved_gflops: f64,
+    pub dispatches_per_step: usize,
+    pub submits_per_step: f64,
+    /// Every buffer and texture the benchmark allocated (our own accounting).
+    pub peak_gpu_bytes: u64,
+    /// Process start (main) to the end of the first training step: pipeline compiles, plan,
+    /// first step. Cold with `MESA_SHADER_CACHE_DISABLE=true`.
+    pub time_to_first_step_s: f64,
+    pub timed_steps: usize,
+    /// The machine's 1-minute load average when the timing ended (compare only quiet runs).
+    pub loadavg: f64,
 }
 
-/// Times whole training steps (submit + wait each, after `warmup` steps) on random data.
+fn loadavg() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
+        .unwrap_or(f64::NAN)
+}
+
+/// Times whole training steps (submit + wait each, after `warmup` steps) on random data, then
+/// the sampling step at the same batch. `process_start` is when `main` began.
+#[allow(clippy::too_many_arguments)]
 pub fn train_steps(
     gpu: &Arc<Gpu>,
     model: &str,
     batch: usize,
     steps: usize,
     warmup: usize,
+    minimal: bool,
     profile: bool,
+    process_start: Instant,
 ) -> Result<TrainResult> {
-    let cfg = crate::train::TrainConfig {
+    let mut cfg = crate::train::TrainConfig {
         model: model.to_string(),
         batch_size: batch,
         ..Default::default()
     };
+    if minimal {
+        cfg.max_grad_norm = 0.0;
+        cfg.ema = false;
+    }
     let unet_cfg = crate::train::resolve_model_config(&cfg)?;
-    let t0 = Instant::now();
-    let mut trainer = crate::train::Trainer::new(gpu.clone(), cfg.clone(), &unet_cfg)?;
+    let mut trainer =
+        gpu.checked_build(|| crate::train::Trainer::new(gpu.clone(), cfg.clone(), &unet_cfg))?;
     trainer.set_weights(&crate::nn::init::default_init(&trainer.unet.params, 0))?;
     let numel: usize = trainer.unet.sample.shape().iter().product();
     let data: Vec<f32> = crate::reference::test_data(numel, 1)
@@ -182,18 +218,21 @@ pub fn train_steps(
         .collect();
     trainer.submit_step(std::slice::from_ref(&data), &[])?;
     gpu.wait()?;
-    let first_step_s = t0.elapsed().as_secs_f64();
+    let time_to_first_step_s = process_start.elapsed().as_secs_f64();
     for _ in 0..warmup {
         trainer.submit_step(std::slice::from_ref(&data), &[])?;
         gpu.wait()?;
     }
     let mut times = Vec::new();
+    let submits_before = gpu.submit_count();
     for _ in 0..steps.max(1) {
         let t = Instant::now();
         trainer.submit_step(std::slice::from_ref(&data), &[])?;
         gpu.wait()?;
         times.push(t.elapsed().as_secs_f64());
     }
+    let submits_per_step = (gpu.submit_count() - submits_before) as f64 / times.len() as f64;
+    let load = loadavg();
     times.sort_by(f64::total_cmp);
     if profile {
         let prof = trainer.profile_step();
@@ -211,17 +250,38 @@ pub fn train_steps(
             prof.iter().map(|p| p.1).sum::<usize>()
         );
     }
+    let flops = trainer.step_plan_flops();
+    let dispatches = trainer.step_dispatches();
+    drop(trainer);
+    // The sampling step: DDIM over 10 steps, per evaluation.
+    let sample = sample_batches(
+        gpu,
+        model,
+        crate::diffusion::scheduler::SamplerKind::Ddim,
+        10,
+        batch,
+        3,
+    )?;
     let median = times[times.len() / 2];
     Ok(TrainResult {
-        bench: "train_step",
         model: model.to_string(),
-        batch,
-        median_step_s: median,
-        min_step_s: times[0],
-        images_per_s: batch as f64 / median,
-        first_step_s,
-        path: gpu.gemm_path.to_string(),
+        batch_size: batch,
         adapter: gpu.adapter.name.clone(),
+        backend: gpu.adapter.backend.clone(),
+        path: gpu.gemm_path.to_string(),
+        minimal,
+        train_step_s: median,
+        train_step_min_s: times[0],
+        train_img_per_s: batch as f64 / median,
+        sample_step_s: sample.median_batch_s / sample.evaluations as f64,
+        gflops_per_train_step: flops / 1e9,
+        achieved_gflops: flops / 1e9 / median,
+        dispatches_per_step: dispatches,
+        submits_per_step,
+        peak_gpu_bytes: gpu.allocated_bytes(),
+        time_to_first_step_s,
+        timed_steps: times.len(),
+        loadavg: load,
     })
 }
 

@@ -264,6 +264,8 @@ struct Health {
     lost: std::sync::Mutex<Option<String>>,
     /// Bytes of every buffer and texture allocated through [`Gpu`] so far.
     allocated: std::sync::atomic::AtomicU64,
+    /// Queue submits so far (the benchmark's submits per step).
+    submits: std::sync::atomic::AtomicU64,
 }
 
 /// How to make a step fit when a tensor is past the adapter's limits.
@@ -568,7 +570,7 @@ impl Gpu {
         });
         let mut enc = self.device.create_command_encoder(&Default::default());
         enc.copy_buffer_to_buffer(buffer, offset, &staging, 0, len);
-        self.queue.submit([enc.finish()]);
+        self.submit_encoder(enc);
         let (tx, rx) = std::sync::mpsc::channel();
         staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
             let _ = tx.send(r);
@@ -608,7 +610,22 @@ impl Gpu {
         for p in plans {
             p.encode(&mut enc);
         }
+        self.submit_encoder(enc)
+    }
+
+    /// Finishes and submits a command encoder (every submit goes through here and is counted).
+    pub fn submit_encoder(&self, enc: wgpu::CommandEncoder) -> wgpu::SubmissionIndex {
+        self.health
+            .submits
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.queue.submit([enc.finish()])
+    }
+
+    /// Queue submits so far.
+    pub fn submit_count(&self) -> u64 {
+        self.health
+            .submits
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Submits and waits: for tests, benchmarks and one-off work. Nothing is submitted when a

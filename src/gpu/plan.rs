@@ -86,6 +86,9 @@ pub struct Recorder {
     pending: Vec<Pending>,
     records: Vec<StepRecord>,
     dummy: Option<Tensor>,
+    /// Floating-point operations of the GEMM-shaped work recorded (2 per multiply-add), for
+    /// the benchmark's achieved GFLOP/s.
+    flops: f64,
 }
 
 const PARAMS_ALIGN: usize = 256;
@@ -98,7 +101,13 @@ impl Recorder {
             pending: Vec::new(),
             records: Vec::new(),
             dummy: None,
+            flops: 0.0,
         }
+    }
+
+    /// Counts the floating-point operations of a GEMM or convolution just recorded.
+    pub fn add_flops(&mut self, flops: f64) {
+        self.flops += flops;
     }
 
     /// A small tensor to bind where a kernel's optional operand (a bias, weights) is absent.
@@ -227,6 +236,8 @@ impl Recorder {
     /// Uploads the parameter blocks and builds the bind groups.
     pub fn finish(self) -> Plan {
         let device = &self.gpu.device;
+        self.gpu
+            .admit_buffer(self.params.len().max(16) as u64, "plan params", &[]);
         let params = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("plan params"),
             size: self.params.len().max(16) as u64,
@@ -285,6 +296,7 @@ impl Recorder {
             steps,
             _params: params,
             records: self.records,
+            flops: self.flops,
         }
     }
 }
@@ -294,6 +306,7 @@ pub struct Plan {
     steps: Vec<Step>,
     _params: wgpu::Buffer,
     records: Vec<StepRecord>,
+    flops: f64,
 }
 
 impl Plan {
@@ -379,6 +392,12 @@ impl Plan {
     pub fn records(&self) -> &[StepRecord] {
         &self.records
     }
+    /// Floating-point operations of the GEMMs and convolutions in the plan (2 per
+    /// multiply-add; element-wise work is not counted, as PyTorch's FlopCounter does not).
+    pub fn flops(&self) -> f64 {
+        self.flops
+    }
+
     pub fn dispatch_count(&self) -> usize {
         self.steps
             .iter()

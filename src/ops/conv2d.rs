@@ -182,6 +182,7 @@ pub fn conv2d_forward(
     p.c_ld = d.co as u32;
     p.has_bias = bias.is_some() as u32;
     let bias_t = bias.cloned().unwrap_or_else(|| rec.dummy());
+    rec.add_flops(d.flops());
     run_implicit(rec, OP, "conv2d_forward", p, x, w, false, &bias_t, y)
 }
 
@@ -198,6 +199,7 @@ pub fn conv2d_backward_input(
     let d = conv_dims(OP, dx.shape(), w, g)?;
     expect_shape(OP, "dy", dy, &[d.n, d.oh, d.ow, d.co])?;
     expect_distinct(OP, dy, dx)?;
+    rec.add_flops(d.flops());
     expect_distinct(OP, w, dx)?;
     let mut p = conv_params(&d, g);
     p.m = u32_of(OP, "input pixels", d.n * d.h * d.w)?;
@@ -293,6 +295,7 @@ pub fn conv2d_backward_weight(
     expect_shape(OP, "dy", dy, &[d.n, d.oh, d.ow, d.co])?;
     expect_distinct(OP, x, dw)?;
     expect_distinct(OP, dy, dw)?;
+    rec.add_flops(d.flops());
     let pixels = d.n * d.oh * d.ow;
     let taps = d.kh * d.kw;
     let numel = d.co * d.ci * taps;

@@ -197,6 +197,7 @@ pub fn gemm(
             "{OP}: empty product m={m} n={n} k={k} batches={batch_outer}x{batch_inner}"
         )));
     }
+    rec.add_flops(shape.flops());
     if c.trans {
         return Err(invalid(format!(
             "{OP}: the output `{}` cannot be transposed",

@@ -258,7 +258,7 @@ impl Sampler {
             self.unet.params.params.byte_offset(),
             weights.byte_len(),
         );
-        self.gpu.queue.submit([enc.finish()]);
+        self.gpu.submit_encoder(enc);
     }
 
     /// A one-dispatch plan drawing this batch's slice of a noise stream into `out`.

@@ -249,6 +249,16 @@ impl Trainer {
     }
 
     /// Per-kernel wall time of one step, summed by shader entry point, slowest first.
+    /// FLOPs of one step's GEMMs and convolutions (2 per multiply-add).
+    pub fn step_plan_flops(&self) -> f64 {
+        self.step_plan.flops()
+    }
+
+    /// Dispatches (and copies) in one step.
+    pub fn step_dispatches(&self) -> usize {
+        self.step_plan.dispatch_count()
+    }
+
     pub fn profile_step(&self) -> Vec<(String, usize, f64)> {
         let mut by_entry: HashMap<String, (usize, f64)> = HashMap::new();
         let records = self.step_plan.records();
@@ -362,7 +372,7 @@ impl Trainer {
                 4,
             );
         }
-        let idx = self.gpu.queue.submit([enc.finish()]);
+        let idx = self.gpu.submit_encoder(enc);
         self.step = step;
         Ok(idx)
     }
@@ -379,7 +389,7 @@ impl Trainer {
             0,
             self.loss_log.byte_len(),
         );
-        let submission = self.gpu.queue.submit([enc.finish()]);
+        let submission = self.gpu.submit_encoder(enc);
         let ready = Arc::new(AtomicBool::new(false));
         let flag = ready.clone();
         self.staging
