@@ -86,7 +86,7 @@ fn training_step_matches_pytorch() {
     // subgroup path (its default).
     for g in gemm_paths() {
         for path in paths.iter() {
-            let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             let (_, metadata) = SafeTensors::read_metadata(&bytes).expect("fixture header");
             let st = SafeTensors::deserialize(&bytes).expect("fixture");
             let meta: serde_json::Value = serde_json::from_str(
