@@ -180,7 +180,11 @@ fn store_dw(co: u32, tap: u32, ci4: u32, v: vec4<f32>, c_base: u32) {
     for (var e = 0u; e < 4u; e++) {
         let ci = ci4 * 4u + e;
         if (ci < p.in_c) {
-            c[c_base + (co * p.in_c + ci) * taps + tap] = v[e];
+            // beta = 1 accumulates into dw (one slice written directly, no split-K sum pass).
+            let idx = c_base + (co * p.in_c + ci) * taps + tap;
+            var r = v[e];
+            if (p.beta != 0.0) { r += p.beta * c[idx]; }
+            c[idx] = r;
         }
     }
 }

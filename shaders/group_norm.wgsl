@@ -9,6 +9,11 @@
 // a fixed order, then a fixed tree (or a fixed sequential loop) combines the threads. There are
 // no atomics, so the same inputs always give the same bits.
 //
+// Fused SiLU (diffusers' norm → SiLU pairs): the forward writes silu(v) only, v = xhat*gamma +
+// beta; the backward takes d silu(v) and forms dy = d silu(v) * silu'(v) on the fly, with
+// silu'(v) = s (1 + v (1 - s)), s = sigmoid(v) exactly as the unfused silu_backward does, so a
+// tensor pass is saved each way and the values equal the unfused pair's.
+//
 // Dispatches: forward = group_norm_stats_partial + group_norm_stats (per-column two-pass
 // statistics merged per group with Chan's formula, so var never suffers the E[x^2]-E[x]^2
 // cancellation) + group_norm_forward (per channel, looping over a pixel split). Backward = group_norm_backward_partials
@@ -28,7 +33,8 @@ struct Params {
     accumulate: u32, // backward_params: 1 = add into dgamma/dbeta, 0 = overwrite
     eps: f32,
     inv_count: f32,  // 1 / M
-    _pad0: u32,
+    silu: u32,       // 1 = SiLU fused after the affine (forward: y = silu(v); backward: dy given
+                     // for silu(v), the pre-activation v recomputed from x, mean, rstd, gamma, beta)
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -58,6 +64,18 @@ var<workgroup> red2: array<f32, 256>;
 
 fn linear_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
     return (wid.y * nwg.x + wid.x) * WG + lid;
+}
+
+fn sigmoid(v: f32) -> f32 {
+    return 1.0 / (1.0 + exp(-v));
+}
+
+// The gradient reaching the normalised value: dy itself, or through the fused SiLU.
+fn grad_of_norm(g: f32, xhat: f32, ga: f32, be: f32) -> f32 {
+    if (p.silu == 0u) { return g; }
+    let v = xhat * ga + be;
+    let s = sigmoid(v);
+    return g * s * (1.0 + v * (1.0 - s));
 }
 
 // Statistics in two barrier-free dispatches (lavapipe runs barriers as coroutines and turns
@@ -142,7 +160,8 @@ fn group_norm_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invo
     let base = n * p.pixels * p.channels + c;
     for (var q = q0; q < q1; q = q + 1u) {
         let idx = base + q * p.channels;
-        y[idx] = (x[idx] - mu) * rs * ga + be;
+        let v = (x[idx] - mu) * rs * ga + be;
+        if (p.silu != 0u) { y[idx] = v * sigmoid(v); } else { y[idx] = v; }
     }
 }
 
@@ -164,10 +183,13 @@ fn group_norm_backward_partials(@builtin(workgroup_id) wid: vec3<u32>, @builtin(
         let st = n * p.groups + c / p.cpg;
         let mu = mean[st];
         let rs = rstd[st];
+        let ga = gamma[c];
+        let be = beta[c];
         for (var q = q0 + k; q < q1; q = q + 8u) {
             let idx = (n * p.pixels + q) * p.channels + c;
-            let g = dy[idx];
-            acc_g = acc_g + g * ((x[idx] - mu) * rs);
+            let xhat = (x[idx] - mu) * rs;
+            let g = grad_of_norm(dy[idx], xhat, ga, be);
+            acc_g = acc_g + g * xhat;
             acc_b = acc_b + g;
         }
     }
@@ -252,10 +274,11 @@ fn group_norm_backward_dx(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_
     let m1 = gsums[st] * p.inv_count;
     let m2 = gsums[ng + st] * p.inv_count;
     let ga = gamma[c];
+    let be = beta[c];
     let base = n * p.pixels * p.channels + c;
     for (var q = q0; q < q1; q = q + 1u) {
         let idx = base + q * p.channels;
         let xhat = (x[idx] - mu) * rs;
-        dx[idx] = rs * (ga * dy[idx] - m1 - xhat * m2);
+        dx[idx] = rs * (ga * grad_of_norm(dy[idx], xhat, ga, be) - m1 - xhat * m2);
     }
 }

@@ -31,7 +31,7 @@ echo "== uninterrupted reference run ($STEPS steps)"
 "$BIN" train "${ARGS[@]}" --out "$WORK/straight" >"$WORK/straight.log" 2>&1
 
 RUN="$WORK/soak"
-kills=0 before_first=0 during_write=0 resumes=0 fresh_starts=0
+kills=0 before_first=0 during_write=0 resumes=0 fresh_starts=0 aimed_kills=0
 RANDOM=$SEED
 start_run() {
     if [ -f "$RUN/config.toml" ]; then
@@ -47,11 +47,22 @@ start_run() {
 echo "== soak: $KILLS kills"
 while [ "$kills" -lt "$KILLS" ]; do
     start_run
-    # The first kills come early (start-up, before the first checkpoint), the rest anywhere.
+    # The first kills come early (start-up, before the first checkpoint); then every third
+    # kill is aimed at a write: it lands as soon as a temporary file of a checkpoint or of the
+    # model export appears; the rest land anywhere.
     span=$MAX_DELAY_MS
     [ "$kills" -lt 5 ] && span=2500
     delay_ms=$((200 + (RANDOM * 32768 + RANDOM) % span))
-    sleep "$(printf '%d.%03d' $((delay_ms / 1000)) $((delay_ms % 1000)))"
+    if [ "$kills" -ge 5 ] && [ $((kills % 3)) -eq 0 ]; then
+        aimed=1
+        t_end=$((SECONDS + 30))
+        until compgen -G "$RUN/checkpoints/.*.tmp" >/dev/null || compgen -G "$RUN/.model*.tmp" >/dev/null \
+            || ! kill -0 "$pid" 2>/dev/null || [ "$SECONDS" -ge "$t_end" ]; do :; done
+        delay_ms=-1
+    else
+        aimed=0
+        sleep "$(printf '%d.%03d' $((delay_ms / 1000)) $((delay_ms % 1000)))"
+    fi
     if ! kill -0 "$pid" 2>/dev/null; then
         wait "$pid" || { echo "the run failed on its own; see $WORK/soak.log"; exit 1; }
         echo "the run finished after $kills kills: raise STEPS"
@@ -60,6 +71,7 @@ while [ "$kills" -lt "$KILLS" ]; do
     kill -9 "$pid"
     wait "$pid" 2>/dev/null || true
     kills=$((kills + 1))
+    aimed_kills=$((aimed_kills + aimed))
     last=$({ ls "$RUN/checkpoints" 2>/dev/null || true; } | { grep -E '^step-[0-9]+\.safetensors$' || true; } | tail -1)
     partial=$({ find "$RUN" -name '.*.tmp' 2>/dev/null || true; } | wc -l)
     [ -z "$last" ] && before_first=$((before_first + 1))
@@ -67,8 +79,9 @@ while [ "$kills" -lt "$KILLS" ]; do
     if [ -d "$RUN/checkpoints" ]; then
         "$DIFF" --check "$RUN" >/dev/null || { echo "kill $kills: a torn file would be loaded"; exit 1; }
     fi
-    printf 'kill %2d after %5d ms: last checkpoint %s, %d partial file(s) left\n' \
-        "$kills" "$delay_ms" "${last:-none}" "$partial"
+    if [ "$aimed" = 1 ]; then when="at a write"; else when="after ${delay_ms} ms"; fi
+    printf 'kill %2d %-16s: last checkpoint %s, %d partial file(s) left\n' \
+        "$kills" "$when" "${last:-none}" "$partial"
 done
 
 echo "== resume to the end"
@@ -93,6 +106,6 @@ if [ "$steps_logged" != "$STEPS" ] || [ "$unique_steps" != "$STEPS" ]; then
     echo "FAIL: metrics.jsonl has $steps_logged rows ($unique_steps distinct steps), expected $STEPS"
     exit 1
 fi
-echo "PASS: $kills/$KILLS kills survived ($before_first before the first checkpoint, $during_write" \
-     "with a write in progress; $resumes resumes, $fresh_starts fresh starts); final checkpoint:" \
+echo "PASS: $kills/$KILLS kills survived ($before_first before the first checkpoint, $aimed_kills aimed" \
+     "at a write, $during_write of all left a partial file behind; $resumes resumes, $fresh_starts fresh starts); final checkpoint:" \
      "$result; metrics.jsonl: $STEPS rows, no duplicates, losses equal"

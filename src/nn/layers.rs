@@ -9,9 +9,11 @@ use crate::gpu::{Gpu, Recorder, Tensor};
 use crate::ops::conv2d::{
     Conv2dGeometry, conv2d_backward_input, conv2d_backward_weight, conv2d_forward,
 };
-use crate::ops::elementwise::{add_channel_bias, axpby, silu_backward, silu_forward};
+use crate::ops::elementwise::{add_channel_bias, axpby};
 use crate::ops::gemm::{GemmShape, MatRef, gemm, linear_backward, linear_forward};
-use crate::ops::group_norm::{group_norm_backward, group_norm_forward};
+use crate::ops::group_norm::{
+    group_norm_backward, group_norm_forward, group_norm_silu_backward, group_norm_silu_forward,
+};
 use crate::ops::noise::dropout;
 use crate::ops::reduce::sum_pixels_per_sample;
 use crate::ops::softmax::{softmax_backward, softmax_forward};
@@ -164,6 +166,23 @@ impl GroupNorm {
             &self.rstd,
         )
     }
+    /// y = SiLU(GroupNorm(x)) in one pass (the normalised value is not stored).
+    pub fn forward_silu(&self, rec: &mut Recorder, p: &ParamStore, x: &Act, y: &Act) -> OpResult {
+        let (g, _) = p.get(&self.weight);
+        let (b, _) = p.get(&self.bias);
+        group_norm_silu_forward(
+            rec,
+            &x.value,
+            &g,
+            &b,
+            self.groups,
+            self.eps,
+            &y.value,
+            &self.mean,
+            &self.rstd,
+        )
+    }
+
     pub fn backward(
         &self,
         rec: &mut Recorder,
@@ -172,33 +191,50 @@ impl GroupNorm {
         x: &Act,
         y: &Act,
     ) -> OpResult {
+        self.backward_with(rec, p, gt, x, y, false)
+    }
+
+    /// Backward of [`GroupNorm::forward_silu`]: `y` is the SiLU's output.
+    pub fn backward_silu(
+        &self,
+        rec: &mut Recorder,
+        p: &ParamStore,
+        gt: &mut GradTracker,
+        x: &Act,
+        y: &Act,
+    ) -> OpResult {
+        self.backward_with(rec, p, gt, x, y, true)
+    }
+
+    fn backward_with(
+        &self,
+        rec: &mut Recorder,
+        p: &ParamStore,
+        gt: &mut GradTracker,
+        x: &Act,
+        y: &Act,
+        silu: bool,
+    ) -> OpResult {
         let (g, dg) = p.get(&self.weight);
-        let (_, db) = p.get(&self.bias);
+        let (b, db) = p.get(&self.bias);
+        let run = |rec: &mut Recorder, dx: &Tensor| {
+            if silu {
+                group_norm_silu_backward(
+                    rec, &x.value, &y.grad, &g, &b, &self.mean, &self.rstd, dx, &dg, &db, true,
+                )
+            } else {
+                group_norm_backward(
+                    rec, &x.value, &y.grad, &g, &self.mean, &self.rstd, dx, &dg, &db, true,
+                )
+            }
+        };
         if gt.accumulate(&x.grad) {
-            group_norm_backward(
-                rec,
-                &x.value,
-                &y.grad,
-                &g,
-                &self.mean,
-                &self.rstd,
-                &self.scratch,
-                &dg,
-                &db,
-                true,
-            )?;
+            run(rec, &self.scratch)?;
             write_grad(rec, &self.scratch, &x.grad, true)
         } else {
-            group_norm_backward(
-                rec, &x.value, &y.grad, &g, &self.mean, &self.rstd, &x.grad, &dg, &db, true,
-            )
+            run(rec, &x.grad)
         }
     }
-}
-
-fn silu_bwd(rec: &mut Recorder, gt: &mut GradTracker, x: &Act, y: &Act) -> OpResult {
-    let acc = gt.accumulate(&x.grad);
-    silu_backward(rec, &x.value, &y.grad, &x.grad, acc)
 }
 
 /// diffusers ResnetBlock2D (time_embedding_norm "default", pre-norm, SiLU):
@@ -213,11 +249,10 @@ pub struct ResnetBlock {
     output_scale: f32,
     /// Dropout after the second SiLU (training only): (p, RNG purpose, mask output).
     dropout: Option<(f32, u32, Act)>,
-    n1: Act,
+    /// silu(norm1(x)) and silu(norm2(h)): each pair runs fused, the normalised value unstored.
     s1: Act,
     c1: Act,
     tproj: Act,
-    n2: Act,
     s2: Act,
     c2: Act,
     shortcut: Option<Act>,
@@ -296,11 +331,9 @@ impl ResnetBlock {
             }),
             output_scale: output_scale as f32,
             dropout: dropout.map(|(p, purpose)| (p, purpose, a(&hs, "dropout"))),
-            n1: a(x_shape, "norm1"),
             s1: a(x_shape, "silu1"),
             c1: a(&hs, "conv1"),
             tproj: a(&[n, cout], "time_emb_proj"),
-            n2: a(&hs, "norm2"),
             s2: a(&hs, "silu2"),
             c2,
             shortcut: (cin != cout).then(|| {
@@ -327,14 +360,12 @@ impl ResnetBlock {
         out: &Act,
         rng: Option<(&Tensor, u32)>,
     ) -> OpResult {
-        self.norm1.forward(rec, p, x, &self.n1)?;
-        silu_forward(rec, &self.n1.value, &self.s1.value)?;
+        self.norm1.forward_silu(rec, p, x, &self.s1)?;
         self.conv1.forward(rec, p, &self.s1, &self.c1)?;
         self.time_emb_proj
             .forward(rec, p, &temb_act.value, &self.tproj.value)?;
         add_channel_bias(rec, &self.tproj.value, 1.0, &self.c1.value)?;
-        self.norm2.forward(rec, p, &self.c1, &self.n2)?;
-        silu_forward(rec, &self.n2.value, &self.s2.value)?;
+        self.norm2.forward_silu(rec, p, &self.c1, &self.s2)?;
         match (&self.dropout, rng) {
             (Some((prob, purpose, d)), Some((state, first))) => {
                 dropout(rec, state, *purpose, first, *prob, &self.s2.value, &d.value)?;
@@ -406,15 +437,13 @@ impl ResnetBlock {
             }
             (None, _) => self.conv2.backward(rec, p, gt, &self.s2, &self.c2, true)?,
         }
-        silu_bwd(rec, gt, &self.n2, &self.s2)?;
-        self.norm2.backward(rec, p, gt, &self.c1, &self.n2)?;
+        self.norm2.backward_silu(rec, p, gt, &self.c1, &self.s2)?;
         // c1 = conv1(s1) + tproj[n, c] broadcast over pixels.
         sum_pixels_per_sample(rec, &self.c1.grad, &self.tproj.grad, false)?;
         self.time_emb_proj
             .backward(rec, p, gt, temb_act, &self.tproj.grad, true)?;
         self.conv1.backward(rec, p, gt, &self.s1, &self.c1, true)?;
-        silu_bwd(rec, gt, &self.n1, &self.s1)?;
-        self.norm1.backward(rec, p, gt, x, &self.n1)
+        self.norm1.backward_silu(rec, p, gt, x, &self.s1)
     }
 }
 

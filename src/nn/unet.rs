@@ -67,8 +67,8 @@ pub struct UNet {
     conv_in: Conv2d,
     h_in: Act,
     nodes: Vec<Node>,
+    /// conv_norm_out and conv_act run fused: only silu(norm(x)) is stored.
     conv_norm_out: GroupNorm,
-    norm_out: Act,
     act_out: Act,
     conv_out: Conv2d,
     /// The model output (ε, v or x0 prediction), NHWC [B, S, S, out_channels].
@@ -386,7 +386,6 @@ impl UNet {
             c.norm_num_groups,
             c.norm_eps,
         );
-        let norm_out = act(cur.shape(), "conv_norm_out");
         let act_out = act(cur.shape(), "conv_act");
         let conv_out = Conv2d::new(
             &mut d,
@@ -418,7 +417,6 @@ impl UNet {
             h_in,
             nodes,
             conv_norm_out,
-            norm_out,
             act_out,
             conv_out,
             output,
@@ -476,8 +474,8 @@ impl UNet {
             }
         }
         let last = self.last_hidden();
-        self.conv_norm_out.forward(rec, p, last, &self.norm_out)?;
-        silu_forward(rec, &self.norm_out.value, &self.act_out.value)?;
+        self.conv_norm_out
+            .forward_silu(rec, p, last, &self.act_out)?;
         self.conv_out.forward(rec, p, &self.act_out, &self.output)
     }
 
@@ -489,16 +487,9 @@ impl UNet {
         let gt = &mut gt;
         self.conv_out
             .backward(rec, p, gt, &self.act_out, &self.output, true)?;
-        silu_backward(
-            rec,
-            &self.norm_out.value,
-            &self.act_out.grad,
-            &self.norm_out.grad,
-            false,
-        )?;
         let last = self.last_hidden();
         self.conv_norm_out
-            .backward(rec, p, gt, last, &self.norm_out)?;
+            .backward_silu(rec, p, gt, last, &self.act_out)?;
         for node in self.nodes.iter().rev() {
             match node {
                 Node::Resnet { block, x, out } => {
@@ -556,7 +547,6 @@ impl UNet {
                 Node::Concat { .. } => {}
             }
         }
-        v.push(("conv_norm_out".into(), self.norm_out.value.clone()));
         v.push(("conv_act".into(), self.act_out.value.clone()));
         v.push(("conv_out".into(), self.output.value.clone()));
         v

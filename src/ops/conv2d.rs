@@ -278,6 +278,9 @@ fn check_groups(op: &str, groups: [u32; 3]) -> OpResult {
     Ok(())
 }
 
+/// Workgroups the subgroup path's backward-weight pass aims for (tiles × split-K slices).
+const SUBGROUP_BACKWARD_WEIGHT_WORKGROUPS: usize = 16;
+
 /// dw (+)= ∂L/∂w and db (+)= Σ dy over pixels. x [N,H,W,Ci], dy [N,OH,OW,Co], dw [Co,Ci,KH,KW].
 /// The reduction over pixels is split into fixed slices summed in a fixed order (deterministic).
 #[allow(clippy::too_many_arguments)]
@@ -320,12 +323,23 @@ pub fn conv2d_backward_weight(
             (gx * gy, [gx as u32, gy as u32])
         }
     };
-    // Enough slices to keep every core busy, each long enough to amortise its partial.
-    let splits = (64 / tiles.max(1)).clamp(1, pixels.div_ceil(256).max(1));
+    // Enough slices to keep every core busy, each long enough to amortise its partial: a GPU
+    // wants many workgroups, lavapipe (a few CPU threads) few — each slice is one more
+    // partial to write and sum.
+    let busy = if lanes.is_some() {
+        SUBGROUP_BACKWARD_WEIGHT_WORKGROUPS
+    } else {
+        64
+    };
+    let splits = (busy / tiles.max(1)).clamp(1, pixels.div_ceil(256).max(1));
     let chunk = pixels.div_ceil(splits);
     let splits = pixels.div_ceil(chunk);
     p.k_chunk = chunk as u32;
-    let direct = splits == 1 && !accumulate;
+    // One slice is written straight into dw (accumulating with beta = 1 when asked).
+    let direct = splits == 1;
+    if direct && accumulate {
+        p.beta = 1.0;
+    }
     let target = if direct {
         dw.clone()
     } else {

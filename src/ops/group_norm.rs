@@ -22,7 +22,8 @@ pub struct GroupNormParams {
     pub accumulate: u32,
     pub eps: f32,
     pub inv_count: f32,
-    pub _pad0: u32,
+    /// 1: SiLU fused after the affine (see the shader).
+    pub silu: u32,
 }
 
 const WG: usize = 256;
@@ -130,29 +131,87 @@ pub fn group_norm_forward(
     mean: &Tensor,
     rstd: &Tensor,
 ) -> OpResult {
-    const OP: &str = "group_norm_forward";
-    let mut p = base_params(OP, x, groups)?;
+    forward(
+        rec,
+        "group_norm_forward",
+        x,
+        gamma,
+        beta,
+        groups,
+        eps,
+        y,
+        mean,
+        rstd,
+        false,
+    )
+}
+
+/// y = SiLU(GroupNorm(x) * gamma + beta) in one pass (diffusers' norm → SiLU pairs); the
+/// normalised value itself is not stored: [`group_norm_silu_backward`] recomputes it.
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm_silu_forward(
+    rec: &mut Recorder,
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    groups: usize,
+    eps: f32,
+    y: &Tensor,
+    mean: &Tensor,
+    rstd: &Tensor,
+) -> OpResult {
+    forward(
+        rec,
+        "group_norm_silu_forward",
+        x,
+        gamma,
+        beta,
+        groups,
+        eps,
+        y,
+        mean,
+        rstd,
+        true,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn forward(
+    rec: &mut Recorder,
+    op: &'static str,
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    groups: usize,
+    eps: f32,
+    y: &Tensor,
+    mean: &Tensor,
+    rstd: &Tensor,
+    silu: bool,
+) -> OpResult {
+    let mut p = base_params(op, x, groups)?;
+    p.silu = silu as u32;
     let (n, c) = (p.batch as usize, p.channels as usize);
     if !(eps.is_finite() && eps >= 0.0) {
         return Err(invalid(format!(
-            "{OP}: eps = {eps} must be finite and >= 0"
+            "{op}: eps = {eps} must be finite and >= 0"
         )));
     }
     p.eps = eps;
-    expect_shape(OP, "y", y, x.shape())?;
-    expect_numel(OP, "gamma", gamma, c)?;
-    expect_numel(OP, "beta", beta, c)?;
-    expect_numel(OP, "mean", mean, n * groups)?;
-    expect_numel(OP, "rstd", rstd, n * groups)?;
+    expect_shape(op, "y", y, x.shape())?;
+    expect_numel(op, "gamma", gamma, c)?;
+    expect_numel(op, "beta", beta, c)?;
+    expect_numel(op, "mean", mean, n * groups)?;
+    expect_numel(op, "rstd", rstd, n * groups)?;
     for input in [x, gamma, beta, mean, rstd] {
-        expect_distinct(OP, input, y)?;
+        expect_distinct(op, input, y)?;
     }
-    expect_distinct(OP, x, mean)?;
-    expect_distinct(OP, x, rstd)?;
-    expect_disjoint(OP, mean, rstd)?;
+    expect_distinct(op, x, mean)?;
+    expect_distinct(op, x, rstd)?;
+    expect_disjoint(op, mean, rstd)?;
 
     let pixels = p.pixels as usize;
-    let (cblocks, splits, split_len) = pixel_splits(OP, n, pixels, c, COLUMN_CHANNELS)?;
+    let (cblocks, splits, split_len) = pixel_splits(op, n, pixels, c, COLUMN_CHANNELS)?;
     p.splits = splits as u32;
     p.split_len = split_len as u32;
     let partials = rec
@@ -203,27 +262,90 @@ pub fn group_norm_backward(
     dbeta: &Tensor,
     accumulate_param_grads: bool,
 ) -> OpResult {
-    const OP: &str = "group_norm_backward";
-    let (n, pixels, c) = nhwc(OP, "x", x)?;
+    backward(
+        rec,
+        "group_norm_backward",
+        x,
+        dy,
+        gamma,
+        None,
+        mean,
+        rstd,
+        dx,
+        dgamma,
+        dbeta,
+        accumulate_param_grads,
+    )
+}
+
+/// Backward of [`group_norm_silu_forward`]: `dy` is the gradient of the SiLU's output; `beta`
+/// (with gamma, mean and rstd) recomputes the pre-activation. Otherwise as
+/// [`group_norm_backward`].
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm_silu_backward(
+    rec: &mut Recorder,
+    x: &Tensor,
+    dy: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    mean: &Tensor,
+    rstd: &Tensor,
+    dx: &Tensor,
+    dgamma: &Tensor,
+    dbeta: &Tensor,
+    accumulate_param_grads: bool,
+) -> OpResult {
+    backward(
+        rec,
+        "group_norm_silu_backward",
+        x,
+        dy,
+        gamma,
+        Some(beta),
+        mean,
+        rstd,
+        dx,
+        dgamma,
+        dbeta,
+        accumulate_param_grads,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward(
+    rec: &mut Recorder,
+    op: &'static str,
+    x: &Tensor,
+    dy: &Tensor,
+    gamma: &Tensor,
+    silu_beta: Option<&Tensor>,
+    mean: &Tensor,
+    rstd: &Tensor,
+    dx: &Tensor,
+    dgamma: &Tensor,
+    dbeta: &Tensor,
+    accumulate_param_grads: bool,
+) -> OpResult {
+    let (n, pixels, c) = nhwc(op, "x", x)?;
     if !mean.numel().is_multiple_of(n) {
         return Err(invalid(format!(
-            "{OP}: `mean` (`{}`) has {} elements, not a multiple of N = {n}",
+            "{op}: `mean` (`{}`) has {} elements, not a multiple of N = {n}",
             mean.label(),
             mean.numel()
         )));
     }
     let groups = mean.numel() / n;
-    let mut p = base_params(OP, x, groups)?;
-    expect_numel(OP, "rstd", rstd, n * groups)?;
-    expect_shape(OP, "dy", dy, x.shape())?;
-    expect_shape(OP, "dx", dx, x.shape())?;
-    expect_numel(OP, "gamma", gamma, c)?;
-    expect_numel(OP, "dgamma", dgamma, c)?;
-    expect_numel(OP, "dbeta", dbeta, c)?;
+    let mut p = base_params(op, x, groups)?;
+    expect_numel(op, "rstd", rstd, n * groups)?;
+    expect_shape(op, "dy", dy, x.shape())?;
+    expect_shape(op, "dx", dx, x.shape())?;
+    expect_numel(op, "gamma", gamma, c)?;
+    expect_numel(op, "dgamma", dgamma, c)?;
+    expect_numel(op, "dbeta", dbeta, c)?;
     for input in [x, dy, gamma, mean, rstd] {
-        expect_distinct(OP, input, dx)?;
+        expect_distinct(op, input, dx)?;
     }
-    expect_disjoint(OP, dgamma, dbeta)?;
+    expect_disjoint(op, dgamma, dbeta)?;
 
     // Pixel splits so the partial-sum pass has enough workgroups even for small N*C; at least
     // 64 pixels per split so the partial rows stay few.
@@ -236,12 +358,18 @@ pub fn group_norm_backward(
     let rows = n * splits;
     if rows > 65535 || cblocks > 65535 {
         return Err(invalid(format!(
-            "{OP}: grid of {cblocks} x {rows} workgroups exceeds 65535 per dimension"
+            "{op}: grid of {cblocks} x {rows} workgroups exceeds 65535 per dimension"
         )));
     }
     p.splits = splits as u32;
     p.split_len = split_len as u32;
     p.accumulate = accumulate_param_grads as u32;
+    p.silu = silu_beta.is_some() as u32;
+    if let Some(b) = silu_beta {
+        expect_numel(op, "beta", b, c)?;
+    }
+    // Read only when the SiLU is fused.
+    let beta = silu_beta.cloned().unwrap_or_else(|| rec.dummy());
 
     let partials = rec
         .gpu
@@ -254,6 +382,8 @@ pub fn group_norm_backward(
         &p,
         &[
             (1, x.into()),
+            (2, gamma.into()),
+            (3, (&beta).into()),
             (7, mean.into()),
             (8, rstd.into()),
             (9, dy.into()),
@@ -287,6 +417,7 @@ pub fn group_norm_backward(
         &[
             (1, x.into()),
             (2, gamma.into()),
+            (3, (&beta).into()),
             (7, mean.into()),
             (8, rstd.into()),
             (9, dy.into()),

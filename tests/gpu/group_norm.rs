@@ -251,3 +251,122 @@ fn invalid_shapes_are_errors() {
     assert!(e.contains("groups"), "{e}");
     assert!(rec.is_empty(), "nothing is recorded by a failing call");
 }
+
+/// The fused GroupNorm + SiLU against the unfused pair it replaces in the U-Net (GroupNorm, then
+/// silu_forward; silu_backward, then GroupNorm's backward), and the f64 reference of the pair.
+#[test]
+fn fused_silu_matches_the_unfused_pair() {
+    use wgpu_diffusion::ops::elementwise::{silu_backward, silu_forward};
+    let g = gpu();
+    for (i, &(n, h, w, c, groups)) in SHAPES.iter().enumerate() {
+        let what = format!("{n}x{h}x{w}x{c} G={groups}");
+        let seed = 700 + 10 * i as u64;
+        let numel = n * h * w * c;
+        let shape = [n, h, w, c];
+        let x = f32_round(&random(numel, seed));
+        let gamma: Vec<f64> = f32_round(
+            &test_data(c, seed + 1)
+                .iter()
+                .map(|v| 1.0 + 0.5 * v)
+                .collect::<Vec<_>>(),
+        );
+        let beta = f32_round(&random(c, seed + 2));
+        let ds = f32_round(&random(numel, seed + 3));
+        let eps = 1e-5f32;
+        let (tx, tg, tb, tds) = (
+            upload(&g, &shape, &x, "x"),
+            upload(&g, &[c], &gamma, "gamma"),
+            upload(&g, &[c], &beta, "beta"),
+            upload(&g, &shape, &ds, "d silu"),
+        );
+        let t = |label: &str| g.tensor(&shape, label);
+        let (fused_s, fused_dx) = (t("fused silu"), t("fused dx"));
+        let (norm, unfused_s, dnorm, unfused_dx) =
+            (t("norm"), t("silu"), t("d norm"), t("unfused dx"));
+        let stats = |l: &str| g.tensor(&[n * groups], l);
+        let (m1, r1, m2, r2) = (stats("m1"), stats("r1"), stats("m2"), stats("r2"));
+        let params = |l: &str| g.tensor(&[c], l);
+        let (dg1, db1, dg2, db2) = (params("dg1"), params("db1"), params("dg2"), params("db2"));
+        run(&g, |rec| {
+            gn::group_norm_silu_forward(rec, &tx, &tg, &tb, groups, eps, &fused_s, &m1, &r1)
+                .unwrap();
+            gn::group_norm_silu_backward(
+                rec, &tx, &tds, &tg, &tb, &m1, &r1, &fused_dx, &dg1, &db1, false,
+            )
+            .unwrap();
+            gn::group_norm_forward(rec, &tx, &tg, &tb, groups, eps, &norm, &m2, &r2).unwrap();
+            silu_forward(rec, &norm, &unfused_s).unwrap();
+            silu_backward(rec, &norm, &tds, &dnorm, false).unwrap();
+            gn::group_norm_backward(
+                rec,
+                &tx,
+                &dnorm,
+                &tg,
+                &m2,
+                &r2,
+                &unfused_dx,
+                &dg2,
+                &db2,
+                false,
+            )
+            .unwrap();
+        });
+        // Fused against unfused: the same f32 operations in the same order.
+        for (name, a, b) in [
+            ("silu(norm(x))", &fused_s, &unfused_s),
+            ("dx", &fused_dx, &unfused_dx),
+            ("dgamma", &dg1, &dg2),
+            ("dbeta", &db1, &db2),
+        ] {
+            let (a, b) = (read(&g, a), read(&g, b));
+            let b64: Vec<f64> = b.iter().map(|&v| v as f64).collect();
+            assert_close(
+                &format!("fused vs unfused {name} {what}"),
+                &a,
+                &b64,
+                1e-6,
+                1e-6,
+            );
+        }
+        // And against the f64 reference of the pair.
+        let (y, st) = r::group_norm_forward(&x, n, h * w, c, groups, &gamma, &beta, eps as f64);
+        let sig = |v: f64| 1.0 / (1.0 + (-v).exp());
+        let s_ref: Vec<f64> = y.iter().map(|&v| v * sig(v)).collect();
+        let dy_ref: Vec<f64> = y
+            .iter()
+            .zip(&ds)
+            .map(|(&v, &d)| d * sig(v) * (1.0 + v * (1.0 - sig(v))))
+            .collect();
+        let (dx, dgamma, dbeta) =
+            r::group_norm_backward(&x, &dy_ref, n, h * w, c, groups, &gamma, &st);
+        assert_close(
+            &format!("fused silu {what}"),
+            &read(&g, &fused_s),
+            &s_ref,
+            1e-5,
+            1e-5,
+        );
+        let tol = |v: &[f64]| 1e-5 * max_abs(v);
+        assert_close(
+            &format!("fused dx {what}"),
+            &read(&g, &fused_dx),
+            &dx,
+            tol(&dx),
+            1e-4,
+        );
+        assert_close(
+            &format!("fused dgamma {what}"),
+            &read(&g, &dg1),
+            &dgamma,
+            tol(&dgamma),
+            1e-4,
+        );
+        assert_close(
+            &format!("fused dbeta {what}"),
+            &read(&g, &db1),
+            &dbeta,
+            tol(&dbeta),
+            1e-4,
+        );
+    }
+}
