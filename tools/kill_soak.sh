@@ -20,13 +20,15 @@ SEED=${SEED:-11}
 MAX_DELAY_MS=${MAX_DELAY_MS:-5000}
 
 cargo build --release -q --bin wgpu-diffusion --example checkpoint_diff
-BIN=target/release/wgpu-diffusion
-DIFF=target/release/examples/checkpoint_diff
+rm -rf "$WORK"
+mkdir -p "$WORK/bin"
+# Copies, so a rebuild during the soak cannot mix two binaries into one run.
+cp target/release/wgpu-diffusion target/release/examples/checkpoint_diff "$WORK/bin/"
+BIN=$WORK/bin/wgpu-diffusion
+DIFF=$WORK/bin/checkpoint_diff
 ARGS=(--model tiny16 --batch-size 4 --steps "$STEPS" --checkpoint-every 3 --log-every 2
       --sample-every 50 --sample-steps 5 --keep-checkpoints 2 --seed "$SEED")
 
-rm -rf "$WORK"
-mkdir -p "$WORK"
 echo "== uninterrupted reference run ($STEPS steps)"
 "$BIN" train "${ARGS[@]}" --out "$WORK/straight" >"$WORK/straight.log" 2>&1
 

@@ -279,7 +279,7 @@ fn check_groups(op: &str, groups: [u32; 3]) -> OpResult {
 }
 
 /// Workgroups the subgroup path's backward-weight pass aims for (tiles × split-K slices).
-const SUBGROUP_BACKWARD_WEIGHT_WORKGROUPS: usize = 16;
+const SUBGROUP_BACKWARD_WEIGHT_WORKGROUPS: usize = 8;
 
 /// dw (+)= ∂L/∂w and db (+)= Σ dy over pixels. x [N,H,W,Ci], dy [N,OH,OW,Co], dw [Co,Ci,KH,KW].
 /// The reduction over pixels is split into fixed slices summed in a fixed order (deterministic).
