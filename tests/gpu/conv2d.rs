@@ -77,6 +77,19 @@ fn conv2d_all_passes() {
             stride: 1,
             pad: [0; 4],
         },
+        // Many pixels, few output tiles: the backward-weight pass splits K into slices summed
+        // afterwards (on both paths).
+        Conv {
+            n: 4,
+            h: 16,
+            w: 16,
+            ci: 4,
+            co: 8,
+            kh: 3,
+            kw: 3,
+            stride: 1,
+            pad: [1; 4],
+        },
         Conv {
             n: 2,
             h: 14,
