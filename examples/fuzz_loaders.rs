@@ -20,6 +20,7 @@
 //!   the input it was running (TARGET.current) as TARGET-abort-HASH.
 //!
 //! Every finding becomes a regression case in tests/fixtures/fuzz/, run by `cargo test`.
+//! `--write-corpus` stores the generated seeds under 64 KiB in fuzz/corpus/TARGET/.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::{Seek, Write};
@@ -468,6 +469,19 @@ fn main() {
     )
     .unwrap();
     let fx = Fixture::new(&gpu, &fixture_cfg).unwrap();
+    if args.iter().any(|a| a == "--write-corpus") {
+        // Keeps the generated seeds (the small ones) in the repository's corpus.
+        for t in &targets {
+            let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus").join(t);
+            std::fs::create_dir_all(&dir).unwrap();
+            for (i, seed) in seeds(t, &gpu, &fx).iter().enumerate() {
+                if seed.len() <= 64 << 10 {
+                    std::fs::write(dir.join(format!("seed-{i}-{}", hash(seed))), seed).unwrap();
+                }
+            }
+        }
+        return;
+    }
     if let Some(i) = args.iter().position(|a| a == "--replay") {
         // Re-run saved inputs: prints each panic's message.
         for f in &args[i + 1..] {
