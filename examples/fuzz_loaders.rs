@@ -472,7 +472,9 @@ fn main() {
     if args.iter().any(|a| a == "--write-corpus") {
         // Keeps the generated seeds (the small ones) in the repository's corpus.
         for t in &targets {
-            let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus").join(t);
+            let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("fuzz/corpus")
+                .join(t);
             std::fs::create_dir_all(&dir).unwrap();
             for (i, seed) in seeds(t, &gpu, &fx).iter().enumerate() {
                 if seed.len() <= 64 << 10 {

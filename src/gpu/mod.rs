@@ -486,6 +486,18 @@ impl Gpu {
         let built = build();
         let validation = pollster::block_on(validation.pop());
         let oom = pollster::block_on(oom.pop());
+        // Sizes past the limits belong to this build: reported here (before the build's own
+        // error, which they usually cause) and cleared, so the device stays usable for a
+        // smaller build.
+        let limits = self
+            .health
+            .limits
+            .lock()
+            .map(|mut v| std::mem::take(&mut *v))
+            .unwrap_or_default();
+        if !limits.is_empty() {
+            return Err(GpuError::TooLarge(format!("{}\n{FIT_ADVICE}", limits.join("\n"))).into());
+        }
         let built = built?;
         self.check()?;
         if let Some(e) = oom {

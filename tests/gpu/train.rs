@@ -478,6 +478,17 @@ fn impossible_sizes_are_refused_before_any_dispatch() {
         );
         assert!(!dir.exists(), "{all:?} left a run folder behind");
     }
+    // In-process: a build past the limits is refused, and the device stays usable after it.
+    let g = gpu();
+    let e = g
+        .checked_build(|| -> Result<(), wgpu_diffusion::gpu::GpuError> {
+            let _huge = g.tensor(&[1 << 40], "huge activation");
+            Ok(())
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("huge activation") && e.contains("max_buffer_size"), "{e}");
+    g.check().unwrap();
     // An activation past one storage binding names the tensor and the limit.
     let (_, err) = run_cli(&[
         "train",
