@@ -487,7 +487,10 @@ fn impossible_sizes_are_refused_before_any_dispatch() {
         })
         .unwrap_err()
         .to_string();
-    assert!(e.contains("huge activation") && e.contains("max_buffer_size"), "{e}");
+    assert!(
+        e.contains("huge activation") && e.contains("max_buffer_size"),
+        "{e}"
+    );
     g.check().unwrap();
     // An activation past one storage binding names the tensor and the limit.
     let (_, err) = run_cli(&[
