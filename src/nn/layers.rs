@@ -152,25 +152,28 @@ impl GroupNorm {
         }
     }
     pub fn forward(&self, rec: &mut Recorder, p: &ParamStore, x: &Act, y: &Act) -> OpResult {
-        let (g, _) = p.get(&self.weight);
-        let (b, _) = p.get(&self.bias);
-        group_norm_forward(
-            rec,
-            &x.value,
-            &g,
-            &b,
-            self.groups,
-            self.eps,
-            &y.value,
-            &self.mean,
-            &self.rstd,
-        )
+        self.forward_with(rec, p, x, y, false)
     }
     /// y = SiLU(GroupNorm(x)) in one pass (the normalised value is not stored).
     pub fn forward_silu(&self, rec: &mut Recorder, p: &ParamStore, x: &Act, y: &Act) -> OpResult {
+        self.forward_with(rec, p, x, y, true)
+    }
+    fn forward_with(
+        &self,
+        rec: &mut Recorder,
+        p: &ParamStore,
+        x: &Act,
+        y: &Act,
+        silu: bool,
+    ) -> OpResult {
         let (g, _) = p.get(&self.weight);
         let (b, _) = p.get(&self.bias);
-        group_norm_silu_forward(
+        let op = if silu {
+            group_norm_silu_forward
+        } else {
+            group_norm_forward
+        };
+        op(
             rec,
             &x.value,
             &g,
