@@ -654,3 +654,62 @@ fn an_abandoned_run_folder_is_reused() {
     assert_eq!(s.steps, 1);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// SIGTERM (what `timeout`, systemd and cluster schedulers send) stops a run like Ctrl-C: a
+/// checkpoint at the step reached, a clean exit, and the run resumes from it.
+#[test]
+fn sigterm_writes_a_checkpoint_and_exits() {
+    let dir = temp_dir("sigterm");
+    let out = dir.to_str().unwrap().to_string();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_wgpu-diffusion"))
+        .args([
+            "train",
+            "--steps",
+            "100000",
+            "--batch-size",
+            "2",
+            "--sample-every",
+            "0",
+            "--log-every",
+            "1",
+            "--checkpoint-every",
+            "100000",
+            "--out",
+            &out,
+        ])
+        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until it trains (a logged loss), then send SIGTERM.
+    let t0 = std::time::Instant::now();
+    while std::fs::metadata(dir.join("metrics.jsonl")).map_or(true, |m| m.len() == 0) {
+        assert!(
+            t0.elapsed().as_secs() < 120,
+            "the run did not start training"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let result = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(
+        result.status.success(),
+        "exit {:?}:\n{stderr}",
+        result.status
+    );
+    assert!(stderr.contains("stopped at step"), "{stderr}");
+    let last = wgpu_diffusion::train::RunDir { root: dir.clone() }
+        .list_checkpoints()
+        .pop()
+        .expect("a checkpoint written on SIGTERM");
+    let step: u64 = LoadedTensors::read(&last).unwrap().metadata()["step"]
+        .parse()
+        .unwrap();
+    assert!(step >= 1);
+    let _ = std::fs::remove_dir_all(&dir);
+}
