@@ -104,6 +104,11 @@ pub enum GpuError {
     Device(String),
 }
 
+/// The error for sizes past the adapter's limits, with the way out.
+fn too_large(problems: &[String]) -> GpuError {
+    GpuError::TooLarge(format!("{}\n{FIT_ADVICE}", problems.join("\n")))
+}
+
 /// Bytes for messages: "1.5 GiB".
 pub fn human_bytes(b: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -448,28 +453,18 @@ impl Gpu {
     /// Every problem recorded so far, as one error: sizes past the adapter's limits (found when
     /// plans were built, before anything ran), wgpu errors, device loss.
     pub fn check(&self) -> Result<(), GpuError> {
+        // Called before every step: nothing is copied unless something went wrong.
         if let Some(reason) = self.health.lost.lock().ok().and_then(|l| l.clone()) {
             return Err(GpuError::Lost(reason));
         }
-        let limits = self
-            .health
-            .limits
-            .lock()
-            .map(|v| v.clone())
-            .unwrap_or_default();
-        if !limits.is_empty() {
-            return Err(GpuError::TooLarge(format!(
-                "{}\n{FIT_ADVICE}",
-                limits.join("\n")
-            )));
+        if let Ok(limits) = self.health.limits.lock()
+            && !limits.is_empty()
+        {
+            return Err(too_large(&limits));
         }
-        let errors = self
-            .health
-            .uncaptured
-            .lock()
-            .map(|v| v.clone())
-            .unwrap_or_default();
-        if !errors.is_empty() {
+        if let Ok(errors) = self.health.uncaptured.lock()
+            && !errors.is_empty()
+        {
             return Err(GpuError::Device(errors.join("\n")));
         }
         Ok(())
@@ -496,7 +491,7 @@ impl Gpu {
             .map(|mut v| std::mem::take(&mut *v))
             .unwrap_or_default();
         if !limits.is_empty() {
-            return Err(GpuError::TooLarge(format!("{}\n{FIT_ADVICE}", limits.join("\n"))).into());
+            return Err(too_large(&limits).into());
         }
         let built = built?;
         self.check()?;

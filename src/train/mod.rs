@@ -443,21 +443,13 @@ fn train_loop(
         if step.is_multiple_of(cfg.checkpoint_every) && step < cfg.steps {
             // Every loss up to the checkpoint is checked and logged first: a checkpoint never
             // follows a non-finite loss, and a run resumed from it has no gap in metrics.jsonl.
-            losses.finish(trainer, &mut history, &mut metrics, progress)?;
-            if losses.next_first <= step {
-                losses.request(trainer, step);
-                losses.finish(trainer, &mut history, &mut metrics, progress)?;
-            }
+            losses.drain(trainer, &mut history, &mut metrics, progress)?;
             save_checkpoint(trainer, model, run_dir, progress)?;
         }
     }
     // Drain the last window and the steps after it (a run need not end on a window's end):
     // every loss is checked before the final checkpoint is written.
-    losses.finish(trainer, &mut history, &mut metrics, progress)?;
-    if losses.next_first <= trainer.step {
-        losses.request(trainer, trainer.step);
-        losses.finish(trainer, &mut history, &mut metrics, progress)?;
-    }
+    losses.drain(trainer, &mut history, &mut metrics, progress)?;
     save_checkpoint(trainer, model, run_dir, progress)?;
     if let Some(sampler) = sampler
         && !interrupted
@@ -510,6 +502,23 @@ impl LossLog {
             last,
         });
         self.next_first = last + 1;
+    }
+
+    /// Reads, checks and records every loss up to the trainer's step: the pending window, then
+    /// the steps after it (a checkpoint or the run's end need not fall on a window's end).
+    fn drain(
+        &mut self,
+        trainer: &Trainer,
+        history: &mut Vec<(u64, f32)>,
+        metrics: &mut std::fs::File,
+        progress: &mut dyn Progress,
+    ) -> Result<()> {
+        self.finish(trainer, history, metrics, progress)?;
+        if self.next_first <= trainer.step {
+            self.request(trainer, trainer.step);
+            self.finish(trainer, history, metrics, progress)?;
+        }
+        Ok(())
     }
 
     /// Waits for the pending window (if any), checks every loss and records it.
