@@ -84,10 +84,37 @@ fn gemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 //#end
 }
 
+// Writes W columns (from column n0) of output row m: v (+ bias) (+ beta * old). alpha is 1 for convs.
+fn store_conv_row(m: u32, n0: u32, v: vec{{W}}<f32>) {
+    if (m >= p.m) { return; }
+    for (var e = 0u; e < {{W}}u; e++) {
+        let n = n0 + e;
+        if (n < p.n) {
+            let idx = p.c_offset + m * p.c_ld + n;
+            var r = v[e];
+            if (p.has_bias != 0u) { r += bias[n]; }
+            if (p.beta != 0.0) { r += p.beta * c[idx]; }
+            c[idx] = r;
+        }
+    }
+}
+
+// The W columns of a B texel this lane owns: all 4, or (W = 2, for layers of at most 2L output
+// channels, where a 4L-wide tile would leave half the lanes computing clamped copies) one half.
+fn lane_columns(b: vec4<f32>, upper_half: bool) -> vec{{W}}<f32> {
+//#if W == 4
+    return b;
+//#end
+//#if W == 2
+    return select(b.xy, b.zw, upper_half);
+//#end
+}
+
 // Implicit-GEMM conv tile. Forward: rows = output pixels, A = input X (NHWC texture,
 // ceil(Ci/4) texels per pixel), B = weights packed [(tap, ci), co]. Backward-input
 // (`transposed`): rows = input pixels, A = dY, B = weights packed [(tap, co), ci], and an
 // input pixel receives from output pixel (iy + pad - ky) / stride when that divides exactly.
+// Tile per subgroup: (L * RB) rows x (W * L) columns; lane l owns columns W l .. W l + W - 1.
 fn conv_tile(transposed: bool, wid: vec3<u32>, tid: u32, lane: u32) {
     var oh = p.out_h;
     var ow = p.out_w;
@@ -103,8 +130,9 @@ fn conv_tile(transposed: bool, wid: vec3<u32>, tid: u32, lane: u32) {
     }
     let ac4 = (ac + 3u) / 4u;
     let m0 = (wid.y * {{SG}}u + tid / {{L}}u) * {{L*RB}}u;
-    let n4 = wid.x * {{L}}u + lane;
-    let n4_load = i32(min(n4, (p.n + 3u) / 4u - 1u));
+    let n_first = (wid.x * {{L}}u + lane) * {{W}}u;
+    let n4_load = i32(min(n_first / 4u, (p.n + 3u) / 4u - 1u));
+    let upper_half = n_first % 4u != 0u;
 //#for rb in 0..RB
     let pix{{rb}} = min(m0 + {{rb*L}}u + lane, p.m - 1u);
     let px{{rb}} = pix{{rb}} % ow;
@@ -112,7 +140,7 @@ fn conv_tile(transposed: bool, wid: vec3<u32>, tid: u32, lane: u32) {
     let pn{{rb}} = pix{{rb}} / (ow * oh);
 //#end
 //#for i in 0..L*RB
-    var acc{{i}} = vec4<f32>(0.0);
+    var acc{{i}} = vec{{W}}<f32>(0.0);
 //#end
     for (var ky = 0u; ky < p.kernel_h; ky++) {
         for (var kx = 0u; kx < p.kernel_w; kx++) {
@@ -137,24 +165,24 @@ fn conv_tile(transposed: bool, wid: vec3<u32>, tid: u32, lane: u32) {
                 let a{{rb}} = select(vec4<f32>(0.0), textureLoad(a_tex, vec2<i32>(tx{{rb}} + i32(c4), ty{{rb}})), ok{{rb}});
 //#end
                 let kr = i32((tap * ac4 + c4) * 4u);
-                let b0 = textureLoad(b_tex, vec2<i32>(n4_load, kr));
-                let b1 = textureLoad(b_tex, vec2<i32>(n4_load, kr + 1));
-                let b2 = textureLoad(b_tex, vec2<i32>(n4_load, kr + 2));
-                let b3 = textureLoad(b_tex, vec2<i32>(n4_load, kr + 3));
+                let b0 = lane_columns(textureLoad(b_tex, vec2<i32>(n4_load, kr)), upper_half);
+                let b1 = lane_columns(textureLoad(b_tex, vec2<i32>(n4_load, kr + 1)), upper_half);
+                let b2 = lane_columns(textureLoad(b_tex, vec2<i32>(n4_load, kr + 2)), upper_half);
+                let b3 = lane_columns(textureLoad(b_tex, vec2<i32>(n4_load, kr + 3)), upper_half);
 //#for rb in 0..RB
 //#for r in 0..L
                 let s{{rb}}_{{r}} = subgroupBroadcast(a{{rb}}, {{r}}u);
-                acc{{rb*L+r}} = fma(vec4<f32>(s{{rb}}_{{r}}.x), b0, acc{{rb*L+r}});
-                acc{{rb*L+r}} = fma(vec4<f32>(s{{rb}}_{{r}}.y), b1, acc{{rb*L+r}});
-                acc{{rb*L+r}} = fma(vec4<f32>(s{{rb}}_{{r}}.z), b2, acc{{rb*L+r}});
-                acc{{rb*L+r}} = fma(vec4<f32>(s{{rb}}_{{r}}.w), b3, acc{{rb*L+r}});
+                acc{{rb*L+r}} = fma(vec{{W}}<f32>(s{{rb}}_{{r}}.x), b0, acc{{rb*L+r}});
+                acc{{rb*L+r}} = fma(vec{{W}}<f32>(s{{rb}}_{{r}}.y), b1, acc{{rb*L+r}});
+                acc{{rb*L+r}} = fma(vec{{W}}<f32>(s{{rb}}_{{r}}.z), b2, acc{{rb*L+r}});
+                acc{{rb*L+r}} = fma(vec{{W}}<f32>(s{{rb}}_{{r}}.w), b3, acc{{rb*L+r}});
 //#end
 //#end
             }
         }
     }
 //#for i in 0..L*RB
-    store_row(m0 + {{i}}u, n4, acc{{i}}, p.c_offset);
+    store_conv_row(m0 + {{i}}u, n_first, acc{{i}});
 //#end
 }
 
@@ -171,9 +199,10 @@ fn conv2d_backward_input(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_i
 }
 
 // dW[co, ci, ky, kx] over output pixels [z * k_chunk, (z + 1) * k_chunk) into split-K slice z.
-// Rows = 4 L output channels (lane l loads the dY texel of channels 4l..4l+3 at each pixel and
-// broadcasts it), columns = one texel (tap, 4 input channels) per lane, read from X (NHWC texture)
-// at the pixel shifted by the lane's tap.
+// Rows = 4 BL output channels (lane l < BL loads the dY texel of channels 4l..4l+3 at each pixel
+// and broadcasts it; BL < L for layers with fewer than 4L output channels), columns = CT texels
+// (tap, 4 input channels) per lane, read from X (NHWC texture) at the pixel shifted by the
+// column's tap. Tile per subgroup: 4 BL rows x CT L texel columns.
 fn store_dw(co: u32, tap: u32, ci4: u32, v: vec4<f32>, c_base: u32) {
     if (co >= p.out_c) { return; }
     let taps = p.kernel_h * p.kernel_w;
@@ -189,20 +218,26 @@ fn store_dw(co: u32, tap: u32, ci4: u32, v: vec4<f32>, c_base: u32) {
     }
 }
 
-@compute @workgroup_size({{L*SG}})
+// One subgroup per workgroup: the texel columns (taps x Ci / 4, e.g. 72) rarely fill several
+// subgroups' worth, and the idle lanes of a part-filled tile still run the whole loop.
+@compute @workgroup_size({{L}})
 fn conv2d_backward_weight(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) tid: u32,
                           @builtin(subgroup_invocation_id) lane: u32) {
     let ci4n = (p.in_c + 3u) / 4u;
     let co4n = (p.out_c + 3u) / 4u;
     let taps = p.kernel_h * p.kernel_w;
-    let j = (wid.x * {{SG}}u + tid / {{L}}u) * {{L}}u + lane;
-    let jl = min(j, taps * ci4n - 1u);
-    let tap = jl / ci4n;
-    let ci4 = jl % ci4n;
-    let ky = tap / p.kernel_w;
-    let kx = tap % p.kernel_w;
-    let co4 = min(wid.y * {{L}}u + lane, co4n - 1u);
-//#for i in 0..4*L
+    let cols = taps * ci4n;
+    let j_base = wid.x * {{L*CT}}u + lane;
+//#for t in 0..CT
+    let j{{t}} = j_base + {{t*L}}u;
+    let jl{{t}} = min(j{{t}}, cols - 1u);
+    let tap{{t}} = jl{{t}} / ci4n;
+    let ci4_{{t}} = jl{{t}} % ci4n;
+    let ky{{t}} = tap{{t}} / p.kernel_w;
+    let kx{{t}} = tap{{t}} % p.kernel_w;
+//#end
+    let co4 = min(wid.y * {{BL}}u + lane, co4n - 1u);
+//#for i in 0..4*BL*CT
     var acc{{i}} = vec4<f32>(0.0);
 //#end
     let k_begin = wid.z * p.k_chunk;
@@ -212,18 +247,22 @@ fn conv2d_backward_weight(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_
     var nn = k_begin / (p.out_w * p.out_h);
     for (var k = k_begin; k < k_end; k++) {
         let a = textureLoad(a_tex, vec2<i32>(i32(ox * co4n + co4), i32(nn * p.out_h + oy)));
-        let iy = i32(oy * p.stride + ky) - i32(p.pad_top);
-        let ix = i32(ox * p.stride + kx) - i32(p.pad_left);
-        let ok = iy >= 0 && ix >= 0 && iy < i32(p.in_h) && ix < i32(p.in_w);
-        let bx = select(0, ix * i32(ci4n) + i32(ci4), ok);
-        let by = select(0, i32(nn * p.in_h) + iy, ok);
-        let b = select(vec4<f32>(0.0), textureLoad(b_tex, vec2<i32>(bx, by)), ok);
-//#for s in 0..L
+//#for t in 0..CT
+        let iy{{t}} = i32(oy * p.stride + ky{{t}}) - i32(p.pad_top);
+        let ix{{t}} = i32(ox * p.stride + kx{{t}}) - i32(p.pad_left);
+        let ok{{t}} = iy{{t}} >= 0 && ix{{t}} >= 0 && iy{{t}} < i32(p.in_h) && ix{{t}} < i32(p.in_w);
+        let bx{{t}} = select(0, ix{{t}} * i32(ci4n) + i32(ci4_{{t}}), ok{{t}});
+        let by{{t}} = select(0, i32(nn * p.in_h) + iy{{t}}, ok{{t}});
+        let b{{t}} = select(vec4<f32>(0.0), textureLoad(b_tex, vec2<i32>(bx{{t}}, by{{t}})), ok{{t}});
+//#end
+//#for s in 0..BL
         let s{{s}} = subgroupBroadcast(a, {{s}}u);
-        acc{{4*s}} = fma(vec4<f32>(s{{s}}.x), b, acc{{4*s}});
-        acc{{4*s+1}} = fma(vec4<f32>(s{{s}}.y), b, acc{{4*s+1}});
-        acc{{4*s+2}} = fma(vec4<f32>(s{{s}}.z), b, acc{{4*s+2}});
-        acc{{4*s+3}} = fma(vec4<f32>(s{{s}}.w), b, acc{{4*s+3}});
+//#for t in 0..CT
+        acc{{(4*s)*CT+t}} = fma(vec4<f32>(s{{s}}.x), b{{t}}, acc{{(4*s)*CT+t}});
+        acc{{(4*s+1)*CT+t}} = fma(vec4<f32>(s{{s}}.y), b{{t}}, acc{{(4*s+1)*CT+t}});
+        acc{{(4*s+2)*CT+t}} = fma(vec4<f32>(s{{s}}.z), b{{t}}, acc{{(4*s+2)*CT+t}});
+        acc{{(4*s+3)*CT+t}} = fma(vec4<f32>(s{{s}}.w), b{{t}}, acc{{(4*s+3)*CT+t}});
+//#end
 //#end
         ox += 1u;
         if (ox == p.out_w) {
@@ -235,10 +274,12 @@ fn conv2d_backward_weight(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_
             }
         }
     }
-    if (j < taps * ci4n) {
-        let c_base = p.c_offset + wid.z * p.c_batch_outer;
-//#for i in 0..4*L
-        store_dw(wid.y * {{4*L}}u + {{i}}u, tap, ci4, acc{{i}}, c_base);
+    let c_base = p.c_offset + wid.z * p.c_batch_outer;
+//#for t in 0..CT
+    if (j{{t}} < cols) {
+//#for i in 0..4*BL
+        store_dw(wid.y * {{4*BL}}u + {{i}}u, tap{{t}}, ci4_{{t}}, acc{{i*CT+t}}, c_base);
 //#end
     }
+//#end
 }

@@ -282,3 +282,172 @@ fn group_norm_backward_dx(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_
         dx[idx] = rs * (ga * grad_of_norm(dy[idx], xhat, ga, be) - m1 - xhat * m2);
     }
 }
+
+// ---- Vectorised variants, used when C % 4 == 0: one invocation per (n, pixel split, 4-channel
+// texel), reading and writing vec4 (storage-buffer loads are per-lane on lavapipe, so a vec4
+// load moves 4 values for the cost of one). The flat index i = (n * S + s) * C/4 + c4 puts
+// neighbouring texels of a pixel in neighbouring lanes even when C/4 is smaller than the
+// workgroup. Each component follows the scalar kernel's formula; the partial rows keep its
+// [2, N*S, C] layout, so group_norm_stats, _backward_group_sums and _backward_params serve both.
+
+@group(0) @binding(17) var<storage, read> x4: array<vec4<f32>>;
+@group(0) @binding(18) var<storage, read_write> y4: array<vec4<f32>>;
+@group(0) @binding(19) var<storage, read> dy4: array<vec4<f32>>;
+@group(0) @binding(20) var<storage, read_write> dx4: array<vec4<f32>>;
+@group(0) @binding(21) var<storage, read_write> partials4_out: array<vec4<f32>>;
+
+const WG4: u32 = 64u;
+
+// (row = n * S + s, c4) of flat invocation i, or row = N * S when i is past the end.
+fn texel_of(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> vec2<u32> {
+    let i = (wid.y * nwg.x + wid.x) * WG4 + lid;
+    let c4n = p.channels / 4u;
+    return vec2<u32>(min(i / c4n, p.batch * p.splits), i % c4n);
+}
+
+// Group statistics (mean, rstd) of the 4 channels of texel c4 in sample n; channels of one
+// texel may belong to different groups when C/G < 4.
+fn group_stat4(n: u32, c4: u32, which: u32) -> vec4<f32> {
+    var v = vec4<f32>(0.0);
+    for (var e = 0u; e < 4u; e++) {
+        let st = n * p.groups + (c4 * 4u + e) / p.cpg;
+        v[e] = select(rstd[st], mean[st], which == 0u);
+    }
+    return v;
+}
+
+fn gamma4(c4: u32) -> vec4<f32> {
+    return vec4<f32>(gamma[c4 * 4u], gamma[c4 * 4u + 1u], gamma[c4 * 4u + 2u], gamma[c4 * 4u + 3u]);
+}
+
+// Read only when the SiLU is fused (otherwise a stand-in buffer is bound).
+fn beta4(c4: u32) -> vec4<f32> {
+    return vec4<f32>(beta[c4 * 4u], beta[c4 * 4u + 1u], beta[c4 * 4u + 2u], beta[c4 * 4u + 3u]);
+}
+
+fn sigmoid4(v: vec4<f32>) -> vec4<f32> {
+    return 1.0 / (1.0 + exp(-v));
+}
+
+fn grad_of_norm4(g: vec4<f32>, xhat: vec4<f32>, ga: vec4<f32>, be: vec4<f32>) -> vec4<f32> {
+    if (p.silu == 0u) { return g; }
+    let v = xhat * ga + be;
+    let s = sigmoid4(v);
+    return g * s * (1.0 + v * (1.0 - s));
+}
+
+@compute @workgroup_size(64)
+fn group_norm_stats_partial4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                             @builtin(local_invocation_index) lid: u32) {
+    let t = texel_of(wid, nwg, lid);
+    let row = t.x;
+    let c4 = t.y;
+    let rows = p.batch * p.splits;
+    if (row >= rows) { return; }
+    let c4n = p.channels / 4u;
+    let n = row / p.splits;
+    let s = row % p.splits;
+    let q0 = s * p.split_len;
+    let q1 = min(q0 + p.split_len, p.pixels);
+    let base = n * p.pixels * c4n + c4;
+    var sum = vec4<f32>(0.0);
+    for (var q = q0; q < q1; q = q + 1u) {
+        sum = sum + x4[base + q * c4n];
+    }
+    let m = sum / f32(q1 - q0);
+    var m2 = vec4<f32>(0.0);
+    for (var q = q0; q < q1; q = q + 1u) {
+        let d = x4[base + q * c4n] - m;
+        m2 = m2 + d * d;
+    }
+    partials4_out[row * c4n + c4] = m;
+    partials4_out[(rows + row) * c4n + c4] = m2;
+}
+
+@compute @workgroup_size(64)
+fn group_norm_forward4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                       @builtin(local_invocation_index) lid: u32) {
+    let t = texel_of(wid, nwg, lid);
+    let row = t.x;
+    let c4 = t.y;
+    if (row >= p.batch * p.splits) { return; }
+    let c4n = p.channels / 4u;
+    let n = row / p.splits;
+    let s = row % p.splits;
+    let q0 = s * p.split_len;
+    let q1 = min(q0 + p.split_len, p.pixels);
+    let mu = group_stat4(n, c4, 0u);
+    let rs = group_stat4(n, c4, 1u);
+    let ga = gamma4(c4);
+    let be = beta4(c4);
+    let base = n * p.pixels * c4n + c4;
+    for (var q = q0; q < q1; q = q + 1u) {
+        let idx = base + q * c4n;
+        let v = (x4[idx] - mu) * rs * ga + be;
+        if (p.silu != 0u) { y4[idx] = v * sigmoid4(v); } else { y4[idx] = v; }
+    }
+}
+
+// Per-(n, split, texel) sums of dy*xhat and dy over the split's pixels, in pixel order.
+@compute @workgroup_size(64)
+fn group_norm_backward_partials4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                                 @builtin(local_invocation_index) lid: u32) {
+    let t = texel_of(wid, nwg, lid);
+    let row = t.x;
+    let c4 = t.y;
+    let rows = p.batch * p.splits;
+    if (row >= rows) { return; }
+    let c4n = p.channels / 4u;
+    let n = row / p.splits;
+    let s = row % p.splits;
+    let q0 = s * p.split_len;
+    let q1 = min(q0 + p.split_len, p.pixels);
+    let mu = group_stat4(n, c4, 0u);
+    let rs = group_stat4(n, c4, 1u);
+    let ga = gamma4(c4);
+    let be = beta4(c4);
+    let base = n * p.pixels * c4n + c4;
+    var acc_g = vec4<f32>(0.0);
+    var acc_b = vec4<f32>(0.0);
+    for (var q = q0; q < q1; q = q + 1u) {
+        let idx = base + q * c4n;
+        let xhat = (x4[idx] - mu) * rs;
+        let g = grad_of_norm4(dy4[idx], xhat, ga, be);
+        acc_g = acc_g + g * xhat;
+        acc_b = acc_b + g;
+    }
+    partials4_out[row * c4n + c4] = acc_g;
+    partials4_out[(rows + row) * c4n + c4] = acc_b;
+}
+
+@compute @workgroup_size(64)
+fn group_norm_backward_dx4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                           @builtin(local_invocation_index) lid: u32) {
+    let t = texel_of(wid, nwg, lid);
+    let row = t.x;
+    let c4 = t.y;
+    if (row >= p.batch * p.splits) { return; }
+    let c4n = p.channels / 4u;
+    let n = row / p.splits;
+    let s = row % p.splits;
+    let q0 = s * p.split_len;
+    let q1 = min(q0 + p.split_len, p.pixels);
+    let mu = group_stat4(n, c4, 0u);
+    let rs = group_stat4(n, c4, 1u);
+    let ng = p.batch * p.groups;
+    var m1 = vec4<f32>(0.0);
+    var m2 = vec4<f32>(0.0);
+    for (var e = 0u; e < 4u; e++) {
+        let st = n * p.groups + (c4 * 4u + e) / p.cpg;
+        m1[e] = gsums[st] * p.inv_count;
+        m2[e] = gsums[ng + st] * p.inv_count;
+    }
+    let ga = gamma4(c4);
+    let be = beta4(c4);
+    let base = n * p.pixels * c4n + c4;
+    for (var q = q0; q < q1; q = q + 1u) {
+        let idx = base + q * c4n;
+        let xhat = (x4[idx] - mu) * rs;
+        dx4[idx] = rs * (ga * grad_of_norm4(dy4[idx], xhat, ga, be) - m1 - xhat * m2);
+    }
+}

@@ -98,7 +98,13 @@ pub fn kernels(
     }
 
     // conv2d at U-Net shapes: (N, Ci, Co, H, W)
-    for &(n, ci, co, hw) in &[(32, 64, 64, 14), (32, 32, 32, 28), (8, 256, 256, 8)] {
+    for &(n, ci, co, hw) in &[
+        (32, 64, 64, 14),
+        (32, 32, 32, 28),
+        (32, 96, 32, 28),
+        (32, 32, 1, 28),
+        (8, 256, 256, 8),
+    ] {
         let geo = Conv2dGeometry::same(1, 1);
         let x = fill(gpu, &[n, hw, hw, ci], "x", 3)?;
         let w = fill(gpu, &[co, ci, 3, 3], "w", 4)?;
@@ -236,8 +242,8 @@ pub fn train_steps(
     times.sort_by(f64::total_cmp);
     if profile {
         let prof = trainer.profile_step();
-        let total: f64 = prof.iter().map(|p| p.2).sum();
-        for (name, n, secs) in prof.iter().take(25) {
+        let total: f64 = prof.by_kernel.iter().map(|p| p.2).sum();
+        for (name, n, secs) in prof.by_kernel.iter().take(25) {
             eprintln!(
                 "{:>8.2} ms {:>5.1}% {n:>4}x {name}",
                 secs * 1e3,
@@ -247,8 +253,12 @@ pub fn train_steps(
         eprintln!(
             "{:>8.2} ms total over {} dispatches and copies (one submit each)",
             total * 1e3,
-            prof.iter().map(|p| p.1).sum::<usize>()
+            prof.dispatches.len()
         );
+        eprintln!("largest single dispatches (bindings, workgroups):");
+        for (what, secs) in prof.dispatches.iter().take(30) {
+            eprintln!("{:>8.2} ms {what}", secs * 1e3);
+        }
     }
     let flops = trainer.step_plan_flops();
     let dispatches = trainer.step_dispatches();

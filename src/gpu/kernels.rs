@@ -24,6 +24,10 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("reduce", include_str!("../../shaders/reduce.wgsl")),
     ("group_norm", include_str!("../../shaders/group_norm.wgsl")),
     ("softmax", include_str!("../../shaders/softmax.wgsl")),
+    (
+        "softmax_subgroup",
+        include_str!("../../shaders/softmax_subgroup.wgsl"),
+    ),
     ("upsample", include_str!("../../shaders/upsample.wgsl")),
     (
         "timestep_embedding",
@@ -197,6 +201,8 @@ impl Kernels {
 ///   variables, integer literals, `+ - * / %` and parentheses).
 /// * Lines between `//#for NAME in A..B` and the matching `//#end` are repeated for NAME in
 ///   A..B (A and B are expressions as above); blocks nest.
+/// * Lines between `//#if EXPR` and the matching `//#end` are kept when EXPR is not zero
+///   (`==` and `!=` compare two expressions, giving 1 or 0).
 pub fn expand_template(src: &str, vars: &[(&str, i64)]) -> Result<String, String> {
     let lines: Vec<&str> = src.lines().collect();
     let mut env: Vec<(String, i64)> = vars.iter().map(|(n, v)| (n.to_string(), *v)).collect();
@@ -213,6 +219,14 @@ fn expand_lines(
     let mut i = 0;
     while i < lines.len() {
         let trimmed = lines[i].trim_start();
+        if let Some(cond) = trimmed.strip_prefix("//#if ") {
+            let j = matching_end(lines, i)?;
+            if eval(cond.trim(), env)? != 0 {
+                expand_lines(&lines[i + 1..j], env, out)?;
+            }
+            i = j + 1;
+            continue;
+        }
         if let Some(rest) = trimmed.strip_prefix("//#for ") {
             let (name, range) = rest
                 .split_once(" in ")
@@ -221,24 +235,7 @@ fn expand_lines(
                 .split_once("..")
                 .ok_or_else(|| format!("bad //#for range: {trimmed}"))?;
             let (a, b) = (eval(a.trim(), env)?, eval(b.trim(), env)?);
-            // Find the matching //#end.
-            let mut depth = 1;
-            let mut j = i + 1;
-            while j < lines.len() {
-                let t = lines[j].trim_start();
-                if t.starts_with("//#for ") {
-                    depth += 1;
-                } else if t.starts_with("//#end") {
-                    depth -= 1;
-                    if depth == 0 {
-                        break;
-                    }
-                }
-                j += 1;
-            }
-            if j == lines.len() {
-                return Err(format!("//#for without //#end: {trimmed}"));
-            }
+            let j = matching_end(lines, i)?;
             for v in a..b {
                 env.push((name.trim().to_string(), v));
                 expand_lines(&lines[i + 1..j], env, out)?;
@@ -252,6 +249,23 @@ fn expand_lines(
         i += 1;
     }
     Ok(())
+}
+
+/// Index of the `//#end` closing the `//#for` or `//#if` block that opens at line `open`.
+fn matching_end(lines: &[&str], open: usize) -> Result<usize, String> {
+    let mut depth = 1;
+    for (j, line) in lines.iter().enumerate().skip(open + 1) {
+        let t = line.trim_start();
+        if t.starts_with("//#for ") || t.starts_with("//#if ") {
+            depth += 1;
+        } else if t.starts_with("//#end") {
+            depth -= 1;
+            if depth == 0 {
+                return Ok(j);
+            }
+        }
+    }
+    Err(format!("block without //#end: {}", lines[open].trim()))
 }
 
 fn substitute(line: &str, env: &[(String, i64)], out: &mut String) -> Result<(), String> {
@@ -274,7 +288,13 @@ fn substitute(line: &str, env: &[(String, i64)], out: &mut String) -> Result<(),
 fn eval(expr: &str, env: &[(String, i64)]) -> Result<i64, String> {
     let tokens: Vec<char> = expr.chars().filter(|c| !c.is_whitespace()).collect();
     let mut pos = 0;
-    let v = eval_sum(&tokens, &mut pos, env)?;
+    let mut v = eval_sum(&tokens, &mut pos, env)?;
+    if pos + 1 < tokens.len() && matches!(tokens[pos], '=' | '!') && tokens[pos + 1] == '=' {
+        let equal = tokens[pos] == '=';
+        pos += 2;
+        let r = eval_sum(&tokens, &mut pos, env)?;
+        v = ((v == r) == equal) as i64;
+    }
     if pos != tokens.len() {
         return Err(format!("trailing input in template expression `{expr}`"));
     }
@@ -349,6 +369,12 @@ mod tests {
         let out = expand_template(src, &[("N", 2)]).unwrap();
         assert_eq!(out, "a\nx0 = 1;\nx1 = 1;\nx2 = 0;\nx3 = 0;\nb\n");
         assert!(expand_template("//#for i in 0..2\n", &[]).is_err());
+        let conditional = "//#for i in 0..3\n//#if i % 2 == 0\ne{{i}}\n//#end\n//#if i != 0\nn{{i}}\n//#end\n//#end";
+        assert_eq!(
+            expand_template(conditional, &[]).unwrap(),
+            "e0\nn1\ne2\nn2\n"
+        );
+        assert!(expand_template("//#if 1\n", &[]).is_err());
         assert!(expand_template("{{M}}", &[]).is_err());
     }
 }

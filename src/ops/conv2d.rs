@@ -4,7 +4,8 @@
 //! [Co, Ci, KH, KW] (diffusers' state-dict layout, so checkpoints load as they are).
 
 use super::gemm::{
-    GemmParams, PORTABLE_TILES, SUBGROUPS_PER_WORKGROUP, portable_key, subgroup_key,
+    GemmParams, PORTABLE_TILES, SUBGROUPS_PER_WORKGROUP, SubgroupTile, portable_key,
+    subgroup_tile_key,
 };
 use super::{
     OpResult, expect_distinct, expect_numel, expect_rank, expect_shape, invalid, pack, reduce,
@@ -14,6 +15,34 @@ use crate::gpu::{Binding, GemmPath, GpuError, Recorder, Tensor};
 
 /// Register-tile row blocks of the subgroup conv kernels (RB = 4 in DESIGN.md's recipe).
 pub const SUBGROUP_ROW_BLOCKS: u32 = 4;
+/// Row blocks of the narrow conv tile (2 columns per lane): the same accumulator count.
+pub const SUBGROUP_NARROW_ROW_BLOCKS: u32 = 8;
+
+/// The subgroup tile for a forward / backward-input conv with `n` output columns: 4 columns per
+/// lane, or 2 when the last 4 L-wide tile would be at most half full (it would spend half its
+/// FMAs on clamped copies of the last columns): 32 or 96 channels with 16 lanes.
+pub fn subgroup_conv_tile(lanes: u32, n: usize) -> SubgroupTile {
+    let mut tile = SubgroupTile::wide(lanes, SUBGROUP_ROW_BLOCKS);
+    let wide = 4 * lanes as usize;
+    if (1..=wide / 2).contains(&(n % wide)) {
+        tile.lane_columns = 2;
+        tile.row_blocks = SUBGROUP_NARROW_ROW_BLOCKS;
+    }
+    tile
+}
+
+/// The subgroup tile for a backward-weight pass with `co` output channels (tile rows): as many
+/// broadcasting lanes as there are 4-channel texels (a power of two, at most L), and two column
+/// texels per lane when fewer than L broadcast, to keep the FMAs per broadcast.
+pub fn subgroup_backward_weight_tile(lanes: u32, co: usize) -> SubgroupTile {
+    let mut tile = SubgroupTile::wide(lanes, SUBGROUP_ROW_BLOCKS);
+    let texels = (co.div_ceil(4).next_power_of_two() as u32).min(lanes);
+    if texels < lanes {
+        tile.broadcast_lanes = texels;
+        tile.column_texels = 2;
+    }
+    tile
+}
 
 /// Stride and padding. google/ddpm downsamplers pad right/bottom by one with padding 0
 /// (`Conv2dGeometry::asymmetric_down()`); diffusers' default pads 1 on every side.
@@ -227,15 +256,16 @@ fn run_implicit(
     if let Some(lanes) = subgroup_lanes(rec) {
         let a_tex = pack::pack_nhwc(rec, a, "conv A")?;
         let b_tex = pack::pack_conv_weight(rec, w, transposed, "conv weights")?;
-        let rows = (lanes * SUBGROUP_ROW_BLOCKS * SUBGROUPS_PER_WORKGROUP) as usize;
+        let tile = subgroup_conv_tile(lanes, n);
+        let rows = (lanes * tile.row_blocks * SUBGROUPS_PER_WORKGROUP) as usize;
         let groups = [
-            n.div_ceil(4 * lanes as usize) as u32,
+            n.div_ceil((tile.lane_columns * lanes) as usize) as u32,
             m.div_ceil(rows) as u32,
             1,
         ];
         check_groups(op, groups)?;
         rec.dispatch(
-            subgroup_key(entry, lanes),
+            subgroup_tile_key(entry, lanes, tile),
             &p,
             &[
                 (1, (&a_tex).into()),
@@ -311,9 +341,10 @@ pub fn conv2d_backward_weight(
     let lanes = subgroup_lanes(rec);
     let (tiles, groups_xy) = match lanes {
         Some(l) => {
+            let tile = subgroup_backward_weight_tile(l, d.co);
             let cols = taps * d.ci.div_ceil(4);
-            let gx = cols.div_ceil((l * SUBGROUPS_PER_WORKGROUP) as usize);
-            let gy = d.co.div_ceil(4 * l as usize);
+            let gx = cols.div_ceil((l * tile.column_texels) as usize);
+            let gy = d.co.div_ceil(4 * tile.broadcast_lanes as usize);
             (gx * gy, [gx as u32, gy as u32])
         }
         None => {
@@ -353,7 +384,11 @@ pub fn conv2d_backward_weight(
             let a_tex = pack::pack_nhwc(rec, dy, "conv dY")?;
             let b_tex = pack::pack_nhwc(rec, x, "conv X")?;
             rec.dispatch(
-                subgroup_key("conv2d_backward_weight", l),
+                subgroup_tile_key(
+                    "conv2d_backward_weight",
+                    l,
+                    subgroup_backward_weight_tile(l, d.co),
+                ),
                 &p,
                 &[
                     (1, (&a_tex).into()),

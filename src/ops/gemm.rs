@@ -346,10 +346,42 @@ pub fn subgroup_key(entry: &'static str, lanes: u32) -> KernelKey {
     } else {
         super::conv2d::SUBGROUP_ROW_BLOCKS
     };
+    subgroup_tile_key(entry, lanes, SubgroupTile::wide(lanes, rb))
+}
+
+/// The register-tile shape of one subgroup kernel specialization (template values of
+/// `shaders/gemm_subgroup.wgsl`). Every entry point of the file is expanded with all of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SubgroupTile {
+    /// Lane blocks of rows (the tile has L · RB rows).
+    pub row_blocks: u32,
+    /// Output columns per lane in the conv tiles: 4, or 2 for narrow layers.
+    pub lane_columns: u32,
+    /// conv backward-weight: lanes whose dY texel is broadcast (the tile has 4 · BL rows).
+    pub broadcast_lanes: u32,
+    /// conv backward-weight: column texels per lane.
+    pub column_texels: u32,
+}
+
+impl SubgroupTile {
+    pub fn wide(lanes: u32, row_blocks: u32) -> SubgroupTile {
+        SubgroupTile {
+            row_blocks,
+            lane_columns: 4,
+            broadcast_lanes: lanes,
+            column_texels: 1,
+        }
+    }
+}
+
+pub fn subgroup_tile_key(entry: &'static str, lanes: u32, tile: SubgroupTile) -> KernelKey {
     KernelKey::new("gemm_subgroup", entry)
         .template("L", lanes as i64)
-        .template("RB", rb as i64)
+        .template("RB", tile.row_blocks as i64)
         .template("SG", SUBGROUPS_PER_WORKGROUP as i64)
+        .template("W", tile.lane_columns as i64)
+        .template("BL", tile.broadcast_lanes as i64)
+        .template("CT", tile.column_texels as i64)
 }
 
 /// y[R, out] = x[R, in] · Wᵀ + b, with torch's Linear weight layout W [out, in].
@@ -460,6 +492,16 @@ pub fn kernel_keys() -> Vec<KernelKey> {
             "conv2d_backward_weight",
         ] {
             keys.push(subgroup_key(entry, lanes));
+        }
+        for entry in ["conv2d_forward", "conv2d_backward_input"] {
+            let narrow = super::conv2d::subgroup_conv_tile(lanes, 1);
+            keys.push(subgroup_tile_key(entry, lanes, narrow));
+        }
+        let mut co = 4;
+        while co < 4 * lanes as usize {
+            let tile = super::conv2d::subgroup_backward_weight_tile(lanes, co);
+            keys.push(subgroup_tile_key("conv2d_backward_weight", lanes, tile));
+            co *= 2;
         }
     }
     keys

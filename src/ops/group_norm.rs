@@ -53,6 +53,28 @@ fn pixel_splits(
     }
     Ok((cblocks, splits, split_len))
 }
+/// Invocations the vectorised kernels aim for (one per (n, pixel split, 4-channel texel)).
+const TEXEL_TARGET_INVOCATIONS: usize = 512;
+/// Workgroup size of the vectorised kernels.
+const WG4: usize = 64;
+
+/// The vectorised kernels serve C % 4 == 0 (every U-Net layer); the scalar ones the rest.
+fn vectorised(c: usize) -> bool {
+    c.is_multiple_of(4)
+}
+
+/// (splits, split_len, grid) of the vectorised kernels: pixel splits until there are enough
+/// invocations, at least 64 pixels each. Depends only on the shape (reproducible results).
+fn texel_splits(n: usize, pixels: usize, c: usize) -> (usize, usize, [u32; 3]) {
+    let c4 = c / 4;
+    let splits = TEXEL_TARGET_INVOCATIONS
+        .div_ceil(n * c4)
+        .clamp(1, (pixels / 64).max(1));
+    let split_len = pixels.div_ceil(splits);
+    let splits = pixels.div_ceil(split_len);
+    (splits, split_len, grid_1d((n * splits * c4).div_ceil(WG4)))
+}
+
 /// Channels per workgroup of `group_norm_backward_partials` (its workgroup is 32 x 8 lanes).
 const PARTIAL_CHANNELS: usize = 32;
 /// Aim for at least this many workgroups in `group_norm_backward_partials` by splitting the
@@ -211,33 +233,51 @@ fn forward(
     expect_disjoint(op, mean, rstd)?;
 
     let pixels = p.pixels as usize;
-    let (cblocks, splits, split_len) = pixel_splits(op, n, pixels, c, COLUMN_CHANNELS)?;
+    let (splits, split_len, grid) = if vectorised(c) {
+        texel_splits(n, pixels, c)
+    } else {
+        let (cblocks, splits, split_len) = pixel_splits(op, n, pixels, c, COLUMN_CHANNELS)?;
+        (splits, split_len, [cblocks as u32, (n * splits) as u32, 1])
+    };
     p.splits = splits as u32;
     p.split_len = split_len as u32;
     let partials = rec
         .gpu
         .tensor(&[2, n * splits, c], "group_norm_forward.partials");
-    let grid = [cblocks as u32, (n * splits) as u32, 1];
-    rec.dispatch(
-        key("group_norm_stats_partial"),
-        &p,
-        &[(1, x.into()), (10, (&partials).into())],
-        grid,
-    );
+    if vectorised(c) {
+        rec.dispatch(
+            key("group_norm_stats_partial4"),
+            &p,
+            &[(17, x.into()), (21, (&partials).into())],
+            grid,
+        );
+    } else {
+        rec.dispatch(
+            key("group_norm_stats_partial"),
+            &p,
+            &[(1, x.into()), (10, (&partials).into())],
+            grid,
+        );
+    }
     rec.dispatch(
         key("group_norm_stats"),
         &p,
         &[(5, mean.into()), (6, rstd.into()), (11, (&partials).into())],
         [(n * groups).div_ceil(64) as u32, 1, 1],
     );
+    let (entry, x_slot, y_slot) = if vectorised(c) {
+        ("group_norm_forward4", 17, 18)
+    } else {
+        ("group_norm_forward", 1, 4)
+    };
     rec.dispatch(
-        key("group_norm_forward"),
+        key(entry),
         &p,
         &[
-            (1, x.into()),
+            (x_slot, x.into()),
             (2, gamma.into()),
             (3, beta.into()),
-            (4, y.into()),
+            (y_slot, y.into()),
             (7, mean.into()),
             (8, rstd.into()),
         ],
@@ -349,18 +389,25 @@ fn backward(
 
     // Pixel splits so the partial-sum pass has enough workgroups even for small N*C; at least
     // 64 pixels per split so the partial rows stay few.
-    let cblocks = c.div_ceil(PARTIAL_CHANNELS);
-    let splits = PARTIAL_TARGET_WORKGROUPS
-        .div_ceil(n * cblocks)
-        .clamp(1, (pixels / 64).max(1));
-    let split_len = pixels.div_ceil(splits);
-    let splits = pixels.div_ceil(split_len);
+    let (splits, split_len, grid) = if vectorised(c) {
+        texel_splits(n, pixels, c)
+    } else {
+        let cblocks = c.div_ceil(PARTIAL_CHANNELS);
+        let splits = PARTIAL_TARGET_WORKGROUPS
+            .div_ceil(n * cblocks)
+            .clamp(1, (pixels / 64).max(1));
+        let split_len = pixels.div_ceil(splits);
+        let splits = pixels.div_ceil(split_len);
+        let rows = n * splits;
+        if rows > 65535 || cblocks > 65535 {
+            return Err(invalid(format!(
+                "{op}: grid of {cblocks} x {rows} workgroups exceeds 65535 per dimension"
+            )));
+        }
+        // The partial sums and dx share the (channel block, n * split) grid.
+        (splits, split_len, [cblocks as u32, rows as u32, 1])
+    };
     let rows = n * splits;
-    if rows > 65535 || cblocks > 65535 {
-        return Err(invalid(format!(
-            "{op}: grid of {cblocks} x {rows} workgroups exceeds 65535 per dimension"
-        )));
-    }
     p.splits = splits as u32;
     p.split_len = split_len as u32;
     p.accumulate = accumulate_param_grads as u32;
@@ -377,19 +424,31 @@ fn backward(
     let gsums = rec
         .gpu
         .tensor(&[2, n * groups], "group_norm_backward.group_sums");
+    // Slots of x, dy, the partial sums and dx in the scalar and the vectorised kernels.
+    let ((partials_entry, dx_entry), [x_slot, dy_slot, partials_slot, dx_slot]) = if vectorised(c) {
+        (
+            ("group_norm_backward_partials4", "group_norm_backward_dx4"),
+            [17, 19, 21, 20],
+        )
+    } else {
+        (
+            ("group_norm_backward_partials", "group_norm_backward_dx"),
+            [1, 9, 10, 16],
+        )
+    };
     rec.dispatch(
-        key("group_norm_backward_partials"),
+        key(partials_entry),
         &p,
         &[
-            (1, x.into()),
+            (x_slot, x.into()),
             (2, gamma.into()),
             (3, (&beta).into()),
             (7, mean.into()),
             (8, rstd.into()),
-            (9, dy.into()),
-            (10, (&partials).into()),
+            (dy_slot, dy.into()),
+            (partials_slot, (&partials).into()),
         ],
-        [cblocks as u32, rows as u32, 1],
+        grid,
     );
     rec.dispatch(
         key("group_norm_backward_group_sums"),
@@ -412,20 +471,19 @@ fn backward(
         grid_1d(c.div_ceil(WG)),
     );
     rec.dispatch(
-        key("group_norm_backward_dx"),
+        key(dx_entry),
         &p,
         &[
-            (1, x.into()),
+            (x_slot, x.into()),
             (2, gamma.into()),
             (3, (&beta).into()),
             (7, mean.into()),
             (8, rstd.into()),
-            (9, dy.into()),
+            (dy_slot, dy.into()),
             (15, (&gsums).into()),
-            (16, dx.into()),
+            (dx_slot, dx.into()),
         ],
-        // Same (channel block, n * split) grid as the partial sums.
-        [cblocks as u32, rows as u32, 1],
+        grid,
     );
     Ok(())
 }

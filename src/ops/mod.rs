@@ -89,6 +89,16 @@ pub fn all_kernel_keys() -> Vec<crate::gpu::KernelKey> {
         if *shader == "gemm" || *shader == "gemm_subgroup" {
             continue;
         }
+        if *shader == "softmax_subgroup" {
+            for lanes in [8, 16] {
+                keys.extend(
+                    entry_points(src)
+                        .into_iter()
+                        .map(|e| KernelKey::new(shader, e).template("LANES", lanes)),
+                );
+            }
+            continue;
+        }
         keys.extend(
             entry_points(src)
                 .into_iter()

@@ -23,6 +23,14 @@ use crate::ops::loss::{mse_backward, mse_loss};
 use crate::ops::noise::{purpose, q_sample, random_normal, random_uniform_u32, write_rng_state};
 use crate::ops::upsample::{avg_pool_forward, upsample_bicubic_forward};
 
+/// `Trainer::profile_step`: each dispatch or copy of one step timed in its own submit.
+pub struct StepProfile {
+    /// (shader::entry, dispatches, seconds), largest first.
+    pub by_kernel: Vec<(String, usize, f64)>,
+    /// (entry with its bindings and workgroups, seconds), largest first.
+    pub dispatches: Vec<(String, f64)>,
+}
+
 /// Everything a step touches, allocated once.
 pub struct Trainer {
     pub gpu: Arc<Gpu>,
@@ -259,8 +267,9 @@ impl Trainer {
         self.step_plan.dispatch_count()
     }
 
-    pub fn profile_step(&self) -> Vec<(String, usize, f64)> {
+    pub fn profile_step(&self) -> StepProfile {
         let mut by_entry: HashMap<String, (usize, f64)> = HashMap::new();
+        let mut dispatches = Vec::new();
         let records = self.step_plan.records();
         for (i, secs) in self.step_plan.profile(&self.gpu) {
             let r = &records[i];
@@ -269,13 +278,21 @@ impl Trainer {
             } else {
                 r.kind.to_string()
             };
+            dispatches.push((
+                format!("{name} [{}] {:?}", r.bindings.join(", "), r.workgroups),
+                secs,
+            ));
             let e = by_entry.entry(name).or_default();
             e.0 += 1;
             e.1 += secs;
         }
-        let mut v: Vec<_> = by_entry.into_iter().map(|(k, (n, s))| (k, n, s)).collect();
-        v.sort_by(|a, b| b.2.total_cmp(&a.2));
-        v
+        let mut by_kernel: Vec<_> = by_entry.into_iter().map(|(k, (n, s))| (k, n, s)).collect();
+        by_kernel.sort_by(|a, b| b.2.total_cmp(&a.2));
+        dispatches.sort_by(|a, b| b.1.total_cmp(&a.1));
+        StepProfile {
+            by_kernel,
+            dispatches,
+        }
     }
 
     /// Uploads initial weights (EMA starts equal to them).

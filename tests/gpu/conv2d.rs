@@ -101,6 +101,30 @@ fn conv2d_all_passes() {
             stride: 1,
             pad: [1; 4],
         },
+        // Narrow subgroup tiles (2 columns per lane; fewer broadcasting lanes in backward-weight):
+        // a full 32-channel layer, and odd channel counts that end inside a texel.
+        Conv {
+            n: 1,
+            h: 28,
+            w: 28,
+            ci: 32,
+            co: 32,
+            kh: 3,
+            kw: 3,
+            stride: 1,
+            pad: [1; 4],
+        },
+        Conv {
+            n: 2,
+            h: 9,
+            w: 11,
+            ci: 18,
+            co: 12,
+            kh: 3,
+            kw: 3,
+            stride: 1,
+            pad: [1; 4],
+        },
         Conv {
             n: 1,
             h: 16,

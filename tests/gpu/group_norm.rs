@@ -12,8 +12,12 @@ use wgpu_diffusion::ops::group_norm as gn;
 use wgpu_diffusion::reference::group_norm as r;
 
 /// (N, H, W, C, G): odd sizes, C/G = 1 and C/G > 256-thread strides, a 65536-element group.
-const SHAPES: [(usize, usize, usize, usize, usize); 7] = [
+/// C % 4 == 0 runs the vectorised kernels (with C/G = 1, 2 and wider groups), the rest the
+/// scalar ones.
+const SHAPES: [(usize, usize, usize, usize, usize); 9] = [
     (1, 1, 1, 1, 1),
+    (3, 3, 5, 8, 8),
+    (2, 28, 28, 96, 8),
     (2, 3, 5, 6, 3),
     (3, 7, 7, 33, 3),
     (1, 1, 33, 7, 7),

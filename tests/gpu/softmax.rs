@@ -1,4 +1,4 @@
-//! softmax.wgsl against reference::softmax.
+//! softmax.wgsl (portable) and softmax_subgroup.wgsl against reference::softmax.
 //!
 //! Forward: each y is one f32 exp (a few ulp on lavapipe/LLVM), one subtraction x - max (exact
 //! or 0.5 ulp of |x - max| <= ~60, i.e. <= 4e-6 relative in exp) and a divide by an f32 sum of
@@ -26,9 +26,14 @@ const CASES: [(usize, usize, f64); 8] = [
 
 #[test]
 fn forward_backward_match_reference() {
-    let g = gpu();
+    for g in gemm_paths() {
+        forward_backward_on(&g);
+    }
+}
+
+fn forward_backward_on(g: &std::sync::Arc<wgpu_diffusion::gpu::Gpu>) {
     for (i, &(rows, len, scale)) in CASES.iter().enumerate() {
-        let what = format!("{rows}x{len} scale {scale}");
+        let what = format!("{} {rows}x{len} scale {scale}", g.gemm_path);
         let x: Vec<f64> = f32_round(
             &test_data(rows * len, 200 + i as u64)
                 .iter()
@@ -37,28 +42,28 @@ fn forward_backward_match_reference() {
         );
         let dy = random(rows * len, 300 + i as u64);
         let (tx, tdy) = (
-            upload(&g, &[rows, len], &x, "x"),
-            upload(&g, &[rows, len], &dy, "dy"),
+            upload(g, &[rows, len], &x, "x"),
+            upload(g, &[rows, len], &dy, "dy"),
         );
         let (ty, tdx) = (g.tensor(&[rows, len], "y"), g.tensor(&[rows, len], "dx"));
-        run(&g, |rec| {
+        run(g, |rec| {
             sm::softmax_forward(rec, &tx, &ty).unwrap();
             sm::softmax_backward(rec, &ty, &tdy, &tdx).unwrap();
         });
         let y = r::softmax_forward(&x, len);
         assert_close(
             &format!("softmax_forward {what}"),
-            &read(&g, &ty),
+            &read(g, &ty),
             &y,
             1e-6 * max_abs(&y),
             2e-5,
         );
         // The backward is checked on the GPU's own y (rounded to f32), isolating its error.
-        let y_gpu: Vec<f64> = read(&g, &ty).iter().map(|&v| v as f64).collect();
+        let y_gpu: Vec<f64> = read(g, &ty).iter().map(|&v| v as f64).collect();
         let dx = r::softmax_backward(&y_gpu, &dy, len);
         assert_close(
             &format!("softmax_backward {what}"),
-            &read(&g, &tdx),
+            &read(g, &tdx),
             &dx,
             1e-5 * max_abs(&dx),
             1e-4,

@@ -1,0 +1,74 @@
+// Softmax over the last axis of a row-major [R, L] tensor, for adapters with subgroups (the
+// same formulas as softmax.wgsl):
+//   forward:  m = max_j x_j,  y_i = exp(x_i - m) / sum_j exp(x_j - m)
+//   backward: dx_i = y_i * (dy_i - sum_j dy_j * y_j)
+// One subgroup per workgroup (DESIGN.md, "Memory-bound kernels on lavapipe": no workgroup memory
+// and no barriers, which lavapipe runs as coroutines); it takes p.rows_per_group consecutive rows
+// one after the other. Lane l reads columns l, l + LANES, ... and the lanes are combined with
+// subgroupMax / subgroupAdd, whose order is fixed for a given adapter: deterministic. The trip
+// counts are uniform (the column test is inside the loop), so every subgroup operation runs with
+// all lanes active. Template: LANES = the subgroup size. Workgroup index = wid.x + wid.y * nwg.x.
+
+struct Params {
+    rows: u32,           // R
+    len: u32,            // L
+    _unused: u32,        // softmax.wgsl's threads per row
+    rows_per_group: u32, // rows each workgroup takes
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read_write> y: array<f32>;
+@group(0) @binding(3) var<storage, read> y_in: array<f32>;
+@group(0) @binding(4) var<storage, read> dy: array<f32>;
+@group(0) @binding(5) var<storage, read_write> dx: array<f32>;
+
+@compute @workgroup_size({{LANES}})
+fn softmax_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                   @builtin(subgroup_invocation_id) lane: u32) {
+    let first = (wid.y * nwg.x + wid.x) * p.rows_per_group;
+    let end = min(first + p.rows_per_group, p.rows);
+    for (var row = first; row < end; row++) {
+        let base = row * p.len;
+        // Start from the row's first element rather than -FLT_MAX so rows holding -inf stay exact.
+        var m = x[base];
+        for (var j0 = 0u; j0 < p.len; j0 += {{LANES}}u) {
+            let j = j0 + lane;
+            if (j < p.len) { m = max(m, x[base + j]); }
+        }
+        m = subgroupMax(m);
+        var s = 0.0;
+        for (var j0 = 0u; j0 < p.len; j0 += {{LANES}}u) {
+            let j = j0 + lane;
+            if (j < p.len) { s += exp(x[base + j] - m); }
+        }
+        s = subgroupAdd(s);
+        for (var j0 = 0u; j0 < p.len; j0 += {{LANES}}u) {
+            let j = j0 + lane;
+            if (j < p.len) { y[base + j] = exp(x[base + j] - m) / s; }
+        }
+    }
+}
+
+@compute @workgroup_size({{LANES}})
+fn softmax_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                    @builtin(subgroup_invocation_id) lane: u32) {
+    let first = (wid.y * nwg.x + wid.x) * p.rows_per_group;
+    let end = min(first + p.rows_per_group, p.rows);
+    for (var row = first; row < end; row++) {
+        let base = row * p.len;
+        var d = 0.0;
+        for (var j0 = 0u; j0 < p.len; j0 += {{LANES}}u) {
+            let j = j0 + lane;
+            if (j < p.len) { d += dy[base + j] * y_in[base + j]; }
+        }
+        d = subgroupAdd(d);
+        for (var j0 = 0u; j0 < p.len; j0 += {{LANES}}u) {
+            let j = j0 + lane;
+            if (j < p.len) {
+                let yj = y_in[base + j];
+                dx[base + j] = yj * (dy[base + j] - d);
+            }
+        }
+    }
+}
