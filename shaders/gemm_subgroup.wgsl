@@ -13,7 +13,7 @@ struct Params {
     b_offset: u32, b_ld: u32, b_batch_outer: u32, b_batch_inner: u32,
     c_offset: u32, c_ld: u32, c_batch_outer: u32, c_batch_inner: u32,
     trans_a: u32, trans_b: u32, has_bias: u32, k_chunk: u32,
-    alpha: f32, beta: f32, _pad0: u32, _pad1: u32,
+    alpha: f32, beta: f32, trans_c: u32, _pad1: u32,
     batch: u32, in_h: u32, in_w: u32, in_c: u32,
     out_h: u32, out_w: u32, out_c: u32, kernel_h: u32,
     kernel_w: u32, stride: u32, pad_top: u32, pad_left: u32,
@@ -31,7 +31,8 @@ fn store_row(m: u32, n4: u32, v: vec4<f32>, c_base: u32) {
     for (var e = 0u; e < 4u; e++) {
         let n = n4 * 4u + e;
         if (n < p.n) {
-            let idx = c_base + m * p.c_ld + n;
+            // trans_c: the product is Cᵀ, stored into C's layout (see ops::gemm).
+            let idx = c_base + select(m * p.c_ld + n, n * p.c_ld + m, p.trans_c != 0u);
             var r = p.alpha * v[e];
             if (p.has_bias != 0u) { r += bias[n]; }
             if (p.beta != 0.0) { r += p.beta * c[idx]; }

@@ -56,6 +56,27 @@ fn pack_matrix(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
     textureStore(dst, t, v);
 }
 
+// pack_matrix of a transposed matrix: neighbouring lanes take neighbouring texture rows, which
+// are neighbouring source elements (texel (r, c) gathers src[(4c + e) * ld + r], e = 0..3), so a
+// workgroup reads 16 consecutive floats from each of 16 source rows instead of 64 floats strided
+// by ld. Workgroup (16, 4) spans 16 rows x 4 texels.
+@compute @workgroup_size(16, 4)
+fn pack_matrix_transposed(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let t = vec2<u32>(wid.x * 4u + lid.y, wid.y * 16u + lid.x);
+    if (t.x >= p.width || t.y >= p.height) { return; }
+    let batch = t.y / p.rows_padded;
+    let r = t.y % p.rows_padded;
+    let base = p.offset + (batch / p.batch_inner) * p.batch_outer_stride + (batch % p.batch_inner) * p.batch_inner_stride;
+    var v = vec4<f32>(0.0);
+    if (r < p.rows) {
+        for (var e = 0u; e < 4u; e++) {
+            let col = t.x * 4u + e;
+            if (col < p.cols) { v[e] = src[base + col * p.ld + r]; }
+        }
+    }
+    textureStore(dst, t, v);
+}
+
 // pack_matrix for the common case of a non-transposed matrix whose rows are whole, 16-byte
 // aligned texels (cols, ld, offset and batch strides multiples of 4): one vec4 load per texel
 // instead of four scalar loads (non-uniform buffer loads are scalarised on lavapipe).

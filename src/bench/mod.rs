@@ -256,7 +256,12 @@ pub fn train_steps(
             prof.dispatches.len()
         );
         eprintln!("largest single dispatches (bindings, workgroups):");
-        for (what, secs) in prof.dispatches.iter().take(30) {
+        for (what, secs) in prof.dispatches.iter().take(
+            std::env::var("WGPU_DIFFUSION_PROFILE_TOP")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(30),
+        ) {
             eprintln!("{:>8.2} ms {what}", secs * 1e3);
         }
     }

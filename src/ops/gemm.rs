@@ -30,7 +30,9 @@ pub struct GemmParams {
     pub k_chunk: u32,
     pub alpha: f32,
     pub beta: f32,
-    pub _pad: [u32; 2],
+    /// Subgroup path: C is stored transposed (the kernel computes Cᵀ = op(B)ᵀ·op(A)ᵀ).
+    pub trans_c: u32,
+    pub _pad: u32,
     pub batch: u32,
     pub in_h: u32,
     pub in_w: u32,
@@ -254,39 +256,76 @@ pub fn gemm(
         )));
     }
     let bias_t = bias.cloned().unwrap_or_else(|| rec.dummy());
-    match rec.gpu.gemm_path {
-        GemmPath::Subgroup { lanes }
-            if pack::fits_texture(&rec.gpu, m * batches, k)
-                && pack::fits_texture(&rec.gpu, k.next_multiple_of(4) * batches, n) =>
+    // Subgroup path: packing a transposed operand is a gather (scalar loads on lavapipe), several
+    // times slower per element than packing a row-major one. Cᵀ = op(B)ᵀ·op(A)ᵀ flips both
+    // operands' transposes, so when that packs fewer elements transposed (dV = Pᵀ·dO with a
+    // 196×196 P and a 196×64 dO: pack dO transposed instead of P), compute Cᵀ and store it
+    // transposed. Bias is per column of C, so only products without it are swapped.
+    let transposed = |op: &MatRef, rows: usize, cols: usize, flip: bool| {
+        if op.trans != flip { rows * cols } else { 0 }
+    };
+    let swap = bias.is_none()
+        && transposed(&b, n, k, true) + transposed(&a, k, m, true)
+            < transposed(&a, m, k, false) + transposed(&b, k, n, false);
+    if let GemmPath::Subgroup { lanes } = rec.gpu.gemm_path {
+        let (sg_params, sg_shape, sg_a, sg_b) = if swap {
+            (
+                GemmParams {
+                    m: params.n,
+                    n: params.m,
+                    a_offset: params.b_offset,
+                    a_ld: params.b_ld,
+                    a_batch_outer: params.b_batch_outer,
+                    a_batch_inner: params.b_batch_inner,
+                    b_offset: params.a_offset,
+                    b_ld: params.a_ld,
+                    b_batch_outer: params.a_batch_outer,
+                    b_batch_inner: params.a_batch_inner,
+                    trans_a: (!b.trans) as u32,
+                    trans_b: (!a.trans) as u32,
+                    trans_c: 1,
+                    ..params
+                },
+                GemmShape {
+                    m: n,
+                    n: m,
+                    ..shape
+                },
+                b.clone().t(),
+                a.clone().t(),
+            )
+        } else {
+            (params, shape, a.clone(), b.clone())
+        };
+        if pack::fits_texture(&rec.gpu, sg_shape.m * batches, k)
+            && pack::fits_texture(&rec.gpu, k.next_multiple_of(4) * batches, sg_shape.n)
         {
-            gemm_subgroup(rec, lanes, &params, shape, &a, &b, &bias_t, &c)
-        }
-        _ => {
-            let t = PORTABLE_TILES;
-            let groups = [
-                n.div_ceil(t.bn as usize) as u32,
-                m.div_ceil(t.bm as usize) as u32,
-                batches as u32,
-            ];
-            if groups[0] > 65535 || groups[1] > 65535 {
-                return Err(invalid(format!(
-                    "{OP}: {m}x{n} output needs more than 65535 tiles in a dimension"
-                )));
-            }
-            rec.dispatch(
-                portable_key("gemm", t),
-                &params,
-                &[
-                    (1, a.tensor.into()),
-                    (2, b.tensor.into()),
-                    (3, Binding::Buffer(bias_t)),
-                    (4, c.tensor.into()),
-                ],
-                groups,
-            );
-            Ok(())
+            return gemm_subgroup(rec, lanes, &sg_params, sg_shape, &sg_a, &sg_b, &bias_t, &c);
         }
     }
+    let t = PORTABLE_TILES;
+    let groups = [
+        n.div_ceil(t.bn as usize) as u32,
+        m.div_ceil(t.bm as usize) as u32,
+        batches as u32,
+    ];
+    if groups[0] > 65535 || groups[1] > 65535 {
+        return Err(invalid(format!(
+            "{OP}: {m}x{n} output needs more than 65535 tiles in a dimension"
+        )));
+    }
+    rec.dispatch(
+        portable_key("gemm", t),
+        &params,
+        &[
+            (1, a.tensor.into()),
+            (2, b.tensor.into()),
+            (3, Binding::Buffer(bias_t)),
+            (4, c.tensor.into()),
+        ],
+        groups,
+    );
+    Ok(())
 }
 
 /// Subgroup path: A packed into an `rgba32float` texture (batches stacked along rows, 4
@@ -338,7 +377,7 @@ fn gemm_subgroup(
 /// Register-tile rows per lane block of the subgroup GEMM (RB in DESIGN.md's recipe).
 pub const SUBGROUP_ROW_BLOCKS: u32 = 2;
 /// Subgroups per workgroup, stacked along M.
-pub const SUBGROUPS_PER_WORKGROUP: u32 = 4;
+pub const SUBGROUPS_PER_WORKGROUP: u32 = 1;
 
 pub fn subgroup_key(entry: &'static str, lanes: u32) -> KernelKey {
     let rb = if entry == "gemm" {

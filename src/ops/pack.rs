@@ -95,6 +95,23 @@ pub fn pack_matrix(
             .iter()
             .all(|v| v.is_multiple_of(4))
         && m.tensor.byte_offset().is_multiple_of(16);
+    // Rows of whole texels with a 256-byte pitch, stored back to back from the tensor's
+    // (256-byte aligned) start: the buffer already is the texture's image, and a
+    // `copy_buffer_to_texture` (memcpy speed) replaces the kernel.
+    let batches_contiguous = (batch_inner == 1 || m.batch_inner == rows * cols)
+        && (batch_outer == 1 || m.batch_outer == batch_inner * rows * cols);
+    if aligned
+        && (cols * 4).is_multiple_of(256)
+        && m.ld == cols
+        && rows_padded == rows
+        && m.offset == 0
+        && batches_contiguous
+        && m.tensor.byte_offset().is_multiple_of(256)
+    {
+        let tex = Texture2d::new(&rec.gpu, p.width, p.height, label);
+        rec.copy_to_texture(m.tensor, &tex);
+        return Ok(tex);
+    }
     if aligned {
         let tex = Texture2d::new(&rec.gpu, p.width, p.height, label);
         let groups = [p.width.div_ceil(16), p.height.div_ceil(4), 1];
@@ -102,6 +119,17 @@ pub fn pack_matrix(
             KernelKey::new("pack", "pack_matrix_vec4"),
             &p,
             &[(2, (&tex).into()), (3, m.tensor.into())],
+            groups,
+        );
+        return Ok(tex);
+    }
+    if m.trans {
+        let tex = Texture2d::new(&rec.gpu, p.width, p.height, label);
+        let groups = [p.width.div_ceil(4), p.height.div_ceil(16), 1];
+        rec.dispatch(
+            KernelKey::new("pack", "pack_matrix_transposed"),
+            &p,
+            &[(1, m.tensor.into()), (2, (&tex).into())],
             groups,
         );
         return Ok(tex);

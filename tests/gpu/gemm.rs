@@ -19,69 +19,78 @@ fn gemm_shapes_transposes_batches() {
             // rows of whole aligned texels: the vec4 packing path
             (12, 16, 8, false, false),
         ] {
-            let (outer, inner) = (2, 3);
-            let a = random(outer * inner * m * k, 1);
-            let b = random(outer * inner * k * n, 2);
-            let c0 = random(outer * inner * m * n, 3);
-            let bias = random(n, 4);
-            let (lda, ldb) = (if ta { m } else { k }, if tb { k } else { n });
-            let ta_t = upload(&g, &[outer * inner * m * k], &a, "A");
-            let tb_t = upload(&g, &[outer * inner * k * n], &b, "B");
-            let tc = upload(&g, &[outer * inner * m * n], &c0, "C");
-            let tbias = upload(&g, &[n], &bias, "bias");
-            let amat = MatRef {
-                tensor: &ta_t,
-                offset: 0,
-                ld: lda,
-                batch_outer: inner * m * k,
-                batch_inner: m * k,
-                trans: ta,
-            };
-            let bmat = MatRef {
-                tensor: &tb_t,
-                offset: 0,
-                ld: ldb,
-                batch_outer: inner * k * n,
-                batch_inner: k * n,
-                trans: tb,
-            };
-            let cmat = MatRef::dense(&tc, n).batched(inner * m * n, m * n);
-            let shape = GemmShape::new(m, n, k)
-                .batches(outer, inner)
-                .scale(0.5, 1.0);
-            run(&g, |rec| {
-                gemm(rec, shape, amat, bmat, Some(&tbias), cmat).unwrap()
-            });
-            let mut expect = c0.clone();
-            for bi in 0..outer * inner {
-                let cs = &mut expect[bi * m * n..(bi + 1) * m * n];
-                r::gemm(
-                    m,
-                    n,
-                    k,
-                    0.5,
-                    &a[bi * m * k..],
-                    lda,
-                    ta,
-                    &b[bi * k * n..],
-                    ldb,
-                    tb,
-                    1.0,
-                    cs,
-                    n,
-                );
-                for (i, v) in cs.iter_mut().enumerate() {
-                    *v += bias[i % n];
+            // Without a bias the subgroup path may compute Cᵀ = op(B)ᵀ·op(A)ᵀ and store it
+            // transposed (when that packs fewer elements transposed): both orders are checked.
+            for with_bias in [true, false] {
+                let (outer, inner) = (2, 3);
+                let a = random(outer * inner * m * k, 1);
+                let b = random(outer * inner * k * n, 2);
+                let c0 = random(outer * inner * m * n, 3);
+                let bias = random(n, 4);
+                let (lda, ldb) = (if ta { m } else { k }, if tb { k } else { n });
+                let ta_t = upload(&g, &[outer * inner * m * k], &a, "A");
+                let tb_t = upload(&g, &[outer * inner * k * n], &b, "B");
+                let tc = upload(&g, &[outer * inner * m * n], &c0, "C");
+                let tbias = upload(&g, &[n], &bias, "bias");
+                let amat = MatRef {
+                    tensor: &ta_t,
+                    offset: 0,
+                    ld: lda,
+                    batch_outer: inner * m * k,
+                    batch_inner: m * k,
+                    trans: ta,
+                };
+                let bmat = MatRef {
+                    tensor: &tb_t,
+                    offset: 0,
+                    ld: ldb,
+                    batch_outer: inner * k * n,
+                    batch_inner: k * n,
+                    trans: tb,
+                };
+                let cmat = MatRef::dense(&tc, n).batched(inner * m * n, m * n);
+                let shape = GemmShape::new(m, n, k)
+                    .batches(outer, inner)
+                    .scale(0.5, 1.0);
+                run(&g, |rec| {
+                    gemm(rec, shape, amat, bmat, with_bias.then_some(&tbias), cmat).unwrap()
+                });
+                let mut expect = c0.clone();
+                for bi in 0..outer * inner {
+                    let cs = &mut expect[bi * m * n..(bi + 1) * m * n];
+                    r::gemm(
+                        m,
+                        n,
+                        k,
+                        0.5,
+                        &a[bi * m * k..],
+                        lda,
+                        ta,
+                        &b[bi * k * n..],
+                        ldb,
+                        tb,
+                        1.0,
+                        cs,
+                        n,
+                    );
+                    if with_bias {
+                        for (i, v) in cs.iter_mut().enumerate() {
+                            *v += bias[i % n];
+                        }
+                    }
                 }
+                let what = format!(
+                    "gemm {} m={m} n={n} k={k} ta={ta} tb={tb} bias={with_bias}",
+                    g.gemm_path
+                );
+                assert_close(
+                    &what,
+                    &read(&g, &tc),
+                    &expect,
+                    1e-5 * max_abs(&expect),
+                    1e-4,
+                );
             }
-            let what = format!("gemm {} m={m} n={n} k={k} ta={ta} tb={tb}", g.gemm_path);
-            assert_close(
-                &what,
-                &read(&g, &tc),
-                &expect,
-                1e-5 * max_abs(&expect),
-                1e-4,
-            );
         }
     }
 }
