@@ -125,3 +125,56 @@ fn cast_u32_to_f32(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroup
     let i = linear_index(wid, nwg, lid);
     if (i < p.n) { y[i] = f32(bitcast<u32>(x[i])); }
 }
+
+// ---- Vectorised variants (used when every count, offset and stride is a multiple of 4 and the
+// buffers start on 16-byte boundaries): one vec4 per invocation. Storage-buffer loads are per-lane
+// on lavapipe (DESIGN.md, "Memory-bound kernels"), so a vec4 moves 4 values for the cost of one.
+// p.n and the channel fields keep their scalar meaning; each kernel divides by 4 itself.
+
+@group(0) @binding(4) var<storage, read> x4: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read_write> y4: array<vec4<f32>>;
+@group(0) @binding(6) var<storage, read_write> z4: array<vec4<f32>>;
+
+@compute @workgroup_size(256)
+fn add4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+    let i = linear_index(wid, nwg, lid);
+    if (i < p.n / 4u) { z4[i] = x4[i] + y4[i]; }
+}
+
+@compute @workgroup_size(256)
+fn axpby4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+          @builtin(local_invocation_index) lid: u32) {
+    let i = linear_index(wid, nwg, lid);
+    if (i < p.n / 4u) {
+        var v = p.alpha * x4[i];
+        if (p.beta != 0.0) { v = v + p.beta * y4[i]; }
+        y4[i] = v;
+    }
+}
+
+@compute @workgroup_size(256)
+fn add_channel_bias4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                     @builtin(local_invocation_index) lid: u32) {
+    let i = linear_index(wid, nwg, lid);
+    if (i < p.n / 4u) {
+        let c4n = p.channels / 4u;
+        let sample = i / (c4n * p.pixels_per_sample);
+        y4[i] = y4[i] + p.alpha * x4[sample * c4n + i % c4n];
+    }
+}
+
+@compute @workgroup_size(256)
+fn copy_channels4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                  @builtin(local_invocation_index) lid: u32) {
+    let i = linear_index(wid, nwg, lid);
+    let c4n = p.channels / 4u;
+    if (i < p.n * c4n) {
+        let q = i / c4n;
+        let c4 = i % c4n;
+        let d = (q * p.dst_stride + p.dst_offset) / 4u + c4;
+        var v = x4[(q * p.src_stride + p.src_offset) / 4u + c4];
+        if (p.beta != 0.0) { v = v + p.beta * y4[d]; }
+        y4[d] = v;
+    }
+}

@@ -24,6 +24,35 @@ fn key(entry: &'static str) -> KernelKey {
     KernelKey::new("elementwise", entry)
 }
 
+/// Whether the vectorised entry point (`<entry>4`, bindings 4-6 instead of 1-3) applies: every
+/// count, stride and offset a multiple of 4, every buffer on a 16-byte boundary.
+fn vectorised(counts: &[usize], tensors: &[&Tensor]) -> bool {
+    counts.iter().all(|c| c.is_multiple_of(4))
+        && tensors.iter().all(|t| t.byte_offset().is_multiple_of(16))
+}
+
+/// Records `entry` over `items` scalar work items, or its vectorised twin over `items / 4`
+/// with the bindings moved to the vec4 slots.
+fn dispatch(
+    rec: &mut Recorder,
+    entries: (&'static str, &'static str),
+    vec4: bool,
+    p: &ElementwiseParams,
+    bindings: &[(u32, &Tensor)],
+    items: usize,
+) {
+    let (entry, slot_shift, items) = if vec4 {
+        (entries.1, 3, items / 4)
+    } else {
+        (entries.0, 0, items)
+    };
+    let bindings: Vec<_> = bindings
+        .iter()
+        .map(|(slot, t)| (slot + slot_shift, (*t).into()))
+        .collect();
+    rec.dispatch(key(entry), p, &bindings, grid_1d(items.div_ceil(WG)));
+}
+
 /// out = a + b
 pub fn add(rec: &mut Recorder, a: &Tensor, b: &Tensor, out: &Tensor) -> OpResult {
     let n = a.numel();
@@ -35,11 +64,14 @@ pub fn add(rec: &mut Recorder, a: &Tensor, b: &Tensor, out: &Tensor) -> OpResult
         n: u32_of("add", "n", n)?,
         ..Default::default()
     };
-    rec.dispatch(
-        key("add"),
+    let vec4 = vectorised(&[n], &[a, b, out]);
+    dispatch(
+        rec,
+        ("add", "add4"),
+        vec4,
         &p,
-        &[(1, a.into()), (2, b.into()), (3, out.into())],
-        grid_1d(n.div_ceil(WG)),
+        &[(1, a), (2, b), (3, out)],
+        n,
     );
     Ok(())
 }
@@ -55,12 +87,8 @@ pub fn axpby(rec: &mut Recorder, alpha: f32, x: &Tensor, beta: f32, y: &Tensor) 
         beta,
         ..Default::default()
     };
-    rec.dispatch(
-        key("axpby"),
-        &p,
-        &[(1, x.into()), (2, y.into())],
-        grid_1d(n.div_ceil(WG)),
-    );
+    let vec4 = vectorised(&[n], &[x, y]);
+    dispatch(rec, ("axpby", "axpby4"), vec4, &p, &[(1, x), (2, y)], n);
     Ok(())
 }
 
@@ -135,11 +163,14 @@ pub fn add_channel_bias(rec: &mut Recorder, v: &Tensor, alpha: f32, h: &Tensor) 
         alpha,
         ..Default::default()
     };
-    rec.dispatch(
-        key(OP),
+    let vec4 = vectorised(&[c], &[v, h]);
+    dispatch(
+        rec,
+        (OP, "add_channel_bias4"),
+        vec4,
         &p,
-        &[(1, v.into()), (2, h.into())],
-        grid_1d(h.numel().div_ceil(WG)),
+        &[(1, v), (2, h)],
+        h.numel(),
     );
     Ok(())
 }
@@ -200,11 +231,14 @@ pub fn copy_channels(
         beta: if accumulate { 1.0 } else { 0.0 },
         ..Default::default()
     };
-    rec.dispatch(
-        key(OP),
+    let vec4 = vectorised(&[channels, sc, src_offset, dc, dst_offset], &[src, dst]);
+    dispatch(
+        rec,
+        (OP, "copy_channels4"),
+        vec4,
         &p,
-        &[(1, src.into()), (2, dst.into())],
-        grid_1d((pixels * channels).div_ceil(WG)),
+        &[(1, src), (2, dst)],
+        pixels * channels,
     );
     Ok(())
 }

@@ -6,7 +6,8 @@ use crate::common::*;
 use wgpu_diffusion::ops::elementwise as ew;
 use wgpu_diffusion::reference::elementwise as r;
 
-const SIZES: [usize; 5] = [1, 3, 7, 33, 70_001];
+/// Multiples of 4 run the vectorised kernels, the others the scalar ones.
+const SIZES: [usize; 8] = [1, 3, 4, 7, 33, 64, 70_001, 70_004];
 
 #[test]
 fn add_axpby_scale() {
@@ -84,7 +85,14 @@ fn silu_forward_backward() {
 #[test]
 fn channel_bias_and_concat() {
     let g = gpu();
-    for &(n, h, w, ca, cb) in &[(1, 1, 1, 1, 1), (2, 3, 5, 7, 3), (3, 7, 7, 33, 4)] {
+    // Channel counts that are all multiples of 4 run the vectorised kernels.
+    for &(n, h, w, ca, cb) in &[
+        (1, 1, 1, 1, 1),
+        (2, 3, 5, 7, 3),
+        (3, 7, 7, 33, 4),
+        (2, 3, 5, 8, 4),
+        (2, 4, 4, 64, 32),
+    ] {
         let q = h * w;
         let hx = random(n * q * ca, 60);
         let v = random(n * ca, 61);
@@ -95,13 +103,16 @@ fn channel_bias_and_concat() {
         let ta = upload(&g, &[n, h, w, ca], &hx, "a");
         let tcat = g.tensor(&[n, h, w, ca + cb], "cat");
         let tback = g.tensor(&[n, h, w, cb], "back");
+        let prior = random(n * q * cb, 63);
+        let tacc = upload(&g, &[n, h, w, cb], &prior, "acc");
         run(&g, |rec| {
             ew::add_channel_bias(rec, &tv, 0.5, &th).unwrap();
             ew::copy_channels(rec, &ta, 0, &tcat, 0, ca, false).unwrap();
             ew::copy_channels(rec, &tb, 0, &tcat, ca, cb, false).unwrap();
         });
         run(&g, |rec| {
-            ew::copy_channels(rec, &tcat, ca, &tback, 0, cb, false).unwrap()
+            ew::copy_channels(rec, &tcat, ca, &tback, 0, cb, false).unwrap();
+            ew::copy_channels(rec, &tcat, ca, &tacc, 0, cb, true).unwrap();
         });
         let shape = format!("{n}x{h}x{w}x{ca}+{cb}");
         assert_close(
@@ -124,6 +135,14 @@ fn channel_bias_and_concat() {
             &b,
             0.0,
             0.0,
+        );
+        let acc: Vec<f64> = b.iter().zip(&prior).map(|(x, y)| x + y).collect();
+        assert_close(
+            &format!("accumulating channel copy {shape}"),
+            &read(&g, &tacc),
+            &acc,
+            1e-7,
+            1e-6,
         );
     }
 }
