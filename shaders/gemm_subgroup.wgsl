@@ -13,7 +13,7 @@ struct Params {
     b_offset: u32, b_ld: u32, b_batch_outer: u32, b_batch_inner: u32,
     c_offset: u32, c_ld: u32, c_batch_outer: u32, c_batch_inner: u32,
     trans_a: u32, trans_b: u32, has_bias: u32, k_chunk: u32,
-    alpha: f32, beta: f32, trans_c: u32, _pad1: u32,
+    alpha: f32, beta: f32, _pad0: u32, _pad1: u32,
     batch: u32, in_h: u32, in_w: u32, in_c: u32,
     out_h: u32, out_w: u32, out_c: u32, kernel_h: u32,
     kernel_w: u32, stride: u32, pad_top: u32, pad_left: u32,
@@ -24,6 +24,13 @@ struct Params {
 @group(0) @binding(2) var b_tex: texture_storage_2d<rgba32float, read>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> c: array<f32>;
+// Template ABUF = 1: the GEMM reads A straight from its row-major buffer (K, ld, offsets and
+// batch strides multiples of 4), one vec4 per lane and k-step: A's loads are shared across the
+// subgroup by the broadcasts, so reading them from a buffer costs little, and A needs no pack.
+@group(0) @binding(5) var<storage, read> a_buf: array<vec4<f32>>;
+// Template ABUF = 2: A is the transpose of a stored matrix S (A[m, k] = S[k, m]): each lane reads
+// its 4 k values as 4 scalar loads of one column of S, so a transposed A needs no pack either.
+@group(0) @binding(6) var<storage, read> a_scalar: array<f32>;
 
 // Writes 4 columns (texel n4) of output row m: alpha * v (+ bias) (+ beta * old).
 fn store_row(m: u32, n4: u32, v: vec4<f32>, c_base: u32) {
@@ -31,8 +38,7 @@ fn store_row(m: u32, n4: u32, v: vec4<f32>, c_base: u32) {
     for (var e = 0u; e < 4u; e++) {
         let n = n4 * 4u + e;
         if (n < p.n) {
-            // trans_c: the product is Cᵀ, stored into C's layout (see ops::gemm).
-            let idx = c_base + select(m * p.c_ld + n, n * p.c_ld + m, p.trans_c != 0u);
+            let idx = c_base + m * p.c_ld + n;
             var r = p.alpha * v[e];
             if (p.has_bias != 0u) { r += bias[n]; }
             if (p.beta != 0.0) { r += p.beta * c[idx]; }
@@ -41,8 +47,12 @@ fn store_row(m: u32, n4: u32, v: vec4<f32>, c_base: u32) {
     }
 }
 
-// C = alpha A B (+ bias) (+ beta C). A: rows = batch * m + row, 4 k per texel.
-// B: rows = batch * k_pad + k, 4 n per texel. Tile per subgroup: (L * RB) rows x (4 * L) columns.
+// C = alpha A B (+ bias) (+ beta C). A: rows = batch * m + row, 4 k per texel (or a buffer, ABUF).
+// B: rows = batch * k_pad + k, 4 n per texel; or (template TB = 1, B the transpose of a stored
+// matrix S [n x k]) S packed as it is stored: rows = batch * n_pad + n, 4 k per texel, and the
+// 4 x 4 block of texels (n..n+3, k..k+3) is transposed in registers, which costs nothing on
+// lavapipe (a vec4's components are separate SIMD registers). Tile per subgroup:
+// (L * RB) rows x (4 * L) columns.
 @compute @workgroup_size({{L*SG}})
 fn gemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) tid: u32,
         @builtin(subgroup_invocation_id) lane: u32) {
@@ -54,22 +64,65 @@ fn gemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let c_base = p.c_offset + outer * p.c_batch_outer + inner * p.c_batch_inner;
     let k4n = (p.k + 3u) / 4u;
     let a_row0 = wid.z * p.m;
+//#if TB == 0
     let b_row0 = wid.z * k4n * 4u;
+//#end
+//#if TB == 1
+    let b_row = i32(wid.z * ((p.n + 3u) / 4u) * 4u + u32(n4_load) * 4u);
+//#end
+//#if ABUF == 0
 //#for rb in 0..RB
     let arow{{rb}} = i32(a_row0 + min(m0 + {{rb*L}}u + lane, p.m - 1u));
+//#end
+//#end
+//#if ABUF == 1
+    let a_base = p.a_offset + outer * p.a_batch_outer + inner * p.a_batch_inner;
+//#for rb in 0..RB
+    let arow{{rb}} = (a_base + min(m0 + {{rb*L}}u + lane, p.m - 1u) * p.a_ld) / 4u;
+//#end
+//#end
+//#if ABUF == 2
+    let a_base = p.a_offset + outer * p.a_batch_outer + inner * p.a_batch_inner;
+//#for rb in 0..RB
+    let acol{{rb}} = a_base + min(m0 + {{rb*L}}u + lane, p.m - 1u);
+//#end
 //#end
 //#for i in 0..L*RB
     var acc{{i}} = vec4<f32>(0.0);
 //#end
     for (var k4 = 0u; k4 < k4n; k4++) {
 //#for rb in 0..RB
+//#if ABUF == 0
         let a{{rb}} = textureLoad(a_tex, vec2<i32>(i32(k4), arow{{rb}}));
 //#end
+//#if ABUF == 1
+        let a{{rb}} = a_buf[arow{{rb}} + k4];
+//#end
+//#if ABUF == 2
+        var a{{rb}} = vec4<f32>(0.0);
+        for (var kk = 0u; kk < 4u; kk++) {
+            let k = k4 * 4u + kk;
+            if (k < p.k) { a{{rb}}[kk] = a_scalar[acol{{rb}} + k * p.a_ld]; }
+        }
+//#end
+//#end
+//#if TB == 0
         let kr = i32(b_row0 + k4 * 4u);
         let b0 = textureLoad(b_tex, vec2<i32>(n4_load, kr));
         let b1 = textureLoad(b_tex, vec2<i32>(n4_load, kr + 1));
         let b2 = textureLoad(b_tex, vec2<i32>(n4_load, kr + 2));
         let b3 = textureLoad(b_tex, vec2<i32>(n4_load, kr + 3));
+//#end
+//#if TB == 1
+        let t0 = textureLoad(b_tex, vec2<i32>(i32(k4), b_row));
+        let t1 = textureLoad(b_tex, vec2<i32>(i32(k4), b_row + 1));
+        let t2 = textureLoad(b_tex, vec2<i32>(i32(k4), b_row + 2));
+        let t3 = textureLoad(b_tex, vec2<i32>(i32(k4), b_row + 3));
+        let b0 = vec4<f32>(t0.x, t1.x, t2.x, t3.x);
+        let b1 = vec4<f32>(t0.y, t1.y, t2.y, t3.y);
+        let b2 = vec4<f32>(t0.z, t1.z, t2.z, t3.z);
+        let b3 = vec4<f32>(t0.w, t1.w, t2.w, t3.w);
+//#end
 //#for rb in 0..RB
 //#for r in 0..L
         let s{{rb}}_{{r}} = subgroupBroadcast(a{{rb}}, {{r}}u);
@@ -153,9 +206,15 @@ fn conv_tile(transposed: bool, wid: vec3<u32>, tid: u32, lane: u32) {
             if (transposed) {
                 let ty = i32(py{{rb}} + p.pad_top) - i32(ky);
                 let tx = i32(px{{rb}} + p.pad_left) - i32(kx);
-                ok{{rb}} = ty >= 0 && tx >= 0 && (u32(ty) % p.stride) == 0u && (u32(tx) % p.stride) == 0u;
-                ay{{rb}} = ty / i32(p.stride);
-                ax{{rb}} = tx / i32(p.stride);
+                ay{{rb}} = ty;
+                ax{{rb}} = tx;
+                ok{{rb}} = ty >= 0 && tx >= 0;
+                // Per-lane integer division is a scalar loop on lavapipe: only strided convs pay it.
+                if (p.stride != 1u) {
+                    ok{{rb}} = ok{{rb}} && (u32(ty) % p.stride) == 0u && (u32(tx) % p.stride) == 0u;
+                    ay{{rb}} = ty / i32(p.stride);
+                    ax{{rb}} = tx / i32(p.stride);
+                }
             }
             ok{{rb}} = ok{{rb}} && ay{{rb}} >= 0 && ax{{rb}} >= 0 && ay{{rb}} < i32(ah) && ax{{rb}} < i32(aw);
             let tx{{rb}} = select(0, ax{{rb}} * i32(ac4), ok{{rb}});

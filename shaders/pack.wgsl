@@ -34,14 +34,25 @@ fn texel_coords(wid: vec3<u32>, lid: vec3<u32>) -> vec2<u32> {
     return vec2<u32>(wid.x * 16u + lid.x, wid.y * 4u + lid.y);
 }
 
+// Matrix packs run on a (texel column, row, batch) grid: workgroup (16, 4) covers 16 texels of 4
+// rows of one batch, so no invocation divides (lavapipe has no vector integer division: each
+// `/` or `%` of a per-lane value costs one scalar division per lane).
+fn matrix_texel(wid: vec3<u32>, lid: vec3<u32>) -> vec2<u32> {
+    return vec2<u32>(wid.x * 16u + lid.x, wid.y * 4u + lid.y);
+}
+
+// First source element of batch wid.z (batches = outer x inner).
+fn batch_base(batch: u32) -> u32 {
+    return p.offset + (batch / p.batch_inner) * p.batch_outer_stride + (batch % p.batch_inner) * p.batch_inner_stride;
+}
+
 // A (batched, optionally transposed) strided matrix, batches stacked along texture rows.
 @compute @workgroup_size(16, 4)
 fn pack_matrix(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
-    let t = texel_coords(wid, lid);
-    if (t.x >= p.width || t.y >= p.height) { return; }
-    let batch = t.y / p.rows_padded;
-    let r = t.y % p.rows_padded;
-    let base = p.offset + (batch / p.batch_inner) * p.batch_outer_stride + (batch % p.batch_inner) * p.batch_inner_stride;
+    let t = matrix_texel(wid, lid);
+    let r = t.y;
+    if (t.x >= p.width || r >= p.rows_padded) { return; }
+    let base = batch_base(wid.z);
     var v = vec4<f32>(0.0);
     if (r < p.rows) {
         for (var e = 0u; e < 4u; e++) {
@@ -53,28 +64,7 @@ fn pack_matrix(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
             }
         }
     }
-    textureStore(dst, t, v);
-}
-
-// pack_matrix of a transposed matrix: neighbouring lanes take neighbouring texture rows, which
-// are neighbouring source elements (texel (r, c) gathers src[(4c + e) * ld + r], e = 0..3), so a
-// workgroup reads 16 consecutive floats from each of 16 source rows instead of 64 floats strided
-// by ld. Workgroup (16, 4) spans 16 rows x 4 texels.
-@compute @workgroup_size(16, 4)
-fn pack_matrix_transposed(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
-    let t = vec2<u32>(wid.x * 4u + lid.y, wid.y * 16u + lid.x);
-    if (t.x >= p.width || t.y >= p.height) { return; }
-    let batch = t.y / p.rows_padded;
-    let r = t.y % p.rows_padded;
-    let base = p.offset + (batch / p.batch_inner) * p.batch_outer_stride + (batch % p.batch_inner) * p.batch_inner_stride;
-    var v = vec4<f32>(0.0);
-    if (r < p.rows) {
-        for (var e = 0u; e < 4u; e++) {
-            let col = t.x * 4u + e;
-            if (col < p.cols) { v[e] = src[base + col * p.ld + r]; }
-        }
-    }
-    textureStore(dst, t, v);
+    textureStore(dst, vec2<u32>(t.x, wid.z * p.rows_padded + r), v);
 }
 
 // pack_matrix for the common case of a non-transposed matrix whose rows are whole, 16-byte
@@ -82,16 +72,14 @@ fn pack_matrix_transposed(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_
 // instead of four scalar loads (non-uniform buffer loads are scalarised on lavapipe).
 @compute @workgroup_size(16, 4)
 fn pack_matrix_vec4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
-    let t = texel_coords(wid, lid);
-    if (t.x >= p.width || t.y >= p.height) { return; }
-    let batch = t.y / p.rows_padded;
-    let r = t.y % p.rows_padded;
-    let base = p.offset + (batch / p.batch_inner) * p.batch_outer_stride + (batch % p.batch_inner) * p.batch_inner_stride;
+    let t = matrix_texel(wid, lid);
+    let r = t.y;
+    if (t.x >= p.width || r >= p.rows_padded) { return; }
     var v = vec4<f32>(0.0);
     if (r < p.rows) {
-        v = src4[(base + r * p.ld) / 4u + t.x];
+        v = src4[(batch_base(wid.z) + r * p.ld) / 4u + t.x];
     }
-    textureStore(dst, t, v);
+    textureStore(dst, vec2<u32>(t.x, wid.z * p.rows_padded + r), v);
 }
 
 // An NHWC activation [N, H, W, C] as a texture W·ceil(C/4) texels wide and N·H rows high,

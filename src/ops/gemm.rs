@@ -30,9 +30,7 @@ pub struct GemmParams {
     pub k_chunk: u32,
     pub alpha: f32,
     pub beta: f32,
-    /// Subgroup path: C is stored transposed (the kernel computes Cᵀ = op(B)ᵀ·op(A)ᵀ).
-    pub trans_c: u32,
-    pub _pad: u32,
+    pub _pad: [u32; 2],
     pub batch: u32,
     pub in_h: u32,
     pub in_w: u32,
@@ -256,51 +254,16 @@ pub fn gemm(
         )));
     }
     let bias_t = bias.cloned().unwrap_or_else(|| rec.dummy());
-    // Subgroup path: packing a transposed operand is a gather (scalar loads on lavapipe), several
-    // times slower per element than packing a row-major one. Cᵀ = op(B)ᵀ·op(A)ᵀ flips both
-    // operands' transposes, so when that packs fewer elements transposed (dV = Pᵀ·dO with a
-    // 196×196 P and a 196×64 dO: pack dO transposed instead of P), compute Cᵀ and store it
-    // transposed. Bias is per column of C, so only products without it are swapped.
-    let transposed = |op: &MatRef, rows: usize, cols: usize, flip: bool| {
-        if op.trans != flip { rows * cols } else { 0 }
-    };
-    let swap = bias.is_none()
-        && transposed(&b, n, k, true) + transposed(&a, k, m, true)
-            < transposed(&a, m, k, false) + transposed(&b, k, n, false);
     if let GemmPath::Subgroup { lanes } = rec.gpu.gemm_path {
-        let (sg_params, sg_shape, sg_a, sg_b) = if swap {
-            (
-                GemmParams {
-                    m: params.n,
-                    n: params.m,
-                    a_offset: params.b_offset,
-                    a_ld: params.b_ld,
-                    a_batch_outer: params.b_batch_outer,
-                    a_batch_inner: params.b_batch_inner,
-                    b_offset: params.a_offset,
-                    b_ld: params.a_ld,
-                    b_batch_outer: params.a_batch_outer,
-                    b_batch_inner: params.a_batch_inner,
-                    trans_a: (!b.trans) as u32,
-                    trans_b: (!a.trans) as u32,
-                    trans_c: 1,
-                    ..params
-                },
-                GemmShape {
-                    m: n,
-                    n: m,
-                    ..shape
-                },
-                b.clone().t(),
-                a.clone().t(),
-            )
+        let a_source = AOperand::choose(&a, k);
+        let a_fits = a_source != AOperand::Texture || pack::fits_texture(&rec.gpu, m * batches, k);
+        let b_fits = if b.trans {
+            pack::fits_texture(&rec.gpu, n.next_multiple_of(4) * batches, k)
         } else {
-            (params, shape, a.clone(), b.clone())
+            pack::fits_texture(&rec.gpu, k.next_multiple_of(4) * batches, n)
         };
-        if pack::fits_texture(&rec.gpu, sg_shape.m * batches, k)
-            && pack::fits_texture(&rec.gpu, k.next_multiple_of(4) * batches, sg_shape.n)
-        {
-            return gemm_subgroup(rec, lanes, &sg_params, sg_shape, &sg_a, &sg_b, &bias_t, &c);
+        if a_fits && b_fits {
+            return gemm_subgroup(rec, lanes, &params, shape, a_source, &a, &b, &bias_t, &c);
         }
     }
     let t = PORTABLE_TILES;
@@ -328,15 +291,45 @@ pub fn gemm(
     Ok(())
 }
 
-/// Subgroup path: A packed into an `rgba32float` texture (batches stacked along rows, 4
-/// consecutive k per texel), B likewise (4 consecutive n per texel, K padded to a multiple of
-/// 4 per batch), then the register-tile kernel of gemm_subgroup.wgsl.
+/// How the subgroup GEMM reads A (template ABUF).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AOperand {
+    /// Packed into a texture (0).
+    Texture,
+    /// Read in place as vec4s: row-major, K, ld, offsets and batch strides multiples of 4 (1).
+    Buffer,
+    /// Transposed, read in place with scalar loads down the stored matrix's columns (2).
+    TransposedBuffer,
+}
+
+impl AOperand {
+    fn choose(a: &MatRef, k: usize) -> AOperand {
+        if a.trans {
+            AOperand::TransposedBuffer
+        } else if [k, a.ld, a.offset, a.batch_outer, a.batch_inner]
+            .iter()
+            .all(|v| v.is_multiple_of(4))
+            && a.tensor.byte_offset().is_multiple_of(16)
+        {
+            AOperand::Buffer
+        } else {
+            AOperand::Texture
+        }
+    }
+}
+
+/// Subgroup path: A read in place from its buffer (or packed into an `rgba32float` texture, 4
+/// consecutive k per texel, when its rows are not whole aligned texels); B packed into a texture
+/// as it is stored: op(B) rows (4 consecutive n per texel, K padded to a multiple of 4 per batch),
+/// or for a transposed B the stored rows (4 consecutive k per texel, N padded to a multiple of 4),
+/// transposed in registers by the kernel. No operand is ever packed transposed (a gather).
 #[allow(clippy::too_many_arguments)]
 fn gemm_subgroup(
     rec: &mut Recorder,
     lanes: u32,
     params: &GemmParams,
     shape: GemmShape,
+    a_source: AOperand,
     a: &MatRef,
     b: &MatRef,
     bias: &Tensor,
@@ -351,20 +344,53 @@ fn gemm_subgroup(
         ..
     } = shape;
     let batches = batch_outer * batch_inner;
-    let k_pad = k.next_multiple_of(4);
-    let a_tex = pack::pack_matrix(rec, a, m, k, m, batch_outer, batch_inner, "gemm A")?;
-    let b_tex = pack::pack_matrix(rec, b, k, n, k_pad, batch_outer, batch_inner, "gemm B")?;
+    let mut tile = SubgroupTile::wide(lanes, SUBGROUP_ROW_BLOCKS);
+    let b_tex = if b.trans {
+        tile.b_transposed = true;
+        let stored = MatRef {
+            trans: false,
+            ..b.clone()
+        };
+        let n_pad = n.next_multiple_of(4);
+        pack::pack_matrix(
+            rec,
+            &stored,
+            n,
+            k,
+            n_pad,
+            batch_outer,
+            batch_inner,
+            "gemm B",
+        )?
+    } else {
+        let k_pad = k.next_multiple_of(4);
+        pack::pack_matrix(rec, b, k, n, k_pad, batch_outer, batch_inner, "gemm B")?
+    };
     let rows_per_group = (lanes * SUBGROUP_ROW_BLOCKS * SUBGROUPS_PER_WORKGROUP) as usize;
     let groups = [
         n.div_ceil(4 * lanes as usize) as u32,
         m.div_ceil(rows_per_group) as u32,
         batches as u32,
     ];
+    let a_binding = match a_source {
+        AOperand::Buffer => {
+            tile.a_source = 1;
+            (5, a.tensor.into())
+        }
+        AOperand::TransposedBuffer => {
+            tile.a_source = 2;
+            (6, a.tensor.into())
+        }
+        AOperand::Texture => {
+            let a_tex = pack::pack_matrix(rec, a, m, k, m, batch_outer, batch_inner, "gemm A")?;
+            (1, (&a_tex).into())
+        }
+    };
     rec.dispatch(
-        subgroup_key("gemm", lanes),
+        subgroup_tile_key("gemm", lanes, tile),
         params,
         &[
-            (1, (&a_tex).into()),
+            a_binding,
             (2, (&b_tex).into()),
             (3, bias.into()),
             (4, c.tensor.into()),
@@ -400,6 +426,11 @@ pub struct SubgroupTile {
     pub broadcast_lanes: u32,
     /// conv backward-weight: column texels per lane.
     pub column_texels: u32,
+    /// GEMM: where A is read (template ABUF): 0 a packed texture, 1 its buffer as vec4s,
+    /// 2 its buffer transposed.
+    pub a_source: u32,
+    /// GEMM: B is transposed; its stored rows are packed and transposed in registers (TB).
+    pub b_transposed: bool,
 }
 
 impl SubgroupTile {
@@ -409,6 +440,8 @@ impl SubgroupTile {
             lane_columns: 4,
             broadcast_lanes: lanes,
             column_texels: 1,
+            a_source: 0,
+            b_transposed: false,
         }
     }
 }
@@ -421,6 +454,8 @@ pub fn subgroup_tile_key(entry: &'static str, lanes: u32, tile: SubgroupTile) ->
         .template("W", tile.lane_columns as i64)
         .template("BL", tile.broadcast_lanes as i64)
         .template("CT", tile.column_texels as i64)
+        .template("ABUF", tile.a_source as i64)
+        .template("TB", tile.b_transposed as i64)
 }
 
 /// y[R, out] = x[R, in] · Wᵀ + b, with torch's Linear weight layout W [out, in].
@@ -531,6 +566,14 @@ pub fn kernel_keys() -> Vec<KernelKey> {
             "conv2d_backward_weight",
         ] {
             keys.push(subgroup_key(entry, lanes));
+        }
+        for a_source in 0..3 {
+            for b_transposed in [false, true] {
+                let mut tile = SubgroupTile::wide(lanes, SUBGROUP_ROW_BLOCKS);
+                tile.a_source = a_source;
+                tile.b_transposed = b_transposed;
+                keys.push(subgroup_tile_key("gemm", lanes, tile));
+            }
         }
         for entry in ["conv2d_forward", "conv2d_backward_input"] {
             let narrow = super::conv2d::subgroup_conv_tile(lanes, 1);

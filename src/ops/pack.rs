@@ -112,29 +112,36 @@ pub fn pack_matrix(
         rec.copy_to_texture(m.tensor, &tex);
         return Ok(tex);
     }
-    if aligned {
-        let tex = Texture2d::new(&rec.gpu, p.width, p.height, label);
-        let groups = [p.width.div_ceil(16), p.height.div_ceil(4), 1];
-        rec.dispatch(
-            KernelKey::new("pack", "pack_matrix_vec4"),
-            &p,
-            &[(2, (&tex).into()), (3, m.tensor.into())],
-            groups,
-        );
-        return Ok(tex);
+    // (texel column, row, batch) grids: see pack.wgsl.
+    let batches = (batch_outer * batch_inner) as u32;
+    if batches > 65535 {
+        return Err(GpuError::TooLarge(format!(
+            "{OP}: {batches} batches exceed the 65535 dispatch limit\n{}",
+            crate::gpu::FIT_ADVICE
+        )));
     }
-    if m.trans {
-        let tex = Texture2d::new(&rec.gpu, p.width, p.height, label);
-        let groups = [p.width.div_ceil(4), p.height.div_ceil(16), 1];
-        rec.dispatch(
-            KernelKey::new("pack", "pack_matrix_transposed"),
-            &p,
-            &[(1, m.tensor.into()), (2, (&tex).into())],
-            groups,
-        );
-        return Ok(tex);
-    }
-    Ok(dispatch_pack(rec, "pack_matrix", &p, m.tensor, label))
+    let rows_padded = rows_padded as u32;
+    let tex = Texture2d::new(&rec.gpu, p.width, p.height, label);
+    let (entry, groups, src_slot) = if aligned {
+        (
+            "pack_matrix_vec4",
+            [p.width.div_ceil(16), rows_padded.div_ceil(4), batches],
+            3,
+        )
+    } else {
+        (
+            "pack_matrix",
+            [p.width.div_ceil(16), rows_padded.div_ceil(4), batches],
+            1,
+        )
+    };
+    rec.dispatch(
+        KernelKey::new("pack", entry),
+        &p,
+        &[(src_slot, m.tensor.into()), (2, (&tex).into())],
+        groups,
+    );
+    Ok(tex)
 }
 
 /// Packs an NHWC activation [N, H, W, C] as a texture W·⌈C/4⌉ texels wide and N·H rows high.

@@ -16,11 +16,11 @@ fn gemm_shapes_transposes_batches() {
             (64, 64, 64, true, true),
             (130, 67, 33, false, false),
             (7, 200, 3, false, true),
-            // rows of whole aligned texels: the vec4 packing path
+            // rows of whole aligned texels: A in place, B through the vec4 pack
             (12, 16, 8, false, false),
         ] {
-            // Without a bias the subgroup path may compute Cᵀ = op(B)ᵀ·op(A)ᵀ and store it
-            // transposed (when that packs fewer elements transposed): both orders are checked.
+            // Subgroup path: A is read in place (k % 4 == 0), transposed in place (ta) or packed
+            // (k % 4 != 0); a transposed B is packed as stored and transposed in registers.
             for with_bias in [true, false] {
                 let (outer, inner) = (2, 3);
                 let a = random(outer * inner * m * k, 1);
