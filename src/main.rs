@@ -97,7 +97,8 @@ enum Command {
         /// No gradient clipping and no EMA (the like-for-like row against Burn).
         #[arg(long)]
         minimal: bool,
-        /// A per-kernel time table of one training step (stderr).
+        /// A per-kernel time table of one training step, then its largest single dispatches
+        /// (stderr; WGPU_DIFFUSION_PROFILE_TOP=N lists N of them, default 30).
         #[arg(long)]
         profile: bool,
         /// Timed repetitions per --kernels / --sample case (median reported).

@@ -100,6 +100,7 @@ pub fn kernels(
     // conv2d at U-Net shapes: (N, Ci, Co, H, W)
     for &(n, ci, co, hw) in &[
         (32, 64, 64, 14),
+        (32, 64, 64, 28),
         (32, 32, 32, 28),
         (32, 96, 32, 28),
         (32, 32, 1, 28),
