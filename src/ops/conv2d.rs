@@ -15,8 +15,11 @@ use crate::gpu::{Binding, GemmPath, GpuError, Recorder, Tensor};
 
 /// Register-tile row blocks of the subgroup conv kernels (RB = 4 in DESIGN.md's recipe).
 pub const SUBGROUP_ROW_BLOCKS: u32 = 4;
-/// Row blocks of the narrow conv tile (2 columns per lane): the same accumulator count.
-pub const SUBGROUP_NARROW_ROW_BLOCKS: u32 = 8;
+/// Row blocks of the narrow conv tile (2 columns per lane): half the wide tile's accumulators.
+/// RB = 8 (the same count) ran within this VM's noise of RB = 4 but is twice the unrolled code,
+/// and llvmpipe JIT-compiles it at the first dispatch: tiny16's cold first step took 159 s with
+/// it, 92 s with RB = 4.
+pub const SUBGROUP_NARROW_ROW_BLOCKS: u32 = 4;
 
 /// The subgroup tile for a forward / backward-input conv with `n` output columns: 4 columns per
 /// lane, or 2 when the last 4 L-wide tile would be at most half full (it would spend half its
