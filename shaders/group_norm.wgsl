@@ -298,11 +298,28 @@ fn group_norm_backward_dx(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_
 
 const WG4: u32 = 64u;
 
-// (row = n * S + s, c4) of flat invocation i, or row = N * S when i is past the end.
-fn texel_of(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> vec2<u32> {
+// The pixel run of flat invocation i: texel c4 of pixels [q0, q1) of sample n, split s
+// (row = n * S + s); `base + q * c4n` indexes pixel q's texel. live is false past the end.
+struct TexelRun {
+    live: bool,
+    row: u32,
+    n: u32,
+    c4: u32,
+    c4n: u32,
+    q0: u32,
+    q1: u32,
+    base: u32,
+}
+
+fn texel_run(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> TexelRun {
     let i = (wid.y * nwg.x + wid.x) * WG4 + lid;
     let c4n = p.channels / 4u;
-    return vec2<u32>(min(i / c4n, p.batch * p.splits), i % c4n);
+    let row = i / c4n;
+    let c4 = i % c4n;
+    let n = row / p.splits;
+    let q0 = (row % p.splits) * p.split_len;
+    let q1 = min(q0 + p.split_len, p.pixels);
+    return TexelRun(row < p.batch * p.splits, row, n, c4, c4n, q0, q1, n * p.pixels * c4n + c4);
 }
 
 // Group statistics (mean, rstd) of the 4 channels of texel c4 in sample n; channels of one
@@ -339,50 +356,34 @@ fn grad_of_norm4(g: vec4<f32>, xhat: vec4<f32>, ga: vec4<f32>, be: vec4<f32>) ->
 @compute @workgroup_size(64)
 fn group_norm_stats_partial4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                              @builtin(local_invocation_index) lid: u32) {
-    let t = texel_of(wid, nwg, lid);
-    let row = t.x;
-    let c4 = t.y;
+    let r = texel_run(wid, nwg, lid);
+    if (!r.live) { return; }
     let rows = p.batch * p.splits;
-    if (row >= rows) { return; }
-    let c4n = p.channels / 4u;
-    let n = row / p.splits;
-    let s = row % p.splits;
-    let q0 = s * p.split_len;
-    let q1 = min(q0 + p.split_len, p.pixels);
-    let base = n * p.pixels * c4n + c4;
     var sum = vec4<f32>(0.0);
-    for (var q = q0; q < q1; q = q + 1u) {
-        sum = sum + x4[base + q * c4n];
+    for (var q = r.q0; q < r.q1; q = q + 1u) {
+        sum = sum + x4[r.base + q * r.c4n];
     }
-    let m = sum / f32(q1 - q0);
+    let m = sum / f32(r.q1 - r.q0);
     var m2 = vec4<f32>(0.0);
-    for (var q = q0; q < q1; q = q + 1u) {
-        let d = x4[base + q * c4n] - m;
+    for (var q = r.q0; q < r.q1; q = q + 1u) {
+        let d = x4[r.base + q * r.c4n] - m;
         m2 = m2 + d * d;
     }
-    partials4_out[row * c4n + c4] = m;
-    partials4_out[(rows + row) * c4n + c4] = m2;
+    partials4_out[r.row * r.c4n + r.c4] = m;
+    partials4_out[(rows + r.row) * r.c4n + r.c4] = m2;
 }
 
 @compute @workgroup_size(64)
 fn group_norm_forward4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                        @builtin(local_invocation_index) lid: u32) {
-    let t = texel_of(wid, nwg, lid);
-    let row = t.x;
-    let c4 = t.y;
-    if (row >= p.batch * p.splits) { return; }
-    let c4n = p.channels / 4u;
-    let n = row / p.splits;
-    let s = row % p.splits;
-    let q0 = s * p.split_len;
-    let q1 = min(q0 + p.split_len, p.pixels);
-    let mu = group_stat4(n, c4, 0u);
-    let rs = group_stat4(n, c4, 1u);
-    let ga = gamma4(c4);
-    let be = beta4(c4);
-    let base = n * p.pixels * c4n + c4;
-    for (var q = q0; q < q1; q = q + 1u) {
-        let idx = base + q * c4n;
+    let r = texel_run(wid, nwg, lid);
+    if (!r.live) { return; }
+    let mu = group_stat4(r.n, r.c4, 0u);
+    let rs = group_stat4(r.n, r.c4, 1u);
+    let ga = gamma4(r.c4);
+    let be = beta4(r.c4);
+    for (var q = r.q0; q < r.q1; q = q + 1u) {
+        let idx = r.base + q * r.c4n;
         let v = (x4[idx] - mu) * rs * ga + be;
         if (p.silu != 0u) { y4[idx] = v * sigmoid4(v); } else { y4[idx] = v; }
     }
@@ -392,61 +393,45 @@ fn group_norm_forward4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workg
 @compute @workgroup_size(64)
 fn group_norm_backward_partials4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                                  @builtin(local_invocation_index) lid: u32) {
-    let t = texel_of(wid, nwg, lid);
-    let row = t.x;
-    let c4 = t.y;
+    let r = texel_run(wid, nwg, lid);
+    if (!r.live) { return; }
     let rows = p.batch * p.splits;
-    if (row >= rows) { return; }
-    let c4n = p.channels / 4u;
-    let n = row / p.splits;
-    let s = row % p.splits;
-    let q0 = s * p.split_len;
-    let q1 = min(q0 + p.split_len, p.pixels);
-    let mu = group_stat4(n, c4, 0u);
-    let rs = group_stat4(n, c4, 1u);
-    let ga = gamma4(c4);
-    let be = beta4(c4);
-    let base = n * p.pixels * c4n + c4;
+    let mu = group_stat4(r.n, r.c4, 0u);
+    let rs = group_stat4(r.n, r.c4, 1u);
+    let ga = gamma4(r.c4);
+    let be = beta4(r.c4);
     var acc_g = vec4<f32>(0.0);
     var acc_b = vec4<f32>(0.0);
-    for (var q = q0; q < q1; q = q + 1u) {
-        let idx = base + q * c4n;
+    for (var q = r.q0; q < r.q1; q = q + 1u) {
+        let idx = r.base + q * r.c4n;
         let xhat = (x4[idx] - mu) * rs;
         let g = grad_of_norm4(dy4[idx], xhat, ga, be);
         acc_g = acc_g + g * xhat;
         acc_b = acc_b + g;
     }
-    partials4_out[row * c4n + c4] = acc_g;
-    partials4_out[(rows + row) * c4n + c4] = acc_b;
+    partials4_out[r.row * r.c4n + r.c4] = acc_g;
+    partials4_out[(rows + r.row) * r.c4n + r.c4] = acc_b;
 }
 
 @compute @workgroup_size(64)
 fn group_norm_backward_dx4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                            @builtin(local_invocation_index) lid: u32) {
-    let t = texel_of(wid, nwg, lid);
-    let row = t.x;
-    let c4 = t.y;
-    if (row >= p.batch * p.splits) { return; }
-    let c4n = p.channels / 4u;
-    let n = row / p.splits;
-    let s = row % p.splits;
-    let q0 = s * p.split_len;
-    let q1 = min(q0 + p.split_len, p.pixels);
-    let mu = group_stat4(n, c4, 0u);
-    let rs = group_stat4(n, c4, 1u);
+    let r = texel_run(wid, nwg, lid);
+    if (!r.live) { return; }
+    let mu = group_stat4(r.n, r.c4, 0u);
+    let rs = group_stat4(r.n, r.c4, 1u);
     let ng = p.batch * p.groups;
     var m1 = vec4<f32>(0.0);
     var m2 = vec4<f32>(0.0);
     for (var e = 0u; e < 4u; e++) {
-        let st = n * p.groups + (c4 * 4u + e) / p.cpg;
+        let st = r.n * p.groups + (r.c4 * 4u + e) / p.cpg;
         m1[e] = gsums[st] * p.inv_count;
         m2[e] = gsums[ng + st] * p.inv_count;
     }
-    let ga = gamma4(c4);
-    let be = beta4(c4);
-    let base = n * p.pixels * c4n + c4;
-    for (var q = q0; q < q1; q = q + 1u) {
-        let idx = base + q * c4n;
+    let ga = gamma4(r.c4);
+    let be = beta4(r.c4);
+    for (var q = r.q0; q < r.q1; q = q + 1u) {
+        let idx = r.base + q * r.c4n;
         let xhat = (x4[idx] - mu) * rs;
         dx4[idx] = rs * (ga * grad_of_norm4(dy4[idx], xhat, ga, be) - m1 - xhat * m2);
     }

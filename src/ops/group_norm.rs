@@ -392,18 +392,8 @@ fn backward(
     let (splits, split_len, grid) = if vectorised(c) {
         texel_splits(n, pixels, c)
     } else {
-        let cblocks = c.div_ceil(PARTIAL_CHANNELS);
-        let splits = PARTIAL_TARGET_WORKGROUPS
-            .div_ceil(n * cblocks)
-            .clamp(1, (pixels / 64).max(1));
-        let split_len = pixels.div_ceil(splits);
-        let splits = pixels.div_ceil(split_len);
+        let (cblocks, splits, split_len) = pixel_splits(op, n, pixels, c, PARTIAL_CHANNELS)?;
         let rows = n * splits;
-        if rows > 65535 || cblocks > 65535 {
-            return Err(invalid(format!(
-                "{op}: grid of {cblocks} x {rows} workgroups exceeds 65535 per dimension"
-            )));
-        }
         // The partial sums and dx share the (channel block, n * split) grid.
         (splits, split_len, [cblocks as u32, rows as u32, 1])
     };
