@@ -246,16 +246,13 @@ fn conv_tile(transposed: bool, wid: vec3<u32>, tid: u32, lane: u32) {
 //#end
 }
 
+// Forward and backward-input are one pipeline, the direction a uniform (`p.trans_a` = 1:
+// backward-input): llvmpipe JIT-compiles every pipeline at its first dispatch (~7 s for the wide
+// tile), and the direction only costs a few integer selects per tap, outside the channel loop.
 @compute @workgroup_size({{L*SG}})
-fn conv2d_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) tid: u32,
-                  @builtin(subgroup_invocation_id) lane: u32) {
-    conv_tile(false, wid, tid, lane);
-}
-
-@compute @workgroup_size({{L*SG}})
-fn conv2d_backward_input(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) tid: u32,
-                         @builtin(subgroup_invocation_id) lane: u32) {
-    conv_tile(true, wid, tid, lane);
+fn conv2d_implicit(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) tid: u32,
+                   @builtin(subgroup_invocation_id) lane: u32) {
+    conv_tile(p.trans_a != 0u, wid, tid, lane);
 }
 
 // dW[co, ci, ky, kx] over output pixels [z * k_chunk, (z + 1) * k_chunk) into split-K slice z.

@@ -34,6 +34,8 @@ pub struct StepRecord {
     pub kind: &'static str,
     pub shader: &'static str,
     pub entry: &'static str,
+    /// Template values of the kernel's specialization (`KernelKey::template`).
+    pub template: Vec<(&'static str, i64)>,
     pub constants: Vec<(&'static str, f64)>,
     pub bindings: Vec<String>,
     pub workgroups: [u32; 3],
@@ -126,6 +128,19 @@ impl Recorder {
         bindings: &[(u32, Binding)],
         groups: [u32; 3],
     ) {
+        self.dispatch_as(key.entry, key, params, bindings, groups)
+    }
+
+    /// `dispatch`, named `entry` in the step's records (profiles, `StepRecord`): for an entry
+    /// point that serves several operations, selected by its parameters.
+    pub fn dispatch_as<P: bytemuck::Pod>(
+        &mut self,
+        entry: &'static str,
+        key: KernelKey,
+        params: &P,
+        bindings: &[(u32, Binding)],
+        groups: [u32; 3],
+    ) {
         let align = PARAMS_ALIGN.max(self.gpu.limits.min_uniform_buffer_offset_alignment as usize);
         let offset = self.params.len().next_multiple_of(align);
         self.params.resize(offset, 0);
@@ -144,7 +159,8 @@ impl Recorder {
         self.records.push(StepRecord {
             kind: "dispatch",
             shader: key.shader,
-            entry: key.entry,
+            entry,
+            template: key.template.clone(),
             constants: key.constants_f64(),
             bindings: bindings
                 .iter()
@@ -174,6 +190,7 @@ impl Recorder {
             kind: "clear",
             shader: "",
             entry: "",
+            template: Vec::new(),
             constants: vec![],
             bindings: vec![t.label().into()],
             workgroups: [0; 3],
@@ -195,6 +212,7 @@ impl Recorder {
             kind: "copy",
             shader: "",
             entry: "",
+            template: Vec::new(),
             constants: vec![],
             bindings: vec![src.label().into(), dst.label().into()],
             workgroups: [0; 3],
@@ -215,6 +233,7 @@ impl Recorder {
             kind: "copy_to_texture",
             shader: "",
             entry: "",
+            template: Vec::new(),
             constants: vec![],
             bindings: vec![src.label().into(), "texture".into()],
             workgroups: [0; 3],

@@ -115,19 +115,42 @@ pub struct Texture2d {
     pub height: u32,
 }
 
+/// The allocated extent of a texture side: `v`, or the next odd size when `v` is a power of two
+/// (1 -> 3, 2^k -> 2^k + 1).
+///
+/// llvmpipe compiles one machine-code variant of a shader per combination of its bound
+/// textures' "power-of-two width/height" flags (`lp_static_texture_state`), at the first
+/// dispatch. With operands of every shape, each large GEMM kernel was compiled up to three
+/// times (tiny16 cold first step 95 s -> 39 s with one flag state for all). Kernels address
+/// texels by their logical extent, so the spare column or row is never read.
+fn non_power_of_two(v: u32, max: u32) -> u32 {
+    let padded = if v == 1 { 3 } else { v + 1 };
+    if v.is_power_of_two() && padded <= max {
+        padded
+    } else {
+        v
+    }
+}
+
 impl Texture2d {
     pub fn new(gpu: &Gpu, width: u32, height: u32, label: &str) -> Texture2d {
+        let max = gpu.limits.max_texture_dimension_2d;
+        let (alloc_width, alloc_height) = (
+            non_power_of_two(width.max(1), max),
+            non_power_of_two(height.max(1), max),
+        );
         // Past the adapter's limit: a 1 x 1 stand-in, refused by `Gpu::check` before use.
-        let (width, height) = if gpu.admit_texture(width, height, label) {
-            (width, height)
-        } else {
-            (1, 1)
-        };
+        let (width, height, alloc_width, alloc_height) =
+            if gpu.admit_texture(alloc_width, alloc_height, label) {
+                (width, height, alloc_width, alloc_height)
+            } else {
+                (1, 1, 1, 1)
+            };
         let texture = gpu.device.create_texture(&wgpu::TextureDescriptor {
             label: Some(label),
             size: wgpu::Extent3d {
-                width: width.max(1),
-                height: height.max(1),
+                width: alloc_width,
+                height: alloc_height,
                 depth_or_array_layers: 1,
             },
             mip_level_count: 1,
@@ -144,5 +167,21 @@ impl Texture2d {
             width,
             height,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::non_power_of_two;
+
+    #[test]
+    fn texture_sides_are_allocated_at_non_power_of_two_sizes() {
+        for (v, want) in [(1, 3), (2, 3), (3, 3), (16, 17), (17, 17), (96, 96), (4096, 4097)] {
+            let got = non_power_of_two(v, 8192);
+            assert_eq!(got, want, "side {v}");
+            assert!(got == v || !got.is_power_of_two());
+        }
+        // At the adapter's limit the side stays as asked (it would not fit padded).
+        assert_eq!(non_power_of_two(8192, 8192), 8192);
     }
 }

@@ -267,8 +267,11 @@ fn run_implicit(
             1,
         ];
         check_groups(op, groups)?;
-        rec.dispatch(
-            subgroup_tile_key(entry, lanes, tile),
+        let mut p = p;
+        p.trans_a = transposed as u32;
+        rec.dispatch_as(
+            entry,
+            subgroup_tile_key("conv2d_implicit", lanes, tile),
             &p,
             &[
                 (1, (&a_tex).into()),

@@ -559,12 +559,7 @@ pub fn kernel_keys() -> Vec<KernelKey> {
     .map(|e| portable_key(e, PORTABLE_TILES))
     .collect();
     for lanes in [8, 16] {
-        for entry in [
-            "gemm",
-            "conv2d_forward",
-            "conv2d_backward_input",
-            "conv2d_backward_weight",
-        ] {
+        for entry in ["gemm", "conv2d_implicit", "conv2d_backward_weight"] {
             keys.push(subgroup_key(entry, lanes));
         }
         for a_source in 0..3 {
@@ -575,10 +570,8 @@ pub fn kernel_keys() -> Vec<KernelKey> {
                 keys.push(subgroup_tile_key("gemm", lanes, tile));
             }
         }
-        for entry in ["conv2d_forward", "conv2d_backward_input"] {
-            let narrow = super::conv2d::subgroup_conv_tile(lanes, 1);
-            keys.push(subgroup_tile_key(entry, lanes, narrow));
-        }
+        let narrow = super::conv2d::subgroup_conv_tile(lanes, 1);
+        keys.push(subgroup_tile_key("conv2d_implicit", lanes, narrow));
         let mut co = 4;
         while co < 4 * lanes as usize {
             let tile = super::conv2d::subgroup_backward_weight_tile(lanes, co);
