@@ -17,6 +17,10 @@ pub const SHADERS: &[(&str, &str)] = &[
     ),
     ("gemm", include_str!("../../shaders/gemm.wgsl")),
     (
+        "attention_subgroup",
+        include_str!("../../shaders/attention_subgroup.wgsl"),
+    ),
+    (
         "gemm_subgroup",
         include_str!("../../shaders/gemm_subgroup.wgsl"),
     ),

@@ -176,7 +176,15 @@ mod tests {
 
     #[test]
     fn texture_sides_are_allocated_at_non_power_of_two_sizes() {
-        for (v, want) in [(1, 3), (2, 3), (3, 3), (16, 17), (17, 17), (96, 96), (4096, 4097)] {
+        for (v, want) in [
+            (1, 3),
+            (2, 3),
+            (3, 3),
+            (16, 17),
+            (17, 17),
+            (96, 96),
+            (4096, 4097),
+        ] {
             let got = non_power_of_two(v, 8192);
             assert_eq!(got, want, "side {v}");
             assert!(got == v || !got.is_power_of_two());

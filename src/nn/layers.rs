@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use super::{Act, GradTracker, ParamStore};
 use crate::gpu::{Gpu, Recorder, Tensor};
+use crate::ops::attention::{attention_backward, attention_forward};
 use crate::ops::conv2d::{
     Conv2dGeometry, conv2d_backward_input, conv2d_backward_weight, conv2d_forward,
 };
@@ -465,10 +466,20 @@ pub struct AttentionBlock {
     q: Act,
     k: Act,
     v: Act,
-    scores: Tensor,
-    probs: Act,
-    dscores: Tensor,
+    core: AttentionCore,
     o: Act,
+}
+
+/// How softmax(q kᵀ / √d) v is computed: one fused kernel per pass on the subgroup path (no
+/// T x T matrices in memory), else GEMM + softmax + GEMM through the materialised matrices.
+enum AttentionCore {
+    /// Each query row's log-sum-exp, then D_i = dO_i · O_i (`ops::attention::stats_len`).
+    Fused { stats: Tensor },
+    Unfused {
+        scores: Tensor,
+        probs: Act,
+        dscores: Tensor,
+    },
 }
 
 impl AttentionBlock {
@@ -506,9 +517,20 @@ impl AttentionBlock {
             q: a(&[n * t, c], "q"),
             k: a(&[n * t, c], "k"),
             v: a(&[n * t, c], "v"),
-            scores: gpu.tensor(&[n * heads * t, t], &format!("{prefix}.scores")),
-            probs: a(&[n * heads * t, t], "probs"),
-            dscores: gpu.tensor(&[n * heads * t, t], &format!("{prefix}.dscores")),
+            core: if crate::ops::attention::fused_lanes(gpu, head_dim, c).is_some() {
+                AttentionCore::Fused {
+                    stats: gpu.tensor(
+                        &[crate::ops::attention::stats_len(n, heads, t)],
+                        &format!("{prefix}.softmax stats"),
+                    ),
+                }
+            } else {
+                AttentionCore::Unfused {
+                    scores: gpu.tensor(&[n * heads * t, t], &format!("{prefix}.scores")),
+                    probs: a(&[n * heads * t, t], "probs"),
+                    dscores: gpu.tensor(&[n * heads * t, t], &format!("{prefix}.dscores")),
+                }
+            },
             o: a(&[n * t, c], "o"),
         }
     }
@@ -526,6 +548,61 @@ impl AttentionBlock {
         MatRef::dense(t, tokens).batched(self.heads * tokens * tokens, tokens * tokens)
     }
 
+    /// dQ, dK, dV through the materialised probabilities (GEMM + softmax backward + GEMM).
+    #[allow(clippy::too_many_arguments)]
+    fn unfused_backward(
+        &self,
+        rec: &mut Recorder,
+        n: usize,
+        t: usize,
+        c: usize,
+        probs: &Act,
+        dscores: &Tensor,
+        scale: f32,
+    ) -> OpResult {
+        // dP = dO · Vᵀ ; dV = Pᵀ · dO
+        let sh = GemmShape::new(t, t, self.head_dim).batches(n, self.heads);
+        gemm(
+            rec,
+            sh,
+            self.heads_of(&self.o.grad, t, c),
+            self.heads_of(&self.v.value, t, c).t(),
+            None,
+            self.per_head_square(&probs.grad, t),
+        )?;
+        let sh = GemmShape::new(t, self.head_dim, t).batches(n, self.heads);
+        gemm(
+            rec,
+            sh,
+            self.per_head_square(&probs.value, t).t(),
+            self.heads_of(&self.o.grad, t, c),
+            None,
+            self.heads_of(&self.v.grad, t, c),
+        )?;
+        softmax_backward(rec, &probs.value, &probs.grad, dscores)?;
+        // dQ = s · dS · K ; dK = s · dSᵀ · Q
+        let sh = GemmShape::new(t, self.head_dim, t)
+            .batches(n, self.heads)
+            .scale(scale, 0.0);
+        gemm(
+            rec,
+            sh,
+            self.per_head_square(dscores, t),
+            self.heads_of(&self.k.value, t, c),
+            None,
+            self.heads_of(&self.q.grad, t, c),
+        )?;
+        gemm(
+            rec,
+            sh,
+            self.per_head_square(dscores, t).t(),
+            self.heads_of(&self.q.value, t, c),
+            None,
+            self.heads_of(&self.k.grad, t, c),
+        )?;
+        Ok(())
+    }
+
     pub fn forward(&self, rec: &mut Recorder, p: &ParamStore, x: &Act, out: &Act) -> OpResult {
         let (n, t, c) = self.dims(x);
         let rows = [n * t, c];
@@ -535,27 +612,37 @@ impl AttentionBlock {
         self.to_k.forward(rec, p, &gn, &self.k.value)?;
         self.to_v.forward(rec, p, &gn, &self.v.value)?;
         let scale = 1.0 / (self.head_dim as f32).sqrt();
-        let sh = GemmShape::new(t, t, self.head_dim)
-            .batches(n, self.heads)
-            .scale(scale, 0.0);
-        gemm(
-            rec,
-            sh,
-            self.heads_of(&self.q.value, t, c),
-            self.heads_of(&self.k.value, t, c).t(),
-            None,
-            self.per_head_square(&self.scores, t),
-        )?;
-        softmax_forward(rec, &self.scores, &self.probs.value)?;
-        let sh = GemmShape::new(t, self.head_dim, t).batches(n, self.heads);
-        gemm(
-            rec,
-            sh,
-            self.per_head_square(&self.probs.value, t),
-            self.heads_of(&self.v.value, t, c),
-            None,
-            self.heads_of(&self.o.value, t, c),
-        )?;
+        let (scores, probs) = match &self.core {
+            AttentionCore::Fused { stats } => {
+                let (q, k, v) = (&self.q.value, &self.k.value, &self.v.value);
+                attention_forward(rec, q, k, v, &self.o.value, stats, t, self.heads, scale)?;
+                (None, None)
+            }
+            AttentionCore::Unfused { scores, probs, .. } => (Some(scores), Some(probs)),
+        };
+        if let (Some(scores), Some(probs)) = (scores, probs) {
+            let sh = GemmShape::new(t, t, self.head_dim)
+                .batches(n, self.heads)
+                .scale(scale, 0.0);
+            gemm(
+                rec,
+                sh,
+                self.heads_of(&self.q.value, t, c),
+                self.heads_of(&self.k.value, t, c).t(),
+                None,
+                self.per_head_square(scores, t),
+            )?;
+            softmax_forward(rec, scores, &probs.value)?;
+            let sh = GemmShape::new(t, self.head_dim, t).batches(n, self.heads);
+            gemm(
+                rec,
+                sh,
+                self.per_head_square(&probs.value, t),
+                self.heads_of(&self.v.value, t, c),
+                None,
+                self.heads_of(&self.o.value, t, c),
+            )?;
+        }
         let out_rows = out.value.reshape(&rows);
         self.to_out.forward(rec, p, &self.o.value, &out_rows)?;
         axpby(rec, 1.0, &x.value, 1.0, &out.value)?;
@@ -585,47 +672,27 @@ impl AttentionBlock {
         axpby(rec, 1.0, &out.grad, if acc { 1.0 } else { 0.0 }, &x.grad)?;
         let dout = out.grad.reshape(&rows);
         self.to_out.backward(rec, p, gt, &self.o, &dout, true)?;
-        // dP = dO · Vᵀ ; dV = Pᵀ · dO
-        let sh = GemmShape::new(t, t, self.head_dim).batches(n, self.heads);
-        gemm(
-            rec,
-            sh,
-            self.heads_of(&self.o.grad, t, c),
-            self.heads_of(&self.v.value, t, c).t(),
-            None,
-            self.per_head_square(&self.probs.grad, t),
-        )?;
-        let sh = GemmShape::new(t, self.head_dim, t).batches(n, self.heads);
-        gemm(
-            rec,
-            sh,
-            self.per_head_square(&self.probs.value, t).t(),
-            self.heads_of(&self.o.grad, t, c),
-            None,
-            self.heads_of(&self.v.grad, t, c),
-        )?;
-        softmax_backward(rec, &self.probs.value, &self.probs.grad, &self.dscores)?;
-        // dQ = s · dS · K ; dK = s · dSᵀ · Q
         let scale = 1.0 / (self.head_dim as f32).sqrt();
-        let sh = GemmShape::new(t, self.head_dim, t)
-            .batches(n, self.heads)
-            .scale(scale, 0.0);
-        gemm(
-            rec,
-            sh,
-            self.per_head_square(&self.dscores, t),
-            self.heads_of(&self.k.value, t, c),
-            None,
-            self.heads_of(&self.q.grad, t, c),
-        )?;
-        gemm(
-            rec,
-            sh,
-            self.per_head_square(&self.dscores, t).t(),
-            self.heads_of(&self.q.value, t, c),
-            None,
-            self.heads_of(&self.k.grad, t, c),
-        )?;
+        match &self.core {
+            AttentionCore::Fused { stats } => attention_backward(
+                rec,
+                &self.q.value,
+                &self.k.value,
+                &self.v.value,
+                &self.o.value,
+                &self.o.grad,
+                stats,
+                &self.q.grad,
+                &self.k.grad,
+                &self.v.grad,
+                t,
+                self.heads,
+                scale,
+            )?,
+            AttentionCore::Unfused { probs, dscores, .. } => {
+                self.unfused_backward(rec, n, t, c, probs, dscores, scale)?
+            }
+        }
         let gn_rows = Act {
             value: self.gn.value.reshape(&rows),
             grad: self.gn.grad.reshape(&rows),

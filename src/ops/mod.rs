@@ -3,6 +3,7 @@
 //! returns an error naming the op and the tensors, so a mistake never reaches wgpu validation.
 
 pub mod adamw;
+pub mod attention;
 pub mod conv2d;
 pub mod diffusion;
 pub mod elementwise;
@@ -87,6 +88,18 @@ pub fn all_kernel_keys() -> Vec<crate::gpu::KernelKey> {
     let mut keys = gemm::kernel_keys();
     for (shader, src) in SHADERS {
         if *shader == "gemm" || *shader == "gemm_subgroup" {
+            continue;
+        }
+        if *shader == "attention_subgroup" {
+            for lanes in [8, 16] {
+                for head_dim in (4..=attention::MAX_FUSED_HEAD_DIM).step_by(4) {
+                    keys.extend(
+                        entry_points(src)
+                            .into_iter()
+                            .map(|e| attention::kernel_key(e, lanes, head_dim)),
+                    );
+                }
+            }
             continue;
         }
         if *shader == "softmax_subgroup" {

@@ -3,6 +3,7 @@
 //! tests below each one, and the GPU kernels are checked against them in `tests/gpu/`.
 
 pub mod adamw;
+pub mod attention;
 pub mod conv2d;
 pub mod elementwise;
 pub mod embedding;

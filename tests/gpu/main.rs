@@ -5,6 +5,7 @@
 //! On Linux without a GPU: `apt-get install mesa-vulkan-drivers` (lavapipe).
 
 mod adamw;
+mod attention;
 mod common;
 mod conv2d;
 mod elementwise;
