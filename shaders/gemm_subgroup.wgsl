@@ -13,7 +13,7 @@ struct Params {
     b_offset: u32, b_ld: u32, b_batch_outer: u32, b_batch_inner: u32,
     c_offset: u32, c_ld: u32, c_batch_outer: u32, c_batch_inner: u32,
     trans_a: u32, trans_b: u32, has_bias: u32, k_chunk: u32,
-    alpha: f32, beta: f32, _pad0: u32, _pad1: u32,
+    alpha: f32, beta: f32, bias_at: u32, _pad0: u32,
     batch: u32, in_h: u32, in_w: u32, in_c: u32,
     out_h: u32, out_w: u32, out_c: u32, kernel_h: u32,
     kernel_w: u32, stride: u32, pad_top: u32, pad_left: u32,
@@ -259,7 +259,9 @@ fn conv2d_implicit(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocat
 // Rows = 4 BL output channels (lane l < BL loads the dY texel of channels 4l..4l+3 at each pixel
 // and broadcasts it; BL < L for layers with fewer than 4L output channels), columns = CT texels
 // (tap, 4 input channels) per lane, read from X (NHWC texture) at the pixel shifted by the
-// column's tap. Tile per subgroup: 4 BL rows x CT L texel columns.
+// column's tap. Tile per subgroup: 4 BL rows x CT L texel columns. With `has_bias`, the first
+// column tile also sums the dY texels it loads (the bias gradient, Σ dy over the slice's pixels)
+// into c[slice + bias_at + co]: no separate pass over dY for it.
 fn store_dw(co: u32, tap: u32, ci4: u32, v: vec4<f32>, c_base: u32) {
     if (co >= p.out_c) { return; }
     let taps = p.kernel_h * p.kernel_w;
@@ -302,8 +304,10 @@ fn conv2d_backward_weight(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_
     var ox = k_begin % p.out_w;
     var oy = (k_begin / p.out_w) % p.out_h;
     var nn = k_begin / (p.out_w * p.out_h);
+    var dy_sum = vec4<f32>(0.0);
     for (var k = k_begin; k < k_end; k++) {
         let a = textureLoad(a_tex, vec2<i32>(i32(ox * co4n + co4), i32(nn * p.out_h + oy)));
+        dy_sum += a;
 //#for t in 0..CT
         let iy{{t}} = i32(oy * p.stride + ky{{t}}) - i32(p.pad_top);
         let ix{{t}} = i32(ox * p.stride + kx{{t}}) - i32(p.pad_left);
@@ -332,6 +336,17 @@ fn conv2d_backward_weight(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_
         }
     }
     let c_base = p.c_offset + wid.z * p.c_batch_outer;
+    if (p.has_bias != 0u && wid.x == 0u && lane < {{BL}}u && wid.y * {{BL}}u + lane < co4n) {
+        for (var e = 0u; e < 4u; e++) {
+            let co = co4 * 4u + e;
+            if (co < p.out_c) {
+                let idx = c_base + p.bias_at + co;
+                var r = dy_sum[e];
+                if (p.beta != 0.0) { r += p.beta * c[idx]; }
+                c[idx] = r;
+            }
+        }
+    }
 //#for t in 0..CT
     if (j{{t}} < cols) {
 //#for i in 0..4*BL

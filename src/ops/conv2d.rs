@@ -342,9 +342,28 @@ pub fn conv2d_backward_weight(
     p.m = d.co as u32;
     p.n = u32_of(OP, "n", taps * d.ci)?;
     p.k = u32_of(OP, "pixels", pixels)?;
-    p.c_batch_outer = u32_of(OP, "weights", numel)?;
-
     let lanes = subgroup_lanes(rec);
+    if let Some(db) = db {
+        expect_numel(OP, "db", db, d.co)?;
+        expect_distinct(OP, x, db)?;
+        expect_distinct(OP, dy, db)?;
+    }
+    // On the subgroup path the kernel also sums dy into the bias gradient, written `bias_at`
+    // elements after dw's start in the same output: parameter gradients lie in one buffer with
+    // each bias after its weight, so dw .. db is one binding (and one split-K sum).
+    let bias_at = match (lanes, db) {
+        (Some(_), Some(db)) if db.shares_buffer(dw) && db.offset() >= dw.offset() + numel => {
+            Some(db.offset() - dw.offset())
+        }
+        _ => None,
+    };
+    let span = bias_at.map_or(numel, |at| at + d.co);
+    if let Some(at) = bias_at {
+        p.has_bias = 1;
+        p.bias_at = u32_of(OP, "bias offset", at)?;
+    }
+    p.c_batch_outer = u32_of(OP, "weights", span)?;
+
     let (tiles, groups_xy) = match lanes {
         Some(l) => {
             let tile = subgroup_backward_weight_tile(l, d.co);
@@ -377,11 +396,17 @@ pub fn conv2d_backward_weight(
     if direct && accumulate {
         p.beta = 1.0;
     }
-    let target = if direct {
+    // dw, or dw .. db when the bias gradient is fused.
+    let out = if bias_at.is_some() {
+        dw.view(0, &[span], dw.label())
+    } else {
         dw.clone()
+    };
+    let target = if direct {
+        out.clone()
     } else {
         rec.gpu
-            .tensor(&[splits, numel], "conv2d_backward_weight partials")
+            .tensor(&[splits, span], "conv2d_backward_weight partials")
     };
     let groups = [groups_xy[0], groups_xy[1], splits as u32];
     check_groups(OP, groups)?;
@@ -420,10 +445,9 @@ pub fn conv2d_backward_weight(
         }
     }
     if !direct {
-        reduce::sum_slices(rec, &target, splits, numel, numel, dw, accumulate)?;
+        reduce::sum_slices(rec, &target, splits, span, span, &out, accumulate)?;
     }
-    if let Some(db) = db {
-        expect_numel(OP, "db", db, d.co)?;
+    if let (Some(db), None) = (db, bias_at) {
         reduce::sum_rows(rec, dy, pixels, d.co, db, accumulate)?;
     }
     Ok(())

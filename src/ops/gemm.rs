@@ -30,7 +30,10 @@ pub struct GemmParams {
     pub k_chunk: u32,
     pub alpha: f32,
     pub beta: f32,
-    pub _pad: [u32; 2],
+    /// conv2d_backward_weight on the subgroup path with `has_bias`: where Σ dy (the bias
+    /// gradient) goes in each output slice, in elements from the slice's start.
+    pub bias_at: u32,
+    pub _pad: u32,
     pub batch: u32,
     pub in_h: u32,
     pub in_w: u32,

@@ -154,12 +154,30 @@ fn conv2d_all_passes() {
             let tdw = g.tensor(&[c.co, c.ci, c.kh, c.kw], "dw");
             let tdw_acc = upload(&g, &[c.co, c.ci, c.kh, c.kw], &prior, "dw acc");
             let tdb = g.tensor(&[c.co], "db");
+            // dw and db in one buffer, db after dw at the parameter store's 64-float alignment:
+            // the subgroup path then sums the bias gradient in the backward-weight kernel.
+            let numel = c.co * c.ci * c.kh * c.kw;
+            let db_at = numel.next_multiple_of(64);
+            let prior_db = random(c.co, 60 + i as u64);
+            let mut grads = vec![0.0; db_at + c.co];
+            grads[..numel].copy_from_slice(&prior);
+            grads[db_at..].copy_from_slice(&prior_db);
+            let tgrads = upload(&g, &[db_at + c.co], &grads, "gradients");
+            let tdw_one = tgrads.view(0, &[c.co, c.ci, c.kh, c.kw], "dw in gradients");
+            let tdb_one = tgrads.view(db_at, &[c.co], "db in gradients");
+            let tgrads2 = g.tensor(&[db_at + c.co], "gradients 2");
+            let tdw_two = tgrads2.view(0, &[c.co, c.ci, c.kh, c.kw], "dw in gradients 2");
+            let tdb_two = tgrads2.view(db_at, &[c.co], "db in gradients 2");
             let geo = geometry(c);
             run(&g, |rec| {
                 conv2d_forward(rec, &tx, &tw, Some(&tb), &ty, &geo).unwrap();
                 conv2d_backward_input(rec, &tdy, &tw, &tdx, &geo, false).unwrap();
                 conv2d_backward_weight(rec, &tx, &tdy, &tdw, Some(&tdb), &geo, false).unwrap();
                 conv2d_backward_weight(rec, &tx, &tdy, &tdw_acc, None, &geo, true).unwrap();
+                conv2d_backward_weight(rec, &tx, &tdy, &tdw_one, Some(&tdb_one), &geo, true)
+                    .unwrap();
+                conv2d_backward_weight(rec, &tx, &tdy, &tdw_two, Some(&tdb_two), &geo, false)
+                    .unwrap();
             });
             let y = c.forward(&x, &w, Some(&b));
             let (dx, dw, db) = c.backward(&x, &w, &dy);
@@ -200,6 +218,23 @@ fn conv2d_all_passes() {
                 1e-5 * max_abs(&acc),
                 1e-4,
             );
+            let acc_db: Vec<f64> = db.iter().zip(&prior_db).map(|(a, b)| a + b).collect();
+            let one = read(&g, &tgrads);
+            let two = read(&g, &tgrads2);
+            for (name, got, want) in [
+                ("dw accumulated beside db", &one[..numel], &acc),
+                ("db accumulated after dw", &one[db_at..], &acc_db),
+                ("dw beside db", &two[..numel], &dw),
+                ("db after dw", &two[db_at..], &db),
+            ] {
+                assert_close(
+                    &format!("conv backward_weight, {name}, {what}"),
+                    got,
+                    want,
+                    1e-5 * max_abs(want),
+                    1e-4,
+                );
+            }
         }
     }
 }
