@@ -369,12 +369,6 @@ fn gemm_subgroup(
         let k_pad = k.next_multiple_of(4);
         pack::pack_matrix(rec, b, k, n, k_pad, batch_outer, batch_inner, "gemm B")?
     };
-    let rows_per_group = (lanes * SUBGROUP_ROW_BLOCKS * SUBGROUPS_PER_WORKGROUP) as usize;
-    let groups = [
-        n.div_ceil(4 * lanes as usize) as u32,
-        m.div_ceil(rows_per_group) as u32,
-        batches as u32,
-    ];
     let a_binding = match a_source {
         AOperand::Buffer => {
             tile.a_source = 1;
@@ -382,6 +376,7 @@ fn gemm_subgroup(
         }
         AOperand::TransposedBuffer => {
             tile.a_source = 2;
+            tile.row_blocks = TRANSPOSED_A_ROW_BLOCKS;
             (6, a.tensor.into())
         }
         AOperand::Texture => {
@@ -389,6 +384,12 @@ fn gemm_subgroup(
             (1, (&a_tex).into())
         }
     };
+    let rows_per_group = (lanes * tile.row_blocks * SUBGROUPS_PER_WORKGROUP) as usize;
+    let groups = [
+        n.div_ceil(4 * lanes as usize) as u32,
+        m.div_ceil(rows_per_group) as u32,
+        batches as u32,
+    ];
     rec.dispatch(
         subgroup_tile_key("gemm", lanes, tile),
         params,
@@ -405,6 +406,10 @@ fn gemm_subgroup(
 
 /// Register-tile rows per lane block of the subgroup GEMM (RB in DESIGN.md's recipe).
 pub const SUBGROUP_ROW_BLOCKS: u32 = 2;
+/// Row blocks when A is read transposed from its buffer (ABUF = 2: the weight gradients of linear
+/// layers, dW = dYᵀ X, small M and N over a long K): one, which halves the kernel that llvmpipe
+/// JIT-compiles at the first step (2.7 -> 1.2 s) for GEMMs of a few milliseconds.
+pub const TRANSPOSED_A_ROW_BLOCKS: u32 = 1;
 /// Subgroups per workgroup, stacked along M.
 pub const SUBGROUPS_PER_WORKGROUP: u32 = 1;
 
@@ -569,6 +574,9 @@ pub fn kernel_keys() -> Vec<KernelKey> {
             for b_transposed in [false, true] {
                 let mut tile = SubgroupTile::wide(lanes, SUBGROUP_ROW_BLOCKS);
                 tile.a_source = a_source;
+                if a_source == 2 {
+                    tile.row_blocks = TRANSPOSED_A_ROW_BLOCKS;
+                }
                 tile.b_transposed = b_transposed;
                 keys.push(subgroup_tile_key("gemm", lanes, tile));
             }
