@@ -88,6 +88,10 @@ pub struct Recorder {
     pending: Vec<Pending>,
     records: Vec<StepRecord>,
     dummy: Option<Tensor>,
+    /// Textures packed from a tensor (`remember_pack`) whose buffer nothing has bound since:
+    /// a later pack of the same tensor reuses them instead of copying again (a conv's dY is
+    /// packed for its backward-weight and then its backward-input pass).
+    packs: Vec<(Tensor, &'static str, Texture2d)>,
     /// Floating-point operations of the GEMM-shaped work recorded (2 per multiply-add), for
     /// the benchmark's achieved GFLOP/s.
     flops: f64,
@@ -103,6 +107,7 @@ impl Recorder {
             pending: Vec::new(),
             records: Vec::new(),
             dummy: None,
+            packs: Vec::new(),
             flops: 0.0,
         }
     }
@@ -155,6 +160,11 @@ impl Recorder {
             Binding::Buffer(t) => self.gpu.admit_binding(t, key.entry),
             Binding::Texture(_) => true,
         }) && self.gpu.admit_workgroups(groups, key.entry);
+        for (_, b) in bindings {
+            if let Binding::Buffer(t) = b {
+                self.touch(t);
+            }
+        }
         let pipeline = self.gpu.kernels.pipeline(&key);
         self.records.push(StepRecord {
             kind: "dispatch",
@@ -184,8 +194,34 @@ impl Recorder {
         }));
     }
 
+    /// The texture that `layout` packed from `t` (same buffer, offset and shape) if no dispatch or
+    /// copy has bound `t`'s buffer since: its contents are still `t`'s.
+    pub fn packed(&self, t: &Tensor, layout: &'static str) -> Option<Texture2d> {
+        self.packs
+            .iter()
+            .find(|(src, l, _)| {
+                *l == layout
+                    && src.shares_buffer(t)
+                    && src.offset() == t.offset()
+                    && src.shape() == t.shape()
+            })
+            .map(|(_, _, tex)| tex.clone())
+    }
+
+    /// Remembers that `tex` now holds `t` packed as `layout` (call after recording the pack).
+    pub fn remember_pack(&mut self, t: &Tensor, layout: &'static str, tex: &Texture2d) {
+        self.packs.push((t.clone(), layout, tex.clone()));
+    }
+
+    /// Forgets the packs of `t`'s buffer: it is bound (possibly written) by what is recorded next.
+    /// Conservative: a read-only binding also forgets them.
+    fn touch(&mut self, t: &Tensor) {
+        self.packs.retain(|(src, _, _)| !src.shares_buffer(t));
+    }
+
     /// Records a zero fill of `t` (e.g. gradients at the start of a step).
     pub fn clear(&mut self, t: &Tensor) {
+        self.touch(t);
         self.records.push(StepRecord {
             kind: "clear",
             shader: "",
@@ -217,6 +253,7 @@ impl Recorder {
             bindings: vec![src.label().into(), dst.label().into()],
             workgroups: [0; 3],
         });
+        self.touch(dst);
         self.pending.push(Pending::CopyBuffer {
             src: src.clone(),
             dst: dst.clone(),

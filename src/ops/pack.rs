@@ -153,18 +153,24 @@ pub fn pack_nhwc(rec: &mut Recorder, x: &Tensor, label: &str) -> OpResult<Textur
     let [n, h, w, c] = [x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]];
     let width = w * c.div_ceil(4);
     check_fits(rec, OP, n * h, width * 4)?;
-    if c % 4 == 0 && (width * 16) % 256 == 0 && x.byte_offset().is_multiple_of(256) {
-        let tex = Texture2d::new(&rec.gpu, width as u32, (n * h) as u32, label);
-        rec.copy_to_texture(x, &tex);
+    if let Some(tex) = rec.packed(x, OP) {
         return Ok(tex);
     }
-    let p = PackParams {
-        width: width as u32,
-        height: (n * h) as u32,
-        channels: c as u32,
-        ..Default::default()
+    let tex = if c % 4 == 0 && (width * 16) % 256 == 0 && x.byte_offset().is_multiple_of(256) {
+        let tex = Texture2d::new(&rec.gpu, width as u32, (n * h) as u32, label);
+        rec.copy_to_texture(x, &tex);
+        tex
+    } else {
+        let p = PackParams {
+            width: width as u32,
+            height: (n * h) as u32,
+            channels: c as u32,
+            ..Default::default()
+        };
+        dispatch_pack(rec, "pack_nhwc", &p, x, label)
     };
-    Ok(dispatch_pack(rec, "pack_nhwc", &p, x, label))
+    rec.remember_pack(x, OP, &tex);
+    Ok(tex)
 }
 
 /// Packs conv weights [Co, Ci, KH, KW] as the B operand: rows (tap, reduction channel padded

@@ -256,3 +256,24 @@ fn conv2d_rejects_bad_shapes() {
         .to_string();
     assert!(e.contains("`y`") && e.contains("[1, 2, 2, 8]"), "{e}");
 }
+
+/// A conv's dY is packed once for its backward-weight and backward-input passes; a tensor bound
+/// by anything in between (possibly written) is packed again.
+#[test]
+fn packed_textures_are_reused_until_their_tensor_is_bound() {
+    use std::sync::Arc;
+    use wgpu_diffusion::ops::pack::pack_nhwc;
+    let g = gpu();
+    let mut rec = g.recorder();
+    let x = g.tensor(&[2, 4, 4, 8], "x");
+    let first = pack_nhwc(&mut rec, &x, "x").unwrap();
+    let again = pack_nhwc(&mut rec, &x, "x").unwrap();
+    assert!(Arc::ptr_eq(&first.texture, &again.texture));
+    // Another shape of the same buffer is another pack.
+    let flat = x.reshape(&[1, 8, 4, 8]);
+    let other = pack_nhwc(&mut rec, &flat, "x").unwrap();
+    assert!(!Arc::ptr_eq(&first.texture, &other.texture));
+    wgpu_diffusion::ops::elementwise::scale(&mut rec, 2.0, &x).unwrap();
+    let after = pack_nhwc(&mut rec, &x, "x").unwrap();
+    assert!(!Arc::ptr_eq(&first.texture, &after.texture));
+}
