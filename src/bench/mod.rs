@@ -148,6 +148,73 @@ pub fn kernels(
             );
         }
     }
+
+    // The fused attention core where this adapter runs it (subgroup path, heads <= 32 wide):
+    // (samples, tokens, channels, head_dim) of a 14 x 14 and an 8 x 8 attention with 8-wide heads.
+    // GFLOP/s counts the unfused GEMMs' work (QKᵀ and PV; four GEMMs backward), as the step does.
+    for &(n, tokens, c, head_dim) in &[(32, 196, 64, 8), (32, 64, 64, 8)] {
+        if crate::ops::attention::fused_lanes(gpu, head_dim, c).is_none() {
+            continue;
+        }
+        use crate::ops::attention::{attention_backward, attention_forward, stats_len};
+        let heads = c / head_dim;
+        let shape = [n * tokens, c];
+        let (q, k, v, d_o) = (
+            fill(gpu, &shape, "q", 7)?,
+            fill(gpu, &shape, "k", 8)?,
+            fill(gpu, &shape, "v", 9)?,
+            fill(gpu, &shape, "dO", 10)?,
+        );
+        let o = gpu.tensor(&shape, "o");
+        let stats = gpu.tensor(&[stats_len(n, heads, tokens)], "stats");
+        let (dq, dk, dv) = (
+            gpu.tensor(&shape, "dq"),
+            gpu.tensor(&shape, "dk"),
+            gpu.tensor(&shape, "dv"),
+        );
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        let gemm_flops = 2.0 * (n * heads * tokens * tokens * head_dim) as f64;
+        let label = format!("N{n} T{tokens} C{c} heads of {head_dim}");
+        let passes: [(&'static str, f64, RecordFn); 2] = [
+            (
+                "attention_forward",
+                2.0 * gemm_flops,
+                Box::new(|rec| {
+                    attention_forward(rec, &q, &k, &v, &o, &stats, tokens, heads, scale)
+                }),
+            ),
+            (
+                "attention_backward",
+                4.0 * gemm_flops,
+                Box::new(|rec| {
+                    attention_backward(
+                        rec, &q, &k, &v, &o, &d_o, &stats, &dq, &dk, &dv, tokens, heads, scale,
+                    )
+                }),
+            ),
+        ];
+        // The backward reads the forward's statistics: run the forward once first.
+        let mut rec = gpu.recorder();
+        attention_forward(&mut rec, &q, &k, &v, &o, &stats, tokens, heads, scale)?;
+        gpu.run(&[&rec.finish()])?;
+        for (kernel, flops, record) in passes {
+            let mut rec = gpu.recorder();
+            record(&mut rec)?;
+            let plan = rec.finish();
+            let s = time_plan(gpu, &plan, reps)?;
+            push(
+                KernelResult {
+                    kernel,
+                    shape: label.clone(),
+                    gflops: flops / s / 1e9,
+                    median_ms: s * 1e3,
+                    path: path.clone(),
+                    adapter: adapter.clone(),
+                },
+                &mut results,
+            );
+        }
+    }
     Ok(results)
 }
 
