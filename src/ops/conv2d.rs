@@ -350,9 +350,15 @@ pub fn conv2d_backward_weight(
     }
     // On the subgroup path the kernel also sums dy into the bias gradient, written `bias_at`
     // elements after dw's start in the same output: parameter gradients lie in one buffer with
-    // each bias after its weight, so dw .. db is one binding (and one split-K sum).
+    // each bias right after its weight, so dw .. db is one binding (and one split-K sum). Only
+    // the parameter store's alignment padding may lie between them: the split-K sum writes the
+    // whole span (zeros into the padding), which must not reach another tensor.
     let bias_at = match (lanes, db) {
-        (Some(_), Some(db)) if db.shares_buffer(dw) && db.offset() >= dw.offset() + numel => {
+        (Some(_), Some(db))
+            if db.shares_buffer(dw)
+                && db.offset() >= dw.offset() + numel
+                && db.offset() <= dw.offset() + numel.next_multiple_of(64) =>
+        {
             Some(db.offset() - dw.offset())
         }
         _ => None,

@@ -277,3 +277,63 @@ fn packed_textures_are_reused_until_their_tensor_is_bound() {
     let after = pack_nhwc(&mut rec, &x, "x").unwrap();
     assert!(!Arc::ptr_eq(&first.texture, &after.texture));
 }
+
+/// A bias gradient that does not directly follow its weight gradient (another tensor between
+/// them) is summed separately: the values between are never written, even when the pass splits
+/// its reduction into slices summed over the whole dw .. db span.
+#[test]
+fn bias_gradient_apart_from_its_weight_gradient_leaves_the_gap_alone() {
+    let c = Conv {
+        n: 4,
+        h: 16,
+        w: 16,
+        ci: 4,
+        co: 8,
+        kh: 3,
+        kw: 3,
+        stride: 1,
+        pad: [1; 4],
+    };
+    for g in gemm_paths() {
+        let numel = c.co * c.ci * c.kh * c.kw;
+        let db_at = numel.next_multiple_of(64) + 64;
+        let x = random(c.n * c.h * c.w * c.ci, 71);
+        let dy = random(c.n * c.h * c.w * c.co, 72);
+        let sentinel = 7.5;
+        let tgrads = upload(
+            &g,
+            &[db_at + c.co],
+            &vec![sentinel; db_at + c.co],
+            "gradients",
+        );
+        let tdw = tgrads.view(0, &[c.co, c.ci, c.kh, c.kw], "dw");
+        let tdb = tgrads.view(db_at, &[c.co], "db");
+        let tx = upload(&g, &[c.n, c.h, c.w, c.ci], &x, "x");
+        let tdy = upload(&g, &[c.n, c.h, c.w, c.co], &dy, "dy");
+        run(&g, |rec| {
+            conv2d_backward_weight(rec, &tx, &tdy, &tdw, Some(&tdb), &geometry(&c), false).unwrap();
+        });
+        let w = vec![0.0; numel];
+        let (_, dw, db) = c.backward(&x, &w, &dy);
+        let got = read(&g, &tgrads);
+        let what = format!("{}", g.gemm_path);
+        assert_close(
+            &format!("dw {what}"),
+            &got[..numel],
+            &dw,
+            1e-5 * max_abs(&dw),
+            1e-4,
+        );
+        assert_close(
+            &format!("db {what}"),
+            &got[db_at..],
+            &db,
+            1e-5 * max_abs(&db),
+            1e-4,
+        );
+        assert!(
+            got[numel..db_at].iter().all(|&v| v == sentinel as f32),
+            "{what}: the gap between dw and db was written"
+        );
+    }
+}
