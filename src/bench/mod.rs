@@ -57,12 +57,26 @@ pub fn kernels(
     mut emit: impl FnMut(&KernelResult),
 ) -> Result<Vec<KernelResult>> {
     let mut results = Vec::new();
-    let mut push = |r: KernelResult, results: &mut Vec<KernelResult>| {
-        emit(&r);
-        results.push(r);
-    };
     let path = gpu.gemm_path.to_string();
     let adapter = gpu.adapter.name.clone();
+    // Records one pass in its own plan, times it (median of `reps`) and reports it.
+    let mut measure =
+        |kernel: &'static str, shape: String, flops: f64, record: RecordFn| -> Result<()> {
+            let mut rec = gpu.recorder();
+            record(&mut rec)?;
+            let s = time_plan(gpu, &rec.finish(), reps)?;
+            let r = KernelResult {
+                kernel,
+                shape,
+                gflops: flops / s / 1e9,
+                median_ms: s * 1e3,
+                path: path.clone(),
+                adapter: adapter.clone(),
+            };
+            emit(&r);
+            results.push(r);
+            Ok(())
+        };
 
     // SGEMM 1024³
     {
@@ -73,28 +87,21 @@ pub fn kernels(
             gpu.tensor(&[n, n], "C"),
         );
         let shape = GemmShape::new(n, n, n);
-        let mut rec = gpu.recorder();
-        gemm(
-            &mut rec,
-            shape,
-            MatRef::dense(&a, n),
-            MatRef::dense(&b, n),
-            None,
-            MatRef::dense(&c, n),
+        measure(
+            "sgemm",
+            format!("{n}x{n}x{n}"),
+            shape.flops(),
+            Box::new(|rec| {
+                gemm(
+                    rec,
+                    shape,
+                    MatRef::dense(&a, n),
+                    MatRef::dense(&b, n),
+                    None,
+                    MatRef::dense(&c, n),
+                )
+            }),
         )?;
-        let plan = rec.finish();
-        let s = time_plan(gpu, &plan, reps)?;
-        push(
-            KernelResult {
-                kernel: "sgemm",
-                shape: format!("{n}x{n}x{n}"),
-                gflops: shape.flops() / s / 1e9,
-                median_ms: s * 1e3,
-                path: path.clone(),
-                adapter: adapter.clone(),
-            },
-            &mut results,
-        );
     }
 
     // conv2d at U-Net shapes: (N, Ci, Co, H, W)
@@ -131,21 +138,7 @@ pub fn kernels(
             ),
         ];
         for (kernel, record) in passes {
-            let mut rec = gpu.recorder();
-            record(&mut rec)?;
-            let plan = rec.finish();
-            let s = time_plan(gpu, &plan, reps)?;
-            push(
-                KernelResult {
-                    kernel,
-                    shape: shape.clone(),
-                    gflops: d.flops() / s / 1e9,
-                    median_ms: s * 1e3,
-                    path: path.clone(),
-                    adapter: adapter.clone(),
-                },
-                &mut results,
-            );
+            measure(kernel, shape.clone(), d.flops(), record)?;
         }
     }
 
@@ -198,21 +191,7 @@ pub fn kernels(
         attention_forward(&mut rec, &q, &k, &v, &o, &stats, tokens, heads, scale)?;
         gpu.run(&[&rec.finish()])?;
         for (kernel, flops, record) in passes {
-            let mut rec = gpu.recorder();
-            record(&mut rec)?;
-            let plan = rec.finish();
-            let s = time_plan(gpu, &plan, reps)?;
-            push(
-                KernelResult {
-                    kernel,
-                    shape: label.clone(),
-                    gflops: flops / s / 1e9,
-                    median_ms: s * 1e3,
-                    path: path.clone(),
-                    adapter: adapter.clone(),
-                },
-                &mut results,
-            );
+            measure(kernel, label.clone(), flops, record)?;
         }
     }
     Ok(results)

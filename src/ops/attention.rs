@@ -50,13 +50,22 @@ struct Call {
     groups: [u32; 3],
 }
 
-/// Validates the shapes shared by both passes: q, k, v (and o) `[samples · tokens, C]`.
+impl Call {
+    /// FLOPs of one of the unfused path's GEMMs (Q Kᵀ, P V or a gradient of either).
+    fn gemm_flops(&self) -> f64 {
+        2.0 * self.params.stat_rows as f64 * self.params.tokens as f64 * self.head_dim as f64
+    }
+}
+
+/// Validates a pass: `q` and every other tensor `[samples · tokens, C]` but `stats`, and each
+/// of `written` (bound read-write) in a buffer of its own, apart from every other binding.
 #[allow(clippy::too_many_arguments)]
 fn prepare(
     rec: &Recorder,
     op: &str,
     q: &Tensor,
-    tensors: &[(&str, &Tensor)],
+    read: &[(&str, &Tensor)],
+    written: &[(&str, &Tensor)],
     stats: &Tensor,
     tokens: usize,
     heads: usize,
@@ -83,11 +92,25 @@ fn prepare(
             rec.gpu.gemm_path
         )));
     };
-    for (what, t) in tensors {
+    for (what, t) in read.iter().chain(written) {
         expect_shape(op, what, t, &[rows, c])?;
     }
     let samples = rows / tokens;
     expect_shape(op, "stats", stats, &[stats_len(samples, heads, tokens)])?;
+    // Inputs first, then the read-write bindings: each of those apart from every other.
+    let bound: Vec<&Tensor> = std::iter::once(q)
+        .chain(read.iter().map(|(_, t)| *t))
+        .chain(std::iter::once(stats))
+        .chain(written.iter().map(|(_, t)| *t))
+        .collect();
+    let first_written = 1 + read.len();
+    for (i, out) in bound.iter().enumerate().skip(first_written) {
+        for (j, other) in bound.iter().enumerate() {
+            if j != i {
+                expect_distinct(op, other, out)?;
+            }
+        }
+    }
     let blocks = tokens.div_ceil(lanes as usize);
     let groups = [
         u32_of(op, "token blocks", blocks)?,
@@ -146,19 +169,15 @@ pub fn attention_forward(
         rec,
         OP,
         q,
-        &[("k", k), ("v", v), ("o", o)],
+        &[("k", k), ("v", v)],
+        &[("o", o)],
         stats,
         tokens,
         heads,
         scale,
     )?;
-    for input in [q, k, v] {
-        expect_distinct(OP, input, o)?;
-        expect_distinct(OP, input, stats)?;
-    }
-    expect_distinct(OP, o, stats)?;
     // Q Kᵀ and P V, as the unfused path's GEMMs count them.
-    rec.add_flops(4.0 * (call.params.stat_rows as f64) * tokens as f64 * call.head_dim as f64);
+    rec.add_flops(2.0 * call.gemm_flops());
     rec.dispatch(
         key("attention_forward", &call),
         &call.params,
@@ -193,34 +212,21 @@ pub fn attention_backward(
     scale: f32,
 ) -> OpResult {
     const OP: &str = "attention_backward";
+    // o is bound read-write by the dQ pass (the forward's output binding).
     let call = prepare(
         rec,
         OP,
         q,
-        &[
-            ("k", k),
-            ("v", v),
-            ("o", o),
-            ("d_o", d_o),
-            ("dq", dq),
-            ("dk", dk),
-            ("dv", dv),
-        ],
+        &[("k", k), ("v", v), ("d_o", d_o)],
+        &[("o", o), ("dq", dq), ("dk", dk), ("dv", dv)],
         stats,
         tokens,
         heads,
         scale,
     )?;
-    // Every binding its own buffer: o and stats are bound read-write beside the inputs.
-    let all = [q, k, v, o, d_o, stats, dq, dk, dv];
-    for (i, a) in all.iter().enumerate() {
-        for b in &all[i + 1..] {
-            expect_distinct(OP, a, b)?;
-        }
-    }
     // The unfused backward's four GEMMs (dP, dV, dQ, dK), as the benchmark counts them; the
     // fused passes also recompute the scores (twice) and dP (twice), not counted.
-    rec.add_flops(8.0 * (call.params.stat_rows as f64) * tokens as f64 * call.head_dim as f64);
+    rec.add_flops(4.0 * call.gemm_flops());
     rec.dispatch(
         key("attention_backward_dq", &call),
         &call.params,

@@ -19,6 +19,20 @@ fn geometry(c: &Conv) -> Conv2dGeometry {
     }
 }
 
+/// Many pixels, few output tiles: the backward-weight pass splits K into slices summed afterwards
+/// (on both paths).
+const SPLIT_K: Conv = Conv {
+    n: 4,
+    h: 16,
+    w: 16,
+    ci: 4,
+    co: 8,
+    kh: 3,
+    kw: 3,
+    stride: 1,
+    pad: [1; 4],
+};
+
 #[test]
 fn conv2d_all_passes() {
     let cases = [
@@ -77,19 +91,7 @@ fn conv2d_all_passes() {
             stride: 1,
             pad: [0; 4],
         },
-        // Many pixels, few output tiles: the backward-weight pass splits K into slices summed
-        // afterwards (on both paths).
-        Conv {
-            n: 4,
-            h: 16,
-            w: 16,
-            ci: 4,
-            co: 8,
-            kh: 3,
-            kw: 3,
-            stride: 1,
-            pad: [1; 4],
-        },
+        SPLIT_K,
         Conv {
             n: 2,
             h: 14,
@@ -283,17 +285,7 @@ fn packed_textures_are_reused_until_their_tensor_is_bound() {
 /// its reduction into slices summed over the whole dw .. db span.
 #[test]
 fn bias_gradient_apart_from_its_weight_gradient_leaves_the_gap_alone() {
-    let c = Conv {
-        n: 4,
-        h: 16,
-        w: 16,
-        ci: 4,
-        co: 8,
-        kh: 3,
-        kw: 3,
-        stride: 1,
-        pad: [1; 4],
-    };
+    let c = SPLIT_K;
     for g in gemm_paths() {
         let numel = c.co * c.ci * c.kh * c.kw;
         let db_at = numel.next_multiple_of(64) + 64;
