@@ -4,8 +4,18 @@
 // columns and keeps its accumulators in separate variables, and the A values of a lane block
 // are shared with subgroupBroadcast, dividing the A loads by L. This file is a template:
 // `//#for` blocks and double-brace expressions are expanded by src/gpu/kernels.rs for L (lanes), RB (row blocks
-// per subgroup) and SG (subgroups per workgroup). Each output is one lane's fixed-order sum:
-// deterministic. Subgroup operations stay in uniform control flow (no early returns).
+// per subgroup) and SG (subgroups per workgroup), among others. Each output is one lane's
+// fixed-order sum: deterministic. Subgroup operations stay in uniform control flow (no early
+// returns).
+//
+// Template CV: how the GEMM and conv tiles store C. llvmpipe executes every branch under an
+// execution mask (a uniform `if` still runs both sides) and scatters each storage-buffer store
+// lane by lane, so the epilogue of a 4-column-per-lane tile cost as much as 60 k-steps of its
+// main loop (sgemm 6272x64x4: 1.4 ms with scalar stores, 0.5 ms with vec4 stores). CV = 4 or 2
+// types C as vec4 / vec2 and stores whole vectors; the host picks it when every row of C starts
+// at a multiple of CV elements and n is one (src/ops/gemm.rs, `store_width`). CV = 0 stores
+// element by element (any layout; the backward-weight pass, whose 4 values per texel are
+// strided in dW, always uses it).
 
 struct Params {
     m: u32, n: u32, k: u32, batch_inner: u32,
@@ -23,7 +33,15 @@ struct Params {
 @group(0) @binding(1) var a_tex: texture_storage_2d<rgba32float, read>;
 @group(0) @binding(2) var b_tex: texture_storage_2d<rgba32float, read>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
+//#if CV == 0
 @group(0) @binding(4) var<storage, read_write> c: array<f32>;
+//#end
+//#if CV == 2
+@group(0) @binding(4) var<storage, read_write> c: array<vec2<f32>>;
+//#end
+//#if CV == 4
+@group(0) @binding(4) var<storage, read_write> c: array<vec4<f32>>;
+//#end
 // Template ABUF = 1: the GEMM reads A straight from its row-major buffer (K, ld, offsets and
 // batch strides multiples of 4), one vec4 per lane and k-step: A's loads are shared across the
 // subgroup by the broadcasts, so reading them from a buffer costs little, and A needs no pack.
@@ -32,19 +50,68 @@ struct Params {
 // its 4 k values as 4 scalar loads of one column of S, so a transposed A needs no pack either.
 @group(0) @binding(6) var<storage, read> a_scalar: array<f32>;
 
-// Writes 4 columns (texel n4) of output row m: alpha * v (+ bias) (+ beta * old).
-fn store_row(m: u32, n4: u32, v: vec4<f32>, c_base: u32) {
+// Element idx of C, whatever its vector type.
+fn c_load(idx: u32) -> f32 {
+//#if CV == 0
+    return c[idx];
+//#end
+//#if CV != 0
+    return c[idx / {{CV}}u][idx % {{CV}}u];
+//#end
+}
+
+fn c_store(idx: u32, r: f32) {
+//#if CV == 0
+    c[idx] = r;
+//#end
+//#if CV != 0
+    c[idx / {{CV}}u][idx % {{CV}}u] = r;
+//#end
+}
+
+// The bias of a lane's 4 columns from n0 (indices clamped to the bias; unused past n), read
+// once per tile rather than once per output row.
+fn lane_bias4(n0: u32) -> vec4<f32> {
+    var b = vec4<f32>(0.0);
+    if (p.has_bias != 0u) {
+        let last = p.n - 1u;
+        b = vec4<f32>(bias[min(n0, last)], bias[min(n0 + 1u, last)], bias[min(n0 + 2u, last)],
+                      bias[min(n0 + 3u, last)]);
+    }
+    return b;
+}
+
+// Writes 4 columns (from column n0) of output row m: alpha * v + bias (+ beta * old).
+fn store_row(m: u32, n0: u32, v: vec4<f32>, c_base: u32, b: vec4<f32>) {
     if (m >= p.m) { return; }
-    for (var e = 0u; e < 4u; e++) {
-        let n = n4 * 4u + e;
-        if (n < p.n) {
-            let idx = c_base + m * p.c_ld + n;
-            var r = p.alpha * v[e];
-            if (p.has_bias != 0u) { r += bias[n]; }
-            if (p.beta != 0.0) { r += p.beta * c[idx]; }
-            c[idx] = r;
+    let row = c_base + m * p.c_ld;
+//#if CV == 4
+    if (n0 < p.n) {
+        let i = (row + n0) / 4u;
+        var r = p.alpha * v + b;
+        if (p.beta != 0.0) { r += p.beta * c[i]; }
+        c[i] = r;
+    }
+//#end
+//#if CV == 2
+    for (var h = 0u; h < 2u; h++) {
+        if (n0 + 2u * h < p.n) {
+            let i = (row + n0) / 2u + h;
+            var r = p.alpha * select(v.xy, v.zw, h == 1u) + select(b.xy, b.zw, h == 1u);
+            if (p.beta != 0.0) { r += p.beta * c[i]; }
+            c[i] = r;
         }
     }
+//#end
+//#if CV == 0
+    for (var e = 0u; e < 4u; e++) {
+        if (n0 + e < p.n) {
+            var r = p.alpha * v[e] + b[e];
+            if (p.beta != 0.0) { r += p.beta * c[row + n0 + e]; }
+            c[row + n0 + e] = r;
+        }
+    }
+//#end
 }
 
 // C = alpha A B (+ bias) (+ beta C). A: rows = batch * m + row, 4 k per texel (or a buffer, ABUF).
@@ -133,24 +200,45 @@ fn gemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 //#end
 //#end
     }
+    let b = lane_bias4(n4 * 4u);
 //#for i in 0..L*RB
-    store_row(m0 + {{i}}u, n4, acc{{i}}, c_base);
+    store_row(m0 + {{i}}u, n4 * 4u, acc{{i}}, c_base, b);
 //#end
 }
 
-// Writes W columns (from column n0) of output row m: v (+ bias) (+ beta * old). alpha is 1 for convs.
-fn store_conv_row(m: u32, n0: u32, v: vec{{W}}<f32>) {
+// Writes W columns (from column n0) of output row m: v + bias (+ beta * old); alpha is 1 for
+// convs. With CV = W the lane's columns are one vector; CV = 2 < W = 4 stores two halves.
+fn store_conv_row(m: u32, n0: u32, v: vec{{W}}<f32>, b: vec{{W}}<f32>) {
     if (m >= p.m) { return; }
-    for (var e = 0u; e < {{W}}u; e++) {
-        let n = n0 + e;
-        if (n < p.n) {
-            let idx = p.c_offset + m * p.c_ld + n;
-            var r = v[e];
-            if (p.has_bias != 0u) { r += bias[n]; }
-            if (p.beta != 0.0) { r += p.beta * c[idx]; }
-            c[idx] = r;
+    let row = p.c_offset + m * p.c_ld;
+//#if CV == W
+    if (n0 < p.n) {
+        let i = (row + n0) / {{W}}u;
+        var r = v + b;
+        if (p.beta != 0.0) { r += p.beta * c[i]; }
+        c[i] = r;
+    }
+//#end
+//#if CV * 10 + W == 24
+    // (CV = 2, W = 4: the template language has no `&&`.)
+    for (var h = 0u; h < 2u; h++) {
+        if (n0 + 2u * h < p.n) {
+            let i = (row + n0) / 2u + h;
+            var r = select(v.xy, v.zw, h == 1u) + select(b.xy, b.zw, h == 1u);
+            if (p.beta != 0.0) { r += p.beta * c[i]; }
+            c[i] = r;
         }
     }
+//#end
+//#if CV == 0
+    for (var e = 0u; e < {{W}}u; e++) {
+        if (n0 + e < p.n) {
+            var r = v[e] + b[e];
+            if (p.beta != 0.0) { r += p.beta * c[row + n0 + e]; }
+            c[row + n0 + e] = r;
+        }
+    }
+//#end
 }
 
 // The W columns of a B texel this lane owns: all 4, or (W = 2, for layers of at most 2L output
@@ -241,8 +329,15 @@ fn conv_tile(transposed: bool, wid: vec3<u32>, tid: u32, lane: u32) {
             }
         }
     }
+    let lane_b = lane_bias4(n_first);
+//#if W == 4
+    let b = lane_b;
+//#end
+//#if W == 2
+    let b = lane_b.xy;
+//#end
 //#for i in 0..L*RB
-    store_conv_row(m0 + {{i}}u, n_first, acc{{i}});
+    store_conv_row(m0 + {{i}}u, n_first, acc{{i}}, b);
 //#end
 }
 
@@ -271,8 +366,8 @@ fn store_dw(co: u32, tap: u32, ci4: u32, v: vec4<f32>, c_base: u32) {
             // beta = 1 accumulates into dw (one slice written directly, no split-K sum pass).
             let idx = c_base + (co * p.in_c + ci) * taps + tap;
             var r = v[e];
-            if (p.beta != 0.0) { r += p.beta * c[idx]; }
-            c[idx] = r;
+            if (p.beta != 0.0) { r += p.beta * c_load(idx); }
+            c_store(idx, r);
         }
     }
 }
@@ -342,8 +437,8 @@ fn conv2d_backward_weight(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_
             if (co < p.out_c) {
                 let idx = c_base + p.bias_at + co;
                 var r = dy_sum[e];
-                if (p.beta != 0.0) { r += p.beta * c[idx]; }
-                c[idx] = r;
+                if (p.beta != 0.0) { r += p.beta * c_load(idx); }
+                c_store(idx, r);
             }
         }
     }

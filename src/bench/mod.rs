@@ -78,29 +78,43 @@ pub fn kernels(
             Ok(())
         };
 
-    // SGEMM 1024³
-    {
-        let n = 1024;
+    // SGEMM 1024³, then the GEMMs of a 14 x 14 attention block at batch 32 (64 channels, one
+    // head): a Q/K/V/out projection (K = 64, with bias) and the batched scores Q·Kᵀ. Small-K
+    // GEMMs show what a tile's prologue and epilogue cost, which 1024³ hides.
+    for &(label, m, n, k, batches, bias_trans_b) in &[
+        ("sgemm", 1024, 1024, 1024, 1, false),
+        ("linear", 32 * 196, 64, 64, 1, true),
+        ("attention_scores", 196, 196, 64, 32, true),
+    ] {
         let (a, b, c) = (
-            fill(gpu, &[n, n], "A", 1)?,
-            fill(gpu, &[n, n], "B", 2)?,
-            gpu.tensor(&[n, n], "C"),
+            fill(gpu, &[batches * m, k], "A", 1)?,
+            fill(gpu, &[batches * k * n], "B", 2)?,
+            gpu.tensor(&[batches * m, n], "C"),
         );
-        let shape = GemmShape::new(n, n, n);
+        let bias = fill(gpu, &[n], "bias", 3)?;
+        let shape = GemmShape::new(m, n, k).batches(batches, 1);
+        let (a_ref, c_ref) = (
+            MatRef::dense(&a, k).batched(m * k, 0),
+            MatRef::dense(&c, n).batched(m * n, 0),
+        );
+        // The projection's B is the [out, in] weight used transposed, as Linear stores it; the
+        // scores' B is K [tokens, dh] used transposed.
+        let b_ref = if bias_trans_b {
+            MatRef::dense(&b, k).batched(k * n, 0).t()
+        } else {
+            MatRef::dense(&b, n)
+        };
+        let with_bias = label == "linear";
+        let case = if batches > 1 {
+            format!("{batches}x {m}x{n}x{k}")
+        } else {
+            format!("{m}x{n}x{k}")
+        };
         measure(
-            "sgemm",
-            format!("{n}x{n}x{n}"),
+            label,
+            case,
             shape.flops(),
-            Box::new(|rec| {
-                gemm(
-                    rec,
-                    shape,
-                    MatRef::dense(&a, n),
-                    MatRef::dense(&b, n),
-                    None,
-                    MatRef::dense(&c, n),
-                )
-            }),
+            Box::new(|rec| gemm(rec, shape, a_ref, b_ref, with_bias.then_some(&bias), c_ref)),
         )?;
     }
 

@@ -4,7 +4,7 @@
 //! [Co, Ci, KH, KW] (diffusers' state-dict layout, so checkpoints load as they are).
 
 use super::gemm::{
-    GemmParams, PORTABLE_TILES, SUBGROUPS_PER_WORKGROUP, SubgroupTile, portable_key,
+    GemmParams, PORTABLE_TILES, SUBGROUPS_PER_WORKGROUP, SubgroupTile, portable_key, store_width,
     subgroup_tile_key,
 };
 use super::{
@@ -259,7 +259,13 @@ fn run_implicit(
     if let Some(lanes) = subgroup_lanes(rec) {
         let a_tex = pack::pack_nhwc(rec, a, "conv A")?;
         let b_tex = pack::pack_conv_weight(rec, w, transposed, "conv weights")?;
-        let tile = subgroup_conv_tile(lanes, n);
+        let mut tile = subgroup_conv_tile(lanes, n);
+        tile.c_width = store_width(
+            tile.lane_columns,
+            n,
+            &[p.c_offset as usize, p.c_ld as usize],
+            out.byte_offset(),
+        );
         let rows = (lanes * tile.row_blocks * SUBGROUPS_PER_WORKGROUP) as usize;
         let groups = [
             n.div_ceil((tile.lane_columns * lanes) as usize) as u32,

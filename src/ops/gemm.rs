@@ -78,7 +78,7 @@ pub fn portable_key(entry: &'static str, t: PortableTiles) -> KernelKey {
 
 /// One operand of a batched GEMM: element (row, col) of batch (outer, inner) is at
 /// `offset + outer·batch_outer + inner·batch_inner + row·ld + col` of `tensor` (before `trans`).
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug)]
 pub struct MatRef<'a> {
     pub tensor: &'a Tensor,
     pub offset: usize,
@@ -348,11 +348,17 @@ fn gemm_subgroup(
     } = shape;
     let batches = batch_outer * batch_inner;
     let mut tile = SubgroupTile::wide(lanes, SUBGROUP_ROW_BLOCKS);
+    tile.c_width = store_width(
+        4,
+        n,
+        &[c.offset, c.ld, c.batch_outer, c.batch_inner],
+        c.tensor.byte_offset(),
+    );
     let b_tex = if b.trans {
         tile.b_transposed = true;
         let stored = MatRef {
             trans: false,
-            ..b.clone()
+            ..*b
         };
         let n_pad = n.next_multiple_of(4);
         pack::pack_matrix(
@@ -439,6 +445,9 @@ pub struct SubgroupTile {
     pub a_source: u32,
     /// GEMM: B is transposed; its stored rows are packed and transposed in registers (TB).
     pub b_transposed: bool,
+    /// How the GEMM and conv tiles store C (CV): whole vec4s or vec2s, or 0 element by element
+    /// ([`store_width`]).
+    pub c_width: u32,
 }
 
 impl SubgroupTile {
@@ -450,6 +459,7 @@ impl SubgroupTile {
             column_texels: 1,
             a_source: 0,
             b_transposed: false,
+            c_width: 0,
         }
     }
 }
@@ -464,6 +474,23 @@ pub fn subgroup_tile_key(entry: &'static str, lanes: u32, tile: SubgroupTile) ->
         .template("CT", tile.column_texels as i64)
         .template("ABUF", tile.a_source as i64)
         .template("TB", tile.b_transposed as i64)
+        .template("CV", tile.c_width as i64)
+}
+
+/// The widest vector (4 or 2 elements, at most the `lane_columns` a lane owns) in which a
+/// subgroup tile can store C (template CV of `shaders/gemm_subgroup.wgsl`): every row start
+/// (`starts`: the offset, batch strides and row stride, in elements), the row length `n` and
+/// the binding's byte offset must be multiples of it. 0: element stores (any layout).
+pub fn store_width(lane_columns: u32, n: usize, starts: &[usize], byte_offset: u64) -> u32 {
+    [4u32, 2]
+        .into_iter()
+        .find(|&w| {
+            w <= lane_columns
+                && n.is_multiple_of(w as usize)
+                && starts.iter().all(|s| s.is_multiple_of(w as usize))
+                && byte_offset.is_multiple_of(4 * w as u64)
+        })
+        .unwrap_or(0)
 }
 
 /// y[R, out] = x[R, in] · Wᵀ + b, with torch's Linear weight layout W [out, in].
@@ -578,11 +605,19 @@ pub fn kernel_keys() -> Vec<KernelKey> {
                     tile.row_blocks = TRANSPOSED_A_ROW_BLOCKS;
                 }
                 tile.b_transposed = b_transposed;
-                keys.push(subgroup_tile_key("gemm", lanes, tile));
+                for c_width in [0, 2, 4] {
+                    tile.c_width = c_width;
+                    keys.push(subgroup_tile_key("gemm", lanes, tile));
+                }
             }
         }
-        let narrow = super::conv2d::subgroup_conv_tile(lanes, 1);
-        keys.push(subgroup_tile_key("conv2d_implicit", lanes, narrow));
+        // Narrow and wide conv tiles with each store width (n = output channels).
+        let wide = 4 * lanes as usize;
+        for n in [1, 2, wide - 1, wide - 2, wide] {
+            let mut tile = super::conv2d::subgroup_conv_tile(lanes, n);
+            tile.c_width = store_width(tile.lane_columns, n, &[n], 0);
+            keys.push(subgroup_tile_key("conv2d_implicit", lanes, tile));
+        }
         let mut co = 4;
         while co < 4 * lanes as usize {
             let tile = super::conv2d::subgroup_backward_weight_tile(lanes, co);

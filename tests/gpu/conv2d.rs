@@ -138,6 +138,18 @@ fn conv2d_all_passes() {
             stride: 1,
             pad: [1; 4],
         },
+        // Subgroup path: a wide tile (4 columns per lane) storing vec2s (34 and 46 channels).
+        Conv {
+            n: 1,
+            h: 3,
+            w: 5,
+            ci: 46,
+            co: 34,
+            kh: 3,
+            kw: 3,
+            stride: 1,
+            pad: [1; 4],
+        },
     ];
     for g in gemm_paths() {
         for (i, c) in cases.iter().enumerate() {
@@ -153,6 +165,8 @@ fn conv2d_all_passes() {
             let tdy = upload(&g, &[c.n, oh, ow, c.co], &dy, "dy");
             let ty = g.tensor(&[c.n, oh, ow, c.co], "y");
             let tdx = g.tensor(&[c.n, c.h, c.w, c.ci], "dx");
+            let prior_dx = random(c.n * c.h * c.w * c.ci, 70 + i as u64);
+            let tdx_acc = upload(&g, &[c.n, c.h, c.w, c.ci], &prior_dx, "dx acc");
             let tdw = g.tensor(&[c.co, c.ci, c.kh, c.kw], "dw");
             let tdw_acc = upload(&g, &[c.co, c.ci, c.kh, c.kw], &prior, "dw acc");
             let tdb = g.tensor(&[c.co], "db");
@@ -174,6 +188,7 @@ fn conv2d_all_passes() {
             run(&g, |rec| {
                 conv2d_forward(rec, &tx, &tw, Some(&tb), &ty, &geo).unwrap();
                 conv2d_backward_input(rec, &tdy, &tw, &tdx, &geo, false).unwrap();
+                conv2d_backward_input(rec, &tdy, &tw, &tdx_acc, &geo, true).unwrap();
                 conv2d_backward_weight(rec, &tx, &tdy, &tdw, Some(&tdb), &geo, false).unwrap();
                 conv2d_backward_weight(rec, &tx, &tdy, &tdw_acc, None, &geo, true).unwrap();
                 conv2d_backward_weight(rec, &tx, &tdy, &tdw_one, Some(&tdb_one), &geo, true)
@@ -210,6 +225,14 @@ fn conv2d_all_passes() {
                 &read(&g, &tdb),
                 &db,
                 1e-5 * max_abs(&db),
+                1e-4,
+            );
+            let acc_dx: Vec<f64> = dx.iter().zip(&prior_dx).map(|(a, b)| a + b).collect();
+            assert_close(
+                &format!("conv backward_input accumulate {what}"),
+                &read(&g, &tdx_acc),
+                &acc_dx,
+                1e-5 * max_abs(&acc_dx),
                 1e-4,
             );
             let acc: Vec<f64> = dw.iter().zip(&prior).map(|(a, b)| a + b).collect();

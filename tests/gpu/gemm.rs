@@ -18,6 +18,9 @@ fn gemm_shapes_transposes_batches() {
             (7, 200, 3, false, true),
             // rows of whole aligned texels: A in place, B through the vec4 pack
             (12, 16, 8, false, false),
+            // rows of an even length: C stored as vec2s on the subgroup path (vec4s above)
+            (5, 6, 8, false, false),
+            (10, 34, 12, false, true),
         ] {
             // Subgroup path: A is read in place (k % 4 == 0), transposed in place (ta) or packed
             // (k % 4 != 0); a transposed B is packed as stored and transposed in registers.
