@@ -628,6 +628,22 @@ impl Gpu {
         self.queue.submit([enc.finish()])
     }
 
+    /// The threads that run workgroups when the adapter is a CPU (lavapipe: `LP_NUM_THREADS`,
+    /// by default one per core); None on a GPU. Work split into a handful of workgroups is
+    /// balanced over them ([`crate::ops::conv2d::conv2d_backward_weight`]).
+    pub fn cpu_workers(&self) -> Option<usize> {
+        if self.adapter.device_type != "Cpu" {
+            return None;
+        }
+        let env = std::env::var("LP_NUM_THREADS").ok();
+        let threads = env.and_then(|v| v.trim().parse::<usize>().ok());
+        Some(
+            threads
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+                .max(1),
+        )
+    }
+
     /// Queue submits so far.
     pub fn submit_count(&self) -> u64 {
         self.health

@@ -320,8 +320,20 @@ fn check_groups(op: &str, groups: [u32; 3]) -> OpResult {
     Ok(())
 }
 
-/// Workgroups the subgroup path's backward-weight pass aims for (tiles × split-K slices).
+/// Workgroups the subgroup path's backward-weight pass aims for on a GPU (tiles × split-K
+/// slices).
 const SUBGROUP_BACKWARD_WEIGHT_WORKGROUPS: usize = 8;
+
+/// Split-K slices (1 ..= `max_splits`) for `tiles` equal workgroups on `workers` threads that
+/// take workgroups in turn: the time is ⌈tiles·s / workers⌉ rounds of 1/s of the work each, and
+/// every slice past the first costs about 3 % (its partial written and summed).
+pub fn balanced_splits(tiles: usize, workers: usize, max_splits: usize) -> usize {
+    let cost =
+        |s: usize| (tiles * s).div_ceil(workers) as f64 / s as f64 * (1.0 + 0.03 * (s - 1) as f64);
+    (1..=max_splits.clamp(1, 4 * workers))
+        .min_by(|&a, &b| cost(a).total_cmp(&cost(b)))
+        .unwrap_or(1)
+}
 
 /// dw (+)= ∂L/∂w and db (+)= Σ dy over pixels. x [N,H,W,Ci], dy [N,OH,OW,Co], dw [Co,Ci,KH,KW].
 /// The reduction over pixels is split into fixed slices summed in a fixed order (deterministic).
@@ -391,15 +403,18 @@ pub fn conv2d_backward_weight(
             (gx * gy, [gx as u32, gy as u32])
         }
     };
-    // Enough slices to keep every core busy, each long enough to amortise its partial: a GPU
-    // wants many workgroups, lavapipe (a few CPU threads) few — each slice is one more
-    // partial to write and sum.
-    let busy = if lanes.is_some() {
-        SUBGROUP_BACKWARD_WEIGHT_WORKGROUPS
-    } else {
-        64
+    // Split-K slices: each is one more partial to write and sum. On a CPU adapter (lavapipe: a
+    // few threads taking workgroups in turn) a layer has a handful of tiles, and 9 tiles on 2
+    // threads take 5 rounds where 4.5 would do: slices are chosen to fill the rounds. A GPU
+    // wants many workgroups.
+    let max_splits = pixels.div_ceil(256).max(1);
+    let splits = match (lanes, rec.gpu.cpu_workers()) {
+        (Some(_), Some(workers)) => balanced_splits(tiles.max(1), workers, max_splits),
+        (Some(_), None) => {
+            (SUBGROUP_BACKWARD_WEIGHT_WORKGROUPS / tiles.max(1)).clamp(1, max_splits)
+        }
+        (None, _) => (64 / tiles.max(1)).clamp(1, max_splits),
     };
-    let splits = (busy / tiles.max(1)).clamp(1, pixels.div_ceil(256).max(1));
     let chunk = pixels.div_ceil(splits);
     let splits = pixels.div_ceil(chunk);
     p.k_chunk = chunk as u32;
@@ -463,4 +478,30 @@ pub fn conv2d_backward_weight(
         reduce::sum_rows(rec, dy, pixels, d.co, db, accumulate)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::balanced_splits;
+
+    #[test]
+    fn backward_weight_slices_fill_the_rounds_of_the_threads() {
+        // (tiles, threads, most slices the pixels allow) -> slices
+        for (tiles, workers, max, want) in [
+            (9, 2, 100, 2),  // 9 tiles: 5 rounds on 2 threads; 18: 9 full rounds
+            (18, 2, 100, 1), // already even
+            (5, 2, 100, 2),
+            (7, 2, 100, 2),
+            (1, 2, 100, 2),
+            (9, 2, 1, 1), // too few pixels to split
+            (8, 4, 100, 1),
+            (3, 4, 100, 4), // 12 workgroups: 3 full rounds
+        ] {
+            assert_eq!(
+                balanced_splits(tiles, workers, max),
+                want,
+                "{tiles} tiles on {workers} threads, at most {max} slices"
+            );
+        }
+    }
 }

@@ -356,10 +356,7 @@ fn gemm_subgroup(
     );
     let b_tex = if b.trans {
         tile.b_transposed = true;
-        let stored = MatRef {
-            trans: false,
-            ..*b
-        };
+        let stored = MatRef { trans: false, ..*b };
         let n_pad = n.next_multiple_of(4);
         pack::pack_matrix(
             rec,
