@@ -118,6 +118,23 @@ pub fn kernels(
         )?;
     }
 
+    // What one dispatch costs beyond its work: a plan of 1000 axpby passes over 64 floats
+    // (median_ms is the whole plan; divide by 1000).
+    {
+        let (x, y) = (fill(gpu, &[64], "x", 11)?, fill(gpu, &[64], "y", 12)?);
+        measure(
+            "dispatch_overhead",
+            "1000 dispatches (axpby of 64 floats)".into(),
+            1000.0 * 3.0 * 64.0,
+            Box::new(|rec| {
+                for _ in 0..1000 {
+                    crate::ops::elementwise::axpby(rec, 0.5, &x, 0.5, &y)?;
+                }
+                Ok(())
+            }),
+        )?;
+    }
+
     // conv2d at U-Net shapes: (N, Ci, Co, H, W)
     for &(n, ci, co, hw) in &[
         (32, 64, 64, 14),

@@ -15,6 +15,9 @@ fn forward_backward_match_reference() {
         (1, 7, 3, 33),
         (3, 8, 8, 64),
         (1, 33, 33, 3),
+        // C a multiple of 4: the vec4 kernels
+        (2, 3, 5, 12),
+        (1, 1, 70, 4),
     ]
     .iter()
     .enumerate()
