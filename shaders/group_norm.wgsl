@@ -35,6 +35,11 @@ struct Params {
     inv_count: f32,  // 1 / M
     silu: u32,       // 1 = SiLU fused after the affine (forward: y = silu(v); backward: dy given
                      // for silu(v), the pre-activation v recomputed from x, mean, rstd, gamma, beta)
+    add_dx: u32,     // backward dx: 1 = add into dx (a gradient that other paths also feed),
+                     // 0 = overwrite; saves a scratch tensor and a pass over it
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -279,7 +284,9 @@ fn group_norm_backward_dx(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_
     for (var q = q0; q < q1; q = q + 1u) {
         let idx = base + q * p.channels;
         let xhat = (x[idx] - mu) * rs;
-        dx[idx] = rs * (ga * grad_of_norm(dy[idx], xhat, ga, be) - m1 - xhat * m2);
+        var v = rs * (ga * grad_of_norm(dy[idx], xhat, ga, be) - m1 - xhat * m2);
+        if (p.add_dx != 0u) { v = v + dx[idx]; }
+        dx[idx] = v;
     }
 }
 
@@ -433,6 +440,8 @@ fn group_norm_backward_dx4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_w
     for (var q = r.q0; q < r.q1; q = q + 1u) {
         let idx = r.base + q * r.c4n;
         let xhat = (x4[idx] - mu) * rs;
-        dx4[idx] = rs * (ga * grad_of_norm4(dy4[idx], xhat, ga, be) - m1 - xhat * m2);
+        var v = rs * (ga * grad_of_norm4(dy4[idx], xhat, ga, be) - m1 - xhat * m2);
+        if (p.add_dx != 0u) { v = v + dx4[idx]; }
+        dx4[idx] = v;
     }
 }

@@ -32,10 +32,6 @@ impl ParamDecls {
     }
 }
 
-/// dst (+)= src, where `accumulate` comes from the grad tracker.
-fn write_grad(rec: &mut Recorder, src: &Tensor, dst: &Tensor, accumulate: bool) -> OpResult {
-    axpby(rec, 1.0, src, if accumulate { 1.0 } else { 0.0 }, dst)
-}
 
 pub struct Conv2d {
     pub weight: String,
@@ -128,8 +124,6 @@ pub struct GroupNorm {
     pub eps: f32,
     mean: Tensor,
     rstd: Tensor,
-    /// dx lands here first when it must be added to an existing gradient.
-    scratch: Tensor,
 }
 
 impl GroupNorm {
@@ -149,7 +143,6 @@ impl GroupNorm {
             eps: eps as f32,
             mean: gpu.tensor(&[n * groups], &format!("{prefix} mean")),
             rstd: gpu.tensor(&[n * groups], &format!("{prefix} rstd")),
-            scratch: gpu.tensor(x_shape, &format!("{prefix} dx")),
         }
     }
     pub fn forward(&self, rec: &mut Recorder, p: &ParamStore, x: &Act, y: &Act) -> OpResult {
@@ -221,22 +214,17 @@ impl GroupNorm {
     ) -> OpResult {
         let (g, dg) = p.get(&self.weight);
         let (b, db) = p.get(&self.bias);
-        let run = |rec: &mut Recorder, dx: &Tensor| {
-            if silu {
-                group_norm_silu_backward(
-                    rec, &x.value, &y.grad, &g, &b, &self.mean, &self.rstd, dx, &dg, &db, true,
-                )
-            } else {
-                group_norm_backward(
-                    rec, &x.value, &y.grad, &g, &self.mean, &self.rstd, dx, &dg, &db, true,
-                )
-            }
-        };
-        if gt.accumulate(&x.grad) {
-            run(rec, &self.scratch)?;
-            write_grad(rec, &self.scratch, &x.grad, true)
+        // dx is added into x's gradient in the kernel when another path already wrote it.
+        let add = gt.accumulate(&x.grad);
+        let dx = &x.grad;
+        if silu {
+            group_norm_silu_backward(
+                rec, &x.value, &y.grad, &g, &b, &self.mean, &self.rstd, dx, &dg, &db, true, add,
+            )
         } else {
-            run(rec, &x.grad)
+            group_norm_backward(
+                rec, &x.value, &y.grad, &g, &self.mean, &self.rstd, dx, &dg, &db, true, add,
+            )
         }
     }
 }

@@ -24,6 +24,9 @@ pub struct GroupNormParams {
     pub inv_count: f32,
     /// 1: SiLU fused after the affine (see the shader).
     pub silu: u32,
+    /// Backward: 1 adds into dx instead of overwriting it.
+    pub add_dx: u32,
+    pub _pad: [u32; 3],
 }
 
 const WG: usize = 256;
@@ -301,6 +304,7 @@ pub fn group_norm_backward(
     dgamma: &Tensor,
     dbeta: &Tensor,
     accumulate_param_grads: bool,
+    accumulate_dx: bool,
 ) -> OpResult {
     backward(
         rec,
@@ -315,6 +319,7 @@ pub fn group_norm_backward(
         dgamma,
         dbeta,
         accumulate_param_grads,
+        accumulate_dx,
     )
 }
 
@@ -334,6 +339,7 @@ pub fn group_norm_silu_backward(
     dgamma: &Tensor,
     dbeta: &Tensor,
     accumulate_param_grads: bool,
+    accumulate_dx: bool,
 ) -> OpResult {
     backward(
         rec,
@@ -348,6 +354,7 @@ pub fn group_norm_silu_backward(
         dgamma,
         dbeta,
         accumulate_param_grads,
+        accumulate_dx,
     )
 }
 
@@ -365,6 +372,7 @@ fn backward(
     dgamma: &Tensor,
     dbeta: &Tensor,
     accumulate_param_grads: bool,
+    accumulate_dx: bool,
 ) -> OpResult {
     let (n, pixels, c) = nhwc(op, "x", x)?;
     if !mean.numel().is_multiple_of(n) {
@@ -401,6 +409,7 @@ fn backward(
     p.splits = splits as u32;
     p.split_len = split_len as u32;
     p.accumulate = accumulate_param_grads as u32;
+    p.add_dx = accumulate_dx as u32;
     p.silu = silu_beta.is_some() as u32;
     if let Some(b) = silu_beta {
         expect_numel(op, "beta", b, c)?;

@@ -69,13 +69,26 @@ fn forward_backward_match_reference() {
             upload(&g, &[c], &prior_g, "acc dgamma"),
             upload(&g, &[c], &prior_b, "acc dbeta"),
         );
-        let tdx2 = g.tensor(&shape, "dx2");
+        let prior_dx = random(numel, seed + 6);
+        let tdx2 = upload(&g, &shape, &prior_dx, "dx2");
+        let (tdx3, tdg3, tdb3) = (
+            g.tensor(&shape, "dx3"),
+            g.tensor(&[c], "dgamma3"),
+            g.tensor(&[c], "dbeta3"),
+        );
         run(&g, |rec| {
             gn::group_norm_forward(rec, &tx, &tg, &tb, groups, eps, &ty, &tm, &ts).unwrap();
-            gn::group_norm_backward(rec, &tx, &tdy, &tg, &tm, &ts, &tdx, &tdg, &tdb, false)
+            gn::group_norm_backward(
+                rec, &tx, &tdy, &tg, &tm, &ts, &tdx, &tdg, &tdb, false, false,
+            )
+            .unwrap();
+            // Parameter gradients and dx both accumulated.
+            gn::group_norm_backward(rec, &tx, &tdy, &tg, &tm, &ts, &tdx2, &tag, &tab, true, true)
                 .unwrap();
-            gn::group_norm_backward(rec, &tx, &tdy, &tg, &tm, &ts, &tdx2, &tag, &tab, true)
-                .unwrap();
+            gn::group_norm_backward(
+                rec, &tx, &tdy, &tg, &tm, &ts, &tdx3, &tdg3, &tdb3, false, false,
+            )
+            .unwrap();
         });
         let (y, stats) = r::group_norm_forward(&x, n, h * w, c, groups, &gamma, &beta, eps as f64);
         let (dx, dgamma, dbeta) =
@@ -122,6 +135,14 @@ fn forward_backward_match_reference() {
             1e-5 * max_abs(&dbeta),
             1e-4,
         );
+        let acc_dx: Vec<f64> = dx.iter().zip(&prior_dx).map(|(a, b)| a + b).collect();
+        assert_close(
+            &format!("dx accumulate {what}"),
+            &read(&g, &tdx2),
+            &acc_dx,
+            1e-5 * max_abs(&acc_dx),
+            1e-4,
+        );
         let acc_g: Vec<f64> = dgamma.iter().zip(&prior_g).map(|(a, b)| a + b).collect();
         let acc_b: Vec<f64> = dbeta.iter().zip(&prior_b).map(|(a, b)| a + b).collect();
         assert_close(
@@ -141,7 +162,7 @@ fn forward_backward_match_reference() {
         // Same inputs, same bits: the two backward runs wrote dx through identical reductions.
         assert_eq!(
             read(&g, &tdx),
-            read(&g, &tdx2),
+            read(&g, &tdx3),
             "dx not reproducible {what}"
         );
     }
@@ -170,7 +191,10 @@ fn repeated_runs_are_bitwise_identical() {
     );
     let mut rec = g.recorder();
     gn::group_norm_forward(&mut rec, &tx, &tg, &tb, groups, 1e-6, &ty, &tm, &ts).unwrap();
-    gn::group_norm_backward(&mut rec, &tx, &tdy, &tg, &tm, &ts, &tdx, &tdg, &tdb, false).unwrap();
+    gn::group_norm_backward(
+        &mut rec, &tx, &tdy, &tg, &tm, &ts, &tdx, &tdg, &tdb, false, false,
+    )
+    .unwrap();
     let plan = rec.finish();
     let mut first = None;
     for _ in 0..3 {
@@ -231,7 +255,7 @@ fn invalid_shapes_are_errors() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("rank 4"), "{e}");
-    let e = gn::group_norm_backward(&mut rec, &x, &y, &c6, &m, &s, &x, &c6, &c6, false)
+    let e = gn::group_norm_backward(&mut rec, &x, &y, &c6, &m, &s, &x, &c6, &c6, false, false)
         .unwrap_err()
         .to_string();
     assert!(
@@ -248,6 +272,7 @@ fn invalid_shapes_are_errors() {
         &c5,
         &c6,
         &c6,
+        false,
         false,
     )
     .unwrap_err()
@@ -295,7 +320,7 @@ fn fused_silu_matches_the_unfused_pair() {
             gn::group_norm_silu_forward(rec, &tx, &tg, &tb, groups, eps, &fused_s, &m1, &r1)
                 .unwrap();
             gn::group_norm_silu_backward(
-                rec, &tx, &tds, &tg, &tb, &m1, &r1, &fused_dx, &dg1, &db1, false,
+                rec, &tx, &tds, &tg, &tb, &m1, &r1, &fused_dx, &dg1, &db1, false, false,
             )
             .unwrap();
             gn::group_norm_forward(rec, &tx, &tg, &tb, groups, eps, &norm, &m2, &r2).unwrap();
@@ -311,6 +336,7 @@ fn fused_silu_matches_the_unfused_pair() {
                 &unfused_dx,
                 &dg2,
                 &db2,
+                false,
                 false,
             )
             .unwrap();
