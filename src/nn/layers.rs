@@ -32,7 +32,6 @@ impl ParamDecls {
     }
 }
 
-
 pub struct Conv2d {
     pub weight: String,
     pub bias: String,

@@ -14,7 +14,8 @@ use crate::common::*;
 use wgpu_diffusion::ops::adamw::{self as op, AdamwConfig, AdamwHyper, EmaConfig};
 use wgpu_diffusion::reference::adamw as r;
 
-const SIZES: [usize; 5] = [1, 3, 7, 33, 70_001];
+// Multiples of 4 (8, 70 004) run the vec4 kernels.
+const SIZES: [usize; 7] = [1, 3, 7, 8, 33, 70_001, 70_004];
 
 #[test]
 fn adamw_ema_and_clipping_over_six_steps() {
