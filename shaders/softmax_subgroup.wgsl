@@ -72,3 +72,68 @@ fn softmax_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgrou
         }
     }
 }
+
+// The same for rows of a multiple of 4 elements (on 16-byte boundaries), 4 columns per lane
+// and load: llvmpipe loads storage buffers lane by lane, and a vec4 per lane makes a quarter
+// of those trips. Lane l reads texels l, l + LANES, ...; a lane adds its texel's 4 terms
+// pairwise before the running sum (a fixed order: deterministic).
+@group(0) @binding(6) var<storage, read> x4: array<vec4<f32>>;
+@group(0) @binding(7) var<storage, read_write> y4: array<vec4<f32>>;
+@group(0) @binding(8) var<storage, read> y_in4: array<vec4<f32>>;
+@group(0) @binding(9) var<storage, read> dy4: array<vec4<f32>>;
+@group(0) @binding(10) var<storage, read_write> dx4: array<vec4<f32>>;
+
+fn sum4(v: vec4<f32>) -> f32 {
+    return (v.x + v.y) + (v.z + v.w);
+}
+
+@compute @workgroup_size({{LANES}})
+fn softmax_forward4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                    @builtin(subgroup_invocation_id) lane: u32) {
+    let first = (wid.y * nwg.x + wid.x) * p.rows_per_group;
+    let end = min(first + p.rows_per_group, p.rows);
+    let len4 = p.len / 4u;
+    for (var row = first; row < end; row++) {
+        let base = row * len4;
+        var m = x4[base].x;
+        for (var j0 = 0u; j0 < len4; j0 += {{LANES}}u) {
+            let j = j0 + lane;
+            if (j < len4) {
+                let v = x4[base + j];
+                m = max(m, max(max(v.x, v.y), max(v.z, v.w)));
+            }
+        }
+        m = subgroupMax(m);
+        var s = 0.0;
+        for (var j0 = 0u; j0 < len4; j0 += {{LANES}}u) {
+            let j = j0 + lane;
+            if (j < len4) { s += sum4(exp(x4[base + j] - m)); }
+        }
+        s = subgroupAdd(s);
+        for (var j0 = 0u; j0 < len4; j0 += {{LANES}}u) {
+            let j = j0 + lane;
+            if (j < len4) { y4[base + j] = exp(x4[base + j] - m) / s; }
+        }
+    }
+}
+
+@compute @workgroup_size({{LANES}})
+fn softmax_backward4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                     @builtin(subgroup_invocation_id) lane: u32) {
+    let first = (wid.y * nwg.x + wid.x) * p.rows_per_group;
+    let end = min(first + p.rows_per_group, p.rows);
+    let len4 = p.len / 4u;
+    for (var row = first; row < end; row++) {
+        let base = row * len4;
+        var d = 0.0;
+        for (var j0 = 0u; j0 < len4; j0 += {{LANES}}u) {
+            let j = j0 + lane;
+            if (j < len4) { d += sum4(dy4[base + j] * y_in4[base + j]); }
+        }
+        d = subgroupAdd(d);
+        for (var j0 = 0u; j0 < len4; j0 += {{LANES}}u) {
+            let j = j0 + lane;
+            if (j < len4) { dx4[base + j] = y_in4[base + j] * (dy4[base + j] - d); }
+        }
+    }
+}

@@ -28,20 +28,36 @@ fn threads_per_row(len: usize) -> usize {
 const SUBGROUP_ELEMENTS_PER_GROUP: usize = 1024;
 
 /// The kernel and the workgroups for `p` on this adapter: the portable kernel takes 64 / tpr rows
-/// per workgroup, the subgroup kernel `rows_per_group`.
-fn kernel(rec: &Recorder, entry: &'static str, p: &mut SoftmaxParams) -> (KernelKey, [u32; 3]) {
+/// per workgroup, the subgroup kernel `rows_per_group`. The third value: the subgroup kernel
+/// reads whole texels (entry `…4`, vec4 bindings), for rows of a multiple of 4 elements in
+/// `tensors` that start on 16-byte boundaries.
+fn kernel(
+    rec: &Recorder,
+    entry: &'static str,
+    p: &mut SoftmaxParams,
+    tensors: &[&Tensor],
+) -> (KernelKey, [u32; 3], bool) {
     match rec.gpu.gemm_path {
         GemmPath::Subgroup { lanes } => {
             let rows = SUBGROUP_ELEMENTS_PER_GROUP.div_ceil(p.len as usize).max(1);
             p.rows_per_group = rows as u32;
+            let texels = p.len.is_multiple_of(4)
+                && tensors.iter().all(|t| t.byte_offset().is_multiple_of(16));
+            let entry = match (entry, texels) {
+                ("softmax_forward", true) => "softmax_forward4",
+                ("softmax_backward", true) => "softmax_backward4",
+                _ => entry,
+            };
             (
                 KernelKey::new("softmax_subgroup", entry).template("LANES", lanes as i64),
                 grid_1d((p.rows as usize).div_ceil(rows)),
+                texels,
             )
         }
         GemmPath::Portable => (
             KernelKey::new("softmax", entry),
             grid_1d((p.rows as usize).div_ceil(WG / p.tpr as usize)),
+            false,
         ),
     }
 }
@@ -71,8 +87,14 @@ pub fn softmax_forward(rec: &mut Recorder, x: &Tensor, y: &Tensor) -> OpResult {
     let mut p = rows_of(OP, "x", x)?;
     expect_shape(OP, "y", y, x.shape())?;
     expect_distinct(OP, x, y)?;
-    let (key, groups) = kernel(rec, OP, &mut p);
-    rec.dispatch(key, &p, &[(1, x.into()), (2, y.into())], groups);
+    let (key, groups, texels) = kernel(rec, OP, &mut p, &[x, y]);
+    let slots = if texels { [6, 7] } else { [1, 2] };
+    rec.dispatch(
+        key,
+        &p,
+        &[(slots[0], x.into()), (slots[1], y.into())],
+        groups,
+    );
     Ok(())
 }
 
@@ -84,11 +106,16 @@ pub fn softmax_backward(rec: &mut Recorder, y: &Tensor, dy: &Tensor, dx: &Tensor
     expect_shape(OP, "dx", dx, y.shape())?;
     expect_distinct(OP, y, dx)?;
     expect_distinct(OP, dy, dx)?;
-    let (key, groups) = kernel(rec, OP, &mut p);
+    let (key, groups, texels) = kernel(rec, OP, &mut p, &[y, dy, dx]);
+    let slots = if texels { [8, 9, 10] } else { [3, 4, 5] };
     rec.dispatch(
         key,
         &p,
-        &[(3, y.into()), (4, dy.into()), (5, dx.into())],
+        &[
+            (slots[0], y.into()),
+            (slots[1], dy.into()),
+            (slots[2], dx.into()),
+        ],
         groups,
     );
     Ok(())

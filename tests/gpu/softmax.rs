@@ -13,7 +13,7 @@ use wgpu_diffusion::reference::softmax as r;
 
 /// (rows, len, input scale): odd lengths, rows over the 65535 workgroup limit, long rows, and
 /// large logits that would overflow exp without the max subtraction.
-const CASES: [(usize, usize, f64); 8] = [
+const CASES: [(usize, usize, f64); 9] = [
     (1, 1, 1.0),
     (3, 7, 4.0),
     (33, 33, 4.0),
@@ -22,6 +22,8 @@ const CASES: [(usize, usize, f64); 8] = [
     (2, 1000, 60.0),
     (7, 65, 100.0),
     (101, 16, 4.0),
+    // a 14 x 14 attention's rows (whole texels: the subgroup path's vec4 kernels)
+    (9, 196, 8.0),
 ];
 
 #[test]
