@@ -33,3 +33,28 @@ fn sum_slices(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (p.beta != 0.0) { acc += p.beta * dst[o]; }
     dst[o] = acc;
 }
+
+// The same sums 4 columns per invocation, when n, the strides and both bindings' offsets are
+// whole texels (multiples of 4 elements): llvmpipe loads storage buffers lane by lane, and a
+// vec4 per lane makes a quarter of those trips. Per element: the same slices in the same
+// order, the same bits. 16 invocations per workgroup: one lavapipe SIMD row, so short rows
+// (64 columns: 16 texels) leave no lanes idle.
+@group(0) @binding(3) var<storage, read> src4: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> dst4: array<vec4<f32>>;
+
+@compute @workgroup_size(16)
+fn sum_slices4(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let j = gid.x;
+    let g = gid.y;
+    if (j >= p.n / 4u) { return; }
+    let s0 = g * p.chunk;
+    let s1 = min(p.slices, s0 + p.chunk);
+    let stride4 = p.stride / 4u;
+    var acc = vec4<f32>(0.0);
+    for (var s = s0; s < s1; s++) {
+        acc += src4[s * stride4 + j];
+    }
+    let o = g * (p.out_stride / 4u) + j;
+    if (p.beta != 0.0) { acc += p.beta * dst4[o]; }
+    dst4[o] = acc;
+}

@@ -15,8 +15,29 @@ pub struct ReduceParams {
     pub _pad: [u32; 2],
 }
 
-fn key() -> KernelKey {
-    KernelKey::new("reduce", "sum_slices")
+/// Records one slice-sum pass over `groups` output groups: 4 columns per invocation
+/// (`sum_slices4`) when the columns, strides and offsets are whole texels, else one.
+fn dispatch_sums(rec: &mut Recorder, p: &ReduceParams, src: &Tensor, dst: &Tensor, groups: u32) {
+    let texels = [p.n, p.stride, p.out_stride]
+        .iter()
+        .all(|v| v.is_multiple_of(4))
+        && src.byte_offset().is_multiple_of(16)
+        && dst.byte_offset().is_multiple_of(16);
+    if texels {
+        rec.dispatch(
+            KernelKey::new("reduce", "sum_slices4"),
+            p,
+            &[(3, src.into()), (4, dst.into())],
+            [(p.n / 4).div_ceil(16), groups, 1],
+        );
+    } else {
+        rec.dispatch(
+            KernelKey::new("reduce", "sum_slices"),
+            p,
+            &[(1, src.into()), (2, dst.into())],
+            [p.n.div_ceil(64), groups, 1],
+        );
+    }
 }
 
 /// out[j] (+)= Σ_{s < slices} src[s·stride + j] for j < n, one pass (fixed order).
@@ -53,12 +74,7 @@ pub fn sum_slices(
         beta: if accumulate { 1.0 } else { 0.0 },
         ..Default::default()
     };
-    rec.dispatch(
-        key(),
-        &p,
-        &[(1, src.into()), (2, out.into())],
-        [n.div_ceil(64) as u32, 1, 1],
-    );
+    dispatch_sums(rec, &p, src, out, 1);
     Ok(())
 }
 
@@ -94,12 +110,7 @@ pub fn sum_rows(
             "{OP}: {rows} rows exceed the two-stage limit"
         )));
     }
-    rec.dispatch(
-        key(),
-        &p,
-        &[(1, m.into()), (2, (&partial).into())],
-        [cols.div_ceil(64) as u32, groups as u32, 1],
-    );
+    dispatch_sums(rec, &p, m, &partial, groups as u32);
     sum_slices(rec, &partial, groups, cols, cols, out, accumulate)
 }
 
@@ -131,11 +142,6 @@ pub fn sum_pixels_per_sample(
         beta: if accumulate { 1.0 } else { 0.0 },
         ..Default::default()
     };
-    rec.dispatch(
-        key(),
-        &p,
-        &[(1, h.into()), (2, out.into())],
-        [c.div_ceil(64) as u32, n as u32, 1],
-    );
+    dispatch_sums(rec, &p, h, out, n as u32);
     Ok(())
 }

@@ -16,6 +16,7 @@ mod hostile;
 mod loss;
 mod noise;
 mod parity;
+mod reduce;
 mod sample_cli;
 mod sample_parity;
 mod samplers;
