@@ -153,28 +153,33 @@ fn axpby4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     }
 }
 
+// One invocation per pixel, looping over its texels: no per-texel integer division (llvmpipe
+// runs a vector integer division as one scalar division per lane).
 @compute @workgroup_size(256)
 fn add_channel_bias4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                      @builtin(local_invocation_index) lid: u32) {
-    let i = linear_index(wid, nwg, lid);
-    if (i < p.n / 4u) {
-        let c4n = p.channels / 4u;
-        let sample = i / (c4n * p.pixels_per_sample);
-        y4[i] = y4[i] + p.alpha * x4[sample * c4n + i % c4n];
+    let q = linear_index(wid, nwg, lid);
+    let c4n = p.channels / 4u;
+    if (q < p.n / p.channels) {
+        let v0 = (q / p.pixels_per_sample) * c4n;
+        for (var c4 = 0u; c4 < c4n; c4++) {
+            y4[q * c4n + c4] = y4[q * c4n + c4] + p.alpha * x4[v0 + c4];
+        }
     }
 }
 
+// One invocation per pixel (p.n pixels), looping over the copied texels.
 @compute @workgroup_size(256)
 fn copy_channels4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                   @builtin(local_invocation_index) lid: u32) {
-    let i = linear_index(wid, nwg, lid);
-    let c4n = p.channels / 4u;
-    if (i < p.n * c4n) {
-        let q = i / c4n;
-        let c4 = i % c4n;
-        let d = (q * p.dst_stride + p.dst_offset) / 4u + c4;
-        var v = x4[(q * p.src_stride + p.src_offset) / 4u + c4];
-        if (p.beta != 0.0) { v = v + p.beta * y4[d]; }
-        y4[d] = v;
+    let q = linear_index(wid, nwg, lid);
+    if (q < p.n) {
+        let d0 = (q * p.dst_stride + p.dst_offset) / 4u;
+        let s0 = (q * p.src_stride + p.src_offset) / 4u;
+        for (var c4 = 0u; c4 < p.channels / 4u; c4++) {
+            var v = x4[s0 + c4];
+            if (p.beta != 0.0) { v = v + p.beta * y4[d0 + c4]; }
+            y4[d0 + c4] = v;
+        }
     }
 }

@@ -164,13 +164,15 @@ pub fn add_channel_bias(rec: &mut Recorder, v: &Tensor, alpha: f32, h: &Tensor) 
         ..Default::default()
     };
     let vec4 = vectorised(&[c], &[v, h]);
+    // The vec4 kernel takes one pixel per invocation (`dispatch` counts items / 4 for it).
+    let items = if vec4 { 4 * h.numel() / c } else { h.numel() };
     dispatch(
         rec,
         (OP, "add_channel_bias4"),
         vec4,
         &p,
         &[(1, v), (2, h)],
-        h.numel(),
+        items,
     );
     Ok(())
 }
@@ -232,13 +234,15 @@ pub fn copy_channels(
         ..Default::default()
     };
     let vec4 = vectorised(&[channels, sc, src_offset, dc, dst_offset], &[src, dst]);
+    // The vec4 kernel takes one pixel per invocation (`dispatch` counts items / 4 for it).
+    let items = if vec4 { 4 * pixels } else { pixels * channels };
     dispatch(
         rec,
         (OP, "copy_channels4"),
         vec4,
         &p,
         &[(1, src), (2, dst)],
-        pixels * channels,
+        items,
     );
     Ok(())
 }

@@ -92,6 +92,7 @@ fn channel_bias_and_concat() {
         (3, 7, 7, 33, 4),
         (2, 3, 5, 8, 4),
         (2, 4, 4, 64, 32),
+        (2, 17, 9, 12, 8),
     ] {
         let q = h * w;
         let hx = random(n * q * ca, 60);
