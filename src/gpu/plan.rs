@@ -91,7 +91,7 @@ pub struct Recorder {
     /// Textures packed from a tensor (`remember_pack`) whose buffer nothing has bound since:
     /// a later pack of the same tensor reuses them instead of copying again (a conv's dY is
     /// packed for its backward-weight and then its backward-input pass).
-    packs: Vec<(Tensor, &'static str, Texture2d)>,
+    packs: Vec<(Tensor, String, Texture2d)>,
     /// Floating-point operations of the GEMM-shaped work recorded (2 per multiply-add), for
     /// the benchmark's achieved GFLOP/s.
     flops: f64,
@@ -196,7 +196,7 @@ impl Recorder {
 
     /// The texture that `layout` packed from `t` (same buffer, offset and shape) if no dispatch or
     /// copy has bound `t`'s buffer since: its contents are still `t`'s.
-    pub fn packed(&self, t: &Tensor, layout: &'static str) -> Option<Texture2d> {
+    pub fn packed(&self, t: &Tensor, layout: &str) -> Option<Texture2d> {
         self.packs
             .iter()
             .find(|(src, l, _)| {
@@ -209,8 +209,8 @@ impl Recorder {
     }
 
     /// Remembers that `tex` now holds `t` packed as `layout` (call after recording the pack).
-    pub fn remember_pack(&mut self, t: &Tensor, layout: &'static str, tex: &Texture2d) {
-        self.packs.push((t.clone(), layout, tex.clone()));
+    pub fn remember_pack(&mut self, t: &Tensor, layout: impl Into<String>, tex: &Texture2d) {
+        self.packs.push((t.clone(), layout.into(), tex.clone()));
     }
 
     /// Forgets the packs of `t`'s buffer: it is bound (possibly written) by what is recorded next.

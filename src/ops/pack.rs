@@ -89,6 +89,12 @@ pub fn pack_matrix(
         height: height as u32,
         ..Default::default()
     };
+    // The same operand packed the same way earlier in the plan, its buffer untouched since (a
+    // layer input that several GEMMs take as B, e.g. the weight gradients of Q, K and V).
+    let layout = format!("pack_matrix {:?}", bytemuck::bytes_of(&p));
+    if let Some(tex) = rec.packed(m.tensor, &layout) {
+        return Ok(tex);
+    }
     let aligned = !m.trans
         && cols.is_multiple_of(4)
         && [m.ld, m.offset, m.batch_outer, m.batch_inner]
@@ -110,6 +116,7 @@ pub fn pack_matrix(
     {
         let tex = Texture2d::new(&rec.gpu, p.width, p.height, label);
         rec.copy_to_texture(m.tensor, &tex);
+        rec.remember_pack(m.tensor, layout, &tex);
         return Ok(tex);
     }
     // (texel column, row, batch) grids: see pack.wgsl.
@@ -141,6 +148,7 @@ pub fn pack_matrix(
         &[(src_slot, m.tensor.into()), (2, (&tex).into())],
         groups,
     );
+    rec.remember_pack(m.tensor, layout, &tex);
     Ok(tex)
 }
 

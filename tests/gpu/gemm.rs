@@ -192,3 +192,24 @@ fn gemm_rejects_bad_operands() {
         .to_string();
     assert!(e.contains("input features"), "{e}");
 }
+
+/// A GEMM operand packed twice the same way in one plan is packed once, until its buffer is
+/// bound again; packed another way (another leading dimension) it is another texture.
+#[test]
+fn packed_matrices_are_reused_until_their_tensor_is_bound() {
+    use std::sync::Arc;
+    use wgpu_diffusion::ops::pack::pack_matrix;
+    let g = gpu();
+    let mut rec = g.recorder();
+    let x = g.tensor(&[12, 8], "x");
+    let dense = MatRef::dense(&x, 8);
+    let first = pack_matrix(&mut rec, &dense, 12, 8, 12, 1, 1, "x").unwrap();
+    let again = pack_matrix(&mut rec, &dense, 12, 8, 12, 1, 1, "x").unwrap();
+    assert!(Arc::ptr_eq(&first.texture, &again.texture));
+    let halves = MatRef::dense(&x, 4);
+    let other = pack_matrix(&mut rec, &halves, 24, 4, 24, 1, 1, "x").unwrap();
+    assert!(!Arc::ptr_eq(&first.texture, &other.texture));
+    wgpu_diffusion::ops::elementwise::scale(&mut rec, 2.0, &x).unwrap();
+    let after = pack_matrix(&mut rec, &dense, 12, 8, 12, 1, 1, "x").unwrap();
+    assert!(!Arc::ptr_eq(&first.texture, &after.texture));
+}
