@@ -213,10 +213,17 @@ impl Recorder {
         self.packs.push((t.clone(), layout.into(), tex.clone()));
     }
 
-    /// Forgets the packs of `t`'s buffer: it is bound (possibly written) by what is recorded next.
-    /// Conservative: a read-only binding also forgets them.
+    /// Forgets the packs of tensors that overlap `t`: it is bound (possibly written) by what is
+    /// recorded next. Conservative: a read-only binding also forgets them. Other parts of the
+    /// same buffer keep theirs (the parameters share one buffer; a bias binding leaves the
+    /// packed weights beside it valid).
     fn touch(&mut self, t: &Tensor) {
-        self.packs.retain(|(src, _, _)| !src.shares_buffer(t));
+        let overlaps = |src: &Tensor| {
+            src.shares_buffer(t)
+                && src.offset() < t.offset() + t.numel().max(1)
+                && t.offset() < src.offset() + src.numel().max(1)
+        };
+        self.packs.retain(|(src, _, _)| !overlaps(src));
     }
 
     /// Records a zero fill of `t` (e.g. gradients at the start of a step).

@@ -212,4 +212,17 @@ fn packed_matrices_are_reused_until_their_tensor_is_bound() {
     wgpu_diffusion::ops::elementwise::scale(&mut rec, 2.0, &x).unwrap();
     let after = pack_matrix(&mut rec, &dense, 12, 8, 12, 1, 1, "x").unwrap();
     assert!(!Arc::ptr_eq(&first.texture, &after.texture));
+    // Views of one buffer (as the parameters are): binding one keeps the other's pack; binding
+    // a view that overlaps it does not.
+    let store = g.tensor(&[256], "store");
+    let (w, b) = (store.view(0, &[8, 8], "w"), store.view(128, &[8], "b"));
+    let w_ref = MatRef::dense(&w, 8);
+    let packed_w = pack_matrix(&mut rec, &w_ref, 8, 8, 8, 1, 1, "w").unwrap();
+    wgpu_diffusion::ops::elementwise::scale(&mut rec, 2.0, &b).unwrap();
+    let still = pack_matrix(&mut rec, &w_ref, 8, 8, 8, 1, 1, "w").unwrap();
+    assert!(Arc::ptr_eq(&packed_w.texture, &still.texture));
+    let overlapping = store.view(0, &[4], "overlapping");
+    wgpu_diffusion::ops::elementwise::scale(&mut rec, 2.0, &overlapping).unwrap();
+    let repacked = pack_matrix(&mut rec, &w_ref, 8, 8, 8, 1, 1, "w").unwrap();
+    assert!(!Arc::ptr_eq(&packed_w.texture, &repacked.texture));
 }
