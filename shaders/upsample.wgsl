@@ -71,38 +71,48 @@ fn upsample_nearest2x_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(n
 
 const WG4: u32 = 64u;
 
+// An invocation's input texel (index `small` in x / dx) and the first of its 2 x 2 children
+// (index `big` in y / dy; the others at + c4n, + out_row, + out_row + c4n), in texels.
+struct TexelSite {
+    live: bool,
+    small: u32,
+    big: u32,
+    c4n: u32,
+    out_row: u32,
+}
+
+fn texel_site(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> TexelSite {
+    let c4n = p.channels / 4u;
+    let xi = wid.x * WG4 + lid;
+    let r = wid.y + nwg.y * wid.z;
+    let ix = xi / c4n;
+    let out_row = 2u * p.width * c4n;
+    let live = xi < p.width * c4n && r < p.numel;
+    return TexelSite(live, r * p.width * c4n + xi, 2u * r * out_row + 2u * ix * c4n + xi % c4n,
+                     c4n, out_row);
+}
+
 // src = x [N, H, W, C], dst = y [N, 2H, 2W, C]: copies one texel to its 2 x 2 children.
 @compute @workgroup_size(64)
 fn upsample_nearest2x_forward4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                                @builtin(local_invocation_index) lid: u32) {
-    let c4n = p.channels / 4u;
-    let xi = wid.x * WG4 + lid;
-    let r = wid.y + nwg.y * wid.z;
-    if (xi >= p.width * c4n || r >= p.numel) { return; }
-    let ix = xi / c4n;
-    let c4 = xi % c4n;
-    let v = src4[r * p.width * c4n + xi];
-    let out_row = 2u * p.width * c4n;
-    let o = 2u * r * out_row + 2u * ix * c4n + c4;
-    dst4[o] = v;
-    dst4[o + c4n] = v;
-    dst4[o + out_row] = v;
-    dst4[o + out_row + c4n] = v;
+    let t = texel_site(wid, nwg, lid);
+    if (!t.live) { return; }
+    let v = src4[t.small];
+    dst4[t.big] = v;
+    dst4[t.big + t.c4n] = v;
+    dst4[t.big + t.out_row] = v;
+    dst4[t.big + t.out_row + t.c4n] = v;
 }
 
 // src = dy [N, 2H, 2W, C], dst = dx [N, H, W, C]: children summed in the scalar kernel's order.
 @compute @workgroup_size(64)
 fn upsample_nearest2x_backward4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                                 @builtin(local_invocation_index) lid: u32) {
-    let c4n = p.channels / 4u;
-    let xi = wid.x * WG4 + lid;
-    let r = wid.y + nwg.y * wid.z;
-    if (xi >= p.width * c4n || r >= p.numel) { return; }
-    let ix = xi / c4n;
-    let c4 = xi % c4n;
-    let out_row = 2u * p.width * c4n;
-    let b = 2u * r * out_row + 2u * ix * c4n + c4;
-    dst4[r * p.width * c4n + xi] = ((src4[b] + src4[b + c4n]) + src4[b + out_row]) + src4[b + out_row + c4n];
+    let t = texel_site(wid, nwg, lid);
+    if (!t.live) { return; }
+    let b = t.big;
+    dst4[t.small] = ((src4[b] + src4[b + t.c4n]) + src4[b + t.out_row]) + src4[b + t.out_row + t.c4n];
 }
 
 // torch F.interpolate(mode="bicubic", align_corners=False, scale_factor=k) (Keys' cubic
