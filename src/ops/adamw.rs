@@ -163,13 +163,6 @@ fn expect_all_distinct(op: &str, tensors: &[(&str, &Tensor)]) -> OpResult {
     Ok(())
 }
 
-/// Whether the element-wise kernels can take these (equal-length) buffers 4 elements at a time.
-fn texels(tensors: &[&Tensor]) -> bool {
-    tensors
-        .iter()
-        .all(|t| t.numel().is_multiple_of(4) && t.byte_offset().is_multiple_of(16))
-}
-
 /// One AdamW step over the flat buffers: `params`, `grads`, `exp_avg` (m), `exp_avg_sq` (v) of
 /// equal length; `hyper` of [`HYPER_LEN`] elements; gradients are multiplied by
 /// `grad_scale[0]` (≥ 1 element).
@@ -212,7 +205,7 @@ pub fn adamw_step(
         n: u32_of(OP, "n", n)?,
         ..Default::default()
     };
-    if texels(&[grads, params, exp_avg, exp_avg_sq]) {
+    if super::whole_texels(&[n], &[grads, params, exp_avg, exp_avg_sq]) {
         rec.dispatch(
             key("adamw_step4"),
             &p,
@@ -256,7 +249,7 @@ pub fn ema_update(rec: &mut Recorder, hyper: &Tensor, params: &Tensor, ema: &Ten
         n: u32_of(OP, "n", n)?,
         ..Default::default()
     };
-    if texels(&[params, ema]) {
+    if super::whole_texels(&[n], &[params, ema]) {
         rec.dispatch(
             key("ema_update4"),
             &p,

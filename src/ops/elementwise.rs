@@ -24,12 +24,8 @@ fn key(entry: &'static str) -> KernelKey {
     KernelKey::new("elementwise", entry)
 }
 
-/// Whether the vectorised entry point (`<entry>4`, bindings 4-6 instead of 1-3) applies: every
-/// count, stride and offset a multiple of 4, every buffer on a 16-byte boundary.
-fn vectorised(counts: &[usize], tensors: &[&Tensor]) -> bool {
-    counts.iter().all(|c| c.is_multiple_of(4))
-        && tensors.iter().all(|t| t.byte_offset().is_multiple_of(16))
-}
+/// Whether the vectorised entry point (`<entry>4`, bindings 4-6 instead of 1-3) applies.
+use super::whole_texels as vectorised;
 
 /// Records `entry` over `items` scalar work items, or its vectorised twin over `items / 4`
 /// with the bindings moved to the vec4 slots.

@@ -81,6 +81,13 @@ pub(crate) fn u32_of(op: &str, what: &str, v: usize) -> OpResult<u32> {
     u32::try_from(v).map_err(|_| invalid(format!("{op}: {what} = {v} does not fit in 32 bits")))
 }
 
+/// Whether a kernel's vec4 twin applies: every count, stride and offset (in elements) a multiple
+/// of 4 and every buffer on a 16-byte boundary, so each invocation's 4 values are one texel.
+pub(crate) fn whole_texels(counts: &[usize], tensors: &[&crate::gpu::Tensor]) -> bool {
+    counts.iter().all(|c| c.is_multiple_of(4))
+        && tensors.iter().all(|t| t.byte_offset().is_multiple_of(16))
+}
+
 /// Every kernel specialization the runtime can build (validated by `tests/shaders.rs`): the
 /// GEMM family with its tile constants and templates, and every entry point of the others.
 pub fn all_kernel_keys() -> Vec<crate::gpu::KernelKey> {

@@ -18,12 +18,8 @@ pub struct ReduceParams {
 /// Records one slice-sum pass over `groups` output groups: 4 columns per invocation
 /// (`sum_slices4`) when the columns, strides and offsets are whole texels, else one.
 fn dispatch_sums(rec: &mut Recorder, p: &ReduceParams, src: &Tensor, dst: &Tensor, groups: u32) {
-    let texels = [p.n, p.stride, p.out_stride]
-        .iter()
-        .all(|v| v.is_multiple_of(4))
-        && src.byte_offset().is_multiple_of(16)
-        && dst.byte_offset().is_multiple_of(16);
-    if texels {
+    let counts = [p.n, p.stride, p.out_stride].map(|v| v as usize);
+    if super::whole_texels(&counts, &[src, dst]) {
         rec.dispatch(
             KernelKey::new("reduce", "sum_slices4"),
             p,

@@ -41,8 +41,7 @@ fn kernel(
         GemmPath::Subgroup { lanes } => {
             let rows = SUBGROUP_ELEMENTS_PER_GROUP.div_ceil(p.len as usize).max(1);
             p.rows_per_group = rows as u32;
-            let texels = p.len.is_multiple_of(4)
-                && tensors.iter().all(|t| t.byte_offset().is_multiple_of(16));
+            let texels = super::whole_texels(&[p.len as usize], tensors);
             let entry = match (entry, texels) {
                 ("softmax_forward", true) => "softmax_forward4",
                 ("softmax_backward", true) => "softmax_backward4",

@@ -62,10 +62,7 @@ fn texel_grid(small: &Tensor, big: &Tensor) -> Option<[u32; 3]> {
     let s = small.shape();
     let (rows, row_texels) = (s[0] * s[1], s[2] * s[3] / 4);
     let gx = row_texels.div_ceil(64);
-    let aligned = s[3].is_multiple_of(4)
-        && small.byte_offset().is_multiple_of(16)
-        && big.byte_offset().is_multiple_of(16);
-    if !aligned || gx > 65535 {
+    if !super::whole_texels(&[s[3]], &[small, big]) || gx > 65535 {
         return None;
     }
     let gy = rows.min(65535);
