@@ -12,9 +12,10 @@ use safetensors::{Dtype, tensor::TensorView};
 
 use crate::diffusion::scheduler::{SamplerKind, SamplingSchedule, TimestepSpacing};
 use crate::gpu::{Gpu, GpuOptions};
+use crate::io::atomic::atomic_write;
+use crate::io::images::{save_grid, save_image};
+use crate::io::tensors::LoadedTensors;
 use crate::sample::{ModelSource, Noise, Sampler, SamplerOptions, nchw_to_nhwc, nhwc_to_nchw};
-use crate::train::checkpoint::{LoadedTensors, atomic_write};
-use crate::train::plot::{save_grid, save_image};
 
 #[derive(clap::Args, Clone, Debug)]
 #[command(group(clap::ArgGroup::new("source").required(true).args(["model", "checkpoint"])))]
@@ -583,12 +584,12 @@ fn score(sr: &[f32], hr: &[f32], lr: &[f32], k: usize, totals: &mut SrScores) {
     let (a, b) = (to_unit(sr), to_unit(hr));
     totals.psnr += psnr(&a, &b);
     totals.ssim += ssim(&a, &b, 28, 28, 1);
-    let pooled = crate::reference::upsample::avg_pool(&a, [1, 28 / k, 28 / k, 1], k);
+    let pooled = crate::data::resize::avg_pool(&a, [1, 28 / k, 28 / k, 1], k);
     totals.consistency_psnr += psnr(&pooled, &to_unit(lr));
 }
 
 pub fn run_eval_sr(opts: &GpuOptions, args: &EvalSrArgs) -> Result<()> {
-    use crate::reference::upsample::{avg_pool, upsample_bicubic};
+    use crate::data::resize::{avg_pool, upsample_bicubic};
     let source = ModelSource::from_dir(&args.model)?;
     let cfg = &source.config;
     let Some(k) = cfg.sr_scale else {

@@ -7,10 +7,15 @@ pub mod cli_train;
 pub mod data;
 pub mod diffusion;
 pub mod gpu;
+pub mod io;
 pub mod metrics;
 pub mod nn;
 pub mod ops;
+/// The tests' f64 oracle (forward and backward of every op). Only `tests/` and `#[cfg(test)]` code
+/// may use it (`tests/layering.rs`); the product never does.
+#[doc(hidden)]
 pub mod reference;
+pub mod rng;
 pub mod robustness;
 pub mod sample;
 pub mod train;

@@ -189,7 +189,7 @@ fn run(cli: Cli, process_start: std::time::Instant) -> anyhow::Result<()> {
                         .list_checkpoints()
                         .pop()
                     {
-                        let ck = wgpu_diffusion::train::checkpoint::LoadedTensors::read(&last)?;
+                        let ck = wgpu_diffusion::io::tensors::LoadedTensors::read(&last)?;
                         if let Some(path) = ck.metadata().get("gemm_path") {
                             opts.gemm_path = Some(if path == "portable" {
                                 GemmPathChoice::Portable

@@ -90,7 +90,7 @@ mod tests {
 #[cfg(test)]
 mod bicubic_baseline {
     use super::*;
-    use crate::reference::upsample::{avg_pool, upsample_bicubic};
+    use crate::data::resize::{avg_pool, upsample_bicubic};
 
     /// Bicubic's PSNR/SSIM over the 10k MNIST test digits with these conventions reproduce the
     /// figures measured independently for the super-resolution targets: ×2 20.61 dB / 0.866,

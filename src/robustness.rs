@@ -8,10 +8,11 @@ use std::sync::Arc;
 
 use crate::diffusion::scheduler::{SamplerKind, SamplingSchedule, SchedulerConfig};
 use crate::gpu::{Gpu, GpuError};
+use crate::io::model_dir::model_weights;
+use crate::io::tensors::LoadedTensors;
 use crate::nn::{ParamStore, UNet, UNetConfig};
 use crate::sample::ModelSource;
 use crate::train::TrainConfig;
-use crate::train::checkpoint::{LoadedTensors, model_weights};
 
 /// The kinds of file a user hands the tool.
 pub const TARGETS: [&str; 6] = [

@@ -45,7 +45,7 @@ fn validate(key: &KernelKey) {
 
 #[test]
 fn every_kernel_specialization_validates_and_translates() {
-    let keys = wgpu_diffusion::ops::all_kernel_keys();
+    let keys = wgpu_diffusion::ops::variants::all_kernel_keys();
     for key in &keys {
         validate(key);
     }
@@ -53,7 +53,7 @@ fn every_kernel_specialization_validates_and_translates() {
     for (name, _) in SHADERS {
         assert!(
             keys.iter().any(|k| k.shader == *name),
-            "shader `{name}` has no kernel key in ops::all_kernel_keys()"
+            "shader `{name}` has no kernel key in ops::variants::all_kernel_keys()"
         );
     }
     eprintln!("validated {} kernel specializations", keys.len());

@@ -43,7 +43,7 @@ fn time_plan(gpu: &Gpu, plan: &Plan, reps: usize) -> Result<f64> {
 
 fn fill(gpu: &Gpu, shape: &[usize], label: &str, seed: u64) -> Result<crate::gpu::Tensor> {
     let n: usize = shape.iter().product();
-    let data: Vec<f32> = crate::reference::test_data(n, seed)
+    let data: Vec<f32> = crate::rng::test_data(n, seed)
         .iter()
         .map(|&v| v as f32)
         .collect();
@@ -296,7 +296,7 @@ pub fn train_steps(
         gpu.checked_build(|| crate::train::Trainer::new(gpu.clone(), cfg.clone(), &unet_cfg))?;
     trainer.set_weights(&crate::nn::init::default_init(&trainer.unet.params, 0))?;
     let numel: usize = trainer.unet.sample.shape().iter().product();
-    let data: Vec<f32> = crate::reference::test_data(numel, 1)
+    let data: Vec<f32> = crate::rng::test_data(numel, 1)
         .iter()
         .map(|&v| v as f32)
         .collect();

@@ -4,6 +4,7 @@
 
 pub mod folder;
 pub mod mnist;
+pub mod resize;
 
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;

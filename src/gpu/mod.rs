@@ -406,31 +406,6 @@ impl Gpu {
         true
     }
 
-    /// Whether a tensor may be bound to one kernel (its bytes within one storage binding).
-    pub(crate) fn admit_binding(&self, t: &Tensor, entry: &str) -> bool {
-        let max = self.limits.max_storage_buffer_binding_size;
-        if t.byte_len() > max {
-            let named = format!("tensor `{}`", t.label());
-            if self
-                .health
-                .limits
-                .lock()
-                .is_ok_and(|v| v.iter().any(|m| m.starts_with(&named)))
-            {
-                return false;
-            }
-            self.limit_problem(format!(
-                "tensor `{}` {:?} is {} and one storage binding of this adapter holds {} (max_storage_buffer_binding_size; kernel `{entry}`)",
-                t.label(),
-                t.shape(),
-                human_bytes(t.byte_len()),
-                human_bytes(max)
-            ));
-            return false;
-        }
-        true
-    }
-
     /// Whether a dispatch's workgroup counts are within the adapter's limit.
     pub(crate) fn admit_workgroups(&self, groups: [u32; 3], entry: &str) -> bool {
         let max = self.limits.max_compute_workgroups_per_dimension;
@@ -515,55 +490,7 @@ impl Gpu {
         )
     }
 
-    /// Allocates a zero-filled f32 tensor in its own storage buffer.
-    pub fn tensor(&self, shape: &[usize], label: &str) -> Tensor {
-        Tensor::new(self, shape, label)
-    }
-
-    /// Allocates a tensor and uploads `data` into it.
-    pub fn tensor_from(
-        &self,
-        shape: &[usize],
-        data: &[f32],
-        label: &str,
-    ) -> Result<Tensor, GpuError> {
-        let t = Tensor::new(self, shape, label);
-        self.write(&t, data)?;
-        Ok(t)
-    }
-
-    pub fn write(&self, t: &Tensor, data: &[f32]) -> Result<(), GpuError> {
-        if data.len() != t.numel() {
-            return Err(GpuError::Invalid(format!(
-                "upload to `{}`: {} values given for shape {:?} ({} elements)",
-                t.label(),
-                data.len(),
-                t.shape(),
-                t.numel()
-            )));
-        }
-        self.queue
-            .write_buffer(t.buffer(), t.byte_offset(), bytemuck::cast_slice(data));
-        Ok(())
-    }
-
-    /// Writes raw 32-bit words (u32 tensors share the f32 storage).
-    pub fn write_u32(&self, t: &Tensor, data: &[u32]) -> Result<(), GpuError> {
-        self.write(t, bytemuck::cast_slice(data))
-    }
-
-    /// Reads a tensor back (blocks until the GPU is done with everything submitted).
-    pub fn read(&self, t: &Tensor) -> Result<Vec<f32>, GpuError> {
-        let bytes = self.read_bytes(t.buffer(), t.byte_offset(), t.byte_len())?;
-        Ok(bytemuck::pod_collect_to_vec(&bytes))
-    }
-
-    pub fn read_u32(&self, t: &Tensor) -> Result<Vec<u32>, GpuError> {
-        let bytes = self.read_bytes(t.buffer(), t.byte_offset(), t.byte_len())?;
-        Ok(bytemuck::pod_collect_to_vec(&bytes))
-    }
-
-    fn read_bytes(
+    pub(crate) fn read_bytes(
         &self,
         buffer: &wgpu::Buffer,
         offset: u64,
@@ -607,19 +534,6 @@ impl Gpu {
         self.check()
     }
 
-    /// Encodes the plans in order into one command buffer and submits it.
-    pub fn submit(&self, plans: &[&Plan]) -> wgpu::SubmissionIndex {
-        let mut enc = self
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("step"),
-            });
-        for p in plans {
-            p.encode(&mut enc);
-        }
-        self.submit_encoder(enc)
-    }
-
     /// Finishes and submits a command encoder (every submit goes through here and is counted).
     pub fn submit_encoder(&self, enc: wgpu::CommandEncoder) -> wgpu::SubmissionIndex {
         self.health
@@ -649,18 +563,6 @@ impl Gpu {
         self.health
             .submits
             .load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// Submits and waits: for tests, benchmarks and one-off work. Nothing is submitted when a
-    /// plan was built past the adapter's limits.
-    pub fn run(&self, plans: &[&Plan]) -> Result<(), GpuError> {
-        self.check()?;
-        self.submit(plans);
-        self.wait()
-    }
-
-    pub fn recorder(self: &Arc<Self>) -> Recorder {
-        Recorder::new(self.clone())
     }
 
     pub fn has_subgroups(&self) -> bool {

@@ -480,3 +480,32 @@ pub fn grid_1d(workgroups: usize) -> [u32; 3] {
         [w.div_ceil(y) as u32, y as u32, 1]
     }
 }
+
+/// Submitting recorded plans (here, beside [`Plan`], so that `gpu/mod.rs` needs nothing of this
+/// file).
+impl Gpu {
+    /// Encodes the plans in order into one command buffer and submits it.
+    pub fn submit(&self, plans: &[&Plan]) -> wgpu::SubmissionIndex {
+        let mut enc = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("step"),
+            });
+        for p in plans {
+            p.encode(&mut enc);
+        }
+        self.submit_encoder(enc)
+    }
+
+    /// Submits and waits: for tests, benchmarks and one-off work. Nothing is submitted when a
+    /// plan was built past the adapter's limits.
+    pub fn run(&self, plans: &[&Plan]) -> Result<(), GpuError> {
+        self.check()?;
+        self.submit(plans);
+        self.wait()
+    }
+
+    pub fn recorder(self: &Arc<Self>) -> Recorder {
+        Recorder::new(self.clone())
+    }
+}

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use super::Gpu;
+use super::{Gpu, GpuError, human_bytes};
 
 #[derive(Clone, Debug)]
 pub struct Tensor {
@@ -167,6 +167,83 @@ impl Texture2d {
             width,
             height,
         }
+    }
+}
+
+/// The device's tensor traffic: allocation, uploads, readbacks and binding checks (here, beside
+/// [`Tensor`], so that `gpu/mod.rs` needs nothing of this file).
+impl Gpu {
+    /// Whether a tensor may be bound to one kernel (its bytes within one storage binding).
+    pub(crate) fn admit_binding(&self, t: &Tensor, entry: &str) -> bool {
+        let max = self.limits.max_storage_buffer_binding_size;
+        if t.byte_len() > max {
+            let named = format!("tensor `{}`", t.label());
+            if self
+                .health
+                .limits
+                .lock()
+                .is_ok_and(|v| v.iter().any(|m| m.starts_with(&named)))
+            {
+                return false;
+            }
+            self.limit_problem(format!(
+                "tensor `{}` {:?} is {} and one storage binding of this adapter holds {} (max_storage_buffer_binding_size; kernel `{entry}`)",
+                t.label(),
+                t.shape(),
+                human_bytes(t.byte_len()),
+                human_bytes(max)
+            ));
+            return false;
+        }
+        true
+    }
+
+    /// Allocates a zero-filled f32 tensor in its own storage buffer.
+    pub fn tensor(&self, shape: &[usize], label: &str) -> Tensor {
+        Tensor::new(self, shape, label)
+    }
+
+    /// Allocates a tensor and uploads `data` into it.
+    pub fn tensor_from(
+        &self,
+        shape: &[usize],
+        data: &[f32],
+        label: &str,
+    ) -> Result<Tensor, GpuError> {
+        let t = Tensor::new(self, shape, label);
+        self.write(&t, data)?;
+        Ok(t)
+    }
+
+    pub fn write(&self, t: &Tensor, data: &[f32]) -> Result<(), GpuError> {
+        if data.len() != t.numel() {
+            return Err(GpuError::Invalid(format!(
+                "upload to `{}`: {} values given for shape {:?} ({} elements)",
+                t.label(),
+                data.len(),
+                t.shape(),
+                t.numel()
+            )));
+        }
+        self.queue
+            .write_buffer(t.buffer(), t.byte_offset(), bytemuck::cast_slice(data));
+        Ok(())
+    }
+
+    /// Writes raw 32-bit words (u32 tensors share the f32 storage).
+    pub fn write_u32(&self, t: &Tensor, data: &[u32]) -> Result<(), GpuError> {
+        self.write(t, bytemuck::cast_slice(data))
+    }
+
+    /// Reads a tensor back (blocks until the GPU is done with everything submitted).
+    pub fn read(&self, t: &Tensor) -> Result<Vec<f32>, GpuError> {
+        let bytes = self.read_bytes(t.buffer(), t.byte_offset(), t.byte_len())?;
+        Ok(bytemuck::pod_collect_to_vec(&bytes))
+    }
+
+    pub fn read_u32(&self, t: &Tensor) -> Result<Vec<u32>, GpuError> {
+        let bytes = self.read_bytes(t.buffer(), t.byte_offset(), t.byte_len())?;
+        Ok(bytemuck::pod_collect_to_vec(&bytes))
     }
 }
 

@@ -3,8 +3,9 @@
 //! path), which share one tile core with the GEMM. Activations are NHWC, weights are torch's
 //! [Co, Ci, KH, KW] (diffusers' state-dict layout, so checkpoints load as they are).
 
-use super::gemm::{
-    GemmParams, PORTABLE_TILES, SUBGROUPS_PER_WORKGROUP, SubgroupTile, portable_key, store_width,
+use super::tiles::{
+    GemmParams, PORTABLE_TILES, SUBGROUP_BACKWARD_WEIGHT_WORKGROUPS, SUBGROUPS_PER_WORKGROUP,
+    balanced_splits, portable_key, store_width, subgroup_backward_weight_tile, subgroup_conv_tile,
     subgroup_tile_key,
 };
 use super::{
@@ -12,40 +13,6 @@ use super::{
     u32_of,
 };
 use crate::gpu::{Binding, GemmPath, GpuError, Recorder, Tensor};
-
-/// Register-tile row blocks of the subgroup conv kernels (RB = 4 in DESIGN.md's recipe).
-pub const SUBGROUP_ROW_BLOCKS: u32 = 4;
-/// Row blocks of the narrow conv tile (2 columns per lane): half the wide tile's accumulators.
-/// RB = 8 (the same count) ran within this VM's noise of RB = 4 but is twice the unrolled code,
-/// and llvmpipe JIT-compiles it at the first dispatch: tiny16's cold first step took 159 s with
-/// it, 92 s with RB = 4.
-pub const SUBGROUP_NARROW_ROW_BLOCKS: u32 = 4;
-
-/// The subgroup tile for a forward / backward-input conv with `n` output columns: 4 columns per
-/// lane, or 2 when the last 4 L-wide tile would be at most half full (it would spend half its
-/// FMAs on clamped copies of the last columns): 32 or 96 channels with 16 lanes.
-pub fn subgroup_conv_tile(lanes: u32, n: usize) -> SubgroupTile {
-    let mut tile = SubgroupTile::wide(lanes, SUBGROUP_ROW_BLOCKS);
-    let wide = 4 * lanes as usize;
-    if (1..=wide / 2).contains(&(n % wide)) {
-        tile.lane_columns = 2;
-        tile.row_blocks = SUBGROUP_NARROW_ROW_BLOCKS;
-    }
-    tile
-}
-
-/// The subgroup tile for a backward-weight pass with `co` output channels (tile rows): as many
-/// broadcasting lanes as there are 4-channel texels (a power of two, at most L), and two column
-/// texels per lane when fewer than L broadcast, to keep the FMAs per broadcast.
-pub fn subgroup_backward_weight_tile(lanes: u32, co: usize) -> SubgroupTile {
-    let mut tile = SubgroupTile::wide(lanes, SUBGROUP_ROW_BLOCKS);
-    let texels = (co.div_ceil(4).next_power_of_two() as u32).min(lanes);
-    if texels < lanes {
-        tile.broadcast_lanes = texels;
-        tile.column_texels = 2;
-    }
-    tile
-}
 
 /// Stride and padding. google/ddpm downsamplers pad right/bottom by one with padding 0
 /// (`Conv2dGeometry::asymmetric_down()`); diffusers' default pads 1 on every side.
@@ -320,21 +287,6 @@ fn check_groups(op: &str, groups: [u32; 3]) -> OpResult {
     Ok(())
 }
 
-/// Workgroups the subgroup path's backward-weight pass aims for on a GPU (tiles × split-K
-/// slices).
-const SUBGROUP_BACKWARD_WEIGHT_WORKGROUPS: usize = 8;
-
-/// Split-K slices (1 ..= `max_splits`) for `tiles` equal workgroups on `workers` threads that
-/// take workgroups in turn: the time is ⌈tiles·s / workers⌉ rounds of 1/s of the work each, and
-/// every slice past the first costs about 3 % (its partial written and summed).
-pub fn balanced_splits(tiles: usize, workers: usize, max_splits: usize) -> usize {
-    let cost =
-        |s: usize| (tiles * s).div_ceil(workers) as f64 / s as f64 * (1.0 + 0.03 * (s - 1) as f64);
-    (1..=max_splits.clamp(1, 4 * workers))
-        .min_by(|&a, &b| cost(a).total_cmp(&cost(b)))
-        .unwrap_or(1)
-}
-
 /// dw (+)= ∂L/∂w and db (+)= Σ dy over pixels. x [N,H,W,Ci], dy [N,OH,OW,Co], dw [Co,Ci,KH,KW].
 /// The reduction over pixels is split into fixed slices summed in a fixed order (deterministic).
 #[allow(clippy::too_many_arguments)]
@@ -478,30 +430,4 @@ pub fn conv2d_backward_weight(
         reduce::sum_rows(rec, dy, pixels, d.co, db, accumulate)?;
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::balanced_splits;
-
-    #[test]
-    fn backward_weight_slices_fill_the_rounds_of_the_threads() {
-        // (tiles, threads, most slices the pixels allow) -> slices
-        for (tiles, workers, max, want) in [
-            (9, 2, 100, 2),  // 9 tiles: 5 rounds on 2 threads; 18: 9 full rounds
-            (18, 2, 100, 1), // already even
-            (5, 2, 100, 2),
-            (7, 2, 100, 2),
-            (1, 2, 100, 2),
-            (9, 2, 1, 1), // too few pixels to split
-            (8, 4, 100, 1),
-            (3, 4, 100, 4), // 12 workgroups: 3 full rounds
-        ] {
-            assert_eq!(
-                balanced_splits(tiles, workers, max),
-                want,
-                "{tiles} tiles on {workers} threads, at most {max} slices"
-            );
-        }
-    }
 }

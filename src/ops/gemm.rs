@@ -1,137 +1,13 @@
 //! Batched GEMM (`shaders/gemm.wgsl`, portable; `shaders/gemm_subgroup.wgsl`, subgroup path):
 //! C = alpha·op(A)·op(B) + beta·C (+ bias), and the linear layer built on it.
 
-use super::{OpResult, expect_distinct, expect_numel, invalid, pack, u32_of};
-use crate::gpu::{Binding, GemmPath, KernelKey, Recorder, Tensor};
-
-/// Parameters shared by gemm.wgsl's four entry points (GEMM and the three conv2d passes).
-#[repr(C)]
-#[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
-pub struct GemmParams {
-    pub m: u32,
-    pub n: u32,
-    pub k: u32,
-    pub batch_inner: u32,
-    pub a_offset: u32,
-    pub a_ld: u32,
-    pub a_batch_outer: u32,
-    pub a_batch_inner: u32,
-    pub b_offset: u32,
-    pub b_ld: u32,
-    pub b_batch_outer: u32,
-    pub b_batch_inner: u32,
-    pub c_offset: u32,
-    pub c_ld: u32,
-    pub c_batch_outer: u32,
-    pub c_batch_inner: u32,
-    pub trans_a: u32,
-    pub trans_b: u32,
-    pub has_bias: u32,
-    pub k_chunk: u32,
-    pub alpha: f32,
-    pub beta: f32,
-    /// conv2d_backward_weight on the subgroup path with `has_bias`: where Σ dy (the bias
-    /// gradient) goes in each output slice, in elements from the slice's start.
-    pub bias_at: u32,
-    pub _pad: u32,
-    pub batch: u32,
-    pub in_h: u32,
-    pub in_w: u32,
-    pub in_c: u32,
-    pub out_h: u32,
-    pub out_w: u32,
-    pub out_c: u32,
-    pub kernel_h: u32,
-    pub kernel_w: u32,
-    pub stride: u32,
-    pub pad_top: u32,
-    pub pad_left: u32,
-}
-
-/// Tile configuration of the portable path (the `override` constants of gemm.wgsl).
-#[derive(Clone, Copy, Debug)]
-pub struct PortableTiles {
-    pub bm: u32,
-    pub bn: u32,
-    pub bk: u32,
-    pub tm: u32,
-    pub tn: u32,
-}
-
-pub const PORTABLE_TILES: PortableTiles = PortableTiles {
-    bm: 64,
-    bn: 64,
-    bk: 16,
-    tm: 4,
-    tn: 4,
+pub use super::tiles::MatRef;
+use super::tiles::{
+    GEMM_ROW_BLOCKS, GemmParams, PORTABLE_TILES, SUBGROUPS_PER_WORKGROUP, SubgroupTile,
+    TRANSPOSED_A_ROW_BLOCKS, portable_key, store_width, subgroup_tile_key,
 };
-
-pub fn portable_key(entry: &'static str, t: PortableTiles) -> KernelKey {
-    KernelKey::new("gemm", entry)
-        .constant("BM", t.bm as f64)
-        .constant("BN", t.bn as f64)
-        .constant("BK", t.bk as f64)
-        .constant("TM", t.tm as f64)
-        .constant("TN", t.tn as f64)
-        .constant("WG", ((t.bm / t.tm) * (t.bn / t.tn)) as f64)
-}
-
-/// One operand of a batched GEMM: element (row, col) of batch (outer, inner) is at
-/// `offset + outer·batch_outer + inner·batch_inner + row·ld + col` of `tensor` (before `trans`).
-#[derive(Clone, Copy, Debug)]
-pub struct MatRef<'a> {
-    pub tensor: &'a Tensor,
-    pub offset: usize,
-    pub ld: usize,
-    pub batch_outer: usize,
-    pub batch_inner: usize,
-    /// Use the transpose of the stored matrix.
-    pub trans: bool,
-}
-
-impl<'a> MatRef<'a> {
-    /// A dense row-major matrix with `cols` columns (one batch).
-    pub fn dense(tensor: &'a Tensor, cols: usize) -> MatRef<'a> {
-        MatRef {
-            tensor,
-            offset: 0,
-            ld: cols,
-            batch_outer: 0,
-            batch_inner: 0,
-            trans: false,
-        }
-    }
-    pub fn t(self) -> MatRef<'a> {
-        MatRef {
-            trans: !self.trans,
-            ..self
-        }
-    }
-    pub fn batched(self, outer: usize, inner: usize) -> MatRef<'a> {
-        MatRef {
-            batch_outer: outer,
-            batch_inner: inner,
-            ..self
-        }
-    }
-    pub fn at(self, offset: usize) -> MatRef<'a> {
-        MatRef { offset, ..self }
-    }
-
-    /// Largest element index touched for a `rows × cols` (after transpose) matrix over the batches.
-    fn max_index(&self, rows: usize, cols: usize, outer: usize, inner: usize) -> usize {
-        let (r, c) = if self.trans {
-            (cols, rows)
-        } else {
-            (rows, cols)
-        };
-        self.offset
-            + (outer - 1) * self.batch_outer
-            + (inner - 1) * self.batch_inner
-            + (r - 1) * self.ld
-            + (c - 1)
-    }
-}
+use super::{OpResult, expect_distinct, expect_numel, invalid, pack, u32_of};
+use crate::gpu::{Binding, GemmPath, Recorder, Tensor};
 
 /// Shape and scaling of a batched GEMM: batches = outer × inner, each C[m×n] = alpha·A[m×k]·B[k×n] + beta·C.
 #[derive(Clone, Copy, Debug)]
@@ -347,7 +223,7 @@ fn gemm_subgroup(
         ..
     } = shape;
     let batches = batch_outer * batch_inner;
-    let mut tile = SubgroupTile::wide(lanes, SUBGROUP_ROW_BLOCKS);
+    let mut tile = SubgroupTile::wide(lanes, GEMM_ROW_BLOCKS);
     tile.c_width = store_width(
         4,
         n,
@@ -405,89 +281,6 @@ fn gemm_subgroup(
         groups,
     );
     Ok(())
-}
-
-/// Register-tile rows per lane block of the subgroup GEMM (RB in DESIGN.md's recipe).
-pub const SUBGROUP_ROW_BLOCKS: u32 = 2;
-/// Row blocks when A is read transposed from its buffer (ABUF = 2: the weight gradients of linear
-/// layers, dW = dYᵀ X, small M and N over a long K): one, which halves the kernel that llvmpipe
-/// JIT-compiles at the first step (2.7 -> 1.2 s) for GEMMs of a few milliseconds.
-pub const TRANSPOSED_A_ROW_BLOCKS: u32 = 1;
-/// Subgroups per workgroup, stacked along M.
-pub const SUBGROUPS_PER_WORKGROUP: u32 = 1;
-
-pub fn subgroup_key(entry: &'static str, lanes: u32) -> KernelKey {
-    let rb = if entry == "gemm" {
-        SUBGROUP_ROW_BLOCKS
-    } else {
-        super::conv2d::SUBGROUP_ROW_BLOCKS
-    };
-    subgroup_tile_key(entry, lanes, SubgroupTile::wide(lanes, rb))
-}
-
-/// The register-tile shape of one subgroup kernel specialization (template values of
-/// `shaders/gemm_subgroup.wgsl`). Every entry point of the file is expanded with all of them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SubgroupTile {
-    /// Lane blocks of rows (the tile has L · RB rows).
-    pub row_blocks: u32,
-    /// Output columns per lane in the conv tiles: 4, or 2 for narrow layers.
-    pub lane_columns: u32,
-    /// conv backward-weight: lanes whose dY texel is broadcast (the tile has 4 · BL rows).
-    pub broadcast_lanes: u32,
-    /// conv backward-weight: column texels per lane.
-    pub column_texels: u32,
-    /// GEMM: where A is read (template ABUF): 0 a packed texture, 1 its buffer as vec4s,
-    /// 2 its buffer transposed.
-    pub a_source: u32,
-    /// GEMM: B is transposed; its stored rows are packed and transposed in registers (TB).
-    pub b_transposed: bool,
-    /// How the GEMM and conv tiles store C (CV): whole vec4s or vec2s, or 0 element by element
-    /// ([`store_width`]).
-    pub c_width: u32,
-}
-
-impl SubgroupTile {
-    pub fn wide(lanes: u32, row_blocks: u32) -> SubgroupTile {
-        SubgroupTile {
-            row_blocks,
-            lane_columns: 4,
-            broadcast_lanes: lanes,
-            column_texels: 1,
-            a_source: 0,
-            b_transposed: false,
-            c_width: 0,
-        }
-    }
-}
-
-pub fn subgroup_tile_key(entry: &'static str, lanes: u32, tile: SubgroupTile) -> KernelKey {
-    KernelKey::new("gemm_subgroup", entry)
-        .template("L", lanes as i64)
-        .template("RB", tile.row_blocks as i64)
-        .template("SG", SUBGROUPS_PER_WORKGROUP as i64)
-        .template("W", tile.lane_columns as i64)
-        .template("BL", tile.broadcast_lanes as i64)
-        .template("CT", tile.column_texels as i64)
-        .template("ABUF", tile.a_source as i64)
-        .template("TB", tile.b_transposed as i64)
-        .template("CV", tile.c_width as i64)
-}
-
-/// The widest vector (4 or 2 elements, at most the `lane_columns` a lane owns) in which a
-/// subgroup tile can store C (template CV of `shaders/gemm_subgroup.wgsl`): every row start
-/// (`starts`: the offset, batch strides and row stride, in elements), the row length `n` and
-/// the binding's byte offset must be multiples of it. 0: element stores (any layout).
-pub fn store_width(lane_columns: u32, n: usize, starts: &[usize], byte_offset: u64) -> u32 {
-    [4u32, 2]
-        .into_iter()
-        .find(|&w| {
-            w <= lane_columns
-                && n.is_multiple_of(w as usize)
-                && starts.iter().all(|s| s.is_multiple_of(w as usize))
-                && byte_offset.is_multiple_of(4 * w as u64)
-        })
-        .unwrap_or(0)
 }
 
 /// y[R, out] = x[R, in] · Wᵀ + b, with torch's Linear weight layout W [out, in].
@@ -577,50 +370,4 @@ fn rows_of(op: &str, x: &Tensor, in_f: usize) -> OpResult<usize> {
         )));
     }
     Ok(x.numel() / in_f)
-}
-
-/// Every specialization of the GEMM kernels the runtime can build.
-pub fn kernel_keys() -> Vec<KernelKey> {
-    let mut keys: Vec<KernelKey> = [
-        "gemm",
-        "conv2d_forward",
-        "conv2d_backward_input",
-        "conv2d_backward_weight",
-    ]
-    .iter()
-    .map(|e| portable_key(e, PORTABLE_TILES))
-    .collect();
-    for lanes in [8, 16] {
-        for entry in ["gemm", "conv2d_implicit", "conv2d_backward_weight"] {
-            keys.push(subgroup_key(entry, lanes));
-        }
-        for a_source in 0..3 {
-            for b_transposed in [false, true] {
-                let mut tile = SubgroupTile::wide(lanes, SUBGROUP_ROW_BLOCKS);
-                tile.a_source = a_source;
-                if a_source == 2 {
-                    tile.row_blocks = TRANSPOSED_A_ROW_BLOCKS;
-                }
-                tile.b_transposed = b_transposed;
-                for c_width in [0, 2, 4] {
-                    tile.c_width = c_width;
-                    keys.push(subgroup_tile_key("gemm", lanes, tile));
-                }
-            }
-        }
-        // Narrow and wide conv tiles with each store width (n = output channels).
-        let wide = 4 * lanes as usize;
-        for n in [1, 2, wide - 1, wide - 2, wide] {
-            let mut tile = super::conv2d::subgroup_conv_tile(lanes, n);
-            tile.c_width = store_width(tile.lane_columns, n, &[n], 0);
-            keys.push(subgroup_tile_key("conv2d_implicit", lanes, tile));
-        }
-        let mut co = 4;
-        while co < 4 * lanes as usize {
-            let tile = super::conv2d::subgroup_backward_weight_tile(lanes, co);
-            keys.push(subgroup_tile_key("conv2d_backward_weight", lanes, tile));
-            co *= 2;
-        }
-    }
-    keys
 }

@@ -16,8 +16,10 @@ pub mod pack;
 pub mod reduce;
 pub mod samplers;
 pub mod softmax;
+pub mod tiles;
 pub mod timestep_embedding;
 pub mod upsample;
+pub mod variants;
 
 use crate::gpu::{GpuError, Tensor};
 
@@ -86,44 +88,4 @@ pub(crate) fn u32_of(op: &str, what: &str, v: usize) -> OpResult<u32> {
 pub(crate) fn whole_texels(counts: &[usize], tensors: &[&crate::gpu::Tensor]) -> bool {
     counts.iter().all(|c| c.is_multiple_of(4))
         && tensors.iter().all(|t| t.byte_offset().is_multiple_of(16))
-}
-
-/// Every kernel specialization the runtime can build (validated by `tests/shaders.rs`): the
-/// GEMM family with its tile constants and templates, and every entry point of the others.
-pub fn all_kernel_keys() -> Vec<crate::gpu::KernelKey> {
-    use crate::gpu::{KernelKey, SHADERS, entry_points};
-    let mut keys = gemm::kernel_keys();
-    for (shader, src) in SHADERS {
-        if *shader == "gemm" || *shader == "gemm_subgroup" {
-            continue;
-        }
-        if *shader == "attention_subgroup" {
-            for lanes in [8, 16] {
-                for head_dim in (4..=attention::MAX_FUSED_HEAD_DIM).step_by(4) {
-                    keys.extend(
-                        entry_points(src)
-                            .into_iter()
-                            .map(|e| attention::kernel_key(e, lanes, head_dim)),
-                    );
-                }
-            }
-            continue;
-        }
-        if *shader == "softmax_subgroup" {
-            for lanes in [8, 16] {
-                keys.extend(
-                    entry_points(src)
-                        .into_iter()
-                        .map(|e| KernelKey::new(shader, e).template("LANES", lanes)),
-                );
-            }
-            continue;
-        }
-        keys.extend(
-            entry_points(src)
-                .into_iter()
-                .map(|e| KernelKey::new(shader, e)),
-        );
-    }
-    keys
 }

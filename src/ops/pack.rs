@@ -1,7 +1,8 @@
 //! `shaders/pack.wgsl`: buffers → `rgba32float` textures for the subgroup GEMM path.
 //! Each call allocates its texture while the plan is recorded (never during a step).
 
-use super::{OpResult, expect_rank, gemm::MatRef, u32_of};
+use super::tiles::MatRef;
+use super::{OpResult, expect_rank, u32_of};
 use crate::gpu::{Gpu, GpuError, KernelKey, Recorder, Tensor, Texture2d};
 
 #[repr(C)]

@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
 
-use crate::diffusion::NoiseSchedule;
 use crate::diffusion::scheduler::SchedulerConfig;
+use crate::diffusion::{BetaSchedule, NoiseSchedule, PredictionType};
+use crate::io::model_dir::{CLASS_NAMES, MODEL_WEIGHTS, read_model_weights};
+use crate::io::tensors::LoadedTensors;
 use crate::nn::{ParamStore, UNetConfig};
-use crate::train::TrainConfig;
-use crate::train::checkpoint::{LoadedTensors, MODEL_WEIGHTS, read_model_weights};
 
 enum Weights {
     /// A diffusers directory holding `diffusion_pytorch_model.safetensors`.
@@ -35,10 +35,7 @@ pub struct ModelSource {
     weights: Weights,
 }
 
-/// The file beside a class-conditional model's config.json that names its classes: a JSON list
-/// of names, by class index.
-pub const CLASS_NAMES: &str = "class_names.json";
-
+/// Reads `class_names.json` (a JSON list of names, by class index), if there is one.
 fn read_class_names(path: &Path) -> Result<Option<Vec<String>>> {
     if !path.is_file() {
         return Ok(None);
@@ -52,6 +49,48 @@ fn read_class_names(path: &Path) -> Result<Option<Vec<String>>> {
         )
     })?;
     Ok(Some(names))
+}
+
+/// The scheduler and whether the run kept an EMA, from a checkpoint's metadata: the
+/// `scheduler_config` and `ema` it records, or, in checkpoints written before those keys, the
+/// schedule fields of its `train_config` (read here field by field, so sampling needs nothing of
+/// `train`).
+fn checkpoint_scheduler(
+    meta: &std::collections::HashMap<String, String>,
+) -> Result<(SchedulerConfig, bool)> {
+    if let Some(json) = meta.get("scheduler_config") {
+        let scheduler =
+            SchedulerConfig::from_json(json).map_err(|e| anyhow!("scheduler_config: {e}"))?;
+        let ema = match meta.get("ema").map(String::as_str) {
+            Some("true") | None => true,
+            Some("false") => false,
+            Some(other) => bail!("metadata `ema` is `{other}`, true or false expected"),
+        };
+        return Ok((scheduler, ema));
+    }
+    #[derive(serde::Deserialize)]
+    struct ScheduleFields {
+        beta_schedule: BetaSchedule,
+        num_train_timesteps: usize,
+        beta_start: f64,
+        beta_end: f64,
+        prediction_type: PredictionType,
+        ema: bool,
+    }
+    let text = meta
+        .get("train_config")
+        .ok_or_else(|| anyhow!("no `scheduler_config` nor `train_config` in its metadata"))?;
+    let f: ScheduleFields = toml::from_str(text).map_err(|e| anyhow!("train_config: {e}"))?;
+    let schedule = NoiseSchedule::new(
+        f.beta_schedule,
+        f.num_train_timesteps,
+        f.beta_start,
+        f.beta_end,
+    )
+    .map_err(|e| anyhow!(e))?;
+    let scheduler = SchedulerConfig::from_json(&schedule.scheduler_config_json(f.prediction_type))
+        .map_err(|e| anyhow!(e))?;
+    Ok((scheduler, f.ema))
 }
 
 fn read_scheduler(path: &Path) -> Result<SchedulerConfig> {
@@ -164,29 +203,12 @@ impl ModelSource {
             )
         })?;
         let config = UNetConfig::from_json(unet).map_err(|e| anyhow!("{}: {e}", path.display()))?;
-        let train: TrainConfig = meta
-            .get("train_config")
-            .ok_or_else(|| anyhow!("{}: no `train_config` in its metadata", path.display()))
-            .and_then(|t| {
-                toml::from_str(t).map_err(|e| anyhow!("{}: train_config: {e}", path.display()))
-            })?;
-        train
-            .validate()
-            .map_err(|e| anyhow!("{}: train_config: {e}", path.display()))?;
-        let schedule = NoiseSchedule::new(
-            train.beta_schedule,
-            train.num_train_timesteps,
-            train.beta_start,
-            train.beta_end,
-        )
-        .map_err(|e| anyhow!("{}: {e}", path.display()))?;
-        let scheduler =
-            SchedulerConfig::from_json(&schedule.scheduler_config_json(train.prediction_type))
-                .map_err(|e| anyhow!(e))?;
+        let (scheduler, ema) =
+            checkpoint_scheduler(&meta).map_err(|e| anyhow!("{}: {e}", path.display()))?;
         let mut notes = Vec::new();
         let prefix = if raw {
             "param"
-        } else if train.ema {
+        } else if ema {
             "ema"
         } else {
             notes.push("this run was trained without EMA: using its raw weights".to_string());

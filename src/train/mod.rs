@@ -3,7 +3,6 @@
 //! asynchronously, a background data thread, seeded DDIM sample grids, atomic checkpoints and
 //! resume. The step itself lives in [`trainer`], the run folder in [`run_dir`].
 
-pub mod checkpoint;
 pub mod config;
 pub mod plot;
 pub mod run_dir;
@@ -24,10 +23,12 @@ use anyhow::{Context, Result, anyhow, bail};
 use crate::data::{Dataset, Loader};
 use crate::diffusion::scheduler::{SamplerKind, SamplingSchedule, SchedulerConfig};
 use crate::gpu::Gpu;
+use crate::io::atomic::atomic_write;
+use crate::io::model_dir::CLASS_NAMES;
+use crate::io::model_dir::save_model_dir;
+use crate::io::tensors::LoadedTensors;
 use crate::nn::UNetConfig;
-use crate::sample::source::CLASS_NAMES;
 use crate::sample::{ModelSource, Noise, Sampler, SamplerOptions};
-use checkpoint::{LoadedTensors, atomic_write, save_model_dir};
 use run_dir::{default_run_dir, truncate_metrics};
 
 /// Images in a training sample grid.
@@ -298,7 +299,7 @@ pub fn run(
         (0..GRID_IMAGES)
             .flat_map(|i| {
                 let hr: Vec<f64> = data.image(i % data.len).iter().map(|&v| v as f64).collect();
-                crate::reference::upsample::avg_pool(&hr, [1, s / k, s / k, c], k)
+                crate::data::resize::avg_pool(&hr, [1, s / k, s / k, c], k)
             })
             .map(|v| v as f32)
             .collect()
@@ -653,7 +654,7 @@ fn write_samples(
         &mut |_| {},
     )?;
     let path = run_dir.samples().join(format!("step-{step:08}.png"));
-    plot::save_grid(&images, sampler.image_shape(), 4, &path)?;
+    crate::io::images::save_grid(&images, sampler.image_shape(), 4, &path)?;
     progress.message(&format!(
         "samples {} (DDIM {} steps, {:.1} s)",
         path.display(),

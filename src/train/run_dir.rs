@@ -95,8 +95,7 @@ pub fn truncate_metrics(path: &Path, up_to: u64) -> std::io::Result<Vec<(u64, f3
         kept.push('\n');
     }
     if kept.len() != text.len() {
-        crate::train::checkpoint::atomic_write(path, kept.as_bytes())
-            .map_err(std::io::Error::other)?;
+        crate::io::atomic::atomic_write(path, kept.as_bytes()).map_err(std::io::Error::other)?;
     }
     Ok(history)
 }

@@ -8,10 +8,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result, anyhow, bail};
 
-use super::TrainConfig;
-use super::checkpoint::{LoadedTensors, serialize_named};
+use super::config::TrainConfig;
 use crate::diffusion::{NoiseSchedule, PredictionType};
 use crate::gpu::{Gpu, Plan, Tensor};
+use crate::io::tensors::{LoadedTensors, serialize_named};
 use crate::nn::{UNet, UNetConfig};
 use crate::ops::adamw::{
     AdamwConfig, AdamwHyper, EmaConfig, HYPER_LEN, adamw_step, ema_update, grad_norm_chunks,
@@ -347,7 +347,7 @@ impl Trainer {
                     .enumerate()
                     .map(|(k, &c)| match config.null_class {
                         Some(null) if self.cfg.cond_drop > 0.0 => {
-                            let word = crate::reference::noise::random_u32(
+                            let word = crate::rng::random_u32(
                                 self.cfg.seed,
                                 purpose::CLASS_DROP,
                                 step as u32,
@@ -456,6 +456,13 @@ impl Trainer {
         );
         meta.insert("train_config".into(), toml::to_string(&self.cfg)?);
         meta.insert("unet_config".into(), model.to_json());
+        // What sampling needs of the run, so `sample::ModelSource` reads it without `train`.
+        meta.insert(
+            "scheduler_config".into(),
+            self.schedule
+                .scheduler_config_json(self.cfg.prediction_type),
+        );
+        meta.insert("ema".into(), self.cfg.ema.to_string());
         meta.insert("gemm_path".into(), self.gpu.gemm_path.to_string());
         let kernels: Vec<String> = self
             .gpu

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::common::run_cli;
-use wgpu_diffusion::train::checkpoint::LoadedTensors;
+use wgpu_diffusion::io::tensors::LoadedTensors;
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

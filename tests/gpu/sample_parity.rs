@@ -9,8 +9,8 @@ use std::path::Path;
 
 use crate::common::*;
 use wgpu_diffusion::diffusion::scheduler::{SamplerKind, SamplingSchedule, TimestepSpacing};
+use wgpu_diffusion::io::tensors::LoadedTensors;
 use wgpu_diffusion::sample::{ModelSource, Noise, Sampler, SamplerOptions, nchw_to_nhwc};
-use wgpu_diffusion::train::checkpoint::LoadedTensors;
 
 const CASES: [(&str, SamplerKind, Option<TimestepSpacing>); 6] = [
     (

@@ -5,8 +5,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use wgpu_diffusion::io::model_dir::{read_model_config, read_model_weights};
+use wgpu_diffusion::io::tensors::LoadedTensors;
 use wgpu_diffusion::nn::{ParamStore, UNet, UNetConfig};
-use wgpu_diffusion::train::checkpoint::{LoadedTensors, read_model_config, read_model_weights};
 use wgpu_diffusion::train::{LrSchedule, Progress, TrainConfig, run};
 
 use crate::common::*;
@@ -349,7 +350,7 @@ fn bad_checkpoints_and_model_dirs_are_clear_errors() {
         0.02,
     )
     .unwrap();
-    wgpu_diffusion::train::checkpoint::save_model_dir(
+    wgpu_diffusion::io::model_dir::save_model_dir(
         &model,
         &unet.config,
         store,

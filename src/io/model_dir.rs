@@ -1,0 +1,214 @@
+//! diffusers model directories (`config.json` + `diffusion_pytorch_model.safetensors` +
+//! `scheduler_config.json`, and the pipeline layout beside them): written whole under a
+//! temporary name and renamed into place; read with every unknown, missing or mis-shaped tensor
+//! named.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{Context, Result, anyhow, bail};
+
+use super::atomic::atomic_write;
+use super::tensors::{LoadedTensors, serialize_named};
+use crate::nn::{ParamStore, UNetConfig};
+
+/// The file beside a class-conditional model's config.json that names its classes: a JSON list
+/// of names, by class index.
+pub const CLASS_NAMES: &str = "class_names.json";
+
+/// Older diffusers attention parameter names (`query`, `key`, `value`, `proj_attn`) → current.
+pub fn modern_name(name: &str) -> String {
+    for (old, new) in [
+        (".query.", ".to_q."),
+        (".key.", ".to_k."),
+        (".value.", ".to_v."),
+        (".proj_attn.", ".to_out.0."),
+    ] {
+        if name.contains(old) {
+            return name.replacen(old, new, 1);
+        }
+    }
+    name.to_string()
+}
+
+pub const MODEL_WEIGHTS: &str = "diffusion_pytorch_model.safetensors";
+
+/// Writes a diffusers model directory with the weights given (diffusers' names): `config.json`,
+/// `diffusion_pytorch_model.safetensors` and `scheduler_config.json` at the top
+/// (`UNet2DModel.from_pretrained(dir)`), and the pipeline layout beside them — `model_index.json`,
+/// `unet/`, `scheduler/` — so `DDPMPipeline.from_pretrained(dir)` loads it too; `extra` files
+/// (e.g. `class_names.json`) go beside them. The `unet/` weights are a hard link to the top-level
+/// file where the file system allows it.
+///
+/// The directory is written whole under a temporary name and renamed into place, so a kill
+/// never leaves files of two different steps side by side.
+pub fn save_model_dir(
+    dir: &Path,
+    config: &UNetConfig,
+    store: &ParamStore,
+    weights: &[f32],
+    scheduler_json: &str,
+    extra: &[(&str, &[u8])],
+) -> Result<()> {
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    let name = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("model")
+        .to_string();
+    let tmp = parent.join(format!(".{name}.tmp"));
+    let old = parent.join(format!(".{name}.old.tmp"));
+    for leftover in [&tmp, &old] {
+        if leftover.exists() {
+            std::fs::remove_dir_all(leftover)
+                .with_context(|| format!("removing {}", leftover.display()))?;
+        }
+    }
+    write_model_files(&tmp, config, store, weights, scheduler_json, extra)?;
+    if dir.exists() {
+        std::fs::rename(dir, &old).with_context(|| format!("moving {} aside", dir.display()))?;
+    }
+    std::fs::rename(&tmp, dir)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))?;
+    if let Ok(d) = std::fs::File::open(parent) {
+        let _ = d.sync_all();
+    }
+    if old.exists() {
+        let _ = std::fs::remove_dir_all(&old);
+    }
+    Ok(())
+}
+
+fn write_model_files(
+    dir: &Path,
+    config: &UNetConfig,
+    store: &ParamStore,
+    weights: &[f32],
+    scheduler_json: &str,
+    extra: &[(&str, &[u8])],
+) -> Result<()> {
+    let mut meta = HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    let bytes = serialize_named(store, &[("", weights)], meta)?;
+    let config_json = config.to_json();
+    atomic_write(&dir.join(MODEL_WEIGHTS), &bytes)?;
+    atomic_write(&dir.join("config.json"), config_json.as_bytes())?;
+    atomic_write(
+        &dir.join("scheduler_config.json"),
+        scheduler_json.as_bytes(),
+    )?;
+    let unet = dir.join("unet");
+    std::fs::create_dir_all(&unet).with_context(|| format!("creating {}", unet.display()))?;
+    let linked = unet.join(MODEL_WEIGHTS);
+    if std::fs::hard_link(dir.join(MODEL_WEIGHTS), &linked).is_err() {
+        atomic_write(&linked, &bytes)?;
+    }
+    atomic_write(&unet.join("config.json"), config_json.as_bytes())?;
+    atomic_write(
+        &dir.join("scheduler").join("scheduler_config.json"),
+        scheduler_json.as_bytes(),
+    )?;
+    let index = serde_json::json!({
+        "_class_name": "DDPMPipeline",
+        "_diffusers_version": "0.31.0",
+        "scheduler": ["diffusers", "DDPMScheduler"],
+        "unet": ["diffusers", "UNet2DModel"]
+    });
+    atomic_write(
+        &dir.join("model_index.json"),
+        serde_json::to_string_pretty(&index)?.as_bytes(),
+    )?;
+    for (name, bytes) in extra {
+        atomic_write(&dir.join(name), bytes)?;
+    }
+    Ok(())
+}
+
+/// Reads a diffusers model directory: its config and weights in `store`'s flat layout (built by
+/// the caller from that config). Unknown, missing or mis-shaped tensors are errors naming them.
+pub fn read_model_config(dir: &Path) -> Result<UNetConfig> {
+    let cfg_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path)
+        .with_context(|| format!("reading {}", cfg_path.display()))?;
+    UNetConfig::from_json(&text).map_err(|e| anyhow!("{}: {e}", cfg_path.display()))
+}
+
+pub fn read_model_weights(dir: &Path, store: &ParamStore) -> Result<Vec<f32>> {
+    model_weights(&LoadedTensors::read(&dir.join(MODEL_WEIGHTS))?, store)
+}
+
+/// The weights of a diffusers model file in `store`'s flat layout (legacy attention names and
+/// 1x1-conv attention shapes accepted); every unknown, missing or mis-shaped tensor is named.
+pub fn model_weights(loaded: &LoadedTensors, store: &ParamStore) -> Result<Vec<f32>> {
+    let names = loaded.names();
+    let mut renamed: HashMap<String, String> = HashMap::new();
+    let mut unknown = Vec::new();
+    for n in &names {
+        let m = modern_name(n);
+        if store.spec(&m).is_none() {
+            unknown.push(n.clone());
+        }
+        renamed.insert(m, n.clone());
+    }
+    if !unknown.is_empty() {
+        unknown.sort();
+        bail!(
+            "{}: tensors the model does not have: {}",
+            loaded.path.display(),
+            unknown.join(", ")
+        );
+    }
+    let mut problems = Vec::new();
+    let flat = store
+        .flatten(|spec| match renamed.get(&spec.name) {
+            None => {
+                problems.push(format!("`{}` is missing", spec.name));
+                Ok(vec![0.0; spec.numel()])
+            }
+            Some(file_name) => {
+                let (shape, v) = loaded.get(file_name).map_err(|e| e.to_string())?;
+                // Old checkpoints store attention projections as 1x1 convs [C, C, 1, 1].
+                if shape.iter().product::<usize>() == spec.numel()
+                    && shape
+                        .iter()
+                        .filter(|&&d| d != 1)
+                        .eq(spec.shape.iter().filter(|&&d| d != 1))
+                {
+                    Ok(v)
+                } else {
+                    problems.push(format!(
+                        "`{}` has shape {shape:?}, the model expects {:?}",
+                        file_name, spec.shape
+                    ));
+                    Ok(vec![0.0; spec.numel()])
+                }
+            }
+        })
+        .map_err(|e| anyhow!(e))?;
+    if !problems.is_empty() {
+        bail!(
+            "{} does not fit its config:\n  {}",
+            loaded.path.display(),
+            problems.join("\n  ")
+        );
+    }
+    Ok(flat)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::modern_name;
+
+    #[test]
+    fn legacy_attention_names() {
+        assert_eq!(
+            modern_name("mid_block.attentions.0.query.weight"),
+            "mid_block.attentions.0.to_q.weight"
+        );
+        assert_eq!(
+            modern_name("up_blocks.0.attentions.1.proj_attn.bias"),
+            "up_blocks.0.attentions.1.to_out.0.bias"
+        );
+        assert_eq!(modern_name("conv_in.weight"), "conv_in.weight");
+    }
+}

@@ -1,0 +1,209 @@
+//! safetensors files: named f32 tensors serialised out of the parameter store's flat buffers,
+//! and files read into memory with their header parsed once (f32, f16 and bf16 loaded as f32).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail};
+use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+
+use crate::nn::ParamStore;
+
+/// Serializes named f32 tensors (split out of flat buffers by the store's layout).
+pub fn serialize_named(
+    store: &ParamStore,
+    groups: &[(&str, &[f32])],
+    metadata: HashMap<String, String>,
+) -> Result<Vec<u8>> {
+    let mut views = Vec::new();
+    for (prefix, flat) in groups {
+        if flat.len() != store.len {
+            bail!(
+                "buffer `{prefix}` has {} values, the parameter layout {}",
+                flat.len(),
+                store.len
+            );
+        }
+        for (spec, values) in store.unflatten(flat) {
+            let name = if prefix.is_empty() {
+                spec.name.clone()
+            } else {
+                format!("{prefix}.{}", spec.name)
+            };
+            views.push((
+                name,
+                TensorView::new(Dtype::F32, spec.shape.clone(), bytemuck::cast_slice(values))?,
+            ));
+        }
+    }
+    Ok(safetensors::serialize(views, Some(metadata))?)
+}
+
+/// A safetensors file read into memory, with its header parsed once.
+pub struct LoadedTensors {
+    pub path: PathBuf,
+    bytes: Vec<u8>,
+    /// Length of the JSON header (the data starts at 8 + this).
+    header_len: usize,
+    header: safetensors::tensor::Metadata,
+}
+
+impl LoadedTensors {
+    pub fn read(path: &Path) -> Result<LoadedTensors> {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        Self::from_bytes(path, bytes)
+    }
+
+    /// Checks `bytes` as a safetensors file (`path` names it in errors). The header is bounded
+    /// and every offset checked against the bytes' length before anything is allocated from it.
+    pub fn from_bytes(path: &Path, bytes: Vec<u8>) -> Result<LoadedTensors> {
+        let invalid = |e: safetensors::SafeTensorError| {
+            anyhow!(
+                "{} is not a valid safetensors file (truncated or corrupt?): {e}",
+                path.display()
+            )
+        };
+        // `deserialize` also checks that the data section has exactly the bytes the header
+        // describes.
+        SafeTensors::deserialize(&bytes).map_err(invalid)?;
+        let (header_len, header) = SafeTensors::read_metadata(&bytes).map_err(invalid)?;
+        Ok(LoadedTensors {
+            path: path.to_path_buf(),
+            bytes,
+            header_len,
+            header,
+        })
+    }
+    pub fn metadata(&self) -> HashMap<String, String> {
+        self.header.metadata().clone().unwrap_or_default()
+    }
+    pub fn names(&self) -> Vec<String> {
+        self.header.offset_keys()
+    }
+    /// The f32 values and shape of `name`.
+    pub fn get(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
+        let info = self
+            .header
+            .info(name)
+            .ok_or_else(|| anyhow!("{}: tensor `{name}` is missing", self.path.display()))?;
+        let start = 8 + self.header_len;
+        let (a, b) = info.data_offsets;
+        // Validated against the buffer when the file was read.
+        let data = &self.bytes[start + a..start + b];
+        let values: Vec<f32> = match info.dtype {
+            Dtype::F32 => bytemuck::pod_collect_to_vec(data),
+            Dtype::F16 => data
+                .chunks_exact(2)
+                .map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]])))
+                .collect(),
+            // bfloat16 is the top half of an f32: the conversion is exact.
+            Dtype::BF16 => data
+                .chunks_exact(2)
+                .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
+                .collect(),
+            d => bail!(
+                "{}: tensor `{name}` has dtype {d:?}; F32, F16 or BF16 expected",
+                self.path.display()
+            ),
+        };
+        Ok((info.shape.clone(), values))
+    }
+
+    /// Gathers `prefix.<param name>` for every parameter of `store` into the flat layout; every
+    /// missing or mis-shaped tensor is named in the error.
+    pub fn flat(&self, store: &ParamStore, prefix: &str) -> Result<Vec<f32>> {
+        let mut problems = Vec::new();
+        let flat = store.flatten(|spec| {
+            let name = if prefix.is_empty() {
+                spec.name.clone()
+            } else {
+                format!("{prefix}.{}", spec.name)
+            };
+            match self.get(&name) {
+                Ok((shape, v)) if shape == spec.shape => Ok(v),
+                Ok((shape, _)) => {
+                    problems.push(format!(
+                        "`{name}` has shape {shape:?}, the model expects {:?}",
+                        spec.shape
+                    ));
+                    Ok(vec![0.0; spec.numel()])
+                }
+                Err(_) => {
+                    problems.push(format!("`{name}` is missing"));
+                    Ok(vec![0.0; spec.numel()])
+                }
+            }
+        });
+        let flat = flat.map_err(|e| anyhow!(e))?;
+        if !problems.is_empty() {
+            bail!(
+                "{} does not fit the model:\n  {}",
+                self.path.display(),
+                problems.join("\n  ")
+            );
+        }
+        Ok(flat)
+    }
+}
+
+/// IEEE half → f32 (diffusers checkpoints are sometimes saved in fp16).
+fn f16_to_f32(h: u16) -> f32 {
+    let sign = ((h >> 15) as u32) << 31;
+    let exp = ((h >> 10) & 0x1f) as u32;
+    let frac = (h & 0x3ff) as u32;
+    let bits = match (exp, frac) {
+        (0, 0) => sign,
+        (0, f) => {
+            // subnormal: normalise
+            let mut e = 127 - 15 + 1;
+            let mut f = f;
+            while f & 0x400 == 0 {
+                f <<= 1;
+                e -= 1;
+            }
+            sign | ((e as u32) << 23) | ((f & 0x3ff) << 13)
+        }
+        (0x1f, f) => sign | 0x7f80_0000 | (f << 13),
+        (e, f) => sign | ((e + 127 - 15) << 23) | (f << 13),
+    };
+    f32::from_bits(bits)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn half_floats() {
+        assert_eq!(f16_to_f32(0x3c00), 1.0);
+        assert_eq!(f16_to_f32(0xc000), -2.0);
+        assert_eq!(f16_to_f32(0x0001), 2f32.powi(-24));
+    }
+
+    #[test]
+    fn bf16_loads_exactly_and_other_dtypes_are_named() {
+        let dir = std::env::temp_dir().join(format!("wgpu-diffusion-bf16-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("w.safetensors");
+        // 1.0, -2.5, 3.140625 in bfloat16.
+        let bf: Vec<u8> = [0x3f80u16, 0xc020, 0x4049]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let ints = [7u8, 0, 0, 0];
+        let bytes = safetensors::serialize(
+            [
+                ("w", TensorView::new(Dtype::BF16, vec![3], &bf).unwrap()),
+                ("i", TensorView::new(Dtype::I32, vec![1], &ints).unwrap()),
+            ],
+            None,
+        )
+        .unwrap();
+        std::fs::write(&path, bytes).unwrap();
+        let t = LoadedTensors::read(&path).unwrap();
+        assert_eq!(t.get("w").unwrap().1, vec![1.0, -2.5, 3.140625]);
+        let e = t.get("i").unwrap_err().to_string();
+        assert!(e.contains("I32") && e.contains("BF16 expected"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

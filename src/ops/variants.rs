@@ -1,0 +1,44 @@
+//! Every kernel specialization the runtime can build: the list `tests/shaders.rs` validates with
+//! naga. Apart from `ops/mod.rs` (whose helpers every op imports) so that no file of `ops` both
+//! serves and imports the others.
+
+use crate::gpu::{KernelKey, SHADERS, entry_points};
+
+/// Every kernel specialization the runtime can build (validated by `tests/shaders.rs`): the
+/// GEMM family with its tile constants and templates, and every entry point of the others.
+pub fn all_kernel_keys() -> Vec<KernelKey> {
+    let mut keys = super::tiles::kernel_keys();
+    for (shader, src) in SHADERS {
+        if *shader == "gemm" || *shader == "gemm_subgroup" {
+            continue;
+        }
+        if *shader == "attention_subgroup" {
+            for lanes in [8, 16] {
+                for head_dim in (4..=super::attention::MAX_FUSED_HEAD_DIM).step_by(4) {
+                    keys.extend(
+                        entry_points(src)
+                            .into_iter()
+                            .map(|e| super::attention::kernel_key(e, lanes, head_dim)),
+                    );
+                }
+            }
+            continue;
+        }
+        if *shader == "softmax_subgroup" {
+            for lanes in [8, 16] {
+                keys.extend(
+                    entry_points(src)
+                        .into_iter()
+                        .map(|e| KernelKey::new(shader, e).template("LANES", lanes)),
+                );
+            }
+            continue;
+        }
+        keys.extend(
+            entry_points(src)
+                .into_iter()
+                .map(|e| KernelKey::new(shader, e)),
+        );
+    }
+    keys
+}
