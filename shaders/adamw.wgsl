@@ -53,7 +53,6 @@ const WG: u32 = 256u;
 const ITEMS: u32 = 8u;          // elements per thread in the sum of squares
 const CHUNK: u32 = WG * ITEMS;  // elements per workgroup (src/ops/adamw.rs: CHUNK)
 
-var<workgroup> wg_sum: array<f32, 256>;
 
 fn group_index(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return wid.y * nwg.x + wid.x;
@@ -130,18 +129,7 @@ fn ema_update(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     ema[i] = e - h.ema_one_minus_decay * (e - params_in[i]);
 }
 
-// Fixed-shape tree sum of one value per thread; the total is returned to every thread.
-fn tree_sum(lid: u32, v: f32) -> f32 {
-    wg_sum[lid] = v;
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s = s >> 1u) {
-        if (lid < s) {
-            wg_sum[lid] = wg_sum[lid] + wg_sum[lid + s];
-        }
-        workgroupBarrier();
-    }
-    return wg_sum[0];
-}
+//#include tree_sum
 
 // Stage 1: partials[g] = Σ over chunk g of grad² (unscaled gradients).
 @compute @workgroup_size(256)

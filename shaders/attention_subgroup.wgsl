@@ -4,7 +4,7 @@
 // batch 32 writes and reads three 39 MB matrices per direction for 2 x 8-wide dot products per
 // element; here each lane keeps its row's q, o (and gradients) in registers and the K, V rows
 // of L tokens are loaded once per subgroup (one row per lane) and shared by subgroupBroadcast,
-// as in the GEMM (DESIGN.md, "Fast GEMM on lavapipe").
+// as in the GEMM (docs/ARCHITECTURE.md, "Fast GEMM on lavapipe").
 //
 // Template: L (lanes), DH4 (head_dim / 4: the texels of one head's row). Layout: q, k, v, o and
 // their gradients are `[N · T, C]` rows (diffusers' Attention before its head split), head h in

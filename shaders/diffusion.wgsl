@@ -21,9 +21,7 @@ struct Params {
 
 const WG: u32 = 256u;
 
-fn linear_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
-    return (wid.y * nwg.x + wid.x) * WG + lid;
-}
+//#include linear_index
 
 // v = sqrt(ᾱ_t) ε − sqrt(1 − ᾱ_t) x0 (Salimans & Ho 2022, §4; diffusers get_velocity).
 @compute @workgroup_size(256)

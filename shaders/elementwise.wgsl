@@ -25,9 +25,7 @@ struct Params {
 
 const WG: u32 = 256u;
 
-fn linear_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
-    return (wid.y * nwg.x + wid.x) * WG + lid;
-}
+//#include linear_index
 
 // z = x + y  (bindings: x, y read as inputs through the read_write slot, z)
 @compute @workgroup_size(256)
@@ -57,9 +55,7 @@ fn scale(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: ve
     if (i < p.n) { y[i] = p.alpha * y[i]; }
 }
 
-fn sigmoid(v: f32) -> f32 {
-    return 1.0 / (1.0 + exp(-v));
-}
+//#include sigmoid
 
 // y = silu(x) = x * sigmoid(x)
 @compute @workgroup_size(256)
@@ -128,7 +124,7 @@ fn cast_u32_to_f32(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroup
 
 // ---- Vectorised variants (used when every count, offset and stride is a multiple of 4 and the
 // buffers start on 16-byte boundaries): one vec4 per invocation. Storage-buffer loads are per-lane
-// on lavapipe (DESIGN.md, "Memory-bound kernels"), so a vec4 moves 4 values for the cost of one.
+// on lavapipe (docs/ARCHITECTURE.md, "Memory-bound kernels on lavapipe"), so a vec4 moves 4 values for the cost of one.
 // p.n and the channel fields keep their scalar meaning; each kernel divides by 4 itself.
 
 @group(0) @binding(4) var<storage, read> x4: array<vec4<f32>>;

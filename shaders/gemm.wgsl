@@ -10,18 +10,7 @@
 // Tile sizes are `override` constants (BM x BN outputs per workgroup, BK deep, TM x TN per
 // invocation); real GPUs want larger tiles than lavapipe, whose fast path is gemm_subgroup.wgsl.
 
-struct Params {
-    m: u32, n: u32, k: u32, batch_inner: u32,
-    a_offset: u32, a_ld: u32, a_batch_outer: u32, a_batch_inner: u32,
-    b_offset: u32, b_ld: u32, b_batch_outer: u32, b_batch_inner: u32,
-    c_offset: u32, c_ld: u32, c_batch_outer: u32, c_batch_inner: u32,
-    trans_a: u32, trans_b: u32, has_bias: u32, k_chunk: u32,
-    alpha: f32, beta: f32, _pad0: u32, _pad1: u32,
-    // conv2d geometry (NHWC activations)
-    batch: u32, in_h: u32, in_w: u32, in_c: u32,
-    out_h: u32, out_w: u32, out_c: u32, kernel_h: u32,
-    kernel_w: u32, stride: u32, pad_top: u32, pad_left: u32,
-}
+//#include gemm_params
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> a: array<f32>;

@@ -1,5 +1,5 @@
 // Subgroup-broadcast register-tile GEMM and implicit-GEMM conv2d, for adapters with a fixed
-// subgroup size L of 8 or 16 (lavapipe). DESIGN.md, "Fast GEMM on lavapipe": operands are read
+// subgroup size L of 8 or 16 (lavapipe). docs/ARCHITECTURE.md, "Fast GEMM on lavapipe": operands are read
 // from rgba32float storage textures (vectorised loads on llvmpipe), each lane owns 4 output
 // columns and keeps its accumulators in separate variables, and the A values of a lane block
 // are shared with subgroupBroadcast, dividing the A loads by L. This file is a template:
@@ -17,17 +17,7 @@
 // element by element (any layout; the backward-weight pass, whose 4 values per texel are
 // strided in dW, always uses it).
 
-struct Params {
-    m: u32, n: u32, k: u32, batch_inner: u32,
-    a_offset: u32, a_ld: u32, a_batch_outer: u32, a_batch_inner: u32,
-    b_offset: u32, b_ld: u32, b_batch_outer: u32, b_batch_inner: u32,
-    c_offset: u32, c_ld: u32, c_batch_outer: u32, c_batch_inner: u32,
-    trans_a: u32, trans_b: u32, has_bias: u32, k_chunk: u32,
-    alpha: f32, beta: f32, bias_at: u32, _pad0: u32,
-    batch: u32, in_h: u32, in_w: u32, in_c: u32,
-    out_h: u32, out_w: u32, out_c: u32, kernel_h: u32,
-    kernel_w: u32, stride: u32, pad_top: u32, pad_left: u32,
-}
+//#include gemm_params
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var a_tex: texture_storage_2d<rgba32float, read>;

@@ -67,13 +67,9 @@ const WG: u32 = 256u;
 var<workgroup> red: array<f32, 256>;
 var<workgroup> red2: array<f32, 256>;
 
-fn linear_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
-    return (wid.y * nwg.x + wid.x) * WG + lid;
-}
+//#include linear_index
 
-fn sigmoid(v: f32) -> f32 {
-    return 1.0 / (1.0 + exp(-v));
-}
+//#include sigmoid
 
 // The gradient reaching the normalised value: dy itself, or through the fused SiLU.
 fn grad_of_norm(g: f32, xhat: f32, ga: f32, be: f32) -> f32 {

@@ -29,24 +29,12 @@ const WG: u32 = 256u;
 const ITEMS: u32 = 8u;          // elements per thread in stage 1
 const CHUNK: u32 = WG * ITEMS;  // elements per workgroup in stage 1 (src/ops/loss.rs: CHUNK)
 
-var<workgroup> wg_sum: array<f32, 256>;
 
 fn group_index(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return wid.y * nwg.x + wid.x;
 }
 
-// Fixed-shape tree sum of one value per thread; the total is returned to thread 0.
-fn tree_sum(lid: u32, v: f32) -> f32 {
-    wg_sum[lid] = v;
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s = s >> 1u) {
-        if (lid < s) {
-            wg_sum[lid] = wg_sum[lid] + wg_sum[lid + s];
-        }
-        workgroupBarrier();
-    }
-    return wg_sum[0];
-}
+//#include tree_sum
 
 fn sq_err(i: u32) -> f32 {
     let d = pred[i] - tgt[i];

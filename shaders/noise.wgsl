@@ -36,9 +36,7 @@ const PHILOX_W0: u32 = 0x9E3779B9u;
 const PHILOX_W1: u32 = 0xBB67AE85u;
 const PI: f32 = 3.14159265358979;
 
-fn linear_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
-    return (wid.y * nwg.x + wid.x) * WG + lid;
-}
+//#include linear_index
 
 // High 32 bits of the 64-bit product a*b. WGSL has no 64-bit integers, so split into 16-bit
 // halves: a*b = hh 2^32 + (lh + hl) 2^16 + ll, and carry the middle column exactly

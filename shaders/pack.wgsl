@@ -1,6 +1,6 @@
 // Packs GEMM operands from storage buffers into rgba32float textures for the subgroup path
 // (gemm_subgroup.wgsl). On lavapipe, texture loads are vectorised while non-uniform buffer loads
-// become per-lane scalar loops (DESIGN.md, "Fast GEMM on lavapipe"), so the GEMM reads textures.
+// become per-lane scalar loops (docs/ARCHITECTURE.md, "Fast GEMM on lavapipe"), so the GEMM reads textures.
 // A texel holds 4 consecutive columns; columns and rows beyond the matrix are zero, so the
 // GEMM needs no bounds checks along K.
 

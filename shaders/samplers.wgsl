@@ -34,9 +34,7 @@ struct Params {
 
 const WG: u32 = 256u;
 
-fn linear_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
-    return (wid.y * nwg.x + wid.x) * WG + lid;
-}
+//#include linear_index
 
 // The x0 estimate before clipping.
 fn x0_raw(xv: f32, m: f32) -> f32 {

@@ -2,12 +2,12 @@
 // same formulas as softmax.wgsl):
 //   forward:  m = max_j x_j,  y_i = exp(x_i - m) / sum_j exp(x_j - m)
 //   backward: dx_i = y_i * (dy_i - sum_j dy_j * y_j)
-// One subgroup per workgroup (DESIGN.md, "Memory-bound kernels on lavapipe": no workgroup memory
+// One subgroup per workgroup (docs/ARCHITECTURE.md, "Memory-bound kernels on lavapipe": no workgroup memory
 // and no barriers, which lavapipe runs as coroutines); it takes p.rows_per_group consecutive rows
 // one after the other. Lane l reads columns l, l + LANES, ... and the lanes are combined with
 // subgroupMax / subgroupAdd, whose order is fixed for a given adapter: deterministic. The trip
 // counts are uniform (the column test is inside the loop), so every subgroup operation runs with
-// all lanes active. Template: LANES = the subgroup size. Workgroup index = wid.x + wid.y * nwg.x.
+// all lanes active. LANES = the subgroup size (an `override`). Workgroup index = wid.x + wid.y * nwg.x.
 
 struct Params {
     rows: u32,           // R
@@ -23,7 +23,9 @@ struct Params {
 @group(0) @binding(4) var<storage, read> dy: array<f32>;
 @group(0) @binding(5) var<storage, read_write> dx: array<f32>;
 
-@compute @workgroup_size({{LANES}})
+override LANES: u32 = 16u;
+
+@compute @workgroup_size(LANES)
 fn softmax_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                    @builtin(subgroup_invocation_id) lane: u32) {
     let first = (wid.y * nwg.x + wid.x) * p.rows_per_group;
@@ -32,25 +34,25 @@ fn softmax_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroup
         let base = row * p.len;
         // Start from the row's first element rather than -FLT_MAX so rows holding -inf stay exact.
         var m = x[base];
-        for (var j0 = 0u; j0 < p.len; j0 += {{LANES}}u) {
+        for (var j0 = 0u; j0 < p.len; j0 += LANES) {
             let j = j0 + lane;
             if (j < p.len) { m = max(m, x[base + j]); }
         }
         m = subgroupMax(m);
         var s = 0.0;
-        for (var j0 = 0u; j0 < p.len; j0 += {{LANES}}u) {
+        for (var j0 = 0u; j0 < p.len; j0 += LANES) {
             let j = j0 + lane;
             if (j < p.len) { s += exp(x[base + j] - m); }
         }
         s = subgroupAdd(s);
-        for (var j0 = 0u; j0 < p.len; j0 += {{LANES}}u) {
+        for (var j0 = 0u; j0 < p.len; j0 += LANES) {
             let j = j0 + lane;
             if (j < p.len) { y[base + j] = exp(x[base + j] - m) / s; }
         }
     }
 }
 
-@compute @workgroup_size({{LANES}})
+@compute @workgroup_size(LANES)
 fn softmax_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                     @builtin(subgroup_invocation_id) lane: u32) {
     let first = (wid.y * nwg.x + wid.x) * p.rows_per_group;
@@ -58,12 +60,12 @@ fn softmax_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgrou
     for (var row = first; row < end; row++) {
         let base = row * p.len;
         var d = 0.0;
-        for (var j0 = 0u; j0 < p.len; j0 += {{LANES}}u) {
+        for (var j0 = 0u; j0 < p.len; j0 += LANES) {
             let j = j0 + lane;
             if (j < p.len) { d += dy[base + j] * y_in[base + j]; }
         }
         d = subgroupAdd(d);
-        for (var j0 = 0u; j0 < p.len; j0 += {{LANES}}u) {
+        for (var j0 = 0u; j0 < p.len; j0 += LANES) {
             let j = j0 + lane;
             if (j < p.len) {
                 let yj = y_in[base + j];
@@ -87,7 +89,7 @@ fn sum4(v: vec4<f32>) -> f32 {
     return (v.x + v.y) + (v.z + v.w);
 }
 
-@compute @workgroup_size({{LANES}})
+@compute @workgroup_size(LANES)
 fn softmax_forward4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                     @builtin(subgroup_invocation_id) lane: u32) {
     let first = (wid.y * nwg.x + wid.x) * p.rows_per_group;
@@ -96,7 +98,7 @@ fn softmax_forward4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgrou
     for (var row = first; row < end; row++) {
         let base = row * len4;
         var m = x4[base].x;
-        for (var j0 = 0u; j0 < len4; j0 += {{LANES}}u) {
+        for (var j0 = 0u; j0 < len4; j0 += LANES) {
             let j = j0 + lane;
             if (j < len4) {
                 let v = x4[base + j];
@@ -105,19 +107,19 @@ fn softmax_forward4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgrou
         }
         m = subgroupMax(m);
         var s = 0.0;
-        for (var j0 = 0u; j0 < len4; j0 += {{LANES}}u) {
+        for (var j0 = 0u; j0 < len4; j0 += LANES) {
             let j = j0 + lane;
             if (j < len4) { s += sum4(exp(x4[base + j] - m)); }
         }
         s = subgroupAdd(s);
-        for (var j0 = 0u; j0 < len4; j0 += {{LANES}}u) {
+        for (var j0 = 0u; j0 < len4; j0 += LANES) {
             let j = j0 + lane;
             if (j < len4) { y4[base + j] = exp(x4[base + j] - m) / s; }
         }
     }
 }
 
-@compute @workgroup_size({{LANES}})
+@compute @workgroup_size(LANES)
 fn softmax_backward4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                      @builtin(subgroup_invocation_id) lane: u32) {
     let first = (wid.y * nwg.x + wid.x) * p.rows_per_group;
@@ -126,12 +128,12 @@ fn softmax_backward4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
     for (var row = first; row < end; row++) {
         let base = row * len4;
         var d = 0.0;
-        for (var j0 = 0u; j0 < len4; j0 += {{LANES}}u) {
+        for (var j0 = 0u; j0 < len4; j0 += LANES) {
             let j = j0 + lane;
             if (j < len4) { d += sum4(dy4[base + j] * y_in4[base + j]); }
         }
         d = subgroupAdd(d);
-        for (var j0 = 0u; j0 < len4; j0 += {{LANES}}u) {
+        for (var j0 = 0u; j0 < len4; j0 += LANES) {
             let j = j0 + lane;
             if (j < len4) { dx4[base + j] = y_in4[base + j] * (dy4[base + j] - d); }
         }

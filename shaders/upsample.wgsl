@@ -26,9 +26,7 @@ struct Params {
 
 const WG: u32 = 256u;
 
-fn linear_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
-    return (wid.y * nwg.x + wid.x) * WG + lid;
-}
+//#include linear_index
 
 // src = x [N, H, W, C], dst = y [N, 2H, 2W, C].
 @compute @workgroup_size(256)

@@ -58,3 +58,28 @@ fn every_kernel_specialization_validates_and_translates() {
     }
     eprintln!("validated {} kernel specializations", keys.len());
 }
+
+/// Templates are for what an `override` cannot express (register tiles unrolled into separate
+/// variables, binding types); every other shader is plain WGSL once its `//#include`s are
+/// pasted, and validates with no template values.
+#[test]
+fn only_register_tile_kernels_are_templates() {
+    const TEMPLATES: [&str; 2] = ["gemm_subgroup", "attention_subgroup"];
+    for (name, src) in SHADERS {
+        let templated = src.contains("//#for") || src.contains("//#if") || src.contains("{{");
+        if TEMPLATES.contains(name) {
+            assert!(
+                templated,
+                "`{name}` is plain WGSL now: drop it from TEMPLATES"
+            );
+            continue;
+        }
+        assert!(
+            !templated,
+            "shader `{name}` uses template syntax: use an `override` constant (or add it to TEMPLATES if it unrolls a register tile)"
+        );
+        for entry in wgpu_diffusion::gpu::entry_points(src) {
+            validate(&KernelKey::new(name, entry));
+        }
+    }
+}

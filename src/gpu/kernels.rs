@@ -1,8 +1,12 @@
 //! The shader table and the pipeline cache.
 //!
-//! Every WGSL file is compiled into the binary. A few kernels are templates: loops that must be
-//! fully unrolled into separate variables (the subgroup GEMM's register tile) are written once
-//! with `//#for` blocks and expanded for the lane count in use (see [`expand_template`]).
+//! Every WGSL file is compiled into the binary. Pieces several shaders share (the GEMM uniform
+//! block, `linear_index`, `sigmoid`, the workgroup `tree_sum`) live once in `shaders/include/`
+//! and are pasted where a shader says `//#include NAME`. A few kernels are templates: loops that
+//! must be fully unrolled into separate variables (the subgroup GEMM's register tile) are written
+//! once with `//#for` blocks and expanded for the lane count in use (see [`expand_template`]);
+//! anything an `override` constant can express is an `override` instead, so those files are
+//! plain WGSL once their includes are pasted.
 //! Pipelines are keyed by shader + entry point + template values + `override` constants, and are
 //! all created while a plan is recorded, before the first step runs.
 
@@ -43,6 +47,26 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("diffusion", include_str!("../../shaders/diffusion.wgsl")),
     ("samplers", include_str!("../../shaders/samplers.wgsl")),
     ("embedding", include_str!("../../shaders/embedding.wgsl")),
+];
+
+/// The shared pieces a shader pulls in with `//#include NAME`: (NAME, WGSL).
+pub const INCLUDES: &[(&str, &str)] = &[
+    (
+        "gemm_params",
+        include_str!("../../shaders/include/gemm_params.wgsl"),
+    ),
+    (
+        "linear_index",
+        include_str!("../../shaders/include/linear_index.wgsl"),
+    ),
+    (
+        "sigmoid",
+        include_str!("../../shaders/include/sigmoid.wgsl"),
+    ),
+    (
+        "tree_sum",
+        include_str!("../../shaders/include/tree_sum.wgsl"),
+    ),
 ];
 
 /// Names of the `@compute` entry points of a WGSL source (the `fn` following each attribute).
@@ -100,15 +124,11 @@ impl KernelKey {
         self.constants.sort();
         self
     }
-    /// The WGSL after template expansion.
+    /// The WGSL after pasting its includes and expanding its template.
     pub fn source(&self) -> Result<String, String> {
         let src = shader_source(self.shader)
             .ok_or_else(|| format!("unknown shader `{}`", self.shader))?;
-        if self.template.is_empty() {
-            Ok(src.to_string())
-        } else {
-            expand_template(src, &self.template)
-        }
+        expand_template(src, &self.template)
     }
     pub fn constants_f64(&self) -> Vec<(&'static str, f64)> {
         self.constants
@@ -207,6 +227,7 @@ impl Kernels {
 ///   A..B (A and B are expressions as above); blocks nest.
 /// * Lines between `//#if EXPR` and the matching `//#end` are kept when EXPR is not zero
 ///   (`==` and `!=` compare two expressions, giving 1 or 0).
+/// * `//#include NAME` is replaced by the piece NAME of [`INCLUDES`], itself expanded.
 pub fn expand_template(src: &str, vars: &[(&str, i64)]) -> Result<String, String> {
     let lines: Vec<&str> = src.lines().collect();
     let mut env: Vec<(String, i64)> = vars.iter().map(|(n, v)| (n.to_string(), *v)).collect();
@@ -223,6 +244,18 @@ fn expand_lines(
     let mut i = 0;
     while i < lines.len() {
         let trimmed = lines[i].trim_start();
+        if let Some(name) = trimmed.strip_prefix("//#include ") {
+            let name = name.trim();
+            let piece = INCLUDES
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, s)| *s)
+                .ok_or_else(|| format!("unknown include `{name}` (shaders/include/)"))?;
+            let piece_lines: Vec<&str> = piece.lines().collect();
+            expand_lines(&piece_lines, env, out)?;
+            i += 1;
+            continue;
+        }
         if let Some(cond) = trimmed.strip_prefix("//#if ") {
             let j = matching_end(lines, i)?;
             if eval(cond.trim(), env)? != 0 {
@@ -380,5 +413,16 @@ mod tests {
         );
         assert!(expand_template("//#if 1\n", &[]).is_err());
         assert!(expand_template("{{M}}", &[]).is_err());
+    }
+
+    #[test]
+    fn includes_are_pasted_and_unknown_ones_named() {
+        let out = expand_template("a\n//#include sigmoid\nb", &[]).unwrap();
+        assert!(
+            out.starts_with("a\nfn sigmoid(") && out.ends_with("}\nb\n"),
+            "{out}"
+        );
+        let e = expand_template("//#include nothing_like_it", &[]).unwrap_err();
+        assert!(e.contains("nothing_like_it"), "{e}");
     }
 }

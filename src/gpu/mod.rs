@@ -8,7 +8,9 @@ mod kernels;
 mod plan;
 mod tensor;
 
-pub use kernels::{KernelKey, Kernels, SHADERS, entry_points, expand_template, shader_source};
+pub use kernels::{
+    INCLUDES, KernelKey, Kernels, SHADERS, entry_points, expand_template, shader_source,
+};
 pub use plan::{Binding, Plan, Recorder, StepRecord, grid_1d};
 pub use tensor::{Tensor, Texture2d};
 
@@ -58,7 +60,7 @@ pub enum GemmPath {
     /// Storage buffers with workgroup-memory tiles: what real GPUs want.
     Portable,
     /// Operands packed into `rgba32float` storage textures and a register tile shared across a
-    /// subgroup by `subgroupBroadcast` (DESIGN.md, "Fast GEMM on lavapipe"): ~7x faster on
+    /// subgroup by `subgroupBroadcast` (docs/ARCHITECTURE.md, "Fast GEMM on lavapipe"): ~7x faster on
     /// lavapipe, where buffer loads are scalarised and barriers are coroutines.
     Subgroup { lanes: u32 },
 }

@@ -48,7 +48,7 @@ fn kernel(
                 _ => entry,
             };
             (
-                KernelKey::new("softmax_subgroup", entry).template("LANES", lanes as i64),
+                KernelKey::new("softmax_subgroup", entry).constant("LANES", lanes as f64),
                 grid_1d((p.rows as usize).div_ceil(rows)),
                 texels,
             )

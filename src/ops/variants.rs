@@ -29,7 +29,7 @@ pub fn all_kernel_keys() -> Vec<KernelKey> {
                 keys.extend(
                     entry_points(src)
                         .into_iter()
-                        .map(|e| KernelKey::new(shader, e).template("LANES", lanes)),
+                        .map(|e| KernelKey::new(shader, e).constant("LANES", lanes as f64)),
                 );
             }
             continue;

@@ -13,6 +13,7 @@ mod embedding;
 mod gemm;
 mod group_norm;
 mod hostile;
+mod kernel_keys;
 mod loss;
 mod noise;
 mod parity;
