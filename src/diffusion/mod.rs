@@ -1,5 +1,6 @@
 //! Noise schedules, prediction targets and samplers with diffusers' semantics.
 
+pub mod families;
 pub mod schedule;
 pub mod scheduler;
 

@@ -9,7 +9,7 @@ use std::path::Path;
 use anyhow::{Context, Result, anyhow, bail};
 
 use super::atomic::atomic_write;
-use super::tensors::{LoadedTensors, serialize_named};
+use super::tensors::{LoadedTensors, gather_params, serialize_named};
 use crate::nn::{ParamStore, UNetConfig};
 
 /// The file beside a class-conditional model's config.json that names its classes: a JSON list
@@ -158,41 +158,26 @@ pub fn model_weights(loaded: &LoadedTensors, store: &ParamStore) -> Result<Vec<f
             unknown.join(", ")
         );
     }
-    let mut problems = Vec::new();
-    let flat = store
-        .flatten(|spec| match renamed.get(&spec.name) {
-            None => {
-                problems.push(format!("`{}` is missing", spec.name));
-                Ok(vec![0.0; spec.numel()])
-            }
-            Some(file_name) => {
-                let (shape, v) = loaded.get(file_name).map_err(|e| e.to_string())?;
-                // Old checkpoints store attention projections as 1x1 convs [C, C, 1, 1].
-                if shape.iter().product::<usize>() == spec.numel()
-                    && shape
-                        .iter()
-                        .filter(|&&d| d != 1)
-                        .eq(spec.shape.iter().filter(|&&d| d != 1))
-                {
-                    Ok(v)
-                } else {
-                    problems.push(format!(
-                        "`{}` has shape {shape:?}, the model expects {:?}",
-                        file_name, spec.shape
-                    ));
-                    Ok(vec![0.0; spec.numel()])
-                }
-            }
-        })
-        .map_err(|e| anyhow!(e))?;
-    if !problems.is_empty() {
-        bail!(
-            "{} does not fit its config:\n  {}",
-            loaded.path.display(),
-            problems.join("\n  ")
-        );
-    }
-    Ok(flat)
+    gather_params(store, &loaded.path, "does not fit its config", |spec| {
+        let file_name = renamed
+            .get(&spec.name)
+            .ok_or_else(|| format!("`{}` is missing", spec.name))?;
+        let (shape, v) = loaded.get(file_name).map_err(|e| e.to_string())?;
+        // Old checkpoints store attention projections as 1x1 convs [C, C, 1, 1].
+        let same_but_unit_dims = shape.iter().product::<usize>() == spec.numel()
+            && shape
+                .iter()
+                .filter(|&&d| d != 1)
+                .eq(spec.shape.iter().filter(|&&d| d != 1));
+        if same_but_unit_dims {
+            Ok(v)
+        } else {
+            Err(format!(
+                "`{file_name}` has shape {shape:?}, the model expects {:?}",
+                spec.shape
+            ))
+        }
+    })
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, anyhow, bail};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 
-use crate::nn::ParamStore;
+use crate::nn::{ParamSpec, ParamStore};
 
 /// Serializes named f32 tensors (split out of flat buffers by the store's layout).
 pub fn serialize_named(
@@ -92,14 +92,14 @@ impl LoadedTensors {
         let data = &self.bytes[start + a..start + b];
         let values: Vec<f32> = match info.dtype {
             Dtype::F32 => bytemuck::pod_collect_to_vec(data),
+            // diffusers checkpoints are sometimes saved in fp16 or bf16; both widen exactly.
             Dtype::F16 => data
                 .chunks_exact(2)
-                .map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]])))
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
                 .collect(),
-            // bfloat16 is the top half of an f32: the conversion is exact.
             Dtype::BF16 => data
                 .chunks_exact(2)
-                .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
                 .collect(),
             d => bail!(
                 "{}: tensor `{name}` has dtype {d:?}; F32, F16 or BF16 expected",
@@ -112,8 +112,7 @@ impl LoadedTensors {
     /// Gathers `prefix.<param name>` for every parameter of `store` into the flat layout; every
     /// missing or mis-shaped tensor is named in the error.
     pub fn flat(&self, store: &ParamStore, prefix: &str) -> Result<Vec<f32>> {
-        let mut problems = Vec::new();
-        let flat = store.flatten(|spec| {
+        gather_params(store, &self.path, "does not fit the model", |spec| {
             let name = if prefix.is_empty() {
                 spec.name.clone()
             } else {
@@ -121,52 +120,42 @@ impl LoadedTensors {
             };
             match self.get(&name) {
                 Ok((shape, v)) if shape == spec.shape => Ok(v),
-                Ok((shape, _)) => {
-                    problems.push(format!(
-                        "`{name}` has shape {shape:?}, the model expects {:?}",
-                        spec.shape
-                    ));
-                    Ok(vec![0.0; spec.numel()])
-                }
-                Err(_) => {
-                    problems.push(format!("`{name}` is missing"));
-                    Ok(vec![0.0; spec.numel()])
-                }
+                Ok((shape, _)) => Err(format!(
+                    "`{name}` has shape {shape:?}, the model expects {:?}",
+                    spec.shape
+                )),
+                Err(_) => Err(format!("`{name}` is missing")),
             }
-        });
-        let flat = flat.map_err(|e| anyhow!(e))?;
-        if !problems.is_empty() {
-            bail!(
-                "{} does not fit the model:\n  {}",
-                self.path.display(),
-                problems.join("\n  ")
-            );
-        }
-        Ok(flat)
+        })
     }
 }
 
-/// IEEE half → f32 (diffusers checkpoints are sometimes saved in fp16).
-fn f16_to_f32(h: u16) -> f32 {
-    let sign = ((h >> 15) as u32) << 31;
-    let exp = ((h >> 10) & 0x1f) as u32;
-    let frac = (h & 0x3ff) as u32;
-    let bits = match (exp, frac) {
-        (0, 0) => sign,
-        (0, f) => {
-            // subnormal: normalise
-            let mut e = 127 - 15 + 1;
-            let mut f = f;
-            while f & 0x400 == 0 {
-                f <<= 1;
-                e -= 1;
-            }
-            sign | ((e as u32) << 23) | ((f & 0x3ff) << 13)
-        }
-        (0x1f, f) => sign | 0x7f80_0000 | (f << 13),
-        (e, f) => sign | ((e + 127 - 15) << 23) | (f << 13),
-    };
-    f32::from_bits(bits)
+/// One tensor per parameter of `store`, in its flat layout: `lookup` gives a parameter's values
+/// or what is wrong with them, and every problem of the file at `path` is named in one error
+/// (`{path} {mismatch}:` and a line each).
+pub fn gather_params(
+    store: &ParamStore,
+    path: &Path,
+    mismatch: &str,
+    mut lookup: impl FnMut(&ParamSpec) -> Result<Vec<f32>, String>,
+) -> Result<Vec<f32>> {
+    let mut problems = Vec::new();
+    let flat = store
+        .flatten(|spec| {
+            Ok(lookup(spec).unwrap_or_else(|problem| {
+                problems.push(problem);
+                vec![0.0; spec.numel()]
+            }))
+        })
+        .map_err(|e| anyhow!(e))?;
+    if !problems.is_empty() {
+        bail!(
+            "{} {mismatch}:\n  {}",
+            path.display(),
+            problems.join("\n  ")
+        );
+    }
+    Ok(flat)
 }
 
 #[cfg(test)]
@@ -175,9 +164,26 @@ mod tests {
 
     #[test]
     fn half_floats() {
-        assert_eq!(f16_to_f32(0x3c00), 1.0);
-        assert_eq!(f16_to_f32(0xc000), -2.0);
-        assert_eq!(f16_to_f32(0x0001), 2f32.powi(-24));
+        let dir = std::env::temp_dir().join(format!("wgpu-diffusion-f16-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("h.safetensors");
+        // 1.0, -2.0, the smallest subnormal and +inf in IEEE half.
+        let h: Vec<u8> = [0x3c00u16, 0xc000, 0x0001, 0x7c00]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let bytes = safetensors::serialize(
+            [("h", TensorView::new(Dtype::F16, vec![4], &h).unwrap())],
+            None,
+        )
+        .unwrap();
+        std::fs::write(&path, bytes).unwrap();
+        let t = LoadedTensors::read(&path).unwrap();
+        assert_eq!(
+            t.get("h").unwrap().1,
+            vec![1.0, -2.0, 2f32.powi(-24), f32::INFINITY]
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -68,7 +68,7 @@ pub const MAX_SAMPLE_SIZE: usize = 4096;
 pub const MAX_CLASSES: usize = 1 << 20;
 
 impl UNetConfig {
-    /// Named presets (DESIGN.md): tiny16, mnist28, cifar32 (google/ddpm-cifar10-32), and tiny28
+    /// Named presets: tiny16, mnist28, cifar32 (google/ddpm-cifar10-32), and tiny28
     /// (tiny16's network at 28×28).
     pub fn preset(name: &str) -> Option<UNetConfig> {
         let ddpm =
@@ -146,11 +146,15 @@ impl UNetConfig {
 
     pub const PRESETS: [&'static str; 4] = ["tiny16", "tiny28", "mnist28", "cifar32"];
 
-    /// Parses a diffusers `config.json` (diffusers' defaults fill missing keys).
+    /// Parses a diffusers `config.json`: diffusers' defaults fill missing keys (and keys set to
+    /// null, as diffusers' `__init__` would), keys of other meanings are checked against
+    /// [`ACCEPTED_AS_DEFAULT`], and anything else is an error naming the key.
     pub fn from_json(text: &str) -> Result<UNetConfig, String> {
-        let v: Value = serde_json::from_str(text)
+        let mut v: Value = serde_json::from_str(text)
             .map_err(|e| format!("config.json is not valid JSON: {e}"))?;
-        let obj = v.as_object().ok_or("config.json must be a JSON object")?;
+        let obj = v
+            .as_object_mut()
+            .ok_or("config.json must be a JSON object")?;
         if let Some(class) = obj.get("_class_name").and_then(|c| c.as_str())
             && class != "UNet2DModel"
         {
@@ -158,187 +162,39 @@ impl UNetConfig {
                 "config.json describes a `{class}`; only `UNet2DModel` is supported"
             ));
         }
-        let get_usize = |k: &str, d: usize| -> Result<usize, String> {
-            match obj.get(k) {
-                None | Some(Value::Null) => Ok(d),
-                Some(v) => v.as_u64().map(|x| x as usize).ok_or_else(|| {
-                    format!("config key `{k}` must be a non-negative integer, is {v}")
-                }),
-            }
-        };
-        let get_f64 = |k: &str, d: f64| -> Result<f64, String> {
-            match obj.get(k) {
-                None => Ok(d),
-                Some(v) => v
-                    .as_f64()
-                    .ok_or_else(|| format!("config key `{k}` must be a number, is {v}")),
-            }
-        };
-        let get_bool = |k: &str, d: bool| -> Result<bool, String> {
-            match obj.get(k) {
-                None => Ok(d),
-                Some(v) => v
-                    .as_bool()
-                    .ok_or_else(|| format!("config key `{k}` must be true or false, is {v}")),
-            }
-        };
-        let get_str = |k: &str, d: &str| -> Result<String, String> {
-            match obj.get(k) {
-                None => Ok(d.to_string()),
-                Some(v) => v
-                    .as_str()
-                    .map(str::to_string)
-                    .ok_or_else(|| format!("config key `{k}` must be a string, is {v}")),
-            }
-        };
-        let get_list = |k: &str, d: &[&str]| -> Result<Vec<String>, String> {
-            match obj.get(k) {
-                None => Ok(d.iter().map(|s| s.to_string()).collect()),
-                Some(Value::Array(a)) => a
-                    .iter()
-                    .map(|x| {
-                        x.as_str()
-                            .map(str::to_string)
-                            .ok_or_else(|| format!("config key `{k}` must be a list of strings"))
-                    })
-                    .collect(),
-                Some(v) => Err(format!(
-                    "config key `{k}` must be a list of strings, is {v}"
-                )),
-            }
-        };
-        let known: &[&str] = &[
-            "sample_size",
-            "in_channels",
-            "out_channels",
-            "block_out_channels",
-            "layers_per_block",
-            "down_block_types",
-            "up_block_types",
-            "norm_num_groups",
-            "norm_eps",
-            "flip_sin_to_cos",
-            "freq_shift",
-            "downsample_padding",
-            "mid_block_scale_factor",
-            "attention_head_dim",
-            "dropout",
-            "act_fn",
-            "center_input_sample",
-            "time_embedding_type",
-            "num_class_embeds",
-            "_null_class",
-            "_sr_scale",
-        ];
-        for (k, val) in obj {
-            if known.contains(&k.as_str()) {
-                continue;
-            }
-            // diffusers ignores `_`-prefixed keys on load (bookkeeping: `_class_name`,
-            // `_diffusers_version`, `_name_or_path`, ours), and so do we.
-            if k.starts_with('_') {
-                continue;
-            }
-            match ACCEPTED_AS_DEFAULT.iter().find(|(n, _)| n == k) {
-                Some((_, None)) => {}
-                Some((_, Some(ok))) => {
-                    let ok_v: Value = serde_json::from_str(ok).expect("static JSON");
-                    if *val != ok_v {
-                        let why = if k == "mid_block_type" && val.is_null() {
-                            ": a U-Net without a mid block is not built by wgpu-diffusion"
-                        } else {
-                            ""
-                        };
-                        return Err(format!(
-                            "config key `{k}` = {val} is not supported (only {ok}){why}"
-                        ));
-                    }
-                }
-                None => {
-                    return Err(format!(
-                        "config key `{k}` is not supported by wgpu-diffusion's UNet2DModel"
-                    ));
-                }
-            }
-        }
-        let block_out_channels = match obj.get("block_out_channels") {
-            None => vec![224, 448, 672, 896],
-            Some(Value::Array(a)) => a
-                .iter()
-                .map(|x| {
-                    x.as_u64()
-                        .map(|v| v as usize)
-                        .ok_or("`block_out_channels` must be a list of integers".to_string())
-                })
-                .collect::<Result<_, _>>()?,
-            Some(v) => {
-                return Err(format!(
-                    "`block_out_channels` must be a list of integers, is {v}"
-                ));
-            }
-        };
-        let attention_head_dim =
-            match obj.get("attention_head_dim") {
-                None => Some(8),
-                Some(Value::Null) => None,
-                Some(v) => Some(v.as_u64().ok_or_else(|| {
-                    format!("`attention_head_dim` must be an integer or null, is {v}")
-                })? as usize),
-            };
-        let sample_size = match obj.get("sample_size") {
-            Some(Value::Array(a)) if a.len() == 2 && a[0] == a[1] => {
-                a[0].as_u64().unwrap_or(0) as usize
-            }
-            Some(Value::Array(_)) => return Err("non-square `sample_size` is not supported".into()),
-            _ => get_usize("sample_size", 0)?,
-        };
+        // null means "diffusers' default" except where null is a value of its own.
+        obj.retain(|k, val| {
+            !val.is_null()
+                || k == "attention_head_dim"
+                || ACCEPTED_AS_DEFAULT.iter().any(|(n, _)| n == k)
+        });
+        let raw: DiffusersUNetConfig = serde_path_to_error::deserialize(&v).map_err(|e| {
+            let path = e.path().to_string();
+            format!("config key `{path}`: {}", e.into_inner())
+        })?;
+        check_other_keys(&raw.other)?;
         let cfg = UNetConfig {
-            sample_size,
-            in_channels: get_usize("in_channels", 3)?,
-            out_channels: get_usize("out_channels", 3)?,
-            block_out_channels,
-            layers_per_block: get_usize("layers_per_block", 2)?,
-            down_block_types: get_list(
-                "down_block_types",
-                &[
-                    "DownBlock2D",
-                    "AttnDownBlock2D",
-                    "AttnDownBlock2D",
-                    "AttnDownBlock2D",
-                ],
-            )?,
-            up_block_types: get_list(
-                "up_block_types",
-                &[
-                    "AttnUpBlock2D",
-                    "AttnUpBlock2D",
-                    "AttnUpBlock2D",
-                    "UpBlock2D",
-                ],
-            )?,
-            norm_num_groups: get_usize("norm_num_groups", 32)?,
-            norm_eps: get_f64("norm_eps", 1e-5)?,
-            flip_sin_to_cos: get_bool("flip_sin_to_cos", true)?,
-            freq_shift: get_f64("freq_shift", 0.0)?,
-            downsample_padding: get_usize("downsample_padding", 1)?,
-            mid_block_scale_factor: get_f64("mid_block_scale_factor", 1.0)?,
-            attention_head_dim,
-            dropout: get_f64("dropout", 0.0)?,
-            act_fn: get_str("act_fn", "silu")?,
-            center_input_sample: get_bool("center_input_sample", false)?,
-            time_embedding_type: get_str("time_embedding_type", "positional")?,
-            num_class_embeds: match obj.get("num_class_embeds") {
-                None | Some(Value::Null) => None,
-                Some(_) => Some(get_usize("num_class_embeds", 0)?),
-            },
-            null_class: match obj.get("_null_class") {
-                None | Some(Value::Null) => None,
-                Some(_) => Some(get_usize("_null_class", 0)?),
-            },
-            sr_scale: match obj.get("_sr_scale") {
-                None | Some(Value::Null) => None,
-                Some(_) => Some(get_usize("_sr_scale", 0)?),
-            },
+            sample_size: raw.sample_size,
+            in_channels: raw.in_channels,
+            out_channels: raw.out_channels,
+            block_out_channels: raw.block_out_channels,
+            layers_per_block: raw.layers_per_block,
+            down_block_types: raw.down_block_types,
+            up_block_types: raw.up_block_types,
+            norm_num_groups: raw.norm_num_groups,
+            norm_eps: raw.norm_eps,
+            flip_sin_to_cos: raw.flip_sin_to_cos,
+            freq_shift: raw.freq_shift,
+            downsample_padding: raw.downsample_padding,
+            mid_block_scale_factor: raw.mid_block_scale_factor,
+            attention_head_dim: raw.attention_head_dim,
+            dropout: raw.dropout,
+            act_fn: raw.act_fn,
+            center_input_sample: raw.center_input_sample,
+            time_embedding_type: raw.time_embedding_type,
+            num_class_embeds: raw.num_class_embeds,
+            null_class: raw.null_class,
+            sr_scale: raw.sr_scale,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -527,6 +383,164 @@ impl UNetConfig {
     }
 }
 
+/// `config.json` as diffusers' `UNet2DModel.__init__` reads it: each key with diffusers' default,
+/// and every other key in `other` (the unknown-key policy of [`check_other_keys`]).
+#[derive(Deserialize)]
+struct DiffusersUNetConfig {
+    #[serde(default, deserialize_with = "square_sample_size")]
+    sample_size: usize,
+    #[serde(default = "defaults::channels")]
+    in_channels: usize,
+    #[serde(default = "defaults::channels")]
+    out_channels: usize,
+    #[serde(default = "defaults::block_out_channels")]
+    block_out_channels: Vec<usize>,
+    #[serde(default = "defaults::layers_per_block")]
+    layers_per_block: usize,
+    #[serde(default = "defaults::down_block_types")]
+    down_block_types: Vec<String>,
+    #[serde(default = "defaults::up_block_types")]
+    up_block_types: Vec<String>,
+    #[serde(default = "defaults::norm_num_groups")]
+    norm_num_groups: usize,
+    #[serde(default = "defaults::norm_eps")]
+    norm_eps: f64,
+    #[serde(default = "defaults::yes")]
+    flip_sin_to_cos: bool,
+    #[serde(default)]
+    freq_shift: f64,
+    #[serde(default = "defaults::downsample_padding")]
+    downsample_padding: usize,
+    #[serde(default = "defaults::mid_block_scale_factor")]
+    mid_block_scale_factor: f64,
+    /// Missing: diffusers' 8; null: one head as wide as the channels.
+    #[serde(default = "defaults::attention_head_dim")]
+    attention_head_dim: Option<usize>,
+    #[serde(default)]
+    dropout: f64,
+    #[serde(default = "defaults::act_fn")]
+    act_fn: String,
+    #[serde(default)]
+    center_input_sample: bool,
+    #[serde(default = "defaults::time_embedding_type")]
+    time_embedding_type: String,
+    #[serde(default)]
+    num_class_embeds: Option<usize>,
+    #[serde(default, rename = "_null_class")]
+    null_class: Option<usize>,
+    #[serde(default, rename = "_sr_scale")]
+    sr_scale: Option<usize>,
+    #[serde(flatten)]
+    other: serde_json::Map<String, Value>,
+}
+
+/// diffusers 0.42's `UNet2DModel.__init__` defaults.
+mod defaults {
+    pub fn channels() -> usize {
+        3
+    }
+    pub fn block_out_channels() -> Vec<usize> {
+        vec![224, 448, 672, 896]
+    }
+    pub fn layers_per_block() -> usize {
+        2
+    }
+    pub fn down_block_types() -> Vec<String> {
+        [
+            "DownBlock2D",
+            "AttnDownBlock2D",
+            "AttnDownBlock2D",
+            "AttnDownBlock2D",
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+    pub fn up_block_types() -> Vec<String> {
+        [
+            "AttnUpBlock2D",
+            "AttnUpBlock2D",
+            "AttnUpBlock2D",
+            "UpBlock2D",
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+    pub fn norm_num_groups() -> usize {
+        32
+    }
+    pub fn norm_eps() -> f64 {
+        1e-5
+    }
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn downsample_padding() -> usize {
+        1
+    }
+    pub fn mid_block_scale_factor() -> f64 {
+        1.0
+    }
+    pub fn attention_head_dim() -> Option<usize> {
+        Some(8)
+    }
+    pub fn act_fn() -> String {
+        "silu".into()
+    }
+    pub fn time_embedding_type() -> String {
+        "positional".into()
+    }
+}
+
+/// `sample_size` is an integer, or a square `[size, size]` pair.
+fn square_sample_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Square(usize),
+        Pair(Vec<usize>),
+    }
+    match Size::deserialize(d)? {
+        Size::Square(s) => Ok(s),
+        Size::Pair(p) if p.len() == 2 && p[0] == p[1] => Ok(p[0]),
+        Size::Pair(p) => Err(serde::de::Error::custom(format!(
+            "non-square `sample_size` {p:?} is not supported"
+        ))),
+    }
+}
+
+/// The keys the model does not read: `_`-prefixed bookkeeping is ignored (as diffusers does on
+/// load), keys of [`ACCEPTED_AS_DEFAULT`] must hold the one value we build, anything else is an
+/// error naming it.
+fn check_other_keys(other: &serde_json::Map<String, Value>) -> Result<(), String> {
+    for (k, val) in other {
+        if k.starts_with('_') {
+            continue;
+        }
+        match ACCEPTED_AS_DEFAULT.iter().find(|(n, _)| n == k) {
+            Some((_, None)) => {}
+            Some((_, Some(ok))) => {
+                let ok_v: Value = serde_json::from_str(ok).expect("static JSON");
+                if *val != ok_v {
+                    let why = if k == "mid_block_type" && val.is_null() {
+                        ": a U-Net without a mid block is not built by wgpu-diffusion"
+                    } else {
+                        ""
+                    };
+                    return Err(format!(
+                        "config key `{k}` = {val} is not supported (only {ok}){why}"
+                    ));
+                }
+            }
+            None => {
+                return Err(format!(
+                    "config key `{k}` is not supported by wgpu-diffusion's UNet2DModel"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -585,5 +599,33 @@ mod tests {
                 .unwrap_err()
                 .contains("mystery")
         );
+    }
+
+    #[test]
+    fn defaults_nulls_and_bad_types() {
+        // An empty object is diffusers' default UNet2DModel but for its (required) size.
+        let e = UNetConfig::from_json("{}").unwrap_err();
+        assert!(e.contains("sample_size"), "{e}");
+        let c =
+            UNetConfig::from_json(r#"{"sample_size": [32, 32], "norm_num_groups": null}"#).unwrap();
+        assert_eq!(c.block_out_channels, vec![224, 448, 672, 896]);
+        assert_eq!(
+            (c.in_channels, c.norm_num_groups, c.sample_size),
+            (3, 32, 32)
+        );
+        assert_eq!(c.attention_head_dim, Some(8));
+        let c =
+            UNetConfig::from_json(r#"{"sample_size": 32, "attention_head_dim": null}"#).unwrap();
+        assert_eq!(c.attention_head_dim, None);
+        let e =
+            UNetConfig::from_json(r#"{"sample_size": 32, "in_channels": "three"}"#).unwrap_err();
+        assert!(e.contains("`in_channels`"), "{e}");
+        let e = UNetConfig::from_json(r#"{"sample_size": [32, 16]}"#).unwrap_err();
+        assert!(e.contains("non-square"), "{e}");
+        let e = UNetConfig::from_json(r#"{"sample_size": 32, "block_out_channels": [1, "x"]}"#)
+            .unwrap_err();
+        assert!(e.contains("block_out_channels"), "{e}");
+        let e = UNetConfig::from_json("[1]").unwrap_err();
+        assert!(e.contains("object"), "{e}");
     }
 }

@@ -10,9 +10,10 @@ use anyhow::{Context, Result, anyhow, bail};
 
 use super::config::TrainConfig;
 use crate::diffusion::{NoiseSchedule, PredictionType};
-use crate::gpu::{Gpu, Plan, Tensor};
+use crate::gpu::{Gpu, Plan, Recorder, Tensor};
 use crate::io::tensors::{LoadedTensors, serialize_named};
-use crate::nn::{UNet, UNetConfig};
+use crate::nn::{ParamStore, UNet, UNetConfig};
+use crate::ops::OpResult;
 use crate::ops::adamw::{
     AdamwConfig, AdamwHyper, EmaConfig, HYPER_LEN, adamw_step, ema_update, grad_norm_chunks,
     write_hyper,
@@ -59,7 +60,174 @@ pub struct Trainer {
     pub class_names: Vec<String>,
 }
 
+/// The step's per-micro-batch scratch: what the noising, the loss and the optimizer update read
+/// and write besides the U-Net's own tensors.
+struct StepScratch {
+    noise: Tensor,
+    timesteps: Tensor,
+    alphas_cumprod: Tensor,
+    /// Global-norm clipping's scale and the norm.
+    clip: Tensor,
+    /// The v target of v-prediction runs.
+    v_target: Option<Tensor>,
+    /// Min-SNR loss weights (`--snr-gamma`).
+    snr_weights: Option<Tensor>,
+    /// Super-resolution: the factor, x_t, the low-resolution image and its bicubic upsampling.
+    sr: Option<(usize, Tensor, Tensor, Tensor)>,
+}
+
+impl StepScratch {
+    fn new(
+        gpu: &Arc<Gpu>,
+        cfg: &TrainConfig,
+        model: &UNetConfig,
+        schedule: &NoiseSchedule,
+        image_shape: &[usize],
+    ) -> Result<StepScratch> {
+        let b = cfg.batch_size;
+        // The images (x0, noise, targets) have the output's channels; a super-resolution U-Net
+        // takes twice as many (x_t and the upsampled low-resolution image).
+        let sr = model.sr_scale.map(|k| {
+            let (s, c) = (model.sample_size, model.out_channels);
+            (
+                k,
+                gpu.tensor(image_shape, "sr: x_t"),
+                gpu.tensor(&[b, s / k, s / k, c], "sr: low resolution"),
+                gpu.tensor(image_shape, "sr: bicubic upsampled"),
+            )
+        });
+        Ok(StepScratch {
+            noise: gpu.tensor(image_shape, "noise"),
+            timesteps: gpu.tensor(&[b], "timesteps u32"),
+            alphas_cumprod: gpu.tensor_from(
+                &[schedule.num_train_timesteps],
+                &schedule.alphas_cumprod,
+                "alphas_cumprod",
+            )?,
+            clip: gpu.tensor(&[2], "grad clip, norm"),
+            v_target: (cfg.prediction_type == PredictionType::VPrediction)
+                .then(|| gpu.tensor(image_shape, "v target")),
+            snr_weights: (cfg.snr_gamma > 0.0).then(|| gpu.tensor(&[b], "min-SNR weights")),
+            sr,
+        })
+    }
+}
+
+/// Records micro-batch `i`'s input: its timesteps and noise from the run's RNG streams, then
+/// x_t = q_sample(x0, ε, t) (Ho et al. 2020, eq. 4) — for super-resolution, cat([x_t,
+/// bicubic(avg_pool(x0))]).
+fn record_noised_input(
+    rec: &mut Recorder,
+    unet: &UNet,
+    s: &StepScratch,
+    rng_state: &Tensor,
+    x0: &Tensor,
+    i: usize,
+    num_train_timesteps: usize,
+) -> OpResult {
+    let b = s.timesteps.numel();
+    random_uniform_u32(
+        rec,
+        rng_state,
+        purpose::TIMESTEPS,
+        (i * b) as u32,
+        num_train_timesteps as u32,
+        &s.timesteps,
+    )?;
+    cast_u32_to_f32(rec, &s.timesteps, &unet.timesteps)?;
+    let numel = s.noise.numel();
+    random_normal(rec, rng_state, purpose::NOISE, (i * numel) as u32, &s.noise)?;
+    let acp = &s.alphas_cumprod;
+    match &s.sr {
+        None => q_sample(rec, x0, &s.noise, &s.timesteps, acp, &unet.sample.value),
+        Some((k, x_t, low, up)) => {
+            // LR = avg_pool(x0); the U-Net sees cat([x_t, bicubic(LR)]) (noisy image first, as
+            // StableDiffusionUpscalePipeline orders it).
+            let c = x0.shape()[3];
+            avg_pool_forward(rec, x0, *k, low)?;
+            upsample_bicubic_forward(rec, low, *k, up)?;
+            q_sample(rec, x0, &s.noise, &s.timesteps, acp, x_t)?;
+            copy_channels(rec, x_t, 0, &unet.sample.value, 0, c, false)?;
+            copy_channels(rec, up, 0, &unet.sample.value, c, c, false)
+        }
+    }
+}
+
+/// Records micro-batch `i`'s loss (MSE to ε, x0 or v, min-SNR weighted when asked) into
+/// `loss` and the gradient of the accumulated mean into the U-Net's output gradient.
+fn record_loss(
+    rec: &mut Recorder,
+    unet: &UNet,
+    s: &StepScratch,
+    cfg: &TrainConfig,
+    x0: &Tensor,
+    loss: &Tensor,
+) -> OpResult {
+    let acp = &s.alphas_cumprod;
+    let target = match (cfg.prediction_type, &s.v_target) {
+        (PredictionType::Epsilon, _) => &s.noise,
+        (PredictionType::Sample, _) => x0,
+        (PredictionType::VPrediction, Some(v)) => {
+            v_target(rec, x0, &s.noise, &s.timesteps, acp, v)?;
+            v
+        }
+        (PredictionType::VPrediction, None) => unreachable!("v target allocated by StepScratch"),
+    };
+    let weights = s.snr_weights.as_ref();
+    if let Some(w) = weights {
+        let gamma = cfg.snr_gamma as f32;
+        min_snr_weights(rec, &s.timesteps, acp, gamma, cfg.prediction_type, w)?;
+    }
+    mse_loss(rec, &unet.output.value, target, weights, loss)?;
+    let scale = 1.0 / cfg.grad_accum as f32;
+    mse_backward(
+        rec,
+        &unet.output.value,
+        target,
+        weights,
+        scale,
+        &unet.output.grad,
+    )
+}
+
+/// The optimizer state a step updates after the accumulated backward passes.
+struct OptimizerState<'a> {
+    hyper: &'a Tensor,
+    ema: &'a Tensor,
+    exp_avg: &'a Tensor,
+    exp_avg_sq: &'a Tensor,
+}
+
+/// Records global-norm clipping, AdamW and the EMA update, chunk by chunk of the parameter store.
+fn record_optimizer_update(
+    rec: &mut Recorder,
+    cfg: &TrainConfig,
+    store: &ParamStore,
+    state: &OptimizerState,
+    clip: &Tensor,
+) -> OpResult {
+    let max_norm = (cfg.max_grad_norm > 0.0).then_some(cfg.max_grad_norm as f32);
+    grad_norm_chunks(rec, &store.chunk_views(&store.grads), max_norm, clip)?;
+    let views = |t: &Tensor| store.chunk_views(t);
+    let (p_v, g_v, m_v, v_v, e_v) = (
+        views(&store.params),
+        views(&store.grads),
+        views(state.exp_avg),
+        views(state.exp_avg_sq),
+        views(state.ema),
+    );
+    for i in 0..store.chunks.len() {
+        adamw_step(rec, state.hyper, clip, &g_v[i], &p_v[i], &m_v[i], &v_v[i])?;
+        if cfg.ema {
+            ema_update(rec, state.hyper, &p_v[i], &e_v[i])?;
+        }
+    }
+    Ok(())
+}
+
 impl Trainer {
+    /// Allocates everything a step touches and records the step once: per micro-batch the
+    /// noised input, forward, loss and backward; then clipping, AdamW and EMA.
     pub fn new(gpu: Arc<Gpu>, cfg: TrainConfig, model: &UNetConfig) -> Result<Trainer> {
         cfg.validate()
             .map_err(|e| anyhow!("invalid training options: {e}"))?;
@@ -73,20 +241,8 @@ impl Trainer {
         .map_err(|e| anyhow!(e))?;
         let n = unet.params.len;
         let b = cfg.batch_size;
-        // The images (x0, noise, targets) have the output's channels; a super-resolution U-Net
-        // takes twice as many (x_t and the upsampled low-resolution image).
         let image_shape = unet.output.shape().to_vec();
-        let sr = model.sr_scale.map(|k| {
-            let s = model.sample_size;
-            let c = model.out_channels;
-            (
-                k,
-                gpu.tensor(&image_shape, "sr: x_t"),
-                gpu.tensor(&[b, s / k, s / k, c], "sr: low resolution"),
-                gpu.tensor(&image_shape, "sr: bicubic upsampled"),
-            )
-        });
-        let numel: usize = image_shape.iter().product();
+        let scratch = StepScratch::new(&gpu, &cfg, model, &schedule, &image_shape)?;
         let accum = cfg.grad_accum;
         let labels: Vec<Tensor> = match &unet.class_labels {
             Some(_) => (0..accum)
@@ -100,17 +256,9 @@ impl Trainer {
         let losses: Vec<Tensor> = (0..accum)
             .map(|i| gpu.tensor(&[1], &format!("loss {i}")))
             .collect();
-        let noise = gpu.tensor(&image_shape, "noise");
-        let timesteps = gpu.tensor(&[b], "timesteps u32");
-        let acp = gpu.tensor_from(
-            &[schedule.num_train_timesteps],
-            &schedule.alphas_cumprod,
-            "alphas_cumprod",
-        )?;
         let hyper = gpu.tensor(&[HYPER_LEN], "adamw hyper");
         // One RNG state for timesteps, noise and dropout masks, rewritten every step.
         let rng_state = unet.rng_state.clone();
-        let clip = gpu.tensor(&[2], "grad clip, norm");
         let ema = gpu.tensor(&[n], "ema");
         let exp_avg = gpu.tensor(&[n], "exp_avg");
         let exp_avg_sq = gpu.tensor(&[n], "exp_avg_sq");
@@ -122,11 +270,6 @@ impl Trainer {
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
-        let target = match cfg.prediction_type {
-            PredictionType::VPrediction => Some(gpu.tensor(&image_shape, "v target")),
-            _ => None,
-        };
-        let weights = (cfg.snr_gamma > 0.0).then(|| gpu.tensor(&[b], "min-SNR weights"));
 
         let mut rec = gpu.recorder();
         rec.clear(&unet.params.grads);
@@ -135,89 +278,19 @@ impl Trainer {
             if let (Some(dst), Some(src)) = (&unet.class_labels, labels.get(i)) {
                 rec.copy(src, dst)?;
             }
-            random_uniform_u32(
-                &mut rec,
-                &rng_state,
-                purpose::TIMESTEPS,
-                (i * b) as u32,
-                schedule.num_train_timesteps as u32,
-                &timesteps,
-            )?;
-            cast_u32_to_f32(&mut rec, &timesteps, &unet.timesteps)?;
-            random_normal(
-                &mut rec,
-                &rng_state,
-                purpose::NOISE,
-                (i * numel) as u32,
-                &noise,
-            )?;
-            match &sr {
-                None => q_sample(&mut rec, x0_i, &noise, &timesteps, &acp, &unet.sample.value)?,
-                Some((k, x_t, low, up)) => {
-                    // LR = avg_pool(x0); the U-Net sees cat([x_t, bicubic(LR)]) (noisy image
-                    // first, as StableDiffusionUpscalePipeline orders it).
-                    let c = model.out_channels;
-                    avg_pool_forward(&mut rec, x0_i, *k, low)?;
-                    upsample_bicubic_forward(&mut rec, low, *k, up)?;
-                    q_sample(&mut rec, x0_i, &noise, &timesteps, &acp, x_t)?;
-                    copy_channels(&mut rec, x_t, 0, &unet.sample.value, 0, c, false)?;
-                    copy_channels(&mut rec, up, 0, &unet.sample.value, c, c, false)?;
-                }
-            }
+            let t_train = schedule.num_train_timesteps;
+            record_noised_input(&mut rec, &unet, &scratch, &rng_state, x0_i, i, t_train)?;
             unet.forward(&mut rec)?;
-            let target_t = match (cfg.prediction_type, &target) {
-                (PredictionType::Epsilon, _) => &noise,
-                (PredictionType::Sample, _) => x0_i,
-                (PredictionType::VPrediction, Some(t)) => {
-                    v_target(&mut rec, x0_i, &noise, &timesteps, &acp, t)?;
-                    t
-                }
-                (PredictionType::VPrediction, None) => unreachable!("v target allocated above"),
-            };
-            if let Some(w) = &weights {
-                min_snr_weights(
-                    &mut rec,
-                    &timesteps,
-                    &acp,
-                    cfg.snr_gamma as f32,
-                    cfg.prediction_type,
-                    w,
-                )?;
-            }
-            mse_loss(
-                &mut rec,
-                &unet.output.value,
-                target_t,
-                weights.as_ref(),
-                &losses[i],
-            )?;
-            mse_backward(
-                &mut rec,
-                &unet.output.value,
-                target_t,
-                weights.as_ref(),
-                1.0 / accum as f32,
-                &unet.output.grad,
-            )?;
+            record_loss(&mut rec, &unet, &scratch, &cfg, x0_i, &losses[i])?;
             unet.backward(&mut rec)?;
         }
-        let max_norm = (cfg.max_grad_norm > 0.0).then_some(cfg.max_grad_norm as f32);
-        let store = &unet.params;
-        grad_norm_chunks(&mut rec, &store.chunk_views(&store.grads), max_norm, &clip)?;
-        let views = |t: &Tensor| store.chunk_views(t);
-        let (p_v, g_v, m_v, v_v, e_v) = (
-            views(&store.params),
-            views(&store.grads),
-            views(&exp_avg),
-            views(&exp_avg_sq),
-            views(&ema),
-        );
-        for i in 0..store.chunks.len() {
-            adamw_step(&mut rec, &hyper, &clip, &g_v[i], &p_v[i], &m_v[i], &v_v[i])?;
-            if cfg.ema {
-                ema_update(&mut rec, &hyper, &p_v[i], &e_v[i])?;
-            }
-        }
+        let state = OptimizerState {
+            hyper: &hyper,
+            ema: &ema,
+            exp_avg: &exp_avg,
+            exp_avg_sq: &exp_avg_sq,
+        };
+        record_optimizer_update(&mut rec, &cfg, &unet.params, &state, &scratch.clip)?;
         let step_plan = rec.finish();
         let adam = AdamwConfig {
             beta1: cfg.adam_beta1,
