@@ -223,6 +223,13 @@ impl UNetConfig {
 
     /// Checks the combination is one this project builds.
     pub fn validate(&self) -> Result<(), String> {
+        self.check_blocks()?;
+        self.check_sizes()?;
+        self.check_conditioning()
+    }
+
+    /// The block structure: one down and one up block per level, of the types we build.
+    fn check_blocks(&self) -> Result<(), String> {
         let n = self.block_out_channels.len();
         if n == 0 {
             return Err("`block_out_channels` is empty".into());
@@ -263,6 +270,18 @@ impl UNetConfig {
         if self.center_input_sample {
             return Err("`center_input_sample` = true is not supported".into());
         }
+        if self.downsample_padding > 1 {
+            return Err(format!(
+                "`downsample_padding` {} is not supported (0 or 1)",
+                self.downsample_padding
+            ));
+        }
+        Ok(())
+    }
+
+    /// Sizes: within the bounds every later computation assumes, and consistent with each other.
+    fn check_sizes(&self) -> Result<(), String> {
+        let n = self.block_out_channels.len();
         if self.sample_size == 0
             || !self.sample_size.is_multiple_of(1 << (n - 1)) && self.downsample_padding != 0
         {
@@ -343,6 +362,11 @@ impl UNetConfig {
         if !(0.0..1.0).contains(&self.dropout) {
             return Err(format!("`dropout` {} must be in [0, 1)", self.dropout));
         }
+        Ok(())
+    }
+
+    /// Class conditioning and super-resolution inputs.
+    fn check_conditioning(&self) -> Result<(), String> {
         match (self.num_class_embeds, self.null_class) {
             (Some(0), _) => return Err("`num_class_embeds` must be at least 1".into()),
             (None, Some(_)) => {
@@ -368,12 +392,6 @@ impl UNetConfig {
                     self.out_channels, self.in_channels
                 ));
             }
-        }
-        if self.downsample_padding > 1 {
-            return Err(format!(
-                "`downsample_padding` {} is not supported (0 or 1)",
-                self.downsample_padding
-            ));
         }
         Ok(())
     }

@@ -287,6 +287,68 @@ fn check_groups(op: &str, groups: [u32; 3]) -> OpResult {
     Ok(())
 }
 
+/// On the subgroup path the backward-weight kernel also sums dy into the bias gradient, written
+/// `bias_at` elements after dw's start in the same output: parameter gradients lie in one buffer
+/// with each bias right after its weight, so dw .. db is one binding (and one split-K sum). Only
+/// the parameter store's alignment padding may lie between them: the split-K sum writes the
+/// whole span (zeros into the padding), which must not reach another tensor.
+fn fused_bias_offset(
+    lanes: Option<u32>,
+    db: Option<&Tensor>,
+    dw: &Tensor,
+    numel: usize,
+) -> Option<usize> {
+    match (lanes, db) {
+        (Some(_), Some(db))
+            if db.shares_buffer(dw)
+                && db.offset() >= dw.offset() + numel
+                && db.offset() <= dw.offset() + numel.next_multiple_of(64) =>
+        {
+            Some(db.offset() - dw.offset())
+        }
+        _ => None,
+    }
+}
+
+/// The backward-weight pass's output tiles and its workgroup grid (x over the weight columns,
+/// y over the output channels).
+fn backward_weight_grid(lanes: Option<u32>, d: &ConvDims) -> (usize, [u32; 2]) {
+    let taps = d.kh * d.kw;
+    let (gx, gy) = match lanes {
+        Some(l) => {
+            let tile = subgroup_backward_weight_tile(l, d.co);
+            let cols = taps * d.ci.div_ceil(4);
+            (
+                cols.div_ceil((l * tile.column_texels) as usize),
+                d.co.div_ceil(4 * tile.broadcast_lanes as usize),
+            )
+        }
+        None => {
+            let t = PORTABLE_TILES;
+            (
+                (taps * d.ci).div_ceil(t.bn as usize),
+                d.co.div_ceil(t.bm as usize),
+            )
+        }
+    };
+    (gx * gy, [gx as u32, gy as u32])
+}
+
+/// Split-K slices over the pixels: each is one more partial to write and sum. On a CPU adapter
+/// (lavapipe: a few threads taking workgroups in turn) a layer has a handful of tiles, and 9
+/// tiles on 2 threads take 5 rounds where 4.5 would do: slices are chosen to fill the rounds. A
+/// GPU wants many workgroups.
+fn split_k_slices(rec: &Recorder, lanes: Option<u32>, tiles: usize, pixels: usize) -> usize {
+    let max_splits = pixels.div_ceil(256).max(1);
+    match (lanes, rec.gpu.cpu_workers()) {
+        (Some(_), Some(workers)) => balanced_splits(tiles.max(1), workers, max_splits),
+        (Some(_), None) => {
+            (SUBGROUP_BACKWARD_WEIGHT_WORKGROUPS / tiles.max(1)).clamp(1, max_splits)
+        }
+        (None, _) => (64 / tiles.max(1)).clamp(1, max_splits),
+    }
+}
+
 /// dw (+)= ∂L/∂w and db (+)= Σ dy over pixels. x [N,H,W,Ci], dy [N,OH,OW,Co], dw [Co,Ci,KH,KW].
 /// The reduction over pixels is split into fixed slices summed in a fixed order (deterministic).
 #[allow(clippy::too_many_arguments)]
@@ -318,21 +380,7 @@ pub fn conv2d_backward_weight(
         expect_distinct(OP, x, db)?;
         expect_distinct(OP, dy, db)?;
     }
-    // On the subgroup path the kernel also sums dy into the bias gradient, written `bias_at`
-    // elements after dw's start in the same output: parameter gradients lie in one buffer with
-    // each bias right after its weight, so dw .. db is one binding (and one split-K sum). Only
-    // the parameter store's alignment padding may lie between them: the split-K sum writes the
-    // whole span (zeros into the padding), which must not reach another tensor.
-    let bias_at = match (lanes, db) {
-        (Some(_), Some(db))
-            if db.shares_buffer(dw)
-                && db.offset() >= dw.offset() + numel
-                && db.offset() <= dw.offset() + numel.next_multiple_of(64) =>
-        {
-            Some(db.offset() - dw.offset())
-        }
-        _ => None,
-    };
+    let bias_at = fused_bias_offset(lanes, db, dw, numel);
     let span = bias_at.map_or(numel, |at| at + d.co);
     if let Some(at) = bias_at {
         p.has_bias = 1;
@@ -340,33 +388,8 @@ pub fn conv2d_backward_weight(
     }
     p.c_batch_outer = u32_of(OP, "weights", span)?;
 
-    let (tiles, groups_xy) = match lanes {
-        Some(l) => {
-            let tile = subgroup_backward_weight_tile(l, d.co);
-            let cols = taps * d.ci.div_ceil(4);
-            let gx = cols.div_ceil((l * tile.column_texels) as usize);
-            let gy = d.co.div_ceil(4 * tile.broadcast_lanes as usize);
-            (gx * gy, [gx as u32, gy as u32])
-        }
-        None => {
-            let t = PORTABLE_TILES;
-            let gx = (taps * d.ci).div_ceil(t.bn as usize);
-            let gy = d.co.div_ceil(t.bm as usize);
-            (gx * gy, [gx as u32, gy as u32])
-        }
-    };
-    // Split-K slices: each is one more partial to write and sum. On a CPU adapter (lavapipe: a
-    // few threads taking workgroups in turn) a layer has a handful of tiles, and 9 tiles on 2
-    // threads take 5 rounds where 4.5 would do: slices are chosen to fill the rounds. A GPU
-    // wants many workgroups.
-    let max_splits = pixels.div_ceil(256).max(1);
-    let splits = match (lanes, rec.gpu.cpu_workers()) {
-        (Some(_), Some(workers)) => balanced_splits(tiles.max(1), workers, max_splits),
-        (Some(_), None) => {
-            (SUBGROUP_BACKWARD_WEIGHT_WORKGROUPS / tiles.max(1)).clamp(1, max_splits)
-        }
-        (None, _) => (64 / tiles.max(1)).clamp(1, max_splits),
-    };
+    let (tiles, groups_xy) = backward_weight_grid(lanes, &d);
+    let splits = split_k_slices(rec, lanes, tiles, pixels);
     let chunk = pixels.div_ceil(splits);
     let splits = pixels.div_ceil(chunk);
     p.k_chunk = chunk as u32;

@@ -358,6 +358,43 @@ pub fn group_norm_silu_backward(
     )
 }
 
+/// The backward pass's operands: shapes that fit x [N, H, W, C] and its statistics, and outputs
+/// distinct from every input. Returns (N, pixels, C, groups).
+#[allow(clippy::too_many_arguments)]
+fn check_backward_operands(
+    op: &'static str,
+    x: &Tensor,
+    dy: &Tensor,
+    gamma: &Tensor,
+    mean: &Tensor,
+    rstd: &Tensor,
+    dx: &Tensor,
+    dgamma: &Tensor,
+    dbeta: &Tensor,
+) -> OpResult<(usize, usize, usize, usize)> {
+    let (n, pixels, c) = nhwc(op, "x", x)?;
+    if !mean.numel().is_multiple_of(n) {
+        return Err(invalid(format!(
+            "{op}: `mean` (`{}`) has {} elements, not a multiple of N = {n}",
+            mean.label(),
+            mean.numel()
+        )));
+    }
+    let groups = mean.numel() / n;
+    check_groups(op, c, groups)?;
+    expect_numel(op, "rstd", rstd, n * groups)?;
+    expect_shape(op, "dy", dy, x.shape())?;
+    expect_shape(op, "dx", dx, x.shape())?;
+    expect_numel(op, "gamma", gamma, c)?;
+    expect_numel(op, "dgamma", dgamma, c)?;
+    expect_numel(op, "dbeta", dbeta, c)?;
+    for input in [x, dy, gamma, mean, rstd] {
+        expect_distinct(op, input, dx)?;
+    }
+    expect_disjoint(op, dgamma, dbeta)?;
+    Ok((n, pixels, c, groups))
+}
+
 #[allow(clippy::too_many_arguments)]
 fn backward(
     rec: &mut Recorder,
@@ -374,26 +411,9 @@ fn backward(
     accumulate_param_grads: bool,
     accumulate_dx: bool,
 ) -> OpResult {
-    let (n, pixels, c) = nhwc(op, "x", x)?;
-    if !mean.numel().is_multiple_of(n) {
-        return Err(invalid(format!(
-            "{op}: `mean` (`{}`) has {} elements, not a multiple of N = {n}",
-            mean.label(),
-            mean.numel()
-        )));
-    }
-    let groups = mean.numel() / n;
+    let (n, pixels, c, groups) =
+        check_backward_operands(op, x, dy, gamma, mean, rstd, dx, dgamma, dbeta)?;
     let mut p = base_params(op, x, groups)?;
-    expect_numel(op, "rstd", rstd, n * groups)?;
-    expect_shape(op, "dy", dy, x.shape())?;
-    expect_shape(op, "dx", dx, x.shape())?;
-    expect_numel(op, "gamma", gamma, c)?;
-    expect_numel(op, "dgamma", dgamma, c)?;
-    expect_numel(op, "dbeta", dbeta, c)?;
-    for input in [x, dy, gamma, mean, rstd] {
-        expect_distinct(op, input, dx)?;
-    }
-    expect_disjoint(op, dgamma, dbeta)?;
 
     // Pixel splits so the partial-sum pass has enough workgroups even for small N*C; at least
     // 64 pixels per split so the partial rows stay few.
