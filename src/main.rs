@@ -128,6 +128,7 @@ fn run(cli: Cli, process_start: std::time::Instant) -> anyhow::Result<()> {
                 return Err(wgpu_diffusion::gpu::GpuError::NoAdapter {
                     backend,
                     filter: String::new(),
+                    available: Vec::new(),
                 }
                 .into());
             }
