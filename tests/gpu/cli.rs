@@ -429,3 +429,134 @@ fn sampling_flags_spellings_help_and_progress() {
     );
     assert!(err.len() < 1000, "a long error:\n{err}");
 }
+
+/// A run folder as `train` leaves it, without tensors worth training: config.toml and one
+/// checkpoint whose header records `step` (resuming reads the header only).
+fn fake_run(dir: &Path, steps: u64, step: u64) {
+    std::fs::create_dir_all(dir.join("checkpoints")).unwrap();
+    std::fs::write(
+        dir.join("config.toml"),
+        format!("steps = {steps}\nbatch_size = 2\nsample_every = 0\n"),
+    )
+    .unwrap();
+    let meta = std::collections::HashMap::from([("step".to_string(), step.to_string())]);
+    let view = safetensors::tensor::TensorView::new(
+        safetensors::Dtype::F32,
+        vec![1],
+        bytemuck::cast_slice(&[0f32]),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join(format!("checkpoints/step-{step:08}.safetensors")),
+        safetensors::serialize([("param.x", view)], Some(meta)).unwrap(),
+    )
+    .unwrap();
+}
+
+/// The bytes of every file under `dir`, by path.
+fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(snapshot(&p));
+        } else {
+            out.push((p.clone(), std::fs::read(&p).unwrap()));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Findings 5–6 (train): a finished run is said to be finished and left as it is; changed
+/// options of a resumed run are noted (and those fixing the model refused); --cond-drop without
+/// --class-conditional and a directory given to --model are errors; diffusers' spellings are
+/// accepted. `--adapter no-such-gpu` stops each accepted command at the GPU, after its checks.
+#[test]
+fn train_flags_and_resuming() {
+    let dir = scratch("train");
+    let run = dir.join("run");
+    fake_run(&run, 3, 3);
+    let before = snapshot(&run);
+    let r = s(&run);
+    let (ok, err) = run_cli(&["train", "--resume", r]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("is finished (step 3 of 3)") && !err.contains("adapter:"),
+        "{err}"
+    );
+    assert!(
+        snapshot(&run) == before,
+        "resuming a finished run changed its folder"
+    );
+    let no_gpu = ["--adapter", "no-such-gpu"];
+    // More steps: past the check, on to the GPU; a changed option is noted.
+    let err = fails(
+        &[
+            &["train", "--resume", r, "--steps", "5", "--lr", "0.5"][..],
+            &no_gpu,
+        ]
+        .concat(),
+        &["the adapters there are"],
+    );
+    assert!(
+        err.contains("resuming with lr = 0.5 (the run had 0.001)")
+            && err.contains("resuming with steps = 5"),
+        "{err}"
+    );
+    assert!(!err.contains("is finished"), "{err}");
+    assert!(snapshot(&run) == before);
+    fails_before_gpu(
+        &["train", "--resume", r, "--steps", "5", "--model", "mnist28"],
+        &["`model` is fixed for a run"],
+    );
+    fails_before_gpu(
+        &[
+            "train",
+            "--resume",
+            r,
+            "--steps",
+            "5",
+            "--out",
+            s(&dir.join("other")),
+        ],
+        &["drop --out"],
+    );
+    let out = dir.join("new");
+    let o = s(&out);
+    fails_before_gpu(
+        &["train", "--cond-drop", "0.2", "--out", o],
+        &["--cond-drop applies to class-conditional runs"],
+    );
+    fails_before_gpu(
+        &["train", "--model", r, "--out", o],
+        &["not a model preset", "--init DIR", "--resume DIR"],
+    );
+    for schedule in ["scaled_linear", "scaled-linear", "squaredcos_cap_v2"] {
+        fails(
+            &[
+                &["train", "--beta-schedule", schedule, "--out", o][..],
+                &no_gpu,
+            ]
+            .concat(),
+            &["the adapters there are"],
+        );
+    }
+    fails(
+        &[
+            &[
+                "train",
+                "--prediction-type",
+                "v_prediction",
+                "--ema",
+                "--hflip",
+                "--out",
+                o,
+            ][..],
+            &no_gpu,
+        ]
+        .concat(),
+        &["the adapters there are"],
+    );
+    assert!(!out.exists());
+}
