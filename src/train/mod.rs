@@ -185,22 +185,7 @@ impl ResumePoint {
         })?;
         let config: TrainConfig =
             toml::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
-        let checkpoint = (RunDir {
-            root: dir.to_path_buf(),
-        })
-        .list_checkpoints()
-        .pop();
-        let (step, gemm_path) = match &checkpoint {
-            Some(ck) => {
-                let meta = read_metadata(ck)?;
-                let step = meta
-                    .get("step")
-                    .and_then(|s| s.parse::<u64>().ok())
-                    .ok_or_else(|| anyhow!("{}: no step in its metadata", ck.display()))?;
-                (step, meta.get("gemm_path").cloned())
-            }
-            None => (0, None),
-        };
+        let (checkpoint, step, gemm_path) = last_checkpoint(dir)?;
         Ok(ResumePoint {
             config,
             checkpoint,
@@ -208,6 +193,24 @@ impl ResumePoint {
             gemm_path,
         })
     }
+}
+
+/// The last checkpoint of the run in `dir`, the step it holds and its GEMM path, from its
+/// header (None, 0, None without one).
+fn last_checkpoint(dir: &Path) -> Result<(Option<PathBuf>, u64, Option<String>)> {
+    let rd = RunDir {
+        root: dir.to_path_buf(),
+    };
+    let Some(last) = rd.list_checkpoints().pop() else {
+        return Ok((None, 0, None));
+    };
+    let meta = read_metadata(&last)?;
+    let step = meta
+        .get("step")
+        .and_then(|s| s.parse::<u64>().ok())
+        .ok_or_else(|| anyhow!("{}: no step in its metadata", last.display()))?;
+    let gemm_path = meta.get("gemm_path").cloned();
+    Ok((Some(last), step, gemm_path))
 }
 
 /// The run folder of a new run (refused when it holds a run) or of a resumed one, with its last
@@ -228,18 +231,17 @@ fn open_run(cfg: &TrainConfig, resume: Option<&Path>) -> Result<(RunDir, Option<
         }
         return Ok((rd, None));
     };
-    let point = ResumePoint::read(dir)?;
-    if point.step >= cfg.steps {
+    let (last, step, _) = last_checkpoint(dir)?;
+    if step >= cfg.steps {
         bail!(
-            "the run in {} is finished (step {} of {}): give more steps to train further",
+            "the run in {} is finished (step {step} of {}): give more steps to train further",
             dir.display(),
-            point.step,
             cfg.steps
         );
     }
     // A run killed before its first checkpoint starts again from step 0 (with the options of
     // its config.toml, which the caller merged).
-    let checkpoint = match &point.checkpoint {
+    let checkpoint = match &last {
         Some(last) => Some(LoadedTensors::read(last)?),
         None => None,
     };
@@ -504,18 +506,7 @@ fn train_loop(
             interrupted = true;
             break;
         }
-        let (batches, labels): (Vec<Vec<f32>>, Vec<Vec<u32>>) = (0..cfg.grad_accum)
-            .map(|_| {
-                let b = loader.next();
-                trainer.data_position = b.position;
-                (b.data, b.labels)
-            })
-            .unzip();
-        let labels = if trainer.unet.class_labels.is_some() {
-            labels
-        } else {
-            Vec::new()
-        };
+        let (batches, labels) = next_batches(&loader, trainer, cfg.grad_accum);
         let idx = trainer.submit_step(&batches, &labels)?;
         inflight.push_back(idx);
         // Keep at most two steps queued so the CPU never runs far ahead of the GPU.
@@ -585,6 +576,26 @@ fn train_loop(
         interrupted,
         losses: history,
     })
+}
+
+/// The micro-batches of one optimizer step, and their labels for a class-conditional model.
+fn next_batches(
+    loader: &Loader,
+    trainer: &mut Trainer,
+    grad_accum: usize,
+) -> (Vec<Vec<f32>>, Vec<Vec<u32>>) {
+    let (batches, labels): (Vec<Vec<f32>>, Vec<Vec<u32>>) = (0..grad_accum)
+        .map(|_| {
+            let b = loader.next();
+            trainer.data_position = b.position;
+            (b.data, b.labels)
+        })
+        .unzip();
+    if trainer.unet.class_labels.is_some() {
+        (batches, labels)
+    } else {
+        (batches, Vec::new())
+    }
 }
 
 /// The asynchronous loss readback of a run: at most one window in flight.
