@@ -52,7 +52,8 @@ pub fn read_metadata(path: &Path) -> Result<HashMap<String, String>> {
             path.display()
         )
     };
-    let mut file = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
     let mut len = [0u8; 8];
     file.read_exact(&mut len)
         .map_err(|_| invalid("shorter than the 8-byte header length".into()))?;
@@ -255,7 +256,10 @@ mod tests {
         for cut in [header_end - 5, 5, 0] {
             std::fs::write(&path, &bytes[..cut]).unwrap();
             let e = format!("{:#}", read_metadata(&path).unwrap_err());
-            assert!(e.contains("ck.safetensors") && e.contains("truncated"), "{cut}: {e}");
+            assert!(
+                e.contains("ck.safetensors") && e.contains("truncated"),
+                "{cut}: {e}"
+            );
         }
         // A huge announced header is refused before anything is allocated.
         std::fs::write(&path, u64::MAX.to_le_bytes()).unwrap();
