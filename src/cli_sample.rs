@@ -1,8 +1,9 @@
-//! `wgpu-diffusion sample`: flags, input checks, the batch loop with a progress bar, and the
-//! outputs (a grid, one PNG per image, optionally the raw tensor).
+//! `wgpu-diffusion sample` and `eval-sr`: flags; [`plan`], which checks every input (flags,
+//! files, output paths) without a GPU and returns what to do; the batch loop with a progress
+//! bar; and the outputs (a grid, one PNG per image, optionally the raw tensor), written only
+//! once every sample is finite.
 
 use std::collections::HashMap;
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -11,10 +12,11 @@ use anyhow::{Context, Result, anyhow, bail};
 use safetensors::{Dtype, tensor::TensorView};
 
 use crate::diffusion::scheduler::{SamplerKind, SamplingSchedule, TimestepSpacing};
-use crate::gpu::{Gpu, GpuOptions};
+use crate::gpu::{FIT_ADVICE, Gpu, GpuOptions};
 use crate::io::atomic::atomic_write;
 use crate::io::images::{save_grid, save_image};
 use crate::io::tensors::LoadedTensors;
+use crate::progress::ConsoleProgress;
 use crate::sample::{ModelSource, Noise, Sampler, SamplerOptions, nchw_to_nhwc, nhwc_to_nchw};
 
 #[derive(clap::Args, Clone, Debug)]
@@ -32,16 +34,17 @@ pub struct SampleArgs {
     pub no_ema: bool,
     #[arg(long, value_enum, default_value_t = SamplerKind::Ddim)]
     pub sampler: SamplerKind,
-    /// Denoising steps (Heun evaluates the U-Net about twice per step).
-    #[arg(long, default_value_t = 50)]
+    /// Denoising steps (Heun evaluates the U-Net about twice per step); `--steps` is the same.
+    #[arg(long = "sample-steps", visible_alias = "steps", default_value_t = 50)]
     pub steps: usize,
-    /// DDIM's η: 0 is deterministic, 1 is DDPM-like.
+    /// DDIM's η, in [0, 1]: 0 is deterministic, 1 is DDPM-like.
     #[arg(long, default_value_t = 0.0)]
     pub eta: f64,
     /// Overrides the scheduler config's timestep_spacing.
     #[arg(long, value_enum)]
     pub timestep_spacing: Option<TimestepSpacing>,
-    /// Images to generate (default 16; with `--class all`, per class, default 8).
+    /// Images to generate (default 16; with `--class all`, per class, default 8; with --noise,
+    /// the noise's N).
     #[arg(long)]
     pub num: Option<usize>,
     /// Class-conditional models: a class index, a class name (class_names.json), or `all` (a
@@ -52,12 +55,14 @@ pub struct SampleArgs {
     /// only, 0 = unconditional (needs a model trained with --cond-drop).
     #[arg(long)]
     pub guidance_scale: Option<f32>,
-    /// Images per U-Net batch (default: --num, at most 64).
+    /// Images per U-Net batch (default: --num, at most 64); the images do not depend on it.
     #[arg(long)]
     pub batch_size: Option<usize>,
+    /// Seed of the GPU noise (image k's noise depends only on the seed and k).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Output folder: grid.png and one PNG per image.
+    /// Output folder: grid.png and one PNG per image (00000.png, …). Those of an earlier run
+    /// there are replaced; other files are left alone.
     #[arg(long, default_value = "samples")]
     pub out: PathBuf,
     /// Initial noise: a safetensors file with tensor `noise`, f32 [N, C, H, W] (before
@@ -78,14 +83,15 @@ pub struct SampleArgs {
     #[arg(long, requires = "inpaint")]
     pub mask: Option<PathBuf>,
     /// Masks in diffusers' RePaint convention (white = keep, black = regenerate).
-    #[arg(long)]
+    #[arg(long, requires = "inpaint")]
     pub mask_invert: bool,
-    /// RePaint: steps of each jump back up (diffusers' default 10).
-    #[arg(long, default_value_t = 10)]
-    pub jump_length: usize,
-    /// RePaint: how often each jump point is resampled (1 = no resampling; diffusers' 10).
-    #[arg(long, default_value_t = 10)]
-    pub jump_n_sample: usize,
+    /// RePaint (with --inpaint): steps of each jump back up [default: 10, diffusers']
+    #[arg(long, requires = "inpaint")]
+    pub jump_length: Option<usize>,
+    /// RePaint (with --inpaint): how often each jump point is resampled (1 = no resampling)
+    /// [default: 10, diffusers']
+    #[arg(long, requires = "inpaint")]
+    pub jump_n_sample: Option<usize>,
     /// `sr` for a super-resolution model (inferred from the model; given, it is checked).
     #[arg(long, value_enum)]
     pub task: Option<crate::train::config::Task>,
@@ -222,23 +228,211 @@ fn read_tensor(
     Ok((shape, values))
 }
 
-pub fn run(opts: &GpuOptions, args: &SampleArgs) -> Result<()> {
-    // Everything that can be checked without a GPU is checked first.
-    let source = match (&args.model, &args.checkpoint) {
+/// What `sample` will do, every input checked and read: built by [`plan`] without a GPU.
+pub struct SamplePlan {
+    pub source: ModelSource,
+    pub schedule: SamplingSchedule,
+    /// Inpainting: the image and its keep mask (NHWC [S, S, C]).
+    pub inpaint: Option<(Vec<f32>, Vec<f32>)>,
+    /// Super-resolution: the input files and their pixels (NHWC).
+    pub lowres: Option<(Vec<PathBuf>, Vec<f32>)>,
+    /// The class of each row (`--class all`) or the one class.
+    pub classes: Option<Vec<u32>>,
+    pub all_classes: bool,
+    /// Images per class with `--class all`, else the number of images.
+    pub per_class: usize,
+    pub guidance: Option<f32>,
+    pub num: usize,
+    pub batch: usize,
+    /// Given initial noise (NHWC, all images) and per-step noise (one NHWC block per step).
+    pub noise: Option<Vec<f32>>,
+    pub step_noise: Option<Vec<Vec<f32>>>,
+}
+
+/// How to make sampling fit when a tensor is past the adapter's limits.
+const SAMPLE_FIT_ADVICE: &str = "use a smaller --batch-size (the images do not depend on it; guidance runs twice the batch), or a smaller model";
+
+/// Puts sampling's advice (sampling flags) in place of training's in an error about sizes.
+fn with_sampling_advice(e: anyhow::Error) -> anyhow::Error {
+    let text = format!("{e:#}");
+    if text.contains(FIT_ADVICE) {
+        anyhow!(text.replace(FIT_ADVICE, SAMPLE_FIT_ADVICE))
+    } else {
+        e
+    }
+}
+
+/// Shortens every bracketed list of more than 8 items in `msg` to its first and last values and
+/// its length (a schedule error could otherwise print 1000 timesteps).
+pub fn shorten_lists(msg: &str) -> String {
+    let mut out = String::new();
+    let mut rest = msg;
+    while let Some(open) = rest.find('[') {
+        let Some(close) = rest[open..].find(']').map(|c| open + c) else {
+            break;
+        };
+        out.push_str(&rest[..open]);
+        let items: Vec<&str> = rest[open + 1..close].split(", ").collect();
+        if items.len() > 8 && !rest[open + 1..close].contains('[') {
+            out.push_str(&format!(
+                "[{}, …, {}] ({} values)",
+                items[..3].join(", "),
+                items[items.len() - 2..].join(", "),
+                items.len()
+            ));
+        } else {
+            out.push_str(&rest[open..=close]);
+        }
+        rest = &rest[close + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Creates a file in `dir` and removes it: the one sure test that the folder takes files.
+fn probe_writable(flag: &str, dir: &Path) -> Result<()> {
+    let probe = dir.join(format!(".wgpu-diffusion-probe-{}", std::process::id()));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+        .map_err(|e| {
+            anyhow!(
+                "{flag}: the folder {} is not writable ({e}); choose another {flag}",
+                dir.display()
+            )
+        })?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
+/// Checks that `dir` is a writable folder, or can be created as one, creating nothing.
+pub fn check_output_dir(flag: &str, dir: &Path) -> Result<()> {
+    if dir.exists() {
+        if !dir.is_dir() {
+            bail!(
+                "{flag} {} is a file, not a folder: choose a folder",
+                dir.display()
+            );
+        }
+        return probe_writable(flag, dir);
+    }
+    // The nearest ancestor that exists must be a writable folder (`create_dir_all` makes the
+    // rest).
+    let existing = dir
+        .ancestors()
+        .skip(1)
+        .map(|p| {
+            if p.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                p
+            }
+        })
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("."));
+    if !existing.is_dir() {
+        bail!(
+            "{flag} {}: {} is a file, so no folder can be made there",
+            dir.display(),
+            existing.display()
+        );
+    }
+    probe_writable(flag, existing)
+}
+
+/// Checks that a file can be written (atomically, through a temporary file beside it) at `path`;
+/// `example` names a file for the advice when `path` is a folder.
+pub fn check_output_file(flag: &str, path: &Path, example: &str) -> Result<()> {
+    if path.is_dir() {
+        bail!(
+            "{flag} {} is a folder: give a file path (e.g. {})",
+            path.display(),
+            path.join(example).display()
+        );
+    }
+    if path.file_name().is_none() {
+        bail!("{flag} {}: give a file path", path.display());
+    }
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    check_output_dir(flag, parent)
+}
+
+/// The model of `--model DIR` or `--checkpoint FILE`.
+fn model_source(
+    model: Option<&Path>,
+    checkpoint: Option<&Path>,
+    no_ema: bool,
+) -> Result<ModelSource> {
+    match (model, checkpoint) {
         (Some(dir), None) => {
-            if args.no_ema {
+            if no_ema {
                 bail!(
                     "--no-ema applies to --checkpoint (a model directory holds one set of weights)"
                 );
             }
-            ModelSource::from_dir(dir)?
+            ModelSource::from_dir(dir)
         }
-        (None, Some(file)) => ModelSource::from_checkpoint(file, args.no_ema)?,
+        (None, Some(file)) => ModelSource::from_checkpoint(file, no_ema),
         _ => bail!("give exactly one of --model DIR and --checkpoint FILE"),
-    };
+    }
+}
+
+/// The flags that need no file: ranges, and flags that only apply with others.
+fn check_flags(args: &SampleArgs) -> Result<()> {
+    // η > 1 makes DDIM's σ_t exceed the noise the step may remove: √(1 − ᾱ_prev − σ_t²) is the
+    // square root of a negative number (NaN in diffusers too).
+    if !(0.0..=1.0).contains(&args.eta) {
+        bail!(
+            "--eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like), is {}",
+            args.eta
+        );
+    }
+    if args.eta > 0.0 && args.sampler != SamplerKind::Ddim {
+        bail!(
+            "--eta applies to --sampler ddim only, not {}",
+            args.sampler.diffusers_class()
+        );
+    }
+    if let Some(g) = args.guidance_scale
+        && !g.is_finite()
+    {
+        bail!("--guidance-scale must be a finite number, is {g}");
+    }
+    if args.batch_size == Some(0) {
+        bail!("--batch-size must be at least 1");
+    }
+    if args.num == Some(0) {
+        bail!("--num must be at least 1");
+    }
+    if args.step_noise.is_some() && args.noise.is_none() {
+        bail!("--step-noise needs --noise (the initial noise of the same images)");
+    }
+    if args.inpaint.is_some() && args.noise.is_some() {
+        bail!("inpainting draws fresh noise at every step from the seeded GPU RNG: drop --noise");
+    }
+    if args.inpaint.is_some() && args.timestep_spacing.is_some() {
+        bail!("--timestep-spacing does not apply to inpainting (RePaint steps by T/N)");
+    }
+    Ok(())
+}
+
+/// The super-resolution input, checked against the model and `--task`.
+fn lowres_input(
+    args: &SampleArgs,
+    source: &ModelSource,
+) -> Result<Option<(Vec<PathBuf>, Vec<f32>)>> {
+    use crate::train::config::Task;
     let cfg = &source.config;
     let (c, s) = (cfg.out_channels, cfg.sample_size);
     let lowres = match (cfg.sr_scale, &args.lowres, args.task) {
+        (Some(k), _, Some(Task::Generate)) => bail!(
+            "--task generate: {} is a x{k} super-resolution model (it upsamples --lowres images); drop --task or give --task sr",
+            source.description
+        ),
         (Some(k), Some(path), _) => Some(read_lowres(path, s, k, c)?),
         (Some(k), None, _) => bail!(
             "{} is a x{k} super-resolution model: give the low-resolution input with --lowres IMAGE|DIR ({}x{} pixels)",
@@ -246,7 +440,7 @@ pub fn run(opts: &GpuOptions, args: &SampleArgs) -> Result<()> {
             s / k,
             s / k
         ),
-        (None, _, Some(crate::train::config::Task::Sr)) | (None, Some(_), _) => bail!(
+        (None, _, Some(Task::Sr)) | (None, Some(_), _) => bail!(
             "{} is not a super-resolution model (its config has no _sr_scale)",
             source.description
         ),
@@ -262,31 +456,45 @@ pub fn run(opts: &GpuOptions, args: &SampleArgs) -> Result<()> {
             "with --lowres there is one output per low-resolution image: --num, --noise, --inpaint and --class do not apply"
         );
     }
-    let inpaint = read_inpaint(args, s, c)?;
-    let schedule = match &inpaint {
-        None => SamplingSchedule::new(
+    Ok(lowres)
+}
+
+/// The sampling schedule (RePaint's when inpainting); long lists in its errors are shortened.
+fn sampling_schedule(
+    args: &SampleArgs,
+    source: &ModelSource,
+    inpaint: bool,
+) -> Result<SamplingSchedule> {
+    let schedule = if inpaint {
+        SamplingSchedule::repaint(
+            &source.scheduler,
+            args.sampler,
+            args.steps,
+            args.eta,
+            args.jump_length.unwrap_or(10),
+            args.jump_n_sample.unwrap_or(10),
+        )
+    } else {
+        SamplingSchedule::new(
             &source.scheduler,
             args.sampler,
             args.steps,
             args.timestep_spacing,
             args.eta,
-        ),
-        Some(_) => {
-            if args.timestep_spacing.is_some() {
-                bail!("--timestep-spacing does not apply to inpainting (RePaint steps by T/N)");
-            }
-            SamplingSchedule::repaint(
-                &source.scheduler,
-                args.sampler,
-                args.steps,
-                args.eta,
-                args.jump_length,
-                args.jump_n_sample,
-            )
-        }
-    }
-    .map_err(|e| anyhow!("{e} (scheduler settings from {})", source.scheduler_origin))?;
-    // Classes: which label each image gets.
+        )
+    };
+    schedule.map_err(|e| {
+        anyhow!(
+            "{} (scheduler settings from {})",
+            shorten_lists(&e),
+            source.scheduler_origin
+        )
+    })
+}
+
+/// Which label each image gets: (classes, `--class all`), checked against the model.
+fn class_labels(args: &SampleArgs, source: &ModelSource) -> Result<(Option<Vec<u32>>, bool)> {
+    let cfg = &source.config;
     let classes: Option<Vec<u32>> = match (cfg.num_class_embeds, &args.class) {
         (None, Some(_)) => bail!(
             "--class: {} is not class-conditional (no num_class_embeds)",
@@ -312,40 +520,67 @@ pub fn run(opts: &GpuOptions, args: &SampleArgs) -> Result<()> {
             source.description
         );
     }
-    let guidance = args.guidance_scale.filter(|&g| g != 1.0);
-    let all_classes = args.class.as_deref() == Some("all");
-    let per_class = args.num.unwrap_or(if all_classes { 8 } else { 16 });
-    let mut num = match (&classes, &lowres) {
-        (_, Some((files, _))) => files.len(),
-        (Some(list), _) if all_classes => list.len() * per_class,
-        _ => per_class,
+    Ok((classes, args.class.as_deref() == Some("all")))
+}
+
+/// `--noise` (which sets the number of images) and `--step-noise`, NHWC, checked: shapes, finite
+/// values, and a sampler that uses them.
+#[allow(clippy::type_complexity)]
+fn given_noise(
+    args: &SampleArgs,
+    source: &ModelSource,
+    schedule: &SamplingSchedule,
+    num: usize,
+) -> Result<(usize, Option<Vec<f32>>, Option<Vec<Vec<f32>>>)> {
+    let (c, s) = (source.config.out_channels, source.config.sample_size);
+    let Some(path) = &args.noise else {
+        return Ok((num, None, None));
     };
-    let noise = match &args.noise {
-        Some(path) => {
-            let (shape, v) =
-                read_tensor(path, "noise", "--noise", &[None, Some(c), Some(s), Some(s)])?;
-            num = shape[0];
-            if num == 0 {
-                bail!("--noise {}: the tensor holds no images", path.display());
-            }
-            Some(nchw_to_nhwc(&v, [num, c, s, s]))
-        }
-        None => None,
-    };
+    let (shape, v) = read_tensor(path, "noise", "--noise", &[None, Some(c), Some(s), Some(s)])?;
+    let num = shape[0];
     if num == 0 {
-        bail!("--num must be at least 1");
+        bail!("--noise {}: the tensor holds no images", path.display());
     }
+    if let Some(n) = args.num
+        && n != num
+    {
+        bail!(
+            "--num {n}, but --noise {} holds {num} images, which sets the number: drop --num",
+            path.display()
+        );
+    }
+    if v.iter().any(|x| !x.is_finite()) {
+        bail!(
+            "--noise {}: tensor `noise` holds non-finite values (NaN or infinite)",
+            path.display()
+        );
+    }
+    let noise = nchw_to_nhwc(&v, [num, c, s, s]);
+    let uses = schedule.uses_step_noise();
     let step_noise = match &args.step_noise {
-        Some(path) => {
-            if noise.is_none() {
-                bail!("--step-noise needs --noise (the initial noise of the same images)");
+        Some(path) if !uses => bail!(
+            "--step-noise {}: --sampler {} {}adds no noise between steps, so it would not be used; drop it",
+            path.display(),
+            args.sampler.diffusers_class(),
+            if args.sampler == SamplerKind::Ddim {
+                "with --eta 0 "
+            } else {
+                ""
             }
+        ),
+        Some(path) => {
             let (_, v) = read_tensor(
                 path,
                 "step_noise",
                 "--step-noise",
                 &[Some(args.steps), Some(num), Some(c), Some(s), Some(s)],
             )?;
+            if v.iter().any(|x| !x.is_finite()) {
+                bail!(
+                    "--step-noise {}: tensor `step_noise` holds non-finite values (NaN or infinite)",
+                    path.display()
+                );
+            }
             let per = num * c * s * s;
             Some(
                 v.chunks(per)
@@ -353,28 +588,66 @@ pub fn run(opts: &GpuOptions, args: &SampleArgs) -> Result<()> {
                     .collect::<Vec<_>>(),
             )
         }
-        None => None,
-    };
-    if noise.is_some() && step_noise.is_none() && schedule.uses_step_noise() {
-        bail!(
+        None if uses => bail!(
             "--sampler {:?} adds fresh noise at every step: with --noise, also give --step-noise (or drop --noise to use the seeded GPU noise)",
             args.sampler
-        );
-    }
-    let batch = args.batch_size.unwrap_or(num.min(64));
-    if batch == 0 {
-        bail!("--batch-size must be at least 1");
-    }
-    let batch = batch.min(num);
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating the output folder {}", args.out.display()))?;
+        ),
+        None => None,
+    };
+    Ok((num, Some(noise), step_noise))
+}
 
+/// Checks every input of `sample` — flags, files, output paths — without a GPU, and returns what
+/// to do. Nothing is created.
+pub fn plan(args: &SampleArgs) -> Result<SamplePlan> {
+    check_flags(args)?;
+    check_output_dir("--out", &args.out)?;
+    if let Some(path) = &args.save_tensor {
+        check_output_file("--save-tensor", path, "samples.safetensors")?;
+    }
+    let source = model_source(
+        args.model.as_deref(),
+        args.checkpoint.as_deref(),
+        args.no_ema,
+    )?;
+    let (c, s) = (source.config.out_channels, source.config.sample_size);
+    let lowres = lowres_input(args, &source)?;
+    let inpaint = read_inpaint(args, s, c)?;
+    let schedule = sampling_schedule(args, &source, inpaint.is_some())?;
+    let (classes, all_classes) = class_labels(args, &source)?;
+    let per_class = args.num.unwrap_or(if all_classes { 8 } else { 16 });
+    let num = match (&classes, &lowres) {
+        (_, Some((files, _))) => files.len(),
+        (Some(list), _) if all_classes => list.len() * per_class,
+        _ => per_class,
+    };
+    let (num, noise, step_noise) = given_noise(args, &source, &schedule, num)?;
+    let batch = args.batch_size.unwrap_or(num.min(64)).min(num);
+    Ok(SamplePlan {
+        guidance: args.guidance_scale.filter(|&g| g != 1.0),
+        source,
+        schedule,
+        inpaint,
+        lowres,
+        classes,
+        all_classes,
+        per_class,
+        num,
+        batch,
+        noise,
+        step_noise,
+    })
+}
+
+pub fn run(opts: &GpuOptions, args: &SampleArgs) -> Result<()> {
+    let mut plan = plan(args)?;
     let gpu: Arc<Gpu> = Gpu::new(opts)?;
     eprintln!("device: {}", gpu.describe());
-    eprintln!("model: {}", source.description);
-    for n in &source.notes {
+    eprintln!("model: {}", plan.source.description);
+    for n in &plan.source.notes {
         eprintln!("note: {n}");
     }
+    let schedule = &plan.schedule;
     eprintln!(
         "sampler: {} ({} steps, {} U-Net evaluations per batch, timesteps {}…{}), scheduler settings from {}",
         args.sampler.diffusers_class(),
@@ -382,48 +655,85 @@ pub fn run(opts: &GpuOptions, args: &SampleArgs) -> Result<()> {
         schedule.evals.len(),
         schedule.timesteps.first().copied().unwrap_or(0.0),
         schedule.timesteps.last().copied().unwrap_or(0.0),
-        source.scheduler_origin
+        plan.source.scheduler_origin
     );
-    if inpaint.is_some() && noise.is_some() {
-        bail!("inpainting draws fresh noise at every step from the seeded GPU RNG: drop --noise");
-    }
-    let mut sampler = gpu.checked_build(|| {
-        Sampler::new(
-            &gpu,
-            cfg,
-            schedule,
-            batch,
-            &SamplerOptions { guidance, inpaint },
-        )
-    })?;
-    if let Some(list) = &classes {
+    if let Some(list) = &plan.classes {
         eprintln!(
             "classes: {}{}",
-            if all_classes {
+            if plan.all_classes {
                 "all, one row each".to_string()
             } else {
-                source.class_label(list[0])
+                plan.source.class_label(list[0])
             },
-            match guidance {
+            match plan.guidance {
                 Some(g) => format!(", classifier-free guidance scale {g}"),
                 None => String::new(),
             }
         );
     }
+    let options = SamplerOptions {
+        guidance: plan.guidance,
+        inpaint: plan.inpaint.take(),
+    };
+    let mut sampler = gpu
+        .checked_build(|| {
+            Sampler::new(
+                &gpu,
+                &plan.source.config,
+                plan.schedule.clone(),
+                plan.batch,
+                &options,
+            )
+        })
+        .map_err(with_sampling_advice)?;
+    sampler.set_weights(&plan.source.weights(&sampler.unet.params)?)?;
+    let start = Instant::now();
+    let images = sample_all(args, &plan, &mut sampler)?;
+    let secs = start.elapsed().as_secs_f64();
+    write_outputs(args, &plan, &images)?;
+    eprintln!(
+        "{} images in {secs:.1} s ({:.2} images/s): {} and {}/00000.png…",
+        plan.num,
+        plan.num as f64 / secs,
+        args.out.join("grid.png").display(),
+        args.out.display()
+    );
+    Ok(())
+}
+
+/// The settings that shaped a batch, for an error about its samples.
+fn settings_text(args: &SampleArgs, plan: &SamplePlan) -> String {
+    let mut s = format!("--sampler {:?} --steps {}", args.sampler, args.steps);
+    if args.sampler == SamplerKind::Ddim {
+        s += &format!(" --eta {}", args.eta);
+    }
+    if let Some(g) = plan.guidance {
+        s += &format!(" --guidance-scale {g}");
+    }
+    if let Some(p) = &args.noise {
+        s += &format!(" --noise {}", p.display());
+    }
+    format!("{s}, model {}", plan.source.description)
+}
+
+/// Every batch of the plan through the sampler, with a progress bar; the images, NHWC. A batch
+/// with a non-finite value is an error naming the settings.
+fn sample_all(args: &SampleArgs, plan: &SamplePlan, sampler: &mut Sampler) -> Result<Vec<f32>> {
+    let cfg = &plan.source.config;
+    let per_image = cfg.out_channels * cfg.sample_size * cfg.sample_size;
+    let (num, batch) = (plan.num, plan.batch);
+    let batches = num.div_ceil(batch);
+    let evals = sampler.evaluations();
+    let mut progress = ConsoleProgress::new("sampling", "U-Net evaluations");
+    progress.start(0, (batches * evals) as u64);
     // Image k's label: its row's class with --class all, else the one class.
     let label_of = |k: usize| -> u32 {
-        match &classes {
-            Some(list) if all_classes => list[(k / per_class).min(list.len() - 1)],
+        match &plan.classes {
+            Some(list) if plan.all_classes => list[(k / plan.per_class).min(list.len() - 1)],
             Some(list) => list[0],
             None => 0,
         }
     };
-    sampler.set_weights(&source.weights(&sampler.unet.params)?)?;
-    let per_image = c * s * s;
-    let batches = num.div_ceil(batch);
-    let evals = sampler.evaluations();
-    let mut progress = StepProgress::new((batches * evals) as u64);
-    let start = Instant::now();
     let mut images: Vec<f32> = Vec::with_capacity(num * per_image);
     for b in 0..batches {
         let first = b * batch;
@@ -433,8 +743,9 @@ pub fn run(opts: &GpuOptions, args: &SampleArgs) -> Result<()> {
             out.resize(batch * per_image, 0.0);
             out
         };
-        let given_initial = noise.as_ref().map(|v| pad(v));
-        let given_steps: Option<Vec<Vec<f32>>> = step_noise
+        let given_initial = plan.noise.as_ref().map(|v| pad(v));
+        let given_steps: Option<Vec<Vec<f32>>> = plan
+            .step_noise
             .as_ref()
             .map(|steps| steps.iter().map(|v| pad(v)).collect());
         let source_noise = match &given_initial {
@@ -446,35 +757,96 @@ pub fn run(opts: &GpuOptions, args: &SampleArgs) -> Result<()> {
             },
             None => Noise::Seeded(args.seed),
         };
-        if let Some((_, low)) = &lowres {
+        if let Some((_, low)) = &plan.lowres {
             let per_low = low.len() / num;
             let mut chunk = low[first * per_low..(first + take) * per_low].to_vec();
             chunk.resize(batch * per_low, 0.0);
             sampler.set_lowres(&chunk)?;
         }
         let labels: Vec<u32> = (first..first + batch).map(label_of).collect();
-        let labels = classes.as_ref().map(|_| labels.as_slice());
+        let labels = plan.classes.as_ref().map(|_| labels.as_slice());
         let out = sampler.sample_batch(first, &source_noise, labels, &mut |e| {
-            progress.set((b * evals + e + 1) as u64)
+            progress.set((b * evals + e + 1) as u64, true)
         })?;
-        images.extend_from_slice(&out[..take * per_image]);
+        let out = &out[..take * per_image];
+        if out.iter().any(|v| !v.is_finite()) {
+            progress.finish();
+            bail!(
+                "images {first}..{} came out non-finite (NaN or infinite), so nothing was written; the settings were {}: change them (a smaller --eta or --guidance-scale, other --noise, another sampler) or check the model",
+                first + take - 1,
+                settings_text(args, plan)
+            );
+        }
+        images.extend_from_slice(out);
     }
     progress.finish();
-    let secs = start.elapsed().as_secs_f64();
+    Ok(images)
+}
 
+/// Our own files in an output folder: `grid.png` and `NNNNN.png` (and their temporary files).
+fn is_our_output(name: &str) -> bool {
+    let name = name
+        .strip_prefix('.')
+        .and_then(|n| n.strip_suffix(".tmp"))
+        .unwrap_or(name);
+    let digits = name.strip_suffix(".png").unwrap_or("");
+    name == "grid.png" || (digits.len() >= 5 && digits.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Removes the outputs of an earlier run in `dir` that this one does not replace (so `--num 2`
+/// after `--num 8` leaves no 00002..00007.png); other files are never touched. Returns their
+/// names.
+fn remove_stale_outputs(dir: &Path, keep: &[String]) -> Result<Vec<String>> {
+    let mut removed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(removed);
+    };
+    for e in entries {
+        let e = e.with_context(|| format!("listing {}", dir.display()))?;
+        let name = e.file_name().to_string_lossy().to_string();
+        if is_our_output(&name) && !keep.contains(&name) && e.file_type()?.is_file() {
+            std::fs::remove_file(e.path())
+                .with_context(|| format!("removing the earlier output {}", e.path().display()))?;
+            removed.push(name);
+        }
+    }
+    removed.sort();
+    Ok(removed)
+}
+
+/// The grid, one PNG per image, the raw tensor: an earlier run's images in the folder are
+/// removed first (with a note).
+fn write_outputs(args: &SampleArgs, plan: &SamplePlan, images: &[f32]) -> Result<()> {
+    let cfg = &plan.source.config;
+    let (num, c, s) = (plan.num, cfg.out_channels, cfg.sample_size);
+    let per_image = c * s * s;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating the output folder {}", args.out.display()))?;
+    let names: Vec<String> = std::iter::once("grid.png".to_string())
+        .chain((0..num).map(|k| format!("{k:05}.png")))
+        .collect();
+    let removed = remove_stale_outputs(&args.out, &names)?;
+    if !removed.is_empty() {
+        eprintln!(
+            "note: removed {} image(s) of an earlier run from {} ({}{}); other files there are left alone",
+            removed.len(),
+            args.out.display(),
+            removed[..removed.len().min(3)].join(", "),
+            if removed.len() > 3 { ", …" } else { "" }
+        );
+    }
     let shape = [num, s, s, c];
-    let cols = if all_classes {
-        per_class
+    let cols = if plan.all_classes {
+        plan.per_class
     } else {
         (num as f64).sqrt().ceil() as usize
     };
-    let grid = args.out.join("grid.png");
-    save_grid(&images, shape, cols.max(1), &grid)?;
+    save_grid(images, shape, cols.max(1), &args.out.join("grid.png"))?;
     for (k, img) in images.chunks(per_image).enumerate() {
         save_image(img, [s, s, c], &args.out.join(format!("{k:05}.png")))?;
     }
     if let Some(path) = &args.save_tensor {
-        let nchw = nhwc_to_nchw(&images, shape);
+        let nchw = nhwc_to_nchw(images, shape);
         let mut meta = HashMap::new();
         meta.insert(
             "sampler".to_string(),
@@ -482,88 +854,40 @@ pub fn run(opts: &GpuOptions, args: &SampleArgs) -> Result<()> {
         );
         meta.insert("steps".to_string(), args.steps.to_string());
         meta.insert("seed".to_string(), args.seed.to_string());
-        meta.insert("model".to_string(), source.description.clone());
+        meta.insert("model".to_string(), plan.source.description.clone());
         let view = TensorView::new(Dtype::F32, vec![num, c, s, s], bytemuck::cast_slice(&nchw))?;
         let bytes = safetensors::serialize([("sample", view)], Some(meta))?;
         atomic_write(path, &bytes)?;
         eprintln!("raw samples: {}", path.display());
     }
-    eprintln!(
-        "{num} images in {secs:.1} s ({:.2} images/s): {} and {}/00000.png…",
-        num as f64 / secs,
-        grid.display(),
-        args.out.display()
-    );
     Ok(())
-}
-
-/// A bar over U-Net evaluations on terminals; a line every few seconds otherwise.
-struct StepProgress {
-    bar: Option<indicatif::ProgressBar>,
-    total: u64,
-    last_line: Instant,
-    unit: &'static str,
-}
-
-impl StepProgress {
-    fn new(total: u64) -> StepProgress {
-        Self::with_unit(total, "U-Net evaluations")
-    }
-
-    fn with_unit(total: u64, unit: &'static str) -> StepProgress {
-        let bar = std::io::stderr().is_terminal().then(|| {
-            let bar = indicatif::ProgressBar::new(total);
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(&format!(
-                    "{{bar:30.cyan/blue}} {{pos}}/{{len}} {unit} [{{elapsed_precise}}<{{eta_precise}}]"
-                ))
-                .expect("template")
-                .progress_chars("=> "),
-            );
-            bar
-        });
-        StepProgress {
-            bar,
-            total,
-            last_line: Instant::now(),
-            unit,
-        }
-    }
-
-    fn set(&mut self, done: u64) {
-        match &self.bar {
-            Some(bar) => bar.set_position(done),
-            None => {
-                if self.last_line.elapsed().as_secs_f64() >= 5.0 || done == self.total {
-                    self.last_line = Instant::now();
-                    eprintln!("sampling: {done}/{} {}", self.total, self.unit);
-                }
-            }
-        }
-    }
-
-    fn finish(&mut self) {
-        if let Some(bar) = self.bar.take() {
-            bar.finish();
-        }
-    }
 }
 
 /// `wgpu-diffusion eval-sr`: a super-resolution model on the MNIST test digits.
 #[derive(clap::Args, Clone, Debug)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["model", "checkpoint"])))]
 pub struct EvalSrArgs {
     /// The super-resolution model (a model directory or run folder).
     #[arg(long)]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
+    /// One of our training checkpoints (runs/…/checkpoints/step-*.safetensors).
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
+    /// With --checkpoint: the raw weights instead of the EMA ones.
+    #[arg(long)]
+    pub no_ema: bool,
     /// Evaluate the first N test digits (default: all 10,000).
     #[arg(long)]
     pub limit: Option<usize>,
     #[arg(long, value_enum, default_value_t = SamplerKind::Ddim)]
     pub sampler: SamplerKind,
-    #[arg(long, default_value_t = 50)]
+    /// Denoising steps per digit; `--steps` is the same.
+    #[arg(long = "sample-steps", visible_alias = "steps", default_value_t = 50)]
     pub steps: usize,
+    /// Seed of the GPU noise.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Digits per U-Net batch (the scores do not depend on it).
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
     /// Also write a comparison picture (rows: LR, bicubic, ours, ground truth) of the first 8.
@@ -588,9 +912,30 @@ fn score(sr: &[f32], hr: &[f32], lr: &[f32], k: usize, totals: &mut SrScores) {
     totals.consistency_psnr += psnr(&pooled, &to_unit(lr));
 }
 
-pub fn run_eval_sr(opts: &GpuOptions, args: &EvalSrArgs) -> Result<()> {
-    use crate::data::resize::{avg_pool, upsample_bicubic};
-    let source = ModelSource::from_dir(&args.model)?;
+/// What `eval-sr` measures, checked without a GPU: the model (a x`scale` model of 28x28
+/// digits), its schedule, and the test digits.
+struct EvalSrPlan {
+    source: ModelSource,
+    schedule: SamplingSchedule,
+    scale: usize,
+    /// The first `n` test digits, 28x28 in [-1, 1].
+    images: Vec<f32>,
+    n: usize,
+    batch: usize,
+}
+
+fn eval_sr_plan(args: &EvalSrArgs) -> Result<EvalSrPlan> {
+    if args.batch_size == 0 || args.limit == Some(0) {
+        bail!("--limit and --batch-size must be at least 1");
+    }
+    if let Some(path) = &args.picture {
+        check_output_file("--picture", path, "sr.png")?;
+    }
+    let source = model_source(
+        args.model.as_deref(),
+        args.checkpoint.as_deref(),
+        args.no_ema,
+    )?;
     let cfg = &source.config;
     let Some(k) = cfg.sr_scale else {
         bail!(
@@ -600,42 +945,114 @@ pub fn run_eval_sr(opts: &GpuOptions, args: &EvalSrArgs) -> Result<()> {
     };
     if (cfg.sample_size, cfg.out_channels) != (28, 1) {
         bail!(
-            "eval-sr measures on the MNIST test digits (28x28, 1 channel); this model makes {}x{} images with {} channels",
+            "eval-sr measures on the MNIST test digits (28x28, 1 channel); this model makes {}x{} images with {} channels (train it with --task sr on a 28x28 preset, e.g. --model tiny28)",
             cfg.sample_size,
             cfg.sample_size,
             cfg.out_channels
         );
     }
     let schedule = SamplingSchedule::new(&source.scheduler, args.sampler, args.steps, None, 0.0)
-        .map_err(anyhow::Error::msg)?;
+        .map_err(|e| {
+            anyhow!(
+                "{} (scheduler settings from {})",
+                shorten_lists(&e),
+                source.scheduler_origin
+            )
+        })?;
     let (total, images) = crate::data::mnist::test_images()?;
     let n = args.limit.unwrap_or(total).min(total);
-    if n == 0 || args.batch_size == 0 {
-        bail!("--limit and --batch-size must be at least 1");
-    }
+    Ok(EvalSrPlan {
+        source,
+        schedule,
+        scale: k,
+        images,
+        n,
+        batch: args.batch_size.min(n),
+    })
+}
+
+pub fn run_eval_sr(opts: &GpuOptions, args: &EvalSrArgs) -> Result<()> {
+    let plan = eval_sr_plan(args)?;
+    let (k, n) = (plan.scale, plan.n);
     let gpu: Arc<Gpu> = Gpu::new(opts)?;
     eprintln!("device: {}", gpu.describe());
     eprintln!(
         "model: {} (x{k}); {} test digits, {} {} steps, seed {}",
-        source.description,
+        plan.source.description,
         n,
         args.sampler.diffusers_class(),
         args.steps,
         args.seed
     );
-    let batch = args.batch_size.min(n);
-    let mut sampler =
-        gpu.checked_build(|| Sampler::new(&gpu, cfg, schedule, batch, &SamplerOptions::default()))?;
-    sampler.set_weights(&source.weights(&sampler.unet.params)?)?;
+    let mut sampler = gpu
+        .checked_build(|| {
+            Sampler::new(
+                &gpu,
+                &plan.source.config,
+                plan.schedule.clone(),
+                plan.batch,
+                &SamplerOptions::default(),
+            )
+        })
+        .map_err(with_sampling_advice)?;
+    sampler.set_weights(&plan.source.weights(&sampler.unet.params)?)?;
+    let start = Instant::now();
+    let (ours, bicubic, picture) = eval_sr_batches(args, &plan, &mut sampler)?;
+    println!("| x{k}, {n} MNIST test digits | PSNR (dB) | SSIM | consistency PSNR (dB) |");
+    println!("|---|---|---|---|");
+    println!(
+        "| bicubic | {:.2} | {:.3} | {:.2} |",
+        bicubic.psnr, bicubic.ssim, bicubic.consistency_psnr
+    );
+    println!(
+        "| {} ({} {} steps) | {:.2} | {:.3} | {:.2} |",
+        plan.source.description,
+        args.sampler.diffusers_class(),
+        args.steps,
+        ours.psnr,
+        ours.ssim,
+        ours.consistency_psnr
+    );
+    eprintln!(
+        "{:.1} s ({:.2} images/s)",
+        start.elapsed().as_secs_f64(),
+        n as f64 / start.elapsed().as_secs_f64()
+    );
+    println!(
+        "{}",
+        serde_json::json!({"eval": "sr", "scale": k, "images": n, "sampler": args.sampler.diffusers_class(), "steps": args.steps, "seed": args.seed, "ours": ours, "bicubic": bicubic})
+    );
+    if let Some(path) = &args.picture {
+        let per = 28 * 28;
+        let cols = picture[3].len() / per;
+        let all: Vec<f32> = picture.concat();
+        save_grid(&all, [4 * cols, 28, 28, 1], cols, path)?;
+        eprintln!(
+            "picture: {} (rows: LR, bicubic, ours, ground truth)",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// Every batch of test digits: mean scores of ours and of bicubic, and the picture's rows (LR,
+/// bicubic, ours, ground truth) of the first 8.
+fn eval_sr_batches(
+    args: &EvalSrArgs,
+    plan: &EvalSrPlan,
+    sampler: &mut Sampler,
+) -> Result<(SrScores, SrScores, Vec<Vec<f32>>)> {
+    use crate::data::resize::{avg_pool, upsample_bicubic};
+    let (k, n, batch) = (plan.scale, plan.n, plan.batch);
     let (low_n, per) = ((28 / k) * (28 / k), 28 * 28);
     let mut ours = SrScores::default();
     let mut bicubic = SrScores::default();
     let mut picture: Vec<Vec<f32>> = vec![Vec::new(); 4];
-    let mut progress = StepProgress::with_unit(n.div_ceil(batch) as u64, "batches");
-    let start = Instant::now();
+    let mut progress = ConsoleProgress::new("eval-sr", "batches");
+    progress.start(0, n.div_ceil(batch) as u64);
     for (b, first) in (0..n).step_by(batch).enumerate() {
         let take = batch.min(n - first);
-        let hr = &images[first * per..(first + take) * per];
+        let hr = &plan.images[first * per..(first + take) * per];
         let mut low: Vec<f32> = Vec::with_capacity(batch * low_n);
         for img in hr.chunks(per) {
             let hr64: Vec<f64> = img.iter().map(|&v| v as f64).collect();
@@ -649,6 +1066,16 @@ pub fn run_eval_sr(opts: &GpuOptions, args: &EvalSrArgs) -> Result<()> {
         padded.resize(batch * low_n, 0.0);
         sampler.set_lowres(&padded)?;
         let sr = sampler.sample_batch(first, &Noise::Seeded(args.seed), None, &mut |_| {})?;
+        if sr[..take * per].iter().any(|v| !v.is_finite()) {
+            progress.finish();
+            bail!(
+                "digits {first}..{} came out non-finite (NaN or infinite) with --sampler {:?} --steps {}, model {}: nothing was scored; check the model",
+                first + take - 1,
+                args.sampler,
+                args.steps,
+                plan.source.description
+            );
+        }
         for i in 0..take {
             let (h, l, o) = (
                 &hr[i * per..(i + 1) * per],
@@ -673,7 +1100,7 @@ pub fn run_eval_sr(opts: &GpuOptions, args: &EvalSrArgs) -> Result<()> {
                 picture[3].extend_from_slice(h);
             }
         }
-        progress.set(b as u64 + 1);
+        progress.set(b as u64 + 1, true);
     }
     progress.finish();
     for sc in [&mut ours, &mut bicubic] {
@@ -681,38 +1108,5 @@ pub fn run_eval_sr(opts: &GpuOptions, args: &EvalSrArgs) -> Result<()> {
         sc.ssim /= n as f64;
         sc.consistency_psnr /= n as f64;
     }
-    println!("| x{k}, {n} MNIST test digits | PSNR (dB) | SSIM | consistency PSNR (dB) |");
-    println!("|---|---|---|---|");
-    println!(
-        "| bicubic | {:.2} | {:.3} | {:.2} |",
-        bicubic.psnr, bicubic.ssim, bicubic.consistency_psnr
-    );
-    println!(
-        "| {} ({} {} steps) | {:.2} | {:.3} | {:.2} |",
-        source.description,
-        args.sampler.diffusers_class(),
-        args.steps,
-        ours.psnr,
-        ours.ssim,
-        ours.consistency_psnr
-    );
-    eprintln!(
-        "{:.1} s ({:.2} images/s)",
-        start.elapsed().as_secs_f64(),
-        n as f64 / start.elapsed().as_secs_f64()
-    );
-    println!(
-        "{}",
-        serde_json::json!({"eval": "sr", "scale": k, "images": n, "sampler": args.sampler.diffusers_class(), "steps": args.steps, "seed": args.seed, "ours": ours, "bicubic": bicubic})
-    );
-    if let Some(path) = &args.picture {
-        let cols = picture[3].len() / per;
-        let all: Vec<f32> = picture.concat();
-        save_grid(&all, [4 * cols, 28, 28, 1], cols, path)?;
-        eprintln!(
-            "picture: {} (rows: LR, bicubic, ours, ground truth)",
-            path.display()
-        );
-    }
-    Ok(())
+    Ok((ours, bicubic, picture))
 }

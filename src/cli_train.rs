@@ -1,23 +1,66 @@
-//! `wgpu-diffusion train`: flags, TOML config file merging, progress display.
+//! `wgpu-diffusion train`: flags, TOML config file merging, the set-up of a new or resumed run,
+//! progress display.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
-use std::time::Instant;
 
 use crate::diffusion::{BetaSchedule, PredictionType};
-use crate::train::{LrSchedule, Progress, TrainConfig};
+use crate::gpu::{GemmPathChoice, Gpu, GpuOptions};
+use crate::nn::UNetConfig;
+use crate::progress::ConsoleProgress;
+use crate::train::config::Task;
+use crate::train::{LrSchedule, Progress, ResumePoint, TrainConfig};
+
+/// `true`/`false` after a switch, or the switch alone (`--ema` = `--ema true`).
+const BOOL: &str = "BOOL";
+
+/// diffusers' spellings (`scaled_linear`, `squaredcos_cap_v2`), the dashed ones accepted too.
+fn beta_schedule_parser() -> impl clap::builder::TypedValueParser<Value = BetaSchedule> {
+    use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
+    PossibleValuesParser::new([
+        PossibleValue::new("linear"),
+        PossibleValue::new("scaled_linear").alias("scaled-linear"),
+        PossibleValue::new("squaredcos_cap_v2")
+            .alias("squaredcos-cap-v2")
+            .alias("cosine"),
+        PossibleValue::new("sigmoid"),
+    ])
+    .map(|s| match s.as_str() {
+        "linear" => BetaSchedule::Linear,
+        "scaled_linear" | "scaled-linear" => BetaSchedule::ScaledLinear,
+        "sigmoid" => BetaSchedule::Sigmoid,
+        _ => BetaSchedule::SquaredcosCapV2,
+    })
+}
+
+/// diffusers' spellings (`v_prediction`), the dashed one accepted too.
+fn prediction_type_parser() -> impl clap::builder::TypedValueParser<Value = PredictionType> {
+    use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
+    PossibleValuesParser::new([
+        PossibleValue::new("epsilon"),
+        PossibleValue::new("v_prediction").alias("v-prediction"),
+        PossibleValue::new("sample"),
+    ])
+    .map(|s| match s.as_str() {
+        "epsilon" => PredictionType::Epsilon,
+        "sample" => PredictionType::Sample,
+        _ => PredictionType::VPrediction,
+    })
+}
 
 /// Training flags; each overrides the same key of `--config-file` (TOML), which overrides the
-/// defaults.
+/// defaults shown (a resumed run's own options take their place).
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct TrainArgs {
     /// TOML file with any of the keys below (snake_case, e.g. `batch_size = 64`).
     #[arg(long)]
     pub config_file: Option<PathBuf>,
-    /// Continue the run in this folder from its latest checkpoint.
+    /// Continue the run in this folder from its latest checkpoint (a finished run: raise
+    /// --steps to train further).
     #[arg(long)]
     pub resume: Option<PathBuf>,
-    /// Model preset: tiny16 (16x16 MNIST, fast), mnist28, cifar32 (google/ddpm-cifar10-32).
+    /// Model preset: tiny16 (16x16 MNIST, fast), tiny28 (tiny16's network at 28x28), mnist28,
+    /// cifar32 (google/ddpm-cifar10-32) [default: tiny16; tiny28 with --task sr]. A model
+    /// directory goes to --init, a run folder to --resume.
     #[arg(long)]
     pub model: Option<String>,
     /// A diffusers UNet2DModel config.json instead of a preset.
@@ -26,52 +69,67 @@ pub struct TrainArgs {
     /// Fine-tune from a diffusers model directory (config.json + diffusion_pytorch_model.safetensors).
     #[arg(long)]
     pub init: Option<PathBuf>,
+    /// Optimizer steps of the whole run [default: 3000]
     #[arg(long)]
     pub steps: Option<u64>,
+    /// Images per micro-batch [default: 32]
     #[arg(long)]
     pub batch_size: Option<usize>,
-    /// Micro-batches accumulated per optimizer step.
+    /// Micro-batches accumulated per optimizer step [default: 1]
     #[arg(long)]
     pub grad_accum: Option<usize>,
+    /// Peak learning rate of AdamW [default: 0.001]
     #[arg(long)]
     pub lr: Option<f64>,
+    /// Steps of linear learning-rate warmup from 0 [default: 100]
     #[arg(long)]
     pub lr_warmup_steps: Option<u64>,
+    /// Learning rate after the warmup [default: cosine]
     #[arg(long, value_enum)]
     pub lr_schedule: Option<LrSchedule>,
+    /// AdamW's decoupled weight decay [default: 0.000001]
     #[arg(long)]
     pub weight_decay: Option<f64>,
-    /// Clip the global gradient norm (0 = off).
+    /// Clip the global gradient norm (0 = off) [default: 1.0]
     #[arg(long)]
     pub max_grad_norm: Option<f64>,
-    #[arg(long, value_enum)]
+    /// Noise schedule, diffusers' names (scaled-linear is accepted for scaled_linear) [default: linear]
+    #[arg(long, value_parser = beta_schedule_parser())]
     pub beta_schedule: Option<BetaSchedule>,
+    /// Diffusion timesteps T of the noise schedule [default: 1000]
     #[arg(long)]
     pub num_train_timesteps: Option<usize>,
-    #[arg(long, value_enum)]
+    /// What the U-Net predicts, diffusers' names [default: epsilon]
+    #[arg(long, value_parser = prediction_type_parser())]
     pub prediction_type: Option<PredictionType>,
-    /// min-SNR-γ loss weighting (e.g. 5; 0 = off).
+    /// min-SNR-γ loss weighting (e.g. 5; 0 = off) [default: 0]
     #[arg(long)]
     pub snr_gamma: Option<f64>,
-    /// Keep an EMA of the weights (samples and the exported model use it).
-    #[arg(long)]
+    /// Keep an EMA of the weights (samples and the exported model use it); `--ema false` turns
+    /// it off [default: true]
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = BOOL)]
     pub ema: Option<bool>,
+    /// Largest EMA decay (the decay warms up to it) [default: 0.999]
     #[arg(long)]
     pub ema_decay: Option<f64>,
+    /// Seed of the initial weights, the data order and every noise draw [default: 0]
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Steps between sample grids (plus early grids at 100, 250, 500 and one at the end; 0 = no grids).
+    /// Steps between sample grids (plus early grids at 100, 250, 500 and one at the end; 0 = no
+    /// grids) [default: 1000]
     #[arg(long)]
     pub sample_every: Option<u64>,
-    /// DDIM steps per sample grid.
+    /// DDIM steps per sample grid (`sample --sample-steps`) [default: 50]
     #[arg(long)]
     pub sample_steps: Option<usize>,
+    /// Steps between checkpoints (and model exports); one is also written at the end and on
+    /// Ctrl-C [default: 500]
     #[arg(long)]
     pub checkpoint_every: Option<u64>,
-    /// Checkpoints kept (oldest deleted first).
+    /// Checkpoints kept (oldest deleted first) [default: 3]
     #[arg(long)]
     pub keep_checkpoints: Option<usize>,
-    /// Steps between loss readbacks and log lines.
+    /// Steps between loss readbacks and log lines [default: 10]
     #[arg(long)]
     pub log_every: Option<u64>,
     /// Run folder (default runs/run-<unix time>).
@@ -80,40 +138,56 @@ pub struct TrainArgs {
     /// Train on a folder of PNG/JPEG images (recursive) instead of the embedded MNIST.
     #[arg(long)]
     pub data: Option<PathBuf>,
-    /// Random horizontal flips (image folders).
-    #[arg(long)]
-    pub hflip: bool,
-    /// Stop at the first unreadable image instead of skipping it.
-    #[arg(long)]
-    pub strict: bool,
-    /// Train a class-conditional model: MNIST's digits, or with --data one sub-folder per class.
-    #[arg(long)]
-    pub class_conditional: bool,
+    /// Random horizontal flips (image folders) [default: false]
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = BOOL)]
+    pub hflip: Option<bool>,
+    /// Stop at the first unreadable image instead of skipping it [default: false]
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = BOOL)]
+    pub strict: Option<bool>,
+    /// Train a class-conditional model: MNIST's digits, or with --data one sub-folder per class
+    /// [default: false]
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = BOOL)]
+    pub class_conditional: Option<bool>,
     /// `sr`: train a super-resolution model (input: noisy image + bicubic upsampling of its
-    /// average-pooled low-resolution version).
+    /// average-pooled low-resolution version) [default: generate]
     #[arg(long, value_enum)]
     pub task: Option<crate::train::config::Task>,
-    /// Super-resolution factor for --task sr (2 or 4).
+    /// Super-resolution factor for --task sr (2 or 4) [default: 2]
     #[arg(long)]
     pub scale: Option<usize>,
     /// With --class-conditional: probability of dropping a label to the null class, which trains
-    /// the unconditional branch classifier-free guidance needs (0 = none).
+    /// the unconditional branch classifier-free guidance needs (0 = none) [default: 0.1]
     #[arg(long)]
     pub cond_drop: Option<f64>,
 }
 
+/// Keys that fix a run's network: a resumed run takes them from its checkpoint, so a flag
+/// changing them is refused rather than ignored.
+const FIXED_ON_RESUME: [&str; 6] = [
+    "model",
+    "model_config",
+    "init",
+    "task",
+    "scale",
+    "class_conditional",
+];
+
 impl TrainArgs {
     /// defaults ← config file ← flags.
     pub fn resolve(&self, base: Option<TrainConfig>) -> anyhow::Result<TrainConfig> {
-        let mut c = match (&self.config_file, base) {
+        let resumed = base.is_some();
+        let (mut c, file_sets_model) = match (&self.config_file, base) {
             (Some(path), _) => {
                 let text = std::fs::read_to_string(path)
                     .map_err(|e| anyhow::anyhow!("--config-file {}: {e}", path.display()))?;
-                toml::from_str(&text)
-                    .map_err(|e| anyhow::anyhow!("--config-file {}: {e}", path.display()))?
+                let c: TrainConfig = toml::from_str(&text)
+                    .map_err(|e| anyhow::anyhow!("--config-file {}: {e}", path.display()))?;
+                let table: toml::Table = toml::from_str(&text)
+                    .map_err(|e| anyhow::anyhow!("--config-file {}: {e}", path.display()))?;
+                (c, table.contains_key("model"))
             }
-            (None, Some(b)) => b,
-            (None, None) => TrainConfig::default(),
+            (None, Some(b)) => (b, true),
+            (None, None) => (TrainConfig::default(), false),
         };
         macro_rules! set {
             ($($f:ident),*) => { $( if let Some(v) = &self.$f { c.$f = v.clone(); } )* };
@@ -142,71 +216,175 @@ impl TrainArgs {
             checkpoint_every
         );
         set!(keep_checkpoints, log_every, cond_drop, task, scale);
+        set!(hflip, strict, class_conditional);
         if self.model_config.is_some() {
             c.model_config = self.model_config.clone();
         }
         if self.init.is_some() {
             c.init = self.init.clone();
         }
-        if self.out.is_some() {
+        if self.out.is_some() && !resumed {
             c.out = self.out.clone();
         }
         if self.data.is_some() {
             c.data = self.data.clone();
         }
-        c.hflip |= self.hflip;
-        c.strict |= self.strict;
-        c.class_conditional |= self.class_conditional;
+        let from_preset = c.model_config.is_none() && c.init.is_none();
+        // Super-resolution is measured on 28x28 digits (eval-sr): its preset is tiny28.
+        if from_preset && c.task == Task::Sr && self.model.is_none() && !file_sets_model {
+            c.model = "tiny28".into();
+        }
+        if from_preset && UNetConfig::preset(&c.model).is_none() {
+            anyhow::bail!(
+                "--model {}: not a model preset (choose {}); a diffusers model directory goes to --init DIR (fine-tune from it), a run folder to --resume DIR",
+                c.model,
+                UNetConfig::PRESETS.join(", ")
+            );
+        }
+        if self.cond_drop.is_some() && !c.class_conditional {
+            anyhow::bail!(
+                "--cond-drop applies to class-conditional runs: add --class-conditional, or drop --cond-drop"
+            );
+        }
         c.validate()
             .map_err(|e| anyhow::anyhow!("invalid training options: {e}"))?;
         Ok(c)
     }
+
+    /// The options of the run to start or resume, with notes for the user; None when a resumed
+    /// run is already finished (said so; nothing is written).
+    fn prepare(&self, opts: &mut GpuOptions) -> anyhow::Result<Option<TrainConfig>> {
+        let Some(dir) = &self.resume else {
+            return self.resolve(None).map(Some);
+        };
+        let point = ResumePoint::read(dir)?;
+        if let Some(path) = &point.gemm_path {
+            // A resumed run keeps the kernel path it started with (the same bits).
+            opts.gemm_path = Some(if path == "portable" {
+                GemmPathChoice::Portable
+            } else {
+                GemmPathChoice::Subgroup
+            });
+        }
+        if let Some(out) = self.out.as_ref().filter(|o| *o != dir) {
+            anyhow::bail!(
+                "--resume {} continues the run in that folder: drop --out {} (or start a new run there without --resume)",
+                dir.display(),
+                out.display()
+            );
+        }
+        let cfg = self.resolve(Some(point.config.clone()))?;
+        let changed = changed_keys(&point.config, &cfg)?;
+        if let Some((key, _, _)) = changed
+            .iter()
+            .find(|(k, _, _)| FIXED_ON_RESUME.contains(&k.as_str()))
+        {
+            anyhow::bail!(
+                "--resume {}: `{key}` is fixed for a run (its checkpoint holds the model); drop --{} or start a new run with --out",
+                dir.display(),
+                key.replace('_', "-")
+            );
+        }
+        if point.step >= cfg.steps {
+            eprintln!(
+                "the run in {} is finished (step {} of {}): nothing to do; give --steps above {} to train further",
+                dir.display(),
+                point.step,
+                cfg.steps,
+                point.step
+            );
+            return Ok(None);
+        }
+        for (key, was, now) in &changed {
+            eprintln!(
+                "note: resuming with {key} = {now} (the run had {was}); config.toml will record it"
+            );
+        }
+        Ok(Some(cfg))
+    }
 }
 
-/// A progress bar on terminals; plain log lines otherwise (CI, pipes).
-pub struct ConsoleProgress {
-    bar: Option<indicatif::ProgressBar>,
-    last_line: Instant,
-    total: u64,
+/// The keys whose values differ between two configs: (key, before, after).
+fn changed_keys(
+    before: &TrainConfig,
+    after: &TrainConfig,
+) -> anyhow::Result<Vec<(String, String, String)>> {
+    let (a, b) = (
+        toml::Table::try_from(before)?,
+        toml::Table::try_from(after)?,
+    );
+    let show = |v: Option<&toml::Value>| v.map_or("(none)".to_string(), |v| v.to_string());
+    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    Ok(keys
+        .into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| (k.clone(), show(a.get(k)), show(b.get(k))))
+        .collect())
+}
+
+/// `wgpu-diffusion train`: the options (a resumed run's from its folder, its checkpoint's header
+/// only), then the GPU, then the run.
+pub fn run(mut opts: GpuOptions, args: &TrainArgs) -> anyhow::Result<()> {
+    let Some(cfg) = args.prepare(&mut opts)? else {
+        return Ok(());
+    };
+    let gpu = Gpu::new(&opts)?;
+    eprintln!("adapter: {}", gpu.describe());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!(
+            "\ninterrupted (Ctrl-C or SIGTERM): writing a checkpoint (again to quit at once)"
+        );
+    })?;
+    let mut progress = TrainProgress::new();
+    let summary = crate::train::run(gpu, cfg, args.resume.as_deref(), stop, &mut progress)?;
+    eprintln!(
+        "{} at step {}: {}",
+        if summary.interrupted {
+            "stopped"
+        } else {
+            "done"
+        },
+        summary.steps,
+        summary.run_dir.display()
+    );
+    Ok(())
+}
+
+/// Training's progress: the console bar (or log lines) with the loss, learning rate and speed.
+pub struct TrainProgress {
+    console: ConsoleProgress,
     last_loss: Option<f32>,
     last_ips: f64,
 }
 
-impl ConsoleProgress {
-    pub fn new() -> ConsoleProgress {
-        ConsoleProgress {
-            bar: None,
-            last_line: Instant::now(),
-            total: 0,
+impl TrainProgress {
+    pub fn new() -> TrainProgress {
+        TrainProgress {
+            console: ConsoleProgress::new("step", ""),
             last_loss: None,
             last_ips: 0.0,
         }
     }
 }
 
-impl Default for ConsoleProgress {
+impl Default for TrainProgress {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl Progress for ConsoleProgress {
+impl Progress for TrainProgress {
     fn start(&mut self, first_step: u64, total: u64) {
-        self.total = total;
-        if std::io::stderr().is_terminal() {
-            let bar = indicatif::ProgressBar::new(total);
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{bar:30.cyan/blue} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
-                )
-                .expect("template")
-                .progress_chars("=> "),
-            );
-            bar.set_position(first_step);
-            self.bar = Some(bar);
-        } else {
-            eprintln!("training steps {}..{total}", first_step + 1);
-        }
+        self.console.start(first_step, total);
+        self.console
+            .println(&format!("training steps {}..={total}", first_step + 1));
     }
 
     fn update(&mut self, step: u64, loss: Option<f32>, lr: f64, images_per_s: f64) {
@@ -214,39 +392,161 @@ impl Progress for ConsoleProgress {
             self.last_loss = loss;
             self.last_ips = images_per_s;
         }
-        let msg = format!(
+        self.console.set_message(format!(
             "loss {} lr {lr:.2e} {:.0} img/s",
             self.last_loss
                 .map(|l| format!("{l:.4}"))
                 .unwrap_or_else(|| "-".into()),
             self.last_ips
-        );
-        match &self.bar {
-            Some(bar) => {
-                bar.set_position(step);
-                bar.set_message(msg);
-            }
-            None => {
-                if loss.is_some()
-                    && (self.last_line.elapsed().as_secs_f64() >= 5.0 || step == self.total)
-                {
-                    self.last_line = Instant::now();
-                    eprintln!("step {step}/{} {msg}", self.total);
-                }
-            }
-        }
+        ));
+        // Log lines wait for a read-back loss.
+        self.console.set(step, loss.is_some());
     }
 
     fn message(&mut self, text: &str) {
-        match &self.bar {
-            Some(bar) => bar.println(text),
-            None => eprintln!("{text}"),
-        }
+        self.console.println(text);
     }
 
     fn finish(&mut self) {
-        if let Some(bar) = self.bar.take() {
-            bar.finish();
+        self.console.finish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: TrainArgs,
+    }
+
+    fn parse(flags: &[&str]) -> Result<TrainArgs, clap::Error> {
+        Cli::try_parse_from([&["train"], flags].concat()).map(|c| c.args)
+    }
+
+    #[test]
+    fn diffusers_spellings_and_the_old_ones() {
+        for (flag, want) in [
+            ("scaled_linear", BetaSchedule::ScaledLinear),
+            ("scaled-linear", BetaSchedule::ScaledLinear),
+            ("squaredcos_cap_v2", BetaSchedule::SquaredcosCapV2),
+            ("cosine", BetaSchedule::SquaredcosCapV2),
+            ("linear", BetaSchedule::Linear),
+        ] {
+            let a = parse(&["--beta-schedule", flag]).unwrap();
+            assert_eq!(a.beta_schedule, Some(want), "{flag}");
         }
+        for flag in ["v_prediction", "v-prediction"] {
+            let a = parse(&["--prediction-type", flag]).unwrap();
+            assert_eq!(a.prediction_type, Some(PredictionType::VPrediction));
+        }
+        assert!(parse(&["--beta-schedule", "quadratic"]).is_err());
+    }
+
+    #[test]
+    fn boolean_options_are_switches_that_take_true_or_false() {
+        for (flags, want) in [
+            (&["--ema"][..], Some(true)),
+            (&["--ema", "true"][..], Some(true)),
+            (&["--ema", "false"][..], Some(false)),
+            (&[][..], None),
+        ] {
+            assert_eq!(parse(flags).unwrap().ema, want, "{flags:?}");
+        }
+        let a = parse(&[
+            "--hflip",
+            "--strict",
+            "false",
+            "--class-conditional",
+            "true",
+        ])
+        .unwrap();
+        assert_eq!(
+            (a.hflip, a.strict, a.class_conditional),
+            (Some(true), Some(false), Some(true))
+        );
+        // --hflip false overrides a config file's true.
+        let base = TrainConfig {
+            hflip: true,
+            ..Default::default()
+        };
+        let c = parse(&["--hflip", "false"]).unwrap().resolve(Some(base));
+        assert!(!c.unwrap().hflip);
+    }
+
+    /// Every training flag is described and shows the default it stands for, which is
+    /// TrainConfig's.
+    #[test]
+    fn help_describes_every_flag_with_its_default() {
+        use clap::CommandFactory;
+        let defaults = toml::Table::try_from(TrainConfig::default()).unwrap();
+        let cmd = Cli::command();
+        let mut checked = 0;
+        for arg in cmd.get_arguments() {
+            let id = arg.get_id().as_str();
+            if id == "help" {
+                continue;
+            }
+            let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+            assert!(!help.trim().is_empty(), "--{id} has no description");
+            let Some(default) = defaults.get(id) else {
+                continue;
+            };
+            let shown = help
+                .split("[default: ")
+                .nth(1)
+                .and_then(|d| d.split([']', ';']).next())
+                .unwrap_or_else(|| panic!("--{id} shows no default: {help}"));
+            let fits = match default {
+                toml::Value::Float(f) => shown.parse::<f64>().is_ok_and(|v| v == *f),
+                toml::Value::Integer(i) => shown.parse::<i64>().is_ok_and(|v| v == *i),
+                toml::Value::Boolean(b) => shown.parse::<bool>().is_ok_and(|v| v == *b),
+                toml::Value::String(s) => shown == s,
+                _ => false,
+            };
+            assert!(
+                fits,
+                "--{id} shows default {shown}, TrainConfig has {default}"
+            );
+            checked += 1;
+        }
+        assert!(checked >= 25, "{checked} defaults checked");
+        let model = cmd.get_arguments().find(|a| a.get_id() == "model").unwrap();
+        let help = model.get_help().unwrap().to_string();
+        for preset in UNetConfig::PRESETS {
+            assert!(help.contains(preset), "--model help lacks {preset}: {help}");
+        }
+    }
+
+    #[test]
+    fn flags_that_would_be_ignored_or_misread_are_errors() {
+        let e = parse(&["--cond-drop", "0.2"]).unwrap().resolve(None);
+        assert!(format!("{:#}", e.unwrap_err()).contains("--class-conditional"));
+        parse(&["--cond-drop", "0.2", "--class-conditional"])
+            .unwrap()
+            .resolve(None)
+            .unwrap();
+        let e = parse(&["--model", "../run"]).unwrap().resolve(None);
+        let e = format!("{:#}", e.unwrap_err());
+        assert!(
+            e.contains("not a model preset") && e.contains("--init") && e.contains("--resume"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn super_resolution_defaults_to_the_28x28_preset() {
+        let c = parse(&["--task", "sr"]).unwrap().resolve(None).unwrap();
+        assert_eq!(c.model, "tiny28");
+        let c = parse(&["--task", "sr", "--model", "mnist28"])
+            .unwrap()
+            .resolve(None)
+            .unwrap();
+        assert_eq!(c.model, "mnist28");
+        let c = parse(&[]).unwrap().resolve(None).unwrap();
+        assert_eq!(c.model, "tiny16");
     }
 }

@@ -11,6 +11,7 @@ pub mod io;
 pub mod metrics;
 pub mod nn;
 pub mod ops;
+pub mod progress;
 /// The tests' f64 oracle (forward and backward of every op). Only `tests/` and `#[cfg(test)]` code
 /// may use it (`tests/layering.rs`); the product never does.
 #[doc(hidden)]

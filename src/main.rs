@@ -83,7 +83,7 @@ enum Command {
         /// Sampler for --sample.
         #[arg(long, value_enum, default_value_t = wgpu_diffusion::diffusion::scheduler::SamplerKind::Ddim)]
         sampler: wgpu_diffusion::diffusion::scheduler::SamplerKind,
-        /// Sampling steps for --sample.
+        /// Sampling steps for --sample (`sample --sample-steps`).
         #[arg(long, default_value_t = 50)]
         sample_steps: usize,
         /// Model preset.
@@ -128,6 +128,7 @@ fn run(cli: Cli, process_start: std::time::Instant) -> anyhow::Result<()> {
                 return Err(wgpu_diffusion::gpu::GpuError::NoAdapter {
                     backend,
                     filter: String::new(),
+                    available: Vec::new(),
                 }
                 .into());
             }
@@ -168,71 +169,7 @@ fn run(cli: Cli, process_start: std::time::Instant) -> anyhow::Result<()> {
         Command::Sample { device, args } => {
             wgpu_diffusion::cli_sample::run(&device.options(), &args)
         }
-        Command::Train { device, args } => {
-            let mut opts = device.options();
-            let base = match &args.resume {
-                Some(dir) => {
-                    // A resumed run keeps its options and the kernel path it started with.
-                    let path = dir.join("config.toml");
-                    let text = std::fs::read_to_string(&path).map_err(|e| {
-                        if e.kind() == std::io::ErrorKind::NotFound {
-                            anyhow::anyhow!(
-                                "--resume {}: no run there (no config.toml; a run killed before it wrote one left nothing to resume): start it with `train --out {}`",
-                                dir.display(),
-                                dir.display()
-                            )
-                        } else {
-                            anyhow::anyhow!("--resume {}: {e}", path.display())
-                        }
-                    })?;
-                    if let Some(last) = (wgpu_diffusion::train::RunDir { root: dir.clone() })
-                        .list_checkpoints()
-                        .pop()
-                    {
-                        let ck = wgpu_diffusion::io::tensors::LoadedTensors::read(&last)?;
-                        if let Some(path) = ck.metadata().get("gemm_path") {
-                            opts.gemm_path = Some(if path == "portable" {
-                                GemmPathChoice::Portable
-                            } else {
-                                GemmPathChoice::Subgroup
-                            });
-                        }
-                    }
-                    Some(
-                        toml::from_str(&text)
-                            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
-                    )
-                }
-                None => None,
-            };
-            let cfg = args.resolve(base)?;
-            let gpu = Gpu::new(&opts)?;
-            eprintln!("adapter: {}", gpu.describe());
-            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let flag = stop.clone();
-            ctrlc::set_handler(move || {
-                if flag.swap(true, std::sync::atomic::Ordering::SeqCst) {
-                    std::process::exit(130);
-                }
-                eprintln!(
-                    "\ninterrupted (Ctrl-C or SIGTERM): writing a checkpoint (again to quit at once)"
-                );
-            })?;
-            let mut progress = wgpu_diffusion::cli_train::ConsoleProgress::new();
-            let summary =
-                wgpu_diffusion::train::run(gpu, cfg, args.resume.as_deref(), stop, &mut progress)?;
-            eprintln!(
-                "{} at step {}: {}",
-                if summary.interrupted {
-                    "stopped"
-                } else {
-                    "done"
-                },
-                summary.steps,
-                summary.run_dir.display()
-            );
-            Ok(())
-        }
+        Command::Train { device, args } => wgpu_diffusion::cli_train::run(device.options(), &args),
         Command::Bench {
             device,
             kernels,

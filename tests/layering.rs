@@ -16,6 +16,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("diffusion", &[]),
     ("data", &[]),
     ("metrics", &[]),
+    ("progress", &[]),
     ("gpu", &[]),
     ("ops", &["gpu", "diffusion", "rng"]),
     ("nn", &["gpu", "ops", "rng", "diffusion"]),

@@ -76,15 +76,12 @@ impl std::fmt::Display for GemmPath {
 
 #[derive(Debug, Error)]
 pub enum GpuError {
-    #[error(
-        "no GPU adapter found for backend `{backend:?}`{filter}.\n\
-         Install a GPU driver with Vulkan (Linux/Windows), Metal (macOS) or DX12 (Windows) support.\n\
-         On Linux without a GPU, Mesa's software Vulkan driver works: `apt-get install mesa-vulkan-drivers` (lavapipe).\n\
-         `wgpu-diffusion devices --backend auto` lists what wgpu can see."
-    )]
+    #[error("{}", no_adapter_message(*.backend, .filter, .available))]
     NoAdapter {
         backend: BackendChoice,
         filter: String,
+        /// The adapters there are (name, backend, type) when `filter` matched none of them.
+        available: Vec<String>,
     },
     #[error("could not open the device on adapter `{adapter}`: {source}")]
     RequestDevice {
@@ -104,6 +101,24 @@ pub enum GpuError {
     Lost(String),
     #[error("the GPU reported an error: {0}")]
     Device(String),
+}
+
+/// No adapter at all: how to get one. Adapters there, none matching `--adapter`: which there are.
+fn no_adapter_message(backend: BackendChoice, filter: &str, available: &[String]) -> String {
+    if available.is_empty() {
+        format!(
+            "no GPU adapter found for backend `{backend:?}`{filter}.\n\
+             Install a GPU driver with Vulkan (Linux/Windows), Metal (macOS) or DX12 (Windows) support.\n\
+             On Linux without a GPU, Mesa's software Vulkan driver works: `apt-get install mesa-vulkan-drivers` (lavapipe).\n\
+             `wgpu-diffusion devices --backend auto` lists what wgpu can see."
+        )
+    } else {
+        format!(
+            "no GPU adapter{filter} for backend `{backend:?}`; the adapters there are:\n  {}\n\
+             Give --adapter a part of one of these names, or leave --adapter out to take the best.",
+            available.join("\n  ")
+        )
+    }
 }
 
 /// The error for sizes past the adapter's limits, with the way out.
@@ -300,6 +315,13 @@ impl Gpu {
     /// it with the adapter's own limits and the useful optional features it has.
     pub fn new(opts: &GpuOptions) -> Result<Arc<Gpu>, GpuError> {
         let mut adapters = list_adapters(opts.backend);
+        let available: Vec<String> = adapters
+            .iter()
+            .map(|a| {
+                let i = a.get_info();
+                format!("{} [{:?} / {:?}]", i.name, i.backend, i.device_type)
+            })
+            .collect();
         if let Some(filter) = &opts.adapter {
             let f = filter.to_lowercase();
             adapters.retain(|a| a.get_info().name.to_lowercase().contains(&f));
@@ -315,6 +337,7 @@ impl Gpu {
                     .as_ref()
                     .map(|f| format!(" whose name contains `{f}`"))
                     .unwrap_or_default(),
+                available,
             })?;
         let summary = summarize(&adapter);
         let info = adapter.get_info();

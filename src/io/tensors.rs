@@ -39,6 +39,55 @@ pub fn serialize_named(
     Ok(safetensors::serialize(views, Some(metadata))?)
 }
 
+/// The `__metadata__` of a safetensors file, reading its header only (8-byte little-endian
+/// length, then that much JSON): a checkpoint's step, configs and kernel path without reading
+/// its tensors. A file too short for the header it announces is an error naming it.
+pub fn read_metadata(path: &Path) -> Result<HashMap<String, String>> {
+    use std::io::Read;
+    /// safetensors' own bound on the header (100 MB).
+    const MAX_HEADER: u64 = 100_000_000;
+    let invalid = |what: String| {
+        anyhow!(
+            "{} is not a valid safetensors file (truncated or corrupt?): {what}",
+            path.display()
+        )
+    };
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len)
+        .map_err(|_| invalid("shorter than the 8-byte header length".into()))?;
+    let n = u64::from_le_bytes(len);
+    if n > MAX_HEADER {
+        return Err(invalid(format!("a header of {n} bytes")));
+    }
+    let mut header = Vec::with_capacity(n as usize);
+    file.take(n)
+        .read_to_end(&mut header)
+        .with_context(|| format!("reading {}", path.display()))?;
+    if header.len() as u64 != n {
+        return Err(invalid(format!(
+            "the header announces {n} bytes, the file holds {}",
+            header.len()
+        )));
+    }
+    let json: serde_json::Value = serde_json::from_slice(&header)
+        .map_err(|e| invalid(format!("the header is not JSON: {e}")))?;
+    let mut out = HashMap::new();
+    if let Some(meta) = json.get("__metadata__") {
+        let map = meta
+            .as_object()
+            .ok_or_else(|| invalid("`__metadata__` is not an object".into()))?;
+        for (k, v) in map {
+            let v = v
+                .as_str()
+                .ok_or_else(|| invalid(format!("metadata `{k}` is not a string")))?;
+            out.insert(k.clone(), v.to_string());
+        }
+    }
+    Ok(out)
+}
+
 /// A safetensors file read into memory, with its header parsed once.
 pub struct LoadedTensors {
     pub path: PathBuf,
@@ -183,6 +232,44 @@ mod tests {
             t.get("h").unwrap().1,
             vec![1.0, -2.0, 2f32.powi(-24), f32::INFINITY]
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn metadata_from_the_header_only() {
+        let dir = std::env::temp_dir().join(format!("wgpu-diffusion-meta-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ck.safetensors");
+        let values = [1.0f32; 64];
+        let meta = HashMap::from([("step".to_string(), "7".to_string())]);
+        let bytes = safetensors::serialize(
+            [(
+                "w",
+                TensorView::new(Dtype::F32, vec![64], bytemuck::cast_slice(&values)).unwrap(),
+            )],
+            Some(meta.clone()),
+        )
+        .unwrap();
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(read_metadata(&path).unwrap(), meta);
+        // The tensors cut off: the header is still whole, the metadata still readable (the full
+        // reader refuses the file).
+        let header_end = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        std::fs::write(&path, &bytes[..header_end + 10]).unwrap();
+        assert_eq!(read_metadata(&path).unwrap(), meta);
+        assert!(LoadedTensors::read(&path).is_err());
+        // The header cut off, or not even its length: errors naming the file.
+        for cut in [header_end - 5, 5, 0] {
+            std::fs::write(&path, &bytes[..cut]).unwrap();
+            let e = format!("{:#}", read_metadata(&path).unwrap_err());
+            assert!(
+                e.contains("ck.safetensors") && e.contains("truncated"),
+                "{cut}: {e}"
+            );
+        }
+        // A huge announced header is refused before anything is allocated.
+        std::fs::write(&path, u64::MAX.to_le_bytes()).unwrap();
+        assert!(read_metadata(&path).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

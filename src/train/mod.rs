@@ -26,7 +26,7 @@ use crate::gpu::Gpu;
 use crate::io::atomic::atomic_write;
 use crate::io::model_dir::CLASS_NAMES;
 use crate::io::model_dir::save_model_dir;
-use crate::io::tensors::LoadedTensors;
+use crate::io::tensors::{LoadedTensors, read_metadata};
 use crate::nn::UNetConfig;
 use crate::sample::{ModelSource, Noise, Sampler, SamplerOptions};
 use run_dir::{default_run_dir, truncate_metrics};
@@ -133,7 +133,7 @@ pub fn resolve_model_config(cfg: &TrainConfig) -> Result<UNetConfig> {
     }
     UNetConfig::preset(&cfg.model).ok_or_else(|| {
         anyhow!(
-            "unknown model preset `{}` (choose {})",
+            "unknown model preset `{}` (choose {}); a model directory goes to --init DIR, a run folder to --resume DIR",
             cfg.model,
             UNetConfig::PRESETS.join(", ")
         )
@@ -157,64 +157,107 @@ pub trait Progress {
     fn finish(&mut self);
 }
 
-/// Runs (or resumes) training. `stop` is raised by Ctrl-C: the loop then writes a checkpoint and
-/// returns cleanly.
-pub fn run(
-    gpu: Arc<Gpu>,
-    mut cfg: TrainConfig,
-    resume: Option<&Path>,
-    stop: Arc<AtomicBool>,
-    progress: &mut dyn Progress,
-) -> Result<RunSummary> {
-    let (run_dir, checkpoint) = match resume {
-        Some(dir) => {
-            let rd = RunDir {
-                root: dir.to_path_buf(),
-            };
-            // A run killed before its first checkpoint starts again from step 0 (with the
-            // options of its config.toml, which the caller merged).
-            let checkpoint = match rd.list_checkpoints().pop() {
-                Some(last) => Some(LoadedTensors::read(&last)?),
-                None => None,
-            };
-            (rd, checkpoint)
-        }
-        None => {
-            let root = cfg.out.clone().unwrap_or_else(default_run_dir);
-            let rd = RunDir { root: root.clone() };
-            // A folder left by a run that failed or was killed before its first checkpoint and
-            // first logged loss holds nothing to resume: it is free.
-            let has_metrics = std::fs::metadata(rd.metrics()).is_ok_and(|m| m.len() > 0);
-            if !rd.list_checkpoints().is_empty() || has_metrics {
-                bail!(
-                    "{} already holds a run; use `train --resume {}` or another --out",
-                    root.display(),
-                    root.display()
-                );
-            }
-            (RunDir { root }, None)
-        }
-    };
-    let mut model = match &checkpoint {
-        Some(ck) => {
-            let meta = ck.metadata();
-            let text = meta
-                .get("unet_config")
-                .ok_or_else(|| anyhow!("{}: no unet_config in its metadata", ck.path.display()))?;
-            UNetConfig::from_json(text).map_err(|e| anyhow!("{}: {e}", ck.path.display()))?
-        }
-        None => resolve_model_config(&cfg)?,
-    };
-    if model.sample_size == 0 {
-        bail!("the model config has no sample_size");
-    }
-    cfg.validate_rng_range(model.out_channels * model.sample_size * model.sample_size)
-        .map_err(|e| anyhow!("invalid training options: {e}"))?;
+/// A run folder to resume, read without its tensors: its options (`config.toml`) and its last
+/// checkpoint's header.
+pub struct ResumePoint {
+    pub config: TrainConfig,
+    /// The last checkpoint (none when the run was killed before its first).
+    pub checkpoint: Option<PathBuf>,
+    /// The step that checkpoint holds (0 without one).
+    pub step: u64,
+    /// The GEMM path the run started with (the checkpoint's `gemm_path`).
+    pub gemm_path: Option<String>,
+}
 
-    // Everything is checked before the run folder is created, so a bad input leaves nothing
-    // behind: the data (decoded once), the classes, the task, the step's sizes against the
-    // adapter's limits (the plan is built, nothing runs), the weights to start from.
-    let data: Arc<Dataset> = Arc::new(match &cfg.data {
+impl ResumePoint {
+    pub fn read(dir: &Path) -> Result<ResumePoint> {
+        let path = dir.join("config.toml");
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                anyhow!(
+                    "--resume {}: no run there (no config.toml; a run killed before it wrote one left nothing to resume): start it with `train --out {}`",
+                    dir.display(),
+                    dir.display()
+                )
+            } else {
+                anyhow!("--resume {}: {e}", path.display())
+            }
+        })?;
+        let config: TrainConfig =
+            toml::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        let (checkpoint, step, gemm_path) = last_checkpoint(dir)?;
+        Ok(ResumePoint {
+            config,
+            checkpoint,
+            step,
+            gemm_path,
+        })
+    }
+}
+
+/// The last checkpoint of the run in `dir`, the step it holds and its GEMM path, from its
+/// header (None, 0, None without one).
+fn last_checkpoint(dir: &Path) -> Result<(Option<PathBuf>, u64, Option<String>)> {
+    let rd = RunDir {
+        root: dir.to_path_buf(),
+    };
+    let Some(last) = rd.list_checkpoints().pop() else {
+        return Ok((None, 0, None));
+    };
+    let meta = read_metadata(&last)?;
+    let step = meta
+        .get("step")
+        .and_then(|s| s.parse::<u64>().ok())
+        .ok_or_else(|| anyhow!("{}: no step in its metadata", last.display()))?;
+    let gemm_path = meta.get("gemm_path").cloned();
+    Ok((Some(last), step, gemm_path))
+}
+
+/// The run folder of a new run (refused when it holds a run) or of a resumed one, with its last
+/// checkpoint read.
+fn open_run(cfg: &TrainConfig, resume: Option<&Path>) -> Result<(RunDir, Option<LoadedTensors>)> {
+    let Some(dir) = resume else {
+        let root = cfg.out.clone().unwrap_or_else(default_run_dir);
+        let rd = RunDir { root: root.clone() };
+        // A folder left by a run that failed or was killed before its first checkpoint and
+        // first logged loss holds nothing to resume: it is free.
+        let has_metrics = std::fs::metadata(rd.metrics()).is_ok_and(|m| m.len() > 0);
+        if !rd.list_checkpoints().is_empty() || has_metrics {
+            bail!(
+                "{} already holds a run; use `train --resume {}` or another --out",
+                root.display(),
+                root.display()
+            );
+        }
+        return Ok((rd, None));
+    };
+    let (last, step, _) = last_checkpoint(dir)?;
+    if step >= cfg.steps {
+        bail!(
+            "the run in {} is finished (step {step} of {}): give more steps to train further",
+            dir.display(),
+            cfg.steps
+        );
+    }
+    // A run killed before its first checkpoint starts again from step 0 (with the options of
+    // its config.toml, which the caller merged).
+    let checkpoint = match &last {
+        Some(last) => Some(LoadedTensors::read(last)?),
+        None => None,
+    };
+    let rd = RunDir {
+        root: dir.to_path_buf(),
+    };
+    Ok((rd, checkpoint))
+}
+
+/// The data set of a run, decoded once (a warning names skipped images).
+fn load_data(
+    cfg: &TrainConfig,
+    model: &UNetConfig,
+    progress: &mut dyn Progress,
+) -> Result<Arc<Dataset>> {
+    let data = match &cfg.data {
         None => crate::data::mnist::load(model.sample_size, model.out_channels)?,
         Some(dir) => {
             let (d, skipped) = crate::data::folder::load(
@@ -233,15 +276,23 @@ pub fn run(
             }
             d
         }
-    });
+    };
     progress.message(&format!("data: {}", data.description));
-    let class_names = configure_classes(&cfg, &data, &mut model)?;
-    configure_task(&cfg, &mut model)?;
+    Ok(Arc::new(data))
+}
 
-    cfg.out = Some(run_dir.root.clone());
-    let mut trainer = gpu.checked_build(|| Trainer::new(gpu.clone(), cfg.clone(), &model))?;
+/// The trainer with its starting weights: the checkpoint's, `init`'s, or fresh ones.
+fn start_trainer(
+    gpu: &Arc<Gpu>,
+    cfg: &TrainConfig,
+    model: &UNetConfig,
+    checkpoint: Option<&LoadedTensors>,
+    class_names: Vec<String>,
+    progress: &mut dyn Progress,
+) -> Result<Trainer> {
+    let mut trainer = gpu.checked_build(|| Trainer::new(gpu.clone(), cfg.clone(), model))?;
     trainer.class_names = class_names;
-    match &checkpoint {
+    match checkpoint {
         Some(ck) => {
             trainer.restore(ck)?;
             progress.message(&format!(
@@ -261,40 +312,55 @@ pub fn run(
             ))?,
         },
     }
-    let mut sampler = if cfg.sample_every > 0 {
-        let scheduler = SchedulerConfig::from_json(
-            &trainer.schedule.scheduler_config_json(cfg.prediction_type),
-        )
-        .map_err(|e| anyhow!(e))?;
-        let schedule =
-            SamplingSchedule::new(&scheduler, SamplerKind::Ddim, cfg.sample_steps, None, 0.0)
-                .map_err(|e| anyhow!("sample grids: {e}"))?;
-        Some(gpu.checked_build(|| {
-            Sampler::new(
-                &gpu,
-                &model,
-                schedule,
-                GRID_IMAGES,
-                &SamplerOptions::default(),
-            )
-        })?)
-    } else {
-        None
-    };
+    Ok(trainer)
+}
 
+/// The sampler of the run's sample grids (none with `sample_every` = 0).
+fn grid_sampler(
+    gpu: &Arc<Gpu>,
+    cfg: &TrainConfig,
+    model: &UNetConfig,
+    trainer: &Trainer,
+) -> Result<Option<Sampler>> {
+    if cfg.sample_every == 0 {
+        return Ok(None);
+    }
+    let scheduler =
+        SchedulerConfig::from_json(&trainer.schedule.scheduler_config_json(cfg.prediction_type))
+            .map_err(|e| anyhow!(e))?;
+    let schedule =
+        SamplingSchedule::new(&scheduler, SamplerKind::Ddim, cfg.sample_steps, None, 0.0)
+            .map_err(|e| anyhow!("sample grids: {e}"))?;
+    Ok(Some(gpu.checked_build(|| {
+        Sampler::new(
+            gpu,
+            model,
+            schedule,
+            GRID_IMAGES,
+            &SamplerOptions::default(),
+        )
+    })?))
+}
+
+/// Creates the run folder and writes its options (and class names).
+fn write_run_files(run_dir: &RunDir, cfg: &TrainConfig, trainer: &Trainer) -> Result<()> {
     std::fs::create_dir_all(run_dir.checkpoints())
         .with_context(|| format!("creating {}", run_dir.root.display()))?;
     std::fs::create_dir_all(run_dir.samples())?;
     run_dir.remove_partial_files();
-    atomic_write(&run_dir.config(), toml::to_string(&cfg)?.as_bytes())?;
+    atomic_write(&run_dir.config(), toml::to_string(cfg)?.as_bytes())?;
     if !trainer.class_names.is_empty() {
         atomic_write(
             &run_dir.root.join(CLASS_NAMES),
             serde_json::to_string_pretty(&trainer.class_names)?.as_bytes(),
         )?;
     }
-    // Super-resolution grids upsample the first images of the data set (the same every time).
-    let grid_lowres: Option<Vec<f32>> = model.sr_scale.map(|k| {
+    Ok(())
+}
+
+/// Super-resolution grids upsample the first images of the data set (the same every time).
+fn grid_lowres(model: &UNetConfig, data: &Dataset) -> Option<Vec<f32>> {
+    model.sr_scale.map(|k| {
         let (s, c) = (model.sample_size, model.out_channels);
         (0..GRID_IMAGES)
             .flat_map(|i| {
@@ -303,7 +369,76 @@ pub fn run(
             })
             .map(|v| v as f32)
             .collect()
-    });
+    })
+}
+
+/// Whatever stopped the run (a lost device, a full disk, a non-finite loss), the last
+/// checkpoint is intact: the error says where it is and how to go on.
+fn with_resume_hint(e: anyhow::Error, gpu: &Gpu, run_dir: &RunDir) -> anyhow::Error {
+    let resume_hint = match run_dir.list_checkpoints().pop() {
+        Some(last) => format!(
+            "the last complete checkpoint is {}; continue with `wgpu-diffusion train --resume {}`",
+            last.display(),
+            run_dir.root.display()
+        ),
+        None => format!(
+            "no checkpoint was written yet; `wgpu-diffusion train --resume {}` starts it again from step 0",
+            run_dir.root.display()
+        ),
+    };
+    match gpu.check() {
+        Err(gpu_err) if !format!("{e:#}").contains(&gpu_err.to_string()) => {
+            e.context(gpu_err.to_string()).context(resume_hint)
+        }
+        _ => e.context(resume_hint),
+    }
+}
+
+/// Runs (or resumes) training. `stop` is raised by Ctrl-C: the loop then writes a checkpoint and
+/// returns cleanly. A resumed run that is already finished is an error (nothing is written).
+pub fn run(
+    gpu: Arc<Gpu>,
+    mut cfg: TrainConfig,
+    resume: Option<&Path>,
+    stop: Arc<AtomicBool>,
+    progress: &mut dyn Progress,
+) -> Result<RunSummary> {
+    let (run_dir, checkpoint) = open_run(&cfg, resume)?;
+    let mut model = match &checkpoint {
+        Some(ck) => {
+            let meta = ck.metadata();
+            let text = meta
+                .get("unet_config")
+                .ok_or_else(|| anyhow!("{}: no unet_config in its metadata", ck.path.display()))?;
+            UNetConfig::from_json(text).map_err(|e| anyhow!("{}: {e}", ck.path.display()))?
+        }
+        None => resolve_model_config(&cfg)?,
+    };
+    if model.sample_size == 0 {
+        bail!("the model config has no sample_size");
+    }
+    cfg.validate_rng_range(model.out_channels * model.sample_size * model.sample_size)
+        .map_err(|e| anyhow!("invalid training options: {e}"))?;
+
+    // Everything is checked before the run folder is created, so a bad input leaves nothing
+    // behind: the data (decoded once), the classes, the task, the step's sizes against the
+    // adapter's limits (the plan is built, nothing runs), the weights to start from.
+    let data = load_data(&cfg, &model, progress)?;
+    let class_names = configure_classes(&cfg, &data, &mut model)?;
+    configure_task(&cfg, &mut model)?;
+    cfg.out = Some(run_dir.root.clone());
+    let mut trainer = start_trainer(
+        &gpu,
+        &cfg,
+        &model,
+        checkpoint.as_ref(),
+        class_names,
+        progress,
+    )?;
+    let mut sampler = grid_sampler(&gpu, &cfg, &model, &trainer)?;
+
+    write_run_files(&run_dir, &cfg, &trainer)?;
+    let grid_lowres = grid_lowres(&model, &data);
     progress.message(&format!(
         "model: {} parameters, batch {} x {} accumulation, {} dispatches per step",
         trainer.unet.params.count(),
@@ -311,7 +446,7 @@ pub fn run(
         cfg.grad_accum,
         trainer.step_plan.dispatch_count()
     ));
-    let result = train_loop(
+    train_loop(
         &gpu,
         &cfg,
         &model,
@@ -322,28 +457,8 @@ pub fn run(
         &run_dir,
         &stop,
         progress,
-    );
-    // Whatever stopped the run (a lost device, a full disk, a non-finite loss), the last
-    // checkpoint is intact: say where it is and how to go on.
-    result.map_err(|e| {
-        let resume_hint = match run_dir.list_checkpoints().pop() {
-            Some(last) => format!(
-                "the last complete checkpoint is {}; continue with `wgpu-diffusion train --resume {}`",
-                last.display(),
-                run_dir.root.display()
-            ),
-            None => format!(
-                "no checkpoint was written yet; `wgpu-diffusion train --resume {}` starts it again from step 0",
-                run_dir.root.display()
-            ),
-        };
-        match gpu.check() {
-            Err(gpu_err) if !format!("{e:#}").contains(&gpu_err.to_string()) => {
-                e.context(gpu_err.to_string()).context(resume_hint)
-            }
-            _ => e.context(resume_hint),
-        }
-    })
+    )
+    .map_err(|e| with_resume_hint(e, &gpu, &run_dir))
 }
 
 /// The steps of a run, from the trainer's step to `cfg.steps` (or a stop), with loss readback,
@@ -391,18 +506,7 @@ fn train_loop(
             interrupted = true;
             break;
         }
-        let (batches, labels): (Vec<Vec<f32>>, Vec<Vec<u32>>) = (0..cfg.grad_accum)
-            .map(|_| {
-                let b = loader.next();
-                trainer.data_position = b.position;
-                (b.data, b.labels)
-            })
-            .unzip();
-        let labels = if trainer.unet.class_labels.is_some() {
-            labels
-        } else {
-            Vec::new()
-        };
+        let (batches, labels) = next_batches(&loader, trainer, cfg.grad_accum);
         let idx = trainer.submit_step(&batches, &labels)?;
         inflight.push_back(idx);
         // Keep at most two steps queued so the CPU never runs far ahead of the GPU.
@@ -472,6 +576,26 @@ fn train_loop(
         interrupted,
         losses: history,
     })
+}
+
+/// The micro-batches of one optimizer step, and their labels for a class-conditional model.
+fn next_batches(
+    loader: &Loader,
+    trainer: &mut Trainer,
+    grad_accum: usize,
+) -> (Vec<Vec<f32>>, Vec<Vec<u32>>) {
+    let (batches, labels): (Vec<Vec<f32>>, Vec<Vec<u32>>) = (0..grad_accum)
+        .map(|_| {
+            let b = loader.next();
+            trainer.data_position = b.position;
+            (b.data, b.labels)
+        })
+        .unzip();
+    if trainer.unet.class_labels.is_some() {
+        (batches, labels)
+    } else {
+        (batches, Vec::new())
+    }
 }
 
 /// The asynchronous loss readback of a run: at most one window in flight.

@@ -6,6 +6,7 @@
 
 mod adamw;
 mod attention;
+mod cli;
 mod common;
 mod conv2d;
 mod elementwise;

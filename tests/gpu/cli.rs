@@ -1,0 +1,562 @@
+//! The command line's promises (issue 20): every input — flags, files, output paths — is checked
+//! before the GPU starts and before anything is created; no flag is silently ignored; outputs are
+//! finite and never mixed with an earlier run's. Most cases fail before the GPU (no `device:`
+//! line), so they run in milliseconds.
+
+use std::path::{Path, PathBuf};
+
+use crate::common::run_cli;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/samplers")
+        .join(name)
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("wgpu-diffusion-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Runs the tool, expects a failure whose message holds every needle; returns stderr.
+fn fails(args: &[&str], needles: &[&str]) -> String {
+    let (ok, err) = run_cli(args);
+    assert!(!ok, "{args:?} should fail:\n{err}");
+    for n in needles {
+        assert!(err.contains(n), "{args:?}: expected `{n}` in:\n{err}");
+    }
+    err
+}
+
+/// As [`fails`], and the failure came before the GPU was opened.
+fn fails_before_gpu(args: &[&str], needles: &[&str]) -> String {
+    let err = fails(args, needles);
+    assert!(
+        !err.contains("device:") && !err.contains("adapter:"),
+        "{args:?} opened the GPU before failing:\n{err}"
+    );
+    err
+}
+
+/// Writes a safetensors file holding one f32 tensor.
+fn write_tensor(path: &Path, name: &str, shape: &[usize], values: &[f32]) {
+    let view = safetensors::tensor::TensorView::new(
+        safetensors::Dtype::F32,
+        shape.to_vec(),
+        bytemuck::cast_slice(values),
+    )
+    .unwrap();
+    std::fs::write(path, safetensors::serialize([(name, view)], None).unwrap()).unwrap();
+}
+
+/// A copy of the ε fixture model in `dir`.
+fn copy_model(dir: &Path) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    for e in std::fs::read_dir(fixture("eps")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+    }
+    dir.to_path_buf()
+}
+
+/// Finding 1: η > 1 is refused by name; a batch that comes out non-finite is an error, and no
+/// (black) image is written.
+#[test]
+fn eta_past_one_and_non_finite_samples_are_errors() {
+    let dir = scratch("finite");
+    let eps = fixture("eps");
+    let out = dir.join("out");
+    for eta in ["--eta=1.01", "--eta=-0.5", "--eta=NaN"] {
+        fails_before_gpu(
+            &["sample", "--model", s(&eps), eta, "--out", s(&out)],
+            &["--eta must be in [0, 1]"],
+        );
+    }
+    // Noise near f32's largest value overflows at Euler's first scaling (σ_max ≈ 157).
+    let noise = dir.join("huge.safetensors");
+    write_tensor(&noise, "noise", &[1, 1, 8, 8], &[3e38; 64]);
+    fails(
+        &[
+            "sample",
+            "--model",
+            s(&eps),
+            "--sampler",
+            "euler",
+            "--steps",
+            "2",
+            "--noise",
+            s(&noise),
+            "--out",
+            s(&out),
+        ],
+        &[
+            "non-finite",
+            "--sampler Euler --steps 2",
+            "nothing was written",
+        ],
+    );
+    assert!(!out.join("grid.png").exists(), "a grid of NaN was written");
+}
+
+/// Finding 2: a reused --out holds this run's images only; a user's own files stay.
+#[test]
+fn a_reused_output_folder_keeps_no_stale_images() {
+    let dir = scratch("stale");
+    let eps = fixture("eps");
+    let out = dir.join("out");
+    let run = |num: &str| {
+        let (ok, err) = run_cli(&[
+            "sample",
+            "--model",
+            s(&eps),
+            "--steps",
+            "2",
+            "--num",
+            num,
+            "--out",
+            s(&out),
+        ]);
+        assert!(ok, "{err}");
+        err
+    };
+    run("8");
+    std::fs::write(out.join("notes.txt"), "mine").unwrap();
+    std::fs::write(out.join("12.png"), "mine too").unwrap();
+    std::fs::create_dir_all(out.join("00009.png")).unwrap();
+    let err = run("2");
+    assert!(
+        err.contains("removed 6 image(s) of an earlier run"),
+        "{err}"
+    );
+    let mut left: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        [
+            "00000.png",
+            "00001.png",
+            "00009.png",
+            "12.png",
+            "grid.png",
+            "notes.txt"
+        ]
+    );
+}
+
+/// Finding 3: output paths are checked before the GPU starts, and nothing is left behind.
+#[test]
+fn output_paths_are_checked_before_the_gpu() {
+    let dir = scratch("paths");
+    let eps = fixture("eps");
+    let out = dir.join("out");
+    // --save-tensor naming a folder: refused up front, no `.DIR.tmp` left.
+    let folder = dir.join("tensors");
+    std::fs::create_dir_all(&folder).unwrap();
+    fails_before_gpu(
+        &[
+            "sample",
+            "--model",
+            s(&eps),
+            "--out",
+            s(&out),
+            "--save-tensor",
+            s(&folder),
+        ],
+        &["--save-tensor", "is a folder: give a file path"],
+    );
+    assert!(!dir.join(".tensors.tmp").exists() && !out.exists());
+    // --out under a file, or a file itself.
+    let file = dir.join("file");
+    std::fs::write(&file, "x").unwrap();
+    fails_before_gpu(
+        &["sample", "--model", s(&eps), "--out", s(&file.join("sub"))],
+        &["is a file, so no folder can be made there"],
+    );
+    fails_before_gpu(
+        &["sample", "--model", s(&eps), "--out", s(&file)],
+        &["is a file, not a folder"],
+    );
+    // A folder that takes no files (read-only; /proc where the tests run as root).
+    let read_only = dir.join("read-only");
+    std::fs::create_dir_all(&read_only).unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&read_only, std::fs::Permissions::from_mode(0o555)).unwrap();
+    }
+    let unwritable = if std::fs::write(read_only.join("probe"), "").is_err() {
+        read_only.clone()
+    } else {
+        PathBuf::from("/proc")
+    };
+    fails_before_gpu(
+        &["sample", "--model", s(&eps), "--out", s(&unwritable)],
+        &["is not writable", "choose another --out"],
+    );
+    // eval-sr --picture naming a folder.
+    fails_before_gpu(
+        &["eval-sr", "--model", s(&eps), "--picture", s(&folder)],
+        &["--picture", "is a folder"],
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&read_only, std::fs::Permissions::from_mode(0o755));
+    }
+}
+
+/// Finding 4: an error found after the checks (the weights, the adapter, the sizes) leaves no
+/// output folder; sampling's advice names sampling flags; a missing adapter lists those there
+/// are.
+#[test]
+fn late_errors_leave_no_output_folder() {
+    let dir = scratch("late");
+    let eps = fixture("eps");
+    let out = dir.join("out");
+    let truncated = copy_model(&dir.join("truncated"));
+    let weights = truncated.join("diffusion_pytorch_model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
+    let cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
+        (
+            vec!["--model", s(&truncated)],
+            vec!["not a valid safetensors file"],
+        ),
+        (
+            vec!["--model", s(&eps), "--guidance-scale", "nan"],
+            vec!["--guidance-scale must be a finite number"],
+        ),
+        (
+            vec!["--model", s(&eps), "--adapter", "no-such-gpu"],
+            vec!["`no-such-gpu`", "the adapters there are"],
+        ),
+        (
+            vec![
+                "--model",
+                s(&eps),
+                "--num",
+                "100000",
+                "--batch-size",
+                "100000",
+            ],
+            vec!["does not fit this adapter", "--batch-size"],
+        ),
+    ];
+    for (args, needles) in cases {
+        let all = [&["sample", "--steps", "2", "--out", s(&out)], &args[..]].concat();
+        let err = fails(&all, &needles);
+        assert!(!err.contains("--grad-accum"), "training advice:\n{err}");
+        assert!(!err.contains("Install a GPU driver"), "{err}");
+        assert!(!out.exists(), "{all:?} left the output folder behind");
+    }
+}
+
+/// Finding 5 (sample): flags that would be ignored are errors; bad noise is refused; inpainting
+/// with --noise fails before the GPU.
+#[test]
+fn flags_that_would_be_ignored_are_errors() {
+    let dir = scratch("ignored");
+    let eps = fixture("eps");
+    let (e, out) = (s(&eps), dir.join("out"));
+    let o = s(&out);
+    let results = fixture("eps").join("results.safetensors"); // noise [2, 1, 8, 8], step_noise [10, …]
+    let r = s(&results);
+    fails_before_gpu(
+        &[
+            "sample",
+            "--model",
+            e,
+            "--noise",
+            r,
+            "--sampler",
+            "ddim",
+            "--num",
+            "8",
+            "--out",
+            o,
+        ],
+        &["--num 8, but --noise", "holds 2 images"],
+    );
+    for sampler in [["--sampler", "ddim"], ["--sampler", "euler"]] {
+        fails_before_gpu(
+            &[
+                &[
+                    "sample",
+                    "--model",
+                    e,
+                    "--noise",
+                    r,
+                    "--step-noise",
+                    r,
+                    "--steps",
+                    "10",
+                ][..],
+                &sampler,
+                &["--out", o],
+            ]
+            .concat(),
+            &["--step-noise", "adds no noise between steps"],
+        );
+    }
+    fails_before_gpu(
+        &["sample", "--model", e, "--jump-length", "3", "--out", o],
+        &["--inpaint"],
+    );
+    let nan = dir.join("nan.safetensors");
+    let mut values = vec![0.5f32; 64];
+    values[17] = f32::NAN;
+    write_tensor(&nan, "noise", &[1, 1, 8, 8], &values);
+    fails_before_gpu(
+        &["sample", "--model", e, "--noise", s(&nan), "--out", o],
+        &["non-finite"],
+    );
+    // Inpainting with --noise: refused before any GPU work.
+    let (image, mask) = (dir.join("image.png"), dir.join("mask.png"));
+    image::GrayImage::new(8, 8).save(&image).unwrap();
+    image::GrayImage::from_pixel(8, 8, image::Luma([255]))
+        .save(&mask)
+        .unwrap();
+    fails_before_gpu(
+        &[
+            "sample",
+            "--model",
+            e,
+            "--inpaint",
+            s(&image),
+            "--mask",
+            s(&mask),
+            "--noise",
+            r,
+            "--out",
+            o,
+        ],
+        &["inpainting draws fresh noise", "drop --noise"],
+    );
+    // --task generate on a super-resolution model.
+    let sr = copy_model(&dir.join("sr"));
+    let config = std::fs::read_to_string(sr.join("config.json"))
+        .unwrap()
+        .replace(
+            "\"in_channels\": 1,",
+            "\"in_channels\": 2, \"_sr_scale\": 2,",
+        );
+    std::fs::write(sr.join("config.json"), config).unwrap();
+    fails_before_gpu(
+        &[
+            "sample",
+            "--model",
+            s(&sr),
+            "--task",
+            "generate",
+            "--out",
+            o,
+        ],
+        &["--task generate", "super-resolution model"],
+    );
+    assert!(!out.exists());
+}
+
+/// Findings 6–8 for sampling: `--sample-steps` (with `--steps` as its alias), eval-sr's
+/// --checkpoint, described flags, a short schedule error, and an ETA in the progress lines.
+#[test]
+fn sampling_flags_spellings_help_and_progress() {
+    let dir = scratch("spellings");
+    let eps = fixture("eps");
+    let out = dir.join("out");
+    let (ok, err) = run_cli(&[
+        "sample",
+        "--model",
+        s(&eps),
+        "--sample-steps",
+        "3",
+        "--num",
+        "1",
+        "--out",
+        s(&out),
+    ]);
+    assert!(ok, "{err}");
+    assert!(err.contains("3 steps"), "{err}");
+    assert!(
+        err.contains(", ETA "),
+        "no ETA in the progress lines:\n{err}"
+    );
+    fails_before_gpu(
+        &["eval-sr", "--checkpoint", s(&dir.join("none.safetensors"))],
+        &["none.safetensors"],
+    );
+    fails_before_gpu(
+        &["eval-sr", "--model", s(&eps), "--steps", "0"],
+        &["super-resolution"],
+    );
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_wgpu-diffusion"))
+        .args(["eval-sr", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for text in [
+        "Denoising steps per digit",
+        "Seed of the GPU noise",
+        "Digits per U-Net batch",
+        "--checkpoint <CHECKPOINT>",
+    ] {
+        assert!(
+            help.contains(text),
+            "eval-sr --help lacks `{text}`:\n{help}"
+        );
+    }
+    let err = fails(
+        &[
+            "sample",
+            "--model",
+            s(&eps),
+            "--sampler",
+            "dpmpp-2m",
+            "--steps",
+            "1000",
+            "--out",
+            s(&out),
+        ],
+        &["(1000 values)"],
+    );
+    assert!(err.len() < 1000, "a long error:\n{err}");
+}
+
+/// A run folder as `train` leaves it, without tensors worth training: config.toml and one
+/// checkpoint whose header records `step` (resuming reads the header only).
+fn fake_run(dir: &Path, steps: u64, step: u64) {
+    std::fs::create_dir_all(dir.join("checkpoints")).unwrap();
+    std::fs::write(
+        dir.join("config.toml"),
+        format!("steps = {steps}\nbatch_size = 2\nsample_every = 0\n"),
+    )
+    .unwrap();
+    let meta = std::collections::HashMap::from([("step".to_string(), step.to_string())]);
+    let view = safetensors::tensor::TensorView::new(
+        safetensors::Dtype::F32,
+        vec![1],
+        bytemuck::cast_slice(&[0f32]),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join(format!("checkpoints/step-{step:08}.safetensors")),
+        safetensors::serialize([("param.x", view)], Some(meta)).unwrap(),
+    )
+    .unwrap();
+}
+
+/// The bytes of every file under `dir`, by path.
+fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(snapshot(&p));
+        } else {
+            out.push((p.clone(), std::fs::read(&p).unwrap()));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Findings 5–6 (train): a finished run is said to be finished and left as it is; changed
+/// options of a resumed run are noted (and those fixing the model refused); --cond-drop without
+/// --class-conditional and a directory given to --model are errors; diffusers' spellings are
+/// accepted. `--adapter no-such-gpu` stops each accepted command at the GPU, after its checks.
+#[test]
+fn train_flags_and_resuming() {
+    let dir = scratch("train");
+    let run = dir.join("run");
+    fake_run(&run, 3, 3);
+    let before = snapshot(&run);
+    let r = s(&run);
+    let (ok, err) = run_cli(&["train", "--resume", r]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("is finished (step 3 of 3)") && !err.contains("adapter:"),
+        "{err}"
+    );
+    assert!(
+        snapshot(&run) == before,
+        "resuming a finished run changed its folder"
+    );
+    let no_gpu = ["--adapter", "no-such-gpu"];
+    // More steps: past the check, on to the GPU; a changed option is noted.
+    let err = fails(
+        &[
+            &["train", "--resume", r, "--steps", "5", "--lr", "0.5"][..],
+            &no_gpu,
+        ]
+        .concat(),
+        &["the adapters there are"],
+    );
+    assert!(
+        err.contains("resuming with lr = 0.5 (the run had 0.001)")
+            && err.contains("resuming with steps = 5"),
+        "{err}"
+    );
+    assert!(!err.contains("is finished"), "{err}");
+    assert!(snapshot(&run) == before);
+    fails_before_gpu(
+        &["train", "--resume", r, "--steps", "5", "--model", "mnist28"],
+        &["`model` is fixed for a run"],
+    );
+    fails_before_gpu(
+        &[
+            "train",
+            "--resume",
+            r,
+            "--steps",
+            "5",
+            "--out",
+            s(&dir.join("other")),
+        ],
+        &["drop --out"],
+    );
+    let out = dir.join("new");
+    let o = s(&out);
+    fails_before_gpu(
+        &["train", "--cond-drop", "0.2", "--out", o],
+        &["--cond-drop applies to class-conditional runs"],
+    );
+    fails_before_gpu(
+        &["train", "--model", r, "--out", o],
+        &["not a model preset", "--init DIR", "--resume DIR"],
+    );
+    for schedule in ["scaled_linear", "scaled-linear", "squaredcos_cap_v2"] {
+        fails(
+            &[
+                &["train", "--beta-schedule", schedule, "--out", o][..],
+                &no_gpu,
+            ]
+            .concat(),
+            &["the adapters there are"],
+        );
+    }
+    fails(
+        &[
+            &[
+                "train",
+                "--prediction-type",
+                "v_prediction",
+                "--ema",
+                "--hflip",
+                "--out",
+                o,
+            ][..],
+            &no_gpu,
+        ]
+        .concat(),
+        &["the adapters there are"],
+    );
+    assert!(!out.exists());
+}
