@@ -285,7 +285,14 @@ impl TrainArgs {
                 key.replace('_', "-")
             );
         }
-        if point.step >= cfg.steps {
+        let run = crate::train::RunDir { root: dir.clone() };
+        if point.step == cfg.steps && !run.finished_at(point.step) {
+            eprintln!(
+                "note: the run in {} reached its last step ({}) but was stopped before writing its end (model export, samples, loss plot): writing it now",
+                dir.display(),
+                point.step
+            );
+        } else if point.step >= cfg.steps {
             eprintln!(
                 "the run in {} is finished (step {} of {}): nothing to do; give --steps above {} to train further",
                 dir.display(),

@@ -232,7 +232,12 @@ fn open_run(cfg: &TrainConfig, resume: Option<&Path>) -> Result<(RunDir, Option<
         return Ok((rd, None));
     };
     let (last, step, _) = last_checkpoint(dir)?;
-    if step >= cfg.steps {
+    let finished = (RunDir {
+        root: dir.to_path_buf(),
+    })
+    .finished_at(step);
+    // A run at its last step whose end was interrupted (export, grid, plot) writes its end again.
+    if step > cfg.steps || step == cfg.steps && finished {
         bail!(
             "the run in {} is finished (step {step} of {}): give more steps to train further",
             dir.display(),
@@ -569,6 +574,10 @@ fn train_loop(
         )?;
     }
     plot::loss_plot(&history, &run_dir.root.join("loss.png"))?;
+    if !interrupted {
+        let marker = serde_json::json!({ "step": trainer.step }).to_string();
+        atomic_write(&run_dir.finished_marker(), marker.as_bytes())?;
+    }
     progress.finish();
     Ok(RunSummary {
         run_dir: run_dir.root.clone(),

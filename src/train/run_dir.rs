@@ -1,5 +1,5 @@
 //! The folders and files of a run: checkpoints/, samples/, model/, config.toml, metrics.jsonl,
-//! loss.png.
+//! loss.png, finished.json.
 
 use std::path::{Path, PathBuf};
 
@@ -23,6 +23,21 @@ impl RunDir {
     }
     pub fn metrics(&self) -> PathBuf {
         self.root.join("metrics.jsonl")
+    }
+    /// Written last, when a run has reached its final step and written everything of its end
+    /// (final checkpoint, model export, sample grid, loss plot): `{"step": N}`.
+    pub fn finished_marker(&self) -> PathBuf {
+        self.root.join("finished.json")
+    }
+    /// Whether the run ended cleanly at `step`: a run whose last checkpoint is its final step
+    /// but that was killed before its end (an interrupted model export, no final grid) is not
+    /// finished, and resuming it writes its end again.
+    pub fn finished_at(&self, step: u64) -> bool {
+        std::fs::read_to_string(self.finished_marker())
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+            == Some(step)
     }
     /// Removes what a kill can leave behind: temporary files of an unfinished atomic write and
     /// a model export that never got renamed into place.

@@ -434,6 +434,9 @@ fn sampling_flags_spellings_help_and_progress() {
 /// checkpoint whose header records `step` (resuming reads the header only).
 fn fake_run(dir: &Path, steps: u64, step: u64) {
     std::fs::create_dir_all(dir.join("checkpoints")).unwrap();
+    if step == steps {
+        std::fs::write(dir.join("finished.json"), format!("{{\"step\": {step}}}")).unwrap();
+    }
     std::fs::write(
         dir.join("config.toml"),
         format!("steps = {steps}\nbatch_size = 2\nsample_every = 0\n"),
@@ -490,6 +493,15 @@ fn train_flags_and_resuming() {
         "resuming a finished run changed its folder"
     );
     let no_gpu = ["--adapter", "no-such-gpu"];
+    // At its last step but killed before its end was written: on to the GPU, to write it.
+    let killed = dir.join("killed");
+    fake_run(&killed, 3, 3);
+    std::fs::remove_file(killed.join("finished.json")).unwrap();
+    let err = fails(
+        &[&["train", "--resume", s(&killed)][..], &no_gpu].concat(),
+        &["the adapters there are"],
+    );
+    assert!(err.contains("stopped before writing its end"), "{err}");
     // More steps: past the check, on to the GPU; a changed option is noted.
     let err = fails(
         &[

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use wgpu_diffusion::io::model_dir::{read_model_config, read_model_weights};
+use wgpu_diffusion::io::model_dir::{MODEL_WEIGHTS, read_model_config, read_model_weights};
 use wgpu_diffusion::io::tensors::LoadedTensors;
 use wgpu_diffusion::nn::{ParamStore, UNet, UNetConfig};
 use wgpu_diffusion::train::{LrSchedule, Progress, TrainConfig, run};
@@ -88,6 +88,48 @@ fn params_of(dir: &Path) -> Vec<f32> {
         }
     }
     all
+}
+
+/// A run killed after its final checkpoint but before the end of its end (here: the model
+/// export and `finished.json` gone) is not finished: resuming writes the export again, with the
+/// same weights; resuming it once more is refused as finished.
+#[test]
+fn a_run_killed_while_writing_its_end_finishes_on_resume() {
+    let g = gpu();
+    let out = temp_dir("end");
+    let cfg = small_config(&out, 3);
+    run_to_end(g.clone(), cfg.clone());
+    let marker = out.join("finished.json");
+    let weights = out.join("model").join(MODEL_WEIGHTS);
+    assert!(marker.is_file() && weights.is_file());
+    let exported = std::fs::read(&weights).unwrap();
+    std::fs::remove_file(&marker).unwrap();
+    std::fs::remove_dir_all(out.join("model")).unwrap();
+    let never = Arc::new(AtomicBool::new(false));
+    let mut quiet = StopAt {
+        stop: never.clone(),
+        stop_at: u64::MAX,
+    };
+    let summary = run(
+        g.clone(),
+        cfg.clone(),
+        Some(&out),
+        never.clone(),
+        &mut quiet,
+    )
+    .unwrap();
+    assert_eq!(summary.steps, 3);
+    assert!(marker.is_file(), "finished.json written again");
+    assert_eq!(
+        std::fs::read(&weights).unwrap(),
+        exported,
+        "the same export"
+    );
+    let e = run(g, cfg, Some(&out), never, &mut quiet)
+        .expect_err("a finished run is refused")
+        .to_string();
+    assert!(e.contains("is finished"), "{e}");
+    let _ = std::fs::remove_dir_all(&out);
 }
 
 #[test]
