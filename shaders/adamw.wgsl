@@ -54,9 +54,7 @@ const ITEMS: u32 = 8u;          // elements per thread in the sum of squares
 const CHUNK: u32 = WG * ITEMS;  // elements per workgroup (src/ops/adamw.rs: CHUNK)
 
 
-fn group_index(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
-    return wid.y * nwg.x + wid.x;
-}
+//#include group_index
 
 // torch.lerp(a, b, w): a + w (b − a) for w < 0.5, b − (b − a)(1 − w) otherwise (ATen Lerp.h).
 fn lerp(a: f32, b: f32, w: f32) -> f32 {

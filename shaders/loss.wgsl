@@ -30,9 +30,7 @@ const ITEMS: u32 = 8u;          // elements per thread in stage 1
 const CHUNK: u32 = WG * ITEMS;  // elements per workgroup in stage 1 (src/ops/loss.rs: CHUNK)
 
 
-fn group_index(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
-    return wid.y * nwg.x + wid.x;
-}
+//#include group_index
 
 //#include tree_sum
 

@@ -28,7 +28,7 @@ var<workgroup> red: array<f32, 64>;
 
 // Sum (or max) of red[slot*T .. slot*T + T) by a fixed tree; every thread gets its row's result.
 // The loop count depends only on the uniform p.tpr, so the barriers stay in uniform control flow.
-fn tree_sum(lid: u32, v: f32) -> f32 {
+fn row_sum(lid: u32, v: f32) -> f32 {
     let lane = lid % p.tpr;
     red[lid] = v;
     workgroupBarrier();
@@ -41,7 +41,7 @@ fn tree_sum(lid: u32, v: f32) -> f32 {
     return total;
 }
 
-fn tree_max(lid: u32, v: f32) -> f32 {
+fn row_max(lid: u32, v: f32) -> f32 {
     let lane = lid % p.tpr;
     red[lid] = v;
     workgroupBarrier();
@@ -68,10 +68,10 @@ fn softmax_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroup
     // Start from the row's first element (len >= 1) rather than -FLT_MAX so rows holding -inf stay exact.
     var m = x[base];
     for (var j = lane; j < len; j = j + p.tpr) { m = max(m, x[base + j]); }
-    m = tree_max(lid, m);
+    m = row_max(lid, m);
     var s = 0.0;
     for (var j = lane; j < len; j = j + p.tpr) { s = s + exp(x[base + j] - m); }
-    s = tree_sum(lid, s);
+    s = row_sum(lid, s);
     for (var j = lane; j < len; j = j + p.tpr) { y[base + j] = exp(x[base + j] - m) / s; }
 }
 
@@ -86,7 +86,7 @@ fn softmax_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgrou
     let base = row * p.len;
     var d = 0.0;
     for (var j = lane; j < len; j = j + p.tpr) { d = d + dy[base + j] * y_in[base + j]; }
-    d = tree_sum(lid, d);
+    d = row_sum(lid, d);
     for (var j = lane; j < len; j = j + p.tpr) {
         let yj = y_in[base + j];
         dx[base + j] = yj * (dy[base + j] - d);

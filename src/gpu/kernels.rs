@@ -56,6 +56,10 @@ pub const INCLUDES: &[(&str, &str)] = &[
         include_str!("../../shaders/include/gemm_params.wgsl"),
     ),
     (
+        "group_index",
+        include_str!("../../shaders/include/group_index.wgsl"),
+    ),
+    (
         "linear_index",
         include_str!("../../shaders/include/linear_index.wgsl"),
     ),
