@@ -9,7 +9,7 @@ use super::NoiseSchedule;
 use super::PredictionType;
 use super::scheduler::{
     ModelEval, ResolvedScheduler, SamplerKind, SamplingSchedule, SchedulerConfig, SigmaStage,
-    TimestepSpacing, Update, VarianceType, np_arange_down, np_linspace, spaced_timesteps,
+    TimestepSpacing, Update, VarianceType, np_linspace, spaced_timesteps, trailing_timesteps,
 };
 
 /// What a family sees of a schedule being built.
@@ -564,12 +564,6 @@ fn dpm_timesteps(settings: &ResolvedScheduler, n: usize) -> Vec<f64> {
                 .map(|i| (i * ratio + settings.steps_offset) as f64)
                 .collect()
         }
-        TimestepSpacing::Trailing => {
-            let ratio = t_train as f64 / n as f64;
-            np_arange_down(t_train as f64, 0.0, -ratio)
-                .into_iter()
-                .map(|t| t.round_ties_even() - 1.0)
-                .collect()
-        }
+        TimestepSpacing::Trailing => trailing_timesteps(t_train, n),
     }
 }

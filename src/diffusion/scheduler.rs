@@ -519,9 +519,18 @@ pub(crate) fn np_linspace(start: f64, stop: f64, num: usize) -> Vec<f64> {
 }
 
 /// numpy.arange(start, stop, step) for a negative float step.
-pub(crate) fn np_arange_down(start: f64, stop: f64, step: f64) -> Vec<f64> {
+fn np_arange_down(start: f64, stop: f64, step: f64) -> Vec<f64> {
     let len = ((stop - start) / step).ceil().max(0.0) as usize;
     (0..len).map(|i| start + i as f64 * step).collect()
+}
+
+/// "trailing" spacing, the same in every scheduler: round(arange(T, 0, −T/n)) − 1.
+pub(crate) fn trailing_timesteps(t_train: usize, n: usize) -> Vec<f64> {
+    let ratio = t_train as f64 / n as f64;
+    np_arange_down(t_train as f64, 0.0, -ratio)
+        .into_iter()
+        .map(|t| t.round_ties_even() - 1.0)
+        .collect()
 }
 
 /// The integer timesteps diffusers' DDPM/DDIM (and the spacing part of Euler/Heun) choose.
@@ -543,13 +552,7 @@ pub(crate) fn spaced_timesteps(
                 .map(|i| (i * ratio + steps_offset) as f64)
                 .collect()
         }
-        TimestepSpacing::Trailing => {
-            let ratio = t_train as f64 / n as f64;
-            np_arange_down(t_train as f64, 0.0, -ratio)
-                .into_iter()
-                .map(|t| t.round_ties_even() - 1.0)
-                .collect()
-        }
+        TimestepSpacing::Trailing => trailing_timesteps(t_train, n),
     }
 }
 
