@@ -262,33 +262,6 @@ fn with_sampling_advice(e: anyhow::Error) -> anyhow::Error {
     }
 }
 
-/// Shortens every bracketed list of more than 8 items in `msg` to its first and last values and
-/// its length (a schedule error could otherwise print 1000 timesteps).
-pub fn shorten_lists(msg: &str) -> String {
-    let mut out = String::new();
-    let mut rest = msg;
-    while let Some(open) = rest.find('[') {
-        let Some(close) = rest[open..].find(']').map(|c| open + c) else {
-            break;
-        };
-        out.push_str(&rest[..open]);
-        let items: Vec<&str> = rest[open + 1..close].split(", ").collect();
-        if items.len() > 8 && !rest[open + 1..close].contains('[') {
-            out.push_str(&format!(
-                "[{}, …, {}] ({} values)",
-                items[..3].join(", "),
-                items[items.len() - 2..].join(", "),
-                items.len()
-            ));
-        } else {
-            out.push_str(&rest[open..=close]);
-        }
-        rest = &rest[close + 1..];
-    }
-    out.push_str(rest);
-    out
-}
-
 /// Creates a file in `dir` and removes it: the one sure test that the folder takes files.
 fn probe_writable(flag: &str, dir: &Path) -> Result<()> {
     let probe = dir.join(format!(".wgpu-diffusion-probe-{}", std::process::id()));
@@ -486,7 +459,7 @@ fn sampling_schedule(
     schedule.map_err(|e| {
         anyhow!(
             "{} (scheduler settings from {})",
-            shorten_lists(&e),
+            e,
             source.scheduler_origin
         )
     })
@@ -955,7 +928,7 @@ fn eval_sr_plan(args: &EvalSrArgs) -> Result<EvalSrPlan> {
         .map_err(|e| {
             anyhow!(
                 "{} (scheduler settings from {})",
-                shorten_lists(&e),
+                e,
                 source.scheduler_origin
             )
         })?;

@@ -425,7 +425,7 @@ fn sampling_flags_spellings_help_and_progress() {
             "--out",
             s(&out),
         ],
-        &["(1000 values)"],
+        &["give 1000 timesteps that are not distinct"],
     );
     assert!(err.len() < 1000, "a long error:\n{err}");
 }
