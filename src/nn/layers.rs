@@ -229,11 +229,13 @@ impl GroupNorm {
 }
 
 /// diffusers ResnetBlock2D (time_embedding_norm "default", pre-norm, SiLU):
-/// out = (shortcut(x) + conv2(dropout(silu(norm2(conv1(silu(norm1(x))) + proj(silu(temb))))))) / scale.
+/// out = (shortcut(x) + conv2(dropout(silu(norm2(conv1(silu(norm1(x))) + proj(silu(temb))))))) / scale,
+/// without the `proj(silu(temb))` term in a model without a time embedding (the VAE's blocks,
+/// `temb_channels=None`).
 pub struct ResnetBlock {
     norm1: GroupNorm,
     conv1: Conv2d,
-    time_emb_proj: Linear,
+    time_emb_proj: Option<Linear>,
     norm2: GroupNorm,
     conv2: Conv2d,
     conv_shortcut: Option<Conv2d>,
@@ -243,17 +245,18 @@ pub struct ResnetBlock {
     /// silu(norm1(x)) and silu(norm2(h)): each pair runs fused, the normalised value unstored.
     s1: Act,
     c1: Act,
-    tproj: Act,
+    tproj: Option<Act>,
     s2: Act,
     c2: Act,
     shortcut: Option<Act>,
 }
 
-/// Shapes and hyperparameters shared by the blocks of one U-Net.
+/// Shapes and hyperparameters shared by the blocks of one model.
 #[derive(Clone, Copy)]
 pub struct BlockSettings {
     pub groups: usize,
     pub eps: f64,
+    /// The time embedding's width; 0: the model has none (the resnets have no `time_emb_proj`).
     pub temb_dim: usize,
 }
 
@@ -300,7 +303,8 @@ impl ResnetBlock {
                 3,
                 Conv2dGeometry::same(1, 1),
             ),
-            time_emb_proj: Linear::new(decls, &format!("{prefix}.time_emb_proj"), s.temb_dim, cout),
+            time_emb_proj: (s.temb_dim > 0)
+                .then(|| Linear::new(decls, &format!("{prefix}.time_emb_proj"), s.temb_dim, cout)),
             norm2: GroupNorm::new(gpu, decls, &format!("{prefix}.norm2"), &hs, s.groups, s.eps),
             conv2: Conv2d::new(
                 decls,
@@ -324,7 +328,7 @@ impl ResnetBlock {
             dropout: dropout.map(|(p, purpose)| (p, purpose, a(&hs, "dropout"))),
             s1: a(x_shape, "silu1"),
             c1: a(&hs, "conv1"),
-            tproj: a(&[n, cout], "time_emb_proj"),
+            tproj: (s.temb_dim > 0).then(|| a(&[n, cout], "time_emb_proj")),
             s2: a(&hs, "silu2"),
             c2,
             shortcut: (cin != cout).then(|| {
@@ -340,22 +344,38 @@ impl ResnetBlock {
         }
     }
 
-    /// `temb_act` = silu(time embedding), shared by every block. `rng` = (state, first stream
-    /// index) for dropout, when the block has dropout.
+    /// The time-embedding projection and its output, with silu(temb), or None for a block
+    /// without one; an error when the block has one and `temb_act` is missing.
+    fn temb<'a>(
+        &'a self,
+        temb_act: Option<&'a Act>,
+    ) -> OpResult<Option<(&'a Linear, &'a Act, &'a Act)>> {
+        match (&self.time_emb_proj, &self.tproj, temb_act) {
+            (Some(l), Some(t), Some(e)) => Ok(Some((l, t, e))),
+            (None, _, _) => Ok(None),
+            _ => Err(invalid(
+                "this resnet block projects a time embedding and none was given",
+            )),
+        }
+    }
+
+    /// `temb_act` = silu(time embedding), shared by every block (None in a model without one).
+    /// `rng` = (state, first stream index) for dropout, when the block has dropout.
     pub fn forward(
         &self,
         rec: &mut Recorder,
         p: &ParamStore,
         x: &Act,
-        temb_act: &Act,
+        temb_act: Option<&Act>,
         out: &Act,
         rng: Option<(&Tensor, u32)>,
     ) -> OpResult {
         self.norm1.forward_silu(rec, p, x, &self.s1)?;
         self.conv1.forward(rec, p, &self.s1, &self.c1)?;
-        self.time_emb_proj
-            .forward(rec, p, &temb_act.value, &self.tproj.value)?;
-        add_channel_bias(rec, &self.tproj.value, 1.0, &self.c1.value)?;
+        if let Some((proj, tproj, temb_act)) = self.temb(temb_act)? {
+            proj.forward(rec, p, &temb_act.value, &tproj.value)?;
+            add_channel_bias(rec, &tproj.value, 1.0, &self.c1.value)?;
+        }
         self.norm2.forward_silu(rec, p, &self.c1, &self.s2)?;
         match (&self.dropout, rng) {
             (Some((prob, purpose, d)), Some((state, first))) => {
@@ -390,7 +410,7 @@ impl ResnetBlock {
         p: &ParamStore,
         gt: &mut GradTracker,
         x: &Act,
-        temb_act: &Act,
+        temb_act: Option<&Act>,
         out: &Act,
         rng: Option<(&Tensor, u32)>,
     ) -> OpResult {
@@ -429,10 +449,11 @@ impl ResnetBlock {
             (None, _) => self.conv2.backward(rec, p, gt, &self.s2, &self.c2, true)?,
         }
         self.norm2.backward_silu(rec, p, gt, &self.c1, &self.s2)?;
-        // c1 = conv1(s1) + tproj[n, c] broadcast over pixels.
-        sum_pixels_per_sample(rec, &self.c1.grad, &self.tproj.grad, false)?;
-        self.time_emb_proj
-            .backward(rec, p, gt, temb_act, &self.tproj.grad, true)?;
+        if let Some((proj, tproj, temb_act)) = self.temb(temb_act)? {
+            // c1 = conv1(s1) + tproj[n, c] broadcast over pixels.
+            sum_pixels_per_sample(rec, &self.c1.grad, &tproj.grad, false)?;
+            proj.backward(rec, p, gt, temb_act, &tproj.grad, true)?;
+        }
         self.conv1.backward(rec, p, gt, &self.s1, &self.c1, true)?;
         self.norm1.backward_silu(rec, p, gt, x, &self.s1)
     }

@@ -6,6 +6,7 @@
 //! the trainer zeroes once per optimizer step, which makes gradient accumulation free.
 
 pub mod config;
+pub mod graph;
 pub mod init;
 pub mod layers;
 pub mod params;

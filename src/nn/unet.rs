@@ -5,6 +5,9 @@
 
 use std::sync::Arc;
 
+use super::graph::{
+    Node, attention_node, backward_nodes, forward_nodes, last_output, node_activations,
+};
 use super::layers::{
     AttentionBlock, BlockSettings, Conv2d, Downsample, GroupNorm, Linear, ParamDecls, ResnetBlock,
     Upsample,
@@ -13,37 +16,9 @@ use super::{Act, GradTracker, ParamStore, UNetConfig};
 use crate::gpu::{Gpu, GpuError, Recorder, Tensor};
 use crate::ops::OpResult;
 use crate::ops::conv2d::Conv2dGeometry;
-use crate::ops::elementwise::{copy_channels, silu_backward, silu_forward};
+use crate::ops::elementwise::{silu_backward, silu_forward};
 use crate::ops::embedding::{embedding_add_forward, embedding_backward};
 use crate::ops::timestep_embedding::timestep_embedding;
-
-enum Node {
-    Resnet {
-        block: Box<ResnetBlock>,
-        x: Act,
-        out: Act,
-    },
-    Attention {
-        block: Box<AttentionBlock>,
-        x: Act,
-        out: Act,
-    },
-    Down {
-        block: Downsample,
-        x: Act,
-        out: Act,
-    },
-    Up {
-        block: Upsample,
-        x: Act,
-        out: Act,
-    },
-    Concat {
-        a: Act,
-        b: Act,
-        out: Act,
-    },
-}
 
 pub struct UNet {
     pub config: UNetConfig,
@@ -84,28 +59,6 @@ pub struct UNet {
 /// Each micro-batch's dropout masks start this many stream elements further (so one dropout
 /// layer's activation may hold up to 2^24 elements, and 256 micro-batches fit in 2^32).
 const DROPOUT_MICRO_STRIDE: u32 = 1 << 24;
-
-/// Appends an attention block reading `x` and returns its output.
-#[allow(clippy::too_many_arguments)]
-fn attention_node(
-    gpu: &Arc<Gpu>,
-    d: &mut ParamDecls,
-    prefix: &str,
-    x: &Act,
-    head_dim: usize,
-    settings: BlockSettings,
-    rescale: f64,
-    nodes: &mut Vec<Node>,
-) -> Act {
-    let out = Act::new(gpu, x.shape(), prefix);
-    let block = AttentionBlock::new(gpu, d, prefix, x.shape(), head_dim, settings, rescale);
-    nodes.push(Node::Attention {
-        block: Box::new(block),
-        x: x.clone(),
-        out: out.clone(),
-    });
-    out
-}
 
 impl UNet {
     /// A U-Net in training mode (dropout active when the config sets it).
@@ -427,13 +380,7 @@ impl UNet {
     }
 
     fn last_hidden(&self) -> &Act {
-        match self.nodes.last().expect("a U-Net has blocks") {
-            Node::Resnet { out, .. }
-            | Node::Attention { out, .. }
-            | Node::Down { out, .. }
-            | Node::Up { out, .. }
-            | Node::Concat { out, .. } => out,
-        }
+        last_output(&self.nodes).expect("a U-Net has blocks")
     }
 
     /// Records the forward pass: `sample` and `timesteps` → `output`.
@@ -458,21 +405,7 @@ impl UNet {
         }
         silu_forward(rec, &self.emb.value, &self.emb_act.value)?;
         self.conv_in.forward(rec, p, &self.sample, &self.h_in)?;
-        for node in &self.nodes {
-            match node {
-                Node::Resnet { block, x, out } => {
-                    block.forward(rec, p, x, &self.emb_act, out, self.rng())?
-                }
-                Node::Attention { block, x, out } => block.forward(rec, p, x, out)?,
-                Node::Down { block, x, out } => block.forward(rec, p, x, out)?,
-                Node::Up { block, x, out } => block.forward(rec, p, x, out)?,
-                Node::Concat { a, b, out } => {
-                    let (ca, cb) = (a.shape()[3], b.shape()[3]);
-                    copy_channels(rec, &a.value, 0, &out.value, 0, ca, false)?;
-                    copy_channels(rec, &b.value, 0, &out.value, ca, cb, false)?;
-                }
-            }
-        }
+        forward_nodes(rec, p, &self.nodes, Some(&self.emb_act), self.rng())?;
         let last = self.last_hidden();
         self.conv_norm_out
             .forward_silu(rec, p, last, &self.act_out)?;
@@ -490,23 +423,7 @@ impl UNet {
         let last = self.last_hidden();
         self.conv_norm_out
             .backward_silu(rec, p, gt, last, &self.act_out)?;
-        for node in self.nodes.iter().rev() {
-            match node {
-                Node::Resnet { block, x, out } => {
-                    block.backward(rec, p, gt, x, &self.emb_act, out, self.rng())?
-                }
-                Node::Attention { block, x, out } => block.backward(rec, p, gt, x, out)?,
-                Node::Down { block, x, out } => block.backward(rec, p, gt, x, out)?,
-                Node::Up { block, x, out } => block.backward(rec, p, gt, x, out)?,
-                Node::Concat { a, b, out } => {
-                    let (ca, cb) = (a.shape()[3], b.shape()[3]);
-                    let acc = gt.accumulate(&a.grad);
-                    copy_channels(rec, &out.grad, 0, &a.grad, 0, ca, acc)?;
-                    let acc = gt.accumulate(&b.grad);
-                    copy_channels(rec, &out.grad, ca, &b.grad, 0, cb, acc)?;
-                }
-            }
-        }
+        backward_nodes(rec, p, gt, &self.nodes, Some(&self.emb_act), self.rng())?;
         self.conv_in
             .backward(rec, p, gt, &self.sample, &self.h_in, false)?;
         // Time embedding: every resnet added its share to d silu(emb).
@@ -536,17 +453,7 @@ impl UNet {
             ("time_embedding".to_string(), self.emb.value.clone()),
             ("conv_in".to_string(), self.h_in.value.clone()),
         ];
-        for node in &self.nodes {
-            match node {
-                Node::Resnet { out, .. }
-                | Node::Attention { out, .. }
-                | Node::Down { out, .. }
-                | Node::Up { out, .. } => {
-                    v.push((out.value.label().to_string(), out.value.clone()))
-                }
-                Node::Concat { .. } => {}
-            }
-        }
+        v.extend(node_activations(&self.nodes));
         v.push(("conv_act".into(), self.act_out.value.clone()));
         v.push(("conv_out".into(), self.output.value.clone()));
         v
