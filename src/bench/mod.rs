@@ -50,37 +50,68 @@ fn fill(gpu: &Gpu, shape: &[usize], label: &str, seed: u64) -> Result<crate::gpu
     Ok(gpu.tensor_from(shape, &data, label)?)
 }
 
+/// Times recorded passes and reports each result as it is measured.
+struct KernelBench<'g, 'e> {
+    gpu: &'g Arc<Gpu>,
+    reps: usize,
+    path: String,
+    adapter: String,
+    emit: &'e mut dyn FnMut(&KernelResult),
+    results: Vec<KernelResult>,
+}
+
+impl KernelBench<'_, '_> {
+    /// Records one pass in its own plan, times it (median of `reps`) and reports it.
+    fn measure(
+        &mut self,
+        kernel: &'static str,
+        shape: String,
+        flops: f64,
+        record: RecordFn,
+    ) -> Result<()> {
+        let mut rec = self.gpu.recorder();
+        record(&mut rec)?;
+        let s = time_plan(self.gpu, &rec.finish(), self.reps)?;
+        let r = KernelResult {
+            kernel,
+            shape,
+            gflops: flops / s / 1e9,
+            median_ms: s * 1e3,
+            path: self.path.clone(),
+            adapter: self.adapter.clone(),
+        };
+        (self.emit)(&r);
+        self.results.push(r);
+        Ok(())
+    }
+}
+
 /// Runs the kernel benchmark; `emit` receives each result as it is measured.
 pub fn kernels(
     gpu: &Arc<Gpu>,
     reps: usize,
     mut emit: impl FnMut(&KernelResult),
 ) -> Result<Vec<KernelResult>> {
-    let mut results = Vec::new();
-    let path = gpu.gemm_path.to_string();
-    let adapter = gpu.adapter.name.clone();
-    // Records one pass in its own plan, times it (median of `reps`) and reports it.
-    let mut measure =
-        |kernel: &'static str, shape: String, flops: f64, record: RecordFn| -> Result<()> {
-            let mut rec = gpu.recorder();
-            record(&mut rec)?;
-            let s = time_plan(gpu, &rec.finish(), reps)?;
-            let r = KernelResult {
-                kernel,
-                shape,
-                gflops: flops / s / 1e9,
-                median_ms: s * 1e3,
-                path: path.clone(),
-                adapter: adapter.clone(),
-            };
-            emit(&r);
-            results.push(r);
-            Ok(())
-        };
+    let mut bench = KernelBench {
+        gpu,
+        reps,
+        path: gpu.gemm_path.to_string(),
+        adapter: gpu.adapter.name.clone(),
+        emit: &mut emit,
+        results: Vec::new(),
+    };
+    bench_gemms(&mut bench)?;
+    bench_dispatch_overhead(&mut bench)?;
+    bench_convs(&mut bench)?;
+    bench_fused_attention(&mut bench)?;
+    Ok(bench.results)
+}
 
-    // SGEMM 1024³, then the GEMMs of a 14 x 14 attention block at batch 32 (64 channels, one
-    // head): a Q/K/V/out projection (K = 64, with bias) and the batched scores Q·Kᵀ. Small-K
-    // GEMMs show what a tile's prologue and epilogue cost, which 1024³ hides.
+/// SGEMM 1024³, then the GEMMs of a 14 x 14 attention block at batch 32 (64 channels, one
+/// head): a Q/K/V/out projection (K = 64, with bias) and the batched scores Q·Kᵀ. Small-K
+/// GEMMs show what a tile's prologue and epilogue cost, which 1024³ hides.
+fn bench_gemms(bench: &mut KernelBench) -> Result<()> {
+    let gpu = bench.gpu;
     for &(label, m, n, k, batches, bias_trans_b) in &[
         ("sgemm", 1024, 1024, 1024, 1, false),
         ("linear", 32 * 196, 64, 64, 1, true),
@@ -110,32 +141,38 @@ pub fn kernels(
         } else {
             format!("{m}x{n}x{k}")
         };
-        measure(
+        bench.measure(
             label,
             case,
             shape.flops(),
             Box::new(|rec| gemm(rec, shape, a_ref, b_ref, with_bias.then_some(&bias), c_ref)),
         )?;
     }
+    Ok(())
+}
 
-    // What one dispatch costs beyond its work: a plan of 1000 axpby passes over 64 floats
-    // (median_ms is the whole plan; divide by 1000).
-    {
-        let (x, y) = (fill(gpu, &[64], "x", 11)?, fill(gpu, &[64], "y", 12)?);
-        measure(
-            "dispatch_overhead",
-            "1000 dispatches (axpby of 64 floats)".into(),
-            1000.0 * 3.0 * 64.0,
-            Box::new(|rec| {
-                for _ in 0..1000 {
-                    crate::ops::elementwise::axpby(rec, 0.5, &x, 0.5, &y)?;
-                }
-                Ok(())
-            }),
-        )?;
-    }
+/// What one dispatch costs beyond its work: a plan of 1000 axpby passes over 64 floats
+/// (median_ms is the whole plan; divide by 1000).
+fn bench_dispatch_overhead(bench: &mut KernelBench) -> Result<()> {
+    let gpu = bench.gpu;
+    let (x, y) = (fill(gpu, &[64], "x", 11)?, fill(gpu, &[64], "y", 12)?);
+    bench.measure(
+        "dispatch_overhead",
+        "1000 dispatches (axpby of 64 floats)".into(),
+        1000.0 * 3.0 * 64.0,
+        Box::new(|rec| {
+            for _ in 0..1000 {
+                crate::ops::elementwise::axpby(rec, 0.5, &x, 0.5, &y)?;
+            }
+            Ok(())
+        }),
+    )
+}
 
-    // conv2d at U-Net shapes: (N, Ci, Co, H, W)
+/// conv2d's three passes (forward, backward input, backward weight) at U-Net shapes.
+fn bench_convs(bench: &mut KernelBench) -> Result<()> {
+    let gpu = bench.gpu;
+    // (N, Ci, Co, H = W)
     for &(n, ci, co, hw) in &[
         (32, 64, 64, 14),
         (32, 64, 64, 28),
@@ -169,18 +206,22 @@ pub fn kernels(
             ),
         ];
         for (kernel, record) in passes {
-            measure(kernel, shape.clone(), d.flops(), record)?;
+            bench.measure(kernel, shape.clone(), d.flops(), record)?;
         }
     }
+    Ok(())
+}
 
-    // The fused attention core where this adapter runs it (subgroup path, heads <= 32 wide):
-    // (samples, tokens, channels, head_dim) of a 14 x 14 and an 8 x 8 attention with 8-wide heads.
-    // GFLOP/s counts the unfused GEMMs' work (QKᵀ and PV; four GEMMs backward), as the step does.
+/// The fused attention core where this adapter runs it (subgroup path, heads <= 32 wide):
+/// (samples, tokens, channels, head_dim) of a 14 x 14 and an 8 x 8 attention with 8-wide heads.
+/// GFLOP/s counts the unfused GEMMs' work (QKᵀ and PV; four GEMMs backward), as the step does.
+fn bench_fused_attention(bench: &mut KernelBench) -> Result<()> {
+    use crate::ops::attention::{attention_backward, attention_forward, stats_len};
+    let gpu = bench.gpu;
     for &(n, tokens, c, head_dim) in &[(32, 196, 64, 8), (32, 64, 64, 8)] {
         if crate::ops::attention::fused_lanes(gpu, head_dim, c).is_none() {
             continue;
         }
-        use crate::ops::attention::{attention_backward, attention_forward, stats_len};
         let heads = c / head_dim;
         let shape = [n * tokens, c];
         let (q, k, v, d_o) = (
@@ -222,10 +263,10 @@ pub fn kernels(
         attention_forward(&mut rec, &q, &k, &v, &o, &stats, tokens, heads, scale)?;
         gpu.run(&[&rec.finish()])?;
         for (kernel, flops, record) in passes {
-            measure(kernel, label.clone(), flops, record)?;
+            bench.measure(kernel, label.clone(), flops, record)?;
         }
     }
-    Ok(results)
+    Ok(())
 }
 
 /// One line of `bench --model M --batch-size B --steps N`: the training step, the sampling

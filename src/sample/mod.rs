@@ -13,8 +13,8 @@ use std::sync::Arc;
 
 use anyhow::{Result, bail};
 
-use crate::diffusion::scheduler::{SamplerKind, SamplingSchedule};
-use crate::gpu::{Gpu, Plan, Tensor};
+use crate::diffusion::scheduler::{ModelEval, SamplerKind, SamplingSchedule};
+use crate::gpu::{Gpu, Plan, Recorder, Tensor};
 use crate::nn::{UNet, UNetConfig};
 use crate::ops::elementwise::{copy_channels, scale};
 use crate::ops::noise::{purpose, random_normal, write_rng_state};
@@ -86,33 +86,7 @@ impl Sampler {
         options: &SamplerOptions,
     ) -> Result<Sampler> {
         let guidance = options.guidance;
-        if batch == 0 {
-            bail!("the sampling batch size must be at least 1");
-        }
-        let expect_in = model.out_channels * if model.sr_scale.is_some() { 2 } else { 1 };
-        if model.in_channels != expect_in {
-            bail!(
-                "the model maps {} input channels to {} output channels; sampling needs them equal (twice as many inputs for super-resolution)",
-                model.in_channels,
-                model.out_channels
-            );
-        }
-        if model.sr_scale.is_some() && options.guidance.is_some() {
-            bail!("guidance is not supported for super-resolution models");
-        }
-        if let Some(s) = guidance {
-            if model.num_class_embeds.is_none() {
-                bail!("guidance needs a class-conditional model; this one has no num_class_embeds");
-            }
-            if model.null_class.is_none() {
-                bail!(
-                    "guidance scale {s} needs a model trained with label dropout (an unconditional null class); this model has none: use guidance scale 1 (conditional only)"
-                );
-            }
-            if !s.is_finite() {
-                bail!("the guidance scale must be a finite number, is {s}");
-            }
-        }
+        check_sampling_setup(model, batch, guidance)?;
         let copies = if guidance.is_some() { 2 } else { 1 };
         let unet = UNet::for_inference(gpu, model, batch * copies)?;
         let shape = unet.output.shape().to_vec();
@@ -127,40 +101,11 @@ impl Sampler {
         let clip = settings
             .clip_sample
             .then_some(settings.clip_sample_range as f32);
+        // The step plan: U-Net input, U-Net, (guidance), update, (inpainting's known region).
         let mut rec = gpu.recorder();
-        let sr = match model.sr_scale {
-            None => {
-                scale_model_input(&mut rec, &x, &coeffs, &unet.sample.value, copies)?;
-                None
-            }
-            Some(k) => {
-                // cat([scale_model_input(x), bicubic(LR)]) along channels.
-                let s = model.sample_size;
-                let c = model.out_channels;
-                let low = gpu.tensor(&[batch, s / k, s / k, c], "sr: low resolution");
-                let up = gpu.tensor(&shape, "sr: bicubic upsampled");
-                let scaled = gpu.tensor(&shape, "sr: scaled x");
-                scale_model_input(&mut rec, &x, &coeffs, &scaled, 1)?;
-                copy_channels(&mut rec, &scaled, 0, &unet.sample.value, 0, c, false)?;
-                copy_channels(&mut rec, &up, 0, &unet.sample.value, c, c, false)?;
-                let mut r = gpu.recorder();
-                upsample_bicubic_forward(&mut r, &low, k, &up)?;
-                Some(SuperResolution {
-                    low,
-                    upsample_plan: r.finish(),
-                    ready: false,
-                })
-            }
-        };
+        let sr = record_model_input(&mut rec, model, &unet, &x, &coeffs, &shape, copies)?;
         unet.forward(&mut rec)?;
-        let guided = match guidance {
-            Some(scale) => {
-                let g = gpu.tensor(&shape, "guided model output");
-                guidance_combine(&mut rec, &unet.output.value, scale, &g)?;
-                g
-            }
-            None => unet.output.value.clone(),
-        };
+        let guided = record_guidance(&mut rec, &unet, guidance, &shape)?;
         sampler_update(
             &mut rec,
             settings.kind,
@@ -175,16 +120,18 @@ impl Sampler {
                 aux1: &aux1,
             },
         )?;
-        let mut renoise_plan = None;
-        if let Some((known, keep)) = &options.inpaint {
-            let image = &shape[1..];
-            let known = gpu.tensor_from(image, known, "inpainting: original")?;
-            let keep = gpu.tensor_from(image, keep, "inpainting: keep mask")?;
-            inpaint_known(&mut rec, &x, &z, &coeffs, &known, &keep)?;
-            let mut r = gpu.recorder();
-            renoise(&mut r, &x, &z, &coeffs)?;
-            renoise_plan = Some(r.finish());
-        }
+        let renoise_plan = match &options.inpaint {
+            Some((known, keep)) => Some(record_inpainting(
+                &mut rec,
+                &shape[1..],
+                known,
+                keep,
+                &x,
+                &z,
+                &coeffs,
+            )?),
+            None => None,
+        };
         let step_plan = rec.finish();
         let mut rec = gpu.recorder();
         rec.clear(&aux0);
@@ -287,7 +234,49 @@ impl Sampler {
         labels: Option<&[u32]>,
         on_eval: &mut dyn FnMut(usize),
     ) -> Result<Vec<f32>> {
+        self.take_lowres()?;
+        self.write_class_labels(labels)?;
         let g = self.gpu.clone();
+        // Nothing is submitted when a plan was past the adapter's limits or the device is lost.
+        g.check()?;
+        g.submit(&[&self.reset_plan]);
+        self.draw_initial_x(first_image, noise)?;
+        // Seeded step noise is drawn by its own plan, submitted ahead of each step that adds
+        // noise and of each RePaint jump.
+        let step_noise_plan = match noise {
+            Noise::Seeded(_) => Some(self.noise_plan(first_image, &self.z)?),
+            Noise::Given { .. } => None,
+        };
+        let mut in_flight: Option<wgpu::SubmissionIndex> = None;
+        let mut renoise_count = 0u32;
+        for (e, eval) in self.schedule.evals.iter().enumerate() {
+            self.submit_renoise_jumps(
+                &eval.renoise_before,
+                noise,
+                step_noise_plan.as_ref(),
+                &mut renoise_count,
+            )?;
+            let idx = self.submit_evaluation(eval, noise, step_noise_plan.as_ref())?;
+            // Keep one evaluation queued behind the running one: the GPU never idles and
+            // progress reports what has finished.
+            if let Some(prev) = in_flight.replace(idx) {
+                g.device
+                    .poll(wgpu::PollType::Wait {
+                        submission_index: Some(prev),
+                        timeout: None,
+                    })
+                    .map_err(|err| anyhow::anyhow!("GPU error while sampling: {err}"))?;
+                on_eval(e - 1);
+            }
+        }
+        let out = g.read(&self.x)?;
+        on_eval(self.schedule.evals.len() - 1);
+        Ok(out)
+    }
+
+    /// A super-resolution model samples a batch only after `set_lowres` gave its
+    /// low-resolution images, and each batch uses them up.
+    fn take_lowres(&mut self) -> Result<()> {
         if let Some(sr) = &mut self.sr {
             if !sr.ready {
                 bail!(
@@ -296,6 +285,12 @@ impl Sampler {
             }
             sr.ready = false;
         }
+        Ok(())
+    }
+
+    /// Checks the batch's class labels against the model and writes them, followed by the null
+    /// class for the unconditional half of a guided batch.
+    fn write_class_labels(&self, labels: Option<&[u32]>) -> Result<()> {
         let cfg = &self.unet.config;
         match (&self.unet.class_labels, labels) {
             (Some(t), Some(l)) => {
@@ -314,7 +309,7 @@ impl Sampler {
                     let null = cfg.null_class.expect("checked in new") as u32;
                     all.extend(std::iter::repeat_n(null, self.batch));
                 }
-                g.write_u32(t, &all)?;
+                self.gpu.write_u32(t, &all)?;
             }
             (None, None) => {}
             (Some(_), None) => bail!("the model is class-conditional: give the class labels"),
@@ -322,85 +317,202 @@ impl Sampler {
                 bail!("the model is not class-conditional: it takes no class labels")
             }
         }
+        Ok(())
+    }
+
+    /// x ← initial noise · init_noise_sigma: drawn from the seeded stream's initial-noise step
+    /// (2^32−1), or the given values.
+    fn draw_initial_x(&self, first_image: usize, noise: &Noise) -> Result<()> {
+        let g = &self.gpu;
         let sigma0 = self.schedule.init_noise_sigma;
-        // Nothing is submitted when a plan was past the adapter's limits or the device is lost.
-        g.check()?;
-        g.submit(&[&self.reset_plan]);
-        let step_noise_plan = match noise {
+        match noise {
             Noise::Seeded(seed) => {
-                write_rng_state(&g, &self.rng_state, *seed, u32::MAX)?;
+                write_rng_state(g, &self.rng_state, *seed, u32::MAX)?;
                 let init = self.noise_plan(first_image, &self.x)?;
                 let mut rec = g.recorder();
                 if sigma0 != 1.0 {
                     scale(&mut rec, sigma0, &self.x)?;
                 }
                 g.submit(&[&init, &rec.finish()]);
-                Some(self.noise_plan(first_image, &self.z)?)
             }
             Noise::Given { initial, .. } => {
                 // diffusers: latents = noise * init_noise_sigma, in float32.
                 let scaled: Vec<f32> = initial.iter().map(|v| v * sigma0).collect();
                 g.write(&self.x, &scaled)?;
-                None
-            }
-        };
-        let mut in_flight: Option<wgpu::SubmissionIndex> = None;
-        let mut renoise_count = 0u32;
-        for (e, eval) in self.schedule.evals.iter().enumerate() {
-            for &(a, b) in &eval.renoise_before {
-                let (Some(plan), Some(noise_plan), Noise::Seeded(seed)) =
-                    (&self.renoise_plan, &step_noise_plan, noise)
-                else {
-                    bail!("inpainting draws its noise from the seeded GPU RNG (no --noise)");
-                };
-                let mut c = [0.0f32; COEFFS_LEN];
-                c[5] = a;
-                c[6] = b;
-                g.write(&self.coeffs, &c)?;
-                // Streams of the jumps: steps from 2^31 up, apart from the denoising steps'.
-                write_rng_state(&g, &self.rng_state, *seed, (1 << 31) + renoise_count)?;
-                renoise_count += 1;
-                g.submit(&[noise_plan, plan]);
-            }
-            g.write(&self.unet.timesteps, &vec![eval.timestep; self.unet.batch])?;
-            g.write(&self.coeffs, &eval.kernel_coeffs())?;
-            let mut plans: Vec<&Plan> = Vec::with_capacity(2);
-            if eval.adds_noise {
-                match (noise, &step_noise_plan) {
-                    (Noise::Seeded(seed), Some(p)) => {
-                        write_rng_state(&g, &self.rng_state, *seed, eval.step as u32)?;
-                        plans.push(p);
-                    }
-                    (Noise::Given { steps: Some(s), .. }, _) => {
-                        let z = s.get(eval.step).ok_or_else(|| {
-                            anyhow::anyhow!("no step noise for step {}", eval.step)
-                        })?;
-                        g.write(&self.z, z)?;
-                    }
-                    _ => bail!(
-                        "the {} sampler adds noise at every step: give the per-step noise too (--step-noise) or sample from a seed",
-                        self.kind().diffusers_class()
-                    ),
-                }
-            }
-            plans.push(&self.step_plan);
-            let idx = g.submit(&plans);
-            // Keep one evaluation queued behind the running one: the GPU never idles and
-            // progress reports what has finished.
-            if let Some(prev) = in_flight.replace(idx) {
-                g.device
-                    .poll(wgpu::PollType::Wait {
-                        submission_index: Some(prev),
-                        timeout: None,
-                    })
-                    .map_err(|err| anyhow::anyhow!("GPU error while sampling: {err}"))?;
-                on_eval(e - 1);
             }
         }
-        let out = g.read(&self.x)?;
-        on_eval(self.schedule.evals.len() - 1);
-        Ok(out)
+        Ok(())
     }
+
+    /// Inpainting's jumps back up before an evaluation: x ← a·x + b·z for each (a, b), each
+    /// with fresh noise from its own stream.
+    fn submit_renoise_jumps(
+        &self,
+        jumps: &[(f32, f32)],
+        noise: &Noise,
+        step_noise_plan: Option<&Plan>,
+        renoise_count: &mut u32,
+    ) -> Result<()> {
+        let g = &self.gpu;
+        for &(a, b) in jumps {
+            let (Some(plan), Some(noise_plan), Noise::Seeded(seed)) =
+                (&self.renoise_plan, step_noise_plan, noise)
+            else {
+                bail!("inpainting draws its noise from the seeded GPU RNG (no --noise)");
+            };
+            let mut c = [0.0f32; COEFFS_LEN];
+            c[5] = a;
+            c[6] = b;
+            g.write(&self.coeffs, &c)?;
+            // Streams of the jumps: steps from 2^31 up, apart from the denoising steps'.
+            write_rng_state(g, &self.rng_state, *seed, (1 << 31) + *renoise_count)?;
+            *renoise_count += 1;
+            g.submit(&[noise_plan, plan]);
+        }
+        Ok(())
+    }
+
+    /// Writes one evaluation's timestep, coefficients and step noise (or the RNG step of the
+    /// noise plan submitted with it) and submits the step plan.
+    fn submit_evaluation(
+        &self,
+        eval: &ModelEval,
+        noise: &Noise,
+        step_noise_plan: Option<&Plan>,
+    ) -> Result<wgpu::SubmissionIndex> {
+        let g = &self.gpu;
+        g.write(&self.unet.timesteps, &vec![eval.timestep; self.unet.batch])?;
+        g.write(&self.coeffs, &eval.kernel_coeffs())?;
+        let mut plans: Vec<&Plan> = Vec::with_capacity(2);
+        if eval.adds_noise {
+            match (noise, step_noise_plan) {
+                (Noise::Seeded(seed), Some(p)) => {
+                    write_rng_state(g, &self.rng_state, *seed, eval.step as u32)?;
+                    plans.push(p);
+                }
+                (Noise::Given { steps: Some(s), .. }, _) => {
+                    let z = s
+                        .get(eval.step)
+                        .ok_or_else(|| anyhow::anyhow!("no step noise for step {}", eval.step))?;
+                    g.write(&self.z, z)?;
+                }
+                _ => bail!(
+                    "the {} sampler adds noise at every step: give the per-step noise too (--step-noise) or sample from a seed",
+                    self.kind().diffusers_class()
+                ),
+            }
+        }
+        plans.push(&self.step_plan);
+        Ok(g.submit(&plans))
+    }
+}
+
+/// Refuses, before anything is allocated, a batch, model and guidance that cannot sample
+/// together.
+fn check_sampling_setup(model: &UNetConfig, batch: usize, guidance: Option<f32>) -> Result<()> {
+    if batch == 0 {
+        bail!("the sampling batch size must be at least 1");
+    }
+    let expect_in = model.out_channels * if model.sr_scale.is_some() { 2 } else { 1 };
+    if model.in_channels != expect_in {
+        bail!(
+            "the model maps {} input channels to {} output channels; sampling needs them equal (twice as many inputs for super-resolution)",
+            model.in_channels,
+            model.out_channels
+        );
+    }
+    if model.sr_scale.is_some() && guidance.is_some() {
+        bail!("guidance is not supported for super-resolution models");
+    }
+    if let Some(s) = guidance {
+        if model.num_class_embeds.is_none() {
+            bail!("guidance needs a class-conditional model; this one has no num_class_embeds");
+        }
+        if model.null_class.is_none() {
+            bail!(
+                "guidance scale {s} needs a model trained with label dropout (an unconditional null class); this model has none: use guidance scale 1 (conditional only)"
+            );
+        }
+        if !s.is_finite() {
+            bail!("the guidance scale must be a finite number, is {s}");
+        }
+    }
+    Ok(())
+}
+
+/// Records what fills the U-Net's input from x: `scale_model_input` (into each of the
+/// `copies` halves of a guided batch), or for a super-resolution model the channel
+/// concatenation of scaled x and the bicubic upsampling of the low-resolution batch, whose own
+/// plan (run once per batch by `set_lowres`) is returned with it.
+fn record_model_input(
+    rec: &mut Recorder,
+    model: &UNetConfig,
+    unet: &UNet,
+    x: &Tensor,
+    coeffs: &Tensor,
+    shape: &[usize],
+    copies: usize,
+) -> Result<Option<SuperResolution>> {
+    let Some(k) = model.sr_scale else {
+        scale_model_input(rec, x, coeffs, &unet.sample.value, copies)?;
+        return Ok(None);
+    };
+    let gpu = rec.gpu.clone();
+    let batch = shape[0];
+    // cat([scale_model_input(x), bicubic(LR)]) along channels.
+    let s = model.sample_size;
+    let c = model.out_channels;
+    let low = gpu.tensor(&[batch, s / k, s / k, c], "sr: low resolution");
+    let up = gpu.tensor(shape, "sr: bicubic upsampled");
+    let scaled = gpu.tensor(shape, "sr: scaled x");
+    scale_model_input(rec, x, coeffs, &scaled, 1)?;
+    copy_channels(rec, &scaled, 0, &unet.sample.value, 0, c, false)?;
+    copy_channels(rec, &up, 0, &unet.sample.value, c, c, false)?;
+    let mut r = gpu.recorder();
+    upsample_bicubic_forward(&mut r, &low, k, &up)?;
+    Ok(Some(SuperResolution {
+        low,
+        upsample_plan: r.finish(),
+        ready: false,
+    }))
+}
+
+/// The model output the update reads: the U-Net's own, or with classifier-free guidance the
+/// combination of its conditional and unconditional halves (recorded here).
+fn record_guidance(
+    rec: &mut Recorder,
+    unet: &UNet,
+    guidance: Option<f32>,
+    shape: &[usize],
+) -> Result<Tensor> {
+    Ok(match guidance {
+        Some(scale) => {
+            let g = rec.gpu.tensor(shape, "guided model output");
+            guidance_combine(rec, &unet.output.value, scale, &g)?;
+            g
+        }
+        None => unet.output.value.clone(),
+    })
+}
+
+/// Inpainting: records, after the update, the replacement of the known region (the original
+/// noised to the step's level) and returns the separate plan of RePaint's jump back up.
+fn record_inpainting(
+    rec: &mut Recorder,
+    image: &[usize],
+    known: &[f32],
+    keep: &[f32],
+    x: &Tensor,
+    z: &Tensor,
+    coeffs: &Tensor,
+) -> Result<Plan> {
+    let gpu = rec.gpu.clone();
+    let known = gpu.tensor_from(image, known, "inpainting: original")?;
+    let keep = gpu.tensor_from(image, keep, "inpainting: keep mask")?;
+    inpaint_known(rec, x, z, coeffs, &known, &keep)?;
+    let mut r = gpu.recorder();
+    renoise(&mut r, x, z, coeffs)?;
+    Ok(r.finish())
 }
 
 /// [N, C, H, W] → [N, H, W, C] (PyTorch's layout to ours).

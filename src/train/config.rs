@@ -301,9 +301,19 @@ mod tests {
         assert!(c.validate().unwrap_err().contains("cond_drop"));
     }
 
+    /// Each config is refused with an error naming its option.
+    fn assert_refused_by_name(bad: Vec<(&str, TrainConfig)>) {
+        for (name, c) in bad {
+            let e = c.validate().unwrap_err();
+            assert!(e.contains(name), "{name}: {e}");
+        }
+    }
+
+    /// Counts and intervals: zero, steps past the random streams' 32-bit step numbers, a log
+    /// window past what the GPU loss log holds.
     #[test]
-    fn every_numeric_option_is_checked_by_name() {
-        let bad: Vec<(&str, TrainConfig)> = vec![
+    fn sizes_and_intervals_are_checked_by_name() {
+        assert_refused_by_name(vec![
             (
                 "steps",
                 TrainConfig {
@@ -346,6 +356,14 @@ mod tests {
                     ..Default::default()
                 },
             ),
+        ]);
+    }
+
+    /// The optimizer's and EMA's rates and factors: negative, not finite, or outside the
+    /// interval they must lie in.
+    #[test]
+    fn optimizer_options_are_checked_by_name() {
+        assert_refused_by_name(vec![
             (
                 "lr",
                 TrainConfig {
@@ -437,6 +455,14 @@ mod tests {
                     ..Default::default()
                 },
             ),
+        ]);
+    }
+
+    /// The noise schedule (betas out of order, no timesteps) and the sampling steps of the
+    /// periodic sample grids.
+    #[test]
+    fn noise_schedule_and_sampling_options_are_checked_by_name() {
+        assert_refused_by_name(vec![
             (
                 "beta_start",
                 TrainConfig {
@@ -459,11 +485,11 @@ mod tests {
                     ..Default::default()
                 },
             ),
-        ];
-        for (name, c) in bad {
-            let e = c.validate().unwrap_err();
-            assert!(e.contains(name), "{name}: {e}");
-        }
+        ]);
+    }
+
+    #[test]
+    fn zero_means_off_where_an_option_allows_it() {
         // 0 is allowed where it means "off" or "none".
         let zeros = TrainConfig {
             lr: 0.0,
@@ -474,6 +500,10 @@ mod tests {
             ..Default::default()
         };
         zeros.validate().unwrap();
+    }
+
+    #[test]
+    fn rng_range_is_checked_by_name() {
         // The random streams' 32-bit range: 2^16 x 2^8 x 16x16 overflows, 2^8 x 32 x 16x16 fits.
         let big = TrainConfig {
             grad_accum: 1 << 16,

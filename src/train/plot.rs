@@ -28,134 +28,228 @@ pub fn loss_plot(history: &[(u64, f32)], path: &Path) -> Result<()> {
 }
 
 fn render_loss_plot(history: &[(u64, f32)]) -> image::RgbImage {
-    let (width, height) = (WIDTH, HEIGHT);
-    let (x0, x1, y0, y1) = (LEFT, width - RIGHT, TOP, height - BOTTOM);
-    let mut img = image::RgbImage::from_pixel(width, height, image::Rgb([255, 255, 255]));
-    let points: Vec<(u64, f64)> = history
+    let mut img = image::RgbImage::from_pixel(WIDTH, HEIGHT, image::Rgb([255, 255, 255]));
+    let points = log_losses(history);
+    if points.len() >= 2 {
+        let (frame, xticks) = Frame::fit(&points);
+        let yticks = frame.loss_tick_rows();
+        let xticks = frame.step_tick_columns(xticks);
+        // Grid lines first so that the curves and axes draw over them.
+        draw_grid(&mut img, &xticks, &yticks);
+        let smooth = moving_average(&points);
+        for (series, color) in [(&points, [170, 190, 230]), (&smooth, [20, 60, 160])] {
+            draw_series(&mut img, &frame, series, image::Rgb(color));
+        }
+        draw_step_ticks(&mut img, &xticks);
+        draw_loss_ticks(&mut img, &yticks);
+    }
+    draw_axes(&mut img);
+    draw_axis_titles(&mut img);
+    img
+}
+
+/// (step, log10 loss) of the losses a log axis can show (finite and positive).
+fn log_losses(history: &[(u64, f32)]) -> Vec<(u64, f64)> {
+    history
         .iter()
         .filter(|(_, l)| l.is_finite() && *l > 0.0)
         .map(|&(s, l)| (s, (l as f64).log10()))
-        .collect();
-    if points.len() >= 2 {
+        .collect()
+}
+
+/// The data range shown in the plot area `LEFT..WIDTH - RIGHT` by `TOP..HEIGHT - BOTTOM`:
+/// steps `s0..=s1` across, log10 losses `lo..=lo + span` up.
+struct Frame {
+    s0: f64,
+    s1: f64,
+    lo: f64,
+    hi: f64,
+    span: f64,
+}
+
+impl Frame {
+    /// The frame around `points` (at least two) and the step ticks of its axis.
+    fn fit(points: &[(u64, f64)]) -> (Frame, Vec<u64>) {
         let (first, last) = (points[0].0, points[points.len() - 1].0);
         let lo = points.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
         let hi = points.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
         let span = (hi - lo).max(1e-6);
         // As many step ticks as fit with the widest label (the last step's) plus a gap.
         let label_w = text_width(&last.to_string(), TEXT_SCALE) + 20;
+        let (x0, x1) = (LEFT, WIDTH - RIGHT);
         let (s0, xticks) = step_axis(first, last, ((x1 - x0) / label_w).clamp(2, 8) as u64);
-        let s0 = s0 as f64;
-        let s1 = last as f64;
-        let to_px = |s: f64, l: f64| {
-            let x = x0 as f64 + (s - s0) / (s1 - s0).max(1.0) * (x1 - x0) as f64;
-            let y = y1 as f64 - (l - lo) / span * (y1 - y0) as f64;
-            (x, y)
+        let frame = Frame {
+            s0: s0 as f64,
+            s1: last as f64,
+            lo,
+            hi,
+            span,
         };
-        let yticks: Vec<(f64, f64)> = loss_ticks(10f64.powf(lo), 10f64.powf(hi))
+        (frame, xticks)
+    }
+
+    /// The pixel position (unrounded, unclipped) of (step, log10 loss).
+    fn to_px(&self, s: f64, l: f64) -> (f64, f64) {
+        let (x0, x1, y0, y1) = (LEFT, WIDTH - RIGHT, TOP, HEIGHT - BOTTOM);
+        let x = x0 as f64 + (s - self.s0) / (self.s1 - self.s0).max(1.0) * (x1 - x0) as f64;
+        let y = y1 as f64 - (l - self.lo) / self.span * (y1 - y0) as f64;
+        (x, y)
+    }
+
+    /// The loss axis's tick values and the pixel rows they fall on.
+    fn loss_tick_rows(&self) -> Vec<(f64, f64)> {
+        let (y0, y1) = (TOP, HEIGHT - BOTTOM);
+        loss_ticks(10f64.powf(self.lo), 10f64.powf(self.hi))
             .into_iter()
             .map(|v| {
                 (
                     v,
-                    to_px(s0, v.log10()).1.round().clamp(y0 as f64, y1 as f64),
+                    self.to_px(self.s0, v.log10())
+                        .1
+                        .round()
+                        .clamp(y0 as f64, y1 as f64),
                 )
             })
-            .collect();
-        let xticks: Vec<(u64, f64)> = xticks
+            .collect()
+    }
+
+    /// The step ticks and the pixel columns they fall on.
+    fn step_tick_columns(&self, ticks: Vec<u64>) -> Vec<(u64, f64)> {
+        let (x0, x1) = (LEFT, WIDTH - RIGHT);
+        ticks
             .into_iter()
-            .map(|s| (s, to_px(s as f64, lo).0.round().clamp(x0 as f64, x1 as f64)))
-            .collect();
-        // Grid lines first so that the curves and axes draw over them.
-        for &(_, y) in &yticks {
-            for x in x0..=x1 {
-                img.put_pixel(x, y as u32, GRID);
-            }
-        }
-        for &(_, x) in &xticks {
-            for y in y0..=y1 {
-                img.put_pixel(x as u32, y, GRID);
-            }
-        }
-        let k = (points.len() / 50).max(1);
-        let smooth: Vec<(u64, f64)> = (0..points.len())
-            .map(|i| {
-                let a = i.saturating_sub(k);
-                let window = &points[a..=i];
+            .map(|s| {
                 (
-                    points[i].0,
-                    window.iter().map(|p| p.1).sum::<f64>() / window.len() as f64,
+                    s,
+                    self.to_px(s as f64, self.lo)
+                        .0
+                        .round()
+                        .clamp(x0 as f64, x1 as f64),
                 )
             })
-            .collect();
-        for (series, color) in [(&points, [170, 190, 230]), (&smooth, [20, 60, 160])] {
-            for w in series.windows(2) {
-                let (a, b) = (to_px(w[0].0 as f64, w[0].1), to_px(w[1].0 as f64, w[1].1));
-                let n = ((b.0 - a.0).abs().max((b.1 - a.1).abs()).ceil() as usize).max(1);
-                for t in 0..=n {
-                    let f = t as f64 / n as f64;
-                    let (x, y) = (a.0 + (b.0 - a.0) * f, a.1 + (b.1 - a.1) * f);
-                    if x >= 0.0 && y >= 0.0 && (x as u32) < width && (y as u32) < height {
-                        img.put_pixel(x as u32, y as u32, image::Rgb(color));
-                    }
-                }
-            }
+            .collect()
+    }
+}
+
+/// Light lines across the plot area at each tick.
+fn draw_grid(img: &mut image::RgbImage, xticks: &[(u64, f64)], yticks: &[(f64, f64)]) {
+    let (x0, x1, y0, y1) = (LEFT, WIDTH - RIGHT, TOP, HEIGHT - BOTTOM);
+    for &(_, y) in yticks {
+        for x in x0..=x1 {
+            img.put_pixel(x, y as u32, GRID);
         }
-        // Ticks and their labels; a label that would touch the previous one is left out (the
-        // tick stays), which only happens for crowded decades or very long step numbers.
-        let text_h = 7 * TEXT_SCALE;
-        let mut last_right = i64::MIN;
-        for &(s, x) in &xticks {
-            let x = x as u32;
-            for y in y1..y1 + TICK {
-                img.put_pixel(x, y, INK);
-            }
-            let label = s.to_string();
-            let w = text_width(&label, TEXT_SCALE);
-            let left = (x as i64 - w as i64 / 2).clamp(0, (width - w) as i64);
-            if left >= last_right + 8 {
-                draw_text(
-                    &mut img,
-                    &label,
-                    left as u32,
-                    y1 + TICK + 4,
-                    TEXT_SCALE,
-                    false,
-                );
-                last_right = left + w as i64;
-            }
+    }
+    for &(_, x) in xticks {
+        for y in y0..=y1 {
+            img.put_pixel(x as u32, y, GRID);
         }
-        let mut last_top = i64::MAX;
-        for &(v, y) in yticks.iter() {
-            let y = y as u32;
-            for x in x0 - TICK..x0 {
-                img.put_pixel(x, y, INK);
-            }
-            let label = fmt_tick(v);
-            let w = text_width(&label, TEXT_SCALE);
-            let top = (y as i64 - text_h as i64 / 2).clamp(0, (height - text_h) as i64);
-            if top + text_h as i64 + 4 <= last_top {
-                let left = (x0 - TICK - 4).saturating_sub(w);
-                draw_text(&mut img, &label, left, top as u32, TEXT_SCALE, false);
-                last_top = top;
+    }
+}
+
+/// The trailing mean of each point over the `len / 50` points before it (at least 1), so
+/// that the trend shows through the per-step noise whatever the run's length.
+fn moving_average(points: &[(u64, f64)]) -> Vec<(u64, f64)> {
+    let k = (points.len() / 50).max(1);
+    (0..points.len())
+        .map(|i| {
+            let a = i.saturating_sub(k);
+            let window = &points[a..=i];
+            (
+                points[i].0,
+                window.iter().map(|p| p.1).sum::<f64>() / window.len() as f64,
+            )
+        })
+        .collect()
+}
+
+/// A polyline through the series, each segment sampled at least once per pixel; pixels off
+/// the image are skipped.
+fn draw_series(
+    img: &mut image::RgbImage,
+    frame: &Frame,
+    series: &[(u64, f64)],
+    color: image::Rgb<u8>,
+) {
+    for w in series.windows(2) {
+        let (a, b) = (
+            frame.to_px(w[0].0 as f64, w[0].1),
+            frame.to_px(w[1].0 as f64, w[1].1),
+        );
+        let n = ((b.0 - a.0).abs().max((b.1 - a.1).abs()).ceil() as usize).max(1);
+        for t in 0..=n {
+            let f = t as f64 / n as f64;
+            let (x, y) = (a.0 + (b.0 - a.0) * f, a.1 + (b.1 - a.1) * f);
+            if x >= 0.0 && y >= 0.0 && (x as u32) < WIDTH && (y as u32) < HEIGHT {
+                img.put_pixel(x as u32, y as u32, color);
             }
         }
     }
-    // Axes.
+}
+
+/// Tick marks under the x axis, each labelled with its step; a label that would touch the
+/// previous one is left out (the tick stays), which only happens for very long step numbers.
+fn draw_step_ticks(img: &mut image::RgbImage, xticks: &[(u64, f64)]) {
+    let y1 = HEIGHT - BOTTOM;
+    let mut last_right = i64::MIN;
+    for &(s, x) in xticks {
+        let x = x as u32;
+        for y in y1..y1 + TICK {
+            img.put_pixel(x, y, INK);
+        }
+        let label = s.to_string();
+        let w = text_width(&label, TEXT_SCALE);
+        let left = (x as i64 - w as i64 / 2).clamp(0, (WIDTH - w) as i64);
+        if left >= last_right + 8 {
+            draw_text(img, &label, left as u32, y1 + TICK + 4, TEXT_SCALE, false);
+            last_right = left + w as i64;
+        }
+    }
+}
+
+/// Tick marks left of the y axis, each labelled with its loss; a label that would touch the
+/// one above it is left out (the tick stays), which only happens for crowded decades.
+fn draw_loss_ticks(img: &mut image::RgbImage, yticks: &[(f64, f64)]) {
+    let x0 = LEFT;
+    let text_h = 7 * TEXT_SCALE;
+    let mut last_top = i64::MAX;
+    for &(v, y) in yticks {
+        let y = y as u32;
+        for x in x0 - TICK..x0 {
+            img.put_pixel(x, y, INK);
+        }
+        let label = fmt_tick(v);
+        let w = text_width(&label, TEXT_SCALE);
+        let top = (y as i64 - text_h as i64 / 2).clamp(0, (HEIGHT - text_h) as i64);
+        if top + text_h as i64 + 4 <= last_top {
+            let left = (x0 - TICK - 4).saturating_sub(w);
+            draw_text(img, &label, left, top as u32, TEXT_SCALE, false);
+            last_top = top;
+        }
+    }
+}
+
+/// The x and y axes along the plot area's bottom and left edges.
+fn draw_axes(img: &mut image::RgbImage) {
+    let (x0, x1, y0, y1) = (LEFT, WIDTH - RIGHT, TOP, HEIGHT - BOTTOM);
     for x in x0..=x1 {
         img.put_pixel(x, y1, INK);
     }
     for y in y0..=y1 {
         img.put_pixel(x0, y, INK);
     }
-    // Axis titles: "step" centred under the step labels, "loss (log)" rotated along the left
-    // edge, centred on the plot area.
+}
+
+/// Axis titles: "step" centred under the step labels, "loss (log)" rotated along the left
+/// edge, centred on the plot area.
+fn draw_axis_titles(img: &mut image::RgbImage) {
+    let (x0, x1, y0, y1) = (LEFT, WIDTH - RIGHT, TOP, HEIGHT - BOTTOM);
     let title = "step";
     let w = text_width(title, TEXT_SCALE);
     let top = y1 + TICK + 4 + 7 * TEXT_SCALE + 8;
-    draw_text(&mut img, title, (x0 + x1 - w) / 2, top, TEXT_SCALE, false);
+    draw_text(img, title, (x0 + x1 - w) / 2, top, TEXT_SCALE, false);
     let title = "loss (log)";
     let w = text_width(title, TEXT_SCALE);
-    draw_text(&mut img, title, 8, (y0 + y1 + w) / 2, TEXT_SCALE, true);
-    img
+    draw_text(img, title, 8, (y0 + y1 + w) / 2, TEXT_SCALE, true);
 }
 
 /// The step axis: its left edge and the ticks on it, multiples of a 1-2-5 step giving at most
