@@ -47,6 +47,7 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("diffusion", include_str!("../../shaders/diffusion.wgsl")),
     ("samplers", include_str!("../../shaders/samplers.wgsl")),
     ("embedding", include_str!("../../shaders/embedding.wgsl")),
+    ("posterior", include_str!("../../shaders/posterior.wgsl")),
 ];
 
 /// The shared pieces a shader pulls in with `//#include NAME`: (NAME, WGSL).

@@ -13,6 +13,7 @@ pub mod group_norm;
 pub mod loss;
 pub mod noise;
 pub mod pack;
+pub mod posterior;
 pub mod reduce;
 pub mod samplers;
 pub mod softmax;

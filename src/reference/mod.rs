@@ -11,6 +11,7 @@ pub mod gemm;
 pub mod group_norm;
 pub mod loss;
 pub mod noise;
+pub mod posterior;
 pub mod reduce;
 pub mod samplers;
 pub mod softmax;

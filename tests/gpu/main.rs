@@ -18,6 +18,7 @@ mod kernel_keys;
 mod loss;
 mod noise;
 mod parity;
+mod posterior;
 mod reduce;
 mod sample_cli;
 mod sample_parity;

@@ -1,0 +1,59 @@
+// The VAE's diagonal Gaussian posterior (diffusers' DiagonalGaussianDistribution; Kingma & Welling
+// 2014, §2.4, the reparameterisation trick): the encoder's moments [P, 2L] per pixel (NHWC: the
+// first L channels the mean μ, the last L the log-variance) give
+//   logvar = clamp(moments[L..2L], -30, 20),  σ = exp(logvar / 2),  z = μ + σ·ε
+// (ε = 0 gives the mode, z = μ). Backward: dμ = dz, dlogvar = dz·ε·σ/2 where the clamp passes
+// (torch.clamp's gradient is 1 inside [min, max], bounds included, and 0 outside).
+
+struct Params {
+    n: u32,        // P·L: elements of z
+    latent: u32,   // L
+    _pad0: u32,
+    _pad1: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> moments: array<f32>;       // [P, 2L]
+@group(0) @binding(2) var<storage, read> eps: array<f32>;           // [P, L]
+@group(0) @binding(3) var<storage, read_write> z: array<f32>;       // [P, L]
+@group(0) @binding(4) var<storage, read> dz: array<f32>;            // [P, L]
+@group(0) @binding(5) var<storage, read_write> dmoments: array<f32>; // [P, 2L]
+
+const WG: u32 = 256u;
+const LOGVAR_MIN: f32 = -30.0;
+const LOGVAR_MAX: f32 = 20.0;
+
+//#include linear_index
+
+// (index of μ, index of the raw log-variance) in moments for element i of z.
+fn moment_index(i: u32) -> vec2<u32> {
+    let pixel = i / p.latent;
+    let c = i - pixel * p.latent;
+    let m = pixel * 2u * p.latent + c;
+    return vec2<u32>(m, m + p.latent);
+}
+
+@compute @workgroup_size(256)
+fn posterior_sample(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                    @builtin(local_invocation_index) lid: u32) {
+    let i = linear_index(wid, nwg, lid);
+    if (i >= p.n) { return; }
+    let at = moment_index(i);
+    let logvar = clamp(moments[at.y], LOGVAR_MIN, LOGVAR_MAX);
+    z[i] = moments[at.x] + exp(0.5 * logvar) * eps[i];
+}
+
+// Writes both halves of dmoments (overwriting): one invocation per element of z.
+@compute @workgroup_size(256)
+fn posterior_sample_backward(@builtin(workgroup_id) wid: vec3<u32>,
+                             @builtin(num_workgroups) nwg: vec3<u32>,
+                             @builtin(local_invocation_index) lid: u32) {
+    let i = linear_index(wid, nwg, lid);
+    if (i >= p.n) { return; }
+    let at = moment_index(i);
+    let raw = moments[at.y];
+    let inside = raw >= LOGVAR_MIN && raw <= LOGVAR_MAX;
+    let sigma = exp(0.5 * clamp(raw, LOGVAR_MIN, LOGVAR_MAX));
+    dmoments[at.x] = dz[i];
+    dmoments[at.y] = select(0.0, dz[i] * eps[i] * 0.5 * sigma, inside);
+}
