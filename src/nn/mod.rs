@@ -11,10 +11,14 @@ pub mod init;
 pub mod layers;
 pub mod params;
 pub mod unet;
+pub mod vae;
+pub mod vae_config;
 
 pub use config::UNetConfig;
 pub use params::{ParamSpec, ParamStore};
 pub use unet::UNet;
+pub use vae::Vae;
+pub use vae_config::VaeConfig;
 
 use std::collections::HashSet;
 use std::sync::Arc;

@@ -27,3 +27,4 @@ mod softmax;
 mod timestep_embedding;
 mod train;
 mod upsample;
+mod vae;
