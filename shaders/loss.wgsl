@@ -2,6 +2,10 @@
 // reduction="mean", times w_b):
 //   loss = (1 / N) Σ_i w_{b(i)} (pred_i − target_i)²,   N = B·C·H·W, b(i) = i / per_sample
 //   dloss/dpred_i = scale · 2 w_{b(i)} (pred_i − target_i) / N
+// and the VAE's reconstruction loss, L1 summed over each image and averaged over the batch
+// (CompVis' LPIPSWithDiscriminator without its perceptual and GAN terms):
+//   loss = (1 / B) Σ_i |pred_i − target_i|,   dloss/dpred_i = scale · sign(pred_i − target_i) / B
+// (sign(0) = 0, as torch's abs backward).
 //
 // The sum is a deterministic two-stage reduction (no float atomics): stage 1 gives workgroup g
 // the fixed chunk [g·CHUNK, (g+1)·CHUNK); each thread adds its ITEMS elements in order, then a
@@ -69,9 +73,35 @@ fn mse_partial_weighted(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_work
     if (lid == 0u) { partials[g] = total; }
 }
 
-// Stage 2 (one workgroup): result[0] = (Σ partials) / N.
+// Stage 1 of the L1 loss: partials[g] = Σ over chunk g of |pred − target|.
 @compute @workgroup_size(256)
-fn mse_finish(@builtin(local_invocation_index) lid: u32) {
+fn l1_partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_index) lid: u32) {
+    let g = group_index(wid, nwg);
+    let base = g * CHUNK + lid;
+    var acc = 0.0;
+    for (var k = 0u; k < ITEMS; k = k + 1u) {
+        let i = base + k * WG;
+        if (i < p.n) { acc = acc + abs(pred[i] - tgt[i]); }
+    }
+    let total = tree_sum(lid, acc);
+    if (lid == 0u) { partials[g] = total; }
+}
+
+// dpred_i = scale · sign(pred_i − target_i) / B
+@compute @workgroup_size(256)
+fn l1_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) lid: u32) {
+    let i = group_index(wid, nwg) * WG + lid;
+    if (i < p.n) {
+        dpred[i] = p.factor * sign(pred[i] - tgt[i]);
+    }
+}
+
+// Stage 2 of every loss here and of the VAE's KL term (one workgroup):
+// result[0] = (Σ partials) / count.
+@compute @workgroup_size(256)
+fn sum_finish(@builtin(local_invocation_index) lid: u32) {
     var acc = 0.0;
     for (var i = lid; i < p.n; i = i + WG) {
         acc = acc + partials_in[i];

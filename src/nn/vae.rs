@@ -18,7 +18,7 @@ use super::{Act, GradTracker, ParamStore, VaeConfig};
 use crate::gpu::{Gpu, GpuError, Recorder, Tensor};
 use crate::ops::OpResult;
 use crate::ops::conv2d::Conv2dGeometry;
-use crate::ops::posterior::{posterior_sample, posterior_sample_backward};
+use crate::ops::posterior::{posterior_kl_backward, posterior_sample, posterior_sample_backward};
 
 /// diffusers builds every VAE GroupNorm with eps 1e-6 (`resnet_eps` of the encoder and decoder).
 const VAE_NORM_EPS: f64 = 1e-6;
@@ -406,10 +406,10 @@ impl Vae {
         self.decode(rec)
     }
 
-    /// Records the backward pass from `output.grad` (and whatever the caller added into
-    /// `moments.grad` after it, such as the KL term's gradient, is not included: the posterior's
-    /// backward overwrites `moments.grad`); parameter gradients accumulate into `params.grads`.
-    pub fn backward(&self, rec: &mut Recorder) -> OpResult {
+    /// Records the backward pass of `rec_loss(output) + kl_weight · kl_mean(moments)` from
+    /// `output.grad` (the reconstruction loss's gradient, written by the caller); the KL term's
+    /// gradient is added at the posterior. Parameter gradients accumulate into `params.grads`.
+    pub fn backward(&self, rec: &mut Recorder, kl_weight: f32) -> OpResult {
         let p = &self.params;
         let mut gt = GradTracker::default();
         let gt = &mut gt;
@@ -425,6 +425,9 @@ impl Vae {
             &self.latent.grad,
             &self.moments.grad,
         )?;
+        if kl_weight != 0.0 {
+            posterior_kl_backward(rec, &self.moments.value, kl_weight, &self.moments.grad)?;
+        }
         if let Some(q) = &self.quant_conv {
             q.backward(rec, p, gt, &self.enc_out, &self.moments, true)?;
         }

@@ -1,5 +1,6 @@
 //! `shaders/loss.wgsl`: mean squared error (torch `mse_loss`, reduction "mean") with optional
-//! per-sample weights, and its gradient.
+//! per-sample weights, the VAE's L1 reconstruction loss (summed per image, averaged over the
+//! batch), and their gradients.
 //!
 //! loss = (1/N) Σ_i w_b(i) (pred_i − target_i)², N = numel, w = 1 without weights. The sum is a
 //! deterministic two-stage reduction: fixed chunks of [`CHUNK`] elements per workgroup, a fixed
@@ -90,15 +91,78 @@ pub fn mse_loss(
         None => "mse_partial",
     };
     rec.dispatch(key(entry), &p, &bindings, grid_1d(groups));
-    let p2 = LossParams {
-        n: groups as u32,
-        ..p
+    sum_partials(rec, &partials, n as f32, loss);
+    Ok(())
+}
+
+/// Stage 2 of a two-stage sum: result[0] = (Σ partials) / count, one workgroup, a fixed tree.
+pub fn sum_partials(rec: &mut Recorder, partials: &Tensor, count: f32, result: &Tensor) {
+    let p = LossParams {
+        n: partials.numel() as u32,
+        count,
+        ..Default::default()
     };
     rec.dispatch(
-        key("mse_finish"),
-        &p2,
-        &[(5, (&partials).into()), (6, loss.into())],
+        key("sum_finish"),
+        &p,
+        &[(5, partials.into()), (6, result.into())],
         [1, 1, 1],
+    );
+}
+
+/// Records loss[0] = (1/B) Σ_i |pred_i − target_i| (B = pred.shape()[0]): the L1 distance summed
+/// over each image and averaged over the batch.
+pub fn l1_loss(rec: &mut Recorder, pred: &Tensor, target: &Tensor, loss: &Tensor) -> OpResult {
+    const OP: &str = "l1_loss";
+    let (n, _) = check(OP, pred, target, None)?;
+    expect_numel(OP, "loss", loss, 1)?;
+    for t in [pred, target] {
+        expect_distinct(OP, t, loss)?;
+    }
+    let groups = partials_len(n);
+    let partials = rec.gpu.tensor(&[groups], "l1 partials");
+    let p = LossParams {
+        n: u32_of(OP, "n", n)?,
+        ..Default::default()
+    };
+    rec.dispatch(
+        key("l1_partial"),
+        &p,
+        &[
+            (1, pred.into()),
+            (2, target.into()),
+            (4, (&partials).into()),
+        ],
+        grid_1d(groups),
+    );
+    sum_partials(rec, &partials, pred.shape()[0] as f32, loss);
+    Ok(())
+}
+
+/// dpred_i = scale · sign(pred_i − target_i) / B (sign(0) = 0). Overwrites `dpred`.
+pub fn l1_backward(
+    rec: &mut Recorder,
+    pred: &Tensor,
+    target: &Tensor,
+    scale: f32,
+    dpred: &Tensor,
+) -> OpResult {
+    const OP: &str = "l1_backward";
+    let (n, _) = check(OP, pred, target, None)?;
+    expect_numel(OP, "dpred", dpred, n)?;
+    for t in [pred, target] {
+        expect_distinct(OP, t, dpred)?;
+    }
+    let p = LossParams {
+        n: u32_of(OP, "n", n)?,
+        factor: (scale as f64 / pred.shape()[0] as f64) as f32,
+        ..Default::default()
+    };
+    rec.dispatch(
+        key("l1_backward"),
+        &p,
+        &[(1, pred.into()), (2, target.into()), (7, dpred.into())],
+        grid_1d(n.div_ceil(WG)),
     );
     Ok(())
 }

@@ -1,7 +1,9 @@
 //! `shaders/posterior.wgsl`: the VAE's diagonal Gaussian posterior, z = μ + exp(clamp(logvar,
 //! −30, 20)/2)·ε from the encoder's moments (NHWC: μ in the first L channels, the log-variance
-//! in the last L), and its backward to the moments.
+//! in the last L), and its backward to the moments; the KL divergence to N(0, I) averaged over
+//! the batch, and its gradient.
 
+use super::loss::sum_partials;
 use super::{OpResult, expect_distinct, expect_numel, invalid, u32_of};
 use crate::gpu::{KernelKey, Recorder, Tensor, grid_1d};
 
@@ -10,8 +12,12 @@ use crate::gpu::{KernelKey, Recorder, Tensor, grid_1d};
 pub struct PosteriorParams {
     pub n: u32,
     pub latent: u32,
-    pub _pad: [u32; 2],
+    pub factor: f32,
+    pub _pad: u32,
 }
+
+/// Latent elements per workgroup of the KL's first stage (`CHUNK` in the shader).
+pub const KL_CHUNK: usize = 256 * 8;
 
 fn key(entry: &'static str) -> KernelKey {
     KernelKey::new("posterior", entry)
@@ -94,6 +100,72 @@ pub fn posterior_sample_backward(
             (4, dz.into()),
             (5, dmoments.into()),
         ],
+        grid_1d(n.div_ceil(256)),
+    );
+    Ok(())
+}
+
+/// kl[0] = (1/B) Σ ½(μ² + exp(logvar) − 1 − logvar) over the batch's latents (`moments` [B, ..,
+/// 2L]; diffusers' `posterior.kl()` per sample, averaged).
+pub fn posterior_kl(rec: &mut Recorder, moments: &Tensor, kl: &Tensor) -> OpResult {
+    const OP: &str = "posterior_kl";
+    let two_l = *moments.shape().last().unwrap_or(&0);
+    if two_l == 0 || !two_l.is_multiple_of(2) || moments.shape().len() < 2 {
+        return Err(invalid(format!(
+            "{OP}: `moments` (`{}`) {:?} must be [B, .., 2L]",
+            moments.label(),
+            moments.shape()
+        )));
+    }
+    expect_numel(OP, "kl", kl, 1)?;
+    expect_distinct(OP, moments, kl)?;
+    let n = moments.numel() / 2;
+    let groups = n.div_ceil(KL_CHUNK).max(1);
+    let partials = rec.gpu.tensor(&[groups], "kl partials");
+    let p = PosteriorParams {
+        n: u32_of(OP, "n", n)?,
+        latent: (two_l / 2) as u32,
+        ..Default::default()
+    };
+    rec.dispatch(
+        key("posterior_kl_partial"),
+        &p,
+        &[(1, moments.into()), (6, (&partials).into())],
+        grid_1d(groups),
+    );
+    sum_partials(rec, &partials, moments.shape()[0] as f32, kl);
+    Ok(())
+}
+
+/// dmoments += d(weight · kl)/d moments, with kl as [`posterior_kl`] computes it.
+pub fn posterior_kl_backward(
+    rec: &mut Recorder,
+    moments: &Tensor,
+    weight: f32,
+    dmoments: &Tensor,
+) -> OpResult {
+    const OP: &str = "posterior_kl_backward";
+    let two_l = *moments.shape().last().unwrap_or(&0);
+    if two_l == 0 || !two_l.is_multiple_of(2) || moments.shape().len() < 2 {
+        return Err(invalid(format!(
+            "{OP}: `moments` (`{}`) {:?} must be [B, .., 2L]",
+            moments.label(),
+            moments.shape()
+        )));
+    }
+    expect_numel(OP, "dmoments", dmoments, moments.numel())?;
+    expect_distinct(OP, moments, dmoments)?;
+    let n = moments.numel() / 2;
+    let p = PosteriorParams {
+        n: u32_of(OP, "n", n)?,
+        latent: (two_l / 2) as u32,
+        factor: (weight as f64 / moments.shape()[0] as f64) as f32,
+        ..Default::default()
+    };
+    rec.dispatch(
+        key("posterior_kl_backward"),
+        &p,
+        &[(1, moments.into()), (5, dmoments.into())],
         grid_1d(n.div_ceil(256)),
     );
     Ok(())

@@ -26,6 +26,33 @@ pub fn mse_backward(pred: &[f64], target: &[f64], weights: Option<&[f64]>, scale
         .collect()
 }
 
+/// (1/B) Σ_i |pred_i − target_i| with B = `batch`.
+pub fn l1_loss(pred: &[f64], target: &[f64], batch: usize) -> f64 {
+    pred.iter()
+        .zip(target)
+        .map(|(p, t)| (p - t).abs())
+        .sum::<f64>()
+        / batch as f64
+}
+
+/// dloss/dpred_i · scale = scale · sign(pred_i − target_i) / B (0 where they are equal).
+pub fn l1_backward(pred: &[f64], target: &[f64], batch: usize, scale: f64) -> Vec<f64> {
+    pred.iter()
+        .zip(target)
+        .map(|(p, t)| {
+            let d = p - t;
+            let sign = if d > 0.0 {
+                1.0
+            } else if d < 0.0 {
+                -1.0
+            } else {
+                0.0
+            };
+            scale * sign / batch as f64
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

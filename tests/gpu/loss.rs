@@ -127,3 +127,40 @@ fn invalid_arguments_are_errors() {
         .to_string();
     assert!(e.contains("share a buffer"), "{e}");
 }
+
+/// The VAE's L1 reconstruction loss, (1/B) Σ|pred − target|, and its gradient, on odd sizes
+/// (one chunk, several, a partial last one) with some equal elements (sign 0). The sum has the
+/// MSE's error bound (rtol 1e-5, see above); the gradient is one rounding of scale / B.
+#[test]
+fn l1_loss_and_backward_match_reference() {
+    let g = gpu();
+    for (batch, per) in [(1, 1), (3, 7), (2, 2049), (5, 999)] {
+        let n = batch * per;
+        let pred = random(n, 31 + n as u64);
+        let mut target = random(n, 32 + n as u64);
+        target[0] = pred[0];
+        let tp = upload(&g, &[batch, per], &pred, "pred");
+        let tt = upload(&g, &[batch, per], &target, "target");
+        let loss = g.tensor(&[1], "l1");
+        let dpred = g.tensor(&[batch, per], "dpred");
+        run(&g, |rec| {
+            op::l1_loss(rec, &tp, &tt, &loss).unwrap();
+            op::l1_backward(rec, &tp, &tt, 0.5, &dpred).unwrap();
+        });
+        let what = format!("B{batch} x {per}");
+        assert_close(
+            &format!("l1_loss {what}"),
+            &read(&g, &loss),
+            &[r::l1_loss(&pred, &target, batch)],
+            0.0,
+            1e-5,
+        );
+        assert_close(
+            &format!("l1_backward {what}"),
+            &read(&g, &dpred),
+            &r::l1_backward(&pred, &target, batch, 0.5),
+            0.0,
+            1e-7,
+        );
+    }
+}

@@ -84,3 +84,48 @@ fn posterior_shapes_are_checked() {
     assert!(e.contains("z"), "{e}");
     assert!(rec.is_empty(), "nothing is recorded by a failing call");
 }
+
+/// The KL term (1/B) Σ ½(μ² + exp(logvar) − 1 − logvar) and its gradient added into the moments'
+/// gradient, against the reference, with clamped log-variances and more than one chunk of
+/// latents. One exp per element and a fixed-order sum: rtol 1e-5 on the sum, 2e-6 elementwise.
+#[test]
+fn posterior_kl_and_its_gradient_match_reference() {
+    let g = gpu();
+    for (batch, pixels, latent) in [(1, 1, 1), (2, 7, 3), (3, 700, 4)] {
+        let p = batch * pixels;
+        let scaled: Vec<f64> = random(p * 2 * latent, 7 + latent as u64)
+            .iter()
+            .map(|v| 2.0 * v)
+            .collect();
+        let mut moments = f32_round(&scaled);
+        moments[latent] = -40.0;
+        let before = random(p * 2 * latent, 8 + latent as u64);
+        let tm = upload(&g, &[batch, pixels, 2 * latent], &moments, "moments");
+        let kl = g.tensor(&[1], "kl");
+        let td = upload(&g, &[batch, pixels, 2 * latent], &before, "dmoments");
+        run(&g, |rec| {
+            op::posterior_kl(rec, &tm, &kl).unwrap();
+            op::posterior_kl_backward(rec, &tm, 0.3, &td).unwrap();
+        });
+        let what = format!("B{batch} P{pixels} L{latent}");
+        assert_close(
+            &format!("posterior_kl {what}"),
+            &read(&g, &kl),
+            &[r::posterior_kl(&moments, latent, batch)],
+            1e-6,
+            1e-5,
+        );
+        let want: Vec<f64> = r::posterior_kl_backward(&moments, latent, batch, 0.3)
+            .iter()
+            .zip(&before)
+            .map(|(d, b)| d + b)
+            .collect();
+        assert_close(
+            &format!("posterior_kl_backward {what}"),
+            &read(&g, &td),
+            &want,
+            1e-6,
+            2e-6,
+        );
+    }
+}
