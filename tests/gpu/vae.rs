@@ -3,7 +3,7 @@
 //! (`tests/fixtures/vae/model/`), loaded here from that directory; the posterior's μ and
 //! log-variance, z = μ + σ·ε with the fixture's ε, the reconstruction and the mode's
 //! reconstruction; the loss (1/B) Σ|x − x̂| + 1e-6 · (1/B) Σ_b KL_b, both its terms, and every
-//! parameter gradient of it, computed on the GPU. A second directory without mid-block attention
+//! parameter gradient of it, computed on the GPU; and the parameters after one Adam step. A second directory without mid-block attention
 //! and without the quant convs loads and encodes too. On both GEMM paths.
 //!
 //! Tolerances: the fixture's float32 run differs from a float64 rerun by 1.4e-6 (μ) to 3e-6
@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use wgpu_diffusion::io::model_dir::read_model_weights;
 use wgpu_diffusion::io::tensors::LoadedTensors;
 use wgpu_diffusion::nn::{Vae, VaeConfig};
+use wgpu_diffusion::ops::adamw::{AdamwConfig, AdamwHyper, HYPER_LEN, adamw_step, write_hyper};
 use wgpu_diffusion::ops::loss::{l1_backward, l1_loss};
 use wgpu_diffusion::ops::posterior::posterior_kl;
 
@@ -165,6 +166,45 @@ fn autoencoder_kl_matches_diffusers_forward_and_backward() {
             &get("x_rec_mode"),
             2e-5,
         );
+
+        // One Adam step as CompVis trains the VAE (torch.optim.Adam, betas (0.5, 0.9), eps 1e-8,
+        // lr 1e-3, no weight decay): on a first step each parameter moves by about lr·sign(g).
+        let adam = AdamwConfig {
+            beta1: 0.5,
+            beta2: 0.9,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        };
+        let hyper = g.tensor(&[HYPER_LEN], "adam hyper");
+        write_hyper(&g, &hyper, &AdamwHyper::new(&adam, 1e-3, 1, 0.0)).unwrap();
+        let grad_scale = g.tensor_from(&[2], &[1.0, 0.0], "grad scale").unwrap();
+        let n = vae.params.len;
+        let (m, v) = (g.tensor(&[n], "exp_avg"), g.tensor(&[n], "exp_avg_sq"));
+        let p = &vae.params;
+        run(&g, |rec| {
+            adamw_step(rec, &hyper, &grad_scale, &p.grads, &p.params, &m, &v).unwrap();
+        });
+        let after = read(&g, &p.params);
+        let mut worst_step = 0.0f64;
+        for (spec, ours) in p.unflatten(&after) {
+            // Rounding noise drives to_k.bias's step (its true gradient is 0), in diffusers too.
+            if spec.name.ends_with("to_k.bias") {
+                continue;
+            }
+            let want = get(&format!("after_adam.{}", spec.name));
+            let d = ours
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (*a as f64 - *b as f64).abs())
+                .fold(0.0, f64::max);
+            worst_step = worst_step.max(d);
+            assert!(
+                d <= 1e-5,
+                "{path}: after Adam `{}` differs by {d:.2e} (1 % of lr allowed)",
+                spec.name
+            );
+        }
+        eprintln!("{path}: parameters after one Adam step within {worst_step:.2e}");
     }
 }
 
