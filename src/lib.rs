@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod cli_sample;
 pub mod cli_train;
+pub mod cli_vae;
 pub mod data;
 pub mod diffusion;
 pub mod gpu;

@@ -61,6 +61,14 @@ enum Command {
         #[command(flatten)]
         args: Box<wgpu_diffusion::cli_sample::SampleArgs>,
     },
+    /// Look at what a VAE (a diffusers AutoencoderKL directory) keeps: reconstruct images
+    /// (with PSNR), encode them to latents, decode latents.
+    Vae {
+        #[command(flatten)]
+        device: DeviceArgs,
+        #[command(flatten)]
+        args: wgpu_diffusion::cli_vae::VaeArgs,
+    },
     /// Super-resolution quality on the MNIST test digits: PSNR, SSIM, consistency, beside bicubic.
     EvalSr {
         #[command(flatten)]
@@ -166,6 +174,7 @@ fn run(cli: Cli, process_start: std::time::Instant) -> anyhow::Result<()> {
         Command::EvalSr { device, args } => {
             wgpu_diffusion::cli_sample::run_eval_sr(&device.options(), &args)
         }
+        Command::Vae { device, args } => wgpu_diffusion::cli_vae::run(&device.options(), &args),
         Command::Sample { device, args } => {
             wgpu_diffusion::cli_sample::run(&device.options(), &args)
         }

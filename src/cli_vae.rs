@@ -1,0 +1,352 @@
+//! `wgpu-diffusion vae --model DIR reconstruct|encode|decode`: look at what an AutoencoderKL
+//! keeps. The model is a diffusers VAE directory (`config.json` +
+//! `diffusion_pytorch_model.safetensors`, e.g. Stable Diffusion's `vae/`); images go in as the
+//! training data does (resized and centre-cropped to `sample_size`, values in [−1, 1]); latents go
+//! out and in as a safetensors tensor `latent`, f32 [N, L, h, w] (NCHW, diffusers' layout),
+//! unscaled: multiply by the config's `scaling_factor` for a diffusion model, as diffusers'
+//! pipelines do. Every input and output path is checked before the GPU starts.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail};
+use safetensors::{Dtype, tensor::TensorView};
+
+use crate::cli_sample::{check_output_dir, check_output_file};
+use crate::gpu::{Gpu, GpuOptions};
+use crate::io::atomic::atomic_write;
+use crate::io::images::{save_grid, save_image};
+use crate::io::model_dir::read_model_weights;
+use crate::io::tensors::LoadedTensors;
+use crate::metrics::{psnr, to_unit};
+use crate::nn::{Vae, VaeConfig};
+use crate::sample::{nchw_to_nhwc, nhwc_to_nchw};
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct VaeArgs {
+    /// A diffusers AutoencoderKL directory (config.json + diffusion_pytorch_model.safetensors).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Images per VAE batch.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    #[command(subcommand)]
+    pub action: VaeAction,
+}
+
+#[derive(clap::Subcommand, Clone, Debug)]
+pub enum VaeAction {
+    /// Encode and decode images (the posterior's mode): writes originals beside their
+    /// reconstructions (grid.png, originals on the top row of each pair), one PNG per
+    /// reconstruction, and prints the PSNR (images in [0, 1], MAX = 1).
+    Reconstruct {
+        /// An image or a folder of images.
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long, default_value = "reconstructions")]
+        out: PathBuf,
+    },
+    /// Encode images to latents: tensor `latent`, f32 [N, L, h, w], the posterior's mode,
+    /// unscaled.
+    Encode {
+        #[arg(long)]
+        input: PathBuf,
+        /// The .safetensors file to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Decode latents (tensor `latent`, f32 [N, L, h, w], unscaled) to PNG images.
+    Decode {
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long, default_value = "decoded")]
+        out: PathBuf,
+    },
+}
+
+/// The VAE's config from its directory, with a warning when it had no `scaling_factor`.
+fn read_config(dir: &Path) -> Result<VaeConfig> {
+    let path = dir.join("config.json");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("--model {}", path.display()))?;
+    let config = VaeConfig::from_json(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    if config.scaling_factor_defaulted {
+        eprintln!(
+            "warning: {} has no scaling_factor: diffusers' default {} applies (latents of another VAE's scale would be off by the ratio)",
+            path.display(),
+            config.scaling_factor
+        );
+    }
+    Ok(config)
+}
+
+/// The images of `input` (a file, or a folder's image files in name order), as NHWC values.
+fn read_images(input: &Path, config: &VaeConfig) -> Result<(Vec<PathBuf>, Vec<f32>)> {
+    let files: Vec<PathBuf> = if input.is_dir() {
+        let mut f: Vec<PathBuf> = std::fs::read_dir(input)
+            .with_context(|| format!("--input {}", input.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.extension().is_some_and(|e| {
+                    matches!(
+                        e.to_ascii_lowercase().to_str(),
+                        Some("png" | "jpg" | "jpeg")
+                    )
+                })
+            })
+            .collect();
+        f.sort();
+        f
+    } else {
+        vec![input.to_path_buf()]
+    };
+    if files.is_empty() {
+        bail!("--input {}: no PNG or JPEG images there", input.display());
+    }
+    let mut values = Vec::new();
+    for f in &files {
+        let img = crate::data::open_image(f)
+            .map_err(|e| anyhow!("--input {}: not a readable image: {e}", f.display()))?;
+        values.extend(crate::data::to_model_input(
+            img,
+            config.sample_size,
+            config.in_channels,
+        ));
+    }
+    Ok((files, values))
+}
+
+/// Latents [N, L, h, w] from `--input`, checked against the VAE.
+fn read_latents(input: &Path, config: &VaeConfig) -> Result<(usize, Vec<f32>)> {
+    let file =
+        LoadedTensors::read(input).with_context(|| format!("--input {}", input.display()))?;
+    let (shape, values) = file
+        .get("latent")
+        .with_context(|| format!("--input {}", input.display()))?;
+    let (l, s) = (config.latent_channels, config.latent_size());
+    if shape.len() != 4 || shape[1..] != [l, s, s] || shape[0] == 0 {
+        bail!(
+            "--input {}: tensor `latent` has shape {shape:?}; this VAE decodes [N, {l}, {s}, {s}]",
+            input.display()
+        );
+    }
+    if values.iter().any(|v| !v.is_finite()) {
+        bail!(
+            "--input {}: `latent` holds NaN or infinite values",
+            input.display()
+        );
+    }
+    let n = shape[0];
+    Ok((n, nchw_to_nhwc(&values, [n, l, s, s])))
+}
+
+/// What each batch runs: encode (with ε), decode, or both.
+#[derive(Clone, Copy, PartialEq)]
+enum Pass {
+    Encode,
+    Decode,
+    Both,
+}
+
+/// Runs `pass` over `inputs` (NHWC images or latents) in batches of the VAE, with the
+/// posterior's mode (ε = 0); returns the latents (Encode) or images (Decode, Both), NHWC.
+fn run_batches(
+    gpu: &std::sync::Arc<Gpu>,
+    vae: &Vae,
+    pass: Pass,
+    inputs: &[f32],
+) -> Result<Vec<f32>> {
+    let b = vae.batch;
+    let (in_len, out_len) = match pass {
+        Pass::Encode => (vae.sample.value.numel(), vae.latent.value.numel()),
+        Pass::Decode => (vae.latent.value.numel(), vae.output.value.numel()),
+        Pass::Both => (vae.sample.value.numel(), vae.output.value.numel()),
+    };
+    let (per_in, per_out) = (in_len / b, out_len / b);
+    let n = inputs.len() / per_in;
+    let mut out = Vec::with_capacity(n * per_out);
+    let mut rec = gpu.recorder();
+    match pass {
+        Pass::Encode => {
+            vae.encode(&mut rec)?;
+            vae.sample_latent(&mut rec)?;
+        }
+        Pass::Decode => vae.decode(&mut rec)?,
+        Pass::Both => vae.forward(&mut rec)?,
+    }
+    let plan = rec.finish();
+    // ε = 0: z = μ, the posterior's mode (a new tensor is zero-filled).
+    for first in (0..n).step_by(b) {
+        let count = (n - first).min(b);
+        let mut chunk = inputs[first * per_in..(first + count) * per_in].to_vec();
+        chunk.resize(in_len, 0.0);
+        let target = if pass == Pass::Decode {
+            &vae.latent.value
+        } else {
+            &vae.sample.value
+        };
+        gpu.write(target, &chunk)?;
+        gpu.run(&[&plan])?;
+        let result = if pass == Pass::Encode {
+            &vae.latent.value
+        } else {
+            &vae.output.value
+        };
+        let values = gpu.read(result)?;
+        out.extend_from_slice(&values[..count * per_out]);
+    }
+    if out.iter().any(|v| !v.is_finite()) {
+        bail!("the VAE produced NaN or infinite values: its weights may be damaged");
+    }
+    Ok(out)
+}
+
+pub fn run(opts: &GpuOptions, args: &VaeArgs) -> Result<()> {
+    if args.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    let config = read_config(&args.model)?;
+    // Inputs and outputs are checked before the GPU starts.
+    enum Input {
+        Images(Vec<PathBuf>, Vec<f32>),
+        Latents(usize, Vec<f32>),
+    }
+    let input = match &args.action {
+        VaeAction::Reconstruct { input, out } => {
+            check_output_dir("--out", out)?;
+            let (files, values) = read_images(input, &config)?;
+            Input::Images(files, values)
+        }
+        VaeAction::Encode { input, out, .. } => {
+            check_output_file("--out", out, "latents.safetensors")?;
+            let (files, values) = read_images(input, &config)?;
+            Input::Images(files, values)
+        }
+        VaeAction::Decode { input, out } => {
+            check_output_dir("--out", out)?;
+            let (n, values) = read_latents(input, &config)?;
+            Input::Latents(n, values)
+        }
+    };
+    let n = match &input {
+        Input::Images(files, _) => files.len(),
+        Input::Latents(n, _) => *n,
+    };
+    let gpu = Gpu::new(opts)?;
+    eprintln!("adapter: {}", gpu.describe());
+    let vae = gpu
+        .checked_build(|| Vae::new(&gpu, &config, args.batch_size.min(n)))
+        .map_err(|e: crate::gpu::GpuError| anyhow!("{e} (try a smaller --batch-size)"))?;
+    let weights = read_model_weights(&args.model, &vae.params)?;
+    gpu.write(&vae.params.params, &weights)?;
+    let (s, ls, l) = (
+        config.sample_size,
+        config.latent_size(),
+        config.latent_channels,
+    );
+    match (&args.action, input) {
+        (VaeAction::Reconstruct { out, .. }, Input::Images(files, images)) => {
+            let rec = run_batches(&gpu, &vae, Pass::Both, &images)?;
+            write_reconstructions(
+                out,
+                &files,
+                &images,
+                &rec,
+                [s, config.in_channels, config.out_channels],
+            )
+        }
+        (VaeAction::Encode { out, .. }, Input::Images(_, images)) => {
+            let latents = run_batches(&gpu, &vae, Pass::Encode, &images)?;
+            write_latents(
+                out,
+                &nhwc_to_nchw(&latents, [n, ls, ls, l]),
+                [n, l, ls, ls],
+                &config,
+            )
+        }
+        (VaeAction::Decode { out, .. }, Input::Latents(_, latents)) => {
+            let images = run_batches(&gpu, &vae, Pass::Decode, &latents)?;
+            std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+            for (i, img) in images.chunks(s * s * config.out_channels).enumerate() {
+                save_image(
+                    img,
+                    [s, s, config.out_channels],
+                    &out.join(format!("{i:05}.png")),
+                )?;
+            }
+            save_grid(
+                &images,
+                [n, s, s, config.out_channels],
+                n.min(8),
+                &out.join("grid.png"),
+            )?;
+            eprintln!("{n} decoded images in {}", out.display());
+            Ok(())
+        }
+        _ => unreachable!("the input matches its action"),
+    }
+}
+
+/// Writes grid.png (rows of up to 8 originals, each followed by their reconstructions), one PNG
+/// per reconstruction, and prints the PSNR per image and overall.
+fn write_reconstructions(
+    out: &Path,
+    files: &[PathBuf],
+    images: &[f32],
+    recs: &[f32],
+    [s, cin, cout]: [usize; 3],
+) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let (per_in, per_out) = (s * s * cin, s * s * cout);
+    let mut total = 0.0;
+    for (i, (img, rec)) in images.chunks(per_in).zip(recs.chunks(per_out)).enumerate() {
+        save_image(rec, [s, s, cout], &out.join(format!("{i:05}.png")))?;
+        let p = if cin == cout {
+            psnr(&to_unit(img), &to_unit(rec))
+        } else {
+            f64::NAN
+        };
+        total += p;
+        eprintln!("{}: PSNR {p:.2} dB", files[i].display());
+    }
+    let n = files.len();
+    // Each row: up to 8 originals, then the same count of reconstructions.
+    let c = cin.max(cout);
+    let widen = |v: &[f32], ch: usize| -> Vec<f32> {
+        v.chunks(ch)
+            .flat_map(|px| (0..c).map(move |k| px[k.min(ch - 1)]))
+            .collect()
+    };
+    let (wide_in, wide_out) = (widen(images, cin), widen(recs, cout));
+    let mut grid = Vec::new();
+    let mut rows = 0;
+    for first in (0..n).step_by(8) {
+        let count = (n - first).min(8);
+        let per = s * s * c;
+        grid.extend_from_slice(&wide_in[first * per..(first + count) * per]);
+        grid.resize(grid.len() + (8 - count) * per, 1.0);
+        grid.extend_from_slice(&wide_out[first * per..(first + count) * per]);
+        grid.resize(grid.len() + (8 - count) * per, 1.0);
+        rows += 2;
+    }
+    save_grid(&grid, [rows * 8, s, s, c], 8, &out.join("grid.png"))?;
+    println!("PSNR {:.2} dB (mean of {n} images)", total / n as f64);
+    Ok(())
+}
+
+fn write_latents(out: &Path, nchw: &[f32], shape: [usize; 4], config: &VaeConfig) -> Result<()> {
+    let mut meta = HashMap::new();
+    meta.insert(
+        "scaling_factor".to_string(),
+        config.scaling_factor.to_string(),
+    );
+    meta.insert(
+        "note".to_string(),
+        "unscaled latents: multiply by scaling_factor for a diffusion model".to_string(),
+    );
+    let view = TensorView::new(Dtype::F32, shape.to_vec(), bytemuck::cast_slice(nchw))?;
+    let bytes = safetensors::serialize([("latent", view)], Some(meta))?;
+    atomic_write(out, &bytes)?;
+    eprintln!("latents {:?} in {}", shape, out.display());
+    Ok(())
+}
