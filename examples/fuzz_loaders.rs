@@ -5,7 +5,7 @@
 //!
 //! Targets: `weights` (a diffusers model file: safetensors → the model's flat layout), `checkpoint`
 //! (our checkpoint: metadata, train/unet configs, every tensor group), `config` (config.json →
-//! UNetConfig), `scheduler` (scheduler_config.json → every sampler's schedule, RePaint's too),
+//! UNetConfig), `vae_config` (an AutoencoderKL config.json → VaeConfig), `scheduler` (scheduler_config.json → every sampler's schedule, RePaint's too),
 //! `toml` (the run config), `image` (a PNG/JPEG from `--data`, `--lowres`, `--inpaint`).
 //!
 //! Seeds: the diffusers-written fixtures of tests/fixtures/samplers, files this program writes
@@ -150,6 +150,23 @@ fn dictionary(target: &str) -> &'static [&'static str] {
             "\"num_class_embeds\"",
             "\"_null_class\"",
             "\"_sr_scale\"",
+            "null",
+            "[]",
+            "{}",
+            "true",
+        ],
+        "vae_config" => &[
+            "\"sample_size\"",
+            "\"block_out_channels\"",
+            "\"latent_channels\"",
+            "\"norm_num_groups\"",
+            "\"layers_per_block\"",
+            "\"down_block_types\"",
+            "\"DownEncoderBlock2D\"",
+            "\"scaling_factor\"",
+            "\"shift_factor\"",
+            "\"latents_mean\"",
+            "\"use_quant_conv\"",
             "null",
             "[]",
             "{}",
@@ -314,6 +331,15 @@ fn seeds(target: &str, gpu: &Arc<Gpu>, fx: &Fixture) -> Vec<Vec<u8>> {
             out.push(std::fs::read(fixtures.join("eps/config.json")).unwrap());
             for p in UNetConfig::PRESETS {
                 out.push(UNetConfig::preset(p).unwrap().to_json().into_bytes());
+            }
+        }
+        "vae_config" => {
+            let vae = root.join("tests/fixtures/vae");
+            out.push(std::fs::read(vae.join("model/config.json")).unwrap());
+            out.push(std::fs::read(vae.join("model_noattn/config.json")).unwrap());
+            for p in wgpu_diffusion::nn::VaeConfig::PRESETS {
+                let c = wgpu_diffusion::nn::VaeConfig::preset(p).unwrap();
+                out.push(c.to_json().into_bytes());
             }
         }
         "scheduler" => {

@@ -15,10 +15,11 @@ use crate::sample::ModelSource;
 use crate::train::TrainConfig;
 
 /// The kinds of file a user hands the tool.
-pub const TARGETS: [&str; 6] = [
+pub const TARGETS: [&str; 7] = [
     "weights",
     "checkpoint",
     "config",
+    "vae_config",
     "scheduler",
     "toml",
     "image",
@@ -85,6 +86,12 @@ pub fn exercise(target: &str, input: &[u8], fx: &LoaderFixture) {
         "config" => {
             if let Ok(c) = UNetConfig::from_json(&text()) {
                 let _ = UNetConfig::from_json(&c.to_json());
+            }
+        }
+        "vae_config" => {
+            if let Ok(c) = crate::nn::VaeConfig::from_json(&text()) {
+                let _ = c.latent_size();
+                let _ = crate::nn::VaeConfig::from_json(&c.to_json());
             }
         }
         "scheduler" => {
