@@ -1,0 +1,211 @@
+//! The AutoencoderKL training step (issue 22's `train-vae`, library part): recorded once and
+//! replayed with one submit, as the U-Net's. Per step: ε ~ N(0, I) from the run's counter-based
+//! RNG (its own purpose), z = μ + σ·ε, x̂ = decode(z), loss = (1/B)Σ|x − x̂| + kl_weight · (1/B)Σ KL
+//! (CompVis' autoencoder loss without its perceptual and GAN terms), the backward pass, and Adam
+//! with betas (0.5, 0.9) as CompVis trains its autoencoders.
+//!
+//! MNIST for the `mnist-vae` preset is padded from 28×28 to 32×32 with the background value
+//! (−1 in [−1, 1]); PSNR is measured on the 28×28 crop ([`crop_psnr`]).
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+
+use crate::gpu::{Gpu, Plan, Tensor};
+use crate::metrics::{psnr, to_unit};
+use crate::nn::{Vae, VaeConfig};
+use crate::ops::adamw::{AdamwConfig, AdamwHyper, HYPER_LEN, adamw_step, write_hyper};
+use crate::ops::loss::{l1_backward, l1_loss};
+use crate::ops::noise::{purpose, random_normal, write_rng_state};
+use crate::ops::posterior::posterior_kl;
+
+/// What a VAE run sets.
+#[derive(Clone, Debug)]
+pub struct VaeTrainConfig {
+    pub batch_size: usize,
+    pub lr: f64,
+    /// Weight of the KL term (CompVis' 1e-6).
+    pub kl_weight: f64,
+    pub seed: u64,
+}
+
+impl Default for VaeTrainConfig {
+    fn default() -> Self {
+        VaeTrainConfig {
+            batch_size: 16,
+            lr: 1e-3,
+            kl_weight: 1e-6,
+            seed: 0,
+        }
+    }
+}
+
+/// Adam as CompVis trains its autoencoders: betas (0.5, 0.9), no weight decay.
+pub const VAE_ADAM: AdamwConfig = AdamwConfig {
+    beta1: 0.5,
+    beta2: 0.9,
+    eps: 1e-8,
+    weight_decay: 0.0,
+};
+
+pub struct VaeTrainer {
+    pub gpu: Arc<Gpu>,
+    pub cfg: VaeTrainConfig,
+    pub vae: Vae,
+    rng_state: Tensor,
+    hyper: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    /// The step's reconstruction loss and mean KL (one element each).
+    pub rec_loss: Tensor,
+    pub kl: Tensor,
+    step_plan: Plan,
+    /// Optimizer steps done.
+    pub step: u64,
+}
+
+impl VaeTrainer {
+    /// Allocates the VAE and the optimizer state and records the step once.
+    pub fn new(gpu: Arc<Gpu>, cfg: VaeTrainConfig, model: &VaeConfig) -> Result<VaeTrainer> {
+        if cfg.batch_size == 0 {
+            bail!("--batch-size must be at least 1");
+        }
+        if !(cfg.lr.is_finite() && cfg.lr > 0.0) {
+            bail!("--lr must be a finite number > 0, is {}", cfg.lr);
+        }
+        if !(cfg.kl_weight.is_finite() && cfg.kl_weight >= 0.0) {
+            bail!(
+                "--kl-weight must be a finite number ≥ 0, is {}",
+                cfg.kl_weight
+            );
+        }
+        let vae = Vae::new(&gpu, model, cfg.batch_size).context("building the VAE")?;
+        let n = vae.params.len;
+        let rng_state = gpu.tensor(&[4], "vae rng state");
+        let hyper = gpu.tensor(&[HYPER_LEN], "adam hyper");
+        let grad_scale = gpu.tensor_from(&[2], &[1.0, 0.0], "grad scale")?;
+        let exp_avg = gpu.tensor(&[n], "exp_avg");
+        let exp_avg_sq = gpu.tensor(&[n], "exp_avg_sq");
+        let rec_loss = gpu.tensor(&[1], "rec loss");
+        let kl = gpu.tensor(&[1], "kl");
+        let mut rec = gpu.recorder();
+        rec.clear(&vae.params.grads);
+        random_normal(&mut rec, &rng_state, purpose::VAE_EPS, 0, &vae.eps)?;
+        vae.forward(&mut rec)?;
+        l1_loss(&mut rec, &vae.output.value, &vae.sample.value, &rec_loss)?;
+        posterior_kl(&mut rec, &vae.moments.value, &kl)?;
+        l1_backward(
+            &mut rec,
+            &vae.output.value,
+            &vae.sample.value,
+            1.0,
+            &vae.output.grad,
+        )?;
+        vae.backward(&mut rec, cfg.kl_weight as f32)?;
+        let p = &vae.params;
+        let (p_v, g_v) = (p.chunk_views(&p.params), p.chunk_views(&p.grads));
+        let (m_v, v_v) = (p.chunk_views(&exp_avg), p.chunk_views(&exp_avg_sq));
+        for i in 0..p_v.len() {
+            adamw_step(
+                &mut rec,
+                &hyper,
+                &grad_scale,
+                &g_v[i],
+                &p_v[i],
+                &m_v[i],
+                &v_v[i],
+            )?;
+        }
+        let step_plan = rec.finish();
+        Ok(VaeTrainer {
+            gpu,
+            cfg,
+            vae,
+            rng_state,
+            hyper,
+            exp_avg,
+            exp_avg_sq,
+            rec_loss,
+            kl,
+            step_plan,
+            step: 0,
+        })
+    }
+
+    /// Starts from these weights (the flat layout of `vae.params`), with fresh Adam moments.
+    pub fn set_weights(&mut self, weights: &[f32]) -> Result<()> {
+        let g = &self.gpu;
+        g.write(&self.vae.params.params, weights)?;
+        let zeros = vec![0.0; self.vae.params.len];
+        g.write(&self.exp_avg, &zeros)?;
+        g.write(&self.exp_avg_sq, &zeros)?;
+        self.step = 0;
+        Ok(())
+    }
+
+    /// One optimizer step on `images` (NHWC, the batch's [B, S, S, C]); returns (loss,
+    /// reconstruction loss, KL) read back.
+    pub fn train_step(&mut self, images: &[f32]) -> Result<(f32, f32, f32)> {
+        let g = &self.gpu;
+        g.write(&self.vae.sample.value, images)?;
+        let t = self.step + 1;
+        write_rng_state(g, &self.rng_state, self.cfg.seed, self.step as u32)?;
+        write_hyper(
+            g,
+            &self.hyper,
+            &AdamwHyper::new(&VAE_ADAM, self.cfg.lr, t as u32, 0.0),
+        )?;
+        g.run(&[&self.step_plan])?;
+        self.step = t;
+        let (rec, kl) = (g.read(&self.rec_loss)?[0], g.read(&self.kl)?[0]);
+        let loss = (rec as f64 + self.cfg.kl_weight * kl as f64) as f32;
+        if !loss.is_finite() {
+            bail!("the VAE loss became non-finite ({loss}) at step {t}; lower --lr or --kl-weight");
+        }
+        Ok((loss, rec, kl))
+    }
+}
+
+/// MNIST digits (NHWC [N, 28, 28, 1], values in [−1, 1]) padded by `pad` pixels on each side
+/// with the background value −1.
+pub fn pad_digits(images: &[f32], n: usize, side: usize, pad: usize) -> Vec<f32> {
+    let big = side + 2 * pad;
+    let mut out = vec![-1.0f32; n * big * big];
+    for i in 0..n {
+        for y in 0..side {
+            let src = &images[(i * side + y) * side..(i * side + y + 1) * side];
+            let at = (i * big + y + pad) * big + pad;
+            out[at..at + side].copy_from_slice(src);
+        }
+    }
+    out
+}
+
+/// Mean PSNR (images in [0, 1], MAX = 1) of reconstructions against originals, both NHWC
+/// [N, big, big, 1], measured on the centred `side`×`side` crop.
+pub fn crop_psnr(
+    original: &[f32],
+    reconstructed: &[f32],
+    n: usize,
+    big: usize,
+    side: usize,
+) -> f64 {
+    let pad = (big - side) / 2;
+    let crop = |v: &[f32], i: usize| -> Vec<f32> {
+        (0..side)
+            .flat_map(|y| {
+                let at = (i * big + y + pad) * big + pad;
+                v[at..at + side].to_vec()
+            })
+            .collect()
+    };
+    (0..n)
+        .map(|i| {
+            psnr(
+                &to_unit(&crop(original, i)),
+                &to_unit(&crop(reconstructed, i)),
+            )
+        })
+        .sum::<f64>()
+        / n as f64
+}
