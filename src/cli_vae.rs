@@ -350,3 +350,81 @@ fn write_latents(out: &Path, nchw: &[f32], shape: [usize; 4], config: &VaeConfig
     eprintln!("latents {:?} in {}", shape, out.display());
     Ok(())
 }
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct TrainVaeArgs {
+    /// VAE preset (mnist-vae: 1×32×32 → 4×8×8), unless --model-config is given.
+    #[arg(long, default_value = "mnist-vae")]
+    pub model: String,
+    /// A diffusers AutoencoderKL config.json instead of a preset (1 input and output channel).
+    #[arg(long)]
+    pub model_config: Option<PathBuf>,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 2000)]
+    pub steps: u64,
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Adam's learning rate (betas 0.5, 0.9).
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    /// Weight of the KL term of the loss.
+    #[arg(long, default_value_t = 1e-6)]
+    pub kl_weight: f64,
+    /// Seed of the initial weights, the data order and the posterior's ε.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Run folder (default runs/vae-<unix time>): metrics.jsonl, vae/, reconstructions.png.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// `train-vae`: trains an AutoencoderKL on MNIST and exports it (see `train::vae_run`).
+pub fn run_train_vae(opts: &GpuOptions, args: &TrainVaeArgs) -> Result<()> {
+    let config = match &args.model_config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("--model-config {}", path.display()))?;
+            VaeConfig::from_json(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?
+        }
+        None => VaeConfig::preset(&args.model).ok_or_else(|| {
+            anyhow!(
+                "unknown VAE preset `{}` (choose {}, or --model-config FILE)",
+                args.model,
+                VaeConfig::PRESETS.join(", ")
+            )
+        })?,
+    };
+    if args.steps == 0 {
+        bail!("--steps must be at least 1");
+    }
+    if config.in_channels != 1 || config.out_channels != 1 {
+        bail!("train-vae trains on MNIST: the VAE needs 1 input and 1 output channel");
+    }
+    let out = args.out.clone().unwrap_or_else(|| {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        PathBuf::from(format!("runs/vae-{t}"))
+    });
+    check_output_dir("--out", &out)?;
+    let cfg = crate::train::vae_trainer::VaeTrainConfig {
+        batch_size: args.batch_size,
+        lr: args.lr,
+        kl_weight: args.kl_weight,
+        seed: args.seed,
+    };
+    let gpu = Gpu::new(opts)?;
+    eprintln!("adapter: {}", gpu.describe());
+    let summary = crate::train::vae_run::run_vae(gpu, &config, cfg, args.steps, &out)?;
+    let tail: Vec<f32> = summary.losses.iter().rev().take(100).map(|l| l.1).collect();
+    println!(
+        "done: {} steps, loss {:.3} (mean of the last {}), scaling_factor {:.5}, test PSNR {:.2} dB; VAE in {}",
+        summary.losses.len(),
+        tail.iter().sum::<f32>() / tail.len() as f32,
+        tail.len(),
+        summary.scaling_factor,
+        summary.test_psnr,
+        summary.out.join("vae").display()
+    );
+    Ok(())
+}

@@ -61,6 +61,14 @@ enum Command {
         #[command(flatten)]
         args: Box<wgpu_diffusion::cli_sample::SampleArgs>,
     },
+    /// Train an AutoencoderKL (default: mnist-vae on the embedded MNIST) and export it as a
+    /// diffusers directory with its scaling_factor.
+    TrainVae {
+        #[command(flatten)]
+        device: DeviceArgs,
+        #[command(flatten)]
+        args: wgpu_diffusion::cli_vae::TrainVaeArgs,
+    },
     /// Look at what a VAE (a diffusers AutoencoderKL directory) keeps: reconstruct images
     /// (with PSNR), encode them to latents, decode latents.
     Vae {
@@ -173,6 +181,9 @@ fn run(cli: Cli, process_start: std::time::Instant) -> anyhow::Result<()> {
         }
         Command::EvalSr { device, args } => {
             wgpu_diffusion::cli_sample::run_eval_sr(&device.options(), &args)
+        }
+        Command::TrainVae { device, args } => {
+            wgpu_diffusion::cli_vae::run_train_vae(&device.options(), &args)
         }
         Command::Vae { device, args } => wgpu_diffusion::cli_vae::run(&device.options(), &args),
         Command::Sample { device, args } => {

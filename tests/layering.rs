@@ -46,6 +46,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "data",
             "rng",
             "metrics",
+            "progress",
         ],
     ),
     ("reference", &["rng", "diffusion", "data"]),

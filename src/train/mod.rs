@@ -7,6 +7,7 @@ pub mod config;
 pub mod plot;
 pub mod run_dir;
 pub mod trainer;
+pub mod vae_run;
 pub mod vae_trainer;
 
 pub use config::{LrSchedule, TrainConfig};

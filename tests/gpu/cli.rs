@@ -717,3 +717,67 @@ fn vae_reconstructs_encodes_and_decodes() {
         &["AttnDownEncoderBlock2D", "not supported"],
     );
 }
+
+/// `train-vae`: a short mnist-vae run writes metrics.jsonl, reconstructions.png and a diffusers
+/// VAE directory whose config records the measured scaling_factor and which `vae` loads; a preset
+/// that does not exist and a VAE of 3 channels are refused before the GPU.
+#[test]
+fn train_vae_writes_a_vae_that_loads() {
+    let dir = scratch("train-vae");
+    let out = dir.join("run");
+    let (ok, err) = run_cli(&[
+        "train-vae",
+        "--steps",
+        "2",
+        "--batch-size",
+        "8",
+        "--out",
+        s(&out),
+    ]);
+    assert!(ok && err.contains("train-vae"), "{err}");
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 2, "{metrics}");
+    assert!(out.join("reconstructions.png").is_file());
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("vae/config.json")).unwrap())
+            .unwrap();
+    let factor = config["scaling_factor"].as_f64().unwrap();
+    assert!(
+        factor.is_finite() && factor > 0.0 && factor != 0.18215,
+        "{factor}"
+    );
+    let png = dir.join("digit.png");
+    image::GrayImage::from_fn(32, 32, |x, y| image::Luma([((x * y) % 256) as u8]))
+        .save(&png)
+        .unwrap();
+    let (ok, err) = run_cli(&[
+        "vae",
+        "--model",
+        s(&out.join("vae")),
+        "reconstruct",
+        "--input",
+        s(&png),
+        "--out",
+        s(&dir.join("rec")),
+    ]);
+    assert!(ok && err.contains("PSNR"), "{err}");
+    fails_before_gpu(
+        &["train-vae", "--model", "sd-vae", "--out", s(&dir.join("x"))],
+        &["unknown VAE preset", "mnist-vae"],
+    );
+    let rgb = dir.join("rgb.json");
+    let text = std::fs::read_to_string(out.join("vae/config.json"))
+        .unwrap()
+        .replace("\"in_channels\": 1", "\"in_channels\": 3");
+    std::fs::write(&rgb, text).unwrap();
+    fails(
+        &[
+            "train-vae",
+            "--model-config",
+            s(&rgb),
+            "--out",
+            s(&dir.join("y")),
+        ],
+        &["1 input and 1 output channel"],
+    );
+}
