@@ -16,8 +16,8 @@
 struct Params {
     n: u32,          // elements (stage 1, backward) or partials (stage 2)
     per_sample: u32, // elements per sample, for the weight index
-    count: f32,      // N, the mean's divisor (torch divides the sum by numel)
-    factor: f32,     // backward: scale · 2 / N, rounded once on the host (torch: 2. / numel)
+    count: f32,      // the divisor of sum_finish: N for the MSE (torch divides by numel), B for L1 and KL
+    factor: f32,     // backward: scale · 2 / N for the MSE (torch: 2. / numel), scale / B for L1
 }
 
 @group(0) @binding(0) var<uniform> p: Params;

@@ -206,6 +206,17 @@ pub fn run(opts: &GpuOptions, args: &VaeArgs) -> Result<()> {
         bail!("--batch-size must be at least 1");
     }
     let config = read_config(&args.model)?;
+    for (what, c) in [
+        ("in_channels", config.in_channels),
+        ("out_channels", config.out_channels),
+    ] {
+        if c != 1 && c != 3 {
+            bail!(
+                "--model {}: `{what}` is {c}; images go in and out as grey (1) or RGB (3)",
+                args.model.display()
+            );
+        }
+    }
     // Inputs and outputs are checked before the GPU starts.
     enum Input {
         Images(Vec<PathBuf>, Vec<f32>),
@@ -397,9 +408,6 @@ pub fn run_train_vae(opts: &GpuOptions, args: &TrainVaeArgs) -> Result<()> {
     if args.steps == 0 {
         bail!("--steps must be at least 1");
     }
-    if config.in_channels != 1 || config.out_channels != 1 {
-        bail!("train-vae trains on MNIST: the VAE needs 1 input and 1 output channel");
-    }
     let out = args.out.clone().unwrap_or_else(|| {
         let t = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -413,6 +421,7 @@ pub fn run_train_vae(opts: &GpuOptions, args: &TrainVaeArgs) -> Result<()> {
         kl_weight: args.kl_weight,
         seed: args.seed,
     };
+    crate::train::vae_run::check_vae_run(&config, &cfg, &out)?;
     let gpu = Gpu::new(opts)?;
     eprintln!("adapter: {}", gpu.describe());
     let summary = crate::train::vae_run::run_vae(gpu, &config, cfg, args.steps, &out)?;

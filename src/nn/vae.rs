@@ -444,8 +444,12 @@ impl Vae {
         )];
         v.extend(node_activations(&self.encoder.nodes));
         v.push(("encoder.conv_out".into(), self.enc_out.value.clone()));
-        v.push(("quant_conv".into(), self.moments.value.clone()));
-        v.push(("post_quant_conv".into(), self.dec_in.value.clone()));
+        if self.quant_conv.is_some() {
+            v.push(("quant_conv".into(), self.moments.value.clone()));
+        }
+        if self.post_quant_conv.is_some() {
+            v.push(("post_quant_conv".into(), self.dec_in.value.clone()));
+        }
         v.push(("decoder.conv_in".into(), self.decoder.h_in.value.clone()));
         v.extend(node_activations(&self.decoder.nodes));
         v.push(("decoder.conv_out".into(), self.output.value.clone()));

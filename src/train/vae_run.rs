@@ -45,6 +45,32 @@ fn canvas(images: &[f32], n: usize, size: usize) -> Result<Vec<f32>> {
     Ok(pad_digits(images, n, 28, (size - 28) / 2))
 }
 
+/// Everything a run needs checked before the GPU starts: the options, a VAE that fits MNIST's
+/// digits, and an `out` that holds no VAE run yet.
+pub fn check_vae_run(model: &VaeConfig, cfg: &VaeTrainConfig, out: &Path) -> Result<()> {
+    cfg.validate()?;
+    if model.in_channels != 1 || model.out_channels != 1 {
+        bail!("train-vae trains on MNIST: the VAE needs 1 input and 1 output channel");
+    }
+    canvas(&[], 0, model.sample_size)?;
+    if cfg.batch_size > MNIST_TRAIN_IMAGES {
+        bail!(
+            "--batch-size {} is larger than the data set ({MNIST_TRAIN_IMAGES} digits)",
+            cfg.batch_size
+        );
+    }
+    if out.join("vae").exists() || out.join("metrics.jsonl").exists() {
+        bail!(
+            "{} already holds a VAE run; choose another --out",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
+/// MNIST's training digits.
+const MNIST_TRAIN_IMAGES: usize = 60_000;
+
 /// Runs `steps` optimizer steps and writes the run into `out` (which must not hold a run).
 pub fn run_vae(
     gpu: Arc<Gpu>,
@@ -53,25 +79,12 @@ pub fn run_vae(
     steps: u64,
     out: &Path,
 ) -> Result<VaeRunSummary> {
-    if model.in_channels != 1 || model.out_channels != 1 {
-        bail!("train-vae trains on MNIST: the VAE needs 1 input and 1 output channel");
-    }
-    if out.join("vae").exists() || out.join("metrics.jsonl").exists() {
-        bail!(
-            "{} already holds a VAE run; choose another --out",
-            out.display()
-        );
-    }
+    check_vae_run(model, &cfg, out)?;
     let data = crate::data::mnist::load(28, 1)?;
     let (b, size, per) = (cfg.batch_size, model.sample_size, 28 * 28);
-    if b > data.len {
-        bail!(
-            "--batch-size {b} is larger than the data set ({})",
-            data.len
-        );
-    }
-    canvas(&[], 0, size)?;
-    let mut trainer = VaeTrainer::new(gpu.clone(), cfg.clone(), model)?;
+    let mut trainer = gpu
+        .checked_build(|| VaeTrainer::new(gpu.clone(), cfg.clone(), model))
+        .map_err(|e| anyhow!("{e} (try a smaller --batch-size)"))?;
     trainer.set_weights(&crate::nn::init::default_init(
         &trainer.vae.params,
         cfg.seed,
@@ -134,7 +147,7 @@ fn scale_by_std(trainer: &VaeTrainer, images: &[f32], len: usize) -> Result<f64>
             &vae.sample.value,
             &canvas(digits, b, vae.config.sample_size)?,
         )?;
-        // A step past any training step: its own ε.
+        // ε from a stream of its own (the seed changed), never one a training step drew.
         write_rng_state(g, &rng, trainer.cfg.seed ^ 0x5CA1E, k as u32)?;
         g.run(&[&plan])?;
         for v in g.read(&vae.latent.value)? {

@@ -64,21 +64,29 @@ pub struct VaeTrainer {
     pub step: u64,
 }
 
+impl VaeTrainConfig {
+    /// Every option checked by name (before anything is allocated).
+    pub fn validate(&self) -> Result<()> {
+        if self.batch_size == 0 {
+            bail!("--batch-size must be at least 1");
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            bail!("--lr must be a finite number > 0, is {}", self.lr);
+        }
+        if !(self.kl_weight.is_finite() && self.kl_weight >= 0.0) {
+            bail!(
+                "--kl-weight must be a finite number ≥ 0, is {}",
+                self.kl_weight
+            );
+        }
+        Ok(())
+    }
+}
+
 impl VaeTrainer {
     /// Allocates the VAE and the optimizer state and records the step once.
     pub fn new(gpu: Arc<Gpu>, cfg: VaeTrainConfig, model: &VaeConfig) -> Result<VaeTrainer> {
-        if cfg.batch_size == 0 {
-            bail!("--batch-size must be at least 1");
-        }
-        if !(cfg.lr.is_finite() && cfg.lr > 0.0) {
-            bail!("--lr must be a finite number > 0, is {}", cfg.lr);
-        }
-        if !(cfg.kl_weight.is_finite() && cfg.kl_weight >= 0.0) {
-            bail!(
-                "--kl-weight must be a finite number ≥ 0, is {}",
-                cfg.kl_weight
-            );
-        }
+        cfg.validate()?;
         let vae = Vae::new(&gpu, model, cfg.batch_size).context("building the VAE")?;
         let n = vae.params.len;
         let rng_state = gpu.tensor(&[4], "vae rng state");

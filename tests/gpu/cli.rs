@@ -770,7 +770,7 @@ fn train_vae_writes_a_vae_that_loads() {
         .unwrap()
         .replace("\"in_channels\": 1", "\"in_channels\": 3");
     std::fs::write(&rgb, text).unwrap();
-    fails(
+    fails_before_gpu(
         &[
             "train-vae",
             "--model-config",
