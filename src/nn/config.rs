@@ -150,28 +150,10 @@ impl UNetConfig {
     /// null, as diffusers' `__init__` would), keys of other meanings are checked against
     /// [`ACCEPTED_AS_DEFAULT`], and anything else is an error naming the key.
     pub fn from_json(text: &str) -> Result<UNetConfig, String> {
-        let mut v: Value = serde_json::from_str(text)
-            .map_err(|e| format!("config.json is not valid JSON: {e}"))?;
-        let obj = v
-            .as_object_mut()
-            .ok_or("config.json must be a JSON object")?;
-        if let Some(class) = obj.get("_class_name").and_then(|c| c.as_str())
-            && class != "UNet2DModel"
-        {
-            return Err(format!(
-                "config.json describes a `{class}`; only `UNet2DModel` is supported"
-            ));
-        }
-        // null means "diffusers' default" except where null is a value of its own.
-        obj.retain(|k, val| {
-            !val.is_null()
-                || k == "attention_head_dim"
-                || ACCEPTED_AS_DEFAULT.iter().any(|(n, _)| n == k)
-        });
-        let raw: DiffusersUNetConfig = serde_path_to_error::deserialize(&v).map_err(|e| {
-            let path = e.path().to_string();
-            format!("config key `{path}`: {}", e.into_inner())
-        })?;
+        let (raw, _): (DiffusersUNetConfig, _) =
+            parse_diffusers_config(text, "UNet2DModel", |k| {
+                k == "attention_head_dim" || ACCEPTED_AS_DEFAULT.iter().any(|(n, _)| *n == k)
+            })?;
         check_other_keys(&raw.other)?;
         let cfg = UNetConfig {
             sample_size: raw.sample_size,
@@ -509,8 +491,40 @@ mod defaults {
     }
 }
 
-/// `sample_size` is an integer, or a square `[size, size]` pair.
-fn square_sample_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+/// Parses a diffusers `config.json` into `T`, whose serde defaults are diffusers' `__init__`
+/// defaults: `_class_name`, when present, must be `class`; a key set to null takes its default,
+/// as `__init__` would, unless `null_is_a_value(key)`; a type error names its key. Returns the
+/// file's object too (before the nulls were dropped), for keys whose absence matters.
+pub(crate) fn parse_diffusers_config<T: serde::de::DeserializeOwned>(
+    text: &str,
+    class: &str,
+    null_is_a_value: impl Fn(&str) -> bool,
+) -> Result<(T, serde_json::Map<String, Value>), String> {
+    let v: Value =
+        serde_json::from_str(text).map_err(|e| format!("config.json is not valid JSON: {e}"))?;
+    let Value::Object(original) = v else {
+        return Err("config.json must be a JSON object".into());
+    };
+    if let Some(found) = original.get("_class_name").and_then(|c| c.as_str())
+        && found != class
+    {
+        return Err(format!(
+            "config.json describes a `{found}`; only `{class}` is supported here"
+        ));
+    }
+    let mut obj = original.clone();
+    obj.retain(|k, val| !val.is_null() || null_is_a_value(k));
+    let raw = serde_path_to_error::deserialize(Value::Object(obj)).map_err(|e| {
+        let path = e.path().to_string();
+        format!("config key `{path}`: {}", e.into_inner())
+    })?;
+    Ok((raw, original))
+}
+
+/// `sample_size` is an integer, or a square `[size, size]` pair (the U-Net's and the VAE's).
+pub(crate) fn square_sample_size<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<usize, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum Size {

@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::config::{MAX_CHANNELS, MAX_SAMPLE_SIZE};
+use super::config::{MAX_CHANNELS, MAX_SAMPLE_SIZE, parse_diffusers_config, square_sample_size};
 
 /// diffusers' `AutoencoderKL` default `scaling_factor` (Stable Diffusion 1.x's VAE).
 pub const DEFAULT_SCALING_FACTOR: f64 = 0.18215;
@@ -85,25 +85,10 @@ impl VaeConfig {
     /// null is not a value of its own) take diffusers' defaults; `_`-prefixed keys are ignored, as
     /// diffusers ignores them; anything else unknown is an error naming the key.
     pub fn from_json(text: &str) -> Result<VaeConfig, String> {
-        let mut v: Value = serde_json::from_str(text)
-            .map_err(|e| format!("config.json is not valid JSON: {e}"))?;
-        let obj = v
-            .as_object_mut()
-            .ok_or("config.json must be a JSON object")?;
-        if let Some(class) = obj.get("_class_name").and_then(|c| c.as_str())
-            && class != "AutoencoderKL"
-        {
-            return Err(format!(
-                "config.json describes a `{class}`; only `AutoencoderKL` is supported as a VAE"
-            ));
-        }
-        let defaulted = obj.get("scaling_factor").is_none_or(Value::is_null);
         const NULLABLE: [&str; 3] = ["shift_factor", "latents_mean", "latents_std"];
-        obj.retain(|k, val| !val.is_null() || NULLABLE.contains(&k.as_str()));
-        let raw: DiffusersVaeConfig = serde_path_to_error::deserialize(&v).map_err(|e| {
-            let path = e.path().to_string();
-            format!("config key `{path}`: {}", e.into_inner())
-        })?;
+        let (raw, original): (DiffusersVaeConfig, _) =
+            parse_diffusers_config(text, "AutoencoderKL", |k| NULLABLE.contains(&k))?;
+        let defaulted = original.get("scaling_factor").is_none_or(Value::is_null);
         if let Some(k) = raw.other.keys().find(|k| !k.starts_with('_')) {
             return Err(format!(
                 "config key `{k}` is not supported by wgpu-diffusion's AutoencoderKL"
@@ -260,7 +245,10 @@ struct DiffusersVaeConfig {
     latent_channels: usize,
     #[serde(default = "defaults::norm_num_groups")]
     norm_num_groups: usize,
-    #[serde(default = "defaults::sample_size", deserialize_with = "square_size")]
+    #[serde(
+        default = "defaults::sample_size",
+        deserialize_with = "square_sample_size"
+    )]
     sample_size: usize,
     #[serde(default = "defaults::scaling_factor")]
     scaling_factor: f64,
@@ -316,23 +304,6 @@ mod defaults {
     }
     pub fn yes() -> bool {
         true
-    }
-}
-
-/// `sample_size` is an integer or a square `[size, size]` pair.
-fn square_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Size {
-        Square(usize),
-        Pair(Vec<usize>),
-    }
-    match Size::deserialize(d)? {
-        Size::Square(s) => Ok(s),
-        Size::Pair(p) if p.len() == 2 && p[0] == p[1] => Ok(p[0]),
-        Size::Pair(p) => Err(serde::de::Error::custom(format!(
-            "non-square `sample_size` {p:?} is not supported"
-        ))),
     }
 }
 

@@ -23,17 +23,22 @@ fn key(entry: &'static str) -> KernelKey {
     KernelKey::new("posterior", entry)
 }
 
-/// (elements of z, L) for moments [.., 2L] and z [.., L].
-fn shape(op: &str, moments: &Tensor, z: &Tensor) -> OpResult<(usize, usize)> {
+/// L for moments [B, .., 2L] (μ and the log-variance side by side on the last axis).
+fn latent_channels(op: &str, moments: &Tensor) -> OpResult<usize> {
     let two_l = *moments.shape().last().unwrap_or(&0);
-    if two_l == 0 || !two_l.is_multiple_of(2) {
+    if two_l == 0 || !two_l.is_multiple_of(2) || moments.shape().len() < 2 {
         return Err(invalid(format!(
-            "{op}: `moments` (`{}`) {:?} must have an even, non-zero last axis (mean and log-variance)",
+            "{op}: `moments` (`{}`) {:?} must be [B, .., 2L]: an even, non-zero last axis (mean and log-variance)",
             moments.label(),
             moments.shape()
         )));
     }
-    let l = two_l / 2;
+    Ok(two_l / 2)
+}
+
+/// (elements of z, L) for moments [.., 2L] and z [.., L].
+fn shape(op: &str, moments: &Tensor, z: &Tensor) -> OpResult<(usize, usize)> {
+    let l = latent_channels(op, moments)?;
     expect_numel(op, "z", z, moments.numel() / 2)?;
     if z.shape().last() != Some(&l) {
         return Err(invalid(format!(
@@ -109,14 +114,7 @@ pub fn posterior_sample_backward(
 /// 2L]; diffusers' `posterior.kl()` per sample, averaged).
 pub fn posterior_kl(rec: &mut Recorder, moments: &Tensor, kl: &Tensor) -> OpResult {
     const OP: &str = "posterior_kl";
-    let two_l = *moments.shape().last().unwrap_or(&0);
-    if two_l == 0 || !two_l.is_multiple_of(2) || moments.shape().len() < 2 {
-        return Err(invalid(format!(
-            "{OP}: `moments` (`{}`) {:?} must be [B, .., 2L]",
-            moments.label(),
-            moments.shape()
-        )));
-    }
+    let latent = latent_channels(OP, moments)?;
     expect_numel(OP, "kl", kl, 1)?;
     expect_distinct(OP, moments, kl)?;
     let n = moments.numel() / 2;
@@ -124,7 +122,7 @@ pub fn posterior_kl(rec: &mut Recorder, moments: &Tensor, kl: &Tensor) -> OpResu
     let partials = rec.gpu.tensor(&[groups], "kl partials");
     let p = PosteriorParams {
         n: u32_of(OP, "n", n)?,
-        latent: (two_l / 2) as u32,
+        latent: latent as u32,
         ..Default::default()
     };
     rec.dispatch(
@@ -145,20 +143,13 @@ pub fn posterior_kl_backward(
     dmoments: &Tensor,
 ) -> OpResult {
     const OP: &str = "posterior_kl_backward";
-    let two_l = *moments.shape().last().unwrap_or(&0);
-    if two_l == 0 || !two_l.is_multiple_of(2) || moments.shape().len() < 2 {
-        return Err(invalid(format!(
-            "{OP}: `moments` (`{}`) {:?} must be [B, .., 2L]",
-            moments.label(),
-            moments.shape()
-        )));
-    }
+    let latent = latent_channels(OP, moments)?;
     expect_numel(OP, "dmoments", dmoments, moments.numel())?;
     expect_distinct(OP, moments, dmoments)?;
     let n = moments.numel() / 2;
     let p = PosteriorParams {
         n: u32_of(OP, "n", n)?,
-        latent: (two_l / 2) as u32,
+        latent: latent as u32,
         factor: (weight as f64 / moments.shape()[0] as f64) as f32,
         ..Default::default()
     };

@@ -96,9 +96,13 @@ pub fn run_vae(
     progress.start(0, steps);
     let per_epoch = (data.len / b) as u64;
     let mut losses = Vec::new();
+    let mut order = (u64::MAX, Vec::new());
     for step in 0..steps {
         let (epoch, k) = (step / per_epoch, (step % per_epoch) as usize);
-        let order = epoch_order(data.len, cfg.seed, epoch);
+        if order.0 != epoch {
+            order = (epoch, epoch_order(data.len, cfg.seed, epoch));
+        }
+        let order = &order.1;
         let mut batch = Vec::with_capacity(b * per);
         for &i in &order[k * b..(k + 1) * b] {
             batch.extend_from_slice(&data.images[i as usize * per..(i as usize + 1) * per]);

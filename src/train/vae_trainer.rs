@@ -56,7 +56,8 @@ pub struct VaeTrainer {
     hyper: Tensor,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
-    /// The step's reconstruction loss and mean KL (one element each).
+    /// [reconstruction loss, mean KL] of the step, and a view of each.
+    losses: Tensor,
     pub rec_loss: Tensor,
     pub kl: Tensor,
     step_plan: Plan,
@@ -94,8 +95,12 @@ impl VaeTrainer {
         let grad_scale = gpu.tensor_from(&[2], &[1.0, 0.0], "grad scale")?;
         let exp_avg = gpu.tensor(&[n], "exp_avg");
         let exp_avg_sq = gpu.tensor(&[n], "exp_avg_sq");
-        let rec_loss = gpu.tensor(&[1], "rec loss");
-        let kl = gpu.tensor(&[1], "kl");
+        // In one tensor, so one readback per step brings both; the KL at the first offset a
+        // storage binding may start at.
+        let kl_at = (gpu.limits.min_storage_buffer_offset_alignment as usize / 4).max(64);
+        let losses = gpu.tensor(&[kl_at + 1], "rec loss, kl");
+        let rec_loss = losses.view(0, &[1], "rec loss");
+        let kl = losses.view(kl_at, &[1], "kl");
         let mut rec = gpu.recorder();
         rec.clear(&vae.params.grads);
         random_normal(&mut rec, &rng_state, purpose::VAE_EPS, 0, &vae.eps)?;
@@ -133,6 +138,7 @@ impl VaeTrainer {
             hyper,
             exp_avg,
             exp_avg_sq,
+            losses,
             rec_loss,
             kl,
             step_plan,
@@ -165,7 +171,8 @@ impl VaeTrainer {
         )?;
         g.run(&[&self.step_plan])?;
         self.step = t;
-        let (rec, kl) = (g.read(&self.rec_loss)?[0], g.read(&self.kl)?[0]);
+        let both = g.read(&self.losses)?;
+        let (rec, kl) = (both[0], both[both.len() - 1]);
         let loss = (rec as f64 + self.cfg.kl_weight * kl as f64) as f32;
         if !loss.is_finite() {
             bail!("the VAE loss became non-finite ({loss}) at step {t}; lower --lr or --kl-weight");
