@@ -56,6 +56,7 @@ fn main() -> anyhow::Result<()> {
     let options = SamplerOptions {
         guidance: None,
         inpaint: Some((known.clone(), keep.clone())),
+        vae: None,
     };
     let mut sampler = Sampler::new(&gpu, &source.config, schedule, COMPLETIONS, &options)?;
     sampler.set_weights(&source.weights(&sampler.unet.params)?)?;

@@ -17,7 +17,9 @@ use crate::io::atomic::atomic_write;
 use crate::io::images::{save_grid, save_image};
 use crate::io::tensors::LoadedTensors;
 use crate::progress::ConsoleProgress;
-use crate::sample::{ModelSource, Noise, Sampler, SamplerOptions, nchw_to_nhwc, nhwc_to_nchw};
+use crate::sample::{
+    LatentVae, ModelSource, Noise, Sampler, SamplerOptions, nchw_to_nhwc, nhwc_to_nchw,
+};
 
 #[derive(clap::Args, Clone, Debug)]
 #[command(group(clap::ArgGroup::new("source").required(true).args(["model", "checkpoint"])))]
@@ -92,6 +94,10 @@ pub struct SampleArgs {
     /// [default: 10, diffusers']
     #[arg(long, requires = "inpaint")]
     pub jump_n_sample: Option<usize>,
+    /// Latent diffusion: the AutoencoderKL directory that decodes the samples (default: the
+    /// model's `vae/`, or for a checkpoint its run folder's).
+    #[arg(long)]
+    pub vae: Option<PathBuf>,
     /// `sr` for a super-resolution model (inferred from the model; given, it is checked).
     #[arg(long, value_enum)]
     pub task: Option<crate::train::config::Task>,
@@ -249,6 +255,19 @@ pub struct SamplePlan {
     pub step_noise: Option<Vec<Vec<f32>>>,
 }
 
+impl SamplePlan {
+    /// [size, channels] of the images written: the VAE's decoded images for a latent model.
+    pub fn image_dims(&self) -> [usize; 2] {
+        match &self.source.vae {
+            Some(vae) => [vae.config.sample_size, vae.config.out_channels],
+            None => [
+                self.source.config.sample_size,
+                self.source.config.out_channels,
+            ],
+        }
+    }
+}
+
 /// How to make sampling fit when a tensor is past the adapter's limits.
 const SAMPLE_FIT_ADVICE: &str = "use a smaller --batch-size (the images do not depend on it; guidance runs twice the batch), or a smaller model";
 
@@ -352,6 +371,30 @@ fn model_source(
         (None, Some(file)) => ModelSource::from_checkpoint(file, no_ema),
         _ => bail!("give exactly one of --model DIR and --checkpoint FILE"),
     }
+}
+
+/// The VAE of a latent diffusion model (`--vae`, or the one the model came with), checked
+/// against the U-Net; inpainting is refused in latent space.
+fn latent_vae(args: &SampleArgs, source: &mut ModelSource) -> Result<()> {
+    if let Some(dir) = &args.vae {
+        source.vae = Some(LatentVae::from_dir(dir).context("--vae")?);
+    }
+    let Some(vae) = &source.vae else {
+        if source.latent {
+            bail!(
+                "{} is a latent diffusion model, and its VAE was not found beside it: give it with --vae DIR",
+                source.description
+            );
+        }
+        return Ok(());
+    };
+    vae.check_fits(&source.config)?;
+    if args.inpaint.is_some() {
+        bail!(
+            "--inpaint works on images, not on a VAE's latents: it is not supported for latent diffusion models"
+        );
+    }
+    Ok(())
 }
 
 /// The flags that need no file: ranges, and flags that only apply with others.
@@ -578,11 +621,12 @@ pub fn plan(args: &SampleArgs) -> Result<SamplePlan> {
     if let Some(path) = &args.save_tensor {
         check_output_file("--save-tensor", path, "samples.safetensors")?;
     }
-    let source = model_source(
+    let mut source = model_source(
         args.model.as_deref(),
         args.checkpoint.as_deref(),
         args.no_ema,
     )?;
+    latent_vae(args, &mut source)?;
     let (c, s) = (source.config.out_channels, source.config.sample_size);
     let lowres = lowres_input(args, &source)?;
     let inpaint = read_inpaint(args, s, c)?;
@@ -617,8 +661,16 @@ pub fn run(opts: &GpuOptions, args: &SampleArgs) -> Result<()> {
     let gpu: Arc<Gpu> = Gpu::new(opts)?;
     eprintln!("device: {}", gpu.describe());
     eprintln!("model: {}", plan.source.description);
-    for n in &plan.source.notes {
+    let vae_notes = plan.source.vae.iter().flat_map(|v| v.notes.iter());
+    for n in plan.source.notes.iter().chain(vae_notes) {
         eprintln!("note: {n}");
+    }
+    if let Some(vae) = &plan.source.vae {
+        eprintln!(
+            "latent diffusion: decoding with the VAE {} (scaling_factor {})",
+            vae.dir.display(),
+            vae.config.scaling_factor
+        );
     }
     let schedule = &plan.schedule;
     eprintln!(
@@ -647,6 +699,7 @@ pub fn run(opts: &GpuOptions, args: &SampleArgs) -> Result<()> {
     let options = SamplerOptions {
         guidance: plan.guidance,
         inpaint: plan.inpaint.take(),
+        vae: plan.source.vae.clone(),
     };
     let mut sampler = gpu
         .checked_build(|| {
@@ -692,8 +745,10 @@ fn settings_text(args: &SampleArgs, plan: &SamplePlan) -> String {
 /// Every batch of the plan through the sampler, with a progress bar; the images, NHWC. A batch
 /// with a non-finite value is an error naming the settings.
 fn sample_all(args: &SampleArgs, plan: &SamplePlan, sampler: &mut Sampler) -> Result<Vec<f32>> {
-    let cfg = &plan.source.config;
-    let per_image = cfg.out_channels * cfg.sample_size * cfg.sample_size;
+    let [_, h, w, c] = sampler.image_shape();
+    let per_image = h * w * c;
+    let [_, lh, lw, lc] = sampler.latent_shape();
+    let per_latent = lh * lw * lc;
     let (num, batch) = (plan.num, plan.batch);
     let batches = num.div_ceil(batch);
     let evals = sampler.evaluations();
@@ -712,8 +767,8 @@ fn sample_all(args: &SampleArgs, plan: &SamplePlan, sampler: &mut Sampler) -> Re
         let first = b * batch;
         let take = batch.min(num - first);
         let pad = |v: &[f32]| {
-            let mut out = v[first * per_image..(first + take) * per_image].to_vec();
-            out.resize(batch * per_image, 0.0);
+            let mut out = v[first * per_latent..(first + take) * per_latent].to_vec();
+            out.resize(batch * per_latent, 0.0);
             out
         };
         let given_initial = plan.noise.as_ref().map(|v| pad(v));
@@ -790,8 +845,7 @@ fn remove_stale_outputs(dir: &Path, keep: &[String]) -> Result<Vec<String>> {
 /// The grid, one PNG per image, the raw tensor: an earlier run's images in the folder are
 /// removed first (with a note).
 fn write_outputs(args: &SampleArgs, plan: &SamplePlan, images: &[f32]) -> Result<()> {
-    let cfg = &plan.source.config;
-    let (num, c, s) = (plan.num, cfg.out_channels, cfg.sample_size);
+    let (num, [s, c]) = (plan.num, plan.image_dims());
     let per_image = c * s * s;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating the output folder {}", args.out.display()))?;

@@ -59,13 +59,18 @@ pub struct TrainArgs {
     #[arg(long)]
     pub resume: Option<PathBuf>,
     /// Model preset: tiny16 (16x16 MNIST, fast), tiny28 (tiny16's network at 28x28), mnist28,
-    /// cifar32 (google/ddpm-cifar10-32) [default: tiny16; tiny28 with --task sr]. A model
+    /// cifar32 (google/ddpm-cifar10-32), mnist-ldm (4x8x8 latents, with --vae) [default:
+    /// tiny16; tiny28 with --task sr; mnist-ldm with --vae]. A model
     /// directory goes to --init, a run folder to --resume.
     #[arg(long)]
     pub model: Option<String>,
     /// A diffusers UNet2DModel config.json instead of a preset.
     #[arg(long)]
     pub model_config: Option<PathBuf>,
+    /// Latent diffusion: a diffusers AutoencoderKL directory (e.g. a train-vae run's vae/); the
+    /// U-Net learns its latents × scaling_factor, the VAE frozen [default model: mnist-ldm].
+    #[arg(long)]
+    pub vae: Option<PathBuf>,
     /// Fine-tune from a diffusers model directory (config.json + diffusion_pytorch_model.safetensors).
     #[arg(long)]
     pub init: Option<PathBuf>,
@@ -163,10 +168,11 @@ pub struct TrainArgs {
 
 /// Keys that fix a run's network: a resumed run takes them from its checkpoint, so a flag
 /// changing them is refused rather than ignored.
-const FIXED_ON_RESUME: [&str; 6] = [
+const FIXED_ON_RESUME: [&str; 7] = [
     "model",
     "model_config",
     "init",
+    "vae",
     "task",
     "scale",
     "class_conditional",
@@ -223,6 +229,9 @@ impl TrainArgs {
         if self.init.is_some() {
             c.init = self.init.clone();
         }
+        if self.vae.is_some() {
+            c.vae = self.vae.clone();
+        }
         if self.out.is_some() && !resumed {
             c.out = self.out.clone();
         }
@@ -233,6 +242,10 @@ impl TrainArgs {
         // Super-resolution is measured on 28x28 digits (eval-sr): its preset is tiny28.
         if from_preset && c.task == Task::Sr && self.model.is_none() && !file_sets_model {
             c.model = "tiny28".into();
+        }
+        // Latent diffusion's preset is the U-Net on mnist-vae's 4×8×8 latents.
+        if from_preset && c.vae.is_some() && self.model.is_none() && !file_sets_model {
+            c.model = "mnist-ldm".into();
         }
         if from_preset && UNetConfig::preset(&c.model).is_none() {
             anyhow::bail!(
@@ -337,6 +350,10 @@ pub fn run(mut opts: GpuOptions, args: &TrainArgs) -> anyhow::Result<()> {
     let Some(cfg) = args.prepare(&mut opts)? else {
         return Ok(());
     };
+    if args.resume.is_none() {
+        // A VAE that does not fit the U-Net is refused before the GPU starts.
+        crate::train::check_latent_run(&cfg)?;
+    }
     let gpu = Gpu::new(&opts)?;
     eprintln!("adapter: {}", gpu.describe());
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

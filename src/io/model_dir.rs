@@ -37,7 +37,8 @@ pub const MODEL_WEIGHTS: &str = "diffusion_pytorch_model.safetensors";
 /// `diffusion_pytorch_model.safetensors` and `scheduler_config.json` at the top
 /// (`UNet2DModel.from_pretrained(dir)`), and the pipeline layout beside them — `model_index.json`,
 /// `unet/`, `scheduler/` — so `DDPMPipeline.from_pretrained(dir)` loads it too; `extra` files
-/// (e.g. `class_names.json`) go beside them. The `unet/` weights are a hard link to the top-level
+/// (e.g. `class_names.json`; a latent model's `vae/config.json` and weights, which make the
+/// index list the VAE) go beside them. The `unet/` weights are a hard link to the top-level
 /// file where the file system allows it.
 ///
 /// The directory is written whole under a temporary name and renamed into place, so a kill
@@ -108,12 +109,19 @@ fn write_model_files(
         &dir.join("scheduler").join("scheduler_config.json"),
         scheduler_json.as_bytes(),
     )?;
-    let index = serde_json::json!({
+    let mut index = serde_json::json!({
         "_class_name": "DDPMPipeline",
         "_diffusers_version": "0.31.0",
         "scheduler": ["diffusers", "DDPMScheduler"],
         "unet": ["diffusers", "UNet2DModel"]
     });
+    if extra.iter().any(|(name, _)| name.starts_with("vae/")) {
+        // A latent diffusion model: diffusers has no unconditional AutoencoderKL + UNet2DModel
+        // pipeline (LDMPipeline takes a VQModel), so the index names ours; each component
+        // loads in diffusers on its own (UNet2DModel / AutoencoderKL / DDPMScheduler).
+        index["_class_name"] = "WgpuDiffusionLatentPipeline".into();
+        index["vae"] = serde_json::json!(["diffusers", "AutoencoderKL"]);
+    }
     atomic_write(
         &dir.join("model_index.json"),
         serde_json::to_string_pretty(&index)?.as_bytes(),

@@ -126,6 +126,17 @@ impl UNetConfig {
                 &["AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
                 8,
             )),
+            // Latent diffusion on mnist-vae's 4×8×8 latents (issue 22's suggested U-Net):
+            // 8×8 then 4×4 with attention, 32 groups as Stable Diffusion's U-Net.
+            "mnist-ldm" => Some(ddpm(
+                8,
+                4,
+                &[64, 128],
+                2,
+                &["DownBlock2D", "AttnDownBlock2D"],
+                &["AttnUpBlock2D", "UpBlock2D"],
+                32,
+            )),
             "cifar32" => Some(ddpm(
                 32,
                 3,
@@ -144,7 +155,7 @@ impl UNetConfig {
         }
     }
 
-    pub const PRESETS: [&'static str; 4] = ["tiny16", "tiny28", "mnist28", "cifar32"];
+    pub const PRESETS: [&'static str; 5] = ["tiny16", "tiny28", "mnist28", "mnist-ldm", "cifar32"];
 
     /// Parses a diffusers `config.json`: diffusers' defaults fill missing keys (and keys set to
     /// null, as diffusers' `__init__` would), keys of other meanings are checked against

@@ -7,6 +7,7 @@
 //! so conditioning fits in between: a batched conditional/unconditional forward whose outputs
 //! are combined before the update, and a hook after the update that replaces a known region.
 
+pub mod latent;
 pub mod source;
 
 use std::sync::Arc;
@@ -24,6 +25,7 @@ use crate::ops::samplers::{
 };
 use crate::ops::upsample::upsample_bicubic_forward;
 
+pub use latent::{LatentCodec, LatentVae};
 pub use source::ModelSource;
 
 /// Where the noise of a batch comes from.
@@ -48,6 +50,9 @@ pub struct SamplerOptions {
     /// Inpainting (RePaint; a schedule from [`SamplingSchedule::repaint`]): the original image
     /// and the keep mask (1 = keep, 0 = regenerate), one image each, NHWC [H, W, C].
     pub inpaint: Option<(Vec<f32>, Vec<f32>)>,
+    /// Latent diffusion: the VAE whose latents the U-Net denoises; each batch is decoded on the
+    /// GPU after its last step, and the images are what a batch returns.
+    pub vae: Option<LatentVae>,
 }
 
 /// A sampler bound to a U-Net of a fixed batch size.
@@ -68,6 +73,8 @@ pub struct Sampler {
     renoise_plan: Option<Plan>,
     /// Super-resolution models: the batch's low-resolution input and its bicubic upsampling.
     sr: Option<SuperResolution>,
+    /// Latent diffusion: the VAE and its plan decoding x into images.
+    decoder: Option<(LatentCodec, Plan)>,
 }
 
 struct SuperResolution {
@@ -87,6 +94,14 @@ impl Sampler {
     ) -> Result<Sampler> {
         let guidance = options.guidance;
         check_sampling_setup(model, batch, guidance)?;
+        if let Some(vae) = &options.vae {
+            vae.check_fits(model)?;
+            if options.inpaint.is_some() {
+                bail!(
+                    "inpainting works on images, not on a VAE's latents: it is not supported for latent diffusion models"
+                );
+            }
+        }
         let copies = if guidance.is_some() { 2 } else { 1 };
         let unet = UNet::for_inference(gpu, model, batch * copies)?;
         let shape = unet.output.shape().to_vec();
@@ -138,6 +153,16 @@ impl Sampler {
         rec.clear(&aux1);
         rec.clear(&z);
         let reset_plan = rec.finish();
+        let decoder = match &options.vae {
+            Some(vae) => {
+                let codec = vae.load(gpu, batch)?;
+                let mut rec = gpu.recorder();
+                codec.record_decode(&mut rec, &x)?;
+                let plan = rec.finish();
+                Some((codec, plan))
+            }
+            None => None,
+        };
         Ok(Sampler {
             gpu: gpu.clone(),
             unet,
@@ -152,6 +177,7 @@ impl Sampler {
             reset_plan,
             renoise_plan,
             sr,
+            decoder,
         })
     }
 
@@ -159,12 +185,22 @@ impl Sampler {
         self.batch
     }
 
-    /// [B, H, W, C] of a batch (NHWC).
+    /// [B, H, W, C] of a batch of images (NHWC): the decoded images of a latent model.
     pub fn image_shape(&self) -> [usize; 4] {
+        let s = match &self.decoder {
+            Some((codec, _)) => codec.output().shape(),
+            None => self.x.shape(),
+        };
+        [s[0], s[1], s[2], s[3]]
+    }
+
+    /// [B, H, W, C] of x, the sampled variable (a latent model's latents).
+    pub fn latent_shape(&self) -> [usize; 4] {
         let s = self.x.shape();
         [s[0], s[1], s[2], s[3]]
     }
 
+    /// Elements of one image's x (its noise stream's stride).
     fn image_numel(&self) -> usize {
         self.x.numel() / self.batch()
     }
@@ -224,7 +260,8 @@ impl Sampler {
     }
 
     /// Samples one batch whose first image has index `first_image` (which keys its seeded
-    /// noise) and returns the final x, NHWC [B, H, W, C]. `labels` are the batch's classes
+    /// noise) and returns the final x, NHWC [B, H, W, C] (a latent model: x decoded, the
+    /// images of [`Sampler::image_shape`]). `labels` are the batch's classes
     /// (required by a class-conditional model, refused by others). `on_eval(e)` is called when U-Net
     /// evaluation `e` and its update have finished.
     pub fn sample_batch(
@@ -269,7 +306,13 @@ impl Sampler {
                 on_eval(e - 1);
             }
         }
-        let out = g.read(&self.x)?;
+        let out = match &self.decoder {
+            Some((codec, plan)) => {
+                g.submit(&[plan]);
+                g.read(codec.output())?
+            }
+            None => g.read(&self.x)?,
+        };
         on_eval(self.schedule.evals.len() - 1);
         Ok(out)
     }

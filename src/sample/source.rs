@@ -12,6 +12,7 @@ use crate::diffusion::{BetaSchedule, NoiseSchedule, PredictionType};
 use crate::io::model_dir::{CLASS_NAMES, MODEL_WEIGHTS, read_model_weights};
 use crate::io::tensors::LoadedTensors;
 use crate::nn::{ParamStore, UNetConfig};
+use crate::sample::LatentVae;
 
 enum Weights {
     /// A diffusers directory holding `diffusion_pytorch_model.safetensors`.
@@ -32,6 +33,12 @@ pub struct ModelSource {
     pub notes: Vec<String>,
     /// Class names by index (`class_names.json` of a class-conditional model; may be empty).
     pub class_names: Vec<String>,
+    /// Latent diffusion: the VAE that decodes the U-Net's samples (`vae/` beside the U-Net, the
+    /// run folder's `vae/` of a checkpoint, or `sample --vae`).
+    pub vae: Option<LatentVae>,
+    /// The U-Net was trained on a VAE's latents (a checkpoint's metadata says so): sampling
+    /// needs a VAE, found or given.
+    pub latent: bool,
     weights: Weights,
 }
 
@@ -93,6 +100,23 @@ fn checkpoint_scheduler(
     Ok((scheduler, f.ema))
 }
 
+/// Whether a checkpoint is of a latent diffusion model (its metadata says
+/// `latent_diffusion`), and the `vae/` of its run folder
+/// (`<run>/checkpoints/step-….safetensors` → `<run>/vae`) when it is there.
+fn checkpoint_vae(
+    path: &Path,
+    meta: &std::collections::HashMap<String, String>,
+) -> Result<(bool, Option<LatentVae>)> {
+    if meta.get("latent_diffusion").map(String::as_str) != Some("true") {
+        return Ok((false, None));
+    }
+    let run = path
+        .parent()
+        .and_then(Path::parent)
+        .unwrap_or(Path::new("."));
+    Ok((true, LatentVae::beside(run)?))
+}
+
 fn read_scheduler(path: &Path) -> Result<SchedulerConfig> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -116,19 +140,30 @@ impl ModelSource {
         }
         let flat_config = dir.join("config.json");
         if flat_config.is_file() {
-            return Self::from_unet_dir(
+            let mut source = Self::from_unet_dir(
                 dir,
                 &[
                     dir.join("scheduler_config.json"),
                     dir.join("scheduler").join("scheduler_config.json"),
                 ],
-            );
+            )?;
+            // The unet/ of a latent pipeline directory decodes with the vae/ beside it.
+            let pipeline = dir.parent().filter(|_| dir.ends_with("unet"));
+            source.vae = match LatentVae::beside(dir)? {
+                Some(v) => Some(v),
+                None => pipeline.map(LatentVae::beside).transpose()?.flatten(),
+            };
+            source.latent = source.vae.is_some();
+            return Ok(source);
         }
         if dir.join("unet").join("config.json").is_file() {
-            return Self::from_unet_dir(
+            let mut source = Self::from_unet_dir(
                 &dir.join("unet"),
                 &[dir.join("scheduler").join("scheduler_config.json")],
-            );
+            )?;
+            source.vae = LatentVae::beside(dir)?;
+            source.latent = source.vae.is_some();
+            return Ok(source);
         }
         if dir.join("model").is_dir() {
             return Self::from_dir(&dir.join("model"));
@@ -182,6 +217,8 @@ impl ModelSource {
             description: dir.display().to_string(),
             notes: Vec::new(),
             class_names,
+            vae: None,
+            latent: false,
             weights: Weights::Dir(dir.to_path_buf()),
         })
     }
@@ -215,6 +252,7 @@ impl ModelSource {
             "param"
         };
         let step = meta.get("step").cloned().unwrap_or_else(|| "?".into());
+        let (latent, vae) = checkpoint_vae(path, &meta)?;
         Ok(ModelSource {
             config,
             scheduler,
@@ -229,6 +267,8 @@ impl ModelSource {
                 .get("class_names")
                 .and_then(|t| serde_json::from_str(t).ok())
                 .unwrap_or_default(),
+            vae,
+            latent,
             weights: Weights::Checkpoint(Box::new(ck), prefix),
         })
     }

@@ -23,6 +23,9 @@ pub struct TrainConfig {
     pub model_config: Option<PathBuf>,
     /// A diffusers model directory to fine-tune from.
     pub init: Option<PathBuf>,
+    /// Latent diffusion: a diffusers AutoencoderKL directory; the U-Net learns its scaled
+    /// latents (the VAE frozen).
+    pub vae: Option<PathBuf>,
     pub steps: u64,
     pub batch_size: usize,
     pub grad_accum: usize,
@@ -88,6 +91,7 @@ impl Default for TrainConfig {
             model: "tiny16".into(),
             model_config: None,
             init: None,
+            vae: None,
             steps: 3000,
             batch_size: 32,
             grad_accum: 1,

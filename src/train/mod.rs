@@ -26,11 +26,10 @@ use crate::data::{Dataset, Loader};
 use crate::diffusion::scheduler::{SamplerKind, SamplingSchedule, SchedulerConfig};
 use crate::gpu::Gpu;
 use crate::io::atomic::atomic_write;
-use crate::io::model_dir::CLASS_NAMES;
-use crate::io::model_dir::save_model_dir;
+use crate::io::model_dir::{CLASS_NAMES, MODEL_WEIGHTS, save_model_dir};
 use crate::io::tensors::{LoadedTensors, read_metadata};
 use crate::nn::UNetConfig;
-use crate::sample::{ModelSource, Noise, Sampler, SamplerOptions};
+use crate::sample::{LatentVae, ModelSource, Noise, Sampler, SamplerOptions};
 use run_dir::{default_run_dir, truncate_metrics};
 
 /// Images in a training sample grid.
@@ -258,22 +257,79 @@ fn open_run(cfg: &TrainConfig, resume: Option<&Path>) -> Result<(RunDir, Option<
     Ok((rd, checkpoint))
 }
 
-/// The data set of a run, decoded once (a warning names skipped images).
+/// The VAE of a latent diffusion run (`--vae`): for a new run the given directory, copied
+/// into the run folder's `vae/` by [`write_run_files`]; a resumed run uses that copy, so it goes
+/// on with the VAE it started with even if the original moved.
+fn latent_vae(
+    cfg: &TrainConfig,
+    run_dir: &RunDir,
+    resumed: bool,
+    progress: &mut dyn Progress,
+) -> Result<Option<LatentVae>> {
+    let Some(given) = &cfg.vae else {
+        return Ok(None);
+    };
+    let copy = run_dir.root.join("vae");
+    let dir = if resumed && copy.join("config.json").is_file() {
+        copy
+    } else {
+        given.clone()
+    };
+    let vae = LatentVae::from_dir(&dir).context("--vae")?;
+    for n in &vae.notes {
+        progress.message(&format!("note: {n}"));
+    }
+    progress.message(&format!(
+        "latent diffusion: VAE {} ({}×{}×{} images → {:?} latents, scaling_factor {})",
+        dir.display(),
+        vae.config.in_channels,
+        vae.config.sample_size,
+        vae.config.sample_size,
+        vae.latent_shape(),
+        vae.config.scaling_factor
+    ));
+    Ok(Some(vae))
+}
+
+/// Checks a new latent diffusion run's VAE against its U-Net (nothing to check without
+/// `--vae`), so that a misfit is refused before the GPU starts.
+pub fn check_latent_run(cfg: &TrainConfig) -> Result<()> {
+    let Some(dir) = &cfg.vae else {
+        return Ok(());
+    };
+    let vae = LatentVae::from_dir(dir).context("--vae")?;
+    let mut model = resolve_model_config(cfg)?;
+    configure_task(cfg, &mut model)?;
+    vae.check_fits(&model)
+}
+
+/// (size, channels) of the training images: the U-Net's, or a latent model's VAE's.
+fn data_dims(model: &UNetConfig, vae: Option<&LatentVae>) -> (usize, usize) {
+    match vae {
+        Some(v) => (v.config.sample_size, v.config.in_channels),
+        None => (model.sample_size, model.out_channels),
+    }
+}
+
+/// The data set of a run, decoded once (a warning names skipped images). MNIST for a VAE
+/// larger than its digits is padded with the background value, as `train-vae` trained it.
 fn load_data(
     cfg: &TrainConfig,
-    model: &UNetConfig,
+    (size, channels): (usize, usize),
     progress: &mut dyn Progress,
 ) -> Result<Arc<Dataset>> {
     let data = match &cfg.data {
-        None => crate::data::mnist::load(model.sample_size, model.out_channels)?,
+        None if cfg.vae.is_some() && channels == 1 && size > 28 && (size - 28) % 2 == 0 => {
+            let mut d = crate::data::mnist::load(28, 1)?;
+            d.images = vae_trainer::pad_digits(&d.images, d.len, 28, (size - 28) / 2);
+            d.size = size;
+            d.description = format!("{} (padded to {size}×{size})", d.description);
+            d
+        }
+        None => crate::data::mnist::load(size, channels)?,
         Some(dir) => {
-            let (d, skipped) = crate::data::folder::load(
-                dir,
-                model.sample_size,
-                model.out_channels,
-                cfg.hflip,
-                cfg.strict,
-            )?;
+            let (d, skipped) =
+                crate::data::folder::load(dir, size, channels, cfg.hflip, cfg.strict)?;
             if !skipped.is_empty() {
                 progress.message(&format!(
                     "warning: skipped {} unreadable image(s), e.g. {}",
@@ -292,12 +348,13 @@ fn load_data(
 fn start_trainer(
     gpu: &Arc<Gpu>,
     cfg: &TrainConfig,
-    model: &UNetConfig,
+    (model, vae): (&UNetConfig, Option<&LatentVae>),
     checkpoint: Option<&LoadedTensors>,
     class_names: Vec<String>,
     progress: &mut dyn Progress,
 ) -> Result<Trainer> {
-    let mut trainer = gpu.checked_build(|| Trainer::new(gpu.clone(), cfg.clone(), model))?;
+    let mut trainer =
+        gpu.checked_build(|| Trainer::with_vae(gpu.clone(), cfg.clone(), model, vae))?;
     trainer.class_names = class_names;
     match checkpoint {
         Some(ck) => {
@@ -327,6 +384,7 @@ fn grid_sampler(
     gpu: &Arc<Gpu>,
     cfg: &TrainConfig,
     model: &UNetConfig,
+    vae: Option<&LatentVae>,
     trainer: &Trainer,
 ) -> Result<Option<Sampler>> {
     if cfg.sample_every == 0 {
@@ -344,17 +402,33 @@ fn grid_sampler(
             model,
             schedule,
             GRID_IMAGES,
-            &SamplerOptions::default(),
+            &SamplerOptions {
+                vae: vae.cloned(),
+                ..Default::default()
+            },
         )
     })?))
 }
 
-/// Creates the run folder and writes its options (and class names).
-fn write_run_files(run_dir: &RunDir, cfg: &TrainConfig, trainer: &Trainer) -> Result<()> {
+/// Creates the run folder and writes its options (and class names, and a latent model's VAE:
+/// a copy in `vae/`, which resuming, sampling a checkpoint and every export use).
+fn write_run_files(
+    run_dir: &RunDir,
+    cfg: &TrainConfig,
+    trainer: &Trainer,
+    vae: Option<&LatentVae>,
+) -> Result<()> {
     std::fs::create_dir_all(run_dir.checkpoints())
         .with_context(|| format!("creating {}", run_dir.root.display()))?;
     std::fs::create_dir_all(run_dir.samples())?;
     run_dir.remove_partial_files();
+    let copy = run_dir.root.join("vae");
+    if let Some(v) = vae.filter(|v| v.dir != copy) {
+        // The run folder's copy has the layout of an export's: `vae/…`.
+        for (name, bytes) in vae_files(&v.dir)? {
+            atomic_write(&run_dir.root.join(name), &bytes)?;
+        }
+    }
     atomic_write(&run_dir.config(), toml::to_string(cfg)?.as_bytes())?;
     if !trainer.class_names.is_empty() {
         atomic_write(
@@ -430,21 +504,25 @@ pub fn run(
     // Everything is checked before the run folder is created, so a bad input leaves nothing
     // behind: the data (decoded once), the classes, the task, the step's sizes against the
     // adapter's limits (the plan is built, nothing runs), the weights to start from.
-    let data = load_data(&cfg, &model, progress)?;
+    let vae = latent_vae(&cfg, &run_dir, resume.is_some(), progress)?;
+    let data = load_data(&cfg, data_dims(&model, vae.as_ref()), progress)?;
     let class_names = configure_classes(&cfg, &data, &mut model)?;
     configure_task(&cfg, &mut model)?;
+    if let Some(v) = &vae {
+        v.check_fits(&model)?;
+    }
     cfg.out = Some(run_dir.root.clone());
     let mut trainer = start_trainer(
         &gpu,
         &cfg,
-        &model,
+        (&model, vae.as_ref()),
         checkpoint.as_ref(),
         class_names,
         progress,
     )?;
-    let mut sampler = grid_sampler(&gpu, &cfg, &model, &trainer)?;
+    let mut sampler = grid_sampler(&gpu, &cfg, &model, vae.as_ref(), &trainer)?;
 
-    write_run_files(&run_dir, &cfg, &trainer)?;
+    write_run_files(&run_dir, &cfg, &trainer, vae.as_ref())?;
     let grid_lowres = grid_lowres(&model, &data);
     progress.message(&format!(
         "model: {} parameters, batch {} x {} accumulation, {} dispatches per step",
@@ -734,7 +812,15 @@ fn save_checkpoint(
     } else {
         Some(serde_json::to_string_pretty(&trainer.class_names)?)
     };
-    let extra: Vec<(&str, &[u8])> = names.iter().map(|n| (CLASS_NAMES, n.as_bytes())).collect();
+    let vae = match &trainer.latent {
+        Some(_) => vae_files(&run_dir.root.join("vae"))?,
+        None => Vec::new(),
+    };
+    let extra: Vec<(&str, &[u8])> = names
+        .iter()
+        .map(|n| (CLASS_NAMES, n.as_bytes()))
+        .chain(vae.iter().map(|(name, b)| (*name, b.as_slice())))
+        .collect();
     save_model_dir(
         &run_dir.model(),
         model,
@@ -758,6 +844,24 @@ fn save_checkpoint(
     ));
     Ok(())
 }
+
+/// A VAE directory's two files, under their names in an exported model (`vae/…`).
+fn vae_files(dir: &Path) -> Result<Vec<(&'static str, Vec<u8>)>> {
+    [
+        ("vae/config.json", "config.json"),
+        (VAE_WEIGHTS, MODEL_WEIGHTS),
+    ]
+    .into_iter()
+    .map(|(name, file)| {
+        let path = dir.join(file);
+        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        Ok((name, bytes))
+    })
+    .collect()
+}
+
+/// The VAE's weights in an exported latent model.
+const VAE_WEIGHTS: &str = "vae/diffusion_pytorch_model.safetensors";
 
 fn write_samples(
     trainer: &Trainer,

@@ -23,6 +23,7 @@ use crate::ops::elementwise::{cast_u32_to_f32, copy_channels};
 use crate::ops::loss::{mse_backward, mse_loss};
 use crate::ops::noise::{purpose, q_sample, random_normal, random_uniform_u32, write_rng_state};
 use crate::ops::upsample::{avg_pool_forward, upsample_bicubic_forward};
+use crate::sample::{LatentCodec, LatentVae};
 
 /// `Trainer::profile_step`: each dispatch or copy of one step timed in its own submit.
 pub struct StepProfile {
@@ -38,7 +39,12 @@ pub struct Trainer {
     pub cfg: TrainConfig,
     pub unet: UNet,
     pub schedule: NoiseSchedule,
+    /// What each micro-batch's data is written into: the images (x0 itself, or a latent
+    /// model's VAE input).
     x0: Vec<Tensor>,
+    /// Latent diffusion: the frozen VAE whose encoder turns each micro-batch into the latent
+    /// x0 the U-Net learns, in the same submit.
+    pub latent: Option<LatentCodec>,
     /// Class labels of each micro-batch (class-conditional models).
     labels: Vec<Tensor>,
     losses: Vec<Tensor>,
@@ -111,6 +117,23 @@ impl StepScratch {
             sr,
         })
     }
+}
+
+/// The tensors each micro-batch's data is written into: x0 itself, or for latent diffusion the
+/// VAE's input images.
+fn data_tensors(
+    gpu: &Arc<Gpu>,
+    x0_shape: &[usize],
+    latent: Option<&LatentCodec>,
+    accum: usize,
+) -> Vec<Tensor> {
+    let shape = match latent {
+        Some(codec) => codec.vae.sample.value.shape().to_vec(),
+        None => x0_shape.to_vec(),
+    };
+    (0..accum)
+        .map(|i| gpu.tensor(&shape, &format!("x0 {i}")))
+        .collect()
 }
 
 /// Records micro-batch `i`'s input: its timesteps and noise from the run's RNG streams, then
@@ -229,8 +252,23 @@ impl Trainer {
     /// Allocates everything a step touches and records the step once: per micro-batch the
     /// noised input, forward, loss and backward; then clipping, AdamW and EMA.
     pub fn new(gpu: Arc<Gpu>, cfg: TrainConfig, model: &UNetConfig) -> Result<Trainer> {
+        Self::with_vae(gpu, cfg, model, None)
+    }
+
+    /// [`Trainer::new`] for latent diffusion when `vae` is given: each micro-batch's images
+    /// are encoded by the frozen VAE, x0 = (z − shift_factor) · scaling_factor with z sampled
+    /// from the posterior (its ε from the run's RNG, purpose VAE_EPS), then the U-Net's step.
+    pub fn with_vae(
+        gpu: Arc<Gpu>,
+        cfg: TrainConfig,
+        model: &UNetConfig,
+        vae: Option<&LatentVae>,
+    ) -> Result<Trainer> {
         cfg.validate()
             .map_err(|e| anyhow!("invalid training options: {e}"))?;
+        if let Some(v) = vae {
+            v.check_fits(model)?;
+        }
         let unet = UNet::new(&gpu, model, cfg.batch_size).context("building the U-Net")?;
         let schedule = NoiseSchedule::new(
             cfg.beta_schedule,
@@ -250,9 +288,8 @@ impl Trainer {
                 .collect(),
             None => Vec::new(),
         };
-        let x0: Vec<Tensor> = (0..accum)
-            .map(|i| gpu.tensor(&image_shape, &format!("x0 {i}")))
-            .collect();
+        let latent = vae.map(|v| v.load(&gpu, b)).transpose()?;
+        let x0 = data_tensors(&gpu, &image_shape, latent.as_ref(), accum);
         let losses: Vec<Tensor> = (0..accum)
             .map(|i| gpu.tensor(&[1], &format!("loss {i}")))
             .collect();
@@ -278,10 +315,19 @@ impl Trainer {
             if let (Some(dst), Some(src)) = (&unet.class_labels, labels.get(i)) {
                 rec.copy(src, dst)?;
             }
+            let x0_i = match &latent {
+                Some(codec) => {
+                    let z = gpu.tensor(&image_shape, &format!("latent x0 {i}"));
+                    let offset = (i * codec.vae.eps.numel()) as u32;
+                    codec.record_encode(&mut rec, x0_i, &rng_state, offset, &z)?;
+                    z
+                }
+                None => x0_i.clone(),
+            };
             let t_train = schedule.num_train_timesteps;
-            record_noised_input(&mut rec, &unet, &scratch, &rng_state, x0_i, i, t_train)?;
+            record_noised_input(&mut rec, &unet, &scratch, &rng_state, &x0_i, i, t_train)?;
             unet.forward(&mut rec)?;
-            record_loss(&mut rec, &unet, &scratch, &cfg, x0_i, &losses[i])?;
+            record_loss(&mut rec, &unet, &scratch, &cfg, &x0_i, &losses[i])?;
             unet.backward(&mut rec)?;
         }
         let state = OptimizerState {
@@ -311,6 +357,7 @@ impl Trainer {
             unet,
             schedule,
             x0,
+            latent,
             labels,
             losses,
             hyper,
@@ -536,6 +583,11 @@ impl Trainer {
                 .scheduler_config_json(self.cfg.prediction_type),
         );
         meta.insert("ema".into(), self.cfg.ema.to_string());
+        if let Some(codec) = &self.latent {
+            // Sampling a checkpoint decodes with the run folder's vae/ (sample::source).
+            meta.insert("latent_diffusion".into(), "true".into());
+            meta.insert("vae_config".into(), codec.vae.config.to_json());
+        }
         meta.insert("gemm_path".into(), self.gpu.gemm_path.to_string());
         let kernels: Vec<String> = self
             .gpu

@@ -45,6 +45,7 @@ fn record_a_run(gpu: &Arc<Gpu>) {
         let guided = SamplerOptions {
             guidance: Some(3.0),
             inpaint: None,
+            vae: None,
         };
         Sampler::new(gpu, &classes, schedule, 2, &guided).unwrap();
     }
@@ -52,6 +53,7 @@ fn record_a_run(gpu: &Arc<Gpu>) {
     let inpaint = SamplerOptions {
         guidance: None,
         inpaint: Some((vec![0.0; pixels], vec![1.0; pixels])),
+        vae: None,
     };
     let schedule = SamplingSchedule::repaint(&scheduler, SamplerKind::Ddim, 4, 0.0, 2, 2).unwrap();
     Sampler::new(gpu, &plain, schedule, 2, &inpaint).unwrap();

@@ -15,6 +15,7 @@ mod gemm;
 mod group_norm;
 mod hostile;
 mod kernel_keys;
+mod ldm;
 mod loss;
 mod noise;
 mod parity;

@@ -168,6 +168,7 @@ fn class_conditional_run_resumes_and_samples_every_class() {
             let opts = SamplerOptions {
                 guidance,
                 inpaint: None,
+                vae: None,
             };
             let mut s = Sampler::new(&g, &source.config, schedule, 2, &opts).unwrap();
             s.set_weights(&source.weights(&s.unet.params).unwrap())

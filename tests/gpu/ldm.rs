@@ -1,0 +1,336 @@
+//! Latent diffusion (issue 22): the frozen VAE's encode and decode around the U-Net scale and
+//! shift latents as diffusers' pipelines do; a latent run trains, resumes bit-identically,
+//! exports a directory with unet/, vae/ and scheduler/ that `sample` reads, and inputs that do
+//! not fit (a VAE whose latents are not the U-Net's, a VAE config we do not build, inpainting in
+//! latent space, a checkpoint whose VAE is gone) are clear errors.
+//!
+//! The VAE is the diffusers-saved fixture of tests/gpu/vae.rs (16×16 → 4×8×8 latents), the
+//! U-Net a small one on those latents, so each run takes seconds.
+
+use std::path::{Path, PathBuf};
+
+use wgpu_diffusion::ops::noise::{purpose, random_normal, write_rng_state};
+use wgpu_diffusion::sample::LatentVae;
+
+use crate::common::*;
+
+fn vae_fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vae/model")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("wgpu-diffusion-ldm-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// The fixture VAE in `dir` with its config's keys changed as `edit` says.
+fn vae_copy(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let weights = "diffusion_pytorch_model.safetensors";
+    std::fs::copy(vae_fixture().join(weights), dir.join(weights)).unwrap();
+    let text = std::fs::read_to_string(vae_fixture().join("config.json")).unwrap();
+    let mut config: serde_json::Value = serde_json::from_str(&text).unwrap();
+    edit(&mut config);
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    dir.to_path_buf()
+}
+
+/// A small UNet2DModel config on `channels`×`size`×`size` latents.
+fn unet_config(dir: &Path, size: usize, channels: usize) -> PathBuf {
+    let config = serde_json::json!({
+        "_class_name": "UNet2DModel",
+        "sample_size": size,
+        "in_channels": channels,
+        "out_channels": channels,
+        "block_out_channels": [16, 32],
+        "layers_per_block": 1,
+        "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+        "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+        "norm_num_groups": 8,
+    });
+    let path = dir.join(format!("unet-{size}-{channels}.json"));
+    std::fs::write(&path, config.to_string()).unwrap();
+    path
+}
+
+fn fails(args: &[&str], needles: &[&str]) -> String {
+    let (ok, err) = run_cli(args);
+    assert!(!ok, "{args:?} should fail:\n{err}");
+    for n in needles {
+        assert!(err.contains(n), "{args:?}: expected `{n}` in:\n{err}");
+    }
+    err
+}
+
+fn succeeds(args: &[&str]) -> String {
+    let (ok, err) = run_cli(args);
+    assert!(ok, "{args:?} failed:\n{err}");
+    err
+}
+
+/// Encode: x0 = (z − shift_factor) · scaling_factor with z the posterior's sample of the same ε;
+/// decode: decode(x0 / scaling_factor + shift_factor) — against the VAE's own passes with the
+/// scaling done on the CPU.
+#[test]
+fn latent_codec_scales_and_shifts_like_diffusers() {
+    let g = gpu();
+    let dir = vae_copy(&scratch("codec").join("vae"), |c| {
+        c["scaling_factor"] = 0.37.into();
+        c["shift_factor"] = 0.3.into();
+    });
+    let source = LatentVae::from_dir(&dir).unwrap();
+    let b = 3;
+    let codec = source.load(&g, b).unwrap();
+    let vae = &codec.vae;
+    let images: Vec<f32> = random(vae.sample.value.numel(), 7)
+        .iter()
+        .map(|v| *v as f32)
+        .collect();
+    let input = g
+        .tensor_from(vae.sample.value.shape(), &images, "images")
+        .unwrap();
+    let rng = g.tensor(&[4], "rng");
+    write_rng_state(&g, &rng, 11, 5).unwrap();
+    let x0 = g.tensor(vae.latent.value.shape(), "x0");
+    let offset = 17;
+    g.run(&[&run(&g, |rec| {
+        codec.record_encode(rec, &input, &rng, offset, &x0).unwrap()
+    })])
+    .unwrap();
+    let ours = read(&g, &x0);
+    // The same posterior sample, by the VAE's own passes.
+    g.write(&vae.sample.value, &images).unwrap();
+    g.run(&[&run(&g, |rec| {
+        random_normal(rec, &rng, purpose::VAE_EPS, offset, &vae.eps).unwrap();
+        vae.encode(rec).unwrap();
+        vae.sample_latent(rec).unwrap();
+    })])
+    .unwrap();
+    let z = read(&g, &vae.latent.value);
+    let want: Vec<f32> = z.iter().map(|v| (v - 0.3f32) * 0.37f32).collect();
+    assert_eq!(ours, want, "encode: (z − shift) · scale");
+
+    g.run(&[&run(&g, |rec| codec.record_decode(rec, &x0).unwrap())])
+        .unwrap();
+    let decoded = read(&g, codec.output());
+    let unscaled: Vec<f32> = ours.iter().map(|v| v * (1.0 / 0.37f32) + 0.3).collect();
+    g.write(&vae.latent.value, &unscaled).unwrap();
+    g.run(&[&run(&g, |rec| vae.decode(rec).unwrap())]).unwrap();
+    let want = read(&g, &vae.output.value);
+    let want64: Vec<f64> = want.iter().map(|v| *v as f64).collect();
+    assert_close("decode(x0 / scale + shift)", &decoded, &want64, 1e-6, 1e-6);
+}
+
+/// A latent run: trains, is killed after its first checkpoint and resumed to the same bits as
+/// an uninterrupted run, exports unet/ + vae/ + scheduler/ (the VAE listed in
+/// model_index.json), and `sample` decodes its samples into the VAE's 16×16 grey images from
+/// the export, the unet/ sub-folder and a checkpoint.
+#[test]
+fn latent_runs_resume_bit_identically_and_sample_images() {
+    let root = scratch("run");
+    let unet = unet_config(&root, 8, 4);
+    let vae = vae_copy(&root.join("given-vae"), |_| {});
+    let train = |out: &Path, steps: &str| {
+        succeeds(&[
+            "train",
+            "--vae",
+            s(&vae),
+            "--model-config",
+            s(&unet),
+            "--steps",
+            steps,
+            "--batch-size",
+            "4",
+            "--checkpoint-every",
+            "2",
+            "--sample-every",
+            "0",
+            "--log-every",
+            "1",
+            "--out",
+            s(out),
+        ])
+    };
+    let whole = root.join("whole");
+    let err = train(&whole, "4");
+    assert!(err.contains("latent diffusion"), "{err}");
+    let killed = root.join("killed");
+    train(&killed, "2");
+    // The run keeps its own copy of the VAE: the original may move.
+    std::fs::remove_dir_all(&vae).unwrap();
+    succeeds(&["train", "--resume", s(&killed), "--steps", "4"]);
+    let weights = |run: &Path| std::fs::read(run.join("model/diffusion_pytorch_model.safetensors"));
+    assert!(
+        weights(&whole).unwrap() == weights(&killed).unwrap(),
+        "a resumed latent run differs from an uninterrupted one"
+    );
+    let index = std::fs::read_to_string(whole.join("model/model_index.json")).unwrap();
+    assert!(index.contains("AutoencoderKL"), "{index}");
+    for file in ["vae/config.json", "vae/diffusion_pytorch_model.safetensors"] {
+        assert!(whole.join("model").join(file).is_file(), "model/{file}");
+    }
+
+    for (flag, source) in [
+        ("--model", whole.join("model")),
+        ("--model", whole.join("model/unet")),
+        (
+            "--checkpoint",
+            whole.join("checkpoints/step-00000004.safetensors"),
+        ),
+    ] {
+        let out = root.join("samples");
+        let err = succeeds(&[
+            "sample",
+            flag,
+            s(&source),
+            "--num",
+            "3",
+            "--steps",
+            "3",
+            "--out",
+            s(&out),
+        ]);
+        assert!(err.contains("decoding with the VAE"), "{err}");
+        let img = image::open(out.join("00002.png")).unwrap();
+        assert_eq!((img.width(), img.height()), (16, 16), "{flag} {source:?}");
+        assert_eq!(img.color().channel_count(), 1, "{flag} {source:?}");
+    }
+}
+
+/// Misfits are errors that name what does not fit, and nothing is written.
+#[test]
+fn latent_inputs_that_do_not_fit_are_refused() {
+    let root = scratch("misfit");
+    let vae = vae_fixture();
+    let out = root.join("out");
+    let train = |extra: &[&str], needles: &[&str]| {
+        let mut args = vec!["train", "--steps", "2", "--out", s(&out)];
+        args.extend_from_slice(extra);
+        let err = fails(&args, needles);
+        assert!(!out.exists(), "{args:?} left {}", out.display());
+        err
+    };
+    // The U-Net's size is not the latents'.
+    let wrong_size = unet_config(&root, 4, 4);
+    train(
+        &["--vae", s(&vae), "--model-config", s(&wrong_size)],
+        &["sample_size is 4", "4×8×8 latents"],
+    );
+    // Nor its channels.
+    let wrong_channels = unet_config(&root, 8, 3);
+    train(
+        &["--vae", s(&vae), "--model-config", s(&wrong_channels)],
+        &["latent_channels 4", "in_channels = out_channels = 4"],
+    );
+    // A pixel-space preset.
+    train(
+        &["--vae", s(&vae), "--model", "tiny16"],
+        &["sample_size is 16"],
+    );
+    // A super-resolution model cannot run on latents.
+    let fits = unet_config(&root, 8, 4);
+    train(
+        &["--vae", s(&vae), "--model-config", s(&fits), "--task", "sr"],
+        &["super-resolution"],
+    );
+    // A VAE directory with a block type or a key value we do not build.
+    let attn = vae_copy(&root.join("attn-vae"), |c| {
+        c["down_block_types"] = serde_json::json!(["DownEncoderBlock2D", "AttnDownEncoderBlock2D"]);
+    });
+    train(
+        &["--vae", s(&attn), "--model-config", s(&fits)],
+        &["AttnDownEncoderBlock2D", "not supported"],
+    );
+    let gelu = vae_copy(&root.join("gelu-vae"), |c| c["act_fn"] = "gelu".into());
+    train(
+        &["--vae", s(&gelu), "--model-config", s(&fits)],
+        &["act_fn", "gelu"],
+    );
+    // An empty folder.
+    let empty = root.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    train(
+        &["--vae", s(&empty), "--model-config", s(&fits)],
+        &["not an AutoencoderKL directory", "config.json"],
+    );
+    // Sampling: a VAE given by hand must fit the U-Net too, and inpainting is refused.
+    let pixel = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/samplers/eps");
+    fails(
+        &[
+            "sample",
+            "--model",
+            s(&pixel),
+            "--vae",
+            s(&vae),
+            "--out",
+            s(&out),
+        ],
+        &["latent_channels 4", "in_channels = out_channels = 4"],
+    );
+}
+
+/// A latent checkpoint whose run folder lost its vae/ asks for `--vae`, and takes it; inpainting
+/// in latent space is refused.
+#[test]
+fn a_latent_checkpoint_without_its_vae_asks_for_one() {
+    let root = scratch("lost-vae");
+    let unet = unet_config(&root, 8, 4);
+    let run_dir = root.join("run");
+    succeeds(&[
+        "train",
+        "--vae",
+        s(&vae_fixture()),
+        "--model-config",
+        s(&unet),
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--sample-every",
+        "0",
+        "--out",
+        s(&run_dir),
+    ]);
+    std::fs::remove_dir_all(run_dir.join("vae")).unwrap();
+    let ck = run_dir.join("checkpoints/step-00000001.safetensors");
+    let out = root.join("samples");
+    fails(
+        &["sample", "--checkpoint", s(&ck), "--out", s(&out)],
+        &["latent diffusion model", "--vae DIR"],
+    );
+    succeeds(&[
+        "sample",
+        "--checkpoint",
+        s(&ck),
+        "--vae",
+        s(&vae_fixture()),
+        "--num",
+        "1",
+        "--steps",
+        "2",
+        "--out",
+        s(&out),
+    ]);
+    let digit = root.join("digit.png");
+    image::GrayImage::new(16, 16).save(&digit).unwrap();
+    fails(
+        &[
+            "sample",
+            "--model",
+            s(&run_dir.join("model")),
+            "--inpaint",
+            s(&digit),
+            "--mask",
+            s(&digit),
+            "--out",
+            s(&out),
+        ],
+        &["inpaint", "latent"],
+    );
+}
