@@ -20,11 +20,25 @@ fn main() -> anyhow::Result<()> {
     let steps: usize = setting("WGPU_DIFFUSION_BENCH_STEPS", "5").parse()?;
     let gpu = Gpu::new(&GpuOptions::default())?;
     eprintln!("adapter: {}", gpu.describe());
-    let train =
-        wgpu_diffusion::bench::train_steps(&gpu, &model, batch, steps, 2, false, false, start)?;
+    let train = wgpu_diffusion::bench::train_steps(
+        &gpu,
+        (&model, None),
+        batch,
+        steps,
+        2,
+        false,
+        false,
+        start,
+    )?;
     println!("{}", serde_json::to_string(&train)?);
-    let sample =
-        wgpu_diffusion::bench::sample_batches(&gpu, &model, SamplerKind::Ddim, 10, batch, 2)?;
+    let sample = wgpu_diffusion::bench::sample_batches(
+        &gpu,
+        (&model, None),
+        SamplerKind::Ddim,
+        10,
+        batch,
+        2,
+    )?;
     println!("{}", serde_json::to_string(&sample)?);
     Ok(())
 }

@@ -105,6 +105,10 @@ enum Command {
         /// Model preset.
         #[arg(long, default_value = "tiny16")]
         model: String,
+        /// Latent diffusion: a VAE directory (e.g. a train-vae run's vae/) around the preset
+        /// (mnist-ldm): training encodes, sampling decodes.
+        #[arg(long)]
+        vae: Option<std::path::PathBuf>,
         #[arg(long, default_value_t = 32)]
         batch_size: usize,
         /// Timed training steps (median reported), after 2 warm-up steps.
@@ -197,12 +201,16 @@ fn run(cli: Cli, process_start: std::time::Instant) -> anyhow::Result<()> {
             sampler,
             sample_steps,
             model,
+            vae,
             batch_size,
             steps,
             minimal,
             profile,
             reps,
         } => {
+            let vae = vae
+                .map(|d| wgpu_diffusion::sample::LatentVae::from_dir(&d))
+                .transpose()?;
             let gpu = Gpu::new(&device.options())?;
             eprintln!("adapter: {}", gpu.describe());
             if kernels {
@@ -213,7 +221,7 @@ fn run(cli: Cli, process_start: std::time::Instant) -> anyhow::Result<()> {
             if sample {
                 let r = wgpu_diffusion::bench::sample_batches(
                     &gpu,
-                    &model,
+                    (&model, vae.as_ref()),
                     sampler,
                     sample_steps,
                     batch_size,
@@ -224,7 +232,7 @@ fn run(cli: Cli, process_start: std::time::Instant) -> anyhow::Result<()> {
             if !kernels && !sample {
                 let r = wgpu_diffusion::bench::train_steps(
                     &gpu,
-                    &model,
+                    (&model, vae.as_ref()),
                     batch_size,
                     steps,
                     2,

@@ -14,6 +14,7 @@ use crate::ops::conv2d::{
     conv2d_forward,
 };
 use crate::ops::gemm::{GemmShape, MatRef, gemm};
+use crate::sample::LatentVae;
 
 /// Records one kernel pass into a recorder.
 type RecordFn<'a> = Box<dyn Fn(&mut crate::gpu::Recorder) -> crate::ops::OpResult + 'a>;
@@ -315,7 +316,7 @@ fn loadavg() -> f64 {
 #[allow(clippy::too_many_arguments)]
 pub fn train_steps(
     gpu: &Arc<Gpu>,
-    model: &str,
+    (model, vae): (&str, Option<&LatentVae>),
     batch: usize,
     steps: usize,
     warmup: usize,
@@ -333,10 +334,15 @@ pub fn train_steps(
         cfg.ema = false;
     }
     let unet_cfg = crate::train::resolve_model_config(&cfg)?;
-    let mut trainer =
-        gpu.checked_build(|| crate::train::Trainer::new(gpu.clone(), cfg.clone(), &unet_cfg))?;
+    let mut trainer = gpu.checked_build(|| {
+        crate::train::Trainer::with_vae(gpu.clone(), cfg.clone(), &unet_cfg, vae)
+    })?;
     trainer.set_weights(&crate::nn::init::default_init(&trainer.unet.params, 0))?;
-    let numel: usize = trainer.unet.sample.shape().iter().product();
+    // A batch of data: images of the U-Net's size, or of a latent model's VAE.
+    let numel: usize = match &trainer.latent {
+        Some(codec) => codec.vae.sample.value.numel(),
+        None => trainer.unet.sample.shape().iter().product(),
+    };
     let data: Vec<f32> = crate::rng::test_data(numel, 1)
         .iter()
         .map(|&v| v as f32)
@@ -390,7 +396,7 @@ pub fn train_steps(
     // The sampling step: DDIM over 10 steps, per evaluation.
     let sample = sample_batches(
         gpu,
-        model,
+        (model, vae),
         crate::diffusion::scheduler::SamplerKind::Ddim,
         10,
         batch,
@@ -439,7 +445,7 @@ pub struct SampleResult {
 /// arithmetic is the same as a trained model's).
 pub fn sample_batches(
     gpu: &Arc<Gpu>,
-    model: &str,
+    (model, vae): (&str, Option<&LatentVae>),
     kind: crate::diffusion::scheduler::SamplerKind,
     steps: usize,
     batch: usize,
@@ -455,7 +461,11 @@ pub fn sample_batches(
     let schedule = SamplingSchedule::new(&SchedulerConfig::ddpm_default(), kind, steps, None, 0.0)
         .map_err(anyhow::Error::msg)?;
     let t0 = Instant::now();
-    let mut sampler = Sampler::new(gpu, &unet_cfg, schedule, batch, &SamplerOptions::default())?;
+    let options = SamplerOptions {
+        vae: vae.cloned(),
+        ..Default::default()
+    };
+    let mut sampler = Sampler::new(gpu, &unet_cfg, schedule, batch, &options)?;
     sampler.set_weights(&crate::nn::init::default_init(&sampler.unet.params, 0))?;
     sampler.sample_batch(0, &Noise::Seeded(0), None, &mut |_| {})?;
     let first_batch_s = t0.elapsed().as_secs_f64();
