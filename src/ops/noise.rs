@@ -68,7 +68,8 @@ pub mod purpose {
     pub const SAMPLING: u32 = 4;
     /// Label dropout of class-conditional training (drawn on the host from the same stream).
     pub const CLASS_DROP: u32 = 5;
-    /// The VAE posterior's ε (z = μ + σ·ε) in VAE training.
+    /// The VAE posterior's ε (z = μ + σ·ε): in VAE training, and the frozen VAE of latent
+    /// diffusion training.
     pub const VAE_EPS: u32 = 6;
     /// Dropout masks: `DROPOUT_BASE + i` for the i-th dropout layer of the model.
     pub const DROPOUT_BASE: u32 = 16;
