@@ -5,7 +5,9 @@
 // and the VAE's reconstruction loss, L1 summed over each image and averaged over the batch
 // (CompVis' LPIPSWithDiscriminator without its perceptual and GAN terms):
 //   loss = (1 / B) Σ_i |pred_i − target_i|,   dloss/dpred_i = scale · sign(pred_i − target_i) / B
-// (sign(0) = 0, as torch's abs backward).
+// (sign(0) = 0, as torch's abs backward). The VAE's `--rec-loss l2` runs the unweighted MSE
+// entry points with B in place of N: loss = (1 / B) Σ_i (pred_i − target_i)², gradient
+// scale · 2 (pred_i − target_i) / B.
 //
 // The sum is a deterministic two-stage reduction (no float atomics): stage 1 gives workgroup g
 // the fixed chunk [g·CHUNK, (g+1)·CHUNK); each thread adds its ITEMS elements in order, then a
@@ -16,8 +18,8 @@
 struct Params {
     n: u32,          // elements (stage 1, backward) or partials (stage 2)
     per_sample: u32, // elements per sample, for the weight index
-    count: f32,      // the divisor of sum_finish: N for the MSE (torch divides by numel), B for L1 and KL
-    factor: f32,     // backward: scale · 2 / N for the MSE (torch: 2. / numel), scale / B for L1
+    count: f32,      // the divisor of sum_finish: N for the MSE (torch divides by numel), B for L1, L2 and KL
+    factor: f32,     // backward: scale · 2 / N for the MSE (torch: 2. / numel), scale · 2 / B for L2, scale / B for L1
 }
 
 @group(0) @binding(0) var<uniform> p: Params;

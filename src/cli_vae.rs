@@ -13,7 +13,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use safetensors::{Dtype, tensor::TensorView};
 
 use crate::cli_sample::{check_output_dir, check_output_file};
-use crate::gpu::{Gpu, GpuOptions};
+use crate::gpu::{GemmPathChoice, Gpu, GpuOptions};
 use crate::io::atomic::atomic_write;
 use crate::io::images::{save_grid, save_image};
 use crate::io::model_dir::read_model_weights;
@@ -21,6 +21,8 @@ use crate::io::tensors::LoadedTensors;
 use crate::metrics::{psnr, to_unit};
 use crate::nn::{Vae, VaeConfig};
 use crate::sample::{nchw_to_nhwc, nhwc_to_nchw};
+use crate::train::vae_run::{VaeResumePoint, VaeRunOptions, check_vae_run, run_vae};
+use crate::train::vae_trainer::{RecLoss, VaeTrainConfig};
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct VaeArgs {
@@ -362,77 +364,188 @@ fn write_latents(out: &Path, nchw: &[f32], shape: [usize; 4], config: &VaeConfig
     Ok(())
 }
 
+/// `train-vae` flags. With `--resume DIR` a run continues with the options stored in its last
+/// checkpoint: the flags that would change its steps' bits are refused there (clap says which),
+/// and `--steps`, `--checkpoint-every`, `--keep-checkpoints`, `--sample-every` default to the
+/// run's own.
 #[derive(clap::Args, Clone, Debug)]
 pub struct TrainVaeArgs {
     /// VAE preset (mnist-vae: 1×32×32 → 4×8×8), unless --model-config is given.
-    #[arg(long, default_value = "mnist-vae")]
+    #[arg(long, default_value = "mnist-vae", conflicts_with = "resume")]
     pub model: String,
     /// A diffusers AutoencoderKL config.json instead of a preset (1 input and output channel).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "resume")]
     pub model_config: Option<PathBuf>,
-    /// Optimizer steps.
-    #[arg(long, default_value_t = 2000)]
-    pub steps: u64,
-    #[arg(long, default_value_t = 16)]
+    /// Optimizer steps of the whole run [default: 2000; with --resume: the run's, and a larger
+    /// number trains a finished run further].
+    #[arg(long)]
+    pub steps: Option<u64>,
+    #[arg(long, default_value_t = 16, conflicts_with = "resume")]
     pub batch_size: usize,
     /// Adam's learning rate (betas 0.5, 0.9).
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = 1e-3, conflicts_with = "resume")]
     pub lr: f64,
     /// Weight of the KL term of the loss.
-    #[arg(long, default_value_t = 1e-6)]
+    #[arg(long, default_value_t = 1e-6, conflicts_with = "resume")]
     pub kl_weight: f64,
+    /// The reconstruction term, summed over each image and averaged over the batch: l1
+    /// (1/B)Σ|x − x̂| (CompVis' autoencoders) or l2 (1/B)Σ(x − x̂)².
+    #[arg(long, value_enum, default_value_t = RecLoss::L1, conflicts_with = "resume")]
+    pub rec_loss: RecLoss,
     /// Seed of the initial weights, the data order and the posterior's ε.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, conflicts_with = "resume")]
     pub seed: u64,
-    /// Run folder (default runs/vae-<unix time>): metrics.jsonl, vae/, reconstructions.png.
-    #[arg(long)]
+    /// Write checkpoints/step-XXXXXXXX.safetensors every N steps, and always at the end (0: only
+    /// at the end) [default: 500; with --resume: the run's].
+    #[arg(long, value_name = "N")]
+    pub checkpoint_every: Option<u64>,
+    /// Checkpoints to keep; older ones are deleted [default: 3; with --resume: the run's].
+    #[arg(long, value_name = "N")]
+    pub keep_checkpoints: Option<usize>,
+    /// Write samples/step-XXXXXXXX.png (held-out test digits above their reconstructions) every
+    /// N steps and at the end, and log their PSNR as `test_psnr` in metrics.jsonl (0: off)
+    /// [default: 500; with --resume: the run's].
+    #[arg(long, value_name = "N")]
+    pub sample_every: Option<u64>,
+    /// Run folder (default runs/vae-<unix time>): metrics.jsonl, checkpoints/, samples/, vae/,
+    /// reconstructions.png, loss.png. A folder that holds a run is refused (resume it instead).
+    #[arg(long, conflicts_with = "resume")]
     pub out: Option<PathBuf>,
+    /// Continue the run in DIR from its last checkpoint (a run killed before its first starts
+    /// again from step 0), with the options stored there; gives the same weights as a run never
+    /// stopped. Not with --model, --model-config, --batch-size, --lr, --kl-weight, --rec-loss,
+    /// --seed or --out. A finished run is an error unless --steps asks for more.
+    #[arg(long, value_name = "DIR")]
+    pub resume: Option<PathBuf>,
 }
 
-/// `train-vae`: trains an AutoencoderKL on MNIST and exports it (see `train::vae_run`).
-pub fn run_train_vae(opts: &GpuOptions, args: &TrainVaeArgs) -> Result<()> {
-    let config = match &args.model_config {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("--model-config {}", path.display()))?;
-            VaeConfig::from_json(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?
-        }
-        None => VaeConfig::preset(&args.model).ok_or_else(|| {
-            anyhow!(
-                "unknown VAE preset `{}` (choose {}, or --model-config FILE)",
-                args.model,
-                VaeConfig::PRESETS.join(", ")
-            )
-        })?,
-    };
-    if args.steps == 0 {
-        bail!("--steps must be at least 1");
+impl TrainVaeArgs {
+    /// The VAE config and options of a new run (flags and defaults), checked.
+    fn new_run(&self) -> Result<(VaeConfig, VaeRunOptions, PathBuf)> {
+        let config = match &self.model_config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("--model-config {}", path.display()))?;
+                VaeConfig::from_json(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?
+            }
+            None => VaeConfig::preset(&self.model).ok_or_else(|| {
+                anyhow!(
+                    "unknown VAE preset `{}` (choose {}, or --model-config FILE)",
+                    self.model,
+                    VaeConfig::PRESETS.join(", ")
+                )
+            })?,
+        };
+        let opts = VaeRunOptions {
+            steps: self.steps.unwrap_or(2000),
+            checkpoint_every: self.checkpoint_every.unwrap_or(500),
+            keep_checkpoints: self.keep_checkpoints.unwrap_or(3),
+            sample_every: self.sample_every.unwrap_or(500),
+            train: VaeTrainConfig {
+                batch_size: self.batch_size,
+                lr: self.lr,
+                kl_weight: self.kl_weight,
+                seed: self.seed,
+                rec_loss: self.rec_loss,
+            },
+        };
+        let out = self.out.clone().unwrap_or_else(|| {
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            PathBuf::from(format!("runs/vae-{t}"))
+        });
+        check_output_dir("--out", &out)?;
+        check_vae_run(&config, &opts, &out)?;
+        Ok((config, opts, out))
     }
-    let out = args.out.clone().unwrap_or_else(|| {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        PathBuf::from(format!("runs/vae-{t}"))
-    });
-    check_output_dir("--out", &out)?;
-    let cfg = crate::train::vae_trainer::VaeTrainConfig {
-        batch_size: args.batch_size,
-        lr: args.lr,
-        kl_weight: args.kl_weight,
-        seed: args.seed,
+
+    /// The resume point of `--resume DIR` with this command's overrides, checked; the GEMM path
+    /// set to the run's.
+    fn resumed_run(
+        &self,
+        dir: &Path,
+        gpu: &mut GpuOptions,
+    ) -> Result<(VaeRunOptions, VaeResumePoint)> {
+        let point = VaeResumePoint::read(dir)?;
+        let mut opts = point.options.clone();
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = self.$f { opts.$f = v; } )* };
+        }
+        set!(steps, checkpoint_every, keep_checkpoints, sample_every);
+        opts.validate()?;
+        if point.check_steps(&opts)? {
+            eprintln!(
+                "note: the run in {} reached its last step ({}) but was stopped before writing its end: writing it now",
+                dir.display(),
+                point.step
+            );
+        }
+        if let Some(path) = &point.gemm_path {
+            // A resumed run keeps the kernel path it trained with (the same bits).
+            let stored = if path == "portable" {
+                GemmPathChoice::Portable
+            } else {
+                GemmPathChoice::Subgroup
+            };
+            if gpu
+                .gemm_path
+                .is_some_and(|c| c != GemmPathChoice::Auto && c != stored)
+            {
+                bail!(
+                    "--resume {}: the run trained on the {path} GEMM path, which it keeps (the same bits); drop --gemm-path",
+                    dir.display()
+                );
+            }
+            gpu.gemm_path = Some(stored);
+        }
+        Ok((opts, point))
+    }
+}
+
+/// `train-vae`: trains an AutoencoderKL on MNIST (or continues a run) and exports it (see
+/// `train::vae_run`). Everything is checked before the GPU starts.
+pub fn run_train_vae(opts: &GpuOptions, args: &TrainVaeArgs) -> Result<()> {
+    let mut gpu_opts = opts.clone();
+    let (config, run_opts, out, point) = match &args.resume {
+        None => {
+            let (config, run_opts, out) = args.new_run()?;
+            (config, run_opts, out, None)
+        }
+        Some(dir) => {
+            let (run_opts, point) = args.resumed_run(dir, &mut gpu_opts)?;
+            (point.model.clone(), run_opts, dir.clone(), Some(point))
+        }
     };
-    crate::train::vae_run::check_vae_run(&config, &cfg, &out)?;
-    let gpu = Gpu::new(opts)?;
+    let gpu = Gpu::new(&gpu_opts)?;
     eprintln!("adapter: {}", gpu.describe());
-    let summary = crate::train::vae_run::run_vae(gpu, &config, cfg, args.steps, &out)?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!(
+            "\ninterrupted (Ctrl-C or SIGTERM): writing a checkpoint (again to quit at once)"
+        );
+    })?;
+    let summary = run_vae(gpu, &config, &run_opts, &out, point.as_ref(), &stop)?;
+    if summary.interrupted {
+        println!(
+            "stopped at step {}; continue with `wgpu-diffusion train-vae --resume {}`",
+            summary.step,
+            out.display()
+        );
+        return Ok(());
+    }
     let tail: Vec<f32> = summary.losses.iter().rev().take(100).map(|l| l.1).collect();
     println!(
         "done: {} steps, loss {:.3} (mean of the last {}), scaling_factor {:.5}, test PSNR {:.2} dB; VAE in {}",
-        summary.losses.len(),
-        tail.iter().sum::<f32>() / tail.len() as f32,
+        summary.step,
+        tail.iter().sum::<f32>() / tail.len().max(1) as f32,
         tail.len(),
-        summary.scaling_factor,
-        summary.test_psnr,
+        summary.scaling_factor.unwrap_or(f64::NAN),
+        summary.test_psnr.unwrap_or(f64::NAN),
         summary.out.join("vae").display()
     );
     Ok(())

@@ -1,6 +1,6 @@
 //! `shaders/loss.wgsl`: mean squared error (torch `mse_loss`, reduction "mean") with optional
-//! per-sample weights, the VAE's L1 reconstruction loss (summed per image, averaged over the
-//! batch), and their gradients.
+//! per-sample weights, the VAE's L1 and L2 reconstruction losses (summed per image, averaged
+//! over the batch), and their gradients.
 //!
 //! loss = (1/N) Σ_i w_b(i) (pred_i − target_i)², N = numel, w = 1 without weights. The sum is a
 //! deterministic two-stage reduction: fixed chunks of [`CHUNK`] elements per workgroup, a fixed
@@ -64,18 +64,38 @@ pub fn mse_loss(
     weights: Option<&Tensor>,
     loss: &Tensor,
 ) -> OpResult {
-    const OP: &str = "mse_loss";
-    let (n, per_sample) = check(OP, pred, target, weights)?;
-    expect_numel(OP, "loss", loss, 1)?;
+    squared_error_sum(rec, "mse_loss", pred, target, weights, loss, None)
+}
+
+/// Records loss[0] = (1/B) Σ_i (pred_i − target_i)² (B = pred.shape()[0]): the squared error
+/// summed over each image and averaged over the batch (the VAE's `--rec-loss l2`).
+pub fn l2_loss(rec: &mut Recorder, pred: &Tensor, target: &Tensor, loss: &Tensor) -> OpResult {
+    let batch = pred.shape().first().copied().unwrap_or(0);
+    squared_error_sum(rec, "l2_loss", pred, target, None, loss, Some(batch))
+}
+
+/// Σ_i w_b (pred_i − target_i)² divided by N (`per_batch` None, torch's mean) or by B.
+fn squared_error_sum(
+    rec: &mut Recorder,
+    op: &str,
+    pred: &Tensor,
+    target: &Tensor,
+    weights: Option<&Tensor>,
+    loss: &Tensor,
+    per_batch: Option<usize>,
+) -> OpResult {
+    let (n, per_sample) = check(op, pred, target, weights)?;
+    expect_numel(op, "loss", loss, 1)?;
     for t in [Some(pred), Some(target), weights].into_iter().flatten() {
-        expect_distinct(OP, t, loss)?;
+        expect_distinct(op, t, loss)?;
     }
     let groups = partials_len(n);
-    let partials = rec.gpu.tensor(&[groups], "mse partials");
+    let partials = rec.gpu.tensor(&[groups], "squared error partials");
+    let count = per_batch.unwrap_or(n) as f32;
     let p = LossParams {
-        n: u32_of(OP, "n", n)?,
-        per_sample: u32_of(OP, "per_sample", per_sample)?,
-        count: n as f32,
+        n: u32_of(op, "n", n)?,
+        per_sample: u32_of(op, "per_sample", per_sample)?,
+        count,
         factor: 0.0,
     };
     let mut bindings = vec![
@@ -91,7 +111,7 @@ pub fn mse_loss(
         None => "mse_partial",
     };
     rec.dispatch(key(entry), &p, &bindings, grid_1d(groups));
-    sum_partials(rec, &partials, n as f32, loss);
+    sum_partials(rec, &partials, count, loss);
     Ok(())
 }
 
@@ -177,18 +197,64 @@ pub fn mse_backward(
     scale: f32,
     dpred: &Tensor,
 ) -> OpResult {
-    const OP: &str = "mse_backward";
-    let (n, per_sample) = check(OP, pred, target, weights)?;
-    expect_numel(OP, "dpred", dpred, n)?;
+    squared_error_backward(
+        rec,
+        "mse_backward",
+        pred,
+        target,
+        weights,
+        scale,
+        dpred,
+        None,
+    )
+}
+
+/// dpred_i = scale · 2 (pred_i − target_i) / B (B = pred.shape()[0]): the gradient of
+/// [`l2_loss`]. Overwrites `dpred`.
+pub fn l2_backward(
+    rec: &mut Recorder,
+    pred: &Tensor,
+    target: &Tensor,
+    scale: f32,
+    dpred: &Tensor,
+) -> OpResult {
+    let batch = pred.shape().first().copied().unwrap_or(0);
+    squared_error_backward(
+        rec,
+        "l2_backward",
+        pred,
+        target,
+        None,
+        scale,
+        dpred,
+        Some(batch),
+    )
+}
+
+/// dpred_i = scale · 2 w_b (pred_i − target_i) / D, D = N (`per_batch` None) or B.
+#[allow(clippy::too_many_arguments)]
+fn squared_error_backward(
+    rec: &mut Recorder,
+    op: &str,
+    pred: &Tensor,
+    target: &Tensor,
+    weights: Option<&Tensor>,
+    scale: f32,
+    dpred: &Tensor,
+    per_batch: Option<usize>,
+) -> OpResult {
+    let (n, per_sample) = check(op, pred, target, weights)?;
+    expect_numel(op, "dpred", dpred, n)?;
     for t in [Some(pred), Some(target), weights].into_iter().flatten() {
-        expect_distinct(OP, t, dpred)?;
+        expect_distinct(op, t, dpred)?;
     }
+    let divisor = per_batch.unwrap_or(n);
     let p = LossParams {
-        n: u32_of(OP, "n", n)?,
-        per_sample: u32_of(OP, "per_sample", per_sample)?,
-        count: n as f32,
+        n: u32_of(op, "n", n)?,
+        per_sample: u32_of(op, "per_sample", per_sample)?,
+        count: divisor as f32,
         // torch: norm = 2. / numel in double, then one multiply by grad_output.
-        factor: (2.0 / n as f64 * scale as f64) as f32,
+        factor: (2.0 / divisor as f64 * scale as f64) as f32,
     };
     let mut bindings = vec![(1, pred.into()), (2, target.into()), (7, dpred.into())];
     let entry = match weights {

@@ -1,4 +1,5 @@
-//! Reference for `shaders/loss.wgsl`: weighted mean squared error and its gradient.
+//! Reference for `shaders/loss.wgsl`: weighted mean squared error, the VAE's L1 and L2
+//! reconstruction losses (summed per image, averaged over the batch), and their gradients.
 
 /// loss = (1/N) Σ_i w_b(i) (pred_i − target_i)², b(i) = i / (N / B); `weights` = None means
 /// w = 1 (torch `mse_loss`, reduction "mean").
@@ -53,6 +54,23 @@ pub fn l1_backward(pred: &[f64], target: &[f64], batch: usize, scale: f64) -> Ve
         .collect()
 }
 
+/// (1/B) Σ_i (pred_i − target_i)² with B = `batch`.
+pub fn l2_loss(pred: &[f64], target: &[f64], batch: usize) -> f64 {
+    pred.iter()
+        .zip(target)
+        .map(|(p, t)| (p - t) * (p - t))
+        .sum::<f64>()
+        / batch as f64
+}
+
+/// dloss/dpred_i · scale = scale · 2 (pred_i − target_i) / B.
+pub fn l2_backward(pred: &[f64], target: &[f64], batch: usize, scale: f64) -> Vec<f64> {
+    pred.iter()
+        .zip(target)
+        .map(|(p, t)| scale * 2.0 * (p - t) / batch as f64)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -67,6 +85,17 @@ mod tests {
             let numeric = numeric_gradient(&pred, 1e-6, |p| 0.5 * mse_loss(p, &target, weights));
             assert_gradients_match("mse", &analytic, &numeric, 1e-7);
         }
+    }
+
+    #[test]
+    fn l2_backward_matches_finite_differences_and_sums_per_image() {
+        let (pred, target) = (test_data(3 * 11, 6), test_data(3 * 11, 7));
+        let analytic = l2_backward(&pred, &target, 3, 0.5);
+        let numeric = numeric_gradient(&pred, 1e-6, |p| 0.5 * l2_loss(p, &target, 3));
+        assert_gradients_match("l2", &analytic, &numeric, 1e-7);
+        // Per image a sum, over the batch a mean: N / B times torch's mean.
+        let mse = mse_loss(&pred, &target, None);
+        assert!((l2_loss(&pred, &target, 3) - 11.0 * mse).abs() < 1e-12);
     }
 
     #[test]

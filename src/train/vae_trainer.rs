@@ -1,32 +1,62 @@
 //! The AutoencoderKL training step (issue 22's `train-vae`, library part): recorded once and
 //! replayed with one submit, as the U-Net's. Per step: ε ~ N(0, I) from the run's counter-based
 //! RNG (its own purpose), z = μ + σ·ε, x̂ = decode(z), loss = (1/B)Σ|x − x̂| + kl_weight · (1/B)Σ KL
-//! (CompVis' autoencoder loss without its perceptual and GAN terms), the backward pass, and Adam
-//! with betas (0.5, 0.9) as CompVis trains its autoencoders.
+//! (CompVis' autoencoder loss without its perceptual and GAN terms; `RecLoss::L2` puts
+//! (1/B)Σ(x − x̂)² in place of the L1 term), the backward pass, and Adam with betas (0.5, 0.9) as
+//! CompVis trains its autoencoders.
+//!
+//! A step's inputs are the parameters, the Adam moments, the step number (the RNG counter and
+//! Adam's bias corrections) and the batch, so a checkpoint of the first three
+//! ([`VaeTrainer::checkpoint_bytes`], [`VaeTrainer::restore`]) resumes a run bit for bit.
 //!
 //! MNIST for the `mnist-vae` preset is padded from 28×28 to 32×32 with the background value
 //! (−1 in [−1, 1]); PSNR is measured on the 28×28 crop ([`crop_psnr`]).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
+use serde::{Deserialize, Serialize};
 
 use crate::gpu::{Gpu, Plan, Tensor};
+use crate::io::tensors::{LoadedTensors, serialize_named};
 use crate::metrics::{psnr, to_unit};
 use crate::nn::{Vae, VaeConfig};
 use crate::ops::adamw::{AdamwConfig, AdamwHyper, HYPER_LEN, adamw_step, write_hyper};
-use crate::ops::loss::{l1_backward, l1_loss};
+use crate::ops::loss::{l1_backward, l1_loss, l2_backward, l2_loss};
 use crate::ops::noise::{purpose, random_normal, write_rng_state};
 use crate::ops::posterior::posterior_kl;
 
-/// What a VAE run sets.
-#[derive(Clone, Debug)]
+/// The reconstruction term of the VAE's loss: summed over each image, averaged over the batch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum RecLoss {
+    /// (1/B) Σ |x − x̂| (CompVis' autoencoders).
+    #[default]
+    L1,
+    /// (1/B) Σ (x − x̂)².
+    L2,
+}
+
+impl std::fmt::Display for RecLoss {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RecLoss::L1 => "l1",
+            RecLoss::L2 => "l2",
+        })
+    }
+}
+
+/// What a VAE run sets (what its steps depend on).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct VaeTrainConfig {
     pub batch_size: usize,
     pub lr: f64,
     /// Weight of the KL term (CompVis' 1e-6).
     pub kl_weight: f64,
     pub seed: u64,
+    pub rec_loss: RecLoss,
 }
 
 impl Default for VaeTrainConfig {
@@ -36,9 +66,13 @@ impl Default for VaeTrainConfig {
             lr: 1e-3,
             kl_weight: 1e-6,
             seed: 0,
+            rec_loss: RecLoss::L1,
         }
     }
 }
+
+/// The `format` of a VAE checkpoint's metadata.
+pub const VAE_CHECKPOINT_FORMAT: &str = "wgpu-diffusion vae checkpoint v1";
 
 /// Adam as CompVis trains its autoencoders: betas (0.5, 0.9), no weight decay.
 pub const VAE_ADAM: AdamwConfig = AdamwConfig {
@@ -105,15 +139,18 @@ impl VaeTrainer {
         rec.clear(&vae.params.grads);
         random_normal(&mut rec, &rng_state, purpose::VAE_EPS, 0, &vae.eps)?;
         vae.forward(&mut rec)?;
-        l1_loss(&mut rec, &vae.output.value, &vae.sample.value, &rec_loss)?;
+        let (x_rec, x) = (&vae.output.value, &vae.sample.value);
+        match cfg.rec_loss {
+            RecLoss::L1 => {
+                l1_loss(&mut rec, x_rec, x, &rec_loss)?;
+                l1_backward(&mut rec, x_rec, x, 1.0, &vae.output.grad)?;
+            }
+            RecLoss::L2 => {
+                l2_loss(&mut rec, x_rec, x, &rec_loss)?;
+                l2_backward(&mut rec, x_rec, x, 1.0, &vae.output.grad)?;
+            }
+        }
         posterior_kl(&mut rec, &vae.moments.value, &kl)?;
-        l1_backward(
-            &mut rec,
-            &vae.output.value,
-            &vae.sample.value,
-            1.0,
-            &vae.output.grad,
-        )?;
         vae.backward(&mut rec, cfg.kl_weight as f32)?;
         let p = &vae.params;
         let (p_v, g_v) = (p.chunk_views(&p.params), p.chunk_views(&p.grads));
@@ -179,6 +216,78 @@ impl VaeTrainer {
         }
         Ok((loss, rec, kl))
     }
+
+    /// A checkpoint: the parameters (`param.<name>`), Adam's moments (`exp_avg.<name>`,
+    /// `exp_avg_sq.<name>`) and, in the metadata, `format`, `step`, the RNG's key, the GEMM path
+    /// and `train_config` (this trainer's options as TOML, whose floats read back to the same bits;
+    /// serde_json's default parser does not promise that) beside the caller's `meta`.
+    pub fn checkpoint_bytes(&self, mut meta: HashMap<String, String>) -> Result<Vec<u8>> {
+        let g = &self.gpu;
+        let params = g.read(&self.vae.params.params)?;
+        let m = g.read(&self.exp_avg)?;
+        let v = g.read(&self.exp_avg_sq)?;
+        meta.insert("format".into(), VAE_CHECKPOINT_FORMAT.into());
+        meta.insert("step".into(), self.step.to_string());
+        meta.insert(
+            "rng".into(),
+            format!(
+                "philox4x32-10 seed {} purpose {} counter step {}",
+                self.cfg.seed,
+                purpose::VAE_EPS,
+                self.step
+            ),
+        );
+        meta.insert("gemm_path".into(), g.gemm_path.to_string());
+        meta.insert("train_config".into(), toml::to_string(&self.cfg)?);
+        serialize_named(
+            &self.vae.params,
+            &[("param", &params), ("exp_avg", &m), ("exp_avg_sq", &v)],
+            meta,
+        )
+    }
+
+    /// Restores the parameters, Adam's moments and the step from a checkpoint of
+    /// [`checkpoint_bytes`](Self::checkpoint_bytes) whose options are this trainer's.
+    pub fn restore(&mut self, ck: &LoadedTensors) -> Result<()> {
+        let meta = ck.metadata();
+        let path = ck.path.display();
+        if meta.get("format").map(String::as_str) != Some(VAE_CHECKPOINT_FORMAT) {
+            bail!(
+                "{path}: not a train-vae checkpoint (its metadata has no `format` {VAE_CHECKPOINT_FORMAT:?})"
+            );
+        }
+        let stored: VaeTrainConfig = meta
+            .get("train_config")
+            .ok_or_else(|| anyhow!("{path}: metadata `train_config` is missing"))
+            .and_then(|t| toml::from_str(t).map_err(|e| anyhow!("{path}: train_config: {e}")))?;
+        if stored != self.cfg {
+            bail!(
+                "{path}: the checkpoint was trained with {stored:?}, this run has {:?}",
+                self.cfg
+            );
+        }
+        let step = meta
+            .get("step")
+            .and_then(|s| s.parse::<u64>().ok())
+            .ok_or_else(|| anyhow!("{path}: metadata `step` is missing or not a number"))?;
+        let store = &self.vae.params;
+        let g = &self.gpu;
+        g.write(&store.params, &ck.flat(store, "param")?)?;
+        g.write(&self.exp_avg, &ck.flat(store, "exp_avg")?)?;
+        g.write(&self.exp_avg_sq, &ck.flat(store, "exp_avg_sq")?)?;
+        self.step = step;
+        Ok(())
+    }
+}
+
+/// Digits on the VAE's canvas: MNIST's 28×28 padded to `size` (≥ 28) with the background.
+pub fn mnist_canvas(images: &[f32], n: usize, size: usize) -> Result<Vec<f32>> {
+    if size < 28 || !(size - 28).is_multiple_of(2) {
+        bail!(
+            "the VAE's sample_size {size} cannot hold MNIST's 28×28 digits with equal padding (28, 30, 32, …)"
+        );
+    }
+    Ok(pad_digits(images, n, 28, (size - 28) / 2))
 }
 
 /// MNIST digits (NHWC [N, 28, 28, 1], values in [−1, 1]) padded by `pad` pixels on each side

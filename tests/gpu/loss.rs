@@ -164,3 +164,53 @@ fn l1_loss_and_backward_match_reference() {
         );
     }
 }
+
+/// The VAE's `--rec-loss l2`, (1/B) Σ (pred − target)² (summed per image, averaged over the
+/// batch), and its gradient, on odd sizes (one chunk, several, a partial last one, more than
+/// 256 partials). The sum has the MSE's error bound (rtol 1e-5); the gradient, as the MSE's,
+/// 2–3 roundings per element (rtol 1e-6, atol 1e-7·max|ref|).
+#[test]
+fn l2_loss_and_backward_match_reference() {
+    let g = gpu();
+    for (batch, per) in [(1, 1), (3, 7), (2, 2049), (5, 999), (3, 200_001)] {
+        let n = batch * per;
+        let (pred, target) = (random(n, 41 + n as u64), random(n, 42 + n as u64));
+        let tp = upload(&g, &[batch, per], &pred, "pred");
+        let tt = upload(&g, &[batch, per], &target, "target");
+        let loss = g.tensor(&[1], "l2");
+        let dpred = g.tensor(&[batch, per], "dpred");
+        run(&g, |rec| {
+            op::l2_loss(rec, &tp, &tt, &loss).unwrap();
+            op::l2_backward(rec, &tp, &tt, 0.5, &dpred).unwrap();
+        });
+        let what = format!("B{batch} x {per}");
+        assert_close(
+            &format!("l2_loss {what}"),
+            &read(&g, &loss),
+            &[r::l2_loss(&pred, &target, batch)],
+            0.0,
+            1e-5,
+        );
+        let d = r::l2_backward(&pred, &target, batch, 0.5);
+        assert_close(
+            &format!("l2_backward {what}"),
+            &read(&g, &dpred),
+            &d,
+            1e-7 * max_abs(&d),
+            1e-6,
+        );
+    }
+    let mut rec = g.recorder();
+    let p = g.tensor(&[2, 3], "p");
+    let e = op::l2_loss(&mut rec, &p, &g.tensor(&[2, 4], "t"), &g.tensor(&[1], "l"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("l2_loss") && e.contains("`target`"), "{e}");
+    let e = op::l2_backward(&mut rec, &p, &p, 1.0, &p)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("l2_backward") && e.contains("share a buffer"),
+        "{e}"
+    );
+}
