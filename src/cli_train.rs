@@ -344,6 +344,22 @@ fn changed_keys(
         .collect())
 }
 
+/// A flag raised by the first Ctrl-C or SIGTERM (the run then writes a checkpoint and stops);
+/// a second one quits at once. For `train` and `train-vae`.
+pub fn stop_on_interrupt() -> anyhow::Result<std::sync::Arc<std::sync::atomic::AtomicBool>> {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!(
+            "\ninterrupted (Ctrl-C or SIGTERM): writing a checkpoint (again to quit at once)"
+        );
+    })?;
+    Ok(stop)
+}
+
 /// `wgpu-diffusion train`: the options (a resumed run's from its folder, its checkpoint's header
 /// only), then the GPU, then the run.
 pub fn run(mut opts: GpuOptions, args: &TrainArgs) -> anyhow::Result<()> {
@@ -356,16 +372,7 @@ pub fn run(mut opts: GpuOptions, args: &TrainArgs) -> anyhow::Result<()> {
     }
     let gpu = Gpu::new(&opts)?;
     eprintln!("adapter: {}", gpu.describe());
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flag = stop.clone();
-    ctrlc::set_handler(move || {
-        if flag.swap(true, std::sync::atomic::Ordering::SeqCst) {
-            std::process::exit(130);
-        }
-        eprintln!(
-            "\ninterrupted (Ctrl-C or SIGTERM): writing a checkpoint (again to quit at once)"
-        );
-    })?;
+    let stop = stop_on_interrupt()?;
     let mut progress = TrainProgress::new();
     let summary = crate::train::run(gpu, cfg, args.resume.as_deref(), stop, &mut progress)?;
     eprintln!(

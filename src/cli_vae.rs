@@ -68,18 +68,11 @@ pub enum VaeAction {
 
 /// The VAE's config from its directory, with a warning when it had no `scaling_factor`.
 fn read_config(dir: &Path) -> Result<VaeConfig> {
-    let path = dir.join("config.json");
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("--model {}", path.display()))?;
-    let config = VaeConfig::from_json(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
-    if config.scaling_factor_defaulted {
-        eprintln!(
-            "warning: {} has no scaling_factor: diffusers' default {} applies (latents of another VAE's scale would be off by the ratio)",
-            path.display(),
-            config.scaling_factor
-        );
+    let vae = crate::sample::LatentVae::from_dir(dir).context("--model")?;
+    for n in &vae.notes {
+        eprintln!("warning: {n}");
     }
-    Ok(config)
+    Ok(vae.config)
 }
 
 /// The images of `input` (a file, or a folder's image files in name order), as NHWC values.
@@ -519,16 +512,7 @@ pub fn run_train_vae(opts: &GpuOptions, args: &TrainVaeArgs) -> Result<()> {
     };
     let gpu = Gpu::new(&gpu_opts)?;
     eprintln!("adapter: {}", gpu.describe());
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flag = stop.clone();
-    ctrlc::set_handler(move || {
-        if flag.swap(true, std::sync::atomic::Ordering::SeqCst) {
-            std::process::exit(130);
-        }
-        eprintln!(
-            "\ninterrupted (Ctrl-C or SIGTERM): writing a checkpoint (again to quit at once)"
-        );
-    })?;
+    let stop = crate::cli_train::stop_on_interrupt()?;
     let summary = run_vae(gpu, &config, &run_opts, &out, point.as_ref(), &stop)?;
     if summary.interrupted {
         println!(
