@@ -34,8 +34,9 @@ pub struct SampleArgs {
     /// With --checkpoint: the raw weights instead of the EMA ones.
     #[arg(long)]
     pub no_ema: bool,
-    #[arg(long, value_enum, default_value_t = SamplerKind::Ddim)]
-    pub sampler: SamplerKind,
+    /// The sampler: ddim by default; an EDM model's are euler (its default) and heun.
+    #[arg(long, value_enum)]
+    pub sampler: Option<SamplerKind>,
     /// Denoising steps (Heun evaluates the U-Net about twice per step); `--steps` is the same.
     #[arg(long = "sample-steps", visible_alias = "steps", default_value_t = 50)]
     pub steps: usize,
@@ -407,10 +408,13 @@ fn check_flags(args: &SampleArgs) -> Result<()> {
             args.eta
         );
     }
-    if args.eta > 0.0 && args.sampler != SamplerKind::Ddim {
+    if let Some(kind) = args.sampler
+        && args.eta > 0.0
+        && kind != SamplerKind::Ddim
+    {
         bail!(
             "--eta applies to --sampler ddim only, not {}",
-            args.sampler.diffusers_class()
+            kind.diffusers_class()
         );
     }
     if let Some(g) = args.guidance_scale
@@ -481,10 +485,16 @@ fn sampling_schedule(
     source: &ModelSource,
     inpaint: bool,
 ) -> Result<SamplingSchedule> {
+    let edm = source.scheduler.edm().map_err(|e| anyhow!(e))?.is_some();
+    let kind = args.sampler.unwrap_or(if edm {
+        SamplerKind::Euler
+    } else {
+        SamplerKind::Ddim
+    });
     let schedule = if inpaint {
         SamplingSchedule::repaint(
             &source.scheduler,
-            args.sampler,
+            kind,
             args.steps,
             args.eta,
             args.jump_length.unwrap_or(10),
@@ -493,7 +503,7 @@ fn sampling_schedule(
     } else {
         SamplingSchedule::new(
             &source.scheduler,
-            args.sampler,
+            kind,
             args.steps,
             args.timestep_spacing,
             args.eta,
@@ -577,8 +587,8 @@ fn given_noise(
         Some(path) if !uses => bail!(
             "--step-noise {}: --sampler {} {}adds no noise between steps, so it would not be used; drop it",
             path.display(),
-            args.sampler.diffusers_class(),
-            if args.sampler == SamplerKind::Ddim {
+            schedule.settings.class_name(),
+            if schedule.settings.kind == SamplerKind::Ddim {
                 "with --eta 0 "
             } else {
                 ""
@@ -605,8 +615,8 @@ fn given_noise(
             )
         }
         None if uses => bail!(
-            "--sampler {:?} adds fresh noise at every step: with --noise, also give --step-noise (or drop --noise to use the seeded GPU noise)",
-            args.sampler
+            "--sampler {} adds fresh noise at every step: with --noise, also give --step-noise (or drop --noise to use the seeded GPU noise)",
+            schedule.settings.kind.cli_name()
         ),
         None => None,
     };
@@ -675,7 +685,7 @@ pub fn run(opts: &GpuOptions, args: &SampleArgs) -> Result<()> {
     let schedule = &plan.schedule;
     eprintln!(
         "sampler: {} ({} steps, {} U-Net evaluations per batch, timesteps {}…{}), scheduler settings from {}",
-        args.sampler.diffusers_class(),
+        schedule.settings.class_name(),
         args.steps,
         schedule.evals.len(),
         schedule.timesteps.first().copied().unwrap_or(0.0),
@@ -729,8 +739,9 @@ pub fn run(opts: &GpuOptions, args: &SampleArgs) -> Result<()> {
 
 /// The settings that shaped a batch, for an error about its samples.
 fn settings_text(args: &SampleArgs, plan: &SamplePlan) -> String {
-    let mut s = format!("--sampler {:?} --steps {}", args.sampler, args.steps);
-    if args.sampler == SamplerKind::Ddim {
+    let kind = plan.schedule.settings.kind;
+    let mut s = format!("--sampler {} --steps {}", kind.cli_name(), args.steps);
+    if kind == SamplerKind::Ddim {
         s += &format!(" --eta {}", args.eta);
     }
     if let Some(g) = plan.guidance {
@@ -877,7 +888,7 @@ fn write_outputs(args: &SampleArgs, plan: &SamplePlan, images: &[f32]) -> Result
         let mut meta = HashMap::new();
         meta.insert(
             "sampler".to_string(),
-            args.sampler.diffusers_class().to_string(),
+            plan.schedule.settings.class_name().to_string(),
         );
         meta.insert("steps".to_string(), args.steps.to_string());
         meta.insert("seed".to_string(), args.seed.to_string());

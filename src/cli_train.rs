@@ -98,6 +98,13 @@ pub struct TrainArgs {
     /// Clip the global gradient norm (0 = off) [default: 1.0]
     #[arg(long)]
     pub max_grad_norm: Option<f64>,
+    /// `edm`: train with EDM's preconditioning and noise distribution (Karras et al. 2022;
+    /// sampled with --sampler euler or heun) [default: ddpm]
+    #[arg(long, value_enum)]
+    pub objective: Option<crate::diffusion::Objective>,
+    /// EDM's σ_data, the data's standard deviation (--objective edm) [default: 0.5]
+    #[arg(long)]
+    pub sigma_data: Option<f64>,
     /// Noise schedule, diffusers' names (scaled-linear is accepted for scaled_linear) [default: linear]
     #[arg(long, value_parser = beta_schedule_parser())]
     pub beta_schedule: Option<BetaSchedule>,
@@ -168,8 +175,10 @@ pub struct TrainArgs {
 
 /// Keys that fix a run's network: a resumed run takes them from its checkpoint, so a flag
 /// changing them is refused rather than ignored.
-const FIXED_ON_RESUME: [&str; 7] = [
+const FIXED_ON_RESUME: [&str; 9] = [
     "model",
+    "objective",
+    "sigma_data",
     "model_config",
     "init",
     "vae",
@@ -222,6 +231,7 @@ impl TrainArgs {
             checkpoint_every
         );
         set!(keep_checkpoints, log_every, cond_drop, task, scale);
+        set!(objective, sigma_data);
         set!(hflip, strict, class_conditional);
         if self.model_config.is_some() {
             c.model_config = self.model_config.clone();

@@ -7,6 +7,7 @@
 
 use super::NoiseSchedule;
 use super::PredictionType;
+use super::edm::EdmSettings;
 use super::scheduler::{
     ModelEval, ResolvedScheduler, SamplerKind, SamplingSchedule, SchedulerConfig, SigmaStage,
     TimestepSpacing, Update, VarianceType, np_linspace, spaced_timesteps, trailing_timesteps,
@@ -56,6 +57,15 @@ pub struct DpmSolverPp2m;
 /// EulerDiscreteScheduler or HeunDiscreteScheduler on Karras σs (Karras et al. 2022, eq. 5,
 /// Algorithms 1 and 2 with s_churn = 0).
 pub struct KarrasSigmas {
+    pub heun: bool,
+}
+
+/// An EDM model's samplers on the σs of eq. 5: diffusers' `EDMEulerScheduler`, or the EDM
+/// paper's Heun (Karras et al. 2022, Algorithm 1 with S_churn = 0, NVlabs `edm_sampler`).
+/// Each evaluation sees c_in·x at timestep c_noise = ¼ ln σ, and D = c_skip·x + c_out·F is the
+/// x0 the σ-space update steps towards.
+pub struct EdmSigmas {
+    pub settings: EdmSettings,
     pub heun: bool,
 }
 
@@ -248,6 +258,102 @@ impl SamplerFamily for KarrasSigmas {
     }
 }
 
+impl EdmSigmas {
+    /// `--sampler euler` or `heun` on an EDM model; the others are refused by name.
+    pub fn new(settings: EdmSettings, kind: SamplerKind) -> Result<EdmSigmas, String> {
+        let heun = match kind {
+            SamplerKind::Euler => false,
+            SamplerKind::Heun => true,
+            other => {
+                return Err(format!(
+                    "--sampler {} does not fit an EDM model (its scheduler is EDMEulerScheduler): use --sampler euler (EDM Euler, the default) or heun (EDM Heun)",
+                    other.cli_name()
+                ));
+            }
+        };
+        Ok(EdmSigmas { settings, heun })
+    }
+
+    /// `euler` as `EDMEulerScheduler.set_timesteps(steps)` and its loop (σs as float32,
+    /// `init_noise_sigma` = √(σ_max²+1), diffusers' own choice); `heun` as `edm_sampler`
+    /// (x = σ_max·noise, no correction on the last step, whose σ_next is 0).
+    pub fn schedule(&self, steps: usize) -> Result<SamplingSchedule, String> {
+        let edm = &self.settings;
+        let min_steps = if self.heun { 2 } else { 1 };
+        if steps < min_steps {
+            return Err(format!(
+                "--steps must be at least {min_steps} for an EDM model's {} sampler, is {steps}",
+                if self.heun { "Heun" } else { "Euler" }
+            ));
+        }
+        let sigmas: Vec<f32> = edm.karras_sigmas(steps).iter().map(|&s| s as f32).collect();
+        let eval = |step: usize, sigma: f32, dt: f32, stage: SigmaStage| {
+            let p = edm.precondition(sigma as f64);
+            let (a, s) = edm.x0_coefficients(sigma as f64);
+            ModelEval {
+                timestep: p.c_noise as f32,
+                input_scale: p.c_in as f32,
+                update: Update::Sigma {
+                    a,
+                    s,
+                    sigma,
+                    dt,
+                    stage,
+                },
+                adds_noise: false,
+                step,
+                known: None,
+                renoise_before: Vec::new(),
+                alpha_prev: 0.0,
+            }
+        };
+        let mut evals = Vec::new();
+        for i in 0..steps {
+            let (sigma, next) = (sigmas[i], sigmas[i + 1]);
+            let stage = if self.heun {
+                SigmaStage::HeunFirst
+            } else {
+                SigmaStage::Euler
+            };
+            evals.push(eval(i, sigma, next - sigma, stage));
+            if self.heun && i + 1 < steps {
+                evals.push(eval(i, next, next - sigma, SigmaStage::HeunSecond));
+            }
+        }
+        let init_noise_sigma = if self.heun {
+            edm.sigma_max
+        } else {
+            (edm.sigma_max * edm.sigma_max + 1.0).sqrt()
+        } as f32;
+        let kind = if self.heun {
+            SamplerKind::Heun
+        } else {
+            SamplerKind::Euler
+        };
+        Ok(SamplingSchedule {
+            settings: ResolvedScheduler {
+                kind,
+                num_train_timesteps: edm.num_train_timesteps,
+                beta_start: 0.0,
+                beta_end: 0.0,
+                beta_schedule: super::BetaSchedule::Linear,
+                prediction_type: edm.prediction,
+                clip_sample: false,
+                clip_sample_range: 1.0,
+                timestep_spacing: TimestepSpacing::Linspace,
+                steps_offset: 0,
+                set_alpha_to_one: true,
+                variance_type: VarianceType::FixedSmall,
+                edm: Some(*edm),
+            },
+            num_inference_steps: steps,
+            init_noise_sigma,
+            timesteps: evals.iter().map(|e| e.timestep).collect(),
+            evals,
+        })
+    }
+}
+
 impl SamplingSchedule {
     /// `kind.from_config(config)` (with `--timestep-spacing` overriding the file), then
     /// `set_timesteps(steps)`; `eta` is DDIM's η.
@@ -258,6 +364,14 @@ impl SamplingSchedule {
         spacing_override: Option<TimestepSpacing>,
         eta: f64,
     ) -> Result<SamplingSchedule, String> {
+        if let Some(edm) = config.edm()? {
+            if spacing_override.is_some() || eta != 0.0 {
+                return Err(
+                    "--timestep-spacing and --eta do not apply to an EDM model's samplers".into(),
+                );
+            }
+            return EdmSigmas::new(edm, kind)?.schedule(steps);
+        }
         let mut settings = config.resolve(kind)?;
         if let Some(s) = spacing_override {
             settings.timestep_spacing = s;
@@ -410,6 +524,12 @@ impl SamplingSchedule {
                 "inpainting (RePaint) works with --sampler ddpm or ddim, not {}",
                 kind.diffusers_class()
             ));
+        }
+        if config.edm()?.is_some() {
+            return Err(
+                "inpainting (RePaint) needs a DDPM-family model; this is an EDM model (EDMEulerScheduler)"
+                    .into(),
+            );
         }
         if jump_length == 0 || jump_n_sample == 0 {
             return Err("--jump-length and --jump-n-sample must be at least 1".into());

@@ -42,6 +42,16 @@ pub enum PredictionType {
     Sample,
 }
 
+/// What a model is trained to do (`train --objective`): DDPM's ε-, v- or x0-prediction on a beta
+/// schedule, or EDM's preconditioned denoiser (Karras et al. 2022).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Objective {
+    #[default]
+    Ddpm,
+    Edm,
+}
+
 impl PredictionType {
     pub fn diffusers_name(self) -> &'static str {
         match self {

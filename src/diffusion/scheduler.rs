@@ -21,6 +21,7 @@
 
 use serde_json::Value;
 
+use super::edm::EdmSettings;
 use super::{BetaSchedule, NoiseSchedule, PredictionType};
 
 /// A sampler (diffusers scheduler class).
@@ -47,6 +48,17 @@ impl SamplerKind {
             SamplerKind::DpmSolverPp2m => "DPMSolverMultistepScheduler",
             SamplerKind::Euler => "EulerDiscreteScheduler",
             SamplerKind::Heun => "HeunDiscreteScheduler",
+        }
+    }
+
+    /// The `--sampler` value that names it.
+    pub fn cli_name(self) -> &'static str {
+        match self {
+            SamplerKind::Ddpm => "ddpm",
+            SamplerKind::Ddim => "ddim",
+            SamplerKind::DpmSolverPp2m => "dpmpp-2m",
+            SamplerKind::Euler => "euler",
+            SamplerKind::Heun => "heun",
         }
     }
 
@@ -163,6 +175,7 @@ impl SchedulerConfig {
         if let Some(s) = cfg.str_key("variance_type")? {
             variance_of(&s)?;
         }
+        cfg.edm()?;
         Ok(cfg)
     }
 
@@ -212,6 +225,20 @@ impl SchedulerConfig {
                     .ok_or_else(|| format!("scheduler key `{k}` must be a string, is {v}"))
             })
             .transpose()
+    }
+
+    /// The EDM settings when the scheduler class is `EDMEulerScheduler` (an EDM model: its
+    /// samplers are EDM Euler and Heun); None for the variance-preserving classes.
+    pub fn edm(&self) -> Result<Option<EdmSettings>, String> {
+        match self.str_key("_class_name")?.as_deref() {
+            Some("EDMEulerScheduler") => {
+                EdmSettings::from_scheduler_keys(&|k| self.get(k).cloned()).map(Some)
+            }
+            Some(c @ ("EDMDPMSolverMultistepScheduler" | "ScoreSdeVeScheduler")) => Err(format!(
+                "scheduler class `{c}` is not supported by wgpu-diffusion (EDMEulerScheduler and the DDPM-family classes are)"
+            )),
+            _ => Ok(None),
+        }
     }
 
     /// The prediction type the file declares (epsilon when absent).
@@ -317,6 +344,7 @@ impl SchedulerConfig {
             steps_offset: self.usize_key("steps_offset")?.unwrap_or(0),
             set_alpha_to_one,
             variance_type,
+            edm: None,
         })
     }
 }
@@ -364,6 +392,29 @@ pub struct ResolvedScheduler {
     pub steps_offset: usize,
     pub set_alpha_to_one: bool,
     pub variance_type: VarianceType,
+    /// An EDM model's settings (EDMEulerScheduler); the beta-schedule fields above are then
+    /// unused.
+    pub edm: Option<EdmSettings>,
+}
+
+impl ResolvedScheduler {
+    /// The form in which the update kernels turn the model output m into x0 (see [`Update`]):
+    /// EDM's D = c_skip·x + c_out·F is the v form x0 = a·x − s·m with (a, s) = (c_skip, −c_out).
+    pub fn x0_form(&self) -> PredictionType {
+        match self.edm {
+            Some(_) => PredictionType::VPrediction,
+            None => self.prediction_type,
+        }
+    }
+
+    /// The sampler's name for messages: the diffusers class, or EDM's.
+    pub fn class_name(&self) -> &'static str {
+        match (self.edm, self.kind) {
+            (Some(_), SamplerKind::Heun) => "EDM Heun (Karras et al. 2022, Algorithm 1)",
+            (Some(_), _) => "EDMEulerScheduler",
+            (None, k) => k.diffusers_class(),
+        }
+    }
 }
 
 /// The element-wise update after one U-Net evaluation; every field is a per-step constant.

@@ -109,12 +109,21 @@ fn write_model_files(
         &dir.join("scheduler").join("scheduler_config.json"),
         scheduler_json.as_bytes(),
     )?;
+    let scheduler_class = serde_json::from_str::<serde_json::Value>(scheduler_json)
+        .ok()
+        .and_then(|v| v.get("_class_name")?.as_str().map(str::to_string))
+        .unwrap_or_else(|| "DDPMScheduler".to_string());
     let mut index = serde_json::json!({
         "_class_name": "DDPMPipeline",
         "_diffusers_version": "0.31.0",
-        "scheduler": ["diffusers", "DDPMScheduler"],
+        "scheduler": ["diffusers", scheduler_class],
         "unet": ["diffusers", "UNet2DModel"]
     });
+    if scheduler_class != "DDPMScheduler" {
+        // An EDM model: DDPMPipeline neither preconditions the input nor passes σ, so the
+        // index names ours; the U-Net and EDMEulerScheduler load in diffusers on their own.
+        index["_class_name"] = "WgpuDiffusionEDMPipeline".into();
+    }
     if extra.iter().any(|(name, _)| name.starts_with("vae/")) {
         // A latent diffusion model: diffusers has no unconditional AutoencoderKL + UNet2DModel
         // pipeline (LDMPipeline takes a VQModel), so the index names ours; each component

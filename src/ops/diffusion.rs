@@ -1,5 +1,5 @@
-//! `shaders/diffusion.wgsl`: v-prediction targets and min-SNR-γ weights for training (the
-//! sampler updates are in `shaders/samplers.wgsl`).
+//! `shaders/diffusion.wgsl`: v-prediction targets, min-SNR-γ weights and EDM's noise levels,
+//! input and target for training (the sampler updates are in `shaders/samplers.wgsl`).
 
 use super::{OpResult, expect_distinct, expect_numel, invalid, u32_of};
 use crate::diffusion::PredictionType;
@@ -13,7 +13,9 @@ pub struct DiffusionParams {
     pub prediction: u32,
     pub _reserved: u32,
     pub gamma: f32,
-    pub _pad: [u32; 3],
+    pub p_mean: f32,
+    pub p_std: f32,
+    pub sigma_data: f32,
 }
 
 fn key(entry: &'static str) -> KernelKey {
@@ -103,6 +105,94 @@ pub fn min_snr_weights(
             (5, weights.into()),
         ],
         [b.div_ceil(64) as u32, 1, 1],
+    );
+    Ok(())
+}
+
+/// EDM's training noise levels (Karras et al. 2022, Table 1): from standard normal draws u [B],
+/// σ = exp(u·p_std + p_mean) into `sigmas` and the U-Net's timesteps c_noise = ¼ ln σ into
+/// `timesteps` (f32 [B]).
+pub fn edm_sigmas(
+    rec: &mut Recorder,
+    draws: &Tensor,
+    p_mean: f32,
+    p_std: f32,
+    sigmas: &Tensor,
+    timesteps: &Tensor,
+) -> OpResult {
+    const OP: &str = "edm_sigmas";
+    let b = draws.numel();
+    expect_numel(OP, "sigmas", sigmas, b)?;
+    expect_numel(OP, "timesteps", timesteps, b)?;
+    expect_distinct(OP, sigmas, timesteps)?;
+    for t in [sigmas, timesteps] {
+        expect_distinct(OP, draws, t)?;
+    }
+    if !(p_mean.is_finite() && p_std.is_finite() && p_std >= 0.0) {
+        return Err(invalid(format!(
+            "{OP}: P_mean must be finite and P_std finite and >= 0, are {p_mean} and {p_std}"
+        )));
+    }
+    let p = DiffusionParams {
+        n: u32_of(OP, "n", b)?,
+        p_mean,
+        p_std,
+        ..Default::default()
+    };
+    rec.dispatch(
+        key(OP),
+        &p,
+        &[(1, draws.into()), (5, sigmas.into()), (6, timesteps.into())],
+        [b.div_ceil(64) as u32, 1, 1],
+    );
+    Ok(())
+}
+
+/// EDM's preconditioned input c_in·(x0 + σ·noise) and target (x0 − c_skip·(x0 + σ·noise))/c_out
+/// per element, σ per sample (`sigmas` [B]): the MSE of the U-Net output to `target` is EDM's
+/// λ(σ)-weighted denoising loss (see `shaders/diffusion.wgsl`).
+pub fn edm_noised(
+    rec: &mut Recorder,
+    x0: &Tensor,
+    noise: &Tensor,
+    sigmas: &Tensor,
+    sigma_data: f32,
+    input: &Tensor,
+    target: &Tensor,
+) -> OpResult {
+    const OP: &str = "edm_noised";
+    let (b, per) = samples_of(OP, x0)?;
+    expect_numel(OP, "noise", noise, x0.numel())?;
+    expect_numel(OP, "input", input, x0.numel())?;
+    expect_numel(OP, "target", target, x0.numel())?;
+    expect_numel(OP, "sigmas", sigmas, b)?;
+    expect_distinct(OP, input, target)?;
+    for t in [x0, noise, sigmas] {
+        expect_distinct(OP, t, input)?;
+        expect_distinct(OP, t, target)?;
+    }
+    if !(sigma_data.is_finite() && sigma_data > 0.0) {
+        return Err(invalid(format!(
+            "{OP}: σ_data must be finite and > 0, is {sigma_data}"
+        )));
+    }
+    let p = DiffusionParams {
+        n: u32_of(OP, "n", x0.numel())?,
+        per_sample: per as u32,
+        sigma_data,
+        ..Default::default()
+    };
+    rec.dispatch(
+        key(OP),
+        &p,
+        &[
+            (1, x0.into()),
+            (2, noise.into()),
+            (5, input.into()),
+            (6, target.into()),
+            (7, sigmas.into()),
+        ],
+        grid_1d(x0.numel().div_ceil(256)),
     );
     Ok(())
 }

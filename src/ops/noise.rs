@@ -71,6 +71,9 @@ pub mod purpose {
     /// The VAE posterior's ε (z = μ + σ·ε): in VAE training, and the frozen VAE of latent
     /// diffusion training.
     pub const VAE_EPS: u32 = 6;
+    /// EDM training: the standard normal draw behind each sample's noise level
+    /// (ln σ = P_mean + P_std·u).
+    pub const EDM_SIGMA: u32 = 7;
     /// Dropout masks: `DROPOUT_BASE + i` for the i-th dropout layer of the model.
     pub const DROPOUT_BASE: u32 = 16;
 }

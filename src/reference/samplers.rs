@@ -104,6 +104,38 @@ pub fn v_target(x0: &[f64], noise: &[f64], timesteps: &[u32], alphas_cumprod: &[
         .collect()
 }
 
+/// EDM's training noise levels (Karras et al. 2022, Table 1): σ = exp(u·P_std + P_mean) and
+/// the U-Net's timestep c_noise = ¼ ln σ, per sample.
+pub fn edm_sigmas(draws: &[f64], p_mean: f64, p_std: f64) -> (Vec<f64>, Vec<f64>) {
+    let sigmas: Vec<f64> = draws.iter().map(|u| (u * p_std + p_mean).exp()).collect();
+    let c_noise = sigmas.iter().map(|s| 0.25 * s.ln()).collect();
+    (sigmas, c_noise)
+}
+
+/// EDM's preconditioned input c_in·(x0 + σn) and F-target (x0 − c_skip·(x0 + σn))/c_out, from
+/// the definitions of Table 1 (σ per sample).
+pub fn edm_noised(
+    x0: &[f64],
+    noise: &[f64],
+    sigmas: &[f64],
+    sigma_data: f64,
+) -> (Vec<f64>, Vec<f64>) {
+    let per = x0.len() / sigmas.len();
+    let sd2 = sigma_data * sigma_data;
+    (0..x0.len())
+        .map(|i| {
+            let s = sigmas[i / per];
+            let x = x0[i] + s * noise[i];
+            let (c_skip, c_out, c_in) = (
+                sd2 / (s * s + sd2),
+                s * sigma_data / (s * s + sd2).sqrt(),
+                1.0 / (s * s + sd2).sqrt(),
+            );
+            (c_in * x, (x0[i] - c_skip * x) / c_out)
+        })
+        .unzip()
+}
+
 /// min-SNR-γ weights (Hang et al. 2023, eq. 10) per sample.
 pub fn min_snr_weights(
     timesteps: &[u32],

@@ -124,7 +124,7 @@ impl Sampler {
         sampler_update(
             &mut rec,
             settings.kind,
-            settings.prediction_type,
+            settings.x0_form(),
             clip,
             &UpdateBuffers {
                 x: &x,

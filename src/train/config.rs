@@ -5,7 +5,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::diffusion::{BetaSchedule, PredictionType};
+use crate::diffusion::edm::EdmSettings;
+use crate::diffusion::{BetaSchedule, NoiseSchedule, Objective, PredictionType};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
@@ -38,6 +39,11 @@ pub struct TrainConfig {
     pub weight_decay: f64,
     /// Clip the global gradient norm to this (0 = off).
     pub max_grad_norm: f64,
+    /// `ddpm` (the beta schedule and prediction type below) or `edm` (Karras et al. 2022:
+    /// preconditioned denoiser, ln σ ~ N(−1.2, 1.2²); the beta keys then do not apply).
+    pub objective: Objective,
+    /// EDM's σ_data, the data's standard deviation its preconditioning assumes.
+    pub sigma_data: f64,
     pub beta_schedule: BetaSchedule,
     pub num_train_timesteps: usize,
     pub beta_start: f64,
@@ -103,6 +109,8 @@ impl Default for TrainConfig {
             adam_eps: 1e-8,
             weight_decay: 1e-6,
             max_grad_norm: 1.0,
+            objective: Objective::Ddpm,
+            sigma_data: 0.5,
             beta_schedule: BetaSchedule::Linear,
             num_train_timesteps: 1000,
             beta_start: 1e-4,
@@ -222,7 +230,54 @@ impl TrainConfig {
         if self.task == Task::Sr && !matches!(self.scale, 2 | 4) {
             return Err(format!("scale must be 2 or 4, is {}", self.scale));
         }
+        if !(self.sigma_data.is_finite() && self.sigma_data > 0.0) {
+            return Err(format!(
+                "sigma_data must be a finite number > 0, is {}",
+                self.sigma_data
+            ));
+        }
+        if self.objective == Objective::Edm {
+            if self.prediction_type != PredictionType::Epsilon {
+                return Err(format!(
+                    "objective edm trains EDM's preconditioned output F (D = c_skip·x + c_out·F): prediction_type {} does not apply, drop it",
+                    self.prediction_type.diffusers_name()
+                ));
+            }
+            if self.snr_gamma > 0.0 {
+                return Err(
+                    "objective edm has its own loss weighting λ(σ): snr_gamma does not apply, drop it"
+                        .into(),
+                );
+            }
+            if self.task == Task::Sr {
+                return Err("objective edm is not supported with task sr (super-resolution trains with ddpm)".into());
+            }
+        }
         Ok(())
+    }
+
+    /// The EDM settings of an `objective = "edm"` run (the sampler's config).
+    pub fn edm(&self) -> Option<EdmSettings> {
+        (self.objective == Objective::Edm).then(|| EdmSettings {
+            sigma_data: self.sigma_data,
+            num_train_timesteps: self.num_train_timesteps,
+            ..Default::default()
+        })
+    }
+
+    /// The scheduler_config.json the run's checkpoints and exports carry: a DDPMScheduler with
+    /// the run's schedule and prediction type, or an EDM run's EDMEulerScheduler.
+    pub fn scheduler_config_json(&self) -> Result<String, String> {
+        match self.edm() {
+            Some(edm) => Ok(edm.scheduler_config_json()),
+            None => Ok(NoiseSchedule::new(
+                self.beta_schedule,
+                self.num_train_timesteps,
+                self.beta_start,
+                self.beta_end,
+            )?
+            .scheduler_config_json(self.prediction_type)),
+        }
     }
 
     /// The random streams address a step's draws with 32-bit counters: every micro-batch's noise

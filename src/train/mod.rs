@@ -23,6 +23,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, anyhow, bail};
 
 use crate::data::{Dataset, Loader};
+use crate::diffusion::Objective;
 use crate::diffusion::scheduler::{SamplerKind, SamplingSchedule, SchedulerConfig};
 use crate::gpu::Gpu;
 use crate::io::atomic::atomic_write;
@@ -385,17 +386,19 @@ fn grid_sampler(
     cfg: &TrainConfig,
     model: &UNetConfig,
     vae: Option<&LatentVae>,
-    trainer: &Trainer,
 ) -> Result<Option<Sampler>> {
     if cfg.sample_every == 0 {
         return Ok(None);
     }
-    let scheduler =
-        SchedulerConfig::from_json(&trainer.schedule.scheduler_config_json(cfg.prediction_type))
-            .map_err(|e| anyhow!(e))?;
-    let schedule =
-        SamplingSchedule::new(&scheduler, SamplerKind::Ddim, cfg.sample_steps, None, 0.0)
-            .map_err(|e| anyhow!("sample grids: {e}"))?;
+    let json = cfg.scheduler_config_json().map_err(|e| anyhow!(e))?;
+    let scheduler = SchedulerConfig::from_json(&json).map_err(|e| anyhow!(e))?;
+    // DDIM for DDPM models, EDM Euler for EDM ones (each objective's default sampler).
+    let kind = match cfg.objective {
+        Objective::Ddpm => SamplerKind::Ddim,
+        Objective::Edm => SamplerKind::Euler,
+    };
+    let schedule = SamplingSchedule::new(&scheduler, kind, cfg.sample_steps, None, 0.0)
+        .map_err(|e| anyhow!("sample grids: {e}"))?;
     Ok(Some(gpu.checked_build(|| {
         Sampler::new(
             gpu,
@@ -520,7 +523,7 @@ pub fn run(
         class_names,
         progress,
     )?;
-    let mut sampler = grid_sampler(&gpu, &cfg, &model, vae.as_ref(), &trainer)?;
+    let mut sampler = grid_sampler(&gpu, &cfg, &model, vae.as_ref())?;
 
     write_run_files(&run_dir, &cfg, &trainer, vae.as_ref())?;
     let grid_lowres = grid_lowres(&model, &data);
@@ -827,8 +830,9 @@ fn save_checkpoint(
         &trainer.unet.params,
         &weights,
         &trainer
-            .schedule
-            .scheduler_config_json(trainer.cfg.prediction_type),
+            .cfg
+            .scheduler_config_json()
+            .map_err(|e| anyhow!(e))?,
         &extra,
     )?;
     let all = run_dir.list_checkpoints();

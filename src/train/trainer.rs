@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::{Context, Result, anyhow, bail};
 
 use super::config::TrainConfig;
+use crate::diffusion::edm::{P_MEAN, P_STD};
 use crate::diffusion::{NoiseSchedule, PredictionType};
 use crate::gpu::{Gpu, Plan, Recorder, Tensor};
 use crate::io::tensors::{LoadedTensors, serialize_named};
@@ -18,7 +19,7 @@ use crate::ops::adamw::{
     AdamwConfig, AdamwHyper, EmaConfig, HYPER_LEN, adamw_step, ema_update, grad_norm_chunks,
     write_hyper,
 };
-use crate::ops::diffusion::{min_snr_weights, v_target};
+use crate::ops::diffusion::{edm_noised, edm_sigmas, min_snr_weights, v_target};
 use crate::ops::elementwise::{cast_u32_to_f32, copy_channels};
 use crate::ops::loss::{mse_backward, mse_loss};
 use crate::ops::noise::{purpose, q_sample, random_normal, random_uniform_u32, write_rng_state};
@@ -80,6 +81,16 @@ struct StepScratch {
     snr_weights: Option<Tensor>,
     /// Super-resolution: the factor, x_t, the low-resolution image and its bicubic upsampling.
     sr: Option<(usize, Tensor, Tensor, Tensor)>,
+    /// EDM (`objective = "edm"`): the per-sample normal draws, σ, and the target F should hit.
+    edm: Option<EdmScratch>,
+}
+
+/// The per-step tensors of EDM training.
+struct EdmScratch {
+    sigma_data: f32,
+    draws: Tensor,
+    sigmas: Tensor,
+    target: Tensor,
 }
 
 impl StepScratch {
@@ -115,6 +126,12 @@ impl StepScratch {
                 .then(|| gpu.tensor(image_shape, "v target")),
             snr_weights: (cfg.snr_gamma > 0.0).then(|| gpu.tensor(&[b], "min-SNR weights")),
             sr,
+            edm: cfg.edm().map(|edm| EdmScratch {
+                sigma_data: edm.sigma_data as f32,
+                draws: gpu.tensor(&[b], "EDM ln σ draws"),
+                sigmas: gpu.tensor(&[b], "EDM σ"),
+                target: gpu.tensor(image_shape, "EDM target"),
+            }),
         })
     }
 }
@@ -138,7 +155,8 @@ fn data_tensors(
 
 /// Records micro-batch `i`'s input: its timesteps and noise from the run's RNG streams, then
 /// x_t = q_sample(x0, ε, t) (Ho et al. 2020, eq. 4) — for super-resolution, cat([x_t,
-/// bicubic(avg_pool(x0))]).
+/// bicubic(avg_pool(x0))]); for EDM, σ from ln σ ~ N(P_mean, P_std²) and c_in·(x0 + σ·ε)
+/// (Karras et al. 2022, Table 1).
 fn record_noised_input(
     rec: &mut Recorder,
     unet: &UNet,
@@ -149,6 +167,25 @@ fn record_noised_input(
     num_train_timesteps: usize,
 ) -> OpResult {
     let b = s.timesteps.numel();
+    let numel = s.noise.numel();
+    if let Some(edm) = &s.edm {
+        // EDM: σ per sample, the U-Net sees c_in·(x0 + σ·n) at timestep ¼ ln σ.
+        let offset = (i * b) as u32;
+        random_normal(rec, rng_state, purpose::EDM_SIGMA, offset, &edm.draws)?;
+        let (p_mean, p_std) = (P_MEAN as f32, P_STD as f32);
+        edm_sigmas(rec, &edm.draws, p_mean, p_std, &edm.sigmas, &unet.timesteps)?;
+        random_normal(rec, rng_state, purpose::NOISE, (i * numel) as u32, &s.noise)?;
+        let input = &unet.sample.value;
+        return edm_noised(
+            rec,
+            x0,
+            &s.noise,
+            &edm.sigmas,
+            edm.sigma_data,
+            input,
+            &edm.target,
+        );
+    }
     random_uniform_u32(
         rec,
         rng_state,
@@ -158,7 +195,6 @@ fn record_noised_input(
         &s.timesteps,
     )?;
     cast_u32_to_f32(rec, &s.timesteps, &unet.timesteps)?;
-    let numel = s.noise.numel();
     random_normal(rec, rng_state, purpose::NOISE, (i * numel) as u32, &s.noise)?;
     let acp = &s.alphas_cumprod;
     match &s.sr {
@@ -188,6 +224,8 @@ fn record_loss(
 ) -> OpResult {
     let acp = &s.alphas_cumprod;
     let target = match (cfg.prediction_type, &s.v_target) {
+        // EDM: F's target, whose unweighted MSE is EDM's λ(σ)-weighted loss.
+        _ if s.edm.is_some() => &s.edm.as_ref().expect("EDM scratch").target,
         (PredictionType::Epsilon, _) => &s.noise,
         (PredictionType::Sample, _) => x0,
         (PredictionType::VPrediction, Some(v)) => {
@@ -579,8 +617,7 @@ impl Trainer {
         // What sampling needs of the run, so `sample::ModelSource` reads it without `train`.
         meta.insert(
             "scheduler_config".into(),
-            self.schedule
-                .scheduler_config_json(self.cfg.prediction_type),
+            self.cfg.scheduler_config_json().map_err(|e| anyhow!(e))?,
         );
         meta.insert("ema".into(), self.cfg.ema.to_string());
         if let Some(codec) = &self.latent {

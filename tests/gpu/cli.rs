@@ -97,7 +97,7 @@ fn eta_past_one_and_non_finite_samples_are_errors() {
         ],
         &[
             "non-finite",
-            "--sampler Euler --steps 2",
+            "--sampler euler --steps 2",
             "nothing was written",
         ],
     );
@@ -894,5 +894,85 @@ fn train_vae_resumes_bit_for_bit() {
     fails_before_gpu(
         &["train-vae", "--resume", s(&early), "--steps", "0"],
         &["--steps must be at least 1"],
+    );
+}
+
+#[test]
+fn edm_misfits_are_refused_before_the_gpu() {
+    let edm = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/edm/model");
+    let out = scratch("edm");
+    let o = s(&out);
+    for sampler in ["ddim", "ddpm", "dpmpp-2m"] {
+        fails_before_gpu(
+            &[
+                "sample",
+                "--model",
+                s(&edm),
+                "--sampler",
+                sampler,
+                "--out",
+                o,
+            ],
+            &[
+                &format!("--sampler {sampler} does not fit an EDM model"),
+                "euler",
+            ],
+        );
+    }
+    fails_before_gpu(
+        &["sample", "--model", s(&edm), "--eta", "0.5", "--out", o],
+        &["--eta", "EDM"],
+    );
+    fails_before_gpu(
+        &[
+            "sample",
+            "--model",
+            s(&edm),
+            "--sampler",
+            "heun",
+            "--steps",
+            "1",
+            "--out",
+            o,
+        ],
+        &["at least 2", "Heun"],
+    );
+    let run_dir = out.join("run");
+    let run = s(&run_dir);
+    fails_before_gpu(
+        &[
+            "train",
+            "--objective",
+            "edm",
+            "--prediction-type",
+            "v_prediction",
+            "--out",
+            run,
+        ],
+        &["objective edm", "prediction_type v_prediction"],
+    );
+    fails_before_gpu(
+        &[
+            "train",
+            "--objective",
+            "edm",
+            "--snr-gamma",
+            "5",
+            "--out",
+            run,
+        ],
+        &["snr_gamma"],
+    );
+    fails_before_gpu(
+        &[
+            "train",
+            "--objective",
+            "edm",
+            "--sigma-data",
+            "0",
+            "--out",
+            run,
+        ],
+        &["sigma_data must be a finite number > 0"],
     );
 }

@@ -9,6 +9,7 @@ mod attention;
 mod cli;
 mod common;
 mod conv2d;
+mod edm;
 mod elementwise;
 mod embedding;
 mod gemm;

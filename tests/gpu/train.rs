@@ -348,6 +348,21 @@ fn resume_matches_straight_run(
     (a, b)
 }
 
+/// EDM (`objective = "edm"`): its σ draws come from their own RNG purpose, so a resumed run is
+/// bit-identical too; the export names EDMEulerScheduler and samples with EDM Euler.
+#[test]
+fn edm_run_resumes_identically_and_exports_an_edm_scheduler() {
+    let (_, b) = resume_matches_straight_run("edm", |c| TrainConfig {
+        objective: wgpu_diffusion::diffusion::Objective::Edm,
+        ..c
+    });
+    let text = std::fs::read_to_string(b.join("model/scheduler_config.json")).unwrap();
+    assert!(text.contains("EDMEulerScheduler"), "{text}");
+    let source = wgpu_diffusion::sample::ModelSource::from_dir(&b.join("model")).unwrap();
+    assert!(source.scheduler.edm().unwrap().is_some());
+    let _ = std::fs::remove_dir_all(&b);
+}
+
 #[test]
 fn training_lowers_the_loss_on_mnist() {
     let g = gpu();
