@@ -1,5 +1,6 @@
 // Elementwise kernels: add, scale, axpby, SiLU forward/backward, per-channel broadcast add
-// (time-embedding injection) and channel-slice copies (concat and its backward).
+// (time-embedding injection), channel-slice copies (concat and its backward) and the division
+// of each sample by its own scalar (a fourier U-Net's output / σ, and its backward).
 // Tensors are flat f32 arrays; images are channels-last (NHWC), so a pixel's channels are
 // contiguous. One invocation per element; the grid may be 2-D when it exceeds 65535 groups.
 
@@ -53,6 +54,16 @@ fn scale(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: ve
          @builtin(local_invocation_index) lid: u32) {
     let i = linear_index(wid, nwg, lid);
     if (i < p.n) { y[i] = p.alpha * y[i]; }
+}
+
+// z = x / y[i / pixels_per_sample]: each sample divided by its own scalar (here
+// pixels_per_sample counts the sample's elements). diffusers' UNet2DModel with fourier time
+// embeddings returns conv_out / σ; the backward is the same division of the gradient.
+@compute @workgroup_size(256)
+fn divide_per_sample(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                     @builtin(local_invocation_index) lid: u32) {
+    let i = linear_index(wid, nwg, lid);
+    if (i < p.n) { z[i] = x[i] / y[i / p.pixels_per_sample]; }
 }
 
 //#include sigmoid

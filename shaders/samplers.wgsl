@@ -1,7 +1,9 @@
 // Sampler updates with diffusers' semantics (src/diffusion/scheduler.rs computes the per-step
 // constants): DDPM (Ho et al. 2020, eq. 7), DDIM (Song et al. 2021, eq. 12), DPM-Solver++ 2M
 // (Lu et al. 2022, Algorithm 2, midpoint), and Euler / Heun steps in σ-space (Karras et al. 2022,
-// Algorithms 1–2 with s_churn = 0), plus `scale_model_input`.
+// Algorithms 1–2 with s_churn = 0), the VE-SDE's predictor–corrector and probability-flow ODE
+// steps (Song et al. 2021, Algorithms 2 and 5; diffusers' ScoreSdeVeScheduler), plus
+// `scale_model_input`.
 //
 // Every constant that changes from step to step is read from `coeffs` (8 floats the host
 // rewrites before each submit), so one recorded plan serves the whole loop:
@@ -175,4 +177,69 @@ fn renoise(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
     let i = linear_index(wid, nwg, lid);
     if (i >= p.n) { return; }
     x[i] = coeffs[5] * x[i] + coeffs[6] * z[i];
+}
+
+//#include tree_sum
+
+// The VE-SDE corrector's step size (ScoreSdeVeScheduler.step_correct, Song et al. 2021,
+// Algorithm 5): ε = (r·mean_b‖z_b‖ / mean_b‖m_b‖)²·2 over the whole batch (so a sample depends
+// on its batch, as in diffusers), r = coeffs[2], into aux1[0]. One workgroup: per image the
+// invocations sum squares over strided elements and tree_sum combines them in a fixed order.
+@compute @workgroup_size(256)
+fn ve_step_size(@builtin(local_invocation_index) lid: u32) {
+    let images = p.n / p.per_image;
+    var grad_sum = 0.0;
+    var noise_sum = 0.0;
+    for (var b = 0u; b < images; b = b + 1u) {
+        var gs = 0.0;
+        var ns = 0.0;
+        for (var j = lid; j < p.per_image; j = j + WG) {
+            let m = model_output[b * p.per_image + j];
+            let zz = z[b * p.per_image + j];
+            gs = gs + m * m;
+            ns = ns + zz * zz;
+        }
+        let g2 = tree_sum(lid, gs);
+        workgroupBarrier();
+        let n2 = tree_sum(lid, ns);
+        workgroupBarrier();
+        grad_sum = grad_sum + sqrt(g2);
+        noise_sum = noise_sum + sqrt(n2);
+    }
+    if (lid == 0u) {
+        let r = coeffs[2] * (noise_sum / f32(images)) / (grad_sum / f32(images));
+        aux1[0] = r * r * 2.0;
+    }
+}
+
+// A VE-SDE step with the score m, stage coeffs[4]:
+//   0 corrector:  x ← (x + ε·m) + √(2ε)·z, ε = aux1[0] (ve_step_size);
+//   1 predictor:  x ← (x + d²·m) + d·z, (d², d) = coeffs[2..4] (step_pred: sample − drift);
+//   2 last predictor: x ← 2·clamp(x + d²·m, 0, 1) − 1 (the pipeline's sample_mean.clamp(0, 1),
+//     mapped to the [−1, 1] every other sampler returns);
+//   3 ODE (Euler in σ): x ← x + c·m, c = σ(σ − σ_next) = coeffs[2]; 4 the last ODE step, mapped
+//     as in 2.
+@compute @workgroup_size(256)
+fn ve_step(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+           @builtin(local_invocation_index) lid: u32) {
+    let i = linear_index(wid, nwg, lid);
+    if (i >= p.n) { return; }
+    let xv = x[i];
+    let m = model_output[i];
+    let stage = coeffs[4];
+    if (stage == 0.0) {
+        let e = aux1[0];
+        x[i] = (xv + e * m) + sqrt(e * 2.0) * z[i];
+        return;
+    }
+    let mean = xv + coeffs[2] * m;
+    if (stage == 2.0 || stage == 4.0) {
+        x[i] = 2.0 * clamp(mean, 0.0, 1.0) - 1.0;
+        return;
+    }
+    if (stage == 1.0) {
+        x[i] = mean + coeffs[3] * z[i];
+        return;
+    }
+    x[i] = mean;
 }

@@ -11,6 +11,11 @@
 // k*C1 and k*C2 are exact for |k| < 4096, i.e. |v| < ~6400 rad; v - k*C1 is exact by Sterbenz), then
 // the Cephes sinf/cosf minimax polynomials on |r| <= pi/4 (about 1 ulp) and the quadrant k mod 4.
 // One thread per output element.
+//
+// `fourier_embedding` is diffusers' GaussianFourierProjection (log = True, as UNet2DModel's
+// time_embedding_type = "fourier" builds it; Song et al. 2021's NCSN++): with the frozen random
+// weights w (binding 2, [half]) and v_i = ((ln t · w_i) · 2) · π in torch's order of f32
+// products, out = [sin(v), cos(v)] ([cos, sin] when flip).
 
 struct Params {
     batch: u32, // B
@@ -72,6 +77,21 @@ fn timestep_embedding(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
     let f = select(j, j - p.half_dim, second);
     let sc = sincos(timesteps[b] * freqs[f]);
     // Without flip: [sin, cos]; with flip: [cos, sin].
+    let want_cos = second != (p.flip != 0u);
+    out[i] = select(sc.x, sc.y, want_cos);
+}
+
+@compute @workgroup_size(256)
+fn fourier_embedding(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                     @builtin(local_invocation_index) lid: u32) {
+    let i = (wid.y * nwg.x + wid.x) * WG + lid;
+    if (i >= p.batch * p.dim) { return; }
+    let b = i / p.dim;
+    let j = i % p.dim;
+    let second = j >= p.half_dim;
+    let f = select(j, j - p.half_dim, second);
+    let v = ((log(timesteps[b]) * freqs[f]) * 2.0) * 3.14159274101257324;
+    let sc = sincos(v);
     let want_cos = second != (p.flip != 0u);
     out[i] = select(sc.x, sc.y, want_cos);
 }

@@ -34,9 +34,18 @@ pub struct SampleArgs {
     /// With --checkpoint: the raw weights instead of the EMA ones.
     #[arg(long)]
     pub no_ema: bool,
-    /// The sampler: ddim by default; an EDM model's are euler (its default) and heun.
+    /// The sampler: ddim by default; an EDM model's are euler (its default) and heun; a VE-SDE
+    /// model's pc (predictor-corrector, its default) and ode (probability flow).
     #[arg(long, value_enum)]
     pub sampler: Option<SamplerKind>,
+    /// VE-SDE predictor-corrector: the corrector's signal-to-noise ratio r (overrides the
+    /// scheduler config's `snr`, default 0.15).
+    #[arg(long)]
+    pub snr: Option<f64>,
+    /// VE-SDE predictor-corrector: Langevin corrector steps before each predictor step
+    /// (overrides the scheduler config's `correct_steps`, default 1).
+    #[arg(long)]
+    pub correct_steps: Option<usize>,
     /// Denoising steps (Heun evaluates the U-Net about twice per step); `--steps` is the same.
     #[arg(long = "sample-steps", visible_alias = "steps", default_value_t = 50)]
     pub steps: usize,
@@ -72,7 +81,8 @@ pub struct SampleArgs {
     /// init_noise_sigma scaling); N images are generated.
     #[arg(long)]
     pub noise: Option<PathBuf>,
-    /// Per-step noise for DDPM / DDIM with η > 0: tensor `step_noise`, f32 [steps, N, C, H, W].
+    /// Per-step noise for DDPM / DDIM with η > 0: tensor `step_noise`, f32 [steps, N, C, H, W]
+    /// (VE-SDE pc: one per U-Net evaluation but the last, [evaluations − 1, N, C, H, W]).
     #[arg(long)]
     pub step_noise: Option<PathBuf>,
     /// Also write the raw final samples: tensor `sample`, f32 [N, C, H, W], no clamping.
@@ -486,14 +496,35 @@ fn sampling_schedule(
     inpaint: bool,
 ) -> Result<SamplingSchedule> {
     let edm = source.scheduler.edm().map_err(|e| anyhow!(e))?.is_some();
-    let kind = args.sampler.unwrap_or(if edm {
-        SamplerKind::Euler
-    } else {
-        SamplerKind::Ddim
+    let ve = source.scheduler.ve().map_err(|e| anyhow!(e))?.is_some();
+    let kind = args.sampler.unwrap_or(match (edm, ve) {
+        (true, _) => SamplerKind::Euler,
+        (_, true) => SamplerKind::Pc,
+        _ => SamplerKind::Ddim,
     });
+    let mut overrides = Vec::new();
+    if let Some(r) = args.snr {
+        if !(r.is_finite() && r > 0.0) {
+            bail!("--snr must be a finite number > 0, is {r}");
+        }
+        overrides.push(("snr", serde_json::Value::from(r)));
+    }
+    if let Some(k) = args.correct_steps {
+        overrides.push(("correct_steps", serde_json::Value::from(k)));
+    }
+    if !overrides.is_empty() && kind != SamplerKind::Pc {
+        bail!(
+            "--snr and --correct-steps apply to a VE-SDE model's --sampler pc only, not {}",
+            kind.cli_name()
+        );
+    }
+    let scheduler = source
+        .scheduler
+        .with_overrides(&overrides)
+        .map_err(|e| anyhow!(e))?;
     let schedule = if inpaint {
         SamplingSchedule::repaint(
-            &source.scheduler,
+            &scheduler,
             kind,
             args.steps,
             args.eta,
@@ -502,7 +533,7 @@ fn sampling_schedule(
         )
     } else {
         SamplingSchedule::new(
-            &source.scheduler,
+            &scheduler,
             kind,
             args.steps,
             args.timestep_spacing,
@@ -599,7 +630,13 @@ fn given_noise(
                 path,
                 "step_noise",
                 "--step-noise",
-                &[Some(args.steps), Some(num), Some(c), Some(s), Some(s)],
+                &[
+                    Some(schedule.noise_draws()),
+                    Some(num),
+                    Some(c),
+                    Some(s),
+                    Some(s),
+                ],
             )?;
             if v.iter().any(|x| !x.is_finite()) {
                 bail!(

@@ -377,8 +377,9 @@ pub fn run(mut opts: GpuOptions, args: &TrainArgs) -> anyhow::Result<()> {
         return Ok(());
     };
     if args.resume.is_none() {
-        // A VAE that does not fit the U-Net is refused before the GPU starts.
-        crate::train::check_latent_run(&cfg)?;
+        // A U-Net that does not fit the objective or task, or a VAE that does not fit the
+        // U-Net, is refused before the GPU starts.
+        crate::train::check_new_run(&cfg)?;
     }
     let gpu = Gpu::new(&opts)?;
     eprintln!("adapter: {}", gpu.describe());

@@ -8,10 +8,13 @@
 use super::NoiseSchedule;
 use super::PredictionType;
 use super::edm::EdmSettings;
+use super::schedule::linspace_f32;
 use super::scheduler::{
     ModelEval, ResolvedScheduler, SamplerKind, SamplingSchedule, SchedulerConfig, SigmaStage,
-    TimestepSpacing, Update, VarianceType, np_linspace, spaced_timesteps, trailing_timesteps,
+    TimestepSpacing, Update, VarianceType, VeUpdate, np_linspace, spaced_timesteps,
+    trailing_timesteps,
 };
+use super::ve::VeSettings;
 
 /// What a family sees of a schedule being built.
 pub struct FamilyInputs<'a> {
@@ -69,15 +72,135 @@ pub struct EdmSigmas {
     pub heun: bool,
 }
 
-/// The family of a sampler kind.
-pub fn family(kind: SamplerKind, eta: f64) -> Box<dyn SamplerFamily> {
-    match kind {
+/// A VE-SDE model's samplers (Song et al. 2021): `pc`, diffusers' `ScoreSdeVeScheduler` loop as
+/// `ScoreSdeVePipeline` runs it (per step `correct_steps` Langevin corrector steps, then the
+/// reverse-diffusion predictor, all at the continuous σ(t_i), t = linspace(1, ε, N)); `ode`, the
+/// probability-flow ODE dx/dσ = −σ·∇log p_σ(x) by Euler steps over the same σs and then to 0.
+/// The U-Net receives σ itself (its fourier features take ln σ) and returns the score.
+pub struct VeSde {
+    pub settings: VeSettings,
+    pub ode: bool,
+}
+
+impl VeSde {
+    /// `--sampler pc` or `ode` on a VE-SDE model; the others are refused by name.
+    pub fn new(settings: VeSettings, kind: SamplerKind) -> Result<VeSde, String> {
+        let ode = match kind {
+            SamplerKind::Pc => false,
+            SamplerKind::Ode => true,
+            other => {
+                return Err(format!(
+                    "--sampler {} does not fit a VE-SDE model (its scheduler is ScoreSdeVeScheduler): use --sampler pc (predictor-corrector, the default) or ode (probability flow)",
+                    other.cli_name()
+                ));
+            }
+        };
+        Ok(VeSde { settings, ode })
+    }
+
+    /// `set_timesteps(n)` and `set_sigmas(n)` with diffusers' float32 arithmetic, then the loop.
+    pub fn schedule(&self, steps: usize) -> Result<SamplingSchedule, String> {
+        let ve = &self.settings;
+        if steps < 2 {
+            return Err(format!(
+                "--steps must be at least 2 for a VE-SDE model, is {steps}"
+            ));
+        }
+        let ts = linspace_f32(1.0, ve.sampling_eps, steps);
+        let ratio = (ve.sigma_max / ve.sigma_min) as f32;
+        let sigmas: Vec<f32> = ts
+            .iter()
+            .map(|&t| ve.sigma_min as f32 * (ratio as f64).powf(t as f64) as f32)
+            .collect();
+        let discrete: Vec<f32> = linspace_f32(ve.sigma_min.ln(), ve.sigma_max.ln(), steps)
+            .iter()
+            .map(|&l| (l as f64).exp() as f32)
+            .collect();
+        let eval = |noise_key: usize, sigma: f32, update: VeUpdate, adds_noise: bool| ModelEval {
+            timestep: sigma,
+            input_scale: 1.0,
+            update: Update::Ve(update),
+            adds_noise,
+            step: noise_key,
+            known: None,
+            renoise_before: Vec::new(),
+            alpha_prev: 0.0,
+        };
+        let mut evals = Vec::new();
+        for (i, &t) in ts.iter().enumerate() {
+            let last = i + 1 == steps;
+            let sigma = sigmas[i];
+            if self.ode {
+                let next = if last { 0.0 } else { sigmas[i + 1] };
+                let c = sigma * (sigma - next);
+                evals.push(eval(i, sigma, VeUpdate::Ode { c, last }, false));
+                continue;
+            }
+            for _ in 0..ve.correct_steps {
+                let key = evals.len();
+                evals.push(eval(
+                    key,
+                    sigma,
+                    VeUpdate::Corrector { snr: ve.snr as f32 },
+                    true,
+                ));
+            }
+            // step_pred: the discrete σ at (t·(N−1)).long() and the one below it (0 at the end).
+            let idx = (t * (steps - 1) as f32) as usize;
+            let (s, adj) = (
+                discrete[idx],
+                if idx == 0 { 0.0 } else { discrete[idx - 1] },
+            );
+            let diffusion = (s * s - adj * adj).sqrt();
+            let key = evals.len();
+            evals.push(eval(
+                key,
+                sigma,
+                VeUpdate::Predictor { diffusion, last },
+                !last,
+            ));
+        }
+        let kind = if self.ode {
+            SamplerKind::Ode
+        } else {
+            SamplerKind::Pc
+        };
+        Ok(SamplingSchedule {
+            settings: ResolvedScheduler {
+                kind,
+                num_train_timesteps: ve.num_train_timesteps,
+                beta_start: 0.0,
+                beta_end: 0.0,
+                beta_schedule: super::BetaSchedule::Linear,
+                prediction_type: PredictionType::Epsilon,
+                clip_sample: false,
+                clip_sample_range: 1.0,
+                timestep_spacing: TimestepSpacing::Linspace,
+                steps_offset: 0,
+                set_alpha_to_one: true,
+                variance_type: VarianceType::FixedSmall,
+                edm: None,
+                ve: Some(*ve),
+            },
+            num_inference_steps: steps,
+            init_noise_sigma: ve.sigma_max as f32,
+            timesteps: evals.iter().map(|e| e.timestep).collect(),
+            evals,
+        })
+    }
+}
+
+/// The family of a sampler kind for a variance-preserving (DDPM-family) model; None for the
+/// VE-SDE's samplers, which do not fit one.
+pub fn family(kind: SamplerKind, eta: f64) -> Option<Box<dyn SamplerFamily>> {
+    Some(match kind {
         SamplerKind::Ddpm => Box::new(Ddpm),
         SamplerKind::Ddim => Box::new(Ddim { eta }),
         SamplerKind::DpmSolverPp2m => Box::new(DpmSolverPp2m),
         SamplerKind::Euler => Box::new(KarrasSigmas { heun: false }),
         SamplerKind::Heun => Box::new(KarrasSigmas { heun: true }),
-    }
+        SamplerKind::Pc | SamplerKind::Ode => return None,
+    })
 }
 
 /// The evaluations of a loop whose model input is not scaled (σ = 1).
@@ -345,6 +468,7 @@ impl EdmSigmas {
                 set_alpha_to_one: true,
                 variance_type: VarianceType::FixedSmall,
                 edm: Some(*edm),
+                ve: None,
             },
             num_inference_steps: steps,
             init_noise_sigma,
@@ -364,6 +488,14 @@ impl SamplingSchedule {
         spacing_override: Option<TimestepSpacing>,
         eta: f64,
     ) -> Result<SamplingSchedule, String> {
+        if let Some(ve) = config.ve()? {
+            if spacing_override.is_some() || eta != 0.0 {
+                return Err(
+                    "--timestep-spacing and --eta do not apply to a VE-SDE model's samplers".into(),
+                );
+            }
+            return VeSde::new(ve, kind)?.schedule(steps);
+        }
         if let Some(edm) = config.edm()? {
             if spacing_override.is_some() || eta != 0.0 {
                 return Err(
@@ -372,6 +504,16 @@ impl SamplingSchedule {
             }
             return EdmSigmas::new(edm, kind)?.schedule(steps);
         }
+        let Some(family) = family(kind, eta) else {
+            return Err(format!(
+                "--sampler {} is for VE-SDE models (ScoreSdeVeScheduler); this model's scheduler is {}: use ddim, ddpm, dpmpp-2m, euler or heun",
+                kind.cli_name(),
+                config
+                    .get("_class_name")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("DDPMScheduler")
+            ));
+        };
         let mut settings = config.resolve(kind)?;
         if let Some(s) = spacing_override {
             settings.timestep_spacing = s;
@@ -397,7 +539,6 @@ impl SamplingSchedule {
             settings.beta_start,
             settings.beta_end,
         )?;
-        let family = family(kind, eta);
         let base = family.timesteps(&settings, steps);
         if base.iter().any(|&t| t < 0.0 || t >= t_train as f64)
             || base.windows(2).any(|w| w[1] >= w[0])

@@ -4,5 +4,6 @@ pub mod edm;
 pub mod families;
 pub mod schedule;
 pub mod scheduler;
+pub mod ve;
 
 pub use schedule::{BetaSchedule, NoiseSchedule, Objective, PredictionType};

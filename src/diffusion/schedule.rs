@@ -43,12 +43,14 @@ pub enum PredictionType {
 }
 
 /// What a model is trained to do (`train --objective`): DDPM's ε-, v- or x0-prediction on a beta
-/// schedule, or EDM's preconditioned denoiser (Karras et al. 2022).
+/// schedule, the VE-SDE's denoising score matching (Song et al. 2021), or EDM's preconditioned
+/// denoiser (Karras et al. 2022).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "snake_case")]
+#[serde(rename_all = "kebab-case")]
 pub enum Objective {
     #[default]
     Ddpm,
+    VeSde,
     Edm,
 }
 

@@ -22,6 +22,7 @@
 use serde_json::Value;
 
 use super::edm::EdmSettings;
+use super::ve::VeSettings;
 use super::{BetaSchedule, NoiseSchedule, PredictionType};
 
 /// A sampler (diffusers scheduler class).
@@ -38,6 +39,10 @@ pub enum SamplerKind {
     Euler,
     /// HeunDiscreteScheduler with Karras sigmas (two U-Net evaluations per step).
     Heun,
+    /// ScoreSdeVeScheduler: predictor–corrector sampling of a VE-SDE model.
+    Pc,
+    /// The probability-flow ODE of a VE-SDE model, Euler steps in σ.
+    Ode,
 }
 
 impl SamplerKind {
@@ -48,6 +53,8 @@ impl SamplerKind {
             SamplerKind::DpmSolverPp2m => "DPMSolverMultistepScheduler",
             SamplerKind::Euler => "EulerDiscreteScheduler",
             SamplerKind::Heun => "HeunDiscreteScheduler",
+            SamplerKind::Pc => "ScoreSdeVeScheduler",
+            SamplerKind::Ode => "probability-flow ODE (Euler)",
         }
     }
 
@@ -59,6 +66,8 @@ impl SamplerKind {
             SamplerKind::DpmSolverPp2m => "dpmpp-2m",
             SamplerKind::Euler => "euler",
             SamplerKind::Heun => "heun",
+            SamplerKind::Pc => "pc",
+            SamplerKind::Ode => "ode",
         }
     }
 
@@ -176,6 +185,7 @@ impl SchedulerConfig {
             variance_of(&s)?;
         }
         cfg.edm()?;
+        cfg.ve()?;
         Ok(cfg)
     }
 
@@ -185,6 +195,18 @@ impl SchedulerConfig {
         let s = NoiseSchedule::new(BetaSchedule::Linear, 1000, 1e-4, 0.02).expect("default");
         SchedulerConfig::from_json(&s.scheduler_config_json(PredictionType::Epsilon))
             .expect("default config")
+    }
+
+    /// This config with `overrides` set (e.g. `--snr`), validated again.
+    pub fn with_overrides(&self, overrides: &[(&str, Value)]) -> Result<SchedulerConfig, String> {
+        if overrides.is_empty() {
+            return Ok(self.clone());
+        }
+        let mut keys = self.keys.clone();
+        for (k, v) in overrides {
+            keys.insert(k.to_string(), v.clone());
+        }
+        SchedulerConfig::from_json(&Value::Object(keys).to_string())
     }
 
     /// A key's value as it is in the file (for messages and tests).
@@ -234,9 +256,20 @@ impl SchedulerConfig {
             Some("EDMEulerScheduler") => {
                 EdmSettings::from_scheduler_keys(&|k| self.get(k).cloned()).map(Some)
             }
-            Some(c @ ("EDMDPMSolverMultistepScheduler" | "ScoreSdeVeScheduler")) => Err(format!(
+            Some(c @ "EDMDPMSolverMultistepScheduler") => Err(format!(
                 "scheduler class `{c}` is not supported by wgpu-diffusion (EDMEulerScheduler and the DDPM-family classes are)"
             )),
+            _ => Ok(None),
+        }
+    }
+
+    /// The VE-SDE settings when the scheduler class is `ScoreSdeVeScheduler` (a score model of
+    /// the variance-exploding SDE: its samplers are pc and ode).
+    pub fn ve(&self) -> Result<Option<VeSettings>, String> {
+        match self.str_key("_class_name")?.as_deref() {
+            Some("ScoreSdeVeScheduler") => {
+                VeSettings::from_scheduler_keys(&|k| self.get(k).cloned()).map(Some)
+            }
             _ => Ok(None),
         }
     }
@@ -345,6 +378,7 @@ impl SchedulerConfig {
             set_alpha_to_one,
             variance_type,
             edm: None,
+            ve: None,
         })
     }
 }
@@ -395,6 +429,8 @@ pub struct ResolvedScheduler {
     /// An EDM model's settings (EDMEulerScheduler); the beta-schedule fields above are then
     /// unused.
     pub edm: Option<EdmSettings>,
+    /// A VE-SDE model's settings (ScoreSdeVeScheduler; the beta-schedule fields unused).
+    pub ve: Option<VeSettings>,
 }
 
 impl ResolvedScheduler {
@@ -412,6 +448,8 @@ impl ResolvedScheduler {
         match (self.edm, self.kind) {
             (Some(_), SamplerKind::Heun) => "EDM Heun (Karras et al. 2022, Algorithm 1)",
             (Some(_), _) => "EDMEulerScheduler",
+            (None, SamplerKind::Pc) => "ScoreSdeVeScheduler (predictor-corrector)",
+            (None, SamplerKind::Ode) => "VE-SDE probability-flow ODE (Euler in σ)",
             (None, k) => k.diffusers_class(),
         }
     }
@@ -458,6 +496,23 @@ pub enum Update {
         dt: f32,
         stage: SigmaStage,
     },
+    /// A VE-SDE model's corrector, predictor or ODE step.
+    Ve(VeUpdate),
+}
+
+/// A VE-SDE evaluation's update (`shaders/samplers.wgsl` `ve_step`, the model output m being
+/// the score).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum VeUpdate {
+    /// ScoreSdeVeScheduler.step_correct (Langevin, Algorithm 5 of Song et al. 2021): ε =
+    /// 2(r·mean‖z‖/mean‖m‖)² from the batch, x ← x + ε·m + √(2ε)·z.
+    Corrector { snr: f32 },
+    /// step_pred (reverse diffusion): x_mean = x + (σ² − σ_prev²)·m, x ← x_mean + √(σ² − σ_prev²)·z;
+    /// `last`: x ← 2·clamp(x_mean, 0, 1) − 1 (the pipeline's output, mapped to [−1, 1]).
+    Predictor { diffusion: f32, last: bool },
+    /// Probability-flow ODE, Euler in σ: x ← x + σ(σ − σ_next)·m (`c` = σ(σ − σ_next));
+    /// `last`: then x ← 2·clamp(x, 0, 1) − 1.
+    Ode { c: f32, last: bool },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -518,6 +573,20 @@ impl Update {
                     SigmaStage::HeunSecond => 2.0,
                 };
                 [a, s, sigma, dt, code, 0.0, 0.0, input_scale]
+            }
+            // coeffs[2..5] = (snr or the predictor's diffusion² or the ODE's c, the diffusion,
+            // stage: 0 corrector, 1 predictor, 2 last predictor, 3 ODE, 4 last ODE step).
+            Update::Ve(u) => {
+                let (c2, c3, stage) = match u {
+                    VeUpdate::Corrector { snr } => (snr, 0.0, 0.0),
+                    VeUpdate::Predictor { diffusion, last } => (
+                        diffusion * diffusion,
+                        diffusion,
+                        if last { 2.0 } else { 1.0 },
+                    ),
+                    VeUpdate::Ode { c, last } => (c, 0.0, if last { 4.0 } else { 3.0 }),
+                };
+                [0.0, 0.0, c2, c3, stage, 0.0, 0.0, input_scale]
             }
         }
     }
@@ -611,6 +680,17 @@ impl SamplingSchedule {
     /// Steps that draw per-step noise.
     pub fn uses_step_noise(&self) -> bool {
         self.evals.iter().any(|e| e.adds_noise)
+    }
+
+    /// How many per-step noise draws a loop takes (`--step-noise`'s first dimension): one per
+    /// scheduler step, or for the VE-SDE's predictor–corrector one per evaluation.
+    pub fn noise_draws(&self) -> usize {
+        self.evals
+            .iter()
+            .filter(|e| e.adds_noise)
+            .map(|e| e.step + 1)
+            .max()
+            .unwrap_or(0)
     }
 }
 

@@ -254,9 +254,9 @@ impl UNetConfig {
                 self.act_fn
             ));
         }
-        if self.time_embedding_type != "positional" {
+        if self.time_embedding_type != "positional" && self.time_embedding_type != "fourier" {
             return Err(format!(
-                "`time_embedding_type` = `{}` is not supported (positional)",
+                "`time_embedding_type` = `{}` is not supported (positional, fourier)",
                 self.time_embedding_type
             ));
         }
@@ -391,6 +391,19 @@ impl UNetConfig {
 
     pub fn time_embed_dim(&self) -> usize {
         self.block_out_channels[0] * 4
+    }
+
+    /// `time_embedding_type = "fourier"` (NCSN++-style, Song et al. 2021): the U-Net takes σ as
+    /// its timestep, embeds ln σ with frozen random fourier features and divides its output by σ.
+    pub fn is_fourier(&self) -> bool {
+        self.time_embedding_type == "fourier"
+    }
+
+    /// Width of the time projection feeding `time_embedding.linear_1`: block_out_channels[0],
+    /// or twice that for fourier features (sin and cos of each).
+    pub fn time_proj_dim(&self) -> usize {
+        let c0 = self.block_out_channels[0];
+        if self.is_fourier() { 2 * c0 } else { c0 }
     }
 }
 
@@ -622,12 +635,14 @@ mod tests {
                 .contains("class_embed_type")
         );
         v["class_embed_type"] = Value::Null;
-        v["time_embedding_type"] = Value::from("fourier");
+        v["time_embedding_type"] = Value::from("learned");
         assert!(
             UNetConfig::from_json(&v.to_string())
                 .unwrap_err()
-                .contains("fourier")
+                .contains("time_embedding_type")
         );
+        v["time_embedding_type"] = Value::from("fourier");
+        assert!(UNetConfig::from_json(&v.to_string()).unwrap().is_fourier());
         v["time_embedding_type"] = Value::from("positional");
         v["mid_block_type"] = Value::Null;
         let e = UNetConfig::from_json(&v.to_string()).unwrap_err();

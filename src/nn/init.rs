@@ -1,6 +1,6 @@
 //! Default parameter initialisation with PyTorch's distributions (seeded, CPU, once at start):
 //! Conv2d and Linear weights and biases U(−1/√fan_in, 1/√fan_in) (kaiming_uniform with a = √5),
-//! GroupNorm weight 1 and bias 0, the class embedding N(0, 1). Not torch's random stream, the same distribution.
+//! GroupNorm weight 1 and bias 0, the class embedding N(0, 1), a fourier time projection N(0, 1)·16. Not torch's random stream, the same distribution.
 
 use super::ParamStore;
 
@@ -27,11 +27,18 @@ pub fn default_init(store: &ParamStore, seed: u64) -> Vec<f32> {
     for s in &store.specs {
         let prefix = s.name.rsplit_once('.').map(|(p, _)| p).unwrap_or("");
         let out = &mut flat[s.offset..s.offset + s.numel()];
-        if s.name == "class_embedding.weight" {
-            // torch nn.Embedding: N(0, 1) (Box–Muller on the same uniform stream).
+        // torch nn.Embedding: N(0, 1); GaussianFourierProjection(scale 16): N(0, 1)·16 (frozen).
+        // Box–Muller on the same uniform stream.
+        let normal_scale = match s.name.as_str() {
+            "class_embedding.weight" => Some(1.0),
+            "time_proj.weight" => Some(16.0),
+            _ => None,
+        };
+        if let Some(scale) = normal_scale {
             for v in out.iter_mut() {
                 let (u1, u2) = ((uniform() + 1.0) / 2.0, (uniform() + 1.0) / 2.0);
-                *v = ((-2.0 * (1.0 - u1).max(1e-300).ln()).sqrt()
+                *v = (scale
+                    * (-2.0 * (1.0 - u1).max(1e-300).ln()).sqrt()
                     * (std::f64::consts::TAU * u2).cos()) as f32;
             }
             continue;

@@ -45,10 +45,22 @@ impl ParamStore {
         gpu: &Arc<Gpu>,
         named_shapes: &[(String, Vec<usize>)],
     ) -> Result<ParamStore, GpuError> {
+        Self::with_frozen(gpu, named_shapes, &[])
+    }
+
+    /// As [`ParamStore::new`], with `frozen` parameters (torch's `requires_grad=False`, e.g. a
+    /// fourier embedding's random weights) laid out after all the others and outside every
+    /// chunk: AdamW, the EMA and the gradient norm never touch them, so they keep their loaded
+    /// values exactly (their EMA copy stays what it was initialised to).
+    pub fn with_frozen(
+        gpu: &Arc<Gpu>,
+        named_shapes: &[(String, Vec<usize>)],
+        frozen: &[(String, Vec<usize>)],
+    ) -> Result<ParamStore, GpuError> {
         let align = PARAM_ALIGN.max(gpu.limits.min_storage_buffer_offset_alignment as usize / 4);
-        let mut specs = Vec::with_capacity(named_shapes.len());
+        let mut specs = Vec::with_capacity(named_shapes.len() + frozen.len());
         let mut offset = 0;
-        for (name, shape) in named_shapes {
+        for (name, shape) in named_shapes.iter().chain(frozen) {
             specs.push(ParamSpec {
                 name: name.clone(),
                 shape: shape.clone(),
@@ -58,7 +70,7 @@ impl ParamStore {
         }
         let max_binding = (gpu.limits.max_storage_buffer_binding_size as usize / 4) / align * align;
         let mut chunks: Vec<(usize, usize)> = Vec::new();
-        for sp in &specs {
+        for sp in &specs[..named_shapes.len()] {
             let len = sp.numel().next_multiple_of(align);
             if len > max_binding {
                 return Err(GpuError::Invalid(format!(

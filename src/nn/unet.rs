@@ -16,9 +16,12 @@ use super::{Act, GradTracker, ParamStore, UNetConfig};
 use crate::gpu::{Gpu, GpuError, Recorder, Tensor};
 use crate::ops::OpResult;
 use crate::ops::conv2d::Conv2dGeometry;
-use crate::ops::elementwise::{silu_backward, silu_forward};
+use crate::ops::elementwise::{divide_per_sample, silu_backward, silu_forward};
 use crate::ops::embedding::{embedding_add_forward, embedding_backward};
-use crate::ops::timestep_embedding::timestep_embedding;
+use crate::ops::timestep_embedding::{fourier_embedding, timestep_embedding};
+
+/// The frozen random weights of a fourier U-Net's GaussianFourierProjection.
+pub const FOURIER_WEIGHT: &str = "time_proj.weight";
 
 pub struct UNet {
     pub config: UNetConfig,
@@ -46,8 +49,11 @@ pub struct UNet {
     conv_norm_out: GroupNorm,
     act_out: Act,
     conv_out: Conv2d,
-    /// The model output (ε, v or x0 prediction), NHWC [B, S, S, out_channels].
+    /// The model output (ε, v or x0 prediction; a fourier model's score, conv_out / σ), NHWC
+    /// [B, S, S, out_channels].
     pub output: Act,
+    /// A fourier model's conv_out before the division by σ.
+    raw_output: Option<Act>,
     /// RNG state [seed lo, seed hi, step, 0] for dropout (the trainer's state tensor).
     pub rng_state: Tensor,
     /// Training mode: dropout active (when the config has it).
@@ -130,8 +136,13 @@ impl UNet {
 
         let sample = act(&[batch, s, s, c.in_channels], "sample");
         let timesteps = gpu.tensor(&[batch], "timesteps");
-        let t_proj = act(&[batch, c0], "time_proj");
-        let linear_1 = Linear::new(&mut d, "time_embedding.linear_1", c0, c.time_embed_dim());
+        let t_proj = act(&[batch, c.time_proj_dim()], "time_proj");
+        let linear_1 = Linear::new(
+            &mut d,
+            "time_embedding.linear_1",
+            c.time_proj_dim(),
+            c.time_embed_dim(),
+        );
         let t1 = act(&[batch, c.time_embed_dim()], "time_embedding.linear_1");
         let t1_act = act(&[batch, c.time_embed_dim()], "time_embedding.act");
         let linear_2 = Linear::new(
@@ -349,7 +360,13 @@ impl UNet {
             Conv2dGeometry::same(1, 1),
         );
         let output = act(&[batch, s, s, c.out_channels], "conv_out");
-        let params = ParamStore::new(gpu, &d.0)?;
+        let (raw_output, frozen) = if c.is_fourier() {
+            let raw = act(&[batch, s, s, c.out_channels], "conv_out before / σ");
+            (Some(raw), vec![(FOURIER_WEIGHT.to_string(), vec![c0])])
+        } else {
+            (None, Vec::new())
+        };
+        let params = ParamStore::with_frozen(gpu, &d.0, &frozen)?;
         let rng_state = gpu.tensor(&[4], "rng state");
         Ok(UNet {
             config: c.clone(),
@@ -373,6 +390,7 @@ impl UNet {
             act_out,
             conv_out,
             output,
+            raw_output,
             rng_state,
             training,
             micro_batch: std::cell::Cell::new(0),
@@ -387,13 +405,19 @@ impl UNet {
     pub fn forward(&self, rec: &mut Recorder) -> OpResult {
         let p = &self.params;
         let c = &self.config;
-        timestep_embedding(
-            rec,
-            &self.timesteps,
-            &self.t_proj.value,
-            c.flip_sin_to_cos,
-            c.freq_shift as f32,
-        )?;
+        if c.is_fourier() {
+            // GaussianFourierProjection(block_out_channels[0], scale 16): flip_sin_to_cos False.
+            let (w, _) = p.get(FOURIER_WEIGHT);
+            fourier_embedding(rec, &self.timesteps, &w, &self.t_proj.value, false)?;
+        } else {
+            timestep_embedding(
+                rec,
+                &self.timesteps,
+                &self.t_proj.value,
+                c.flip_sin_to_cos,
+                c.freq_shift as f32,
+            )?;
+        }
         self.linear_1
             .forward(rec, p, &self.t_proj.value, &self.t1.value)?;
         silu_forward(rec, &self.t1.value, &self.t1_act.value)?;
@@ -409,7 +433,14 @@ impl UNet {
         let last = self.last_hidden();
         self.conv_norm_out
             .forward_silu(rec, p, last, &self.act_out)?;
-        self.conv_out.forward(rec, p, &self.act_out, &self.output)
+        match &self.raw_output {
+            // UNet2DModel with fourier features: sample / timesteps (the score s = F/σ).
+            Some(raw) => {
+                self.conv_out.forward(rec, p, &self.act_out, raw)?;
+                divide_per_sample(rec, &raw.value, &self.timesteps, &self.output.value)
+            }
+            None => self.conv_out.forward(rec, p, &self.act_out, &self.output),
+        }
     }
 
     /// Records the backward pass from `output.grad`; parameter gradients accumulate (+=) into
@@ -418,8 +449,17 @@ impl UNet {
         let p = &self.params;
         let mut gt = GradTracker::default();
         let gt = &mut gt;
-        self.conv_out
-            .backward(rec, p, gt, &self.act_out, &self.output, true)?;
+        match &self.raw_output {
+            Some(raw) => {
+                divide_per_sample(rec, &self.output.grad, &self.timesteps, &raw.grad)?;
+                self.conv_out
+                    .backward(rec, p, gt, &self.act_out, raw, true)?;
+            }
+            None => {
+                self.conv_out
+                    .backward(rec, p, gt, &self.act_out, &self.output, true)?;
+            }
+        }
         let last = self.last_hidden();
         self.conv_norm_out
             .backward_silu(rec, p, gt, last, &self.act_out)?;

@@ -1,5 +1,6 @@
-//! `shaders/diffusion.wgsl`: v-prediction targets, min-SNR-γ weights and EDM's noise levels,
-//! input and target for training (the sampler updates are in `shaders/samplers.wgsl`).
+//! `shaders/diffusion.wgsl`: v-prediction targets, min-SNR-γ weights, EDM's and the VE-SDE's
+//! noise levels, inputs and targets for training (the sampler updates are in
+//! `shaders/samplers.wgsl`).
 
 use super::{OpResult, expect_distinct, expect_numel, invalid, u32_of};
 use crate::diffusion::PredictionType;
@@ -13,9 +14,8 @@ pub struct DiffusionParams {
     pub prediction: u32,
     pub _reserved: u32,
     pub gamma: f32,
-    pub p_mean: f32,
-    pub p_std: f32,
-    pub sigma_data: f32,
+    /// Per-kernel constants: EDM (P_mean, P_std, σ_d), VE-SDE (σ_min, σ_max, ε).
+    pub k: [f32; 3],
 }
 
 fn key(entry: &'static str) -> KernelKey {
@@ -135,8 +135,7 @@ pub fn edm_sigmas(
     }
     let p = DiffusionParams {
         n: u32_of(OP, "n", b)?,
-        p_mean,
-        p_std,
+        k: [p_mean, p_std, 0.0],
         ..Default::default()
     };
     rec.dispatch(
@@ -179,7 +178,86 @@ pub fn edm_noised(
     let p = DiffusionParams {
         n: u32_of(OP, "n", x0.numel())?,
         per_sample: per as u32,
-        sigma_data,
+        k: [0.0, 0.0, sigma_data],
+        ..Default::default()
+    };
+    rec.dispatch(
+        key(OP),
+        &p,
+        &[
+            (1, x0.into()),
+            (2, noise.into()),
+            (5, input.into()),
+            (6, target.into()),
+            (7, sigmas.into()),
+        ],
+        grid_1d(x0.numel().div_ceil(256)),
+    );
+    Ok(())
+}
+
+/// The VE-SDE's training noise levels: from u32 draws in [0, 2^24) (`draws` [B]),
+/// t ~ U(ε, 1) and σ = σ_min·(σ_max/σ_min)^t into `sigmas` (the U-Net's timesteps) and the loss
+/// weights σ² into `weights`.
+pub fn ve_sigmas(
+    rec: &mut Recorder,
+    draws: &Tensor,
+    (sigma_min, sigma_max, eps): (f32, f32, f32),
+    sigmas: &Tensor,
+    weights: &Tensor,
+) -> OpResult {
+    const OP: &str = "ve_sigmas";
+    let b = draws.numel();
+    expect_numel(OP, "sigmas", sigmas, b)?;
+    expect_numel(OP, "weights", weights, b)?;
+    expect_distinct(OP, sigmas, weights)?;
+    for t in [sigmas, weights] {
+        expect_distinct(OP, draws, t)?;
+    }
+    let ok = sigma_min.is_finite() && sigma_min > 0.0 && sigma_max.is_finite();
+    if !(ok && sigma_max > sigma_min && (0.0..1.0).contains(&eps)) {
+        return Err(invalid(format!(
+            "{OP}: need 0 < σ_min < σ_max and ε in [0, 1), are {sigma_min}, {sigma_max} and {eps}"
+        )));
+    }
+    let p = DiffusionParams {
+        n: u32_of(OP, "n", b)?,
+        k: [sigma_min, sigma_max, eps],
+        ..Default::default()
+    };
+    rec.dispatch(
+        key(OP),
+        &p,
+        &[(3, draws.into()), (5, sigmas.into()), (6, weights.into())],
+        [b.div_ceil(64) as u32, 1, 1],
+    );
+    Ok(())
+}
+
+/// The VE-SDE's perturbed input (½x0 + ½) + σ·z (data in [0, 1]) and score target −z/σ per
+/// element, σ per sample (`sigmas` [B]).
+pub fn ve_noised(
+    rec: &mut Recorder,
+    x0: &Tensor,
+    noise: &Tensor,
+    sigmas: &Tensor,
+    input: &Tensor,
+    target: &Tensor,
+) -> OpResult {
+    const OP: &str = "ve_noised";
+    let (b, per) = samples_of(OP, x0)?;
+    expect_numel(OP, "noise", noise, x0.numel())?;
+    expect_numel(OP, "input", input, x0.numel())?;
+    expect_numel(OP, "target", target, x0.numel())?;
+    expect_numel(OP, "sigmas", sigmas, b)?;
+    expect_distinct(OP, input, target)?;
+    for t in [x0, noise, sigmas] {
+        expect_distinct(OP, t, input)?;
+        expect_distinct(OP, t, target)?;
+    }
+    let p = DiffusionParams {
+        n: u32_of(OP, "n", x0.numel())?,
+        per_sample: per as u32,
         ..Default::default()
     };
     rec.dispatch(

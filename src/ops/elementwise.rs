@@ -100,6 +100,40 @@ pub fn scale(rec: &mut Recorder, alpha: f32, y: &Tensor) -> OpResult {
     Ok(())
 }
 
+/// z[b, …] = x[b, …] / divisors[b]: each sample of `x` divided by its own scalar (a fourier
+/// U-Net's output divided by σ; the same op divides the gradient in the backward pass).
+pub fn divide_per_sample(
+    rec: &mut Recorder,
+    x: &Tensor,
+    divisors: &Tensor,
+    z: &Tensor,
+) -> OpResult {
+    const OP: &str = "divide_per_sample";
+    let n = x.numel();
+    let b = divisors.numel();
+    if b == 0 || !n.is_multiple_of(b) {
+        return Err(invalid(format!(
+            "{OP}: {n} elements of `{}` do not split into {b} samples",
+            x.label()
+        )));
+    }
+    expect_numel(OP, "z", z, n)?;
+    expect_distinct(OP, x, z)?;
+    expect_distinct(OP, divisors, z)?;
+    let p = ElementwiseParams {
+        n: u32_of(OP, "n", n)?,
+        pixels_per_sample: (n / b) as u32,
+        ..Default::default()
+    };
+    rec.dispatch(
+        key(OP),
+        &p,
+        &[(1, x.into()), (2, divisors.into()), (3, z.into())],
+        grid_1d(n.div_ceil(WG)),
+    );
+    Ok(())
+}
+
 /// y = silu(x)
 pub fn silu_forward(rec: &mut Recorder, x: &Tensor, y: &Tensor) -> OpResult {
     let n = x.numel();

@@ -121,6 +121,7 @@ pub fn sampler_update(
         SamplerKind::Ddim => "ddim_step",
         SamplerKind::DpmSolverPp2m => "dpm_solver_step",
         SamplerKind::Euler | SamplerKind::Heun => "sigma_step",
+        SamplerKind::Pc | SamplerKind::Ode => "ve_step",
     };
     let n = b.x.numel();
     for (what, t) in [
@@ -161,8 +162,48 @@ pub fn sampler_update(
             bindings.push((5, b.aux0.into()));
             bindings.push((6, b.aux1.into()));
         }
+        SamplerKind::Pc | SamplerKind::Ode => {
+            bindings.push((2, b.z.into()));
+            bindings.push((6, b.aux1.into()));
+        }
+    }
+    if kind == SamplerKind::Pc {
+        ve_step_size(rec, b)?;
     }
     rec.dispatch(key(entry), &p, &bindings, grid_1d(n.div_ceil(256)));
+    Ok(())
+}
+
+/// The VE-SDE corrector's step size from the batch's score and noise norms into `aux1[0]`
+/// (recorded before every predictor–corrector update; the predictor does not read it). The
+/// images of the batch are `model_output.shape()[0]`.
+fn ve_step_size(rec: &mut Recorder, b: &UpdateBuffers) -> OpResult {
+    const OP: &str = "ve_step_size";
+    let n = b.x.numel();
+    let images = *b.x.shape().first().unwrap_or(&0);
+    if images == 0 || !n.is_multiple_of(images) {
+        return Err(invalid(format!(
+            "{OP}: `{}` {:?} is not a batch of images",
+            b.x.label(),
+            b.x.shape()
+        )));
+    }
+    let p = SamplerParams {
+        n: u32_of(OP, "n", n)?,
+        per_image: u32_of(OP, "per_image", n / images)?,
+        ..Default::default()
+    };
+    rec.dispatch(
+        key(OP),
+        &p,
+        &[
+            (1, b.model_output.into()),
+            (2, b.z.into()),
+            (3, b.coeffs.into()),
+            (6, b.aux1.into()),
+        ],
+        [1, 1, 1],
+    );
     Ok(())
 }
 

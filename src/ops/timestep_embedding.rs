@@ -1,5 +1,6 @@
 //! `shaders/timestep_embedding.wgsl`: diffusers' `get_timestep_embedding` (scale 1,
-//! max_period 10000). No backward: timesteps are not learned.
+//! max_period 10000) and `GaussianFourierProjection`. No backward: timesteps are not learned,
+//! and the fourier weights are frozen.
 
 use super::{OpResult, expect_distinct, expect_numel, expect_rank, invalid, u32_of};
 use crate::gpu::{KernelKey, Recorder, Tensor, grid_1d};
@@ -74,6 +75,45 @@ pub fn timestep_embedding(
         KernelKey::new("timestep_embedding", OP),
         &p,
         &[(1, timesteps.into()), (2, (&freqs).into()), (3, out.into())],
+        grid_1d(out.numel().div_ceil(WG)),
+    );
+    Ok(())
+}
+
+/// out [B, 2·half] = [sin(v), cos(v)] with v = ln(t)·w·2π (diffusers' GaussianFourierProjection,
+/// log = True; [cos, sin] when `flip_sin_to_cos`) for `timesteps` [B] (σ, positive) and the
+/// frozen weights `w` [half].
+pub fn fourier_embedding(
+    rec: &mut Recorder,
+    timesteps: &Tensor,
+    weights: &Tensor,
+    out: &Tensor,
+    flip_sin_to_cos: bool,
+) -> OpResult {
+    const OP: &str = "fourier_embedding";
+    expect_rank(OP, "out", out, 2)?;
+    let (batch, dim) = (out.shape()[0], out.shape()[1]);
+    let half = weights.numel();
+    if batch == 0 || half == 0 || dim != 2 * half {
+        return Err(invalid(format!(
+            "{OP}: `out` {:?} must be [B, 2 x {half}] for {half} weights",
+            out.shape()
+        )));
+    }
+    expect_numel(OP, "timesteps", timesteps, batch)?;
+    expect_distinct(OP, timesteps, out)?;
+    expect_distinct(OP, weights, out)?;
+    let p = TimestepEmbeddingParams {
+        batch: u32_of(OP, "B", batch)?,
+        dim: u32_of(OP, "dim", dim)?,
+        half_dim: half as u32,
+        flip: flip_sin_to_cos as u32,
+    };
+    u32_of(OP, "numel of `out`", out.numel())?;
+    rec.dispatch(
+        KernelKey::new("timestep_embedding", OP),
+        &p,
+        &[(1, timesteps.into()), (2, weights.into()), (3, out.into())],
         grid_1d(out.numel().div_ceil(WG)),
     );
     Ok(())

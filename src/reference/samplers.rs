@@ -2,7 +2,7 @@
 //! `shaders/diffusion.wgsl` (v-prediction target, min-SNR-γ weights).
 
 use crate::diffusion::PredictionType;
-use crate::diffusion::scheduler::{SigmaStage, Update};
+use crate::diffusion::scheduler::{SigmaStage, Update, VeUpdate};
 
 /// The x0 estimate (before clipping) from x and the model output m with the step's (a, s).
 fn x0_raw(prediction: PredictionType, a: f64, s: f64, x: f64, m: f64) -> f64 {
@@ -89,7 +89,43 @@ pub fn sampler_update(
                     SigmaStage::HeunSecond => x[i] = aux0[i] + (aux1[i] + d) / 2.0 * dt,
                 }
             }
+            Update::Ve(_) => panic!("a VE-SDE update needs the batch layout: use ve_update"),
         }
+    }
+}
+
+/// One VE-SDE update on a batch of `images` (see [`VeUpdate`]): the corrector's step size from
+/// the batch's mean norms of the score `m` and the noise `z`, then the element-wise step.
+pub fn ve_update(update: &VeUpdate, images: usize, x: &mut [f64], m: &[f64], z: &[f64]) {
+    let per = x.len() / images;
+    let mean_norm = |v: &[f64]| {
+        v.chunks(per)
+            .map(|c| c.iter().map(|a| a * a).sum::<f64>().sqrt())
+            .sum::<f64>()
+            / images as f64
+    };
+    let to_range = |v: f64| 2.0 * v.clamp(0.0, 1.0) - 1.0;
+    let e = match *update {
+        VeUpdate::Corrector { snr } => (snr as f64 * mean_norm(z) / mean_norm(m)).powi(2) * 2.0,
+        _ => 0.0,
+    };
+    for i in 0..x.len() {
+        x[i] = match *update {
+            VeUpdate::Corrector { .. } => x[i] + e * m[i] + (2.0 * e).sqrt() * z[i],
+            VeUpdate::Predictor { diffusion, last } => {
+                let d = diffusion as f64;
+                let mean = x[i] + d * d * m[i];
+                if last {
+                    to_range(mean)
+                } else {
+                    mean + d * z[i]
+                }
+            }
+            VeUpdate::Ode { c, last } => {
+                let v = x[i] + c as f64 * m[i];
+                if last { to_range(v) } else { v }
+            }
+        };
     }
 }
 
@@ -132,6 +168,31 @@ pub fn edm_noised(
                 1.0 / (s * s + sd2).sqrt(),
             );
             (c_in * x, (x0[i] - c_skip * x) / c_out)
+        })
+        .unzip()
+}
+
+/// The VE-SDE's training noise levels from u32 draws k in [0, 2^24): t = (k/2^24)(1 − ε) + ε,
+/// σ = σ_min(σ_max/σ_min)^t, and the weights σ².
+pub fn ve_sigmas(draws: &[u32], sigma_min: f64, sigma_max: f64, eps: f64) -> (Vec<f64>, Vec<f64>) {
+    let sigmas: Vec<f64> = draws
+        .iter()
+        .map(|&k| {
+            let t = k as f64 / 16_777_216.0 * (1.0 - eps) + eps;
+            sigma_min * (sigma_max / sigma_min).powf(t)
+        })
+        .collect();
+    let weights = sigmas.iter().map(|s| s * s).collect();
+    (sigmas, weights)
+}
+
+/// The VE-SDE's perturbed input (x0 + 1)/2 + σz and score target −z/σ (σ per sample).
+pub fn ve_noised(x0: &[f64], z: &[f64], sigmas: &[f64]) -> (Vec<f64>, Vec<f64>) {
+    let per = x0.len() / sigmas.len();
+    (0..x0.len())
+        .map(|i| {
+            let s = sigmas[i / per];
+            ((x0[i] + 1.0) / 2.0 + s * z[i], -z[i] / s)
         })
         .unzip()
 }

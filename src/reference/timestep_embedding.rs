@@ -36,6 +36,29 @@ pub fn timestep_embedding(
     out
 }
 
+/// diffusers' GaussianFourierProjection (log = True): v = ((ln t · w) · 2) · π as torch's f32
+/// products (ln t in f32), sin/cos in f64 of that f32 argument; [sin, cos] ([cos, sin] with
+/// flip). Returns [B, 2·len(w)].
+pub fn fourier_embedding(timesteps: &[f64], weights: &[f32], flip_sin_to_cos: bool) -> Vec<f64> {
+    let pi = std::f32::consts::PI;
+    let mut out = Vec::with_capacity(timesteps.len() * 2 * weights.len());
+    for &t in timesteps {
+        let log_t = (t as f32 as f64).ln() as f32;
+        let v: Vec<f64> = weights
+            .iter()
+            .map(|&w| (((log_t * w) * 2.0) * pi) as f64)
+            .collect();
+        let sin = v.iter().map(|e| e.sin());
+        let cos = v.iter().map(|e| e.cos());
+        if flip_sin_to_cos {
+            out.extend(cos.chain(sin));
+        } else {
+            out.extend(sin.chain(cos));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -94,6 +94,17 @@ impl Sampler {
     ) -> Result<Sampler> {
         let guidance = options.guidance;
         check_sampling_setup(model, batch, guidance)?;
+        match (schedule.settings.ve.is_some(), model.is_fourier()) {
+            (true, false) => bail!(
+                "a VE-SDE model (ScoreSdeVeScheduler) needs a U-Net with time_embedding_type \"fourier\" (it takes σ and returns the score); this one's is \"{}\"",
+                model.time_embedding_type
+            ),
+            (false, true) => bail!(
+                "a U-Net with fourier time features returns a score (its output divided by σ): it samples with a ScoreSdeVeScheduler (--sampler pc or ode), not {}",
+                schedule.settings.class_name()
+            ),
+            _ => {}
+        }
         if let Some(vae) = &options.vae {
             vae.check_fits(model)?;
             if options.inpaint.is_some() {

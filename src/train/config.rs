@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::diffusion::edm::EdmSettings;
+use crate::diffusion::ve::VeSettings;
 use crate::diffusion::{BetaSchedule, NoiseSchedule, Objective, PredictionType};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -44,6 +45,11 @@ pub struct TrainConfig {
     pub objective: Objective,
     /// EDM's σ_data, the data's standard deviation its preconditioning assumes.
     pub sigma_data: f64,
+    /// VE-SDE: σ(t) = σ_min·(σ_max/σ_min)^t; σ_max 0 = measured at the start of the run as the
+    /// largest pairwise distance of the training images in [0, 1] (Song & Ermon 2020,
+    /// technique 1), and recorded in config.toml.
+    pub ve_sigma_min: f64,
+    pub ve_sigma_max: f64,
     pub beta_schedule: BetaSchedule,
     pub num_train_timesteps: usize,
     pub beta_start: f64,
@@ -111,6 +117,8 @@ impl Default for TrainConfig {
             max_grad_norm: 1.0,
             objective: Objective::Ddpm,
             sigma_data: 0.5,
+            ve_sigma_min: 0.01,
+            ve_sigma_max: 0.0,
             beta_schedule: BetaSchedule::Linear,
             num_train_timesteps: 1000,
             beta_start: 1e-4,
@@ -230,30 +238,65 @@ impl TrainConfig {
         if self.task == Task::Sr && !matches!(self.scale, 2 | 4) {
             return Err(format!("scale must be 2 or 4, is {}", self.scale));
         }
+        self.validate_objective()
+    }
+
+    /// The checks of the objective's own options and of what it cannot be combined with.
+    fn validate_objective(&self) -> Result<(), String> {
         if !(self.sigma_data.is_finite() && self.sigma_data > 0.0) {
             return Err(format!(
                 "sigma_data must be a finite number > 0, is {}",
                 self.sigma_data
             ));
         }
-        if self.objective == Objective::Edm {
+        if self.objective != Objective::Ddpm {
+            let name = self.objective_name();
             if self.prediction_type != PredictionType::Epsilon {
                 return Err(format!(
-                    "objective edm trains EDM's preconditioned output F (D = c_skip·x + c_out·F): prediction_type {} does not apply, drop it",
+                    "objective {name} trains its own output (EDM: F of D = c_skip·x + c_out·F; VE-SDE: the score): prediction_type {} does not apply, drop it",
                     self.prediction_type.diffusers_name()
                 ));
             }
             if self.snr_gamma > 0.0 {
-                return Err(
-                    "objective edm has its own loss weighting λ(σ): snr_gamma does not apply, drop it"
-                        .into(),
-                );
+                return Err(format!(
+                    "objective {name} has its own loss weighting λ(σ): snr_gamma does not apply, drop it"
+                ));
             }
             if self.task == Task::Sr {
-                return Err("objective edm is not supported with task sr (super-resolution trains with ddpm)".into());
+                return Err(format!(
+                    "objective {name} is not supported with task sr (super-resolution trains with ddpm)"
+                ));
             }
         }
+        let ve_ok = self.ve_sigma_min.is_finite()
+            && self.ve_sigma_min > 0.0
+            && self.ve_sigma_max.is_finite()
+            && (self.ve_sigma_max == 0.0 || self.ve_sigma_max > self.ve_sigma_min);
+        if !ve_ok {
+            return Err(format!(
+                "ve_sigma_min must be > 0 and ve_sigma_max 0 (measure it) or above it, are {} and {}",
+                self.ve_sigma_min, self.ve_sigma_max
+            ));
+        }
         Ok(())
+    }
+
+    /// The objective's name in the config file and on the command line.
+    pub fn objective_name(&self) -> &'static str {
+        match self.objective {
+            Objective::Ddpm => "ddpm",
+            Objective::VeSde => "ve-sde",
+            Objective::Edm => "edm",
+        }
+    }
+
+    /// The VE-SDE settings of an `objective = "ve-sde"` run once σ_max is known.
+    pub fn ve(&self) -> Option<VeSettings> {
+        (self.objective == Objective::VeSde).then(|| VeSettings {
+            sigma_min: self.ve_sigma_min,
+            sigma_max: self.ve_sigma_max,
+            ..Default::default()
+        })
     }
 
     /// The EDM settings of an `objective = "edm"` run (the sampler's config).
@@ -268,6 +311,9 @@ impl TrainConfig {
     /// The scheduler_config.json the run's checkpoints and exports carry: a DDPMScheduler with
     /// the run's schedule and prediction type, or an EDM run's EDMEulerScheduler.
     pub fn scheduler_config_json(&self) -> Result<String, String> {
+        if let Some(ve) = self.ve() {
+            return Ok(ve.scheduler_config_json());
+        }
         match self.edm() {
             Some(edm) => Ok(edm.scheduler_config_json()),
             None => Ok(NoiseSchedule::new(

@@ -85,9 +85,31 @@ fn configure_classes(
     Ok(data.class_names.clone())
 }
 
+/// The VE-SDE needs a fourier U-Net (it takes σ and divides its output by it): a preset becomes
+/// one; a given config must already be one, and the other objectives refuse it.
+fn configure_objective(cfg: &TrainConfig, model: &mut UNetConfig) -> Result<()> {
+    let from_preset = cfg.model_config.is_none() && cfg.init.is_none();
+    match (cfg.objective, model.is_fourier()) {
+        (Objective::VeSde, false) if from_preset => {
+            model.time_embedding_type = "fourier".into();
+            model.validate().map_err(|e| anyhow!(e))
+        }
+        (Objective::VeSde, false) => bail!(
+            "objective ve-sde needs a U-Net with time_embedding_type \"fourier\" (it takes σ and returns the score); this config has \"{}\"",
+            model.time_embedding_type
+        ),
+        (Objective::Ddpm | Objective::Edm, true) => bail!(
+            "a fourier U-Net (time_embedding_type \"fourier\") divides its output by its timestep: train it with --objective ve-sde, not {}",
+            cfg.objective_name()
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// A super-resolution run doubles the U-Net's input channels (noisy image + upsampled LR) and
 /// records the factor; a model from elsewhere must already fit.
 fn configure_task(cfg: &TrainConfig, model: &mut UNetConfig) -> Result<()> {
+    configure_objective(cfg, model)?;
     match (cfg.task, model.sr_scale) {
         (config::Task::Generate, None) => Ok(()),
         (config::Task::Generate, Some(k)) => {
@@ -140,6 +162,30 @@ pub fn resolve_model_config(cfg: &TrainConfig) -> Result<UNetConfig> {
             UNetConfig::PRESETS.join(", ")
         )
     })
+}
+
+/// Images whose pairwise distances give a VE-SDE run's σ_max (all pairs: ~2 s for MNIST).
+const SIGMA_MAX_IMAGES: usize = 2048;
+
+/// A VE-SDE run without `ve_sigma_max` gets the largest pairwise distance of its training
+/// images in [0, 1] (Song & Ermon 2020, technique 1), over the first [`SIGMA_MAX_IMAGES`];
+/// config.toml records it, so a resumed run keeps it.
+fn measure_ve_sigma_max(cfg: &mut TrainConfig, data: &Dataset, progress: &mut dyn Progress) {
+    if cfg.objective != Objective::VeSde || cfg.ve_sigma_max > 0.0 {
+        return;
+    }
+    let d = crate::diffusion::ve::max_pairwise_distance(
+        &data.images,
+        data.image_len(),
+        SIGMA_MAX_IMAGES,
+    );
+    // Never below σ_min (a data set of one image), rounded up to 0.01.
+    cfg.ve_sigma_max = ((d * 100.0).ceil() / 100.0).max(2.0 * cfg.ve_sigma_min);
+    progress.message(&format!(
+        "VE-SDE σ_max = {} (the largest pairwise distance among the first {} training images in [0, 1])",
+        cfg.ve_sigma_max,
+        data.len.min(SIGMA_MAX_IMAGES)
+    ));
 }
 
 /// What a finished (or stopped) run reports.
@@ -292,15 +338,16 @@ fn latent_vae(
     Ok(Some(vae))
 }
 
-/// Checks a new latent diffusion run's VAE against its U-Net (nothing to check without
-/// `--vae`), so that a misfit is refused before the GPU starts.
-pub fn check_latent_run(cfg: &TrainConfig) -> Result<()> {
+/// Checks a new run's U-Net against its objective and task, and a latent diffusion run's VAE
+/// against the U-Net, so that a misfit is refused before the GPU starts. (Class labels, which
+/// need the data, are checked once it is loaded.)
+pub fn check_new_run(cfg: &TrainConfig) -> Result<()> {
+    let mut model = resolve_model_config(cfg)?;
+    configure_task(cfg, &mut model)?;
     let Some(dir) = &cfg.vae else {
         return Ok(());
     };
     let vae = LatentVae::from_dir(dir).context("--vae")?;
-    let mut model = resolve_model_config(cfg)?;
-    configure_task(cfg, &mut model)?;
     vae.check_fits(&model)
 }
 
@@ -392,10 +439,11 @@ fn grid_sampler(
     }
     let json = cfg.scheduler_config_json().map_err(|e| anyhow!(e))?;
     let scheduler = SchedulerConfig::from_json(&json).map_err(|e| anyhow!(e))?;
-    // DDIM for DDPM models, EDM Euler for EDM ones (each objective's default sampler).
+    // Each objective's default sampler: DDIM, EDM Euler, VE-SDE predictor–corrector.
     let kind = match cfg.objective {
         Objective::Ddpm => SamplerKind::Ddim,
         Objective::Edm => SamplerKind::Euler,
+        Objective::VeSde => SamplerKind::Pc,
     };
     let schedule = SamplingSchedule::new(&scheduler, kind, cfg.sample_steps, None, 0.0)
         .map_err(|e| anyhow!("sample grids: {e}"))?;
@@ -514,6 +562,7 @@ pub fn run(
     if let Some(v) = &vae {
         v.check_fits(&model)?;
     }
+    measure_ve_sigma_max(&mut cfg, &data, progress);
     cfg.out = Some(run_dir.root.clone());
     let mut trainer = start_trainer(
         &gpu,
@@ -899,8 +948,9 @@ fn write_samples(
     let path = run_dir.samples().join(format!("step-{step:08}.png"));
     crate::io::images::save_grid(&images, sampler.image_shape(), 4, &path)?;
     progress.message(&format!(
-        "samples {} (DDIM {} steps, {:.1} s)",
+        "samples {} ({} {} steps, {:.1} s)",
         path.display(),
+        sampler.schedule.settings.class_name(),
         sampler.schedule.num_inference_steps,
         t.elapsed().as_secs_f64()
     ));

@@ -19,7 +19,9 @@ use crate::ops::adamw::{
     AdamwConfig, AdamwHyper, EmaConfig, HYPER_LEN, adamw_step, ema_update, grad_norm_chunks,
     write_hyper,
 };
-use crate::ops::diffusion::{edm_noised, edm_sigmas, min_snr_weights, v_target};
+use crate::ops::diffusion::{
+    edm_noised, edm_sigmas, min_snr_weights, v_target, ve_noised, ve_sigmas,
+};
 use crate::ops::elementwise::{cast_u32_to_f32, copy_channels};
 use crate::ops::loss::{mse_backward, mse_loss};
 use crate::ops::noise::{purpose, q_sample, random_normal, random_uniform_u32, write_rng_state};
@@ -83,6 +85,9 @@ struct StepScratch {
     sr: Option<(usize, Tensor, Tensor, Tensor)>,
     /// EDM (`objective = "edm"`): the per-sample normal draws, σ, and the target F should hit.
     edm: Option<EdmScratch>,
+    /// VE-SDE (`objective = "ve-sde"`): (σ_min, σ_max, ε), the loss weights σ² and the score
+    /// target −z/σ.
+    ve: Option<((f32, f32, f32), Tensor, Tensor)>,
 }
 
 /// The per-step tensors of EDM training.
@@ -131,6 +136,14 @@ impl StepScratch {
                 draws: gpu.tensor(&[b], "EDM ln σ draws"),
                 sigmas: gpu.tensor(&[b], "EDM σ"),
                 target: gpu.tensor(image_shape, "EDM target"),
+            }),
+            ve: cfg.ve().map(|ve| {
+                let (lo, hi) = (ve.sigma_min as f32, ve.sigma_max as f32);
+                (
+                    (lo, hi, ve.sampling_eps as f32),
+                    gpu.tensor(&[b], "VE-SDE weights σ²"),
+                    gpu.tensor(image_shape, "VE-SDE score target"),
+                )
             }),
         })
     }
@@ -186,6 +199,22 @@ fn record_noised_input(
             &edm.target,
         );
     }
+    if let Some((range, weights, target)) = &s.ve {
+        // VE-SDE: t ~ U(ε, 1) from 24-bit uniform draws, σ(t); the U-Net takes σ itself.
+        let offset = (i * b) as u32;
+        random_uniform_u32(
+            rec,
+            rng_state,
+            purpose::TIMESTEPS,
+            offset,
+            1 << 24,
+            &s.timesteps,
+        )?;
+        ve_sigmas(rec, &s.timesteps, *range, &unet.timesteps, weights)?;
+        random_normal(rec, rng_state, purpose::NOISE, (i * numel) as u32, &s.noise)?;
+        let input = &unet.sample.value;
+        return ve_noised(rec, x0, &s.noise, &unet.timesteps, input, target);
+    }
     random_uniform_u32(
         rec,
         rng_state,
@@ -226,6 +255,7 @@ fn record_loss(
     let target = match (cfg.prediction_type, &s.v_target) {
         // EDM: F's target, whose unweighted MSE is EDM's λ(σ)-weighted loss.
         _ if s.edm.is_some() => &s.edm.as_ref().expect("EDM scratch").target,
+        _ if s.ve.is_some() => &s.ve.as_ref().expect("VE scratch").2,
         (PredictionType::Epsilon, _) => &s.noise,
         (PredictionType::Sample, _) => x0,
         (PredictionType::VPrediction, Some(v)) => {
@@ -234,8 +264,12 @@ fn record_loss(
         }
         (PredictionType::VPrediction, None) => unreachable!("v target allocated by StepScratch"),
     };
-    let weights = s.snr_weights.as_ref();
-    if let Some(w) = weights {
+    // DSM's λ(σ) = σ² for the VE-SDE; min-SNR-γ when asked.
+    let weights = match &s.ve {
+        Some((_, w, _)) => Some(w),
+        None => s.snr_weights.as_ref(),
+    };
+    if let Some(w) = &s.snr_weights {
         let gamma = cfg.snr_gamma as f32;
         min_snr_weights(rec, &s.timesteps, acp, gamma, cfg.prediction_type, w)?;
     }

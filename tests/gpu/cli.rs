@@ -976,3 +976,51 @@ fn edm_misfits_are_refused_before_the_gpu() {
         &["sigma_data must be a finite number > 0"],
     );
 }
+
+#[test]
+fn ve_sde_misfits_are_refused_before_the_gpu() {
+    let ve = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ve/model");
+    let eps = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/samplers/eps");
+    let out = scratch("ve");
+    let o = s(&out);
+    fails_before_gpu(
+        &["sample", "--model", s(&ve), "--sampler", "ddim", "--out", o],
+        &["--sampler ddim does not fit a VE-SDE model", "pc"],
+    );
+    fails_before_gpu(
+        &["sample", "--model", s(&eps), "--sampler", "pc", "--out", o],
+        &["--sampler pc is for VE-SDE models", "DDPMScheduler"],
+    );
+    fails_before_gpu(
+        &["sample", "--model", s(&ve), "--snr", "0", "--out", o],
+        &["--snr must be a finite number > 0"],
+    );
+    fails_before_gpu(
+        &[
+            "sample",
+            "--model",
+            s(&ve),
+            "--sampler",
+            "ode",
+            "--snr",
+            "0.2",
+            "--out",
+            o,
+        ],
+        &["--snr and --correct-steps apply to", "--sampler pc"],
+    );
+    // A positional U-Net config cannot learn the score the VE-SDE needs.
+    let run_dir = out.join("run");
+    fails_before_gpu(
+        &[
+            "train",
+            "--objective",
+            "ve-sde",
+            "--model-config",
+            s(&eps.join("config.json")),
+            "--out",
+            s(&run_dir),
+        ],
+        &["objective ve-sde needs a U-Net with time_embedding_type \"fourier\""],
+    );
+}

@@ -30,3 +30,4 @@ mod timestep_embedding;
 mod train;
 mod upsample;
 mod vae;
+mod ve;

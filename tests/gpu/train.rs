@@ -363,6 +363,34 @@ fn edm_run_resumes_identically_and_exports_an_edm_scheduler() {
     let _ = std::fs::remove_dir_all(&b);
 }
 
+/// The VE-SDE (`objective = "ve-sde"`): the preset becomes a fourier U-Net, σ_max is measured
+/// from the data and recorded, a resumed run is bit-identical, and the export names
+/// ScoreSdeVeScheduler with that σ_max.
+#[test]
+fn ve_sde_run_measures_sigma_max_resumes_identically_and_exports() {
+    let (_, b) = resume_matches_straight_run("ve", |c| TrainConfig {
+        objective: wgpu_diffusion::diffusion::Objective::VeSde,
+        ..c
+    });
+    let cfg: TrainConfig =
+        toml::from_str(&std::fs::read_to_string(b.join("config.toml")).unwrap()).unwrap();
+    // tiny16's 16×16 MNIST digits are at most ~8 apart in [0, 1].
+    assert!(
+        (4.0..12.0).contains(&cfg.ve_sigma_max),
+        "σ_max {}",
+        cfg.ve_sigma_max
+    );
+    let source = wgpu_diffusion::sample::ModelSource::from_dir(&b.join("model")).unwrap();
+    let ve = source
+        .scheduler
+        .ve()
+        .unwrap()
+        .expect("a ScoreSdeVeScheduler");
+    assert_eq!(ve.sigma_max, cfg.ve_sigma_max);
+    assert!(source.config.is_fourier());
+    let _ = std::fs::remove_dir_all(&b);
+}
+
 #[test]
 fn training_lowers_the_loss_on_mnist() {
     let g = gpu();

@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
-"""Writes the EDM parity fixtures of tests/fixtures/edm/ with torch + diffusers.
+"""Writes the score-based parity fixtures of tests/fixtures/edm/ and tests/fixtures/ve/ with
+torch + diffusers.
 
 Not needed to build or test wgpu-diffusion; it only regenerates what the tests compare against:
 
     pip install torch diffusers safetensors
-    python tools/make_edm_fixtures.py [--out tests/fixtures/edm]
+    python tools/make_score_fixtures.py [--out tests/fixtures]
 
-`model/` is a small random UNet2DModel saved by diffusers (`save_pretrained`) with the
+EDM (`edm/`): `model/` is a small random UNet2DModel saved by diffusers (`save_pretrained`) with the
 `scheduler_config.json` of a saved `EDMEulerScheduler()` beside it: what `train --objective edm`
 exports, written by the real tools. `results.safetensors` holds, NCHW:
 
@@ -20,13 +21,27 @@ exports, written by the real tools. `results.safetensors` holds, NCHW:
   EDMEulerScheduler (`init_noise_sigma`, `scale_model_input`, `step`), and `sample.heun`, NVlabs
   `generate.py` `edm_sampler` (float64 updates, x = σ_max·noise, S_churn = 0), both in STEPS
   steps.
+
+VE-SDE (`ve/`): `model/` is a small random UNet2DModel with `time_embedding_type="fourier"`
+(GaussianFourierProjection, scale 16, its frozen `time_proj.weight` saved with the weights) and
+the `scheduler_config.json` of a saved `ScoreSdeVeScheduler(sigma_max=1)` (small, so that
+~20 % of the random model's final pixels land inside (0, 1) rather than on the clamp); `results.safetensors`:
+
+* one denoising score matching step (Song et al. 2021, `losses.py` get_sde_loss_fn with
+  reduce_mean over elements): `train.x0` in [0, 1], `train.z`, `train.sigma` (σ(t) at the
+  fixture's t), `train.score` (the U-Net's output, already divided by σ), `train.loss` =
+  mean((score·σ + z)²), `train.grad.<name>`;
+* `noise` [N,C,H,W] and `step_noise` [2·STEPS, N, C, H, W], the noise of each `step_correct` /
+  `step_pred` call in order (randn_tensor replaced by these), and `sample.pc`, the final
+  `sample_mean.clamp(0, 1)` of ScoreSdeVePipeline's loop written out by hand (the pipeline
+  hard-codes 3 channels), STEPS steps, correct_steps 1.
 """
 import argparse
-import json
 import os
 
 import torch
-from diffusers import EDMEulerScheduler, UNet2DModel
+import diffusers.schedulers.scheduling_sde_ve as sde_ve_module
+from diffusers import EDMEulerScheduler, ScoreSdeVeScheduler, UNet2DModel
 from safetensors.torch import save_file
 
 STEPS = 10
@@ -35,9 +50,10 @@ B = 3
 P_MEAN, P_STD, SIGMA_DATA = -1.2, 1.2, 0.5
 
 
-def make_unet(seed):
+def make_unet(seed, **extra):
     torch.manual_seed(seed)
     unet = UNet2DModel(
+        **extra,
         sample_size=8,
         in_channels=1,
         out_channels=1,
@@ -127,11 +143,73 @@ def heun_loop(unet, noise, sigma_min=0.002, sigma_max=80.0, rho=7.0):
     return x_next.to(torch.float32)
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="tests/fixtures/edm")
-    args = ap.parse_args()
-    model_dir = os.path.join(args.out, "model")
+def ve_training_step(unet, g, sigma_min, sigma_max):
+    x0 = torch.rand(B, 1, 8, 8, generator=g)
+    z = torch.randn(B, 1, 8, 8, generator=g)
+    t = torch.tensor([0.05, 0.5, 0.95])
+    sigma = sigma_min * (sigma_max / sigma_min) ** t
+    unet.zero_grad()
+    score = unet(x0 + z * sigma[:, None, None, None], sigma).sample
+    loss = torch.square(score * sigma[:, None, None, None] + z).mean()
+    loss.backward()
+    out = {
+        "train.x0": x0,
+        "train.z": z,
+        "train.sigma": sigma,
+        "train.score": score.detach(),
+        "train.loss": loss.detach().reshape(1),
+    }
+    for name, p in unet.named_parameters():
+        if p.grad is not None:
+            out[f"train.grad.{name}"] = p.grad.detach().clone()
+    return out
+
+
+@torch.no_grad()
+def pc_loop(unet, sched_dir, noise, step_noise):
+    """ScoreSdeVePipeline.__call__ for a 1-channel model, randn_tensor fed from step_noise."""
+    queue = list(step_noise)
+    original = sde_ve_module.randn_tensor
+    sde_ve_module.randn_tensor = lambda *a, **k: queue.pop(0)
+    try:
+        sched = ScoreSdeVeScheduler.from_pretrained(sched_dir)
+        sample = noise * sched.init_noise_sigma
+        sched.set_timesteps(STEPS)
+        sched.set_sigmas(STEPS)
+        for i, t in enumerate(sched.timesteps):
+            sigma_t = sched.sigmas[i] * torch.ones(sample.shape[0])
+            for _ in range(sched.config.correct_steps):
+                out = unet(sample, sigma_t).sample
+                sample = sched.step_correct(out, sample).prev_sample
+            out = unet(sample, sigma_t).sample
+            output = sched.step_pred(out, t, sample)
+            sample, sample_mean = output.prev_sample, output.prev_sample_mean
+        return sample_mean.clamp(0, 1)
+    finally:
+        sde_ve_module.randn_tensor = original
+
+
+def write_ve(out_dir):
+    model_dir = os.path.join(out_dir, "model")
+    unet = make_unet(9, time_embedding_type="fourier")
+    unet.save_pretrained(model_dir, safe_serialization=True)
+    sched = ScoreSdeVeScheduler(sigma_max=1.0)
+    sched.save_pretrained(model_dir)
+    g = torch.Generator().manual_seed(13)
+    results = ve_training_step(unet, g, sched.config.sigma_min, sched.config.sigma_max)
+    unet.eval()
+    noise = torch.randn(N, 1, 8, 8, generator=g)
+    step_noise = torch.randn(2 * STEPS, N, 1, 8, 8, generator=g)
+    results["noise"] = noise
+    results["step_noise"] = step_noise
+    results["sample.pc"] = pc_loop(unet, model_dir, noise, step_noise)
+    results = {k: v.contiguous() for k, v in results.items()}
+    save_file(results, os.path.join(out_dir, "results.safetensors"), metadata={"steps": str(STEPS)})
+    print("ve loss", results["train.loss"].item(), "pc range", results["sample.pc"].min().item(), results["sample.pc"].max().item())
+
+
+def write_edm(out_dir):
+    model_dir = os.path.join(out_dir, "model")
     unet = make_unet(7)
     unet.save_pretrained(model_dir, safe_serialization=True)
     EDMEulerScheduler(sigma_data=SIGMA_DATA).save_pretrained(model_dir)
@@ -144,9 +222,16 @@ def main():
     results["sample.heun"] = heun_loop(unet, noise)
     results = {k: v.contiguous() for k, v in results.items()}
     meta = {"steps": str(STEPS), "p_mean": str(P_MEAN), "p_std": str(P_STD)}
-    save_file(results, os.path.join(args.out, "results.safetensors"), metadata=meta)
-    print(json.dumps({k: list(v.shape) for k, v in results.items() if not k.startswith("train.grad")}))
-    print("loss", results["train.loss"].item())
+    save_file(results, os.path.join(out_dir, "results.safetensors"), metadata=meta)
+    print("edm loss", results["train.loss"].item())
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="tests/fixtures")
+    args = ap.parse_args()
+    write_edm(os.path.join(args.out, "edm"))
+    write_ve(os.path.join(args.out, "ve"))
 
 
 if __name__ == "__main__":
