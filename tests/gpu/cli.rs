@@ -1024,3 +1024,31 @@ fn ve_sde_misfits_are_refused_before_the_gpu() {
         &["objective ve-sde needs a U-Net with time_embedding_type \"fourier\""],
     );
 }
+
+/// A fourier U-Net directory whose weights lack the frozen `time_proj.weight` is refused by name.
+#[test]
+fn a_fourier_model_without_its_projection_weights_is_an_error() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ve/model");
+    let dir = scratch("ve-no-proj");
+    for f in ["config.json", "scheduler_config.json"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    let bytes = std::fs::read(src.join("diffusion_pytorch_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let kept: Vec<(String, safetensors::tensor::TensorView)> = st
+        .tensors()
+        .into_iter()
+        .filter(|(name, _)| name != "time_proj.weight")
+        .collect();
+    assert_eq!(kept.len() + 1, st.len(), "the fixture has time_proj.weight");
+    std::fs::write(
+        dir.join("diffusion_pytorch_model.safetensors"),
+        safetensors::serialize(kept, None).unwrap(),
+    )
+    .unwrap();
+    let out = dir.join("out");
+    fails(
+        &["sample", "--model", s(&dir), "--num", "1", "--out", s(&out)],
+        &["time_proj.weight"],
+    );
+}
