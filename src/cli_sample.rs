@@ -82,7 +82,7 @@ pub struct SampleArgs {
     #[arg(long)]
     pub noise: Option<PathBuf>,
     /// Per-step noise for DDPM / DDIM with η > 0: tensor `step_noise`, f32 [steps, N, C, H, W]
-    /// (VE-SDE pc: one per U-Net evaluation but the last, [evaluations − 1, N, C, H, W]).
+    /// (VE-SDE pc: one per U-Net evaluation, as diffusers draws them, [evaluations, N, C, H, W]).
     #[arg(long)]
     pub step_noise: Option<PathBuf>,
     /// Also write the raw final samples: tensor `sample`, f32 [N, C, H, W], no clamping.

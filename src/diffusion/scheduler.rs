@@ -683,8 +683,12 @@ impl SamplingSchedule {
     }
 
     /// How many per-step noise draws a loop takes (`--step-noise`'s first dimension): one per
-    /// scheduler step, or for the VE-SDE's predictor–corrector one per evaluation.
+    /// scheduler step, or for the VE-SDE's predictor–corrector one per evaluation, as diffusers
+    /// draws them (the last predictor's is drawn there too, and unused).
     pub fn noise_draws(&self) -> usize {
+        if self.settings.ve.is_some() && self.uses_step_noise() {
+            return self.evals.len();
+        }
         self.evals
             .iter()
             .filter(|e| e.adds_noise)
