@@ -22,7 +22,8 @@ init_noise_sigma), the per-step noise `step_noise` [n,N,C,H,W] of the DDPM case,
     for t in sched.timesteps:
         x = sched.step(unet(sched.scale_model_input(x, t), t).sample, t, x).prev_sample
 
-`ddpm_stats.mean` / `ddpm_stats.std` ([C,H,W], over 512 DDPM samples drawn with torch's RNG), and
+`eps_fp16/` is the eps model saved in half precision with `variant="fp16"` (what a user's fp16
+download holds). `ddpm_stats.mean` / `ddpm_stats.std` ([C,H,W], over 512 DDPM samples drawn with torch's RNG), and
 with the timesteps of each case in the metadata (`timesteps.<case>`, JSON).
 """
 import argparse
@@ -153,12 +154,23 @@ def write(out_dir, name, seed, sched_kwargs, pipeline):
     save_file(tensors, os.path.join(d, "results.safetensors"), metadata=meta)
 
 
+def write_fp16_variant(out_dir):
+    """`eps_fp16/`: the eps model as a user's half-precision download looks —
+    `UNet2DModel.from_pretrained(eps).to(torch.float16).save_pretrained(d, variant="fp16")`
+    (config.json + diffusion_pytorch_model.fp16.safetensors) with eps's scheduler config."""
+    src = os.path.join(out_dir, "eps")
+    d = os.path.join(out_dir, "eps_fp16")
+    UNet2DModel.from_pretrained(src).to(torch.float16).save_pretrained(d, variant="fp16")
+    DDPMScheduler.from_pretrained(src).save_pretrained(d)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "samplers"))
     args = ap.parse_args()
     write(args.out, "eps", 1, dict(beta_schedule="linear", prediction_type="epsilon", clip_sample=True), False)
     write(args.out, "v", 2, dict(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction", clip_sample=False), True)
+    write_fp16_variant(args.out)
 
 
 if __name__ == "__main__":

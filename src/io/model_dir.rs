@@ -4,7 +4,7 @@
 //! named.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
 
@@ -150,8 +150,34 @@ pub fn read_model_config(dir: &Path) -> Result<UNetConfig> {
     UNetConfig::from_json(&text).map_err(|e| anyhow!("{}: {e}", cfg_path.display()))
 }
 
+/// Weight-file variants diffusers writes with `save_pretrained(..., variant=…)`, in the order
+/// they are looked for when `diffusion_pytorch_model.safetensors` itself is absent.
+pub const WEIGHT_VARIANTS: [&str; 3] = ["fp16", "bf16", "fp32"];
+
+/// The weights file of a diffusers model directory and, when it is a variant
+/// (`diffusion_pytorch_model.fp16.safetensors`, what `variant="fp16"` writes), its name: the
+/// plain file first, then the variants of [`WEIGHT_VARIANTS`]. None when there is neither.
+pub fn weights_file(dir: &Path) -> Option<(PathBuf, Option<&'static str>)> {
+    let plain = dir.join(MODEL_WEIGHTS);
+    if plain.is_file() {
+        return Some((plain, None));
+    }
+    WEIGHT_VARIANTS.iter().find_map(|v| {
+        let p = dir.join(format!("diffusion_pytorch_model.{v}.safetensors"));
+        p.is_file().then_some((p, Some(*v)))
+    })
+}
+
+/// The weights of a model directory (its plain or variant file, see [`weights_file`]) in
+/// `store`'s flat layout; half-precision tensors widen to f32 exactly.
 pub fn read_model_weights(dir: &Path, store: &ParamStore) -> Result<Vec<f32>> {
-    model_weights(&LoadedTensors::read(&dir.join(MODEL_WEIGHTS))?, store)
+    let (path, _) = weights_file(dir).ok_or_else(|| {
+        anyhow!(
+            "{}: {MODEL_WEIGHTS} is missing (nor is there an fp16/bf16 variant of it)",
+            dir.display()
+        )
+    })?;
+    model_weights(&LoadedTensors::read(&path)?, store)
 }
 
 /// The weights of a diffusers model file in `store`'s flat layout (legacy attention names and

@@ -9,7 +9,7 @@ use anyhow::{Context, Result, anyhow, bail};
 
 use crate::diffusion::scheduler::SchedulerConfig;
 use crate::diffusion::{BetaSchedule, NoiseSchedule, PredictionType};
-use crate::io::model_dir::{CLASS_NAMES, MODEL_WEIGHTS, read_model_weights};
+use crate::io::model_dir::{CLASS_NAMES, MODEL_WEIGHTS, read_model_weights, weights_file};
 use crate::io::tensors::LoadedTensors;
 use crate::nn::{ParamStore, UNetConfig};
 use crate::sample::LatentVae;
@@ -183,8 +183,16 @@ impl ModelSource {
 
     fn from_unet_dir(dir: &Path, scheduler_paths: &[PathBuf]) -> Result<ModelSource> {
         let config = read_config(&dir.join("config.json"))?;
-        let weights = dir.join(MODEL_WEIGHTS);
-        if !weights.is_file() {
+        let mut notes = Vec::new();
+        let found = weights_file(dir);
+        if let Some((path, Some(variant))) = &found {
+            notes.push(format!(
+                "{} has no {MODEL_WEIGHTS}: loading its {variant} variant {} (widened to f32)",
+                dir.display(),
+                path.display()
+            ));
+        }
+        if found.is_none() {
             let bin = dir.join("diffusion_pytorch_model.bin");
             if bin.is_file() {
                 bail!(
@@ -215,7 +223,7 @@ impl ModelSource {
             scheduler,
             scheduler_origin,
             description: dir.display().to_string(),
-            notes: Vec::new(),
+            notes,
             class_names,
             vae: None,
             latent: false,

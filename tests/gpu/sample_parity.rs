@@ -208,3 +208,64 @@ fn seeded_noise_is_keyed_by_image_index() {
     // and different images really differ
     assert!((0..64).any(|i| (a[i] - a[64 + i]).abs() > 0.1));
 }
+
+/// A directory diffusers saved in half precision with `variant="fp16"`
+/// (`diffusion_pytorch_model.fp16.safetensors` only) loads, noted, each weight the f16 rounding
+/// of the f32 model's (|Δ| ≤ 2^-11·|w| + 2^-24, f16's unit roundoff and subnormal spacing), and
+/// samples near the f32 model (DDIM 10 steps from the same noise). This random model is
+/// sensitive: diffusers' own loop moves by 5.75e-2 (max) between the same two weight sets, and
+/// ours by 5.75e-2; the bound is 0.1.
+#[test]
+fn an_fp16_variant_directory_loads_and_samples_close_to_f32() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/samplers");
+    let f32_src = ModelSource::from_dir(&root.join("eps")).unwrap();
+    let f16_src = ModelSource::from_dir(&root.join("eps_fp16")).unwrap();
+    assert!(
+        f16_src.notes.iter().any(|n| n.contains("fp16 variant")),
+        "{:?}",
+        f16_src.notes
+    );
+    let results = LoadedTensors::read(&root.join("eps/results.safetensors")).unwrap();
+    let (nshape, noise) = results.get("noise").unwrap();
+    let shape4 = [nshape[0], nshape[1], nshape[2], nshape[3]];
+    let noise = nchw_to_nhwc(&noise, shape4);
+    let g = gpu();
+    let mut outs = Vec::new();
+    let mut weights = Vec::new();
+    for src in [&f32_src, &f16_src] {
+        let schedule =
+            SamplingSchedule::new(&src.scheduler, SamplerKind::Ddim, 10, None, 0.0).unwrap();
+        let mut sampler = Sampler::new(
+            &g,
+            &src.config,
+            schedule,
+            shape4[0],
+            &SamplerOptions::default(),
+        )
+        .unwrap();
+        let w = src.weights(&sampler.unet.params).unwrap();
+        sampler.set_weights(&w).unwrap();
+        weights.push(w);
+        let given = Noise::Given {
+            initial: &noise,
+            steps: None,
+        };
+        outs.push(sampler.sample_batch(0, &given, None, &mut |_| {}).unwrap());
+    }
+    let (w32, w16) = (&weights[0], &weights[1]);
+    let mut rounded = 0;
+    for (a, b) in w32.iter().zip(w16) {
+        assert!(
+            (a - b).abs() <= a.abs() / 2048.0 + 6e-8,
+            "an fp16 weight {b} is not the rounding of {a}"
+        );
+        rounded += (a != b) as usize;
+    }
+    assert!(rounded > w32.len() / 2, "the fp16 file holds f32 values?");
+    let diff = outs[0]
+        .iter()
+        .zip(&outs[1])
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    eprintln!("fp16 weights vs f32: max |image difference| {diff:.3e} (DDIM 10)");
+    assert!(diff <= 0.1, "fp16 weights moved the samples by {diff}");
+}
