@@ -808,6 +808,22 @@ impl LossLog {
                 })
                 .map_err(|e| anyhow!("GPU error while reading the loss back: {e}"))?;
         }
+        // The map callback runs in a later maintenance pass than the one that saw the copy
+        // finish when the process is starved of CPU: wait for everything queued, a few times,
+        // before calling the readback failed.
+        for _ in 0..3 {
+            if p.ready.load(Ordering::Acquire) {
+                break;
+            }
+            trainer
+                .gpu
+                .device
+                .poll(wgpu::PollType::Wait {
+                    submission_index: None,
+                    timeout: None,
+                })
+                .map_err(|e| anyhow!("GPU error while reading the loss back: {e}"))?;
+        }
         if !p.ready.load(Ordering::Acquire) {
             bail!("the loss readback of steps {}..={} failed", p.first, p.last);
         }
