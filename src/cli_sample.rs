@@ -674,6 +674,14 @@ pub fn plan(args: &SampleArgs) -> Result<SamplePlan> {
         args.no_ema,
     )?;
     latent_vae(args, &mut source)?;
+    if source.vae.is_some()
+        && source.scheduler.get("clip_sample") == Some(&serde_json::Value::Bool(true))
+    {
+        source.notes.push(format!(
+            "the scheduler config ({}) clips the x0 estimates to [-1, 1] (clip_sample true), which distorts a VAE's latents (they range wider): set \"clip_sample\": false there, as latent diffusion exports now write it",
+            source.scheduler_origin
+        ));
+    }
     let (c, s) = (source.config.out_channels, source.config.sample_size);
     let lowres = lowres_input(args, &source)?;
     let inpaint = read_inpaint(args, s, c)?;

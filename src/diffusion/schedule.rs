@@ -180,8 +180,10 @@ impl NoiseSchedule {
         }
     }
 
-    /// diffusers' scheduler_config.json for a DDPMScheduler with this schedule.
-    pub fn scheduler_config_json(&self, prediction: PredictionType) -> String {
+    /// diffusers' scheduler_config.json for a DDPMScheduler with this schedule. `clip_sample`
+    /// clamps the x0 estimates to [-1, 1]: right for images, wrong for a VAE's latents, which
+    /// range wider (Stable Diffusion's scheduler configs turn it off).
+    pub fn scheduler_config_json(&self, prediction: PredictionType, clip_sample: bool) -> String {
         serde_json::to_string_pretty(&serde_json::json!({
             "_class_name": "DDPMScheduler",
             "_diffusers_version": "0.31.0",
@@ -191,7 +193,7 @@ impl NoiseSchedule {
             "beta_schedule": self.beta_schedule.diffusers_name(),
             "trained_betas": null,
             "variance_type": "fixed_small",
-            "clip_sample": true,
+            "clip_sample": clip_sample,
             "clip_sample_range": 1.0,
             "prediction_type": prediction.diffusers_name(),
             "thresholding": false,

@@ -193,7 +193,7 @@ impl SchedulerConfig {
     /// and what sampling assumes for a model directory without a scheduler_config.json).
     pub fn ddpm_default() -> SchedulerConfig {
         let s = NoiseSchedule::new(BetaSchedule::Linear, 1000, 1e-4, 0.02).expect("default");
-        SchedulerConfig::from_json(&s.scheduler_config_json(PredictionType::Epsilon))
+        SchedulerConfig::from_json(&s.scheduler_config_json(PredictionType::Epsilon, true))
             .expect("default config")
     }
 

@@ -95,8 +95,9 @@ fn checkpoint_scheduler(
         f.beta_end,
     )
     .map_err(|e| anyhow!(e))?;
-    let scheduler = SchedulerConfig::from_json(&schedule.scheduler_config_json(f.prediction_type))
-        .map_err(|e| anyhow!(e))?;
+    let scheduler =
+        SchedulerConfig::from_json(&schedule.scheduler_config_json(f.prediction_type, true))
+            .map_err(|e| anyhow!(e))?;
     Ok((scheduler, f.ema))
 }
 

@@ -322,7 +322,8 @@ impl TrainConfig {
                 self.beta_start,
                 self.beta_end,
             )?
-            .scheduler_config_json(self.prediction_type)),
+            // A latent model's x0 is a scaled latent, not an image in [-1, 1]: no clipping.
+            .scheduler_config_json(self.prediction_type, self.vae.is_none())),
         }
     }
 

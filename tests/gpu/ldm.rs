@@ -172,6 +172,16 @@ fn latent_runs_resume_bit_identically_and_sample_images() {
     );
     let index = std::fs::read_to_string(whole.join("model/model_index.json")).unwrap();
     assert!(index.contains("AutoencoderKL"), "{index}");
+    // Latents range wider than [-1, 1]: the exported scheduler must not clip x0 to it.
+    for f in ["scheduler_config.json", "scheduler/scheduler_config.json"] {
+        let text = std::fs::read_to_string(whole.join("model").join(f)).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            v["clip_sample"],
+            serde_json::Value::Bool(false),
+            "model/{f}: {text}"
+        );
+    }
     for file in ["vae/config.json", "vae/diffusion_pytorch_model.safetensors"] {
         assert!(whole.join("model").join(file).is_file(), "model/{file}");
     }

@@ -441,7 +441,7 @@ fn bad_checkpoints_and_model_dirs_are_clear_errors() {
         &unet.config,
         store,
         &flat,
-        &schedule.scheduler_config_json(wgpu_diffusion::diffusion::PredictionType::Epsilon),
+        &schedule.scheduler_config_json(wgpu_diffusion::diffusion::PredictionType::Epsilon, true),
         &[],
     )
     .unwrap();
