@@ -98,8 +98,10 @@ pub struct TrainArgs {
     /// Clip the global gradient norm (0 = off) [default: 1.0]
     #[arg(long)]
     pub max_grad_norm: Option<f64>,
-    /// `edm`: train with EDM's preconditioning and noise distribution (Karras et al. 2022;
-    /// sampled with --sampler euler or heun) [default: ddpm]
+    /// `edm`: EDM's preconditioning and noise distribution (Karras et al. 2022; sampled with
+    /// --sampler euler or heun); `ve-sde`: denoising score matching of the variance-exploding
+    /// SDE with a fourier U-Net (Song et al. 2021; sampled with --sampler pc or ode)
+    /// [default: ddpm]
     #[arg(long, value_enum)]
     pub objective: Option<crate::diffusion::Objective>,
     /// EDM's σ_data, the data's standard deviation (--objective edm) [default: 0.5]
