@@ -63,6 +63,58 @@ pub struct KarrasSigmas {
     pub heun: bool,
 }
 
+/// The evaluations of Euler or Heun over `sigmas` (σ_0 … σ_n, σ_n = 0): per step i one
+/// evaluation at σ_i (Heun: saving its half), and Heun's correction at σ_{i+1} except after the
+/// last step, whose σ_{i+1} is 0. `eval(step, at, dt, stage)` builds the evaluation at σ_at.
+fn sigma_steps(
+    sigmas: &[f32],
+    heun: bool,
+    mut eval: impl FnMut(usize, usize, f32, SigmaStage) -> ModelEval,
+) -> Vec<ModelEval> {
+    let steps = sigmas.len() - 1;
+    let mut evals = Vec::new();
+    for i in 0..steps {
+        let dt = sigmas[i + 1] - sigmas[i];
+        let stage = if heun {
+            SigmaStage::HeunFirst
+        } else {
+            SigmaStage::Euler
+        };
+        evals.push(eval(i, i, dt, stage));
+        if heun && i + 1 < steps {
+            evals.push(eval(i, i + 1, dt, SigmaStage::HeunSecond));
+        }
+    }
+    evals
+}
+
+/// The settings of a score-based model's sampler (EDM or VE-SDE): the beta-schedule fields
+/// unused, no clipping, the objective's own settings attached.
+fn score_settings(
+    kind: SamplerKind,
+    num_train_timesteps: usize,
+    prediction_type: PredictionType,
+    edm: Option<EdmSettings>,
+    ve: Option<VeSettings>,
+) -> ResolvedScheduler {
+    ResolvedScheduler {
+        kind,
+        num_train_timesteps,
+        beta_start: 0.0,
+        beta_end: 0.0,
+        beta_schedule: super::BetaSchedule::Linear,
+        prediction_type,
+        clip_sample: false,
+        clip_sample_range: 1.0,
+        timestep_spacing: TimestepSpacing::Linspace,
+        steps_offset: 0,
+        set_alpha_to_one: true,
+        variance_type: VarianceType::FixedSmall,
+        edm,
+        ve,
+    }
+}
+
 /// An EDM model's samplers on the σs of eq. 5: diffusers' `EDMEulerScheduler`, or the EDM
 /// paper's Heun (Karras et al. 2022, Algorithm 1 with S_churn = 0, NVlabs `edm_sampler`).
 /// Each evaluation sees c_in·x at timestep c_noise = ¼ ln σ, and D = c_skip·x + c_out·F is the
@@ -166,22 +218,13 @@ impl VeSde {
             SamplerKind::Pc
         };
         Ok(SamplingSchedule {
-            settings: ResolvedScheduler {
+            settings: score_settings(
                 kind,
-                num_train_timesteps: ve.num_train_timesteps,
-                beta_start: 0.0,
-                beta_end: 0.0,
-                beta_schedule: super::BetaSchedule::Linear,
-                prediction_type: PredictionType::Epsilon,
-                clip_sample: false,
-                clip_sample_range: 1.0,
-                timestep_spacing: TimestepSpacing::Linspace,
-                steps_offset: 0,
-                set_alpha_to_one: true,
-                variance_type: VarianceType::FixedSmall,
-                edm: None,
-                ve: Some(*ve),
-            },
+                ve.num_train_timesteps,
+                PredictionType::Epsilon,
+                None,
+                Some(*ve),
+            ),
             num_inference_steps: steps,
             init_noise_sigma: ve.sigma_max as f32,
             timesteps: evals.iter().map(|e| e.timestep).collect(),
@@ -354,26 +397,9 @@ impl SamplerFamily for KarrasSigmas {
                 alpha_prev: 0.0,
             }
         };
-        let mut evals = Vec::new();
-        for i in 0..steps {
-            let (sigma, next) = (sigmas[i], sigmas[i + 1]);
-            let stage = if self.heun {
-                SigmaStage::HeunFirst
-            } else {
-                SigmaStage::Euler
-            };
-            evals.push(eval(i, ts[i], sigma, next - sigma, stage));
-            // Heun's correction at σ_next (none after the last step, whose σ_next = 0).
-            if self.heun && i + 1 < steps {
-                evals.push(eval(
-                    i,
-                    ts[i + 1],
-                    next,
-                    next - sigma,
-                    SigmaStage::HeunSecond,
-                ));
-            }
-        }
+        let evals = sigma_steps(&sigmas, self.heun, |step, at, dt, stage| {
+            eval(step, ts[at], sigmas[at], dt, stage)
+        });
         FamilySteps {
             evals,
             init_noise_sigma,
@@ -430,19 +456,9 @@ impl EdmSigmas {
                 alpha_prev: 0.0,
             }
         };
-        let mut evals = Vec::new();
-        for i in 0..steps {
-            let (sigma, next) = (sigmas[i], sigmas[i + 1]);
-            let stage = if self.heun {
-                SigmaStage::HeunFirst
-            } else {
-                SigmaStage::Euler
-            };
-            evals.push(eval(i, sigma, next - sigma, stage));
-            if self.heun && i + 1 < steps {
-                evals.push(eval(i, next, next - sigma, SigmaStage::HeunSecond));
-            }
-        }
+        let evals = sigma_steps(&sigmas, self.heun, |step, at, dt, stage| {
+            eval(step, sigmas[at], dt, stage)
+        });
         let init_noise_sigma = if self.heun {
             edm.sigma_max
         } else {
@@ -454,22 +470,13 @@ impl EdmSigmas {
             SamplerKind::Euler
         };
         Ok(SamplingSchedule {
-            settings: ResolvedScheduler {
+            settings: score_settings(
                 kind,
-                num_train_timesteps: edm.num_train_timesteps,
-                beta_start: 0.0,
-                beta_end: 0.0,
-                beta_schedule: super::BetaSchedule::Linear,
-                prediction_type: edm.prediction,
-                clip_sample: false,
-                clip_sample_range: 1.0,
-                timestep_spacing: TimestepSpacing::Linspace,
-                steps_offset: 0,
-                set_alpha_to_one: true,
-                variance_type: VarianceType::FixedSmall,
-                edm: Some(*edm),
-                ve: None,
-            },
+                edm.num_train_timesteps,
+                edm.prediction,
+                Some(*edm),
+                None,
+            ),
             num_inference_steps: steps,
             init_noise_sigma,
             timesteps: evals.iter().map(|e| e.timestep).collect(),

@@ -38,6 +38,29 @@ fn samples_of(op: &str, t: &Tensor) -> OpResult<(usize, usize)> {
     Ok((b, t.numel() / b))
 }
 
+/// The shapes of a noised-input op (EDM's, the VE-SDE's): x0, noise, input and target alike,
+/// one σ per sample, the outputs apart from everything; returns the values per sample.
+fn check_noised(
+    op: &str,
+    x0: &Tensor,
+    noise: &Tensor,
+    sigmas: &Tensor,
+    input: &Tensor,
+    target: &Tensor,
+) -> OpResult<usize> {
+    let (b, per) = samples_of(op, x0)?;
+    expect_numel(op, "noise", noise, x0.numel())?;
+    expect_numel(op, "input", input, x0.numel())?;
+    expect_numel(op, "target", target, x0.numel())?;
+    expect_numel(op, "sigmas", sigmas, b)?;
+    expect_distinct(op, input, target)?;
+    for t in [x0, noise, sigmas] {
+        expect_distinct(op, t, input)?;
+        expect_distinct(op, t, target)?;
+    }
+    Ok(per)
+}
+
 /// target = √ᾱ_t·noise − √(1−ᾱ_t)·x0 per sample (timesteps u32 [B]).
 pub fn v_target(
     rec: &mut Recorder,
@@ -160,16 +183,7 @@ pub fn edm_noised(
     target: &Tensor,
 ) -> OpResult {
     const OP: &str = "edm_noised";
-    let (b, per) = samples_of(OP, x0)?;
-    expect_numel(OP, "noise", noise, x0.numel())?;
-    expect_numel(OP, "input", input, x0.numel())?;
-    expect_numel(OP, "target", target, x0.numel())?;
-    expect_numel(OP, "sigmas", sigmas, b)?;
-    expect_distinct(OP, input, target)?;
-    for t in [x0, noise, sigmas] {
-        expect_distinct(OP, t, input)?;
-        expect_distinct(OP, t, target)?;
-    }
+    let per = check_noised(OP, x0, noise, sigmas, input, target)?;
     if !(sigma_data.is_finite() && sigma_data > 0.0) {
         return Err(invalid(format!(
             "{OP}: σ_data must be finite and > 0, is {sigma_data}"
@@ -245,16 +259,7 @@ pub fn ve_noised(
     target: &Tensor,
 ) -> OpResult {
     const OP: &str = "ve_noised";
-    let (b, per) = samples_of(OP, x0)?;
-    expect_numel(OP, "noise", noise, x0.numel())?;
-    expect_numel(OP, "input", input, x0.numel())?;
-    expect_numel(OP, "target", target, x0.numel())?;
-    expect_numel(OP, "sigmas", sigmas, b)?;
-    expect_distinct(OP, input, target)?;
-    for t in [x0, noise, sigmas] {
-        expect_distinct(OP, t, input)?;
-        expect_distinct(OP, t, target)?;
-    }
+    let per = check_noised(OP, x0, noise, sigmas, input, target)?;
     let p = DiffusionParams {
         n: u32_of(OP, "n", x0.numel())?,
         per_sample: per as u32,

@@ -137,3 +137,54 @@ pub fn run_cli(args: &[&str]) -> (bool, String) {
     assert!(!stderr.contains("panicked"), "the CLI panicked:\n{stderr}");
     (out.status.success(), stderr)
 }
+
+/// Relative L2 distance ‖ours − reference‖ / ‖reference‖ (in f64).
+pub fn rel_l2(ours: &[f32], reference: &[f32]) -> f64 {
+    let num: f64 = ours
+        .iter()
+        .zip(reference)
+        .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
+        .sum();
+    let den: f64 = reference.iter().map(|b| (*b as f64).powi(2)).sum();
+    (num / den.max(1e-300)).sqrt()
+}
+
+/// Every parameter gradient of `store` (flat `grads`) against `reference(name)`: relative L2
+/// ≤ 1e-3; attention `to_k.bias`, analytically zero (softmax is shift-invariant along keys),
+/// max |g| ≤ 1e-6·max(1, max |reference|); a parameter without a reference (a frozen one)
+/// must have no gradient at all. Returns the worst (name, relative L2), for the log.
+pub fn assert_param_grads(
+    store: &wgpu_diffusion::nn::ParamStore,
+    grads: &[f32],
+    reference: impl Fn(&str) -> Option<Vec<f32>>,
+) -> (String, f64) {
+    let mut worst = (String::new(), 0.0f64);
+    for (spec, ours) in store.unflatten(grads) {
+        let Some(r) = reference(&spec.name) else {
+            assert!(
+                ours.iter().all(|&v| v == 0.0),
+                "grad.{}: a parameter without a reference gradient (frozen) got one",
+                spec.name
+            );
+            continue;
+        };
+        if spec.name.ends_with("to_k.bias") {
+            let m = ours.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let scale = r.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+            assert!(m <= 1e-6 * scale, "grad.{}: max |g| {m:e}", spec.name);
+            continue;
+        }
+        let e = rel_l2(ours, &r);
+        if e > worst.1 {
+            worst = (spec.name.clone(), e);
+        }
+        assert!(
+            e <= 1e-3,
+            "grad.{}: rel L2 {e:e}; ours[..4] {:?} ref[..4] {:?}",
+            spec.name,
+            &ours[..4.min(ours.len())],
+            &r[..4.min(r.len())]
+        );
+    }
+    worst
+}

@@ -28,15 +28,6 @@ fn fixture_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/edm")
 }
 
-fn rel_l2(ours: &[f32], reference: &[f32]) -> f64 {
-    let (mut num, mut den) = (0.0f64, 0.0f64);
-    for (a, b) in ours.iter().zip(reference) {
-        num += ((a - b) as f64).powi(2);
-        den += (*b as f64).powi(2);
-    }
-    (num / den.max(1e-30)).sqrt()
-}
-
 #[test]
 fn edm_kernels_match_reference() {
     let g = gpu();
@@ -191,27 +182,9 @@ fn edm_training_step_matches_pytorch() {
         );
         assert!(el <= 1e-4, "loss {l} vs {loss_ref}");
         let grads = read(&g, &store.grads);
-        let mut worst = (String::new(), 0.0f64);
-        for (spec, ours) in store.unflatten(&grads) {
-            let reference = res.get(&format!("train.grad.{}", spec.name)).unwrap().1;
-            if spec.name.ends_with("to_k.bias") {
-                // Analytically zero (softmax is shift-invariant along keys).
-                let m = ours.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-                assert!(m <= 1e-6, "grad.{}: max |g| {m:e}", spec.name);
-                continue;
-            }
-            let e = rel_l2(ours, &reference);
-            if e > worst.1 {
-                worst = (spec.name.clone(), e);
-            }
-            assert!(
-                e <= 1e-3,
-                "grad.{}: rel L2 {e:e}; ours[..4] {:?} ref[..4] {:?}",
-                spec.name,
-                &ours[..4.min(ours.len())],
-                &reference[..4.min(reference.len())]
-            );
-        }
+        let worst = assert_param_grads(store, &grads, |name| {
+            Some(res.get(&format!("train.grad.{name}")).unwrap().1)
+        });
         eprintln!("  worst gradient rel L2 {:.3e} ({})", worst.1, worst.0);
     }
 }

@@ -61,16 +61,6 @@ fn nchw_to_nhwc(v: &[f32], shape: &[usize]) -> Vec<f32> {
     out
 }
 
-fn rel_l2(ours: &[f32], reference: &[f32]) -> f64 {
-    let num: f64 = ours
-        .iter()
-        .zip(reference)
-        .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
-        .sum();
-    let den: f64 = reference.iter().map(|b| (*b as f64).powi(2)).sum();
-    (num / den.max(1e-300)).sqrt()
-}
-
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f64 {
     a.iter()
         .zip(b)

@@ -44,16 +44,6 @@ fn to_nchw(v: &[f32], [b, h, w, c]: [usize; 4]) -> Vec<f32> {
     wgpu_diffusion::sample::nhwc_to_nchw(v, [b, h, w, c])
 }
 
-fn rel_l2(ours: &[f32], reference: &[f32]) -> f64 {
-    let num: f64 = ours
-        .iter()
-        .zip(reference)
-        .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
-        .sum();
-    let den: f64 = reference.iter().map(|b| (*b as f64).powi(2)).sum();
-    (num / den.max(1e-300)).sqrt()
-}
-
 fn check(what: &str, ours: &[f32], reference: &[f32], bound: f64) {
     assert_eq!(ours.len(), reference.len(), "{what}: length");
     let e = rel_l2(ours, reference);
