@@ -8,6 +8,7 @@
 use serde_json::Value;
 
 use super::PredictionType;
+use super::schedule::{MAX_TRAIN_TIMESTEPS, count_key, positive_key};
 
 /// EDM's training noise: ln σ ~ N(P_mean, P_std²) (Table 1).
 pub const P_MEAN: f64 = -1.2;
@@ -66,17 +67,7 @@ impl EdmSettings {
     /// settings we do not implement refused by name.
     pub fn from_scheduler_keys(get: &dyn Fn(&str) -> Option<Value>) -> Result<Self, String> {
         let d = EdmSettings::default();
-        let num = |k: &str, default: f64| -> Result<f64, String> {
-            match get(k) {
-                None => Ok(default),
-                Some(v) => v
-                    .as_f64()
-                    .filter(|x| x.is_finite() && *x > 0.0)
-                    .ok_or_else(|| {
-                        format!("scheduler key `{k}` must be a positive number, is {v}")
-                    }),
-            }
-        };
+        let num = |k: &str, default: f64| positive_key(get, k, default);
         let text = |k: &str, ok: &[&str]| -> Result<Option<String>, String> {
             match get(k) {
                 None => Ok(None),
@@ -99,14 +90,12 @@ impl EdmSettings {
             sigma_data: num("sigma_data", d.sigma_data)?,
             rho: num("rho", d.rho)?,
             prediction,
-            num_train_timesteps: match get("num_train_timesteps") {
-                None => d.num_train_timesteps,
-                Some(v) => v.as_u64().filter(|&t| t >= 1).ok_or_else(|| {
-                    format!(
-                        "scheduler key `num_train_timesteps` must be a positive integer, is {v}"
-                    )
-                })? as usize,
-            },
+            num_train_timesteps: count_key(
+                get,
+                "num_train_timesteps",
+                d.num_train_timesteps,
+                1..=MAX_TRAIN_TIMESTEPS as u64,
+            )?,
         };
         if s.sigma_min >= s.sigma_max {
             return Err(format!(

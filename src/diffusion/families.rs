@@ -169,14 +169,8 @@ impl VeSde {
             .map(|&l| (l as f64).exp() as f32)
             .collect();
         let eval = |noise_key: usize, sigma: f32, update: VeUpdate, adds_noise: bool| ModelEval {
-            timestep: sigma,
-            input_scale: 1.0,
-            update: Update::Ve(update),
             adds_noise,
-            step: noise_key,
-            known: None,
-            renoise_before: Vec::new(),
-            alpha_prev: 0.0,
+            ..ModelEval::new(noise_key, sigma, 1.0, Update::Ve(update))
         };
         let mut evals = Vec::new();
         for (i, &t) in ts.iter().enumerate() {
@@ -378,27 +372,17 @@ impl SamplerFamily for KarrasSigmas {
             TimestepSpacing::Leading => (max_sigma * max_sigma + 1.0).sqrt(),
         };
         let scale = |s: f32| 1.0 / (s * s + 1.0).sqrt();
-        let eval = |step: usize, t: f32, sigma: f32, dt: f32, stage: SigmaStage| {
-            let (a, s) = sigma_space_x0(p, sigma);
-            ModelEval {
-                timestep: t,
-                input_scale: scale(sigma),
-                update: Update::Sigma {
-                    a,
-                    s,
-                    sigma,
-                    dt,
-                    stage,
-                },
-                adds_noise: false,
-                step,
-                known: None,
-                renoise_before: Vec::new(),
-                alpha_prev: 0.0,
-            }
-        };
         let evals = sigma_steps(&sigmas, self.heun, |step, at, dt, stage| {
-            eval(step, ts[at], sigmas[at], dt, stage)
+            let sigma = sigmas[at];
+            let (a, s) = sigma_space_x0(p, sigma);
+            let update = Update::Sigma {
+                a,
+                s,
+                sigma,
+                dt,
+                stage,
+            };
+            ModelEval::new(step, ts[at], scale(sigma), update)
         });
         FamilySteps {
             evals,
@@ -436,28 +420,18 @@ impl EdmSigmas {
             ));
         }
         let sigmas: Vec<f32> = edm.karras_sigmas(steps).iter().map(|&s| s as f32).collect();
-        let eval = |step: usize, sigma: f32, dt: f32, stage: SigmaStage| {
+        let evals = sigma_steps(&sigmas, self.heun, |step, at, dt, stage| {
+            let sigma = sigmas[at];
             let p = edm.precondition(sigma as f64);
             let (a, s) = edm.x0_coefficients(sigma as f64);
-            ModelEval {
-                timestep: p.c_noise as f32,
-                input_scale: p.c_in as f32,
-                update: Update::Sigma {
-                    a,
-                    s,
-                    sigma,
-                    dt,
-                    stage,
-                },
-                adds_noise: false,
-                step,
-                known: None,
-                renoise_before: Vec::new(),
-                alpha_prev: 0.0,
-            }
-        };
-        let evals = sigma_steps(&sigmas, self.heun, |step, at, dt, stage| {
-            eval(step, sigmas[at], dt, stage)
+            let update = Update::Sigma {
+                a,
+                s,
+                sigma,
+                dt,
+                stage,
+            };
+            ModelEval::new(step, p.c_noise as f32, p.c_in as f32, update)
         });
         let init_noise_sigma = if self.heun {
             edm.sigma_max

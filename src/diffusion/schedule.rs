@@ -64,6 +64,48 @@ impl PredictionType {
     }
 }
 
+/// The most training timesteps a schedule may have (diffusers' models use 1000).
+pub const MAX_TRAIN_TIMESTEPS: usize = 100_000;
+
+/// A scheduler config's key read through `get`: a finite positive number, or `default` when
+/// the key is absent (the score-based schedulers' settings).
+pub(crate) fn positive_key(
+    get: &dyn Fn(&str) -> Option<serde_json::Value>,
+    key: &str,
+    default: f64,
+) -> Result<f64, String> {
+    match get(key) {
+        None => Ok(default),
+        Some(v) => v
+            .as_f64()
+            .filter(|x| x.is_finite() && *x > 0.0)
+            .ok_or_else(|| format!("scheduler key `{key}` must be a positive number, is {v}")),
+    }
+}
+
+/// A scheduler config's key read through `get`: an integer in `range`, or `default` when absent.
+pub(crate) fn count_key(
+    get: &dyn Fn(&str) -> Option<serde_json::Value>,
+    key: &str,
+    default: usize,
+    range: std::ops::RangeInclusive<u64>,
+) -> Result<usize, String> {
+    match get(key) {
+        None => Ok(default),
+        Some(v) => v
+            .as_u64()
+            .filter(|x| range.contains(x))
+            .map(|x| x as usize)
+            .ok_or_else(|| {
+                format!(
+                    "scheduler key `{key}` must be an integer in {}..={}, is {v}",
+                    range.start(),
+                    range.end()
+                )
+            }),
+    }
+}
+
 /// torch.linspace(start, end, steps, dtype=float32): torch computes the step in the input
 /// precision and fills the first half forwards from `start`, the second half backwards from
 /// `end` (aten/src/ATen/native/cpu/RangeFactoriesKernel.cpp).

@@ -22,6 +22,7 @@
 use serde_json::Value;
 
 use super::edm::EdmSettings;
+pub use super::schedule::MAX_TRAIN_TIMESTEPS;
 use super::ve::VeSettings;
 use super::{BetaSchedule, NoiseSchedule, PredictionType};
 
@@ -115,9 +116,6 @@ pub enum VarianceType {
 pub struct SchedulerConfig {
     keys: serde_json::Map<String, Value>,
 }
-
-/// The most training timesteps a schedule may have (diffusers' models use 1000).
-pub const MAX_TRAIN_TIMESTEPS: usize = 100_000;
 
 impl SchedulerConfig {
     /// Parses a scheduler_config.json. Settings that change the computation and that we do not
@@ -523,6 +521,21 @@ pub enum SigmaStage {
 }
 
 impl ModelEval {
+    /// An evaluation that draws no noise and touches no known region (the σ-space and
+    /// score-based samplers'): step `step`, the U-Net at `timestep` on x·`input_scale`.
+    pub fn new(step: usize, timestep: f32, input_scale: f32, update: Update) -> ModelEval {
+        ModelEval {
+            timestep,
+            input_scale,
+            update,
+            adds_noise: false,
+            step,
+            known: None,
+            renoise_before: Vec::new(),
+            alpha_prev: 0.0,
+        }
+    }
+
     /// The 8 constants the kernels of this evaluation read: the update's, the known-region
     /// coefficients (inpainting) in slots 5 and 6, the model-input scale in slot 7.
     pub fn kernel_coeffs(&self) -> [f32; 8] {

@@ -8,6 +8,8 @@
 
 use serde_json::Value;
 
+use super::schedule::{MAX_TRAIN_TIMESTEPS, count_key, positive_key};
+
 /// What a VE-SDE model and its sampler agree on (`ScoreSdeVeScheduler`'s config).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct VeSettings {
@@ -45,43 +47,19 @@ impl VeSettings {
     /// Reads a `ScoreSdeVeScheduler` config: every key it has, defaults for the absent ones.
     pub fn from_scheduler_keys(get: &dyn Fn(&str) -> Option<Value>) -> Result<Self, String> {
         let d = VeSettings::default();
-        let num = |k: &str, default: f64| -> Result<f64, String> {
-            match get(k) {
-                None => Ok(default),
-                Some(v) => v
-                    .as_f64()
-                    .filter(|x| x.is_finite() && *x > 0.0)
-                    .ok_or_else(|| {
-                        format!("scheduler key `{k}` must be a positive number, is {v}")
-                    }),
-            }
-        };
-        let count = |k: &str, default: usize| -> Result<usize, String> {
-            match get(k) {
-                None => Ok(default),
-                Some(v) => v
-                    .as_u64()
-                    .map(|x| x as usize)
-                    .filter(|&x| x <= 1000)
-                    .ok_or_else(|| {
-                        format!("scheduler key `{k}` must be an integer in 0..=1000, is {v}")
-                    }),
-            }
-        };
+        let num = |k: &str, default: f64| positive_key(get, k, default);
         let s = VeSettings {
             sigma_min: num("sigma_min", d.sigma_min)?,
             sigma_max: num("sigma_max", d.sigma_max)?,
             snr: num("snr", d.snr)?,
             sampling_eps: num("sampling_eps", d.sampling_eps)?,
-            correct_steps: count("correct_steps", d.correct_steps)?,
-            num_train_timesteps: match get("num_train_timesteps") {
-                None => d.num_train_timesteps,
-                Some(v) => v.as_u64().filter(|&t| t >= 1).ok_or_else(|| {
-                    format!(
-                        "scheduler key `num_train_timesteps` must be a positive integer, is {v}"
-                    )
-                })? as usize,
-            },
+            correct_steps: count_key(get, "correct_steps", d.correct_steps, 0..=1000)?,
+            num_train_timesteps: count_key(
+                get,
+                "num_train_timesteps",
+                d.num_train_timesteps,
+                1..=MAX_TRAIN_TIMESTEPS as u64,
+            )?,
         };
         if s.sigma_min >= s.sigma_max {
             return Err(format!(
