@@ -1,5 +1,5 @@
 //! EDM (Karras et al. 2022) against PyTorch + diffusers and NVlabs' formulas
-//! (`tools/make_edm_fixtures.py`, fixtures in `tests/fixtures/edm/`: a small random UNet2DModel
+//! (`tools/make_score_fixtures.py`, fixtures in `tests/fixtures/edm/`: a small random UNet2DModel
 //! and the `scheduler_config.json` of an `EDMEulerScheduler`, both saved by diffusers):
 //!
 //! * the kernels `edm_sigmas` / `edm_noised` against their f64 references on odd shapes
