@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use crate::diffusion::{BetaSchedule, PredictionType};
+use crate::dist::World;
 use crate::gpu::{GemmPathChoice, Gpu, GpuOptions};
 use crate::nn::UNetConfig;
 use crate::progress::ConsoleProgress;
@@ -383,11 +384,53 @@ pub fn run(mut opts: GpuOptions, args: &TrainArgs) -> anyhow::Result<()> {
         // U-Net, is refused before the GPU starts.
         crate::train::check_new_run(&cfg)?;
     }
-    let gpu = Gpu::new(&opts)?;
-    eprintln!("adapter: {}", gpu.describe());
-    let stop = stop_on_interrupt()?;
-    let mut progress = TrainProgress::new();
-    let summary = crate::train::run(gpu, cfg, args.resume.as_deref(), stop, &mut progress)?;
+    let world = std::rc::Rc::new(World::from_environment()?);
+    if !world.is_parallel() {
+        let gpu = Gpu::new(&opts)?;
+        eprintln!("adapter: {}", gpu.describe());
+        let stop = stop_on_interrupt()?;
+        let mut progress = TrainProgress::new();
+        let summary = crate::train::run(gpu, cfg, args.resume.as_deref(), stop, &mut progress)?;
+        return report_end(&summary);
+    }
+    // Data parallel under an MPI launcher: each rank takes its host's adapter by local rank;
+    // rank 0 reports progress. An error on any rank ends the whole job (MPI_Abort), so no rank
+    // waits forever in a collective.
+    opts.local_rank = world.local_rank();
+    let (rank, ranks) = (world.rank(), world.size());
+    let result = Gpu::new(&opts)
+        .map_err(anyhow::Error::from)
+        .and_then(|gpu| {
+            eprintln!(
+                "rank {rank} of {ranks} (local rank {} of {}): adapter {}",
+                world.local_rank(),
+                world.local_size(),
+                gpu.describe()
+            );
+            let stop = stop_on_interrupt()?;
+            let mut progress = TrainProgress::new();
+            progress.quiet = !world.is_root();
+            crate::train::run_ranks(
+                gpu,
+                cfg,
+                args.resume.as_deref(),
+                stop,
+                &mut progress,
+                world.clone(),
+            )
+        });
+    match result {
+        Ok(summary) if world.is_root() => report_end(&summary),
+        Ok(_) => Ok(()),
+        Err(e) => {
+            eprintln!("error (rank {rank} of {ranks}): {e:#}");
+            world.abort(1)
+        }
+    }
+}
+
+/// The last line of a run: where it stopped or finished.
+fn report_end(summary: &crate::train::RunSummary) -> anyhow::Result<()> {
     eprintln!(
         "{} at step {}: {}",
         if summary.interrupted {
@@ -403,6 +446,8 @@ pub fn run(mut opts: GpuOptions, args: &TrainArgs) -> anyhow::Result<()> {
 
 /// Training's progress: the console bar (or log lines) with the loss, learning rate and speed.
 pub struct TrainProgress {
+    /// Data-parallel ranks other than 0 print nothing (rank 0 speaks for the job).
+    pub quiet: bool,
     console: ConsoleProgress,
     last_loss: Option<f32>,
     last_ips: f64,
@@ -411,6 +456,7 @@ pub struct TrainProgress {
 impl TrainProgress {
     pub fn new() -> TrainProgress {
         TrainProgress {
+            quiet: false,
             console: ConsoleProgress::new("step", ""),
             last_loss: None,
             last_ips: 0.0,
@@ -426,12 +472,18 @@ impl Default for TrainProgress {
 
 impl Progress for TrainProgress {
     fn start(&mut self, first_step: u64, total: u64) {
+        if self.quiet {
+            return;
+        }
         self.console.start(first_step, total);
         self.console
             .println(&format!("training steps {}..={total}", first_step + 1));
     }
 
     fn update(&mut self, step: u64, loss: Option<f32>, lr: f64, images_per_s: f64) {
+        if self.quiet {
+            return;
+        }
         if loss.is_some() {
             self.last_loss = loss;
             self.last_ips = images_per_s;
@@ -448,10 +500,16 @@ impl Progress for TrainProgress {
     }
 
     fn message(&mut self, text: &str) {
+        if self.quiet {
+            return;
+        }
         self.console.println(text);
     }
 
     fn finish(&mut self) {
+        if self.quiet {
+            return;
+        }
         self.console.finish();
     }
 }

@@ -7,6 +7,8 @@ pub mod cli_train;
 pub mod cli_vae;
 pub mod data;
 pub mod diffusion;
+/// The ranks of a data-parallel job (MPI with the `mpi` feature under a launcher; one rank otherwise).
+pub mod dist;
 pub mod gpu;
 pub mod io;
 pub mod metrics;

@@ -33,6 +33,7 @@ impl DeviceArgs {
             backend: self.backend,
             adapter: self.adapter.clone(),
             gemm_path: Some(self.gemm_path),
+            ..Default::default()
         }
     }
 }

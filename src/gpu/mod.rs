@@ -148,6 +148,9 @@ pub struct GpuOptions {
     pub backend: BackendChoice,
     /// Case-insensitive substring of the adapter name.
     pub adapter: Option<String>,
+    /// A data-parallel rank's place on its host: with several adapters of the best kind (four
+    /// discrete GPUs, say), local rank r takes the r-th of them (modulo their number).
+    pub local_rank: usize,
     /// Force a GEMM path instead of choosing it from the adapter.
     pub gemm_path: Option<GemmPathChoice>,
 }
@@ -327,9 +330,15 @@ impl Gpu {
             adapters.retain(|a| a.get_info().name.to_lowercase().contains(&f));
         }
         adapters.sort_by_key(|a| adapter_rank(&a.get_info()));
+        // Only adapters of the best kind are shared out among a host's ranks: one discrete GPU
+        // beside lavapipe serves every rank rather than sending one rank to the CPU.
+        if let Some(best) = adapters.first().map(|a| adapter_rank(&a.get_info())) {
+            adapters.retain(|a| adapter_rank(&a.get_info()) == best);
+        }
+        let pick = opts.local_rank % adapters.len().max(1);
         let adapter = adapters
             .into_iter()
-            .next()
+            .nth(pick)
             .ok_or_else(|| GpuError::NoAdapter {
                 backend: opts.backend,
                 filter: opts

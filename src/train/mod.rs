@@ -16,6 +16,7 @@ pub use trainer::Trainer;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -25,6 +26,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use crate::data::{Dataset, Loader};
 use crate::diffusion::Objective;
 use crate::diffusion::scheduler::{SamplerKind, SamplingSchedule, SchedulerConfig};
+use crate::dist::World;
 use crate::gpu::Gpu;
 use crate::io::atomic::atomic_write;
 use crate::io::model_dir::{CLASS_NAMES, MODEL_WEIGHTS, save_model_dir};
@@ -262,11 +264,18 @@ fn last_checkpoint(dir: &Path) -> Result<(Option<PathBuf>, u64, Option<String>)>
 }
 
 /// The run folder of a new run (refused when it holds a run) or of a resumed one, with its last
-/// checkpoint read.
-fn open_run(cfg: &TrainConfig, resume: Option<&Path>) -> Result<(RunDir, Option<LoadedTensors>)> {
+/// checkpoint read. Only rank 0 (`writer`) checks a new run's folder: it alone writes there.
+fn open_run(
+    cfg: &TrainConfig,
+    resume: Option<&Path>,
+    writer: bool,
+) -> Result<(RunDir, Option<LoadedTensors>)> {
     let Some(dir) = resume else {
         let root = cfg.out.clone().unwrap_or_else(default_run_dir);
         let rd = RunDir { root: root.clone() };
+        if !writer {
+            return Ok((rd, None));
+        }
         // A folder left by a run that failed or was killed before its first checkpoint and
         // first logged loss holds nothing to resume: it is free.
         let has_metrics = std::fs::metadata(rd.metrics()).is_ok_and(|m| m.len() > 0);
@@ -398,11 +407,12 @@ fn start_trainer(
     cfg: &TrainConfig,
     (model, vae): (&UNetConfig, Option<&LatentVae>),
     checkpoint: Option<&LoadedTensors>,
-    class_names: Vec<String>,
+    (class_names, world): (Vec<String>, Rc<World>),
     progress: &mut dyn Progress,
 ) -> Result<Trainer> {
-    let mut trainer =
-        gpu.checked_build(|| Trainer::with_vae(gpu.clone(), cfg.clone(), model, vae))?;
+    let mut trainer = gpu.checked_build(|| {
+        Trainer::data_parallel(gpu.clone(), cfg.clone(), model, vae, world.clone())
+    })?;
     trainer.class_names = class_names;
     match checkpoint {
         Some(ck) => {
@@ -424,6 +434,8 @@ fn start_trainer(
             ))?,
         },
     }
+    // Data parallel: every rank starts from rank 0's state.
+    trainer.broadcast_state()?;
     Ok(trainer)
 }
 
@@ -530,12 +542,26 @@ fn with_resume_hint(e: anyhow::Error, gpu: &Gpu, run_dir: &RunDir) -> anyhow::Er
 /// returns cleanly. A resumed run that is already finished is an error (nothing is written).
 pub fn run(
     gpu: Arc<Gpu>,
-    mut cfg: TrainConfig,
+    cfg: TrainConfig,
     resume: Option<&Path>,
     stop: Arc<AtomicBool>,
     progress: &mut dyn Progress,
 ) -> Result<RunSummary> {
-    let (run_dir, checkpoint) = open_run(&cfg, resume)?;
+    run_ranks(gpu, cfg, resume, stop, progress, Rc::new(World::single()))
+}
+
+/// [`run`] as one rank of `world`: with several ranks each trains on its share of every step's
+/// micro-batches and rank 0 alone writes the run folder (checkpoints, samples, metrics, export).
+pub fn run_ranks(
+    gpu: Arc<Gpu>,
+    mut cfg: TrainConfig,
+    resume: Option<&Path>,
+    stop: Arc<AtomicBool>,
+    progress: &mut dyn Progress,
+    world: Rc<World>,
+) -> Result<RunSummary> {
+    let writer = world.is_root();
+    let (run_dir, checkpoint) = open_run(&cfg, resume, writer)?;
     let mut model = match &checkpoint {
         Some(ck) => {
             let meta = ck.metadata();
@@ -569,19 +595,28 @@ pub fn run(
         &cfg,
         (&model, vae.as_ref()),
         checkpoint.as_ref(),
-        class_names,
+        (class_names, world.clone()),
         progress,
     )?;
-    let mut sampler = grid_sampler(&gpu, &cfg, &model, vae.as_ref())?;
+    let mut sampler = match writer {
+        true => grid_sampler(&gpu, &cfg, &model, vae.as_ref())?,
+        false => None,
+    };
 
-    write_run_files(&run_dir, &cfg, &trainer, vae.as_ref())?;
+    if writer {
+        write_run_files(&run_dir, &cfg, &trainer, vae.as_ref())?;
+    }
     let grid_lowres = grid_lowres(&model, &data);
+    let ranks = match world.size() {
+        1 => String::new(),
+        n => format!(" x {n} ranks"),
+    };
     progress.message(&format!(
-        "model: {} parameters, batch {} x {} accumulation, {} dispatches per step",
+        "model: {} parameters, batch {} x {} accumulation{ranks}, {} dispatches per step",
         trainer.unet.params.count(),
         cfg.batch_size,
         cfg.grad_accum,
-        trainer.step_plan.dispatch_count()
+        trainer.step_dispatches()
     ));
     train_loop(
         &gpu,
@@ -619,20 +654,14 @@ fn train_loop(
         cfg.seed,
         trainer.data_position,
     );
-    // Rows past the checkpoint's step (written before a kill or a stop that lost them) and a
-    // torn last row are dropped, so a resumed run never logs a step twice.
-    let mut history: Vec<(u64, f32)> =
-        truncate_metrics(&run_dir.metrics(), trainer.step).context("metrics.jsonl")?;
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(run_dir.metrics())
-        .with_context(|| format!("opening {}", run_dir.metrics().display()))?;
+    let writer = trainer.world.is_root();
+    let (mut history, mut metrics) = open_metrics(trainer, run_dir)?;
     let mut losses = LossLog {
         pending: None,
         next_first: trainer.step + 1,
         window_start: (trainer.step, Instant::now()),
         run_start: Instant::now(),
+        first_step: trainer.step,
     };
     let mut inflight: std::collections::VecDeque<wgpu::SubmissionIndex> = Default::default();
     let mut interrupted = false;
@@ -663,10 +692,13 @@ fn train_loop(
 
         // Losses, read back asynchronously: a finished readback is recorded as soon as it is
         // seen; at each window's end the previous one is waited for, so no step is ever lost.
-        if losses
-            .pending
-            .as_ref()
-            .is_some_and(|p| p.ready.load(Ordering::Acquire))
+        // (Data-parallel ranks average their losses, a collective: only at the windows' ends,
+        // which every rank reaches at the same step.)
+        if !trainer.world.is_parallel()
+            && losses
+                .pending
+                .as_ref()
+                .is_some_and(|p| p.ready.load(Ordering::Acquire))
         {
             losses.finish(trainer, &mut history, &mut metrics, progress)?;
         }
@@ -686,13 +718,13 @@ fn train_loop(
             // Every loss up to the checkpoint is checked and logged first: a checkpoint never
             // follows a non-finite loss, and a run resumed from it has no gap in metrics.jsonl.
             losses.drain(trainer, &mut history, &mut metrics, progress)?;
-            save_checkpoint(trainer, model, run_dir, progress)?;
+            checkpoint_all_ranks(trainer, model, run_dir, progress)?;
         }
     }
     // Drain the last window and the steps after it (a run need not end on a window's end):
     // every loss is checked before the final checkpoint is written.
     losses.drain(trainer, &mut history, &mut metrics, progress)?;
-    save_checkpoint(trainer, model, run_dir, progress)?;
+    checkpoint_all_ranks(trainer, model, run_dir, progress)?;
     if let Some(sampler) = sampler
         && !interrupted
     {
@@ -705,8 +737,10 @@ fn train_loop(
             progress,
         )?;
     }
-    plot::loss_plot(&history, &run_dir.root.join("loss.png"))?;
-    if !interrupted {
+    if writer {
+        plot::loss_plot(&history, &run_dir.root.join("loss.png"))?;
+    }
+    if !interrupted && writer {
         let marker = serde_json::json!({ "step": trainer.step }).to_string();
         atomic_write(&run_dir.finished_marker(), marker.as_bytes())?;
     }
@@ -719,17 +753,45 @@ fn train_loop(
     })
 }
 
+/// (step, loss) of every logged step.
+type LossHistory = Vec<(u64, f32)>;
+
+/// The run's loss history so far and metrics.jsonl opened for appending (rank 0; other ranks
+/// write nothing). Rows past the checkpoint's step (written before a kill or a stop that lost
+/// them) and a torn last row are dropped, so a resumed run never logs a step twice.
+fn open_metrics(
+    trainer: &Trainer,
+    run_dir: &RunDir,
+) -> Result<(LossHistory, Option<std::fs::File>)> {
+    if !trainer.world.is_root() {
+        return Ok((Vec::new(), None));
+    }
+    let history = truncate_metrics(&run_dir.metrics(), trainer.step).context("metrics.jsonl")?;
+    let metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(run_dir.metrics())
+        .with_context(|| format!("opening {}", run_dir.metrics().display()))?;
+    Ok((history, Some(metrics)))
+}
+
 /// The micro-batches of one optimizer step, and their labels for a class-conditional model.
+/// Every rank draws all N·A micro-batches of the step from the same stream and keeps its own A
+/// (r·A … r·A + A − 1), so the ranks together see what one process with N·A would.
 fn next_batches(
     loader: &Loader,
     trainer: &mut Trainer,
     grad_accum: usize,
 ) -> (Vec<Vec<f32>>, Vec<Vec<u32>>) {
-    let (batches, labels): (Vec<Vec<f32>>, Vec<Vec<u32>>) = (0..grad_accum)
-        .map(|_| {
+    let first = trainer.world.rank() * grad_accum;
+    let all = grad_accum * trainer.world.size();
+    let (batches, labels): (Vec<Vec<f32>>, Vec<Vec<u32>>) = (0..all)
+        .filter_map(|i| {
             let b = loader.next();
             trainer.data_position = b.position;
-            (b.data, b.labels)
+            (first..first + grad_accum)
+                .contains(&i)
+                .then_some((b.data, b.labels))
         })
         .unzip();
     if trainer.unet.class_labels.is_some() {
@@ -747,6 +809,8 @@ struct LossLog {
     /// (last step, time) of the last window recorded, for images/s.
     window_start: (u64, Instant),
     run_start: Instant,
+    /// The step the run (or this resumed part of it) started from.
+    first_step: u64,
 }
 
 struct PendingLosses {
@@ -776,7 +840,7 @@ impl LossLog {
         &mut self,
         trainer: &Trainer,
         history: &mut Vec<(u64, f32)>,
-        metrics: &mut std::fs::File,
+        metrics: &mut Option<std::fs::File>,
         progress: &mut dyn Progress,
     ) -> Result<()> {
         self.finish(trainer, history, metrics, progress)?;
@@ -792,7 +856,7 @@ impl LossLog {
         &mut self,
         trainer: &Trainer,
         history: &mut Vec<(u64, f32)>,
-        metrics: &mut std::fs::File,
+        metrics: &mut Option<std::fs::File>,
         progress: &mut dyn Progress,
     ) -> Result<()> {
         let Some(p) = self.pending.take() else {
@@ -830,7 +894,9 @@ impl LossLog {
         let slots = trainer.read_losses()?;
         let cfg = &trainer.cfg;
         let now = Instant::now();
-        let images = (p.last - self.window_start.0) * (cfg.batch_size * cfg.grad_accum) as u64;
+        // The whole job's images: every rank's micro-batches.
+        let per_step = cfg.batch_size * cfg.grad_accum * trainer.world.size();
+        let images = (p.last - self.window_start.0) * per_step as u64;
         let ips = images as f64
             / now
                 .duration_since(self.window_start.1)
@@ -846,16 +912,37 @@ impl LossLog {
                 );
             }
             history.push((s, loss));
-            writeln!(
-                metrics,
-                "{}",
-                serde_json::json!({"step": s, "loss": loss, "lr": cfg.lr_at(s), "img_per_s": ips, "elapsed_s": self.run_start.elapsed().as_secs_f64()})
-            )?;
+            if let Some(metrics) = metrics.as_mut() {
+                let mut row = serde_json::json!({"step": s, "loss": loss, "lr": cfg.lr_at(s), "img_per_s": ips, "elapsed_s": self.run_start.elapsed().as_secs_f64()});
+                if trainer.world.is_parallel() {
+                    // Seconds per step in the gradient readback, all-reduce and upload.
+                    let steps = (trainer.step - self.first_step).max(1) as f64;
+                    row["ranks"] = trainer.world.size().into();
+                    row["comm_s_per_step"] = (trainer.comm_seconds / steps).into();
+                }
+                writeln!(metrics, "{row}")?;
+            }
             last_loss = Some(loss);
         }
         progress.update(p.last, last_loss, cfg.lr_at(p.last), ips);
         Ok(())
     }
+}
+
+/// A checkpoint of a run on any number of ranks: the ranks' parameters are compared first (a
+/// divergence stops the run before it is saved), rank 0 writes, the others wait for it.
+fn checkpoint_all_ranks(
+    trainer: &Trainer,
+    model: &UNetConfig,
+    run_dir: &RunDir,
+    progress: &mut dyn Progress,
+) -> Result<()> {
+    trainer.check_ranks_agree()?;
+    if trainer.world.is_root() {
+        save_checkpoint(trainer, model, run_dir, progress)?;
+    }
+    trainer.world.barrier();
+    Ok(())
 }
 
 fn save_checkpoint(

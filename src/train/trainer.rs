@@ -3,6 +3,7 @@
 //! and replayed with one submit; losses read back asynchronously; checkpoint contents.
 
 use std::collections::HashMap;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -11,6 +12,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use super::config::TrainConfig;
 use crate::diffusion::edm::{P_MEAN, P_STD};
 use crate::diffusion::{NoiseSchedule, PredictionType};
+use crate::dist::World;
 use crate::gpu::{Gpu, Plan, Recorder, Tensor};
 use crate::io::tensors::{LoadedTensors, serialize_named};
 use crate::nn::{ParamStore, UNet, UNetConfig};
@@ -36,6 +38,9 @@ pub struct StepProfile {
     pub dispatches: Vec<(String, f64)>,
 }
 
+/// Gradient elements per all-reduce bucket (25 MB of f32), as PyTorch DDP's default.
+const ALL_REDUCE_BUCKET: usize = 25 * 1024 * 1024 / 4;
+
 /// Everything a step touches, allocated once.
 pub struct Trainer {
     pub gpu: Arc<Gpu>,
@@ -58,7 +63,14 @@ pub struct Trainer {
     pub exp_avg_sq: Tensor,
     loss_log: Tensor,
     staging: wgpu::Buffer,
-    pub(super) step_plan: Plan,
+    /// Per micro-batch: timesteps, noise, forward, loss, backward into the gradient buffer.
+    pub(super) grad_plan: Plan,
+    /// Clipping, AdamW and EMA from the (all-reduced) gradients.
+    update_plan: Plan,
+    /// The job's ranks: one, or MPI's world (gradients summed across ranks between the plans).
+    pub world: Rc<World>,
+    /// Seconds spent reading back, all-reducing and writing the gradients, summed over steps.
+    pub comm_seconds: f64,
     adam: AdamwConfig,
     ema_cfg: EmaConfig,
     /// Optimizer steps done.
@@ -241,13 +253,14 @@ fn record_noised_input(
     }
 }
 
-/// Records micro-batch `i`'s loss (MSE to ε, x0 or v, min-SNR weighted when asked) into
-/// `loss` and the gradient of the accumulated mean into the U-Net's output gradient.
+/// Records a micro-batch's loss (MSE to ε, x0 or v, min-SNR weighted when asked) into
+/// `loss` and the gradient of the mean over the step's `micro_batches` (all ranks' together)
+/// into the U-Net's output gradient.
 fn record_loss(
     rec: &mut Recorder,
     unet: &UNet,
     s: &StepScratch,
-    cfg: &TrainConfig,
+    (cfg, micro_batches): (&TrainConfig, usize),
     x0: &Tensor,
     loss: &Tensor,
 ) -> OpResult {
@@ -274,7 +287,7 @@ fn record_loss(
         min_snr_weights(rec, &s.timesteps, acp, gamma, cfg.prediction_type, w)?;
     }
     mse_loss(rec, &unet.output.value, target, weights, loss)?;
-    let scale = 1.0 / cfg.grad_accum as f32;
+    let scale = 1.0 / micro_batches as f32;
     mse_backward(
         rec,
         &unet.output.value,
@@ -320,6 +333,52 @@ fn record_optimizer_update(
     Ok(())
 }
 
+/// Records the step's gradient plan: the gradient buffer cleared, then for each of this rank's
+/// micro-batches (global index `first + local` of the step's `total`, all ranks counted) its
+/// labels, the latent encoding, the noised input, forward, loss and backward.
+fn record_gradient_plan(
+    gpu: &Arc<Gpu>,
+    (unet, scratch, cfg): (&UNet, &StepScratch, &TrainConfig),
+    latent: Option<&LatentCodec>,
+    (x0, labels, losses): (&[Tensor], &[Tensor], &[Tensor]),
+    (first, total): (usize, usize),
+    num_train_timesteps: usize,
+) -> Result<Plan> {
+    let rng_state = &unet.rng_state;
+    let image_shape = unet.output.shape().to_vec();
+    let mut rec = gpu.recorder();
+    rec.clear(&unet.params.grads);
+    for (local, x0_i) in x0.iter().enumerate() {
+        let i = first + local;
+        unet.set_micro_batch(i as u32);
+        if let (Some(dst), Some(src)) = (&unet.class_labels, labels.get(local)) {
+            rec.copy(src, dst)?;
+        }
+        let x0_i = match latent {
+            Some(codec) => {
+                let z = gpu.tensor(&image_shape, &format!("latent x0 {i}"));
+                let offset = (i * codec.vae.eps.numel()) as u32;
+                codec.record_encode(&mut rec, x0_i, rng_state, offset, &z)?;
+                z
+            }
+            None => x0_i.clone(),
+        };
+        record_noised_input(
+            &mut rec,
+            unet,
+            scratch,
+            rng_state,
+            &x0_i,
+            i,
+            num_train_timesteps,
+        )?;
+        unet.forward(&mut rec)?;
+        record_loss(&mut rec, unet, scratch, (cfg, total), &x0_i, &losses[local])?;
+        unet.backward(&mut rec)?;
+    }
+    Ok(rec.finish())
+}
+
 impl Trainer {
     /// Allocates everything a step touches and records the step once: per micro-batch the
     /// noised input, forward, loss and backward; then clipping, AdamW and EMA.
@@ -335,6 +394,21 @@ impl Trainer {
         cfg: TrainConfig,
         model: &UNetConfig,
         vae: Option<&LatentVae>,
+    ) -> Result<Trainer> {
+        Self::data_parallel(gpu, cfg, model, vae, Rc::new(World::single()))
+    }
+
+    /// [`Trainer::with_vae`] as one rank of a data-parallel job. With N ranks and A =
+    /// `grad_accum` micro-batches each, a step has N·A micro-batches; rank r records micro-batches
+    /// r·A … r·A + A − 1 with exactly the RNG offsets (noise, timesteps, dropout, label dropout,
+    /// VAE ε) one process with `grad_accum` N·A gives them, and the loss gradient is scaled by
+    /// 1/(N·A). The gradients are summed across ranks between the gradient and update plans.
+    pub fn data_parallel(
+        gpu: Arc<Gpu>,
+        cfg: TrainConfig,
+        model: &UNetConfig,
+        vae: Option<&LatentVae>,
+        world: Rc<World>,
     ) -> Result<Trainer> {
         cfg.validate()
             .map_err(|e| anyhow!("invalid training options: {e}"))?;
@@ -380,28 +454,15 @@ impl Trainer {
             mapped_at_creation: false,
         });
 
+        let grad_plan = record_gradient_plan(
+            &gpu,
+            (&unet, &scratch, &cfg),
+            latent.as_ref(),
+            (&x0, &labels, &losses),
+            (accum * world.rank(), accum * world.size()),
+            schedule.num_train_timesteps,
+        )?;
         let mut rec = gpu.recorder();
-        rec.clear(&unet.params.grads);
-        for (i, x0_i) in x0.iter().enumerate() {
-            unet.set_micro_batch(i as u32);
-            if let (Some(dst), Some(src)) = (&unet.class_labels, labels.get(i)) {
-                rec.copy(src, dst)?;
-            }
-            let x0_i = match &latent {
-                Some(codec) => {
-                    let z = gpu.tensor(&image_shape, &format!("latent x0 {i}"));
-                    let offset = (i * codec.vae.eps.numel()) as u32;
-                    codec.record_encode(&mut rec, x0_i, &rng_state, offset, &z)?;
-                    z
-                }
-                None => x0_i.clone(),
-            };
-            let t_train = schedule.num_train_timesteps;
-            record_noised_input(&mut rec, &unet, &scratch, &rng_state, &x0_i, i, t_train)?;
-            unet.forward(&mut rec)?;
-            record_loss(&mut rec, &unet, &scratch, &cfg, &x0_i, &losses[i])?;
-            unet.backward(&mut rec)?;
-        }
         let state = OptimizerState {
             hyper: &hyper,
             ema: &ema,
@@ -409,7 +470,8 @@ impl Trainer {
             exp_avg_sq: &exp_avg_sq,
         };
         record_optimizer_update(&mut rec, &cfg, &unet.params, &state, &scratch.clip)?;
-        let step_plan = rec.finish();
+        let update_plan = rec.finish();
+
         let adam = AdamwConfig {
             beta1: cfg.adam_beta1,
             beta2: cfg.adam_beta2,
@@ -439,7 +501,10 @@ impl Trainer {
             exp_avg_sq,
             loss_log,
             staging,
-            step_plan,
+            grad_plan,
+            update_plan,
+            world,
+            comm_seconds: 0.0,
             adam,
             ema_cfg,
             step: 0,
@@ -451,20 +516,25 @@ impl Trainer {
     /// Per-kernel wall time of one step, summed by shader entry point, slowest first.
     /// FLOPs of one step's GEMMs and convolutions (2 per multiply-add).
     pub fn step_plan_flops(&self) -> f64 {
-        self.step_plan.flops()
+        self.grad_plan.flops() + self.update_plan.flops()
     }
 
     /// Dispatches (and copies) in one step.
     pub fn step_dispatches(&self) -> usize {
-        self.step_plan.dispatch_count()
+        self.grad_plan.dispatch_count() + self.update_plan.dispatch_count()
     }
 
     pub fn profile_step(&self) -> StepProfile {
         let mut by_entry: HashMap<String, (usize, f64)> = HashMap::new();
         let mut dispatches = Vec::new();
-        let records = self.step_plan.records();
-        for (i, secs) in self.step_plan.profile(&self.gpu) {
-            let r = &records[i];
+        let plans = [&self.grad_plan, &self.update_plan];
+        let timed = plans.iter().flat_map(|plan| {
+            let records = plan.records();
+            plan.profile(&self.gpu)
+                .into_iter()
+                .map(move |(i, secs)| (records[i].clone(), secs))
+        });
+        for (r, secs) in timed {
             let name = if r.kind == "dispatch" {
                 format!("{}::{}", r.shader, r.entry)
             } else {
@@ -485,6 +555,84 @@ impl Trainer {
             by_kernel,
             dispatches,
         }
+    }
+
+    /// Data parallel: submits the gradient plan in `enc`, reads the gradient buffer back, sums
+    /// it across ranks in rank order (`dist::World::sum_in_rank_order`), bucket by bucket from
+    /// the end of the buffer (the parameters whose gradients backward finishes first), and
+    /// uploads the sum for the update plan.
+    fn all_reduce_gradients(&mut self, enc: wgpu::CommandEncoder) -> Result<()> {
+        let submitted = self.gpu.submit_encoder(enc);
+        // The backward pass is compute: the communication time starts when it is done.
+        self.gpu
+            .device
+            .poll(wgpu::PollType::Wait {
+                submission_index: Some(submitted),
+                timeout: None,
+            })
+            .map_err(|e| anyhow!("GPU error in the backward pass: {e}"))?;
+        let start = std::time::Instant::now();
+        let grads = &self.unet.params.grads;
+        let mut flat = self.gpu.read(grads).context("reading the gradients back")?;
+        let len = flat.len();
+        let mut end = len;
+        while end > 0 {
+            let begin = end.saturating_sub(ALL_REDUCE_BUCKET);
+            self.world.sum_in_rank_order(&mut flat[begin..end]);
+            end = begin;
+        }
+        self.gpu.write(grads, &flat)?;
+        self.comm_seconds += start.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// Every rank's parameters, compared by fingerprint: an error names the ranks whose copy
+    /// differs from rank 0's (data-parallel ranks must stay bit-identical).
+    pub fn check_ranks_agree(&self) -> Result<()> {
+        if !self.world.is_parallel() {
+            return Ok(());
+        }
+        let params = self.gpu.read(&self.unet.params.params)?;
+        let all = self.world.gather_u64(crate::dist::fingerprint(&params));
+        let differ: Vec<usize> = (1..all.len()).filter(|&r| all[r] != all[0]).collect();
+        if !differ.is_empty() {
+            bail!(
+                "at step {}, the parameters of rank(s) {differ:?} differ from rank 0's (fingerprints {all:x?}): the ranks diverged (mixed GPU drivers or GEMM paths?); resume from the last checkpoint with the same adapters",
+                self.step
+            );
+        }
+        Ok(())
+    }
+
+    /// Gives every rank rank 0's parameters, EMA and AdamW moments (after initialisation or a
+    /// resume) and checks that they agree on the step and data position.
+    pub fn broadcast_state(&mut self) -> Result<()> {
+        if !self.world.is_parallel() {
+            return Ok(());
+        }
+        for t in [
+            &self.unet.params.params,
+            &self.ema,
+            &self.exp_avg,
+            &self.exp_avg_sq,
+        ] {
+            let mut flat = self.gpu.read(t)?;
+            self.world.broadcast_f32(&mut flat);
+            self.gpu.write(t, &flat)?;
+        }
+        let mut position = [self.step, self.data_position];
+        self.world.broadcast_u64(&mut position);
+        if position != [self.step, self.data_position] {
+            bail!(
+                "rank {} is at step {} (data position {}) but rank 0 at step {} ({}): every rank must resume the same run folder",
+                self.world.rank(),
+                self.step,
+                self.data_position,
+                position[0],
+                position[1]
+            );
+        }
+        Ok(())
     }
 
     /// Uploads initial weights (EMA starts equal to them).
@@ -527,6 +675,7 @@ impl Trainer {
                 .null_class
                 .unwrap_or(config.num_class_embeds.unwrap_or(0));
             let b = self.cfg.batch_size;
+            let first_micro_batch = self.world.rank() * self.labels.len();
             for (i, (t, l)) in self.labels.iter().zip(labels).enumerate() {
                 if l.len() != b || l.iter().any(|&c| c as usize >= real) {
                     bail!(
@@ -543,7 +692,7 @@ impl Trainer {
                                 self.cfg.seed,
                                 purpose::CLASS_DROP,
                                 step as u32,
-                                (i * b + k) as u32,
+                                ((first_micro_batch + i) * b + k) as u32,
                             );
                             if (word as f64) < self.cfg.cond_drop * 4_294_967_296.0 {
                                 null as u32
@@ -570,7 +719,19 @@ impl Trainer {
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("train step"),
             });
-        self.step_plan.encode(&mut enc);
+        self.grad_plan.encode(&mut enc);
+        if self.world.is_parallel() {
+            // Data parallel: the step's second submit starts from the gradients summed over
+            // every rank's micro-batches.
+            self.all_reduce_gradients(enc)?;
+            enc = self
+                .gpu
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("train step: update"),
+                });
+        }
+        self.update_plan.encode(&mut enc);
         let slot = ((step - 1) % self.cfg.log_every) as usize * self.losses.len();
         for (i, l) in self.losses.iter().enumerate() {
             enc.copy_buffer_to_buffer(
@@ -622,10 +783,18 @@ impl Trainer {
         drop(view);
         self.staging.unmap();
         let accum = self.losses.len();
-        Ok(all
+        let mut means: Vec<f32> = all
             .chunks(accum)
             .map(|c| c.iter().sum::<f32>() / accum as f32)
-            .collect())
+            .collect();
+        // Data parallel: the job's loss is the mean over every rank's micro-batches (a
+        // collective: every rank reads the same windows).
+        let ranks = self.world.size();
+        if ranks > 1 {
+            self.world.sum_in_rank_order(&mut means);
+            means.iter_mut().for_each(|m| *m /= ranks as f32);
+        }
+        Ok(means)
     }
 
     /// Everything needed to continue the run, as one safetensors file.

@@ -1052,3 +1052,24 @@ fn a_fourier_model_without_its_projection_weights_is_an_error() {
         &["time_proj.weight"],
     );
 }
+
+/// A binary built without the `mpi` feature, started by an MPI launcher as one of several
+/// ranks, refuses before the GPU (N copies would each train alone into the same folder).
+#[cfg(not(feature = "mpi"))]
+#[test]
+fn launched_as_several_ranks_without_mpi_is_an_error() {
+    let dir = scratch("mpi-less");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wgpu-diffusion"))
+        .args(["train", "--steps", "1", "--out", s(&dir.join("run"))])
+        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+        .env("OMPI_COMM_WORLD_SIZE", "2")
+        .output()
+        .expect("run wgpu-diffusion");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "should fail:\n{err}");
+    for needle in ["one of 2 processes", "--features mpi"] {
+        assert!(err.contains(needle), "expected `{needle}` in:\n{err}");
+    }
+    assert!(!err.contains("adapter:"), "opened the GPU first:\n{err}");
+    assert!(!dir.join("run").exists(), "left a run folder behind");
+}
