@@ -28,7 +28,10 @@ fn main() -> anyhow::Result<()> {
         2,
         false,
         false,
-        start,
+        (
+            start,
+            &std::rc::Rc::new(wgpu_diffusion::dist::World::single()),
+        ),
     )?;
     println!("{}", serde_json::to_string(&train)?);
     let sample = wgpu_diffusion::bench::sample_batches(

@@ -212,8 +212,20 @@ fn run(cli: Cli, process_start: std::time::Instant) -> anyhow::Result<()> {
             let vae = vae
                 .map(|d| wgpu_diffusion::sample::LatentVae::from_dir(&d))
                 .transpose()?;
-            let gpu = Gpu::new(&device.options())?;
-            eprintln!("adapter: {}", gpu.describe());
+            // Under mpirun the training bench measures the data-parallel job (rank 0 reports).
+            let world = std::rc::Rc::new(wgpu_diffusion::dist::World::from_environment()?);
+            let mut options = device.options();
+            options.local_rank = world.local_rank();
+            let gpu = Gpu::new(&options)?;
+            match world.is_parallel() {
+                true => eprintln!(
+                    "rank {} of {}: adapter {}",
+                    world.rank(),
+                    world.size(),
+                    gpu.describe()
+                ),
+                false => eprintln!("adapter: {}", gpu.describe()),
+            }
             if kernels {
                 wgpu_diffusion::bench::kernels(&gpu, reps.max(1), |r| {
                     println!("{}", serde_json::to_string(r).expect("serialize"));
@@ -239,9 +251,11 @@ fn run(cli: Cli, process_start: std::time::Instant) -> anyhow::Result<()> {
                     2,
                     minimal,
                     profile,
-                    process_start,
+                    (process_start, &world),
                 )?;
-                println!("{}", serde_json::to_string(&r)?);
+                if world.is_root() {
+                    println!("{}", serde_json::to_string(&r)?);
+                }
             }
             Ok(())
         }

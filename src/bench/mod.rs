@@ -3,11 +3,13 @@
 //! report CPU times and are unreliable), median of `reps` runs after a warm-up that also pays
 //! the driver's JIT compile.
 
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Result;
 
+use crate::dist::World;
 use crate::gpu::{Gpu, Plan};
 use crate::ops::conv2d::{
     Conv2dGeometry, ConvDims, conv_dims, conv2d_backward_input, conv2d_backward_weight,
@@ -302,6 +304,25 @@ pub struct TrainResult {
     pub timed_steps: usize,
     /// The machine's 1-minute load average when the timing ended (compare only quiet runs).
     pub loadavg: f64,
+    /// Under mpirun: the job's ranks and what data parallelism cost (absent for one process).
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub data_parallel: Option<DataParallelResult>,
+}
+
+/// What `bench` measures under `mpirun -np N` besides one rank's step.
+#[derive(serde::Serialize)]
+pub struct DataParallelResult {
+    pub ranks: usize,
+    /// Images per second of the whole job: N · batch / the median step.
+    pub job_img_per_s: f64,
+    /// Seconds per step spent reading the gradients back, all-reducing them across ranks and
+    /// uploading the sum (mean over the timed steps, rank 0).
+    pub comm_s_per_step: f64,
+    /// The same step on every rank at once without the all-reduce (each rank trains alone,
+    /// sharing the machine as in the job): what the job would take with free communication.
+    pub rank_compute_step_s: f64,
+    /// job_img_per_s / (N · batch / rank_compute_step_s): 1 when communication costs nothing.
+    pub scaling_efficiency: f64,
 }
 
 fn loadavg() -> f64 {
@@ -311,8 +332,68 @@ fn loadavg() -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+/// Times `steps` training steps (submit + wait each, after `warmup` steps) on one batch of
+/// random data; the step times, sorted.
+fn time_steps(
+    trainer: &mut crate::train::Trainer,
+    warmup: usize,
+    steps: usize,
+) -> Result<Vec<f64>> {
+    // A batch of data: images of the U-Net's size, or of a latent model's VAE.
+    let numel: usize = match &trainer.latent {
+        Some(codec) => codec.vae.sample.value.numel(),
+        None => trainer.unet.sample.shape().iter().product(),
+    };
+    let data: Vec<f32> = crate::rng::test_data(numel, 1)
+        .iter()
+        .map(|&v| v as f32)
+        .collect();
+    for _ in 0..warmup {
+        trainer.submit_step(std::slice::from_ref(&data), &[])?;
+        trainer.gpu.wait()?;
+    }
+    let mut times = Vec::new();
+    for _ in 0..steps {
+        let t = Instant::now();
+        trainer.submit_step(std::slice::from_ref(&data), &[])?;
+        trainer.gpu.wait()?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times)
+}
+
+/// Under mpirun: the job's step, timed on every rank at once, against `compute`, each rank's
+/// step without communication timed the same way (rank 0's figures are reported).
+fn data_parallel_cost(
+    gpu: &Arc<Gpu>,
+    cfg: &crate::train::TrainConfig,
+    (unet_cfg, vae): (&crate::nn::UNetConfig, Option<&LatentVae>),
+    world: &Rc<World>,
+    (steps, compute): (usize, f64),
+) -> Result<DataParallelResult> {
+    let mut trainer = gpu.checked_build(|| {
+        crate::train::Trainer::data_parallel(gpu.clone(), cfg.clone(), unet_cfg, vae, world.clone())
+    })?;
+    trainer.set_weights(&crate::nn::init::default_init(&trainer.unet.params, 0))?;
+    time_steps(&mut trainer, 2, 0)?;
+    trainer.comm_seconds = 0.0;
+    let job_times = time_steps(&mut trainer, 0, steps.max(1))?;
+    let job = job_times[job_times.len() / 2];
+    let ranks = world.size();
+    let batch = (cfg.batch_size * ranks) as f64;
+    Ok(DataParallelResult {
+        ranks,
+        job_img_per_s: batch / job,
+        comm_s_per_step: trainer.comm_seconds / job_times.len() as f64,
+        rank_compute_step_s: compute,
+        scaling_efficiency: compute / job,
+    })
+}
+
 /// Times whole training steps (submit + wait each, after `warmup` steps) on random data, then
-/// the sampling step at the same batch. `process_start` is when `main` began.
+/// the sampling step at the same batch. `process_start` is when `main` began. Under mpirun
+/// (`world` of several ranks) it adds what data parallelism costs ([`DataParallelResult`]).
 #[allow(clippy::too_many_arguments)]
 pub fn train_steps(
     gpu: &Arc<Gpu>,
@@ -322,7 +403,7 @@ pub fn train_steps(
     warmup: usize,
     minimal: bool,
     profile: bool,
-    process_start: Instant,
+    (process_start, world): (Instant, &Rc<World>),
 ) -> Result<TrainResult> {
     let mut cfg = crate::train::TrainConfig {
         model: model.to_string(),
@@ -338,33 +419,15 @@ pub fn train_steps(
         crate::train::Trainer::with_vae(gpu.clone(), cfg.clone(), &unet_cfg, vae)
     })?;
     trainer.set_weights(&crate::nn::init::default_init(&trainer.unet.params, 0))?;
-    // A batch of data: images of the U-Net's size, or of a latent model's VAE.
-    let numel: usize = match &trainer.latent {
-        Some(codec) => codec.vae.sample.value.numel(),
-        None => trainer.unet.sample.shape().iter().product(),
-    };
-    let data: Vec<f32> = crate::rng::test_data(numel, 1)
-        .iter()
-        .map(|&v| v as f32)
-        .collect();
-    trainer.submit_step(std::slice::from_ref(&data), &[])?;
-    gpu.wait()?;
+    time_steps(&mut trainer, 1, 0)?;
     let time_to_first_step_s = process_start.elapsed().as_secs_f64();
-    for _ in 0..warmup {
-        trainer.submit_step(std::slice::from_ref(&data), &[])?;
-        gpu.wait()?;
-    }
-    let mut times = Vec::new();
+    time_steps(&mut trainer, warmup, 0)?;
+    // Under mpirun every rank times its own step at once, sharing the machine as in the job.
+    world.barrier();
     let submits_before = gpu.submit_count();
-    for _ in 0..steps.max(1) {
-        let t = Instant::now();
-        trainer.submit_step(std::slice::from_ref(&data), &[])?;
-        gpu.wait()?;
-        times.push(t.elapsed().as_secs_f64());
-    }
+    let times = time_steps(&mut trainer, 0, steps.max(1))?;
     let submits_per_step = (gpu.submit_count() - submits_before) as f64 / times.len() as f64;
     let load = loadavg();
-    times.sort_by(f64::total_cmp);
     if profile {
         let prof = trainer.profile_step();
         let total: f64 = prof.by_kernel.iter().map(|p| p.2).sum();
@@ -393,6 +456,16 @@ pub fn train_steps(
     let flops = trainer.step_plan_flops();
     let dispatches = trainer.step_dispatches();
     drop(trainer);
+    let data_parallel = match world.is_parallel() {
+        true => Some(data_parallel_cost(
+            gpu,
+            &cfg,
+            (&unet_cfg, vae),
+            world,
+            (steps, times[times.len() / 2]),
+        )?),
+        false => None,
+    };
     // The sampling step: DDIM over 10 steps, per evaluation.
     let sample = sample_batches(
         gpu,
@@ -422,6 +495,7 @@ pub fn train_steps(
         time_to_first_step_s,
         timed_steps: times.len(),
         loadavg: load,
+        data_parallel,
     })
 }
 
