@@ -147,6 +147,10 @@ pub struct TrainArgs {
     /// Steps between loss readbacks and log lines [default: 10]
     #[arg(long)]
     pub log_every: Option<u64>,
+    /// Under mpirun: megabytes of gradients per all-reduce bucket, each reduced as soon as the
+    /// backward pass has finished it [default: 25]
+    #[arg(long)]
+    pub bucket_mb: Option<f64>,
     /// Run folder (default runs/run-<unix time>).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -233,7 +237,14 @@ impl TrainArgs {
             sample_steps,
             checkpoint_every
         );
-        set!(keep_checkpoints, log_every, cond_drop, task, scale);
+        set!(
+            keep_checkpoints,
+            log_every,
+            bucket_mb,
+            cond_drop,
+            task,
+            scale
+        );
         set!(objective, sigma_data);
         set!(hflip, strict, class_conditional);
         if self.model_config.is_some() {

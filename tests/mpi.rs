@@ -147,10 +147,25 @@ fn two_ranks_equal_one_process_accumulating_their_two_micro_batches_bit_for_bit(
     let dir = scratch("accum");
     let config = model_config(&dir, 0.1);
     let (ranks, accum) = (dir.join("ranks"), dir.join("accum"));
-    let log = run(2, &train_args(ranks.to_str().unwrap(), &config, "4", "4"));
+    // 0.1 MB buckets: tiny16's 2.8 MB of gradients in 27 buckets, most read back and reduced
+    // while the backward pass still runs (the overlapped path; the other tests use one bucket).
+    let mut job = train_args(ranks.to_str().unwrap(), &config, "4", "4");
+    job.extend(["--bucket-mb", "0.1"]);
+    let log = run(2, &job);
     assert!(
         log.contains("rank 0 of 2") && log.contains("rank 1 of 2"),
         "{log}"
+    );
+    let shape = log
+        .split("gradients all-reduced in ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no all-reduce line in:\n{log}"));
+    let count = |s: &str| -> usize { s.split(' ').next().unwrap().parse().unwrap() };
+    let buckets = count(shape);
+    let segments = count(shape.split("submitted in ").nth(1).unwrap());
+    assert!(
+        buckets >= 20 && segments >= 10,
+        "{buckets} buckets, {segments} segments:\n{log}"
     );
     let mut single = train_args(accum.to_str().unwrap(), &config, "4", "4");
     single.extend(["--grad-accum", "2"]);

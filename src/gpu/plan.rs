@@ -308,6 +308,7 @@ impl Recorder {
             mapped_at_creation: false,
         });
         self.gpu.queue.write_buffer(&params, 0, &self.params);
+        let bound = self.pending.iter().map(Pending::tensors).collect();
         let steps = self
             .pending
             .into_iter()
@@ -357,6 +358,7 @@ impl Recorder {
             .collect();
         Plan {
             steps,
+            bound,
             _params: params,
             records: self.records,
             flops: self.flops,
@@ -364,9 +366,30 @@ impl Recorder {
     }
 }
 
+impl Pending {
+    /// The buffer ranges the step binds or copies, read or written.
+    fn tensors(&self) -> Vec<Tensor> {
+        match self {
+            Pending::Dispatch(d) => d
+                .bindings
+                .iter()
+                .filter_map(|(_, b)| match b {
+                    Binding::Buffer(t) => Some(t.clone()),
+                    Binding::Texture(_) => None,
+                })
+                .collect(),
+            Pending::Clear(t) => vec![t.clone()],
+            Pending::CopyToTexture { src, .. } => vec![src.clone()],
+            Pending::CopyBuffer { src, dst } => vec![src.clone(), dst.clone()],
+        }
+    }
+}
+
 /// A recorded sequence of dispatches and copies, replayable any number of times.
 pub struct Plan {
     steps: Vec<Step>,
+    /// What each step binds or copies (`last_step_touching`).
+    bound: Vec<Vec<Tensor>>,
     _params: wgpu::Buffer,
     records: Vec<StepRecord>,
     flops: f64,
@@ -375,6 +398,28 @@ pub struct Plan {
 impl Plan {
     pub fn encode(&self, enc: &mut wgpu::CommandEncoder) {
         self.encode_steps(&self.steps, enc);
+    }
+
+    /// Encodes steps `range` only: a plan submitted in segments (a data-parallel step reads
+    /// each bucket of gradients back as soon as the segment that finishes it is done).
+    pub fn encode_range(&self, range: std::ops::Range<usize>, enc: &mut wgpu::CommandEncoder) {
+        self.encode_steps(&self.steps[range], enc);
+    }
+
+    /// Steps (dispatches and copies) in the plan.
+    pub fn step_count(&self) -> usize {
+        self.steps.len()
+    }
+
+    /// The last step that binds or copies any element of `t`, read or written: after it, `t`
+    /// holds its final values for this replay.
+    pub fn last_step_touching(&self, t: &Tensor) -> Option<usize> {
+        let end = t.offset() + t.numel();
+        self.bound.iter().rposition(|tensors| {
+            tensors.iter().any(|b| {
+                b.shares_buffer(t) && b.offset() < end && t.offset() < b.offset() + b.numel()
+            })
+        })
     }
 
     fn encode_steps(&self, steps: &[Step], enc: &mut wgpu::CommandEncoder) {

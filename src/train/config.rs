@@ -72,6 +72,9 @@ pub struct TrainConfig {
     pub keep_checkpoints: usize,
     /// Steps between loss readbacks / log lines.
     pub log_every: u64,
+    /// Data parallel (mpirun): megabytes of gradients per all-reduce bucket; each bucket is
+    /// read back and reduced as soon as the backward pass has finished it.
+    pub bucket_mb: f64,
     pub out: Option<PathBuf>,
     /// A folder of images instead of the embedded MNIST.
     pub data: Option<PathBuf>,
@@ -136,6 +139,7 @@ impl Default for TrainConfig {
             checkpoint_every: 500,
             keep_checkpoints: 3,
             log_every: 10,
+            bucket_mb: 25.0,
             out: None,
             data: None,
             hflip: false,
@@ -182,6 +186,12 @@ impl TrainConfig {
         at_least_one("grad_accum", self.grad_accum as u64)?;
         at_least_one("checkpoint_every", self.checkpoint_every)?;
         at_least_one("log_every", self.log_every)?;
+        if !(self.bucket_mb.is_finite() && self.bucket_mb >= 0.001 && self.bucket_mb <= 4096.0) {
+            return Err(format!(
+                "bucket_mb must be between 0.001 and 4096 (megabytes of gradients per all-reduce bucket), is {}",
+                self.bucket_mb
+            ));
+        }
         at_least_one("keep_checkpoints", self.keep_checkpoints as u64)?;
         // The loss log holds one window on the GPU.
         if self.log_every > 100_000 {

@@ -3,6 +3,7 @@
 //! asynchronously, a background data thread, seeded DDIM sample grids, atomic checkpoints and
 //! resume. The step itself lives in [`trainer`], the run folder in [`run_dir`].
 
+mod all_reduce;
 pub mod config;
 pub mod plot;
 pub mod run_dir;
@@ -422,6 +423,18 @@ fn start_trainer(
                 ck.path.display(),
                 trainer.step
             ));
+            let ranks = trainer.world.size();
+            let was: usize = ck
+                .metadata()
+                .get("ranks")
+                .and_then(|r| r.parse().ok())
+                .unwrap_or(1);
+            if was != ranks {
+                progress.message(&format!(
+                    "note: the run was trained on {was} rank(s) and continues on {ranks}: each step now takes {ranks}·{} micro-batches (the effective batch changes; the steps after this one differ from a run that kept {was})",
+                    cfg.grad_accum
+                ));
+            }
         }
         None => match &cfg.init {
             Some(dir) => {
@@ -607,9 +620,12 @@ pub fn run_ranks(
         write_run_files(&run_dir, &cfg, &trainer, vae.as_ref())?;
     }
     let grid_lowres = grid_lowres(&model, &data);
-    let ranks = match world.size() {
-        1 => String::new(),
-        n => format!(" x {n} ranks"),
+    let ranks = match (world.size(), trainer.all_reduce_shape()) {
+        (n, Some((buckets, segments))) => format!(
+            " x {n} ranks (gradients all-reduced in {buckets} bucket(s) of at most {} MB, the backward pass submitted in {segments} segment(s))",
+            cfg.bucket_mb
+        ),
+        _ => String::new(),
     };
     progress.message(&format!(
         "model: {} parameters, batch {} x {} accumulation{ranks}, {} dispatches per step",

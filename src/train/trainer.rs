@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result, anyhow, bail};
 
+use super::all_reduce::GradExchange;
 use super::config::TrainConfig;
 use crate::diffusion::edm::{P_MEAN, P_STD};
 use crate::diffusion::{NoiseSchedule, PredictionType};
@@ -37,9 +38,6 @@ pub struct StepProfile {
     /// (entry with its bindings and workgroups, seconds), largest first.
     pub dispatches: Vec<(String, f64)>,
 }
-
-/// Gradient elements per all-reduce bucket (25 MB of f32), as PyTorch DDP's default.
-const ALL_REDUCE_BUCKET: usize = 25 * 1024 * 1024 / 4;
 
 /// Everything a step touches, allocated once.
 pub struct Trainer {
@@ -71,6 +69,8 @@ pub struct Trainer {
     pub world: Rc<World>,
     /// Seconds spent reading back, all-reducing and writing the gradients, summed over steps.
     pub comm_seconds: f64,
+    /// Data parallel: the gradient buckets, read back and all-reduced as backward finishes them.
+    exchange: Option<GradExchange>,
     adam: AdamwConfig,
     ema_cfg: EmaConfig,
     /// Optimizer steps done.
@@ -471,6 +471,9 @@ impl Trainer {
         };
         record_optimizer_update(&mut rec, &cfg, &unet.params, &state, &scratch.clip)?;
         let update_plan = rec.finish();
+        let exchange = world
+            .is_parallel()
+            .then(|| GradExchange::new(&gpu, &unet.params.grads, &grad_plan, cfg.bucket_mb));
 
         let adam = AdamwConfig {
             beta1: cfg.adam_beta1,
@@ -505,6 +508,7 @@ impl Trainer {
             update_plan,
             world,
             comm_seconds: 0.0,
+            exchange,
             adam,
             ema_cfg,
             step: 0,
@@ -557,33 +561,9 @@ impl Trainer {
         }
     }
 
-    /// Data parallel: submits the gradient plan in `enc`, reads the gradient buffer back, sums
-    /// it across ranks in rank order (`dist::World::sum_in_rank_order`), bucket by bucket from
-    /// the end of the buffer (the parameters whose gradients backward finishes first), and
-    /// uploads the sum for the update plan.
-    fn all_reduce_gradients(&mut self, enc: wgpu::CommandEncoder) -> Result<()> {
-        let submitted = self.gpu.submit_encoder(enc);
-        // The backward pass is compute: the communication time starts when it is done.
-        self.gpu
-            .device
-            .poll(wgpu::PollType::Wait {
-                submission_index: Some(submitted),
-                timeout: None,
-            })
-            .map_err(|e| anyhow!("GPU error in the backward pass: {e}"))?;
-        let start = std::time::Instant::now();
-        let grads = &self.unet.params.grads;
-        let mut flat = self.gpu.read(grads).context("reading the gradients back")?;
-        let len = flat.len();
-        let mut end = len;
-        while end > 0 {
-            let begin = end.saturating_sub(ALL_REDUCE_BUCKET);
-            self.world.sum_in_rank_order(&mut flat[begin..end]);
-            end = begin;
-        }
-        self.gpu.write(grads, &flat)?;
-        self.comm_seconds += start.elapsed().as_secs_f64();
-        Ok(())
+    /// Data parallel: (gradient buckets, segments the gradient plan is submitted in).
+    pub fn all_reduce_shape(&self) -> Option<(usize, usize)> {
+        self.exchange.as_ref().map(GradExchange::shape)
     }
 
     /// Every rank's parameters, compared by fingerprint: an error names the ranks whose copy
@@ -719,17 +699,16 @@ impl Trainer {
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("train step"),
             });
-        self.grad_plan.encode(&mut enc);
-        if self.world.is_parallel() {
-            // Data parallel: the step's second submit starts from the gradients summed over
-            // every rank's micro-batches.
-            self.all_reduce_gradients(enc)?;
-            enc = self
-                .gpu
-                .device
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                    label: Some("train step: update"),
-                });
+        match self.exchange.as_mut() {
+            // Data parallel: the gradient plan goes in segments, the gradients are summed over
+            // every rank's micro-batches as backward finishes them, and the update plan's
+            // submit starts from the sum (src/train/all_reduce.rs).
+            Some(exchange) => {
+                let grads = &self.unet.params.grads;
+                self.comm_seconds +=
+                    exchange.run(&self.gpu, &self.grad_plan, grads, &self.world)?;
+            }
+            None => self.grad_plan.encode(&mut enc),
         }
         self.update_plan.encode(&mut enc);
         let slot = ((step - 1) % self.cfg.log_every) as usize * self.losses.len();
@@ -829,6 +808,8 @@ impl Trainer {
             meta.insert("vae_config".into(), codec.vae.config.to_json());
         }
         meta.insert("gemm_path".into(), self.gpu.gemm_path.to_string());
+        // Data parallel: the ranks the step's micro-batches were spread over.
+        meta.insert("ranks".into(), self.world.size().to_string());
         let kernels: Vec<String> = self
             .gpu
             .kernels
