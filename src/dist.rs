@@ -193,6 +193,13 @@ pub fn fingerprint(values: &[f32]) -> u64 {
     })
 }
 
+/// The ranks whose fingerprint (one per rank, in rank order) differs from rank 0's.
+pub fn ranks_differing_from_root(fingerprints: &[u64]) -> Vec<usize> {
+    (1..fingerprints.len())
+        .filter(|&r| fingerprints[r] != fingerprints[0])
+        .collect()
+}
+
 #[cfg(feature = "mpi")]
 mod mpi_world {
     use mpi::datatype::{Partition, PartitionMut};
@@ -301,6 +308,13 @@ mod tests {
         assert_eq!(v, vec![1.5, -2.0, 3.25]);
         assert_eq!(w.gather_u64(7), vec![7]);
         assert!(w.is_root() && !w.is_parallel());
+    }
+
+    #[test]
+    fn diverged_ranks_are_named() {
+        assert!(ranks_differing_from_root(&[5, 5, 5]).is_empty());
+        assert_eq!(ranks_differing_from_root(&[5, 6, 5, 7]), vec![1, 3]);
+        assert!(ranks_differing_from_root(&[9]).is_empty());
     }
 
     #[test]

@@ -142,6 +142,16 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli, process_start: std::time::Instant) -> anyhow::Result<()> {
+    // Only `train` and `bench` spread work over ranks: N copies of any other command would do
+    // the same work N times and write the same files.
+    let data_parallel = matches!(cli.command, Command::Train { .. } | Command::Bench { .. });
+    if let Some(n) = wgpu_diffusion::dist::launcher_world_size().filter(|&n| n > 1)
+        && !data_parallel
+    {
+        anyhow::bail!(
+            "started by an MPI launcher as one of {n} processes: only `train` and `bench` run data-parallel; run this command without mpirun"
+        );
+    }
     match cli.command {
         Command::Devices { backend, json } => {
             let adapters = list_adapters(backend);

@@ -574,7 +574,7 @@ impl Trainer {
         }
         let params = self.gpu.read(&self.unet.params.params)?;
         let all = self.world.gather_u64(crate::dist::fingerprint(&params));
-        let differ: Vec<usize> = (1..all.len()).filter(|&r| all[r] != all[0]).collect();
+        let differ = crate::dist::ranks_differing_from_root(&all);
         if !differ.is_empty() {
             bail!(
                 "at step {}, the parameters of rank(s) {differ:?} differ from rank 0's (fingerprints {all:x?}): the ranks diverged (mixed GPU drivers or GEMM paths?); resume from the last checkpoint with the same adapters",

@@ -1073,3 +1073,20 @@ fn launched_as_several_ranks_without_mpi_is_an_error() {
     assert!(!err.contains("adapter:"), "opened the GPU first:\n{err}");
     assert!(!dir.join("run").exists(), "left a run folder behind");
 }
+
+/// Commands that do not spread over ranks refuse to run as N copies under a launcher.
+#[test]
+fn only_train_and_bench_run_under_an_mpi_launcher() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wgpu-diffusion"))
+        .args(["sample", "--model", "nowhere", "--out", "nowhere.png"])
+        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+        .env("PMI_SIZE", "4")
+        .output()
+        .expect("run wgpu-diffusion");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "should fail:\n{err}");
+    assert!(
+        err.contains("one of 4 processes") && err.contains("only `train` and `bench`"),
+        "{err}"
+    );
+}
