@@ -433,10 +433,7 @@ pub fn run(mut opts: GpuOptions, args: &TrainArgs) -> anyhow::Result<()> {
     match result {
         Ok(summary) if world.is_root() => report_end(&summary),
         Ok(_) => Ok(()),
-        Err(e) => {
-            eprintln!("error (rank {rank} of {ranks}): {e:#}");
-            world.abort(1)
-        }
+        Err(e) => world.abort_with(&format!("{e:#}")),
     }
 }
 

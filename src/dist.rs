@@ -11,8 +11,10 @@
 
 use std::fmt;
 
-/// Environment variables that launchers set in every rank (Open MPI's mpirun, MPICH's Hydra,
-/// PMIx and Slurm's srun): a process without any of them was not started by a launcher.
+/// Environment variables that launchers set in every rank, holding the job's size: Open MPI's
+/// mpirun (`OMPI_COMM_WORLD_SIZE`), MPICH's Hydra and PMI-2 launchers such as `srun --mpi=pmi2`
+/// (`PMI_SIZE`), and PMIx launchers that export `PMIX_SIZE`. Only a build without the `mpi`
+/// feature relies on them (to refuse running as N copies); with the feature, MPI itself says.
 const LAUNCHER_SIZE_VARS: &[&str] = &["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"];
 
 /// Largest element count one MPI call moves (counts are C ints).
@@ -61,20 +63,17 @@ impl World {
         }
     }
 
-    /// MPI's world when a launcher started this process (and the binary has the `mpi`
-    /// feature); one rank otherwise. Started by `mpirun -np N` (N > 1) without the feature is an
-    /// error: N processes would each train alone and write the same run folder.
+    /// With the `mpi` feature, MPI's world (one rank when no launcher started the process: MPI's
+    /// singleton start). Without it, one rank; started by a launcher as one of N > 1 processes
+    /// it is an error, since N processes would each train alone and write the same run folder.
     pub fn from_environment() -> Result<World, DistError> {
-        let Some(announced) = launcher_world_size() else {
-            return Ok(World::single());
-        };
         #[cfg(feature = "mpi")]
         {
-            let _ = announced;
             mpi_world::MpiWorld::init()
         }
         #[cfg(not(feature = "mpi"))]
         {
+            let announced = launcher_world_size().unwrap_or(1);
             if announced > 1 {
                 return Err(DistError(format!(
                     "started by an MPI launcher as one of {announced} processes, but this binary was built without MPI: rebuild with `cargo build --release --features mpi` (needs Open MPI and libclang; see the README's \"Several GPUs and hosts\")"
@@ -143,6 +142,22 @@ impl World {
         let _ = data;
     }
 
+    /// `bytes` of rank 0 on every rank (any length).
+    pub fn broadcast_bytes(&self, bytes: Vec<u8>) -> Vec<u8> {
+        #[cfg(feature = "mpi")]
+        if let Some(m) = &self.mpi {
+            let mut len = [bytes.len() as u64];
+            m.broadcast(&mut len);
+            let mut buf = bytes;
+            buf.resize(len[0] as usize, 0);
+            for chunk in buf.chunks_mut(MAX_MPI_COUNT) {
+                m.broadcast(chunk);
+            }
+            return buf;
+        }
+        bytes
+    }
+
     /// `value` of every rank, in rank order.
     pub fn gather_u64(&self, value: u64) -> Vec<u64> {
         #[cfg(feature = "mpi")]
@@ -160,6 +175,12 @@ impl World {
             m.abort(code);
         }
         std::process::exit(code)
+    }
+
+    /// Prints `message` as this rank's error and ends the job ([`World::abort`], code 1).
+    pub fn abort_with(&self, message: &str) -> ! {
+        eprintln!("error (rank {} of {}): {message}", self.rank, self.size);
+        self.abort(1)
     }
 
     /// Waits until every rank arrives.
@@ -193,6 +214,13 @@ pub fn fingerprint(values: &[f32]) -> u64 {
     })
 }
 
+/// FNV-1a over bytes (options compared across ranks).
+pub fn fingerprint_bytes(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
 /// The ranks whose fingerprint (one per rank, in rank order) differs from rank 0's.
 pub fn ranks_differing_from_root(fingerprints: &[u64]) -> Vec<usize> {
     (1..fingerprints.len())
@@ -210,8 +238,9 @@ mod mpi_world {
 
     /// MPI's world communicator and the universe that finalizes MPI when dropped.
     pub struct MpiWorld {
-        _universe: mpi::environment::Universe,
+        // Dropped before the universe, whose drop calls MPI_Finalize.
         world: SimpleCommunicator,
+        _universe: mpi::environment::Universe,
     }
 
     impl MpiWorld {
@@ -224,14 +253,25 @@ mod mpi_world {
             let shared = world.split_shared(world.rank());
             let (rank, size) = (world.rank() as usize, world.size() as usize);
             let (local_rank, local_size) = (shared.rank() as usize, shared.size() as usize);
+            if size > 1 {
+                // A panic must end the job: unwinding would reach MPI_Finalize, which waits for
+                // ranks that are themselves waiting in a collective for this one. An aborted
+                // process makes the launcher end every rank.
+                let report = std::panic::take_hook();
+                std::panic::set_hook(Box::new(move |info| {
+                    report(info);
+                    eprintln!("rank {rank} of {size} panicked: ending the job");
+                    std::process::abort();
+                }));
+            }
             Ok(World {
                 rank,
                 size,
                 local_rank,
                 local_size,
                 mpi: Some(MpiWorld {
-                    _universe: universe,
                     world,
+                    _universe: universe,
                 }),
             })
         }

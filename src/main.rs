@@ -91,41 +91,47 @@ enum Command {
     Bench {
         #[command(flatten)]
         device: DeviceArgs,
-        /// Kernel GFLOP/s at U-Net shapes instead.
-        #[arg(long)]
-        kernels: bool,
-        /// Whole sampling batches (images/s) of a preset instead.
-        #[arg(long)]
-        sample: bool,
-        /// Sampler for --sample.
-        #[arg(long, value_enum, default_value_t = wgpu_diffusion::diffusion::scheduler::SamplerKind::Ddim)]
-        sampler: wgpu_diffusion::diffusion::scheduler::SamplerKind,
-        /// Sampling steps for --sample (`sample --sample-steps`).
-        #[arg(long, default_value_t = 50)]
-        sample_steps: usize,
-        /// Model preset.
-        #[arg(long, default_value = "tiny16")]
-        model: String,
-        /// Latent diffusion: a VAE directory (e.g. a train-vae run's vae/) around the preset
-        /// (mnist-ldm): training encodes, sampling decodes.
-        #[arg(long)]
-        vae: Option<std::path::PathBuf>,
-        #[arg(long, default_value_t = 32)]
-        batch_size: usize,
-        /// Timed training steps (median reported), after 2 warm-up steps.
-        #[arg(long, default_value_t = 10)]
-        steps: usize,
-        /// No gradient clipping and no EMA (the like-for-like row against Burn).
-        #[arg(long)]
-        minimal: bool,
-        /// A per-kernel time table of one training step, then its largest single dispatches
-        /// (stderr; WGPU_DIFFUSION_PROFILE_TOP=N lists N of them, default 30).
-        #[arg(long)]
-        profile: bool,
-        /// Timed repetitions per --kernels / --sample case (median reported).
-        #[arg(long, default_value_t = 10)]
-        reps: usize,
+        #[command(flatten)]
+        args: BenchArgs,
     },
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Kernel GFLOP/s at U-Net shapes instead.
+    #[arg(long)]
+    kernels: bool,
+    /// Whole sampling batches (images/s) of a preset instead.
+    #[arg(long)]
+    sample: bool,
+    /// Sampler for --sample.
+    #[arg(long, value_enum, default_value_t = wgpu_diffusion::diffusion::scheduler::SamplerKind::Ddim)]
+    sampler: wgpu_diffusion::diffusion::scheduler::SamplerKind,
+    /// Sampling steps for --sample (`sample --sample-steps`).
+    #[arg(long, default_value_t = 50)]
+    sample_steps: usize,
+    /// Model preset.
+    #[arg(long, default_value = "tiny16")]
+    model: String,
+    /// Latent diffusion: a VAE directory (e.g. a train-vae run's vae/) around the preset
+    /// (mnist-ldm): training encodes, sampling decodes.
+    #[arg(long)]
+    vae: Option<std::path::PathBuf>,
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Timed training steps (median reported), after 2 warm-up steps.
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    /// No gradient clipping and no EMA (the like-for-like row against Burn).
+    #[arg(long)]
+    minimal: bool,
+    /// A per-kernel time table of one training step, then its largest single dispatches
+    /// (stderr; WGPU_DIFFUSION_PROFILE_TOP=N lists N of them, default 30).
+    #[arg(long)]
+    profile: bool,
+    /// Timed repetitions per --kernels / --sample case (median reported).
+    #[arg(long, default_value_t = 10)]
+    reps: usize,
 }
 
 fn main() -> ExitCode {
@@ -153,47 +159,7 @@ fn run(cli: Cli, process_start: std::time::Instant) -> anyhow::Result<()> {
         );
     }
     match cli.command {
-        Command::Devices { backend, json } => {
-            let adapters = list_adapters(backend);
-            if adapters.is_empty() {
-                return Err(wgpu_diffusion::gpu::GpuError::NoAdapter {
-                    backend,
-                    filter: String::new(),
-                    available: Vec::new(),
-                }
-                .into());
-            }
-            for a in &adapters {
-                let s = summarize(a);
-                if json {
-                    println!("{}", serde_json::to_string(&s)?);
-                } else {
-                    println!("{} [{} / {}]", s.name, s.backend, s.device_type);
-                    println!("  driver: {} ({})", s.driver, s.driver_info);
-                    println!(
-                        "  features: {}",
-                        if s.features.is_empty() {
-                            "-".to_string()
-                        } else {
-                            s.features.join(", ")
-                        }
-                    );
-                    println!(
-                        "  subgroup size: {}..{}",
-                        s.subgroup_sizes.0, s.subgroup_sizes.1
-                    );
-                    println!(
-                        "  limits: storage binding {} MiB, buffer {} MiB, workgroup memory {} KiB, {} invocations/workgroup, texture 2D {}",
-                        s.max_storage_buffer_binding_size >> 20,
-                        s.max_buffer_size >> 20,
-                        s.max_compute_workgroup_storage_size >> 10,
-                        s.max_compute_invocations_per_workgroup,
-                        s.max_texture_dimension_2d
-                    );
-                }
-            }
-            Ok(())
-        }
+        Command::Devices { backend, json } => print_devices(backend, json),
         Command::EvalSr { device, args } => {
             wgpu_diffusion::cli_sample::run_eval_sr(&device.options(), &args)
         }
@@ -205,55 +171,96 @@ fn run(cli: Cli, process_start: std::time::Instant) -> anyhow::Result<()> {
             wgpu_diffusion::cli_sample::run(&device.options(), &args)
         }
         Command::Train { device, args } => wgpu_diffusion::cli_train::run(device.options(), &args),
-        Command::Bench {
-            device,
-            kernels,
-            sample,
-            sampler,
-            sample_steps,
-            model,
-            vae,
-            batch_size,
-            steps,
-            minimal,
-            profile,
-            reps,
-        } => {
-            let vae = vae
-                .map(|d| wgpu_diffusion::sample::LatentVae::from_dir(&d))
-                .transpose()?;
-            // Under mpirun the training bench measures the data-parallel job (rank 0 reports).
-            let world = std::rc::Rc::new(wgpu_diffusion::dist::World::from_environment()?);
-            let mut options = device.options();
-            options.local_rank = world.local_rank();
-            let gpu = Gpu::new(&options)?;
-            match world.is_parallel() {
-                true => eprintln!(
+        Command::Bench { device, args } => run_bench(device, args, process_start),
+    }
+}
+
+/// `devices`: every adapter wgpu sees, with its driver, features, subgroup sizes and limits.
+fn print_devices(backend: BackendChoice, json: bool) -> anyhow::Result<()> {
+    let adapters = list_adapters(backend);
+    if adapters.is_empty() {
+        return Err(wgpu_diffusion::gpu::GpuError::NoAdapter {
+            backend,
+            filter: String::new(),
+            available: Vec::new(),
+        }
+        .into());
+    }
+    for a in &adapters {
+        let s = summarize(a);
+        if json {
+            println!("{}", serde_json::to_string(&s)?);
+        } else {
+            println!("{} [{} / {}]", s.name, s.backend, s.device_type);
+            println!("  driver: {} ({})", s.driver, s.driver_info);
+            println!(
+                "  features: {}",
+                if s.features.is_empty() {
+                    "-".to_string()
+                } else {
+                    s.features.join(", ")
+                }
+            );
+            println!(
+                "  subgroup size: {}..{}",
+                s.subgroup_sizes.0, s.subgroup_sizes.1
+            );
+            println!(
+                "  limits: storage binding {} MiB, buffer {} MiB, workgroup memory {} KiB, {} invocations/workgroup, texture 2D {}",
+                s.max_storage_buffer_binding_size >> 20,
+                s.max_buffer_size >> 20,
+                s.max_compute_workgroup_storage_size >> 10,
+                s.max_compute_invocations_per_workgroup,
+                s.max_texture_dimension_2d
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `bench`: the training step (under mpirun, the data-parallel job's), `--kernels` or
+/// `--sample`.
+fn run_bench(
+    device: DeviceArgs,
+    args: BenchArgs,
+    process_start: std::time::Instant,
+) -> anyhow::Result<()> {
+    let BenchArgs {
+        kernels,
+        sample,
+        sampler,
+        sample_steps,
+        model,
+        vae,
+        batch_size,
+        steps,
+        minimal,
+        profile,
+        reps,
+    } = args;
+    let vae = vae
+        .map(|d| wgpu_diffusion::sample::LatentVae::from_dir(&d))
+        .transpose()?;
+    // Under mpirun the training bench measures the data-parallel job (rank 0 reports).
+    let world = std::rc::Rc::new(wgpu_diffusion::dist::World::from_environment()?);
+    if world.is_parallel() {
+        if kernels || sample {
+            world.abort_with(
+                "under mpirun only the training bench runs (--kernels and --sample measure one process)",
+            );
+        }
+        let mut options = device.options();
+        options.local_rank = world.local_rank();
+        let result = Gpu::new(&options)
+            .map_err(anyhow::Error::from)
+            .and_then(|gpu| {
+                eprintln!(
                     "rank {} of {}: adapter {}",
                     world.rank(),
                     world.size(),
                     gpu.describe()
-                ),
-                false => eprintln!("adapter: {}", gpu.describe()),
-            }
-            if kernels {
-                wgpu_diffusion::bench::kernels(&gpu, reps.max(1), |r| {
-                    println!("{}", serde_json::to_string(r).expect("serialize"));
-                })?;
-            }
-            if sample {
-                let r = wgpu_diffusion::bench::sample_batches(
-                    &gpu,
-                    (&model, vae.as_ref()),
-                    sampler,
-                    sample_steps,
-                    batch_size,
-                    reps.max(1),
-                )?;
-                println!("{}", serde_json::to_string(&r)?);
-            }
-            if !kernels && !sample {
-                let r = wgpu_diffusion::bench::train_steps(
+                );
+                wgpu_diffusion::bench::train_steps(
                     &gpu,
                     (&model, vae.as_ref()),
                     batch_size,
@@ -262,12 +269,48 @@ fn run(cli: Cli, process_start: std::time::Instant) -> anyhow::Result<()> {
                     minimal,
                     profile,
                     (process_start, &world),
-                )?;
-                if world.is_root() {
-                    println!("{}", serde_json::to_string(&r)?);
-                }
+                )
+            });
+        return match result {
+            Ok(r) if world.is_root() => {
+                println!("{}", serde_json::to_string(&r)?);
+                Ok(())
             }
-            Ok(())
-        }
+            Ok(_) => Ok(()),
+            // Any rank's error ends every rank (the others wait in a collective).
+            Err(e) => world.abort_with(&format!("{e:#}")),
+        };
     }
+    let gpu = Gpu::new(&device.options())?;
+    eprintln!("adapter: {}", gpu.describe());
+    if kernels {
+        wgpu_diffusion::bench::kernels(&gpu, reps.max(1), |r| {
+            println!("{}", serde_json::to_string(r).expect("serialize"));
+        })?;
+    }
+    if sample {
+        let r = wgpu_diffusion::bench::sample_batches(
+            &gpu,
+            (&model, vae.as_ref()),
+            sampler,
+            sample_steps,
+            batch_size,
+            reps.max(1),
+        )?;
+        println!("{}", serde_json::to_string(&r)?);
+    }
+    if !kernels && !sample {
+        let r = wgpu_diffusion::bench::train_steps(
+            &gpu,
+            (&model, vae.as_ref()),
+            batch_size,
+            steps,
+            2,
+            minimal,
+            profile,
+            (process_start, &world),
+        )?;
+        println!("{}", serde_json::to_string(&r)?);
+    }
+    Ok(())
 }

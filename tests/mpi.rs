@@ -260,3 +260,55 @@ fn a_job_resumed_under_mpirun_ends_bit_identical() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Ranks started with different options (MPMD: `mpirun -np 1 A : -np 1 B`) are refused before
+/// the first step, and the error on the ranks ends the job instead of leaving it waiting.
+#[test]
+fn ranks_with_other_options_are_refused_and_the_job_ends() {
+    let dir = scratch("mismatch");
+    let config = model_config(&dir, 0.0);
+    let out = dir.join("run");
+    let args = |bucket: &'static str| {
+        let mut a = train_args(out.to_str().unwrap(), &config, "4", "2");
+        a.extend(["--bucket-mb", bucket]);
+        a.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let mut cmd = Command::new("timeout");
+    cmd.args([
+        "300",
+        "mpirun",
+        "--allow-run-as-root",
+        "--oversubscribe",
+        "--bind-to",
+        "none",
+    ])
+    .args([
+        "-x",
+        "LP_NUM_THREADS=1",
+        "-x",
+        "XDG_RUNTIME_DIR",
+        "-np",
+        "1",
+        BIN,
+    ])
+    .args(args("1"))
+    .args([":", "-np", "1", BIN])
+    .args(args("2"))
+    .env(
+        "XDG_RUNTIME_DIR",
+        std::env::var("XDG_RUNTIME_DIR").unwrap_or("/tmp".into()),
+    );
+    let result = cmd.output().expect("start timeout/mpirun");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&result.stdout),
+        String::from_utf8_lossy(&result.stderr)
+    );
+    assert_ne!(result.status.code(), Some(124), "the job hung:\n{text}");
+    assert!(!result.status.success(), "should fail:\n{text}");
+    assert!(
+        text.contains("other training options than rank 0"),
+        "expected the options error in:\n{text}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

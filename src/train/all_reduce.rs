@@ -61,16 +61,20 @@ impl GradExchange {
         ranges.sort_by_key(|r| std::cmp::Reverse(r.0));
         let buckets = ranges
             .into_iter()
-            .map(|(begin, len, ready)| Bucket {
-                begin,
-                len,
-                segment: segment_ends.binary_search(&ready).expect("listed above"),
-                staging: gpu.device.create_buffer(&wgpu::BufferDescriptor {
-                    label: Some("gradient bucket readback"),
-                    size: (len * 4) as u64,
-                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                    mapped_at_creation: false,
-                }),
+            .map(|(begin, len, ready)| {
+                let label = "gradient bucket readback";
+                gpu.admit_buffer((len * 4) as u64, label, &[len]);
+                Bucket {
+                    begin,
+                    len,
+                    segment: segment_ends.binary_search(&ready).expect("listed above"),
+                    staging: gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                        label: Some(label),
+                        size: (len * 4) as u64,
+                        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                        mapped_at_creation: false,
+                    }),
+                }
             })
             .collect();
         GradExchange {

@@ -36,6 +36,10 @@ use crate::nn::UNetConfig;
 use crate::sample::{LatentVae, ModelSource, Noise, Sampler, SamplerOptions};
 use run_dir::{default_run_dir, truncate_metrics};
 
+/// Micro-batches per step that dropout's random streams can address (`nn::unet`: 2^24 values
+/// per micro-batch in a 2^32 stream).
+const MAX_DROPOUT_MICRO_BATCHES: usize = 256;
+
 /// Images in a training sample grid.
 pub const GRID_IMAGES: usize = 16;
 
@@ -574,6 +578,12 @@ pub fn run_ranks(
     world: Rc<World>,
 ) -> Result<RunSummary> {
     let writer = world.is_root();
+    if resume.is_none() && world.is_parallel() {
+        // Every rank names rank 0's folder (the default one is stamped with each rank's clock).
+        let out = cfg.out.clone().unwrap_or_else(default_run_dir);
+        let bytes = world.broadcast_bytes(out.to_string_lossy().as_bytes().to_vec());
+        cfg.out = Some(PathBuf::from(String::from_utf8_lossy(&bytes).into_owned()));
+    }
     let (run_dir, checkpoint) = open_run(&cfg, resume, writer)?;
     let mut model = match &checkpoint {
         Some(ck) => {
@@ -588,8 +598,26 @@ pub fn run_ranks(
     if model.sample_size == 0 {
         bail!("the model config has no sample_size");
     }
-    cfg.validate_rng_range(model.out_channels * model.sample_size * model.sample_size)
-        .map_err(|e| anyhow!("invalid training options: {e}"))?;
+    // The random streams are addressed by the step's micro-batches over every rank.
+    let micro_batches = cfg.grad_accum * world.size();
+    let job = TrainConfig {
+        grad_accum: micro_batches,
+        ..cfg.clone()
+    };
+    job.validate_rng_range(model.out_channels * model.sample_size * model.sample_size)
+        .map_err(|e| match world.size() {
+            1 => anyhow!("invalid training options: {e}"),
+            n => anyhow!(
+                "invalid training options for {n} ranks (grad_accum counts every rank's micro-batches): {e}"
+            ),
+        })?;
+    if model.dropout > 0.0 && micro_batches > MAX_DROPOUT_MICRO_BATCHES {
+        bail!(
+            "{micro_batches} micro-batches per step (grad_accum {} x {} rank(s)): dropout's random streams hold at most {MAX_DROPOUT_MICRO_BATCHES}; lower --grad-accum",
+            cfg.grad_accum,
+            world.size()
+        );
+    }
 
     // Everything is checked before the run folder is created, so a bad input leaves nothing
     // behind: the data (decoded once), the classes, the task, the step's sizes against the
@@ -684,7 +712,7 @@ fn train_loop(
     progress.start(trainer.step, cfg.steps);
 
     while trainer.step < cfg.steps {
-        if stop.load(Ordering::Relaxed) {
+        if stop_now(trainer, stop) {
             interrupted = true;
             break;
         }
@@ -943,6 +971,17 @@ impl LossLog {
         progress.update(p.last, last_loss, cfg.lr_at(p.last), ips);
         Ok(())
     }
+}
+
+/// Whether the loop stops before the next step (Ctrl-C or SIGTERM raised `stop`). Data-parallel
+/// ranks may see the signal at different moments, so they agree before every step (8 bytes per
+/// rank): all stop if any was asked to, and none waits alone in a collective.
+fn stop_now(trainer: &Trainer, stop: &AtomicBool) -> bool {
+    let asked = stop.load(Ordering::Relaxed);
+    if !trainer.world.is_parallel() {
+        return asked;
+    }
+    trainer.world.gather_u64(asked as u64).contains(&1)
 }
 
 /// A checkpoint of a run on any number of ranks: the ranks' parameters are compared first (a

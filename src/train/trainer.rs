@@ -600,6 +600,22 @@ impl Trainer {
             self.world.broadcast_f32(&mut flat);
             self.gpu.write(t, &flat)?;
         }
+        // The same options on every rank (a different --bucket-mb alone would mismatch the
+        // all-reduce's message sizes); the run folder may differ.
+        let options = TrainConfig {
+            out: None,
+            ..self.cfg.clone()
+        };
+        let text = toml::to_string(&options)?;
+        let all = self
+            .world
+            .gather_u64(crate::dist::fingerprint_bytes(text.as_bytes()));
+        let differ = crate::dist::ranks_differing_from_root(&all);
+        if !differ.is_empty() {
+            bail!(
+                "rank(s) {differ:?} were started with other training options than rank 0: every rank must get the same command line"
+            );
+        }
         let mut position = [self.step, self.data_position];
         self.world.broadcast_u64(&mut position);
         if position != [self.step, self.data_position] {
