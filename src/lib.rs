@@ -22,4 +22,5 @@ pub mod reference;
 pub mod rng;
 pub mod robustness;
 pub mod sample;
+pub mod text;
 pub mod train;

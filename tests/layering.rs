@@ -18,6 +18,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("metrics", &[]),
     ("progress", &[]),
     ("dist", &[]),
+    ("text", &[]),
     ("gpu", &[]),
     ("ops", &["gpu", "diffusion", "rng"]),
     ("nn", &["gpu", "ops", "rng", "diffusion"]),
