@@ -31,6 +31,8 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("pack", include_str!("../../shaders/pack.wgsl")),
     ("reduce", include_str!("../../shaders/reduce.wgsl")),
     ("group_norm", include_str!("../../shaders/group_norm.wgsl")),
+    ("layer_norm", include_str!("../../shaders/layer_norm.wgsl")),
+    ("gelu", include_str!("../../shaders/gelu.wgsl")),
     ("softmax", include_str!("../../shaders/softmax.wgsl")),
     (
         "softmax_subgroup",
