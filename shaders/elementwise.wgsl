@@ -66,6 +66,21 @@ fn divide_per_sample(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
     if (i < p.n) { z[i] = x[i] / y[i / p.pixels_per_sample]; }
 }
 
+// Causal mask of attention scores [blocks · T, T] (p.channels = T keys per row, p.n elements):
+// row r is query r mod T, which may not attend to later keys: y[r, j] = float32's lowest for
+// j > r mod T, as transformers' 4-D causal mask (torch.finfo(float32).min), which softmax turns
+// into exact zeros (and whose gradient through softmax is then zero). In place.
+@compute @workgroup_size(256)
+fn causal_mask(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) lid: u32) {
+    let i = linear_index(wid, nwg, lid);
+    if (i < p.n) {
+        let row = i / p.channels;
+        let key = i % p.channels;
+        if (key > row % p.channels) { y[i] = -3.40282347e38; }
+    }
+}
+
 //#include sigmoid
 
 // y = silu(x) = x * sigmoid(x)

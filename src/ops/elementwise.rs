@@ -134,6 +134,30 @@ pub fn divide_per_sample(
     Ok(())
 }
 
+/// Causal self-attention: in the scores [blocks · T, T] (`T` keys per row, row r the query
+/// r mod T), every score of a later key becomes float32's lowest (transformers' causal mask),
+/// in place, before the softmax.
+pub fn causal_mask(rec: &mut Recorder, scores: &Tensor) -> OpResult {
+    const OP: &str = "causal_mask";
+    expect_rank(OP, "scores", scores, 2)?;
+    let (rows, keys) = (scores.shape()[0], scores.shape()[1]);
+    if keys == 0 || !rows.is_multiple_of(keys) {
+        return Err(invalid(format!(
+            "{OP}: `{}` {:?} must be [blocks · T, T] (self-attention over T tokens)",
+            scores.label(),
+            scores.shape()
+        )));
+    }
+    let n = scores.numel();
+    let p = ElementwiseParams {
+        n: u32_of(OP, "n", n)?,
+        channels: keys as u32,
+        ..Default::default()
+    };
+    rec.dispatch(key(OP), &p, &[(2, scores.into())], grid_1d(n.div_ceil(WG)));
+    Ok(())
+}
+
 /// y = silu(x)
 pub fn silu_forward(rec: &mut Recorder, x: &Tensor, y: &Tensor) -> OpResult {
     let n = x.numel();

@@ -19,6 +19,21 @@ pub fn silu_backward(x: &[f64], dy: &[f64]) -> Vec<f64> {
         .collect()
 }
 
+/// transformers' causal mask on scores [blocks · T, T]: later keys get float32's lowest value.
+pub fn causal_mask(scores: &[f64], keys: usize) -> Vec<f64> {
+    scores
+        .iter()
+        .enumerate()
+        .map(|(i, &s)| {
+            if i % keys > (i / keys) % keys {
+                f32::MIN as f64
+            } else {
+                s
+            }
+        })
+        .collect()
+}
+
 /// h[n, q, c] + alpha * v[n, c], h NHWC with `pixels` pixels per sample.
 pub fn add_channel_bias(
     h: &[f64],

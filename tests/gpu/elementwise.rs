@@ -33,6 +33,42 @@ fn add_axpby_scale() {
     }
 }
 
+/// The causal mask, then the softmax it feeds: masked probabilities are exact zeros and each
+/// row's weights sum to 1 over keys 0..=query (CLIP's text encoder: 77 tokens, 2 blocks; and odd
+/// sizes). Exact equality for the mask: it only copies or writes one constant.
+#[test]
+fn causal_mask_then_softmax() {
+    let g = gpu();
+    for (blocks, t) in [(1usize, 1usize), (3, 5), (2, 77)] {
+        let n = blocks * t * t;
+        let scores = random(n, 60 + t as u64);
+        let ts = upload(&g, &[blocks * t, t], &scores, "scores");
+        let tp = g.tensor(&[blocks * t, t], "probabilities");
+        run(&g, |rec| {
+            ew::causal_mask(rec, &ts).unwrap();
+            wgpu_diffusion::ops::softmax::softmax_forward(rec, &ts, &tp).unwrap();
+        });
+        let masked = r::causal_mask(&scores, t);
+        assert_close(
+            &format!("causal_mask {blocks}x{t}"),
+            &read(&g, &ts),
+            &masked,
+            0.0,
+            0.0,
+        );
+        let probs = read(&g, &tp);
+        for (row, p) in probs.chunks(t).enumerate() {
+            let q = row % t;
+            assert!(p[q + 1..].iter().all(|&v| v == 0.0), "row {row}: {p:?}");
+            let sum: f32 = p[..=q].iter().sum();
+            assert!((sum - 1.0).abs() < 1e-5, "row {row} sums to {sum}");
+        }
+    }
+    let mut rec = g.recorder();
+    let e = ew::causal_mask(&mut rec, &g.tensor(&[5, 3], "not square blocks")).unwrap_err();
+    assert!(e.to_string().contains("[blocks · T, T]"), "{e}");
+}
+
 #[test]
 fn silu_forward_backward() {
     let g = gpu();
