@@ -134,3 +134,48 @@ fn bad_tokenizer_directories_are_clear_errors() {
     assert!(e.contains("special_tokens_map.json: not valid JSON"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A tokenizer learned from captions: the same merges the fixture script's BPE learned from the
+/// same corpus (so the same vocabulary file transformers loaded), written in SD 1.x's layout,
+/// read back, and giving transformers' ids for every prompt.
+#[test]
+fn a_vocabulary_learned_from_captions_is_clips_format() {
+    use wgpu_diffusion::text::learn_bpe::{learn_merges, write_tokenizer_dir};
+    let corpus = std::fs::read_to_string(fixtures().join("corpus.txt")).unwrap();
+    let merges = learn_merges(corpus.lines(), 1200);
+    let fixture = std::fs::read_to_string(fixtures().join("sd_layout/merges.txt")).unwrap();
+    let expected: Vec<(String, String)> = fixture
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let (a, b) = l.split_once(' ').unwrap();
+            (a.to_string(), b.to_string())
+        })
+        .collect();
+    let first_difference = merges.iter().zip(&expected).position(|(a, b)| a != b);
+    assert!(
+        merges == expected,
+        "{} merges learned, {} in the fixture; first difference at {first_difference:?}",
+        merges.len(),
+        expected.len()
+    );
+    let dir = std::env::temp_dir().join(format!("wgpu-diffusion-bpe-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    write_tokenizer_dir(&dir, &merges, 77).unwrap();
+    let read = |p: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+    assert_eq!(
+        read(&dir.join("vocab.json")),
+        read(&fixtures().join("sd_layout/vocab.json")),
+        "vocab.json"
+    );
+    let tok = ClipTokenizer::from_dir(&dir).unwrap();
+    for c in cases().1 {
+        assert_eq!(tok.encode(&c.prompt), c.ids, "{:?}", c.prompt);
+    }
+    // Learning stops when every word is one symbol: a limit above that changes nothing.
+    assert_eq!(learn_merges(corpus.lines(), 100_000), merges);
+    assert_eq!(learn_merges(corpus.lines(), 10), merges[..10].to_vec());
+    let _ = std::fs::remove_dir_all(&dir);
+}

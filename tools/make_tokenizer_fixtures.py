@@ -19,6 +19,8 @@ Diffusion 1.x repositories ship a tokenizer:
 * `transformers_saved/`: what `CLIPTokenizer.from_pretrained("sd_layout").save_pretrained(...)`
   writes (transformers 5: `tokenizer.json` and `tokenizer_config.json`), the other layout a user
   has;
+* `corpus.txt`: the lines the vocabulary was learned from (`train` of `text::clip_tokenizer`
+  must learn the same merges from them);
 * `ids.json`: the prompts (≥ 50: punctuation, digits, accents, emoji, whitespace runs, special
   token strings, over-long ones) with transformers' ids, unpadded (`tok(p)`) and as a pipeline
   asks for them (`padding="max_length", max_length=77, truncation=True`), from both directories
@@ -222,7 +224,10 @@ def main():
     args = ap.parse_args()
     shutil.rmtree(args.out, ignore_errors=True)
     os.makedirs(args.out)
-    merges = learn_merges(corpus(), MERGES)
+    lines = corpus()
+    with open(os.path.join(args.out, "corpus.txt"), "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    merges = learn_merges(lines, MERGES)
     sd = os.path.join(args.out, "sd_layout")
     vocab_size = write_sd_layout(sd, merges)
     tok = CLIPTokenizer.from_pretrained(sd)

@@ -23,9 +23,9 @@ use unicode_normalization::UnicodeNormalization;
 /// CLIP's pre-tokenizer pattern (transformers' `CLIPTokenizer`).
 const PATTERN: &str =
     r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
-const BOS: &str = "<|startoftext|>";
-const EOS: &str = "<|endoftext|>";
-const END_OF_WORD: &str = "</w>";
+pub(crate) const BOS: &str = "<|startoftext|>";
+pub(crate) const EOS: &str = "<|endoftext|>";
+pub(crate) const END_OF_WORD: &str = "</w>";
 /// transformers' default when a tokenizer config gives no (or an unset) `model_max_length`.
 const DEFAULT_MAX_LENGTH: usize = 77;
 
@@ -57,7 +57,7 @@ pub struct ClipTokenizer {
 
 /// GPT-2's (and CLIP's) map of the 256 byte values to printable characters: printable Latin-1
 /// bytes map to themselves, the others to U+0100 onwards in byte order.
-fn byte_symbols() -> [char; 256] {
+pub(crate) fn byte_symbols() -> [char; 256] {
     let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || b >= 174;
     let mut out = ['\0'; 256];
     let mut next = 256;
@@ -70,6 +70,29 @@ fn byte_symbols() -> [char; 256] {
         };
     }
     out
+}
+
+/// Steps 2 and 3 of the module's list: the text normalized (NFC, whitespace runs to one space,
+/// lower case), split with CLIP's pattern, each piece's bytes as byte symbols.
+pub(crate) fn pre_tokenize(pattern: &Regex, symbols: &[char; 256], text: &str) -> Vec<String> {
+    let nfc: String = text.nfc().collect();
+    let spaced = nfc.split_whitespace().collect::<Vec<_>>().join(" ");
+    let lower = spaced.to_lowercase();
+    pattern
+        .find_iter(&lower)
+        .map(|piece| {
+            piece
+                .as_str()
+                .bytes()
+                .map(|b| symbols[b as usize])
+                .collect()
+        })
+        .collect()
+}
+
+/// CLIP's pre-tokenizer pattern, compiled.
+pub(crate) fn clip_pattern() -> Regex {
+    Regex::new(PATTERN).expect("CLIP's pattern compiles")
 }
 
 /// A special token's text in a tokenizer config: a string or `{"content": …}`.
@@ -235,7 +258,7 @@ impl ClipTokenizer {
             // CLIPTokenizer's unknown token is the end token.
             unk_id: eos_id,
             model_max_length,
-            pattern: Regex::new(PATTERN).expect("CLIP's pattern compiles"),
+            pattern: clip_pattern(),
             byte_symbols: byte_symbols(),
         })
     }
@@ -281,16 +304,8 @@ impl ClipTokenizer {
 
     /// Normalizes, pre-tokenizes and BPE-encodes text without special tokens.
     fn encode_plain(&self, text: &str, ids: &mut Vec<u32>) {
-        let nfc: String = text.nfc().collect();
-        let spaced = nfc.split_whitespace().collect::<Vec<_>>().join(" ");
-        let lower = spaced.to_lowercase();
-        for piece in self.pattern.find_iter(&lower) {
-            let symbols: String = piece
-                .as_str()
-                .bytes()
-                .map(|b| self.byte_symbols[b as usize])
-                .collect();
-            self.bpe(&symbols, ids);
+        for piece in pre_tokenize(&self.pattern, &self.byte_symbols, text) {
+            self.bpe(&piece, ids);
         }
     }
 

@@ -2,5 +2,6 @@
 //! files Stable Diffusion repositories ship or the `tokenizer.json` transformers 5 writes).
 
 pub mod clip_tokenizer;
+pub mod learn_bpe;
 
 pub use clip_tokenizer::{ClipTokenizer, Encoded};
