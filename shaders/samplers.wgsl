@@ -2,15 +2,18 @@
 // constants): DDPM (Ho et al. 2020, eq. 7), DDIM (Song et al. 2021, eq. 12), DPM-Solver++ 2M
 // (Lu et al. 2022, Algorithm 2, midpoint), and Euler / Heun steps in σ-space (Karras et al. 2022,
 // Algorithms 1–2 with s_churn = 0), the VE-SDE's predictor–corrector and probability-flow ODE
-// steps (Song et al. 2021, Algorithms 2 and 5; diffusers' ScoreSdeVeScheduler), plus
+// steps (Song et al. 2021, Algorithms 2 and 5; diffusers' ScoreSdeVeScheduler), PNDM's PLMS
+// steps (Liu et al. 2022; diffusers' PNDMScheduler with skip_prk_steps), plus
 // `scale_model_input`.
 //
-// Every constant that changes from step to step is read from `coeffs` (8 floats the host
+// Every constant that changes from step to step is read from `coeffs` (12 floats the host
 // rewrites before each submit), so one recorded plan serves the whole loop:
 //   coeffs[0..2] = (a, s): the x0 estimate from the model output m and the current x,
 //                  ε: x0 = (x − s·m)/a, v: x0 = a·x − s·m, sample: x0 = m;
 //   coeffs[2..5] = the update's own constants (see each entry point);
-//   coeffs[7]    = the model-input scale of `scale_model_input`.
+//   coeffs[5..7] = inpainting's known-region coefficients;
+//   coeffs[7]    = the model-input scale of `scale_model_input`;
+//   coeffs[8..12] = PLMS's history weights and flags.
 
 struct Params {
     n: u32,           // elements (of x: one copy of the batch)
@@ -33,6 +36,8 @@ struct Params {
 @group(0) @binding(7) var<storage, read> src: array<f32>;          // scale_model_input's input
 @group(0) @binding(8) var<storage, read> known: array<f32>;        // inpainting: the original image
 @group(0) @binding(9) var<storage, read> keep: array<f32>;         // inpainting: 1 = keep, 0 = regenerate
+@group(0) @binding(10) var<storage, read_write> aux2: array<f32>;  // PLMS: third-newest model output
+@group(0) @binding(11) var<storage, read_write> aux3: array<f32>;  // PLMS: the first step's sample
 
 const WG: u32 = 256u;
 
@@ -243,3 +248,35 @@ fn ve_step(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
     }
     x[i] = mean;
 }
+
+// PNDMScheduler.step_plms (skip_prk_steps): the linear multistep combination of the model
+// outputs, ε = w_m·m + w_0·h_0 + w_1·h_1 + w_2·h_2 (h_0 the newest earlier output: aux0, aux1,
+// aux2; weights (1), (½, ½), (3/2, −½), (23, −16, 5)/12 or (55, −59, 37, −9)/24 by the history's
+// length, coeffs[4], [8..11]), for v models ε = a·(that) + s·base; then eq. 9 of Liu et al. 2022,
+// x ← c_sample·base − c_out·ε with c_sample = √(ᾱ_prev/ᾱ_t) and c_out = (ᾱ_prev − ᾱ_t) /
+// (ᾱ_t·√(1 − ᾱ_prev) + √(ᾱ_t(1 − ᾱ_t)ᾱ_prev)) (coeffs[2], [3]). The base is x, or (flag 4)
+// the sample the first step saved in aux3 (flag 2): the second evaluation redoes the first
+// step with the mean of both outputs. Flag 1 shifts m into the history.
+@compute @workgroup_size(256)
+fn plms_step(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+             @builtin(local_invocation_index) lid: u32) {
+    let i = linear_index(wid, nwg, lid);
+    if (i >= p.n) { return; }
+    let flags = u32(coeffs[11]);
+    let xv = x[i];
+    let m = model_output[i];
+    let h0 = aux0[i];
+    let h1 = aux1[i];
+    var base = xv;
+    if ((flags & 4u) != 0u) { base = aux3[i]; }
+    var eps = coeffs[4] * m + coeffs[8] * h0 + coeffs[9] * h1 + coeffs[10] * aux2[i];
+    if (p.prediction == 1u) { eps = coeffs[0] * eps + coeffs[1] * base; }
+    if ((flags & 2u) != 0u) { aux3[i] = xv; }
+    if ((flags & 1u) != 0u) {
+        aux2[i] = h1;
+        aux1[i] = h0;
+        aux0[i] = m;
+    }
+    x[i] = coeffs[2] * base - coeffs[3] * eps;
+}
+

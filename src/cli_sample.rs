@@ -497,9 +497,13 @@ fn sampling_schedule(
 ) -> Result<SamplingSchedule> {
     let edm = source.scheduler.edm().map_err(|e| anyhow!(e))?.is_some();
     let ve = source.scheduler.ve().map_err(|e| anyhow!(e))?.is_some();
+    // The model's own scheduler when we run it (Stable Diffusion 1.x names PNDMScheduler).
+    let pndm =
+        source.scheduler.get("_class_name").and_then(|c| c.as_str()) == Some("PNDMScheduler");
     let kind = args.sampler.unwrap_or(match (edm, ve) {
         (true, _) => SamplerKind::Euler,
         (_, true) => SamplerKind::Pc,
+        _ if pndm => SamplerKind::Pndm,
         _ => SamplerKind::Ddim,
     });
     let mut overrides = Vec::new();

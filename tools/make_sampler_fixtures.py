@@ -38,6 +38,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
+    PNDMScheduler,
     UNet2DModel,
 )
 import diffusers
@@ -55,6 +56,8 @@ CASES = [
     ("dpmpp_2m", DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     ("euler_karras", EulerDiscreteScheduler, {"use_karras_sigmas": True}),
     ("heun_karras", HeunDiscreteScheduler, {"use_karras_sigmas": True}),
+    # Stable Diffusion 1.x's scheduler: PLMS, leading spacing, steps_offset 1, ᾱ_prev = ᾱ_0 at the end.
+    ("pndm_plms", PNDMScheduler, {"skip_prk_steps": True, "steps_offset": 1, "set_alpha_to_one": False}),
 ]
 
 

@@ -57,6 +57,14 @@ pub struct Ddim {
 /// DPMSolverMultistepScheduler, dpmsolver++ of order 2 (Lu et al. 2022, Algorithm 2).
 pub struct DpmSolverPp2m;
 
+/// PNDMScheduler with `skip_prk_steps` (PLMS: Liu et al. 2022, "Pseudo Numerical Methods for
+/// Diffusion Models on Manifolds", the transfer of eq. 9 with the linear multistep ε of eq. 12,
+/// warmed up as crowsonkb's PLMS): N steps take N + 1 evaluations over
+/// `concat(ts[:-1], ts[-2:-1], ts[-1:])` reversed; the second evaluation redoes the first step
+/// from its saved sample with the mean of both outputs (a second-order start), then the
+/// multistep weights grow from 2 to 4 earlier outputs.
+pub struct Plms;
+
 /// EulerDiscreteScheduler or HeunDiscreteScheduler on Karras σs (Karras et al. 2022, eq. 5,
 /// Algorithms 1 and 2 with s_churn = 0).
 pub struct KarrasSigmas {
@@ -236,6 +244,7 @@ pub fn family(kind: SamplerKind, eta: f64) -> Option<Box<dyn SamplerFamily>> {
         SamplerKind::DpmSolverPp2m => Box::new(DpmSolverPp2m),
         SamplerKind::Euler => Box::new(KarrasSigmas { heun: false }),
         SamplerKind::Heun => Box::new(KarrasSigmas { heun: true }),
+        SamplerKind::Pndm => Box::new(Plms),
         SamplerKind::Pc | SamplerKind::Ode => return None,
     })
 }
@@ -344,6 +353,83 @@ impl SamplerFamily for DpmSolverPp2m {
                 alpha_prev: 0.0,
             });
         }
+        unscaled(evals)
+    }
+}
+
+impl SamplerFamily for Plms {
+    fn steps(&self, inputs: &FamilyInputs) -> FamilySteps {
+        let settings = inputs.settings;
+        let acp = inputs.alphas_cumprod;
+        let t_train = settings.num_train_timesteps as i64;
+        // PNDMScheduler's `num_train_timesteps // num_inference_steps`, whatever the spacing.
+        let ratio = t_train / inputs.steps as i64;
+        let ascending: Vec<i64> = inputs.timesteps.iter().rev().map(|&t| t as i64).collect();
+        let n = ascending.len();
+        let mut loop_timesteps = ascending[..n - 1].to_vec();
+        if n >= 2 {
+            loop_timesteps.push(ascending[n - 2]);
+        }
+        loop_timesteps.push(ascending[n - 1]);
+        loop_timesteps.reverse();
+        let final_acp = if settings.set_alpha_to_one {
+            1.0
+        } else {
+            acp[0]
+        };
+        let mut history = 0usize; // len(ets) after the previous evaluation
+        let evals = loop_timesteps
+            .iter()
+            .enumerate()
+            .map(|(k, &t_loop)| {
+                // The second evaluation redoes the first step: from t_loop + ratio to t_loop.
+                let (t, prev) = if k == 1 {
+                    ((t_loop + ratio).min(t_train - 1), t_loop)
+                } else {
+                    (t_loop, t_loop - ratio)
+                };
+                let append = k != 1;
+                if append {
+                    history = (history + 1).min(4);
+                }
+                let weights = match (k, history) {
+                    (0, _) => [1.0, 0.0, 0.0, 0.0],
+                    (1, _) => [0.5, 0.5, 0.0, 0.0],
+                    (_, 2) => [1.5, -0.5, 0.0, 0.0],
+                    (_, 3) => [23.0 / 12.0, -16.0 / 12.0, 5.0 / 12.0, 0.0],
+                    _ => [55.0 / 24.0, -59.0 / 24.0, 37.0 / 24.0, -9.0 / 24.0],
+                };
+                // _get_prev_sample, in float32 as torch computes it.
+                let a_t = acp[t as usize];
+                let a_prev = if prev >= 0 {
+                    acp[prev as usize]
+                } else {
+                    final_acp
+                };
+                let (b_t, b_prev) = (1.0 - a_t, 1.0 - a_prev);
+                let c_sample = (a_prev / a_t).sqrt();
+                let denom = a_t * b_prev.sqrt() + (a_t * b_t * a_prev).sqrt();
+                ModelEval {
+                    timestep: t_loop as f32,
+                    input_scale: 1.0,
+                    update: Update::Plms {
+                        a: a_t.sqrt(),
+                        s: b_t.sqrt(),
+                        c_sample,
+                        c_out: (a_prev - a_t) / denom,
+                        weights,
+                        append,
+                        save_base: k == 0,
+                        use_saved: k == 1,
+                    },
+                    adds_noise: false,
+                    step: k,
+                    known: None,
+                    renoise_before: Vec::new(),
+                    alpha_prev: a_prev,
+                }
+            })
+            .collect();
         unscaled(evals)
     }
 }

@@ -44,6 +44,8 @@ pub enum SamplerKind {
     Pc,
     /// The probability-flow ODE of a VE-SDE model, Euler steps in σ.
     Ode,
+    /// PNDMScheduler with skip_prk_steps (PLMS, as Stable Diffusion 1.x runs it).
+    Pndm,
 }
 
 impl SamplerKind {
@@ -56,6 +58,7 @@ impl SamplerKind {
             SamplerKind::Heun => "HeunDiscreteScheduler",
             SamplerKind::Pc => "ScoreSdeVeScheduler",
             SamplerKind::Ode => "probability-flow ODE (Euler)",
+            SamplerKind::Pndm => "PNDMScheduler",
         }
     }
 
@@ -69,6 +72,7 @@ impl SamplerKind {
             SamplerKind::Heun => "heun",
             SamplerKind::Pc => "pc",
             SamplerKind::Ode => "ode",
+            SamplerKind::Pndm => "pndm",
         }
     }
 
@@ -299,7 +303,9 @@ impl SchedulerConfig {
         let timestep_spacing = match self.str_key("timestep_spacing")? {
             Some(s) => TimestepSpacing::parse(&s)?,
             None => match kind {
-                SamplerKind::Ddpm | SamplerKind::Ddim => TimestepSpacing::Leading,
+                SamplerKind::Ddpm | SamplerKind::Ddim | SamplerKind::Pndm => {
+                    TimestepSpacing::Leading
+                }
                 _ => TimestepSpacing::Linspace,
             },
         };
@@ -356,8 +362,15 @@ impl SchedulerConfig {
                     .into(),
             );
         }
-        let set_alpha_to_one =
-            kind != SamplerKind::Ddim || self.bool_key("set_alpha_to_one")?.unwrap_or(true);
+        if kind == SamplerKind::Pndm {
+            self.check_pndm()?;
+        }
+        let set_alpha_to_one = match kind {
+            SamplerKind::Ddim => self.bool_key("set_alpha_to_one")?.unwrap_or(true),
+            // PNDMScheduler's default is False: the last step lands on ᾱ_0.
+            SamplerKind::Pndm => self.bool_key("set_alpha_to_one")?.unwrap_or(false),
+            _ => true,
+        };
         Ok(ResolvedScheduler {
             kind,
             num_train_timesteps: self.usize_key("num_train_timesteps")?.unwrap_or(1000),
@@ -378,6 +391,22 @@ impl SchedulerConfig {
             edm: None,
             ve: None,
         })
+    }
+}
+
+impl SchedulerConfig {
+    /// PNDM runs as PLMS (`skip_prk_steps`): a config naming PNDMScheduler must say so (its
+    /// Runge–Kutta warm-up steps are not implemented), and the model must predict ε or v.
+    fn check_pndm(&self) -> Result<(), String> {
+        if self.str_key("_class_name")?.as_deref() == Some("PNDMScheduler")
+            && self.bool_key("skip_prk_steps")? != Some(true)
+        {
+            return Err("PNDMScheduler with `skip_prk_steps` = false (its Runge–Kutta warm-up steps) is not supported: wgpu-diffusion runs PNDM as PLMS (skip_prk_steps = true, as Stable Diffusion does); set it in scheduler_config.json or choose another --sampler".into());
+        }
+        if self.prediction_type()? == PredictionType::Sample {
+            return Err("PNDMScheduler takes epsilon or v_prediction models, not prediction_type `sample`; choose another --sampler".into());
+        }
+        Ok(())
     }
 }
 
@@ -453,6 +482,9 @@ impl ResolvedScheduler {
     }
 }
 
+/// Floats of the per-step constants the update kernels read ([`Update::kernel_coeffs`]).
+pub const KERNEL_COEFFS: usize = 12;
+
 /// The element-wise update after one U-Net evaluation; every field is a per-step constant.
 ///
 /// Every variant first turns the model output m into the x0 estimate with (a, s):
@@ -496,6 +528,22 @@ pub enum Update {
     },
     /// A VE-SDE model's corrector, predictor or ODE step.
     Ve(VeUpdate),
+    /// PNDMScheduler.step_plms (Liu et al. 2022, eq. 9 with the linear multistep ε of eq. 12):
+    /// ε = w_m·m + Σ w_k·h_k over the last model outputs h_0 (newest) … h_2 (v models: ε =
+    /// a·that + s·base), x ← c_sample·base − c_out·ε, base = x or the sample saved by the first
+    /// step (`use_saved`, the second evaluation's redo of the first step); then `save_base` keeps
+    /// x, `append` shifts m into the history.
+    Plms {
+        a: f32,
+        s: f32,
+        c_sample: f32,
+        c_out: f32,
+        /// (w_m, w_0, w_1, w_2).
+        weights: [f32; 4],
+        append: bool,
+        save_base: bool,
+        use_saved: bool,
+    },
 }
 
 /// A VE-SDE evaluation's update (`shaders/samplers.wgsl` `ve_step`, the model output m being
@@ -538,7 +586,7 @@ impl ModelEval {
 
     /// The 8 constants the kernels of this evaluation read: the update's, the known-region
     /// coefficients (inpainting) in slots 5 and 6, the model-input scale in slot 7.
-    pub fn kernel_coeffs(&self) -> [f32; 8] {
+    pub fn kernel_coeffs(&self) -> [f32; KERNEL_COEFFS] {
         let mut c = self.update.kernel_coeffs(self.input_scale);
         if let Some((a, b)) = self.known {
             c[5] = a;
@@ -549,30 +597,34 @@ impl ModelEval {
 }
 
 impl Update {
-    /// The 8 constants the update kernels read (`shaders/samplers.wgsl`).
-    pub fn kernel_coeffs(&self, input_scale: f32) -> [f32; 8] {
-        match *self {
+    /// The constants the update kernels read (`shaders/samplers.wgsl`): [0..5] the update's,
+    /// [5..7] inpainting's known region (set by [`ModelEval::kernel_coeffs`]), [7] the model
+    /// input scale, [8..12] PLMS's history weights and flags.
+    pub fn kernel_coeffs(&self, input_scale: f32) -> [f32; KERNEL_COEFFS] {
+        let mut out = [0.0; KERNEL_COEFFS];
+        out[7] = input_scale;
+        let first: [f32; 5] = match *self {
             Update::Ddpm {
                 a,
                 s,
                 c_x0,
                 c_xt,
                 sigma,
-            } => [a, s, c_x0, c_xt, sigma, 0.0, 0.0, input_scale],
+            } => [a, s, c_x0, c_xt, sigma],
             Update::Ddim {
                 a,
                 s,
                 c_x0,
                 c_eps,
                 sigma,
-            } => [a, s, c_x0, c_eps, sigma, 0.0, 0.0, input_scale],
+            } => [a, s, c_x0, c_eps, sigma],
             Update::DpmSolver {
                 a,
                 s,
                 c_x,
                 c_d0,
                 c_d1,
-            } => [a, s, c_x, c_d0, c_d1, 0.0, 0.0, input_scale],
+            } => [a, s, c_x, c_d0, c_d1],
             Update::Sigma {
                 a,
                 s,
@@ -585,7 +637,7 @@ impl Update {
                     SigmaStage::HeunFirst => 1.0,
                     SigmaStage::HeunSecond => 2.0,
                 };
-                [a, s, sigma, dt, code, 0.0, 0.0, input_scale]
+                [a, s, sigma, dt, code]
             }
             // coeffs[2..5] = (snr or the predictor's diffusion² or the ODE's c, the diffusion,
             // stage: 0 corrector, 1 predictor, 2 last predictor, 3 ODE, 4 last ODE step).
@@ -599,9 +651,26 @@ impl Update {
                     ),
                     VeUpdate::Ode { c, last } => (c, 0.0, if last { 4.0 } else { 3.0 }),
                 };
-                [0.0, 0.0, c2, c3, stage, 0.0, 0.0, input_scale]
+                [0.0, 0.0, c2, c3, stage]
             }
-        }
+            // coeffs[8..12] = (w_0, w_1, w_2, flags: 1 append, 2 save the base, 4 use it).
+            Update::Plms {
+                a,
+                s,
+                c_sample,
+                c_out,
+                weights,
+                append,
+                save_base,
+                use_saved,
+            } => {
+                out[8..11].copy_from_slice(&weights[1..]);
+                out[11] = (append as u32 + 2 * save_base as u32 + 4 * use_saved as u32) as f32;
+                [a, s, c_sample, c_out, weights[0]]
+            }
+        };
+        out[..5].copy_from_slice(&first);
+        out
     }
 }
 
@@ -717,6 +786,31 @@ mod tests {
 
     fn ddpm_cfg() -> SchedulerConfig {
         SchedulerConfig::ddpm_default()
+    }
+
+    /// PNDM runs as PLMS: a PNDMScheduler config without skip_prk_steps, or a sample-predicting
+    /// model, is refused by name; Stable Diffusion's config resolves with PNDM's own defaults
+    /// (leading spacing, set_alpha_to_one false) and N steps take N + 1 evaluations, the second
+    /// at the first one's next timestep again.
+    #[test]
+    fn pndm_is_plms_with_its_own_defaults() {
+        let sd = r#"{"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+            "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "skip_prk_steps": true,
+            "steps_offset": 1, "set_alpha_to_one": false, "clip_sample": false}"#;
+        let cfg = SchedulerConfig::from_json(sd).unwrap();
+        let r = cfg.resolve(SamplerKind::Pndm).unwrap();
+        assert_eq!(r.timestep_spacing, TimestepSpacing::Leading);
+        assert!(!r.set_alpha_to_one && !r.clip_sample);
+        let s = SamplingSchedule::new(&cfg, SamplerKind::Pndm, 4, None, 0.0).unwrap();
+        assert_eq!(s.timesteps, vec![751.0, 501.0, 501.0, 251.0, 1.0]);
+        let prk = SchedulerConfig::from_json(r#"{"_class_name": "PNDMScheduler"}"#).unwrap();
+        let e = prk.resolve(SamplerKind::Pndm).unwrap_err();
+        assert!(e.contains("skip_prk_steps"), "{e}");
+        let x0 = ddpm_cfg()
+            .with_overrides(&[("prediction_type", "sample".into())])
+            .unwrap();
+        let e = x0.resolve(SamplerKind::Pndm).unwrap_err();
+        assert!(e.contains("epsilon or v_prediction"), "{e}");
     }
 
     fn ts(kind: SamplerKind, n: usize, spacing: Option<TimestepSpacing>) -> Vec<f32> {

@@ -22,7 +22,7 @@ pub struct SamplerParams {
 }
 
 /// Elements of the per-step constants tensor.
-pub const COEFFS_LEN: usize = 8;
+pub const COEFFS_LEN: usize = crate::diffusion::scheduler::KERNEL_COEFFS;
 
 fn key(entry: &'static str) -> KernelKey {
     KernelKey::new("samplers", entry)
@@ -103,8 +103,12 @@ pub struct UpdateBuffers<'a> {
     pub coeffs: &'a Tensor,
     /// DPM-Solver: the previous x0 estimate; Heun: the saved sample. Zero it before a loop.
     pub aux0: &'a Tensor,
-    /// Heun: the saved derivative.
+    /// Heun: the saved derivative; PLMS: the second-newest model output.
     pub aux1: &'a Tensor,
+    /// PLMS: the third-newest model output.
+    pub aux2: &'a Tensor,
+    /// PLMS: the sample its first step started from.
+    pub aux3: &'a Tensor,
 }
 
 /// Records the update of `kind` on `b.x`; `clip` is the clip_sample range, if the scheduler
@@ -122,6 +126,7 @@ pub fn sampler_update(
         SamplerKind::DpmSolverPp2m => "dpm_solver_step",
         SamplerKind::Euler | SamplerKind::Heun => "sigma_step",
         SamplerKind::Pc | SamplerKind::Ode => "ve_step",
+        SamplerKind::Pndm => "plms_step",
     };
     let n = b.x.numel();
     for (what, t) in [
@@ -132,8 +137,20 @@ pub fn sampler_update(
     ] {
         expect_numel(entry, what, t, n)?;
     }
+    if kind == SamplerKind::Pndm {
+        expect_numel(entry, "aux2", b.aux2, n)?;
+        expect_numel(entry, "aux3", b.aux3, n)?;
+    }
     expect_numel(entry, "coeffs", b.coeffs, COEFFS_LEN)?;
-    for t in [b.model_output, b.z, b.coeffs, b.aux0, b.aux1] {
+    for t in [
+        b.model_output,
+        b.z,
+        b.coeffs,
+        b.aux0,
+        b.aux1,
+        b.aux2,
+        b.aux3,
+    ] {
         expect_distinct(entry, t, b.x)?;
     }
     if let Some(r) = clip
@@ -165,6 +182,12 @@ pub fn sampler_update(
         SamplerKind::Pc | SamplerKind::Ode => {
             bindings.push((2, b.z.into()));
             bindings.push((6, b.aux1.into()));
+        }
+        SamplerKind::Pndm => {
+            bindings.push((5, b.aux0.into()));
+            bindings.push((6, b.aux1.into()));
+            bindings.push((10, b.aux2.into()));
+            bindings.push((11, b.aux3.into()));
         }
     }
     if kind == SamplerKind::Pc {

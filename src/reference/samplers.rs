@@ -90,7 +90,51 @@ pub fn sampler_update(
                 }
             }
             Update::Ve(_) => panic!("a VE-SDE update needs the batch layout: use ve_update"),
+            Update::Plms { .. } => panic!("a PLMS update needs its history: use plms_update"),
         }
+    }
+}
+
+/// One PLMS update in place (see [`Update::Plms`]): `history` holds the earlier model outputs
+/// (newest first), `saved` the first step's sample.
+pub fn plms_update(
+    update: &Update,
+    prediction: PredictionType,
+    x: &mut [f64],
+    m: &[f64],
+    history: &mut [Vec<f64>; 3],
+    saved: &mut [f64],
+) {
+    let Update::Plms {
+        a,
+        s,
+        c_sample,
+        c_out,
+        weights,
+        append,
+        save_base,
+        use_saved,
+    } = *update
+    else {
+        panic!("plms_update takes Update::Plms");
+    };
+    let w: Vec<f64> = weights.iter().map(|&v| v as f64).collect();
+    for i in 0..x.len() {
+        let base = if use_saved { saved[i] } else { x[i] };
+        let mut eps =
+            w[0] * m[i] + w[1] * history[0][i] + w[2] * history[1][i] + w[3] * history[2][i];
+        if prediction == PredictionType::VPrediction {
+            eps = a as f64 * eps + s as f64 * base;
+        }
+        if save_base {
+            saved[i] = x[i];
+        }
+        if append {
+            history[2][i] = history[1][i];
+            history[1][i] = history[0][i];
+            history[0][i] = m[i];
+        }
+        x[i] = c_sample as f64 * base - c_out as f64 * eps;
     }
 }
 

@@ -121,6 +121,10 @@ impl Sampler {
         let z = gpu.tensor(&shape, "sampling step noise");
         let aux0 = gpu.tensor(&shape, "sampler state 0");
         let aux1 = gpu.tensor(&shape, "sampler state 1");
+        // PLMS keeps three earlier model outputs and its first sample.
+        let plms = schedule.settings.kind == SamplerKind::Pndm;
+        let aux2 = gpu.tensor(if plms { &shape } else { &[4] }, "sampler state 2");
+        let aux3 = gpu.tensor(if plms { &shape } else { &[4] }, "sampler state 3");
         let coeffs = gpu.tensor(&[COEFFS_LEN], "sampler coefficients");
         let rng_state = gpu.tensor(&[4], "sampling rng");
         let settings = &schedule.settings;
@@ -144,6 +148,8 @@ impl Sampler {
                 coeffs: &coeffs,
                 aux0: &aux0,
                 aux1: &aux1,
+                aux2: &aux2,
+                aux3: &aux3,
             },
         )?;
         let renoise_plan = match &options.inpaint {
@@ -162,6 +168,8 @@ impl Sampler {
         let mut rec = gpu.recorder();
         rec.clear(&aux0);
         rec.clear(&aux1);
+        rec.clear(&aux2);
+        rec.clear(&aux3);
         rec.clear(&z);
         let reset_plan = rec.finish();
         let decoder = match &options.vae {

@@ -37,6 +37,7 @@ fn record_a_run(gpu: &Arc<Gpu>) {
         SamplerKind::DpmSolverPp2m,
         SamplerKind::Euler,
         SamplerKind::Heun,
+        SamplerKind::Pndm,
     ] {
         let eta = if kind == SamplerKind::Ddim { 0.5 } else { 0.0 };
         let schedule = SamplingSchedule::new(&scheduler, kind, 3, None, eta).unwrap();

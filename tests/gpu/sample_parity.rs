@@ -2,7 +2,9 @@
 //! UNet2DModels saved by diffusers itself (ε/linear/clip_sample as a flat model directory,
 //! v/squaredcos_cap_v2 as a DDPMPipeline directory), the initial noise, and the final samples
 //! of diffusers' loop for DDIM (leading, trailing), DPM-Solver++ 2M, Euler and Heun with Karras
-//! sigmas, 10 steps, and DDPM with the per-step noise supplied (tools/make_sampler_fixtures.py).
+//! sigmas, PNDM as Stable Diffusion runs it (PLMS: skip_prk_steps, steps_offset 1,
+//! set_alpha_to_one false), 10 steps, and DDPM with the per-step noise supplied
+//! (tools/make_sampler_fixtures.py).
 //! Each must match to max |ours − diffusers| ≤ 2e-3 · max(1, max |diffusers|).
 
 use std::path::Path;
@@ -12,7 +14,7 @@ use wgpu_diffusion::diffusion::scheduler::{SamplerKind, SamplingSchedule, Timest
 use wgpu_diffusion::io::tensors::LoadedTensors;
 use wgpu_diffusion::sample::{ModelSource, Noise, Sampler, SamplerOptions, nchw_to_nhwc};
 
-const CASES: [(&str, SamplerKind, Option<TimestepSpacing>); 6] = [
+const CASES: [(&str, SamplerKind, Option<TimestepSpacing>); 7] = [
     (
         "ddim_leading",
         SamplerKind::Ddim,
@@ -26,8 +28,21 @@ const CASES: [(&str, SamplerKind, Option<TimestepSpacing>); 6] = [
     ("dpmpp_2m", SamplerKind::DpmSolverPp2m, None),
     ("euler_karras", SamplerKind::Euler, None),
     ("heun_karras", SamplerKind::Heun, None),
+    ("pndm_plms", SamplerKind::Pndm, None),
     ("ddpm", SamplerKind::Ddpm, None),
 ];
+
+/// The `from_config` keyword arguments the fixture script gave a case.
+fn overrides(case: &str) -> Vec<(&'static str, serde_json::Value)> {
+    match case {
+        "pndm_plms" => vec![
+            ("skip_prk_steps", true.into()),
+            ("steps_offset", 1.into()),
+            ("set_alpha_to_one", false.into()),
+        ],
+        _ => Vec::new(),
+    }
+}
 
 fn check_model(name: &str) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -47,8 +62,8 @@ fn check_model(name: &str) {
         .collect();
     for g in gemm_paths() {
         for (case, kind, spacing) in CASES {
-            let schedule =
-                SamplingSchedule::new(&source.scheduler, kind, steps, spacing, 0.0).unwrap();
+            let config = source.scheduler.with_overrides(&overrides(case)).unwrap();
+            let schedule = SamplingSchedule::new(&config, kind, steps, spacing, 0.0).unwrap();
             let expect_ts: Vec<f64> =
                 serde_json::from_str(&meta[&format!("timesteps.{case}")]).unwrap();
             for (ours, theirs) in schedule.timesteps.iter().zip(&expect_ts) {

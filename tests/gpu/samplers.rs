@@ -14,12 +14,13 @@ use wgpu_diffusion::ops::samplers::{self as op, COEFFS_LEN, UpdateBuffers};
 use wgpu_diffusion::reference::samplers as r;
 
 const SIZES: [usize; 3] = [1, 7, 70_001];
-const KINDS: [SamplerKind; 5] = [
+const KINDS: [SamplerKind; 6] = [
     SamplerKind::Ddpm,
     SamplerKind::Ddim,
     SamplerKind::DpmSolverPp2m,
     SamplerKind::Euler,
     SamplerKind::Heun,
+    SamplerKind::Pndm,
 ];
 const PREDICTIONS: [PredictionType; 3] = [
     PredictionType::Epsilon,
@@ -40,6 +41,10 @@ fn sampler_loops_match_reference() {
     let g = gpu();
     for kind in KINDS {
         for prediction in PREDICTIONS {
+            // PNDMScheduler takes ε and v models only.
+            if kind == SamplerKind::Pndm && prediction == PredictionType::Sample {
+                continue;
+            }
             let eta = if kind == SamplerKind::Ddim { 0.7 } else { 0.0 };
             let sched = SamplingSchedule::new(&config(prediction), kind, 6, None, eta).unwrap();
             let clip = sched
@@ -60,10 +65,16 @@ fn sampler_loops_match_reference() {
                 let (tm, tz) = (g.tensor(&[n], "model output"), g.tensor(&[n], "z"));
                 let coeffs = g.tensor(&[COEFFS_LEN], "coeffs");
                 let (ta0, ta1) = (g.tensor(&[n], "aux0"), g.tensor(&[n], "aux1"));
+                let (ta2, ta3) = (g.tensor(&[n], "aux2"), g.tensor(&[n], "aux3"));
+                // PLMS's history (newest first) and saved sample, in the reference.
+                let mut history = [vec![0.0; n], vec![0.0; n], vec![0.0; n]];
+                let mut saved = vec![0.0; n];
                 let scaled = g.tensor(&[n], "model input");
                 let mut rec = g.recorder();
                 rec.clear(&ta0);
                 rec.clear(&ta1);
+                rec.clear(&ta2);
+                rec.clear(&ta3);
                 let clear = rec.finish();
                 g.run(&[&clear]).unwrap();
                 let mut rec = g.recorder();
@@ -80,6 +91,8 @@ fn sampler_loops_match_reference() {
                         coeffs: &coeffs,
                         aux0: &ta0,
                         aux1: &ta1,
+                        aux2: &ta2,
+                        aux3: &ta3,
                     },
                 )
                 .unwrap();
@@ -103,16 +116,27 @@ fn sampler_loops_match_reference() {
                         1e-6,
                     );
                     let z_used: Vec<f64> = if eval.adds_noise { z } else { vec![0.0; n] };
-                    r::sampler_update(
-                        &eval.update,
-                        prediction,
-                        clip,
-                        &mut x,
-                        &m,
-                        &z_used,
-                        &mut aux0,
-                        &mut aux1,
-                    );
+                    if kind == SamplerKind::Pndm {
+                        r::plms_update(
+                            &eval.update,
+                            prediction,
+                            &mut x,
+                            &m,
+                            &mut history,
+                            &mut saved,
+                        );
+                    } else {
+                        r::sampler_update(
+                            &eval.update,
+                            prediction,
+                            clip,
+                            &mut x,
+                            &m,
+                            &z_used,
+                            &mut aux0,
+                            &mut aux1,
+                        );
+                    }
                     let got = read(&g, &tx);
                     // Keep the reference on the GPU's trajectory so errors do not compound
                     // through clipping boundaries; the check above is per step.
@@ -171,6 +195,8 @@ fn bad_sampler_operands_are_errors() {
             coeffs: &coeffs,
             aux0: &x,
             aux1: &x,
+            aux2: &x,
+            aux3: &x,
         },
     )
     .unwrap_err();
@@ -234,8 +260,9 @@ fn guidance_and_duplicated_model_input_match_reference() {
         let out2 = random(2 * n, 41 + n as u64);
         let tx = upload(&g, &[n], &x, "x");
         let coeffs = g.tensor(&[COEFFS_LEN], "coeffs");
-        g.write(&coeffs, &[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.625])
-            .unwrap();
+        let mut c = [0.0f32; COEFFS_LEN];
+        c[7] = 0.625;
+        g.write(&coeffs, &c).unwrap();
         let doubled = g.tensor(&[2 * n], "doubled input");
         let to = upload(&g, &[2 * n], &out2, "model output [c; u]");
         let guided = g.tensor(&[n], "guided");
@@ -271,7 +298,8 @@ fn inpaint_known_and_renoise_match_reference() {
         let known = random(per, 52 + n as u64);
         let keep: Vec<f64> = (0..per).map(|j| (j % 3 == 0) as u32 as f64).collect();
         let (a, b) = (0.8125f32, 0.375f32);
-        let coeffs_v = [0.0, 0.0, 0.0, 0.0, 0.0, a, b, 0.0];
+        let mut coeffs_v = [0.0f32; COEFFS_LEN];
+        (coeffs_v[5], coeffs_v[6]) = (a, b);
         let tx = upload(&g, &[n], &x, "x");
         let tx2 = upload(&g, &[n], &x, "x renoised");
         let tz = upload(&g, &[n], &z, "z");

@@ -168,6 +168,8 @@ fn ve_updates_match_reference() {
                 coeffs: &tc,
                 aux0: &a0,
                 aux1: &a1,
+                aux2: &a0,
+                aux3: &a1,
             };
             let p = wgpu_diffusion::diffusion::PredictionType::Epsilon;
             sampler_update(rec, kind, p, None, &buffers).unwrap();
