@@ -243,6 +243,18 @@ fn run_bench(
         .transpose()?;
     // Under mpirun the training bench measures the data-parallel job (rank 0 reports).
     let world = std::rc::Rc::new(wgpu_diffusion::dist::World::from_environment()?);
+    let train = |gpu: &std::sync::Arc<Gpu>| {
+        wgpu_diffusion::bench::train_steps(
+            gpu,
+            (&model, vae.as_ref()),
+            batch_size,
+            steps,
+            2,
+            minimal,
+            profile,
+            (process_start, &world),
+        )
+    };
     if world.is_parallel() {
         if kernels || sample {
             world.abort_with(
@@ -260,16 +272,7 @@ fn run_bench(
                     world.size(),
                     gpu.describe()
                 );
-                wgpu_diffusion::bench::train_steps(
-                    &gpu,
-                    (&model, vae.as_ref()),
-                    batch_size,
-                    steps,
-                    2,
-                    minimal,
-                    profile,
-                    (process_start, &world),
-                )
+                train(&gpu)
             });
         return match result {
             Ok(r) if world.is_root() => {
@@ -300,17 +303,7 @@ fn run_bench(
         println!("{}", serde_json::to_string(&r)?);
     }
     if !kernels && !sample {
-        let r = wgpu_diffusion::bench::train_steps(
-            &gpu,
-            (&model, vae.as_ref()),
-            batch_size,
-            steps,
-            2,
-            minimal,
-            profile,
-            (process_start, &world),
-        )?;
-        println!("{}", serde_json::to_string(&r)?);
+        println!("{}", serde_json::to_string(&train(&gpu)?)?);
     }
     Ok(())
 }

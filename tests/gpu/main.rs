@@ -7,6 +7,7 @@
 mod adamw;
 mod attention;
 mod cli;
+mod clip_text;
 mod common;
 mod conv2d;
 mod edm;
