@@ -14,7 +14,10 @@ model.safetensors), over the vocabulary of tests/fixtures/tokenizer/ (828 ids, 7
 
 Each `results.safetensors` holds `input_ids` [2, 77] (the tokenizer fixture's ids of two prompts,
 padded as a pipeline asks, stored as float32) and the model's `last_hidden_state` [2, 77, D] in
-eval mode, the tensor a Stable Diffusion U-Net attends to.
+eval mode, the tensor a Stable Diffusion U-Net attends to; and, for the backward of a text encoder
+trained jointly with the U-Net, `loss_weight` w (same shape as last_hidden_state, from its own
+generator so the model and its outputs do not depend on it) with `grad.<name>` for every
+parameter: the gradient of loss = Σ last_hidden_state · w (the model has no dropout).
 """
 import argparse
 import os
@@ -50,10 +53,18 @@ def write(out, name, act, seed, tokenizer):
     d = os.path.join(out, name)
     model.save_pretrained(d)
     ids = tokenizer(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-    with torch.no_grad():
-        hidden = model(input_ids=ids).last_hidden_state
+    hidden = model(input_ids=ids).last_hidden_state
+    weight = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(100 + seed))
+    (hidden * weight).sum().backward()
+    grads = {f"grad.{n}": p.grad.detach().contiguous() for n, p in model.named_parameters()}
+    hidden = hidden.detach()
     save_file(
-        {"input_ids": ids.float().contiguous(), "last_hidden_state": hidden.contiguous()},
+        {
+            "input_ids": ids.float().contiguous(),
+            "last_hidden_state": hidden.contiguous(),
+            "loss_weight": weight.contiguous(),
+            **grads,
+        },
         os.path.join(d, "results.safetensors"),
         metadata={"prompts": "\n".join(PROMPTS)},
     )

@@ -7,8 +7,9 @@
 //! `quick_gelu` (CLIP ViT-L/14, SD 1.x) or exact `gelu` (OpenCLIP, SD 2.x); then
 //! final_layer_norm. The causal mask is transformers' (float32's lowest on later keys), so a
 //! token never sees the padding after it. Parameters carry transformers' names, with or without
-//! the `text_model.` prefix older files have. Inference only (the text encoder is frozen in
-//! Stable Diffusion's training); its backward is future work.
+//! the `text_model.` prefix older files have. The backward (a text encoder trained jointly with
+//! the U-Net) keeps each layer's activations and runs the attention through its probabilities
+//! (GEMM, softmax backward, GEMM).
 
 use std::sync::Arc;
 
@@ -19,11 +20,11 @@ use super::layers::{Linear, ParamDecls};
 use crate::gpu::{Gpu, GpuError, Recorder, Tensor};
 use crate::ops::OpResult;
 use crate::ops::elementwise::{axpby, causal_mask};
-use crate::ops::embedding::embedding_add_forward;
-use crate::ops::gelu::{gelu_forward, quick_gelu_forward};
-use crate::ops::gemm::{GemmShape, MatRef, gemm};
-use crate::ops::layer_norm::layer_norm_forward;
-use crate::ops::softmax::softmax_forward;
+use crate::ops::embedding::{embedding_add_forward, embedding_backward};
+use crate::ops::gelu::{gelu_backward, gelu_forward, quick_gelu_backward, quick_gelu_forward};
+use crate::ops::gemm::{GemmShape, MatRef, gemm, linear_backward};
+use crate::ops::layer_norm::{LayerNormGrads, layer_norm_backward, layer_norm_forward};
+use crate::ops::softmax::{softmax_backward, softmax_forward};
 
 /// The activation of the encoder's MLP.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -112,10 +113,16 @@ impl ClipTextConfig {
         }
         Ok(c)
     }
+}
 
-    fn head_dim(&self) -> usize {
-        self.hidden_size / self.num_attention_heads
-    }
+/// A head slice of a [batch · T, d] activation: batch (n, head) at n·T·d + head·dh, rows of d.
+fn heads_of(x: &Tensor, (d, t, dh): (usize, usize, usize)) -> MatRef<'_> {
+    MatRef::dense(x, d).batched(t * d, dh)
+}
+
+/// The [T, T] score matrix of each (sample, head).
+fn square(x: &Tensor, t: usize, heads: usize) -> MatRef<'_> {
+    MatRef::dense(x, t).batched(heads * t * t, t * t)
 }
 
 /// One encoder layer's parameter names.
@@ -130,19 +137,42 @@ struct EncoderLayer {
     fc2: Linear,
 }
 
-/// The per-pass buffers, reused by every layer (inference keeps nothing for a backward).
-struct Buffers {
-    normed: Tensor,
-    stats: Tensor,
+/// One encoder layer's activations (kept for the backward).
+struct LayerActs {
+    /// LayerNorm 1's output and (mean, rstd) per row.
+    normed1: Tensor,
+    stats1: Tensor,
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    o: Tensor,
-    projected: Tensor,
-    scores: Tensor,
     probs: Tensor,
+    o: Tensor,
+    /// The residual stream after the attention.
+    mid: Tensor,
+    normed2: Tensor,
+    stats2: Tensor,
+    /// fc1's output (before the activation) and the activation's.
     mlp: Tensor,
     activated: Tensor,
+}
+
+/// The forward's scores and the backward's gradients, shared by every layer.
+struct Scratch {
+    scores: Tensor,
+    /// Of the residual stream (entering the layer being differentiated, then leaving it).
+    dh: Tensor,
+    /// Of the stream after the attention.
+    dmid: Tensor,
+    /// Of a [rows, hidden] intermediate (a LayerNorm's output, the attention's output).
+    d_rows: Tensor,
+    d_mlp: Tensor,
+    d_act: Tensor,
+    dq: Tensor,
+    dk: Tensor,
+    dv: Tensor,
+    dprobs: Tensor,
+    dscores: Tensor,
+    final_stats: Tensor,
 }
 
 /// The text encoder for `batch` prompts of `max_position_embeddings` ids each.
@@ -153,12 +183,13 @@ pub struct ClipTextModel {
     /// The prompts' ids (u32 [batch · T]) and each row's position (0..T per prompt).
     pub input_ids: Tensor,
     positions: Tensor,
-    /// [batch · T, hidden]: the residual stream, then (after the final norm) the output.
-    hidden: Tensor,
+    /// [batch · T, hidden] each: the residual stream entering each layer, and leaving the last.
+    hidden: Vec<Tensor>,
     pub last_hidden_state: Tensor,
     layers: Vec<EncoderLayer>,
+    acts: Vec<LayerActs>,
     final_ln: (String, String),
-    buffers: Buffers,
+    scratch: Scratch,
 }
 
 fn layer_norm(decls: &mut ParamDecls, name: &str, width: usize) -> (String, String) {
@@ -218,28 +249,53 @@ impl ClipTextModel {
         let positions: Vec<u32> = (0..rows).map(|r| (r % t) as u32).collect();
         let pos = tensor(&[rows], "positions");
         gpu.write_u32(&pos, &positions)?;
+        let square = [batch * heads * t, t];
+        let inner = [rows, c.intermediate_size];
+        let acts = (0..c.num_hidden_layers)
+            .map(|i| {
+                let a = |shape: &[usize], what: &str| tensor(shape, &format!("layer {i} {what}"));
+                LayerActs {
+                    normed1: a(&[rows, d], "normed 1"),
+                    stats1: a(&[rows, 2], "norm 1 stats"),
+                    q: a(&[rows, d], "q"),
+                    k: a(&[rows, d], "k"),
+                    v: a(&[rows, d], "v"),
+                    probs: a(&square, "probabilities"),
+                    o: a(&[rows, d], "attention"),
+                    mid: a(&[rows, d], "mid"),
+                    normed2: a(&[rows, d], "normed 2"),
+                    stats2: a(&[rows, 2], "norm 2 stats"),
+                    mlp: a(&inner, "fc1"),
+                    activated: a(&inner, "activation"),
+                }
+            })
+            .collect();
         Ok(ClipTextModel {
             config: config.clone(),
             params,
             batch,
             input_ids: tensor(&[rows], "input ids"),
             positions: pos,
-            hidden: tensor(&[rows, d], "hidden"),
+            hidden: (0..=c.num_hidden_layers)
+                .map(|i| tensor(&[rows, d], &format!("hidden {i}")))
+                .collect(),
             last_hidden_state: tensor(&[batch, t, d], "last_hidden_state"),
             layers,
+            acts,
             final_ln,
-            buffers: Buffers {
-                normed: tensor(&[rows, d], "normed"),
-                stats: tensor(&[rows, 2], "norm stats"),
-                q: tensor(&[rows, d], "q"),
-                k: tensor(&[rows, d], "k"),
-                v: tensor(&[rows, d], "v"),
-                o: tensor(&[rows, d], "attention"),
-                projected: tensor(&[rows, d], "projected"),
-                scores: tensor(&[batch * heads * t, t], "scores"),
-                probs: tensor(&[batch * heads * t, t], "probabilities"),
-                mlp: tensor(&[rows, c.intermediate_size], "fc1"),
-                activated: tensor(&[rows, c.intermediate_size], "activation"),
+            scratch: Scratch {
+                scores: tensor(&square, "scores"),
+                dh: tensor(&[rows, d], "d hidden"),
+                dmid: tensor(&[rows, d], "d mid"),
+                d_rows: tensor(&[rows, d], "d rows"),
+                d_mlp: tensor(&inner, "d fc1"),
+                d_act: tensor(&inner, "d activation"),
+                dq: tensor(&[rows, d], "dq"),
+                dk: tensor(&[rows, d], "dk"),
+                dv: tensor(&[rows, d], "dv"),
+                dprobs: tensor(&square, "d probabilities"),
+                dscores: tensor(&square, "d scores"),
+                final_stats: tensor(&[rows, 2], "final norm stats"),
             },
         })
     }
@@ -285,67 +341,181 @@ impl ClipTextModel {
         rec: &mut Recorder,
         (w, b): &(String, String),
         x: &Tensor,
-        y: &Tensor,
+        (y, stats): (&Tensor, &Tensor),
     ) -> OpResult {
         let eps = self.config.layer_norm_eps as f32;
         let (w, b) = (self.params.get(w).0, self.params.get(b).0);
-        layer_norm_forward(rec, x, (&w, &b), eps, y, &self.buffers.stats)
+        layer_norm_forward(rec, x, (&w, &b), eps, y, stats)
     }
 
-    /// Causal multi-head self-attention of the normed stream into `buffers.o`.
-    fn attention(&self, rec: &mut Recorder, layer: &EncoderLayer) -> OpResult {
-        let (p, b) = (&self.params, &self.buffers);
-        layer.q.forward(rec, p, &b.normed, &b.q)?;
-        layer.k.forward(rec, p, &b.normed, &b.k)?;
-        layer.v.forward(rec, p, &b.normed, &b.v)?;
-        let (d, t) = (self.config.hidden_size, self.config.max_position_embeddings);
-        let (heads, dh) = (self.config.num_attention_heads, self.config.head_dim());
-        fn heads_of(x: &Tensor, (d, t, dh): (usize, usize, usize)) -> MatRef<'_> {
-            MatRef::dense(x, d).batched(t * d, dh)
-        }
-        fn square(x: &Tensor, t: usize, heads: usize) -> MatRef<'_> {
-            MatRef::dense(x, t).batched(heads * t * t, t * t)
-        }
+    /// Backward of a LayerNorm: its input's gradient added into `dx`, γ and β accumulated.
+    fn norm_backward(
+        &self,
+        rec: &mut Recorder,
+        (w, b): &(String, String),
+        (x, stats): (&Tensor, &Tensor),
+        dy: &Tensor,
+        dx: &Tensor,
+    ) -> OpResult {
+        let ((gamma, dgamma), (_, dbeta)) = (self.params.get(w), self.params.get(b));
+        let grads = LayerNormGrads {
+            dx,
+            add_dx: true,
+            dgamma: &dgamma,
+            dbeta: &dbeta,
+        };
+        layer_norm_backward(rec, x, &gamma, stats, dy, &grads)
+    }
+
+    /// (d, T, head width, heads) of the attention's GEMMs.
+    fn attention_dims(&self) -> (usize, usize, usize, usize) {
+        let c = &self.config;
+        let (d, heads) = (c.hidden_size, c.num_attention_heads);
+        (d, c.max_position_embeddings, d / heads, heads)
+    }
+
+    /// Causal multi-head self-attention of `a.normed1` into `a.o`.
+    fn attention(&self, rec: &mut Recorder, layer: &EncoderLayer, a: &LayerActs) -> OpResult {
+        let p = &self.params;
+        layer.q.forward(rec, p, &a.normed1, &a.q)?;
+        layer.k.forward(rec, p, &a.normed1, &a.k)?;
+        layer.v.forward(rec, p, &a.normed1, &a.v)?;
+        let (d, t, dh, heads) = self.attention_dims();
         let dims = (d, t, dh);
+        let scores = &self.scratch.scores;
         let scale = 1.0 / (dh as f32).sqrt();
         let sh = GemmShape::new(t, t, dh)
             .batches(self.batch, heads)
             .scale(scale, 0.0);
-        let (q, k) = (heads_of(&b.q, dims), heads_of(&b.k, dims).t());
-        gemm(rec, sh, q, k, None, square(&b.scores, t, heads))?;
-        causal_mask(rec, &b.scores)?;
-        softmax_forward(rec, &b.scores, &b.probs)?;
+        let (q, k) = (heads_of(&a.q, dims), heads_of(&a.k, dims).t());
+        gemm(rec, sh, q, k, None, square(scores, t, heads))?;
+        causal_mask(rec, scores)?;
+        softmax_forward(rec, scores, &a.probs)?;
         let sh = GemmShape::new(t, dh, t).batches(self.batch, heads);
-        let (pv, v) = (square(&b.probs, t, heads), heads_of(&b.v, dims));
-        gemm(rec, sh, pv, v, None, heads_of(&b.o, dims))
+        let (pv, v) = (square(&a.probs, t, heads), heads_of(&a.v, dims));
+        gemm(rec, sh, pv, v, None, heads_of(&a.o, dims))
     }
 
-    /// Records the encoder over `input_ids` into `last_hidden_state`.
+    /// Records the encoder over `input_ids` into `last_hidden_state`, keeping each layer's
+    /// activations for [`backward`](Self::backward).
     pub fn forward(&self, rec: &mut Recorder) -> OpResult {
-        let (p, b) = (&self.params, &self.buffers);
-        rec.clear(&self.hidden);
+        let p = &self.params;
+        let h0 = &self.hidden[0];
+        rec.clear(h0);
         let token_table = p.get("embeddings.token_embedding.weight").0;
         let position_table = p.get("embeddings.position_embedding.weight").0;
-        embedding_add_forward(rec, &self.input_ids, &token_table, &self.hidden)?;
-        embedding_add_forward(rec, &self.positions, &position_table, &self.hidden)?;
-        for layer in &self.layers {
-            self.norm(rec, &layer.ln1, &self.hidden, &b.normed)?;
-            self.attention(rec, layer)?;
-            layer.out.forward(rec, p, &b.o, &b.projected)?;
-            axpby(rec, 1.0, &b.projected, 1.0, &self.hidden)?;
-            self.norm(rec, &layer.ln2, &self.hidden, &b.normed)?;
-            layer.fc1.forward(rec, p, &b.normed, &b.mlp)?;
+        embedding_add_forward(rec, &self.input_ids, &token_table, h0)?;
+        embedding_add_forward(rec, &self.positions, &position_table, h0)?;
+        for (i, (layer, a)) in self.layers.iter().zip(&self.acts).enumerate() {
+            let (h, next) = (&self.hidden[i], &self.hidden[i + 1]);
+            self.norm(rec, &layer.ln1, h, (&a.normed1, &a.stats1))?;
+            self.attention(rec, layer, a)?;
+            layer.out.forward(rec, p, &a.o, &a.mid)?;
+            axpby(rec, 1.0, h, 1.0, &a.mid)?;
+            self.norm(rec, &layer.ln2, &a.mid, (&a.normed2, &a.stats2))?;
+            layer.fc1.forward(rec, p, &a.normed2, &a.mlp)?;
             match self.config.hidden_act {
-                HiddenAct::QuickGelu => quick_gelu_forward(rec, &b.mlp, &b.activated)?,
-                HiddenAct::Gelu => gelu_forward(rec, &b.mlp, &b.activated)?,
+                HiddenAct::QuickGelu => quick_gelu_forward(rec, &a.mlp, &a.activated)?,
+                HiddenAct::Gelu => gelu_forward(rec, &a.mlp, &a.activated)?,
             }
-            layer.fc2.forward(rec, p, &b.activated, &b.projected)?;
-            axpby(rec, 1.0, &b.projected, 1.0, &self.hidden)?;
+            layer.fc2.forward(rec, p, &a.activated, next)?;
+            axpby(rec, 1.0, &a.mid, 1.0, next)?;
         }
-        let out = self
-            .last_hidden_state
-            .reshape(&[self.hidden.shape()[0], self.config.hidden_size]);
-        self.norm(rec, &self.final_ln, &self.hidden, &out)
+        let last = self.hidden.last().expect("at least the embeddings");
+        let out = self.last_hidden_state.reshape(last.shape());
+        let stats = &self.scratch.final_stats;
+        self.norm(rec, &self.final_ln, last, (&out, stats))
+    }
+
+    /// Records the backward of [`forward`](Self::forward) from `d_last` (the gradient of
+    /// `last_hidden_state`): every parameter's gradient accumulated (`+=`) into the store's
+    /// gradient buffer, as the U-Net's are.
+    pub fn backward(&self, rec: &mut Recorder, d_last: &Tensor) -> OpResult {
+        let (p, s) = (&self.params, &self.scratch);
+        let last = self.hidden.last().expect("at least the embeddings");
+        let d_last = d_last.reshape(last.shape());
+        rec.clear(&s.dh);
+        let final_in = (last, &s.final_stats);
+        self.norm_backward(rec, &self.final_ln, final_in, &d_last, &s.dh)?;
+        for (i, (layer, a)) in self.layers.iter().zip(&self.acts).enumerate().rev() {
+            // next = mid + fc2(act(fc1(LN2(mid)))).
+            self.mlp_backward(rec, layer, a)?;
+            rec.copy(&s.dh, &s.dmid)?;
+            let ln2_in = (&a.mid, &a.stats2);
+            self.norm_backward(rec, &layer.ln2, ln2_in, &s.d_rows, &s.dmid)?;
+            // mid = h + out_proj(attention(LN1(h))).
+            let (wo, dwo) = p.get(&layer.out.weight);
+            let dbo = p.get(&layer.out.bias).1;
+            let d_o = Some((&s.d_rows, false));
+            linear_backward(rec, &a.o, &wo, &s.dmid, d_o, &dwo, Some(&dbo), true)?;
+            self.attention_backward(rec, a)?;
+            for (j, (lin, dy)) in [(&layer.q, &s.dq), (&layer.k, &s.dk), (&layer.v, &s.dv)]
+                .into_iter()
+                .enumerate()
+            {
+                let (w, dw) = p.get(&lin.weight);
+                let db = p.get(&lin.bias).1;
+                let dx = Some((&s.d_rows, j > 0));
+                linear_backward(rec, &a.normed1, &w, dy, dx, &dw, Some(&db), true)?;
+            }
+            rec.copy(&s.dmid, &s.dh)?;
+            let ln1_in = (&self.hidden[i], &a.stats1);
+            self.norm_backward(rec, &layer.ln1, ln1_in, &s.d_rows, &s.dh)?;
+        }
+        let d_tokens = p.get("embeddings.token_embedding.weight").1;
+        let d_positions = p.get("embeddings.position_embedding.weight").1;
+        embedding_backward(rec, &self.input_ids, &s.dh, &d_tokens)?;
+        embedding_backward(rec, &self.positions, &s.dh, &d_positions)
+    }
+
+    /// The MLP's backward from the stream's gradient `scratch.dh`: fc2, the activation, fc1
+    /// (parameters accumulated), leaving the gradient of LayerNorm 2's output in `d_rows`.
+    fn mlp_backward(&self, rec: &mut Recorder, layer: &EncoderLayer, a: &LayerActs) -> OpResult {
+        let (p, s) = (&self.params, &self.scratch);
+        let (w2, dw2) = p.get(&layer.fc2.weight);
+        let db2 = p.get(&layer.fc2.bias).1;
+        let d_act = Some((&s.d_act, false));
+        linear_backward(rec, &a.activated, &w2, &s.dh, d_act, &dw2, Some(&db2), true)?;
+        match self.config.hidden_act {
+            HiddenAct::QuickGelu => quick_gelu_backward(rec, &a.mlp, &s.d_act, &s.d_mlp)?,
+            HiddenAct::Gelu => gelu_backward(rec, &a.mlp, &s.d_act, &s.d_mlp)?,
+        }
+        let (w1, dw1) = p.get(&layer.fc1.weight);
+        let db1 = p.get(&layer.fc1.bias).1;
+        let d_rows = Some((&s.d_rows, false));
+        linear_backward(
+            rec,
+            &a.normed2,
+            &w1,
+            &s.d_mlp,
+            d_rows,
+            &dw1,
+            Some(&db1),
+            true,
+        )
+    }
+
+    /// dq, dk, dv from the attention output's gradient (in `scratch.d_rows`), through the
+    /// kept probabilities: dP = dO·Vᵀ, dV = Pᵀ·dO, dS = softmax'(P)·dP (zero where masked),
+    /// dQ = s·dS·K, dK = s·dSᵀ·Q.
+    fn attention_backward(&self, rec: &mut Recorder, a: &LayerActs) -> OpResult {
+        let s = &self.scratch;
+        let (d, t, dh, heads) = self.attention_dims();
+        let dims = (d, t, dh);
+        let b = self.batch;
+        let sh = GemmShape::new(t, t, dh).batches(b, heads);
+        let (d_o, v) = (heads_of(&s.d_rows, dims), heads_of(&a.v, dims).t());
+        gemm(rec, sh, d_o, v, None, square(&s.dprobs, t, heads))?;
+        let sh = GemmShape::new(t, dh, t).batches(b, heads);
+        let (pt, d_o) = (square(&a.probs, t, heads).t(), heads_of(&s.d_rows, dims));
+        gemm(rec, sh, pt, d_o, None, heads_of(&s.dv, dims))?;
+        softmax_backward(rec, &a.probs, &s.dprobs, &s.dscores)?;
+        let scale = 1.0 / (dh as f32).sqrt();
+        let sh = GemmShape::new(t, dh, t).batches(b, heads).scale(scale, 0.0);
+        let (ds, k) = (square(&s.dscores, t, heads), heads_of(&a.k, dims));
+        gemm(rec, sh, ds, k, None, heads_of(&s.dq, dims))?;
+        let (dst, q) = (square(&s.dscores, t, heads).t(), heads_of(&a.q, dims));
+        gemm(rec, sh, dst, q, None, heads_of(&s.dk, dims))
     }
 
     /// Uploads the prompts' ids ([batch, T], row-major), each below the vocabulary size.

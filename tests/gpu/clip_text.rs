@@ -3,7 +3,11 @@
 //! written by tools/make_clip_fixtures.py) over the tokenizer fixture's vocabulary. Our tokenizer
 //! gives the fixture's ids for its two prompts, and our `last_hidden_state` for them matches
 //! transformers' on both GEMM paths: relative L2 ≤ 1e-5 and max |diff| ≤ 1e-4 · max|ref| (two
-//! layers of f32 GEMMs, LayerNorms and softmaxes; measured errors are printed).
+//! layers of f32 GEMMs, LayerNorms and softmaxes; measured errors are printed). The backward (a
+//! text encoder trained jointly with the U-Net) gives transformers' gradient of
+//! Σ last_hidden_state · w for every parameter: relative L2 ≤ 1e-5, and `k_proj.bias`, whose
+//! gradient is analytically zero (softmax is shift-invariant along keys), ≤ 1e-6 · the largest
+//! |gradient| of its `k_proj.weight`.
 
 use std::path::Path;
 
@@ -35,7 +39,15 @@ fn check(name: &str) {
         let flat = model.weights(|n| weights.get(n).ok()).unwrap();
         g.write(&model.params.params, &flat).unwrap();
         model.set_input_ids(&g, &ids).unwrap();
-        run(&g, |rec| model.forward(rec).unwrap());
+        let (_, w) = results.get("loss_weight").unwrap();
+        let d_last = g.tensor(model.last_hidden_state.shape(), "d last");
+        g.write(&d_last, &w).unwrap();
+        g.write(&model.params.grads, &vec![0.0; model.params.len])
+            .unwrap();
+        run(&g, |rec| {
+            model.forward(rec).unwrap();
+            model.backward(rec, &d_last).unwrap();
+        });
         let ours = read(&g, &model.last_hidden_state);
         let err = rel_l2(&ours, &expected);
         let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -54,7 +66,55 @@ fn check(name: &str) {
             &ours[..6],
             &expected[..6]
         );
+        check_grads(
+            name,
+            &g.gemm_path.to_string(),
+            &model,
+            &read(&g, &model.params.grads),
+            &results,
+        );
     }
+}
+
+fn check_grads(
+    name: &str,
+    path: &str,
+    model: &ClipTextModel,
+    grads: &[f32],
+    results: &LoadedTensors,
+) {
+    let mut worst = (String::new(), 0.0f64);
+    for (spec, ours) in model.params.unflatten(grads) {
+        let (_, r) = results.get(&format!("grad.{}", spec.name)).unwrap();
+        if spec.name.ends_with("k_proj.bias") {
+            let m = ours.iter().fold(0f32, |m, v| m.max(v.abs()));
+            // Rounding noise only (transformers' own is ~1e-6): bounded by the weight's scale.
+            let weight = spec.name.replace(".bias", ".weight");
+            let (_, rw) = results.get(&format!("grad.{weight}")).unwrap();
+            let scale = rw.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert!(
+                m <= 1e-6 * scale,
+                "{name}: grad.{} max |g| {m:e}",
+                spec.name
+            );
+            continue;
+        }
+        let e = rel_l2(ours, &r);
+        assert!(
+            e <= 1e-5,
+            "{name} on {path}: grad.{} relative L2 {e:e}\n  ours[..4] = {:?}\n  transformers[..4] = {:?}",
+            spec.name,
+            &ours[..4.min(ours.len())],
+            &r[..4.min(r.len())]
+        );
+        if e > worst.1 {
+            worst = (spec.name.clone(), e);
+        }
+    }
+    eprintln!(
+        "clip text {name} ({path}): worst gradient {} relative L2 {:.2e}",
+        worst.0, worst.1
+    );
 }
 
 #[test]
