@@ -22,7 +22,7 @@ use crate::ops::OpResult;
 use crate::ops::elementwise::{axpby, causal_mask};
 use crate::ops::embedding::{embedding_add_forward, embedding_backward};
 use crate::ops::gelu::{gelu_backward, gelu_forward, quick_gelu_backward, quick_gelu_forward};
-use crate::ops::gemm::{GemmShape, MatRef, gemm, linear_backward};
+use crate::ops::gemm::{GemmShape, MatRef, gemm};
 use crate::ops::layer_norm::{LayerNormGrads, layer_norm_backward, layer_norm_forward};
 use crate::ops::softmax::{softmax_backward, softmax_forward};
 
@@ -444,19 +444,15 @@ impl ClipTextModel {
             let ln2_in = (&a.mid, &a.stats2);
             self.norm_backward(rec, &layer.ln2, ln2_in, &s.d_rows, &s.dmid)?;
             // mid = h + out_proj(attention(LN1(h))).
-            let (wo, dwo) = p.get(&layer.out.weight);
-            let dbo = p.get(&layer.out.bias).1;
             let d_o = Some((&s.d_rows, false));
-            linear_backward(rec, &a.o, &wo, &s.dmid, d_o, &dwo, Some(&dbo), true)?;
+            layer.out.backward_rows(rec, p, &a.o, &s.dmid, d_o)?;
             self.attention_backward(rec, a)?;
             for (j, (lin, dy)) in [(&layer.q, &s.dq), (&layer.k, &s.dk), (&layer.v, &s.dv)]
                 .into_iter()
                 .enumerate()
             {
-                let (w, dw) = p.get(&lin.weight);
-                let db = p.get(&lin.bias).1;
                 let dx = Some((&s.d_rows, j > 0));
-                linear_backward(rec, &a.normed1, &w, dy, dx, &dw, Some(&db), true)?;
+                lin.backward_rows(rec, p, &a.normed1, dy, dx)?;
             }
             rec.copy(&s.dmid, &s.dh)?;
             let ln1_in = (&self.hidden[i], &a.stats1);
@@ -472,27 +468,18 @@ impl ClipTextModel {
     /// (parameters accumulated), leaving the gradient of LayerNorm 2's output in `d_rows`.
     fn mlp_backward(&self, rec: &mut Recorder, layer: &EncoderLayer, a: &LayerActs) -> OpResult {
         let (p, s) = (&self.params, &self.scratch);
-        let (w2, dw2) = p.get(&layer.fc2.weight);
-        let db2 = p.get(&layer.fc2.bias).1;
         let d_act = Some((&s.d_act, false));
-        linear_backward(rec, &a.activated, &w2, &s.dh, d_act, &dw2, Some(&db2), true)?;
+        layer
+            .fc2
+            .backward_rows(rec, p, &a.activated, &s.dh, d_act)?;
         match self.config.hidden_act {
             HiddenAct::QuickGelu => quick_gelu_backward(rec, &a.mlp, &s.d_act, &s.d_mlp)?,
             HiddenAct::Gelu => gelu_backward(rec, &a.mlp, &s.d_act, &s.d_mlp)?,
         }
-        let (w1, dw1) = p.get(&layer.fc1.weight);
-        let db1 = p.get(&layer.fc1.bias).1;
         let d_rows = Some((&s.d_rows, false));
-        linear_backward(
-            rec,
-            &a.normed2,
-            &w1,
-            &s.d_mlp,
-            d_rows,
-            &dw1,
-            Some(&db1),
-            true,
-        )
+        layer
+            .fc1
+            .backward_rows(rec, p, &a.normed2, &s.d_mlp, d_rows)
     }
 
     /// dq, dk, dv from the attention output's gradient (in `scratch.d_rows`), through the

@@ -1,4 +1,4 @@
-//! Layers: conv, linear, group norm, the diffusers ResnetBlock2D, Attention, Downsample2D and
+//! Layers: conv, linear, group norm, layer norm, the diffusers ResnetBlock2D, Attention, Downsample2D and
 //! Upsample2D. A layer holds its parameter *names* (resolved in the flat [`ParamStore`] when it
 //! records) and the activations it keeps for backward; everything is allocated at build time.
 
@@ -15,6 +15,7 @@ use crate::ops::gemm::{GemmShape, MatRef, gemm, linear_backward, linear_forward}
 use crate::ops::group_norm::{
     group_norm_backward, group_norm_forward, group_norm_silu_backward, group_norm_silu_forward,
 };
+use crate::ops::layer_norm::{LayerNormGrads, layer_norm_backward, layer_norm_forward};
 use crate::ops::noise::dropout;
 use crate::ops::reduce::sum_pixels_per_sample;
 use crate::ops::softmax::{softmax_backward, softmax_forward};
@@ -81,20 +82,39 @@ impl Conv2d {
 
 pub struct Linear {
     pub weight: String,
-    pub bias: String,
+    /// None for diffusers' attention projections `to_q`/`to_k`/`to_v` (bias=False).
+    pub bias: Option<String>,
 }
 
 impl Linear {
     pub fn new(decls: &mut ParamDecls, prefix: &str, fin: usize, fout: usize) -> Linear {
+        Linear::declare(decls, prefix, &[fout, fin], true)
+    }
+    /// A Linear without a bias.
+    pub fn without_bias(decls: &mut ParamDecls, prefix: &str, fin: usize, fout: usize) -> Linear {
+        Linear::declare(decls, prefix, &[fout, fin], false)
+    }
+    /// A 1×1 convolution (weight [fout, fin, 1, 1]), which over NHWC rows is a Linear.
+    pub fn conv1x1(decls: &mut ParamDecls, prefix: &str, fin: usize, fout: usize) -> Linear {
+        Linear::declare(decls, prefix, &[fout, fin, 1, 1], true)
+    }
+    fn declare(decls: &mut ParamDecls, prefix: &str, shape: &[usize], bias: bool) -> Linear {
         Linear {
-            weight: decls.add(format!("{prefix}.weight"), &[fout, fin]),
-            bias: decls.add(format!("{prefix}.bias"), &[fout]),
+            weight: decls.add(format!("{prefix}.weight"), shape),
+            bias: bias.then(|| decls.add(format!("{prefix}.bias"), &shape[..1])),
         }
     }
+    /// The weight as [out, in] and its gradient.
+    fn weight_of(&self, p: &ParamStore) -> (Tensor, Tensor) {
+        let (w, dw) = p.get(&self.weight);
+        let rows = w.shape()[0];
+        let shape = [rows, w.numel() / rows];
+        (w.reshape(&shape), dw.reshape(&shape))
+    }
     pub fn forward(&self, rec: &mut Recorder, p: &ParamStore, x: &Tensor, y: &Tensor) -> OpResult {
-        let (w, _) = p.get(&self.weight);
-        let (b, _) = p.get(&self.bias);
-        linear_forward(rec, x, &w, Some(&b), y)
+        let (w, _) = self.weight_of(p);
+        let b = self.bias.as_ref().map(|b| p.get(b).0);
+        linear_forward(rec, x, &w, b.as_ref(), y)
     }
     pub fn backward(
         &self,
@@ -105,14 +125,73 @@ impl Linear {
         dy: &Tensor,
         need_dx: bool,
     ) -> OpResult {
-        let (w, dw) = p.get(&self.weight);
-        let (_, db) = p.get(&self.bias);
         let dx = if need_dx {
             Some((&x.grad, gt.accumulate(&x.grad)))
         } else {
             None
         };
-        linear_backward(rec, &x.value, &w, dy, dx, &dw, Some(&db), true)
+        self.backward_rows(rec, p, &x.value, dy, dx)
+    }
+    /// Parameter gradients (+=) from `dy` and, when given, `dx` (`true`: added into it).
+    pub fn backward_rows(
+        &self,
+        rec: &mut Recorder,
+        p: &ParamStore,
+        x: &Tensor,
+        dy: &Tensor,
+        dx: Option<(&Tensor, bool)>,
+    ) -> OpResult {
+        let (w, dw) = self.weight_of(p);
+        let db = self.bias.as_ref().map(|b| p.get(b).1);
+        linear_backward(rec, x, &w, dy, dx, &dw, db.as_ref(), true)
+    }
+}
+
+/// LayerNorm over the last dimension with an affine (torch.nn.LayerNorm), keeping each row's
+/// (mean, rstd) for the backward.
+pub struct LayerNorm {
+    pub weight: String,
+    pub bias: String,
+    pub eps: f32,
+    stats: Tensor,
+}
+
+impl LayerNorm {
+    pub fn new(
+        gpu: &Arc<Gpu>,
+        decls: &mut ParamDecls,
+        prefix: &str,
+        (rows, width): (usize, usize),
+        eps: f64,
+    ) -> LayerNorm {
+        LayerNorm {
+            weight: decls.add(format!("{prefix}.weight"), &[width]),
+            bias: decls.add(format!("{prefix}.bias"), &[width]),
+            eps: eps as f32,
+            stats: gpu.tensor(&[rows, 2], &format!("{prefix} stats")),
+        }
+    }
+    pub fn forward(&self, rec: &mut Recorder, p: &ParamStore, x: &Act, y: &Act) -> OpResult {
+        let (g, b) = (p.get(&self.weight).0, p.get(&self.bias).0);
+        layer_norm_forward(rec, &x.value, (&g, &b), self.eps, &y.value, &self.stats)
+    }
+    /// γ, β gradients (+=) and x.grad (+)= ∂/∂x from y.grad.
+    pub fn backward(
+        &self,
+        rec: &mut Recorder,
+        p: &ParamStore,
+        gt: &mut GradTracker,
+        x: &Act,
+        y: &Act,
+    ) -> OpResult {
+        let ((g, dg), db) = (p.get(&self.weight), p.get(&self.bias).1);
+        let grads = LayerNormGrads {
+            dx: &x.grad,
+            add_dx: gt.accumulate(&x.grad),
+            dgamma: &dg,
+            dbeta: &db,
+        };
+        layer_norm_backward(rec, &x.value, &g, &self.stats, &y.grad, &grads)
     }
 }
 

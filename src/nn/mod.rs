@@ -11,6 +11,7 @@ pub mod graph;
 pub mod init;
 pub mod layers;
 pub mod params;
+pub mod transformer;
 pub mod unet;
 pub mod vae;
 pub mod vae_config;

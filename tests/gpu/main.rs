@@ -31,6 +31,7 @@ mod samplers;
 mod softmax;
 mod timestep_embedding;
 mod train;
+mod transformer2d;
 mod upsample;
 mod vae;
 mod ve;
