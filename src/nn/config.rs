@@ -41,7 +41,33 @@ pub struct UNetConfig {
     /// `in_channels` = 2 × `out_channels`; written as `_sr_scale`.
     #[serde(default, rename = "_sr_scale", skip_serializing_if = "Option::is_none")]
     pub sr_scale: Option<usize>,
+    /// A `UNet2DConditionModel`'s text conditioning (read and written by `cond_config`).
+    #[serde(skip)]
+    pub cross_attention: Option<CrossAttention>,
 }
+
+/// What a `UNet2DConditionModel` adds to the U-Net: a Transformer2DModel after each resnet of
+/// its cross-attention blocks and in the mid block, attending to `encoder_hidden_states`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CrossAttention {
+    /// Width of the context rows (the text encoder's hidden size).
+    pub cross_attention_dim: usize,
+    /// Heads of each level's transformers: diffusers' `attention_head_dim`, which in
+    /// UNet2DConditionModel is the number of heads (SD 1.5: 8 heads of width 40, 80, 160).
+    pub heads: Vec<usize>,
+    /// `transformer_layers_per_block` of each level.
+    pub transformer_layers: Vec<usize>,
+    pub use_linear_projection: bool,
+    /// Attention in f32 where it would run in f16; we compute in f32 anyway, so either value
+    /// gives the same model. Kept to write the config back unchanged.
+    pub upcast_attention: bool,
+    /// The mid block: `UNetMidBlock2DCrossAttn` (true) or none at all (diffusers' null).
+    pub mid_block: bool,
+}
+
+pub const CROSS_DOWN: &str = "CrossAttnDownBlock2D";
+pub const CROSS_UP: &str = "CrossAttnUpBlock2D";
+pub const MID_BLOCK_CROSS: &str = "UNetMidBlock2DCrossAttn";
 
 /// Keys diffusers writes that we accept, with the only values we support (None = any value is
 /// fine because it does not change the computation, e.g. bookkeeping keys).
@@ -95,6 +121,7 @@ impl UNetConfig {
                     num_class_embeds: None,
                     null_class: None,
                     sr_scale: None,
+                    cross_attention: None,
                 }
             };
         match name {
@@ -157,10 +184,10 @@ impl UNetConfig {
 
     pub const PRESETS: [&'static str; 5] = ["tiny16", "tiny28", "mnist28", "mnist-ldm", "cifar32"];
 
-    /// Parses a diffusers `config.json`: diffusers' defaults fill missing keys (and keys set to
+    /// Parses a diffusers `UNet2DModel` config.json: diffusers' defaults fill missing keys (and keys set to
     /// null, as diffusers' `__init__` would), keys of other meanings are checked against
     /// [`ACCEPTED_AS_DEFAULT`], and anything else is an error naming the key.
-    pub fn from_json(text: &str) -> Result<UNetConfig, String> {
+    pub fn from_unet2d_json(text: &str) -> Result<UNetConfig, String> {
         let (raw, _): (DiffusersUNetConfig, _) =
             parse_diffusers_config(text, "UNet2DModel", |k| {
                 k == "attention_head_dim" || ACCEPTED_AS_DEFAULT.iter().any(|(n, _)| *n == k)
@@ -188,6 +215,7 @@ impl UNetConfig {
             num_class_embeds: raw.num_class_embeds,
             null_class: raw.null_class,
             sr_scale: raw.sr_scale,
+            cross_attention: None,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -195,6 +223,9 @@ impl UNetConfig {
 
     /// diffusers' config.json for this model.
     pub fn to_json(&self) -> String {
+        if let Some(x) = &self.cross_attention {
+            return cond_to_json(self, x);
+        }
         let mut v = serde_json::to_value(self).expect("serialize config");
         let o = v.as_object_mut().expect("object");
         o.insert("_class_name".into(), Value::from("UNet2DModel"));
@@ -234,7 +265,13 @@ impl UNetConfig {
                 self.up_block_types.len()
             ));
         }
+        if let Some(x) = &self.cross_attention {
+            check_cross(self, x)?;
+        }
         for t in &self.down_block_types {
+            if self.cross_attention.is_some() {
+                break;
+            }
             if t != "DownBlock2D" && t != "AttnDownBlock2D" {
                 return Err(format!(
                     "down block type `{t}` is not supported (DownBlock2D, AttnDownBlock2D)"
@@ -242,6 +279,9 @@ impl UNetConfig {
             }
         }
         for t in &self.up_block_types {
+            if self.cross_attention.is_some() {
+                break;
+            }
             if t != "UpBlock2D" && t != "AttnUpBlock2D" {
                 return Err(format!(
                     "up block type `{t}` is not supported (UpBlock2D, AttnUpBlock2D)"
@@ -405,6 +445,98 @@ impl UNetConfig {
         let c0 = self.block_out_channels[0];
         if self.is_fourier() { 2 * c0 } else { c0 }
     }
+}
+
+/// diffusers' config.json for a model with cross-attention.
+fn cond_to_json(c: &UNetConfig, x: &CrossAttention) -> String {
+    let mut v = serde_json::json!({
+        "_class_name": "UNet2DConditionModel",
+        "_diffusers_version": "0.42.1",
+        "sample_size": c.sample_size,
+        "in_channels": c.in_channels,
+        "out_channels": c.out_channels,
+        "center_input_sample": c.center_input_sample,
+        "flip_sin_to_cos": c.flip_sin_to_cos,
+        "freq_shift": c.freq_shift,
+        "down_block_types": c.down_block_types,
+        "mid_block_type": if x.mid_block { Value::from(MID_BLOCK_CROSS) } else { Value::Null },
+        "up_block_types": c.up_block_types,
+        "only_cross_attention": false,
+        "block_out_channels": c.block_out_channels,
+        "layers_per_block": c.layers_per_block,
+        "downsample_padding": c.downsample_padding,
+        "mid_block_scale_factor": c.mid_block_scale_factor,
+        "dropout": c.dropout,
+        "act_fn": c.act_fn,
+        "norm_num_groups": c.norm_num_groups,
+        "norm_eps": c.norm_eps,
+        "cross_attention_dim": x.cross_attention_dim,
+        "transformer_layers_per_block": x.transformer_layers,
+        "attention_head_dim": x.heads,
+        "use_linear_projection": x.use_linear_projection,
+        "class_embed_type": null,
+        "num_class_embeds": c.num_class_embeds,
+        "upcast_attention": x.upcast_attention,
+        "resnet_time_scale_shift": "default",
+        "time_embedding_type": c.time_embedding_type,
+        "conv_in_kernel": 3,
+        "conv_out_kernel": 3,
+        "attention_type": "default",
+    });
+    if let Some(n) = c.null_class {
+        v["_null_class"] = Value::from(n);
+    }
+    serde_json::to_string_pretty(&v).expect("serialize config")
+}
+
+/// The block structure of a model with cross-attention: CrossAttn/plain down and up blocks,
+/// levels whose channels split into their heads.
+fn check_cross(c: &UNetConfig, x: &CrossAttention) -> Result<(), String> {
+    let levels = c.block_out_channels.len();
+    for (key, types, ok) in [
+        (
+            "down_block_types",
+            &c.down_block_types,
+            [CROSS_DOWN, "DownBlock2D"],
+        ),
+        ("up_block_types", &c.up_block_types, [CROSS_UP, "UpBlock2D"]),
+    ] {
+        if let Some(t) = types.iter().find(|t| !ok.contains(&t.as_str())) {
+            return Err(format!(
+                "`{key}` entry `{t}` is not supported in a UNet2DConditionModel ({})",
+                ok.join(", ")
+            ));
+        }
+    }
+    if x.heads.len() != levels || x.transformer_layers.len() != levels {
+        return Err(format!(
+            "`attention_head_dim` and `transformer_layers_per_block` need one entry per level ({levels})"
+        ));
+    }
+    if !(1..=MAX_CHANNELS).contains(&x.cross_attention_dim) {
+        return Err(format!(
+            "`cross_attention_dim` {} is out of range",
+            x.cross_attention_dim
+        ));
+    }
+    for (i, (&ch, (&h, &l))) in c
+        .block_out_channels
+        .iter()
+        .zip(x.heads.iter().zip(&x.transformer_layers))
+        .enumerate()
+    {
+        if h == 0 || !ch.is_multiple_of(h) {
+            return Err(format!(
+                "level {i}: {ch} channels do not split into `attention_head_dim` = {h} heads"
+            ));
+        }
+        if !(1..=16).contains(&l) {
+            return Err(format!(
+                "level {i}: `transformer_layers_per_block` {l} must be in 1..=16"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `config.json` as diffusers' `UNet2DModel.__init__` reads it: each key with diffusers' default,

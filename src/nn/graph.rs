@@ -6,10 +6,11 @@
 use std::sync::Arc;
 
 use super::layers::{AttentionBlock, BlockSettings, Downsample, ParamDecls, ResnetBlock, Upsample};
+use super::transformer::{Transformer2D, TransformerSettings};
 use super::{Act, GradTracker, ParamStore};
 use crate::gpu::{Gpu, Recorder, Tensor};
-use crate::ops::OpResult;
 use crate::ops::elementwise::copy_channels;
+use crate::ops::{OpResult, invalid};
 
 pub enum Node {
     Resnet {
@@ -19,6 +20,12 @@ pub enum Node {
     },
     Attention {
         block: Box<AttentionBlock>,
+        x: Act,
+        out: Act,
+    },
+    /// Cross-attention to the context (a UNet2DConditionModel's Transformer2DModel).
+    Transformer {
+        block: Box<Transformer2D>,
         x: Act,
         out: Act,
     },
@@ -61,19 +68,49 @@ pub fn attention_node(
     out
 }
 
+/// Appends a Transformer2DModel reading `x` (attending to `context_tokens` rows of context per
+/// sample) and returns its output.
+pub fn transformer_node(
+    gpu: &Arc<Gpu>,
+    d: &mut ParamDecls,
+    prefix: &str,
+    x: &Act,
+    context_tokens: usize,
+    settings: &TransformerSettings,
+    nodes: &mut Vec<Node>,
+) -> Act {
+    let out = Act::new(gpu, x.shape(), prefix);
+    let block = Transformer2D::new(gpu, d, prefix, x.shape(), context_tokens, settings);
+    nodes.push(Node::Transformer {
+        block: Box::new(block),
+        x: x.clone(),
+        out: out.clone(),
+    });
+    out
+}
+
+fn need_context(context: Option<&Act>) -> OpResult<&Act> {
+    context.ok_or_else(|| invalid("a cross-attention block needs encoder_hidden_states"))
+}
+
 /// Records the nodes' forward passes in order. `temb_act` = silu(time embedding) for the resnets
-/// of a model that has one; `rng` = (state, first stream index) for dropout.
+/// of a model that has one; `rng` = (state, first stream index) for dropout; `context` = the
+/// encoder hidden states [samples · tokens, width] the cross-attention blocks attend to.
 pub fn forward_nodes(
     rec: &mut Recorder,
     p: &ParamStore,
     nodes: &[Node],
     temb_act: Option<&Act>,
     rng: Option<(&Tensor, u32)>,
+    context: Option<&Act>,
 ) -> OpResult {
     for node in nodes {
         match node {
             Node::Resnet { block, x, out } => block.forward(rec, p, x, temb_act, out, rng)?,
             Node::Attention { block, x, out } => block.forward(rec, p, x, out)?,
+            Node::Transformer { block, x, out } => {
+                block.forward(rec, p, x, &need_context(context)?.value, out)?
+            }
             Node::Down { block, x, out } => block.forward(rec, p, x, out)?,
             Node::Up { block, x, out } => block.forward(rec, p, x, out)?,
             Node::Concat { a, b, out } => {
@@ -86,19 +123,23 @@ pub fn forward_nodes(
     Ok(())
 }
 
-/// Records the nodes' backward passes in reverse order, from the last output's gradient.
+/// Records the nodes' backward passes in reverse order, from the last output's gradient (the
+/// context's gradient accumulated through the tracker).
 pub fn backward_nodes(
     rec: &mut Recorder,
     p: &ParamStore,
     gt: &mut GradTracker,
     nodes: &[Node],
-    temb_act: Option<&Act>,
+    (temb_act, context): (Option<&Act>, Option<&Act>),
     rng: Option<(&Tensor, u32)>,
 ) -> OpResult {
     for node in nodes.iter().rev() {
         match node {
             Node::Resnet { block, x, out } => block.backward(rec, p, gt, x, temb_act, out, rng)?,
             Node::Attention { block, x, out } => block.backward(rec, p, gt, x, out)?,
+            Node::Transformer { block, x, out } => {
+                block.backward(rec, p, gt, (x, need_context(context)?), out)?
+            }
             Node::Down { block, x, out } => block.backward(rec, p, gt, x, out)?,
             Node::Up { block, x, out } => block.backward(rec, p, gt, x, out)?,
             Node::Concat { a, b, out } => {
@@ -118,6 +159,7 @@ pub fn last_output(nodes: &[Node]) -> Option<&Act> {
     nodes.last().map(|node| match node {
         Node::Resnet { out, .. }
         | Node::Attention { out, .. }
+        | Node::Transformer { out, .. }
         | Node::Down { out, .. }
         | Node::Up { out, .. }
         | Node::Concat { out, .. } => out,
@@ -132,6 +174,7 @@ pub fn node_activations(nodes: &[Node]) -> Vec<(String, Tensor)> {
         .filter_map(|node| match node {
             Node::Resnet { out, .. }
             | Node::Attention { out, .. }
+            | Node::Transformer { out, .. }
             | Node::Down { out, .. }
             | Node::Up { out, .. } => Some((out.value.label().to_string(), out.value.clone())),
             Node::Concat { .. } => None,

@@ -6,6 +6,7 @@
 //! the trainer zeroes once per optimizer step, which makes gradient accumulation free.
 
 pub mod clip_text;
+pub mod cond_config;
 pub mod config;
 pub mod graph;
 pub mod init;

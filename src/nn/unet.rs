@@ -5,13 +5,16 @@
 
 use std::sync::Arc;
 
+use super::config::{CROSS_DOWN, CROSS_UP};
 use super::graph::{
     Node, attention_node, backward_nodes, forward_nodes, last_output, node_activations,
+    transformer_node,
 };
 use super::layers::{
     AttentionBlock, BlockSettings, Conv2d, Downsample, GroupNorm, Linear, ParamDecls, ResnetBlock,
     Upsample,
 };
+use super::transformer::TransformerSettings;
 use super::{Act, GradTracker, ParamStore, UNetConfig};
 use crate::gpu::{Gpu, GpuError, Recorder, Tensor};
 use crate::ops::OpResult;
@@ -31,6 +34,9 @@ pub struct UNet {
     pub sample: Act,
     /// Timesteps as f32 [B] (fractional values allowed, for samplers that need them).
     pub timesteps: Tensor,
+    /// A UNet2DConditionModel's `encoder_hidden_states` [B · context_tokens,
+    /// cross_attention_dim] (the text encoder's last_hidden_state), with its gradient.
+    pub encoder_hidden_states: Option<Act>,
     /// Class labels as u32 [B], for a model with `num_class_embeds`.
     pub class_labels: Option<Tensor>,
     /// The name of the class embedding table (`class_embedding.weight`, [K, time_embed_dim]).
@@ -66,10 +72,13 @@ pub struct UNet {
 /// layer's activation may hold up to 2^24 elements, and 256 micro-batches fit in 2^32).
 const DROPOUT_MICRO_STRIDE: u32 = 1 << 24;
 
+/// The context length a cross-attention U-Net is built for unless told otherwise: CLIP's 77.
+pub const DEFAULT_CONTEXT_TOKENS: usize = 77;
+
 impl UNet {
     /// A U-Net in training mode (dropout active when the config sets it).
     pub fn new(gpu: &Arc<Gpu>, config: &UNetConfig, batch: usize) -> Result<UNet, GpuError> {
-        Self::build(gpu, config, batch, true)
+        Self::build(gpu, config, batch, true, DEFAULT_CONTEXT_TOKENS)
     }
 
     /// A U-Net for sampling (`model.eval()`: no dropout).
@@ -78,7 +87,18 @@ impl UNet {
         config: &UNetConfig,
         batch: usize,
     ) -> Result<UNet, GpuError> {
-        Self::build(gpu, config, batch, false)
+        Self::build(gpu, config, batch, false, DEFAULT_CONTEXT_TOKENS)
+    }
+
+    /// A UNet2DConditionModel attending to `context_tokens` rows of context per sample.
+    pub fn conditional(
+        gpu: &Arc<Gpu>,
+        config: &UNetConfig,
+        batch: usize,
+        context_tokens: usize,
+        training: bool,
+    ) -> Result<UNet, GpuError> {
+        Self::build(gpu, config, batch, training, context_tokens)
     }
 
     /// Selects the micro-batch whose dispatches are recorded next (gradient accumulation).
@@ -100,6 +120,7 @@ impl UNet {
         config: &UNetConfig,
         batch: usize,
         training: bool,
+        context_tokens: usize,
     ) -> Result<UNet, GpuError> {
         config.validate().map_err(GpuError::Invalid)?;
         let mut dropout_layers = 0u32;
@@ -133,6 +154,28 @@ impl UNet {
         };
         let mut d = ParamDecls::default();
         let act = |shape: &[usize], label: &str| Act::new(gpu, shape, label);
+        // UNet2DConditionModel: level i's transformers have heads[i] heads over its channels.
+        let cross = c.cross_attention.as_ref();
+        let transformer = |level: usize, channels: usize| {
+            let x = cross.expect("cross-attention blocks only in a conditional config");
+            TransformerSettings {
+                heads: x.heads[level],
+                head_dim: channels / x.heads[level],
+                context_dim: x.cross_attention_dim,
+                layers: x.transformer_layers[level],
+                groups: c.norm_num_groups,
+                linear_projection: x.use_linear_projection,
+            }
+        };
+        if cross.is_some() && context_tokens == 0 {
+            return Err(GpuError::Invalid("a context of 0 tokens".into()));
+        }
+        let encoder_hidden_states = cross.map(|x| {
+            act(
+                &[batch * context_tokens, x.cross_attention_dim],
+                "encoder_hidden_states",
+            )
+        });
 
         let sample = act(&[batch, s, s, c.in_channels], "sample");
         let timesteps = gpu.tensor(&[batch], "timesteps");
@@ -203,10 +246,21 @@ impl UNet {
                     out: out.clone(),
                 });
                 cur = out;
+                let prefix = format!("down_blocks.{i}.attentions.{j}");
                 if kind == "AttnDownBlock2D" {
-                    let prefix = format!("down_blocks.{i}.attentions.{j}");
                     cur = attention_node(
                         gpu, &mut d, &prefix, &cur, head_dim, settings, 1.0, &mut nodes,
+                    );
+                } else if kind == CROSS_DOWN {
+                    let s = transformer(i, out_c);
+                    cur = transformer_node(
+                        gpu,
+                        &mut d,
+                        &prefix,
+                        &cur,
+                        context_tokens,
+                        &s,
+                        &mut nodes,
                     );
                 }
                 skips.push(cur.clone());
@@ -227,17 +281,25 @@ impl UNet {
             }
         }
 
-        // UNetMidBlock2D: resnet, attention, resnet.
+        // UNetMidBlock2D (or UNetMidBlock2DCrossAttn): resnet, attention, resnet; none at all in
+        // a UNet2DConditionModel whose mid_block_type is null.
         let mid_c = c.block_out_channels[nb - 1];
         let scale = c.mid_block_scale_factor;
-        for (j, prefix) in [
-            "mid_block.resnets.0",
-            "mid_block.attentions.0",
-            "mid_block.resnets.1",
-        ]
-        .iter()
-        .enumerate()
-        {
+        let mid_blocks = if cross.is_some_and(|x| !x.mid_block) {
+            &[][..]
+        } else {
+            &[
+                "mid_block.resnets.0",
+                "mid_block.attentions.0",
+                "mid_block.resnets.1",
+            ][..]
+        };
+        for (j, prefix) in mid_blocks.iter().enumerate() {
+            if j == 1 && cross.is_some() {
+                let s = transformer(nb - 1, mid_c);
+                cur = transformer_node(gpu, &mut d, prefix, &cur, context_tokens, &s, &mut nodes);
+                continue;
+            }
             let out = act(cur.shape(), prefix);
             if j == 1 {
                 let block = AttentionBlock::new(
@@ -315,10 +377,21 @@ impl UNet {
                     out: out.clone(),
                 });
                 cur = out;
+                let prefix = format!("up_blocks.{i}.attentions.{j}");
                 if kind == "AttnUpBlock2D" {
-                    let prefix = format!("up_blocks.{i}.attentions.{j}");
                     cur = attention_node(
                         gpu, &mut d, &prefix, &cur, head_dim, settings, 1.0, &mut nodes,
+                    );
+                } else if kind == CROSS_UP {
+                    let s = transformer(nb - 1 - i, out_c);
+                    cur = transformer_node(
+                        gpu,
+                        &mut d,
+                        &prefix,
+                        &cur,
+                        context_tokens,
+                        &s,
+                        &mut nodes,
                     );
                 }
             }
@@ -374,6 +447,7 @@ impl UNet {
             params,
             sample,
             timesteps,
+            encoder_hidden_states,
             class_labels,
             class_embedding,
             t_proj,
@@ -429,7 +503,15 @@ impl UNet {
         }
         silu_forward(rec, &self.emb.value, &self.emb_act.value)?;
         self.conv_in.forward(rec, p, &self.sample, &self.h_in)?;
-        forward_nodes(rec, p, &self.nodes, Some(&self.emb_act), self.rng())?;
+        let context = self.encoder_hidden_states.as_ref();
+        forward_nodes(
+            rec,
+            p,
+            &self.nodes,
+            Some(&self.emb_act),
+            self.rng(),
+            context,
+        )?;
         let last = self.last_hidden();
         self.conv_norm_out
             .forward_silu(rec, p, last, &self.act_out)?;
@@ -463,7 +545,8 @@ impl UNet {
         let last = self.last_hidden();
         self.conv_norm_out
             .backward_silu(rec, p, gt, last, &self.act_out)?;
-        backward_nodes(rec, p, gt, &self.nodes, Some(&self.emb_act), self.rng())?;
+        let conditioning = (Some(&self.emb_act), self.encoder_hidden_states.as_ref());
+        backward_nodes(rec, p, gt, &self.nodes, conditioning, self.rng())?;
         self.conv_in
             .backward(rec, p, gt, &self.sample, &self.h_in, false)?;
         // Time embedding: every resnet added its share to d silu(emb).

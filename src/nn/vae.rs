@@ -36,7 +36,7 @@ struct Coder {
 impl Coder {
     fn forward(&self, rec: &mut Recorder, p: &ParamStore, x: &Act, out: &Act) -> OpResult {
         self.conv_in.forward(rec, p, x, &self.h_in)?;
-        forward_nodes(rec, p, &self.nodes, None, None)?;
+        forward_nodes(rec, p, &self.nodes, None, None, None)?;
         let last = last_output(&self.nodes).unwrap_or(&self.h_in);
         self.norm_out.forward_silu(rec, p, last, &self.act_out)?;
         self.conv_out.forward(rec, p, &self.act_out, out)
@@ -58,7 +58,7 @@ impl Coder {
         let last = last_output(&self.nodes).unwrap_or(&self.h_in);
         self.norm_out
             .backward_silu(rec, p, gt, last, &self.act_out)?;
-        backward_nodes(rec, p, gt, &self.nodes, None, None)?;
+        backward_nodes(rec, p, gt, &self.nodes, (None, None), None)?;
         self.conv_in.backward(rec, p, gt, x, &self.h_in, input_grad)
     }
 }

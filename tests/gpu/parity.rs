@@ -4,7 +4,9 @@
 //! listed path that does not exist fails). Tolerances (issue 7): eps_pred and loss relative
 //! (L2) ≤ 1e-4; every gradient relative L2 ≤ 1e-3, absolute ≤ 1e-6 for the analytically zero
 //! `to_k.bias` ones; AdamW on the fixture's own param/grad: abs ≤ 1e-6 everywhere; after the whole
-//! step: abs ≤ 1e-6 where |reference gradient| ≥ 1e-6.
+//! step: abs ≤ 1e-6 where |reference gradient| ≥ 1e-6. A UNet2DConditionModel fixture
+//! (`tools/make_cond_unet_fixtures.py`, with the `encoder_hidden_states` it attends to) holds
+//! every gradient, the context's included, to relative L2 ≤ 1e-5 (issue 23; measured ≤ 5e-6).
 
 use std::path::PathBuf;
 
@@ -90,7 +92,16 @@ fn training_step_matches_pytorch() {
             let config =
                 UNetConfig::from_json(&meta["config"].to_string()).expect("fixture config");
             let batch = meta["batch"].as_u64().expect("batch") as usize;
-            let unet = UNet::new(&g, &config, batch).expect("build U-Net");
+            // A UNet2DConditionModel fixture (tools/make_cond_unet_fixtures.py) carries the
+            // context it attends to; its gradients are held to 1e-5 (issue 23).
+            let conditional = config.cross_attention.is_some();
+            let unet = if conditional {
+                let tokens = meta["context_tokens"].as_u64().expect("context_tokens") as usize;
+                UNet::conditional(&g, &config, batch, tokens, true).expect("build U-Net")
+            } else {
+                UNet::new(&g, &config, batch).expect("build U-Net")
+            };
+            let grad_bar = if conditional { 1e-5 } else { 1e-3 };
             let store = &unet.params;
 
             // Parameters by diffusers name.
@@ -141,6 +152,10 @@ fn training_step_matches_pytorch() {
                 }
                 (Err(_), None) => {}
                 _ => panic!("fixture and model disagree about class labels"),
+            }
+            if let Some(context) = &unet.encoder_hidden_states {
+                g.write(&context.value, &f32s(&st, "encoder_hidden_states"))
+                    .unwrap();
             }
             let acp = f32s(&st, "alphas_cumprod");
             let acp_t = g.tensor_from(&[acp.len()], &acp, "alphas_cumprod").unwrap();
@@ -245,7 +260,7 @@ fn training_step_matches_pytorch() {
                 if e > worst.1 {
                     worst = (spec.name.clone(), e);
                 }
-                if e > 1e-3 {
+                if e > grad_bar {
                     failures.push(format!(
                         "grad.{}: rel L2 {e:e}; ours[..4] {:?} ref[..4] {:?}",
                         spec.name,
@@ -255,6 +270,19 @@ fn training_step_matches_pytorch() {
                 }
             }
             eprintln!("  worst gradient rel L2 {:.3e} ({})", worst.1, worst.0);
+            if let Some(context) = &unet.encoder_hidden_states {
+                let ours = g.read(&context.grad).unwrap();
+                let r = f32s(&st, "grad.encoder_hidden_states");
+                let e = rel_l2(&ours, &r);
+                eprintln!("  grad.encoder_hidden_states rel L2 {e:.3e}");
+                if e > grad_bar {
+                    failures.push(format!(
+                        "grad.encoder_hidden_states: rel L2 {e:e}; ours[..4] {:?} ref[..4] {:?}",
+                        &ours[..4],
+                        &r[..4]
+                    ));
+                }
+            }
 
             // AdamW (a): applied to the fixture's own param/grad, every element.
             let after_ref = store
