@@ -57,6 +57,7 @@ fn main() -> anyhow::Result<()> {
         guidance: None,
         inpaint: Some((known.clone(), keep.clone())),
         vae: None,
+        context_tokens: None,
     };
     let mut sampler = Sampler::new(&gpu, &source.config, schedule, COMPLETIONS, &options)?;
     sampler.set_weights(&source.weights(&sampler.unet.params)?)?;

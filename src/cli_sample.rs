@@ -759,6 +759,7 @@ pub fn run(opts: &GpuOptions, args: &SampleArgs) -> Result<()> {
         guidance: plan.guidance,
         inpaint: plan.inpaint.take(),
         vae: plan.source.vae.clone(),
+        context_tokens: None,
     };
     let mut sampler = gpu
         .checked_build(|| {

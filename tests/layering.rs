@@ -26,6 +26,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     (
         "sample",
         &[
+            "text",
             "io",
             "nn",
             "ops",
@@ -39,6 +40,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     (
         "train",
         &[
+            "text",
             "sample",
             "io",
             "nn",
@@ -56,6 +58,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     (
         "bench",
         &[
+            "text",
             "train",
             "sample",
             "io",

@@ -9,6 +9,7 @@
 
 pub mod latent;
 pub mod source;
+pub mod text;
 
 use std::sync::Arc;
 
@@ -27,6 +28,7 @@ use crate::ops::upsample::upsample_bicubic_forward;
 
 pub use latent::{LatentCodec, LatentVae};
 pub use source::ModelSource;
+pub use text::{PromptEncoder, TextConditioning};
 
 /// Where the noise of a batch comes from.
 pub enum Noise<'a> {
@@ -53,6 +55,9 @@ pub struct SamplerOptions {
     /// Latent diffusion: the VAE whose latents the U-Net denoises; each batch is decoded on the
     /// GPU after its last step, and the images are what a batch returns.
     pub vae: Option<LatentVae>,
+    /// A text-conditional U-Net (UNet2DConditionModel): the context rows per image (the
+    /// tokenizer's length, 77 for CLIP), given before sampling by [`Sampler::set_context`].
+    pub context_tokens: Option<usize>,
 }
 
 /// A sampler bound to a U-Net of a fixed batch size.
@@ -114,7 +119,7 @@ impl Sampler {
             }
         }
         let copies = if guidance.is_some() { 2 } else { 1 };
-        let unet = UNet::for_inference(gpu, model, batch * copies)?;
+        let unet = inference_unet(gpu, model, batch * copies, options.context_tokens)?;
         let shape = unet.output.shape().to_vec();
         let shape = [&[batch], &shape[1..]].concat();
         let x = gpu.tensor(&shape, "sampling x");
@@ -243,6 +248,47 @@ impl Sampler {
         self.gpu.submit(&[&sr.upsample_plan]);
         sr.ready = true;
         Ok(())
+    }
+
+    /// A text-conditional model's context: `cond` [1, tokens, width] (the prompt's encoder
+    /// output) for every image, and with guidance `uncond` (the negative or empty prompt's) for
+    /// the unconditional half of the U-Net's batch, as StableDiffusionPipeline batches them.
+    pub fn set_context(&self, cond: &Tensor, uncond: Option<&Tensor>) -> Result<()> {
+        let Some(context) = &self.unet.encoder_hidden_states else {
+            bail!("the U-Net has no cross-attention: it takes no prompt");
+        };
+        let per_image = context.value.numel() / self.unet.batch;
+        let mut sources = vec![cond; self.batch];
+        match (self.guidance, uncond) {
+            (Some(_), Some(u)) => sources.extend(std::iter::repeat_n(u, self.batch)),
+            (None, None) => {}
+            (Some(_), None) => bail!("guided sampling needs the unconditional context too"),
+            (None, Some(_)) => bail!("an unconditional context is only used with guidance"),
+        }
+        let mut enc = self.gpu.device.create_command_encoder(&Default::default());
+        for (i, src) in sources.into_iter().enumerate() {
+            if src.numel() != per_image {
+                bail!(
+                    "a context of {} values for an image, the U-Net attends to {per_image} ({:?} per sample)",
+                    src.numel(),
+                    &context.shape()[1..]
+                );
+            }
+            enc.copy_buffer_to_buffer(
+                src.buffer(),
+                src.byte_offset(),
+                context.value.buffer(),
+                context.value.byte_offset() + (i * per_image * 4) as u64,
+                src.byte_len(),
+            );
+        }
+        self.gpu.submit_encoder(enc);
+        Ok(())
+    }
+
+    /// The final x of the last batch (a latent model's latents before decoding), NHWC.
+    pub fn read_latents(&self) -> Result<Vec<f32>> {
+        Ok(self.gpu.read(&self.x)?)
     }
 
     /// Uploads weights in the U-Net's flat parameter layout.
@@ -469,6 +515,24 @@ impl Sampler {
     }
 }
 
+/// The U-Net in eval mode for batches of `batch`: a UNet2DConditionModel attends to
+/// `context_tokens` rows of context per image, which only it takes.
+fn inference_unet(
+    gpu: &Arc<Gpu>,
+    model: &UNetConfig,
+    batch: usize,
+    context_tokens: Option<usize>,
+) -> Result<UNet> {
+    Ok(match (&model.cross_attention, context_tokens) {
+        (Some(_), Some(tokens)) => UNet::conditional(gpu, model, batch, tokens, false)?,
+        (Some(_), None) => {
+            bail!("the U-Net attends to text (UNet2DConditionModel): it samples from a prompt")
+        }
+        (None, Some(_)) => bail!("the U-Net has no cross-attention: it takes no prompt"),
+        (None, None) => UNet::for_inference(gpu, model, batch)?,
+    })
+}
+
 /// Refuses, before anything is allocated, a batch, model and guidance that cannot sample
 /// together.
 fn check_sampling_setup(model: &UNetConfig, batch: usize, guidance: Option<f32>) -> Result<()> {
@@ -487,16 +551,17 @@ fn check_sampling_setup(model: &UNetConfig, batch: usize, guidance: Option<f32>)
         bail!("guidance is not supported for super-resolution models");
     }
     if let Some(s) = guidance {
-        if model.num_class_embeds.is_none() {
+        if !s.is_finite() {
+            bail!("the guidance scale must be a finite number, is {s}");
+        }
+        // A text model's unconditional branch is the negative (or empty) prompt.
+        if model.cross_attention.is_none() && model.num_class_embeds.is_none() {
             bail!("guidance needs a class-conditional model; this one has no num_class_embeds");
         }
-        if model.null_class.is_none() {
+        if model.cross_attention.is_none() && model.null_class.is_none() {
             bail!(
                 "guidance scale {s} needs a model trained with label dropout (an unconditional null class); this model has none: use guidance scale 1 (conditional only)"
             );
-        }
-        if !s.is_finite() {
-            bail!("the guidance scale must be a finite number, is {s}");
         }
     }
     Ok(())

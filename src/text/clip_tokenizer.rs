@@ -43,6 +43,7 @@ pub struct Encoded {
 }
 
 /// CLIP's tokenizer: vocabulary, merge ranks and special tokens.
+#[derive(Clone)]
 pub struct ClipTokenizer {
     vocab: HashMap<String, u32>,
     ranks: HashMap<(String, String), usize>,

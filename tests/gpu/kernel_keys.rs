@@ -47,6 +47,7 @@ fn record_a_run(gpu: &Arc<Gpu>) {
             guidance: Some(3.0),
             inpaint: None,
             vae: None,
+            context_tokens: None,
         };
         Sampler::new(gpu, &classes, schedule, 2, &guided).unwrap();
     }
@@ -55,6 +56,7 @@ fn record_a_run(gpu: &Arc<Gpu>) {
         guidance: None,
         inpaint: Some((vec![0.0; pixels], vec![1.0; pixels])),
         vae: None,
+        context_tokens: None,
     };
     let schedule = SamplingSchedule::repaint(&scheduler, SamplerKind::Ddim, 4, 0.0, 2, 2).unwrap();
     Sampler::new(gpu, &plain, schedule, 2, &inpaint).unwrap();

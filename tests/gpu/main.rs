@@ -28,6 +28,7 @@ mod reduce;
 mod sample_cli;
 mod sample_parity;
 mod samplers;
+mod sd_pipeline;
 mod softmax;
 mod timestep_embedding;
 mod train;

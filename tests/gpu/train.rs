@@ -169,6 +169,7 @@ fn class_conditional_run_resumes_and_samples_every_class() {
                 guidance,
                 inpaint: None,
                 vae: None,
+                context_tokens: None,
             };
             let mut s = Sampler::new(&g, &source.config, schedule, 2, &opts).unwrap();
             s.set_weights(&source.weights(&s.unet.params).unwrap())
