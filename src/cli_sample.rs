@@ -18,7 +18,8 @@ use crate::io::images::{save_grid, save_image};
 use crate::io::tensors::LoadedTensors;
 use crate::progress::ConsoleProgress;
 use crate::sample::{
-    LatentVae, ModelSource, Noise, Sampler, SamplerOptions, nchw_to_nhwc, nhwc_to_nchw,
+    LatentVae, ModelSource, Noise, Sampler, SamplerOptions, TextConditioning, nchw_to_nhwc,
+    nhwc_to_nchw,
 };
 
 #[derive(clap::Args, Clone, Debug)]
@@ -67,6 +68,13 @@ pub struct SampleArgs {
     /// only, 0 = unconditional (needs a model trained with --cond-drop).
     #[arg(long)]
     pub guidance_scale: Option<f32>,
+    /// Text-to-image models (a Stable Diffusion pipeline directory): what to draw. Guidance
+    /// defaults to 7.5 for them, and applies when above 1, as in StableDiffusionPipeline.
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// With guidance: the prompt whose direction is subtracted [default: the empty prompt].
+    #[arg(long)]
+    pub negative_prompt: Option<String>,
     /// Images per U-Net batch (default: --num, at most 64); the images do not depend on it.
     #[arg(long)]
     pub batch_size: Option<usize>,
@@ -259,6 +267,8 @@ pub struct SamplePlan {
     /// Images per class with `--class all`, else the number of images.
     pub per_class: usize,
     pub guidance: Option<f32>,
+    /// A text-to-image model's prompt and negative prompt.
+    pub prompt: Option<(String, String)>,
     pub num: usize,
     pub batch: usize,
     /// Given initial noise (NHWC, all images) and per-step noise (one NHWC block per step).
@@ -490,6 +500,27 @@ fn lowres_input(
 }
 
 /// The sampling schedule (RePaint's when inpainting); long lists in its errors are shortened.
+/// diffusers scheduler classes whose configs carry the DDPM-family noise schedule we read (or
+/// are ours): an unknown class samples only with an explicit --sampler.
+const KNOWN_SCHEDULERS: &[&str] = &[
+    "DDPMScheduler",
+    "DDIMScheduler",
+    "PNDMScheduler",
+    "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "LMSDiscreteScheduler",
+    "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+    "UniPCMultistepScheduler",
+    "DEISMultistepScheduler",
+    "EDMEulerScheduler",
+    "EDMDPMSolverMultistepScheduler",
+    "ScoreSdeVeScheduler",
+];
+
 fn sampling_schedule(
     args: &SampleArgs,
     source: &ModelSource,
@@ -500,6 +531,16 @@ fn sampling_schedule(
     // The model's own scheduler when we run it (Stable Diffusion 1.x names PNDMScheduler).
     let pndm =
         source.scheduler.get("_class_name").and_then(|c| c.as_str()) == Some("PNDMScheduler");
+    let class = source.scheduler.get("_class_name").and_then(|c| c.as_str());
+    if let Some(c) = class
+        && args.sampler.is_none()
+        && !KNOWN_SCHEDULERS.contains(&c)
+    {
+        bail!(
+            "the scheduler config ({}) names `{c}`, a scheduler class wgpu-diffusion does not know: choose a sampler with --sampler (the config's noise schedule is read as diffusers' from_config would)",
+            source.scheduler_origin
+        );
+    }
     let kind = args.sampler.unwrap_or(match (edm, ve) {
         (true, _) => SamplerKind::Euler,
         (_, true) => SamplerKind::Pc,
@@ -690,6 +731,7 @@ pub fn plan(args: &SampleArgs) -> Result<SamplePlan> {
     let lowres = lowres_input(args, &source)?;
     let inpaint = read_inpaint(args, s, c)?;
     let schedule = sampling_schedule(args, &source, inpaint.is_some())?;
+    let prompt = text_prompt(args, &source)?;
     let (classes, all_classes) = class_labels(args, &source)?;
     let per_class = args.num.unwrap_or(if all_classes { 8 } else { 16 });
     let num = match (&classes, &lowres) {
@@ -699,8 +741,14 @@ pub fn plan(args: &SampleArgs) -> Result<SamplePlan> {
     };
     let (num, noise, step_noise) = given_noise(args, &source, &schedule, num)?;
     let batch = args.batch_size.unwrap_or(num.min(64)).min(num);
+    // StableDiffusionPipeline: guidance 7.5 unless given, and only above 1.
+    let guidance = match &prompt {
+        Some(_) => Some(args.guidance_scale.unwrap_or(7.5)).filter(|&g| g > 1.0),
+        None => args.guidance_scale.filter(|&g| g != 1.0),
+    };
     Ok(SamplePlan {
-        guidance: args.guidance_scale.filter(|&g| g != 1.0),
+        guidance,
+        prompt,
         source,
         schedule,
         inpaint,
@@ -759,7 +807,7 @@ pub fn run(opts: &GpuOptions, args: &SampleArgs) -> Result<()> {
         guidance: plan.guidance,
         inpaint: plan.inpaint.take(),
         vae: plan.source.vae.clone(),
-        context_tokens: None,
+        context_tokens: plan.source.text.as_ref().map(|t| t.context_tokens()),
     };
     let mut sampler = gpu
         .checked_build(|| {
@@ -773,6 +821,9 @@ pub fn run(opts: &GpuOptions, args: &SampleArgs) -> Result<()> {
         })
         .map_err(with_sampling_advice)?;
     sampler.set_weights(&plan.source.weights(&sampler.unet.params)?)?;
+    if let (Some(text), Some(prompt)) = (&plan.source.text, &plan.prompt) {
+        set_prompt(&gpu, text, &sampler, prompt)?;
+    }
     let start = Instant::now();
     let images = sample_all(args, &plan, &mut sampler)?;
     let secs = start.elapsed().as_secs_f64();
@@ -787,6 +838,77 @@ pub fn run(opts: &GpuOptions, args: &SampleArgs) -> Result<()> {
     Ok(())
 }
 
+/// A text-to-image model's prompt (and, when the model is not one, no prompt flags): the
+/// pipeline's text encoder and tokenizer must be there and fit the U-Net.
+fn text_prompt(args: &SampleArgs, source: &ModelSource) -> Result<Option<(String, String)>> {
+    let Some(_) = &source.config.cross_attention else {
+        if args.prompt.is_some() || args.negative_prompt.is_some() {
+            bail!(
+                "--prompt and --negative-prompt are for text-to-image models (a Stable Diffusion pipeline directory); {} has no cross-attention",
+                source.description
+            );
+        }
+        return Ok(None);
+    };
+    let Some(text) = &source.text else {
+        bail!(
+            "{} attends to text (UNet2DConditionModel), but no text_encoder/ and tokenizer/ were found beside it: give the pipeline directory (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)",
+            source.description
+        );
+    };
+    text.check_fits(&source.config)?;
+    if args.class.is_some() {
+        bail!("--class is for class-conditional models; a text-to-image model takes --prompt");
+    }
+    let Some(prompt) = &args.prompt else {
+        bail!(
+            "{} is a text-to-image model: give --prompt \"…\"",
+            source.description
+        );
+    };
+    let negative = args.negative_prompt.clone().unwrap_or_default();
+    Ok(Some((prompt.clone(), negative)))
+}
+
+/// Encodes the prompt (and with guidance the negative prompt) once and gives the U-Net its
+/// context for every batch.
+fn set_prompt(
+    gpu: &Arc<Gpu>,
+    text: &TextConditioning,
+    sampler: &Sampler,
+    (prompt, negative): &(String, String),
+) -> Result<()> {
+    let guided = sampler.guidance.is_some();
+    let prompts: Vec<&str> = if guided {
+        vec![prompt, negative]
+    } else {
+        vec![prompt]
+    };
+    for n in &text.notes {
+        eprintln!("note: {n}");
+    }
+    if !guided && !negative.is_empty() {
+        eprintln!("note: --negative-prompt is unused without guidance (--guidance-scale above 1)");
+    }
+    let encoder = text.load(gpu, prompts.len())?;
+    for w in encoder.encode(&prompts)? {
+        eprintln!("warning: {w}");
+    }
+    eprintln!(
+        "prompt: \"{prompt}\"{}",
+        if guided {
+            format!(", negative prompt \"{negative}\"")
+        } else {
+            String::new()
+        }
+    );
+    let out = encoder.output();
+    let row = [1, out.shape()[1], out.shape()[2]];
+    let cond = out.view(0, &row, "prompt");
+    let uncond = guided.then(|| out.view(row[1] * row[2], &row, "negative prompt"));
+    sampler.set_context(&cond, uncond.as_ref())
+}
+
 /// The settings that shaped a batch, for an error about its samples.
 fn settings_text(args: &SampleArgs, plan: &SamplePlan) -> String {
     let kind = plan.schedule.settings.kind;
@@ -796,6 +918,9 @@ fn settings_text(args: &SampleArgs, plan: &SamplePlan) -> String {
     }
     if let Some(g) = plan.guidance {
         s += &format!(" --guidance-scale {g}");
+    }
+    if let Some((p, n)) = &plan.prompt {
+        s += &format!(" --prompt \"{p}\" --negative-prompt \"{n}\"");
     }
     if let Some(p) = &args.noise {
         s += &format!(" --noise {}", p.display());

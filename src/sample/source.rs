@@ -12,7 +12,7 @@ use crate::diffusion::{BetaSchedule, NoiseSchedule, PredictionType};
 use crate::io::model_dir::{CLASS_NAMES, MODEL_WEIGHTS, read_model_weights, weights_file};
 use crate::io::tensors::LoadedTensors;
 use crate::nn::{ParamStore, UNetConfig};
-use crate::sample::LatentVae;
+use crate::sample::{LatentVae, TextConditioning};
 
 enum Weights {
     /// A diffusers directory holding `diffusion_pytorch_model.safetensors`.
@@ -39,6 +39,8 @@ pub struct ModelSource {
     /// The U-Net was trained on a VAE's latents (a checkpoint's metadata says so): sampling
     /// needs a VAE, found or given.
     pub latent: bool,
+    /// A Stable Diffusion pipeline's text encoder and tokenizer (beside its `unet/`).
+    pub text: Option<TextConditioning>,
     weights: Weights,
 }
 
@@ -155,6 +157,10 @@ impl ModelSource {
                 None => pipeline.map(LatentVae::beside).transpose()?.flatten(),
             };
             source.latent = source.vae.is_some();
+            source.text = pipeline
+                .map(TextConditioning::from_pipeline)
+                .transpose()?
+                .flatten();
             return Ok(source);
         }
         if dir.join("unet").join("config.json").is_file() {
@@ -164,6 +170,7 @@ impl ModelSource {
             )?;
             source.vae = LatentVae::beside(dir)?;
             source.latent = source.vae.is_some();
+            source.text = TextConditioning::from_pipeline(dir)?;
             return Ok(source);
         }
         if dir.join("model").is_dir() {
@@ -228,6 +235,7 @@ impl ModelSource {
             class_names,
             vae: None,
             latent: false,
+            text: None,
             weights: Weights::Dir(dir.to_path_buf()),
         })
     }
@@ -278,6 +286,7 @@ impl ModelSource {
                 .unwrap_or_default(),
             vae,
             latent,
+            text: None,
             weights: Weights::Checkpoint(Box::new(ck), prefix),
         })
     }

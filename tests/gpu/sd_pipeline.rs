@@ -7,7 +7,7 @@
 //! latents and decoded images equal diffusers' within issue 10's bound, max |ours − diffusers| ≤
 //! 2e-3 · max(1, max |diffusers|) (measured values printed), on both GEMM paths.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::common::*;
 use wgpu_diffusion::diffusion::scheduler::{SamplerKind, SamplingSchedule};
@@ -101,5 +101,99 @@ fn prompt_to_image_matches_stable_diffusion_pipeline() {
                 &theirs[..4]
             );
         }
+    }
+}
+
+/// A copy of the fixture pipeline in a scratch folder, with `edit` applied.
+fn pipeline_copy(name: &str, edit: impl FnOnce(&Path)) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sd_pipeline");
+    let dst = std::env::temp_dir().join(format!("wgpu-diffusion-sd-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dst);
+    for sub in ["", "unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
+        std::fs::create_dir_all(dst.join(sub)).unwrap();
+        for e in std::fs::read_dir(src.join(sub)).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_file() {
+                std::fs::copy(&p, dst.join(sub).join(p.file_name().unwrap())).unwrap();
+            }
+        }
+    }
+    edit(&dst);
+    dst
+}
+
+fn edit_json(path: &Path, key: &str, value: serde_json::Value) {
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    v[key] = value;
+    std::fs::write(path, v.to_string()).unwrap();
+}
+
+fn sample_fails(dir: &Path, extra: &[&str], needle: &str) {
+    let out = std::env::temp_dir().join(format!("wgpu-diffusion-sd-out-{}", std::process::id()));
+    let d = dir.to_str().unwrap();
+    let o = out.to_str().unwrap();
+    let (ok, stderr) = run_cli(&[&["sample", "--model", d, "--out", o], extra].concat());
+    assert!(!ok, "{extra:?} on {d} should fail");
+    assert!(stderr.contains(needle), "expected `{needle}` in:\n{stderr}");
+}
+
+/// `sample --model PIPELINE --prompt` as a user runs it, and a clear error for each input that
+/// does not fit.
+#[test]
+fn sample_cli_takes_a_prompt_and_names_what_does_not_fit() {
+    let dir = pipeline_copy("ok", |_| {});
+    let out = dir.join("samples");
+    let long = "seven ".repeat(90);
+    let (d, o) = (dir.to_str().unwrap(), out.to_str().unwrap());
+    let (ok, stderr) = run_cli(&[
+        "sample", "--model", d, "--prompt", &long, "--num", "2", "--steps", "2", "--out", o,
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("truncated"), "{stderr}");
+    assert!(out.join("grid.png").is_file() && out.join("00001.png").is_file());
+    sample_fails(&dir, &[], "give --prompt");
+    sample_fails(&dir, &["--prompt", "a seven", "--class", "3"], "--class");
+    let eps = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/samplers/eps");
+    sample_fails(&eps, &["--prompt", "a seven"], "no cross-attention");
+    let no_tokenizer = pipeline_copy("no-tokenizer", |p| {
+        std::fs::remove_dir_all(p.join("tokenizer")).unwrap()
+    });
+    sample_fails(&no_tokenizer, &["--prompt", "a"], "no tokenizer/");
+    let small_vocab = pipeline_copy("vocab", |p| {
+        edit_json(
+            &p.join("text_encoder/config.json"),
+            "vocab_size",
+            100.into(),
+        )
+    });
+    sample_fails(&small_vocab, &["--prompt", "a"], "does not fit");
+    let width = pipeline_copy("width", |p| {
+        edit_json(
+            &p.join("text_encoder/config.json"),
+            "hidden_size",
+            16.into(),
+        )
+    });
+    sample_fails(&width, &["--prompt", "a"], "cross_attention_dim");
+    let sdxl = pipeline_copy("sdxl", |p| {
+        let index = p.join("model_index.json");
+        edit_json(
+            &index,
+            "text_encoder_2",
+            serde_json::json!(["transformers", "CLIPTextModelWithProjection"]),
+        )
+    });
+    sample_fails(&sdxl, &["--prompt", "a"], "second text encoder");
+    let scheduler = pipeline_copy("scheduler", |p| {
+        edit_json(
+            &p.join("scheduler/scheduler_config.json"),
+            "_class_name",
+            "MysteryScheduler".into(),
+        )
+    });
+    sample_fails(&scheduler, &["--prompt", "a"], "MysteryScheduler");
+    for d in [dir, no_tokenizer, small_vocab, width, sdxl, scheduler] {
+        let _ = std::fs::remove_dir_all(d);
     }
 }
