@@ -36,12 +36,12 @@ pub struct TextConditioning {
     pub notes: Vec<String>,
 }
 
-/// Reads `model_index.json` when there is one: refuses pipelines we do not build (SDXL's second
-/// text encoder, other classes) by name and notes the components we ignore.
-fn read_model_index(dir: &Path, notes: &mut Vec<String>) -> Result<()> {
+/// Reads `model_index.json` when there is one: refuses SDXL's second text encoder by name,
+/// notes the components we ignore, and returns the pipeline's class.
+fn read_model_index(dir: &Path, notes: &mut Vec<String>) -> Result<Option<String>> {
     let path = dir.join("model_index.json");
     if !path.is_file() {
-        return Ok(());
+        return Ok(None);
     }
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
@@ -60,15 +60,6 @@ fn read_model_index(dir: &Path, notes: &mut Vec<String>) -> Result<()> {
             );
         }
     }
-    if let Some(class) = index.get("_class_name").and_then(Value::as_str)
-        && !PIPELINES.contains(&class)
-    {
-        bail!(
-            "{}: a `{class}` is not supported ({})",
-            path.display(),
-            PIPELINES.join(", ")
-        );
-    }
     for ignored in ["safety_checker", "feature_extractor", "image_encoder"] {
         if present(ignored) {
             notes.push(format!(
@@ -77,7 +68,10 @@ fn read_model_index(dir: &Path, notes: &mut Vec<String>) -> Result<()> {
             ));
         }
     }
-    Ok(())
+    Ok(index
+        .get("_class_name")
+        .and_then(Value::as_str)
+        .map(String::from))
 }
 
 impl TextConditioning {
@@ -85,7 +79,7 @@ impl TextConditioning {
     /// `model_index.json`), or None when it has neither.
     pub fn from_pipeline(dir: &Path) -> Result<Option<TextConditioning>> {
         let mut notes = Vec::new();
-        read_model_index(dir, &mut notes)?;
+        let class = read_model_index(dir, &mut notes)?;
         let (encoder_dir, tokenizer_dir) = (dir.join("text_encoder"), dir.join("tokenizer"));
         match (encoder_dir.is_dir(), tokenizer_dir.is_dir()) {
             (false, false) => return Ok(None),
@@ -98,6 +92,14 @@ impl TextConditioning {
                 dir.display()
             ),
             (true, true) => {}
+        }
+        // A text-conditional pipeline of another kind (its loop differs from this one's).
+        if let Some(class) = class.filter(|c| !PIPELINES.contains(&c.as_str())) {
+            bail!(
+                "{}: a `{class}` is not supported ({})",
+                dir.join("model_index.json").display(),
+                PIPELINES.join(", ")
+            );
         }
         let config_path = encoder_dir.join("config.json");
         let text = std::fs::read_to_string(&config_path)
