@@ -500,27 +500,6 @@ fn lowres_input(
 }
 
 /// The sampling schedule (RePaint's when inpainting); long lists in its errors are shortened.
-/// diffusers scheduler classes whose configs carry the DDPM-family noise schedule we read (or
-/// are ours): an unknown class samples only with an explicit --sampler.
-const KNOWN_SCHEDULERS: &[&str] = &[
-    "DDPMScheduler",
-    "DDIMScheduler",
-    "PNDMScheduler",
-    "DPMSolverMultistepScheduler",
-    "DPMSolverSinglestepScheduler",
-    "EulerDiscreteScheduler",
-    "EulerAncestralDiscreteScheduler",
-    "HeunDiscreteScheduler",
-    "LMSDiscreteScheduler",
-    "KDPM2DiscreteScheduler",
-    "KDPM2AncestralDiscreteScheduler",
-    "UniPCMultistepScheduler",
-    "DEISMultistepScheduler",
-    "EDMEulerScheduler",
-    "EDMDPMSolverMultistepScheduler",
-    "ScoreSdeVeScheduler",
-];
-
 fn sampling_schedule(
     args: &SampleArgs,
     source: &ModelSource,
@@ -531,10 +510,8 @@ fn sampling_schedule(
     // The model's own scheduler when we run it (Stable Diffusion 1.x names PNDMScheduler).
     let pndm =
         source.scheduler.get("_class_name").and_then(|c| c.as_str()) == Some("PNDMScheduler");
-    let class = source.scheduler.get("_class_name").and_then(|c| c.as_str());
-    if let Some(c) = class
+    if let Some(c) = source.scheduler.unknown_class()
         && args.sampler.is_none()
-        && !KNOWN_SCHEDULERS.contains(&c)
     {
         bail!(
             "the scheduler config ({}) names `{c}`, a scheduler class wgpu-diffusion does not know: choose a sampler with --sampler (the config's noise schedule is read as diffusers' from_config would)",

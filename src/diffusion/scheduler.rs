@@ -121,6 +121,27 @@ pub struct SchedulerConfig {
     keys: serde_json::Map<String, Value>,
 }
 
+/// diffusers scheduler classes whose configs carry the DDPM-family noise schedule we read (or
+/// are ours): an unknown class samples only with an explicit --sampler.
+pub const KNOWN_SCHEDULERS: &[&str] = &[
+    "DDPMScheduler",
+    "DDIMScheduler",
+    "PNDMScheduler",
+    "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "LMSDiscreteScheduler",
+    "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+    "UniPCMultistepScheduler",
+    "DEISMultistepScheduler",
+    "EDMEulerScheduler",
+    "EDMDPMSolverMultistepScheduler",
+    "ScoreSdeVeScheduler",
+];
+
 impl SchedulerConfig {
     /// Parses a scheduler_config.json. Settings that change the computation and that we do not
     /// implement are refused here, by name.
@@ -249,6 +270,13 @@ impl SchedulerConfig {
                     .ok_or_else(|| format!("scheduler key `{k}` must be a string, is {v}"))
             })
             .transpose()
+    }
+
+    /// The `_class_name` when it is none of [`KNOWN_SCHEDULERS`]: such a config's noise schedule
+    /// is read, but which sampler it means is not known.
+    pub fn unknown_class(&self) -> Option<&str> {
+        let class = self.get("_class_name")?.as_str()?;
+        (!KNOWN_SCHEDULERS.contains(&class)).then_some(class)
     }
 
     /// The EDM settings when the scheduler class is `EDMEulerScheduler` (an EDM model: its
