@@ -2,6 +2,7 @@
 //! once into memory as f32 in [-1, 1] at the model's size, and served in a seeded, shuffled order
 //! by a background thread so the GPU never waits for the CPU.
 
+pub mod captions;
 pub mod folder;
 pub mod mnist;
 pub mod resize;

@@ -179,6 +179,10 @@ struct Scratch {
 pub struct ClipTextModel {
     pub config: ClipTextConfig,
     pub params: ParamStore,
+    /// What every parameter name starts with (empty unless in a joint store).
+    pub prefix: String,
+    /// The token and position embedding tables' names.
+    tables: (String, String),
     batch: usize,
     /// The prompts' ids (u32 [batch · T]) and each row's position (0..T per prompt).
     pub input_ids: Tensor,
@@ -204,19 +208,27 @@ impl ClipTextModel {
         config: &ClipTextConfig,
         batch: usize,
     ) -> Result<ClipTextModel, GpuError> {
+        Self::with_prefix(gpu, config, batch, "")
+    }
+
+    /// [`new`](Self::new) with every parameter name behind `prefix` (`text_encoder.` when the
+    /// encoder shares a joint parameter store with the U-Net it conditions).
+    pub fn with_prefix(
+        gpu: &Arc<Gpu>,
+        config: &ClipTextConfig,
+        batch: usize,
+        prefix: &str,
+    ) -> Result<ClipTextModel, GpuError> {
         let c = config;
         let (d, t) = (c.hidden_size, c.max_position_embeddings);
         let mut decls = ParamDecls::default();
-        decls.0.push((
-            "embeddings.token_embedding.weight".into(),
-            vec![c.vocab_size, d],
-        ));
-        decls
-            .0
-            .push(("embeddings.position_embedding.weight".into(), vec![t, d]));
+        let token_table = format!("{prefix}embeddings.token_embedding.weight");
+        let position_table = format!("{prefix}embeddings.position_embedding.weight");
+        decls.0.push((token_table.clone(), vec![c.vocab_size, d]));
+        decls.0.push((position_table.clone(), vec![t, d]));
         let layers = (0..c.num_hidden_layers)
             .map(|i| {
-                let p = format!("encoder.layers.{i}");
+                let p = format!("{prefix}encoder.layers.{i}");
                 let mut lin =
                     |n: &str, fin, fout| Linear::new(&mut decls, &format!("{p}.{n}"), fin, fout);
                 let (q, k, v, out) = (
@@ -241,7 +253,7 @@ impl ClipTextModel {
                 }
             })
             .collect();
-        let final_ln = layer_norm(&mut decls, "final_layer_norm", d);
+        let final_ln = layer_norm(&mut decls, &format!("{prefix}final_layer_norm"), d);
         let params = ParamStore::new(gpu, &decls.0)?;
         let rows = batch * t;
         let heads = c.num_attention_heads;
@@ -273,6 +285,8 @@ impl ClipTextModel {
         Ok(ClipTextModel {
             config: config.clone(),
             params,
+            prefix: prefix.to_string(),
+            tables: (token_table, position_table),
             batch,
             input_ids: tensor(&[rows], "input ids"),
             positions: pos,
@@ -309,7 +323,8 @@ impl ClipTextModel {
     ) -> Result<Vec<f32>, String> {
         let mut problems = Vec::new();
         let flat = self.params.flatten(|spec| {
-            let found = [spec.name.clone(), format!("text_model.{}", spec.name)]
+            let name = spec.name.strip_prefix(&self.prefix).unwrap_or(&spec.name);
+            let found = [name.to_string(), format!("text_model.{name}")]
                 .into_iter()
                 .find_map(|name| lookup(&name).map(|t| (name, t)));
             Ok(match found {
@@ -402,8 +417,8 @@ impl ClipTextModel {
         let p = &self.params;
         let h0 = &self.hidden[0];
         rec.clear(h0);
-        let token_table = p.get("embeddings.token_embedding.weight").0;
-        let position_table = p.get("embeddings.position_embedding.weight").0;
+        let token_table = p.get(&self.tables.0).0;
+        let position_table = p.get(&self.tables.1).0;
         embedding_add_forward(rec, &self.input_ids, &token_table, h0)?;
         embedding_add_forward(rec, &self.positions, &position_table, h0)?;
         for (i, (layer, a)) in self.layers.iter().zip(&self.acts).enumerate() {
@@ -458,8 +473,8 @@ impl ClipTextModel {
             let ln1_in = (&self.hidden[i], &a.stats1);
             self.norm_backward(rec, &layer.ln1, ln1_in, &s.d_rows, &s.dh)?;
         }
-        let d_tokens = p.get("embeddings.token_embedding.weight").1;
-        let d_positions = p.get("embeddings.position_embedding.weight").1;
+        let d_tokens = p.get(&self.tables.0).1;
+        let d_positions = p.get(&self.tables.1).1;
         embedding_backward(rec, &self.input_ids, &s.dh, &d_tokens)?;
         embedding_backward(rec, &self.positions, &s.dh, &d_positions)
     }

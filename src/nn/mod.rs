@@ -12,6 +12,7 @@ pub mod graph;
 pub mod init;
 pub mod layers;
 pub mod params;
+pub mod text_unet;
 pub mod transformer;
 pub mod unet;
 pub mod vae;

@@ -26,6 +26,7 @@ impl ParamSpec {
 /// min_storage_buffer_offset_alignment); padding elements stay zero and receive zero gradients.
 pub const PARAM_ALIGN: usize = 64;
 
+#[derive(Clone)]
 pub struct ParamStore {
     pub specs: Vec<ParamSpec>,
     index: HashMap<String, usize>,
@@ -96,6 +97,48 @@ impl ParamStore {
             chunks,
             params: gpu.tensor(&[offset], "parameters"),
             grads: gpu.tensor(&[offset], "gradients"),
+        })
+    }
+
+    /// One store holding `first`'s parameters at their own offsets, then `second`'s at
+    /// `first.len` + theirs (names must differ: a jointly trained text encoder's carry a prefix).
+    /// Either part's layout is thus a contiguous range of the joint one, so its values copy in
+    /// and out as one range. `first`'s chunks are kept; `second`'s are shifted and kept when
+    /// `second_trainable`, otherwise its parameters stay frozen (outside every chunk: AdamW,
+    /// EMA and the gradient norm never touch them). New zeroed buffers; the parts' own are not
+    /// shared.
+    pub fn concat(
+        gpu: &Arc<Gpu>,
+        first: &ParamStore,
+        second: &ParamStore,
+        second_trainable: bool,
+    ) -> Result<ParamStore, GpuError> {
+        let shifted = second.specs.iter().map(|s| ParamSpec {
+            offset: s.offset + first.len,
+            ..s.clone()
+        });
+        let specs: Vec<ParamSpec> = first.specs.iter().cloned().chain(shifted).collect();
+        let mut index = HashMap::new();
+        for (i, s) in specs.iter().enumerate() {
+            if index.insert(s.name.clone(), i).is_some() {
+                return Err(GpuError::Invalid(format!(
+                    "parameter `{}` is declared by both models of a joint store",
+                    s.name
+                )));
+            }
+        }
+        let mut chunks = first.chunks.clone();
+        if second_trainable {
+            chunks.extend(second.chunks.iter().map(|&(o, l)| (o + first.len, l)));
+        }
+        let len = first.len + second.len;
+        Ok(ParamStore {
+            specs,
+            index,
+            len,
+            chunks,
+            params: gpu.tensor(&[len], "parameters"),
+            grads: gpu.tensor(&[len], "gradients"),
         })
     }
 
