@@ -11,6 +11,11 @@
 // `layer_norm_param_partials`, one invocation per (column, chunk of `chunk` rows) writing the
 // chunk's Σ dy·x̂ and Σ dy, which `reduce.wgsl`'s sum_slices adds in chunk order into dγ and
 // dβ. No atomics: the same bits every run.
+// Narrow rows (C ≤ ROWS_MAX_COLS in layer_norm.rs: the U-Net's transformer blocks at small
+// widths, CLIP text encoders) take `layer_norm_forward_rows` / `layer_norm_backward_dx_rows`
+// instead: one invocation per row summing it in order, 64 rows per workgroup. A workgroup per
+// row and its barrier-separated tree sums cost lavapipe ~12 µs per row, 100× the arithmetic.
+// The choice depends only on C, so every adapter computes the same bits.
 
 struct Params {
     rows: u32,
@@ -111,4 +116,55 @@ fn layer_norm_param_partials(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     dgamma_partials[g * p.cols + c] = dg;
     dbeta_partials[g * p.cols + c] = db;
+}
+
+fn row_of_invocation(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
+    return (wid.x + wid.y * nwg.x) * WG + lid;
+}
+
+@compute @workgroup_size(64)
+fn layer_norm_forward_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                           @builtin(local_invocation_index) lid: u32) {
+    let row = row_of_invocation(wid, nwg, lid);
+    if (row >= p.rows) { return; }
+    let base = row * p.cols;
+    var s = 0.0;
+    for (var c = 0u; c < p.cols; c++) { s += x[base + c]; }
+    let mean = s / f32(p.cols);
+    var q = 0.0;
+    for (var c = 0u; c < p.cols; c++) {
+        let d = x[base + c] - mean;
+        q += d * d;
+    }
+    let rstd = 1.0 / sqrt(q / f32(p.cols) + p.eps);
+    for (var c = 0u; c < p.cols; c++) {
+        y[base + c] = (x[base + c] - mean) * rstd * gamma[c] + beta[c];
+    }
+    stats[2u * row] = mean;
+    stats[2u * row + 1u] = rstd;
+}
+
+@compute @workgroup_size(64)
+fn layer_norm_backward_dx_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                               @builtin(local_invocation_index) lid: u32) {
+    let row = row_of_invocation(wid, nwg, lid);
+    if (row >= p.rows) { return; }
+    let base = row * p.cols;
+    let mean = stats[2u * row];
+    let rstd = stats[2u * row + 1u];
+    var s1 = 0.0;
+    var s2 = 0.0;
+    for (var c = 0u; c < p.cols; c++) {
+        let g = dy[base + c] * gamma[c];
+        s1 += g;
+        s2 += g * (x[base + c] - mean) * rstd;
+    }
+    let m1 = s1 / f32(p.cols);
+    let m2 = s2 / f32(p.cols);
+    for (var c = 0u; c < p.cols; c++) {
+        let xhat = (x[base + c] - mean) * rstd;
+        var v = rstd * (dy[base + c] * gamma[c] - m1 - xhat * m2);
+        if (p.add_dx != 0u) { v += dx[base + c]; }
+        dx[base + c] = v;
+    }
 }

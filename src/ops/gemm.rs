@@ -76,7 +76,6 @@ pub fn gemm(
             "{OP}: empty product m={m} n={n} k={k} batches={batch_outer}x{batch_inner}"
         )));
     }
-    rec.add_flops(shape.flops());
     if c.trans {
         return Err(invalid(format!(
             "{OP}: the output `{}` cannot be transposed",
@@ -100,6 +99,13 @@ pub fn gemm(
         expect_numel(OP, "bias", bias, n)?;
         expect_distinct(OP, bias, c.tensor)?;
     }
+    if matches!(rec.gpu.gemm_path, GemmPath::Subgroup { .. })
+        && batch_outer * batch_inner > 1
+        && !subgroup_fits(rec, (&a, &b), (m, n, k), batch_outer * batch_inner)
+    {
+        return gemm_in_batch_chunks(rec, shape, (a, b, c), bias);
+    }
+    rec.add_flops(shape.flops());
     expect_distinct(OP, a.tensor, c.tensor)?;
     expect_distinct(OP, b.tensor, c.tensor)?;
     let batches = batch_outer * batch_inner;
@@ -133,17 +139,11 @@ pub fn gemm(
         )));
     }
     let bias_t = bias.cloned().unwrap_or_else(|| rec.dummy());
-    if let GemmPath::Subgroup { lanes } = rec.gpu.gemm_path {
+    if let GemmPath::Subgroup { lanes } = rec.gpu.gemm_path
+        && subgroup_fits(rec, (&a, &b), (m, n, k), batches)
+    {
         let a_source = AOperand::choose(&a, k);
-        let a_fits = a_source != AOperand::Texture || pack::fits_texture(&rec.gpu, m * batches, k);
-        let b_fits = if b.trans {
-            pack::fits_texture(&rec.gpu, n.next_multiple_of(4) * batches, k)
-        } else {
-            pack::fits_texture(&rec.gpu, k.next_multiple_of(4) * batches, n)
-        };
-        if a_fits && b_fits {
-            return gemm_subgroup(rec, lanes, &params, shape, a_source, &a, &b, &bias_t, &c);
-        }
+        return gemm_subgroup(rec, lanes, &params, shape, a_source, &a, &b, &bias_t, &c);
     }
     let t = PORTABLE_TILES;
     let groups = [
@@ -167,6 +167,69 @@ pub fn gemm(
         ],
         groups,
     );
+    Ok(())
+}
+
+/// Whether the subgroup path's packed textures hold `batches` batches of A and B.
+fn subgroup_fits(
+    rec: &Recorder,
+    (a, b): (&MatRef, &MatRef),
+    (m, n, k): (usize, usize, usize),
+    batches: usize,
+) -> bool {
+    let a_fits =
+        AOperand::choose(a, k) != AOperand::Texture || pack::fits_texture(&rec.gpu, m * batches, k);
+    let b_fits = if b.trans {
+        pack::fits_texture(&rec.gpu, n.next_multiple_of(4) * batches, k)
+    } else {
+        pack::fits_texture(&rec.gpu, k.next_multiple_of(4) * batches, n)
+    };
+    a_fits && b_fits
+}
+
+/// A batched GEMM whose packed operands exceed the texture limit as one dispatch (attention
+/// over many samples and heads) as several, each over as many batches as fit: the subgroup
+/// path throughout instead of the portable kernel, which lavapipe runs ~1000× slower. Outer
+/// batches are split first; when one outer batch is already too large, its inner batches.
+fn gemm_in_batch_chunks(
+    rec: &mut Recorder,
+    shape: GemmShape,
+    (a, b, c): (MatRef, MatRef, MatRef),
+    bias: Option<&Tensor>,
+) -> OpResult {
+    let (outer, inner) = (shape.batch_outer, shape.batch_inner);
+    let fits = |rec: &Recorder, batches: usize| {
+        subgroup_fits(rec, (&a, &b), (shape.m, shape.n, shape.k), batches)
+    };
+    fn shifted<'t>(r: &MatRef<'t>, o: usize, i: usize) -> MatRef<'t> {
+        MatRef {
+            offset: r.offset + o * r.batch_outer + i * r.batch_inner,
+            ..*r
+        }
+    }
+    if outer > 1 && fits(rec, inner) {
+        let mut step = outer;
+        while !fits(rec, step * inner) {
+            step = step.div_ceil(2);
+        }
+        for o in (0..outer).step_by(step) {
+            let part = shape.batches(step.min(outer - o), inner);
+            let (a, b, c) = (shifted(&a, o, 0), shifted(&b, o, 0), shifted(&c, o, 0));
+            gemm(rec, part, a, b, bias, c)?;
+        }
+        return Ok(());
+    }
+    let mut step = inner;
+    while step > 1 && !fits(rec, step) {
+        step = step.div_ceil(2);
+    }
+    for o in 0..outer {
+        for i in (0..inner).step_by(step) {
+            let part = shape.batches(1, step.min(inner - i));
+            let (a, b, c) = (shifted(&a, o, i), shifted(&b, o, i), shifted(&c, o, i));
+            gemm(rec, part, a, b, bias, c)?;
+        }
+    }
     Ok(())
 }
 

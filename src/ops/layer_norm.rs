@@ -29,8 +29,28 @@ const PARTIAL_ROWS: usize = 64;
 /// Invocations per workgroup of `layer_norm_param_partials`.
 const PARTIAL_WG: usize = 64;
 
+/// Rows at most this wide are normalized one invocation per row (`*_rows` entries), wider ones
+/// one workgroup per row (see the shader's header).
+pub const ROWS_MAX_COLS: usize = 512;
+/// Rows per workgroup of the `*_rows` entries.
+const ROWS_WG: usize = 64;
+
 fn key(entry: &'static str) -> KernelKey {
     KernelKey::new("layer_norm", entry)
+}
+
+/// The entry (per-row workgroups, or the `_rows` variant for narrow rows) and its grid.
+fn row_entry(
+    wide: &'static str,
+    narrow: &'static str,
+    rows: usize,
+    cols: usize,
+) -> (KernelKey, [u32; 3]) {
+    if cols <= ROWS_MAX_COLS {
+        (key(narrow), grid_1d(rows.div_ceil(ROWS_WG)))
+    } else {
+        (key(wide), grid_1d(rows))
+    }
 }
 
 /// (rows, cols) of `x` normalized over its last `cols` = γ's length, checked against the
@@ -84,8 +104,9 @@ pub fn layer_norm_forward(
         eps,
         ..Default::default()
     };
+    let (entry, grid) = row_entry("layer_norm_forward", "layer_norm_forward_rows", rows, cols);
     rec.dispatch(
-        key("layer_norm_forward"),
+        entry,
         &p,
         &[
             (1, x.into()),
@@ -94,7 +115,7 @@ pub fn layer_norm_forward(
             (4, y.into()),
             (5, stats.into()),
         ],
-        grid_1d(rows),
+        grid,
     );
     Ok(())
 }
@@ -140,8 +161,10 @@ pub fn layer_norm_backward(
         chunks: chunks as u32,
         ..Default::default()
     };
+    let narrow = "layer_norm_backward_dx_rows";
+    let (entry, grid) = row_entry("layer_norm_backward_dx", narrow, rows, cols);
     rec.dispatch(
-        key("layer_norm_backward_dx"),
+        entry,
         &p,
         &[
             (1, x.into()),
@@ -150,7 +173,7 @@ pub fn layer_norm_backward(
             (6, dy.into()),
             (7, grads.dx.into()),
         ],
-        grid_1d(rows),
+        grid,
     );
     p.add_dx = 0;
     let dgamma_partials = rec.gpu.tensor(&[chunks, cols], "layer_norm dγ partials");

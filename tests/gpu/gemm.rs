@@ -25,74 +25,99 @@ fn gemm_shapes_transposes_batches() {
             // Subgroup path: A is read in place (k % 4 == 0), transposed in place (ta) or packed
             // (k % 4 != 0); a transposed B is packed as stored and transposed in registers.
             for with_bias in [true, false] {
-                let (outer, inner) = (2, 3);
-                let a = random(outer * inner * m * k, 1);
-                let b = random(outer * inner * k * n, 2);
-                let c0 = random(outer * inner * m * n, 3);
-                let bias = random(n, 4);
-                let (lda, ldb) = (if ta { m } else { k }, if tb { k } else { n });
-                let ta_t = upload(&g, &[outer * inner * m * k], &a, "A");
-                let tb_t = upload(&g, &[outer * inner * k * n], &b, "B");
-                let tc = upload(&g, &[outer * inner * m * n], &c0, "C");
-                let tbias = upload(&g, &[n], &bias, "bias");
-                let amat = MatRef {
-                    tensor: &ta_t,
-                    offset: 0,
-                    ld: lda,
-                    batch_outer: inner * m * k,
-                    batch_inner: m * k,
-                    trans: ta,
-                };
-                let bmat = MatRef {
-                    tensor: &tb_t,
-                    offset: 0,
-                    ld: ldb,
-                    batch_outer: inner * k * n,
-                    batch_inner: k * n,
-                    trans: tb,
-                };
-                let cmat = MatRef::dense(&tc, n).batched(inner * m * n, m * n);
-                let shape = GemmShape::new(m, n, k)
-                    .batches(outer, inner)
-                    .scale(0.5, 1.0);
-                run(&g, |rec| {
-                    gemm(rec, shape, amat, bmat, with_bias.then_some(&tbias), cmat).unwrap()
-                });
-                let mut expect = c0.clone();
-                for bi in 0..outer * inner {
-                    let cs = &mut expect[bi * m * n..(bi + 1) * m * n];
-                    r::gemm(
-                        m,
-                        n,
-                        k,
-                        0.5,
-                        &a[bi * m * k..],
-                        lda,
-                        ta,
-                        &b[bi * k * n..],
-                        ldb,
-                        tb,
-                        1.0,
-                        cs,
-                        n,
-                    );
-                    if with_bias {
-                        for (i, v) in cs.iter_mut().enumerate() {
-                            *v += bias[i % n];
-                        }
-                    }
-                }
-                let what = format!(
-                    "gemm {} m={m} n={n} k={k} ta={ta} tb={tb} bias={with_bias}",
-                    g.gemm_path
-                );
-                assert_close(
-                    &what,
-                    &read(&g, &tc),
-                    &expect,
-                    1e-5 * max_abs(&expect),
-                    1e-4,
-                );
+                check_batched(&g, (m, n, k, ta, tb), (2, 3), with_bias);
+            }
+        }
+    }
+}
+
+/// One batched GEMM (alpha 0.5, beta 1, bias optional) against the reference.
+fn check_batched(
+    g: &std::sync::Arc<wgpu_diffusion::gpu::Gpu>,
+    (m, n, k, ta, tb): (usize, usize, usize, bool, bool),
+    (outer, inner): (usize, usize),
+    with_bias: bool,
+) {
+    let a = random(outer * inner * m * k, 1);
+    let b = random(outer * inner * k * n, 2);
+    let c0 = random(outer * inner * m * n, 3);
+    let bias = random(n, 4);
+    let (lda, ldb) = (if ta { m } else { k }, if tb { k } else { n });
+    let ta_t = upload(g, &[outer * inner * m * k], &a, "A");
+    let tb_t = upload(g, &[outer * inner * k * n], &b, "B");
+    let tc = upload(g, &[outer * inner * m * n], &c0, "C");
+    let tbias = upload(g, &[n], &bias, "bias");
+    let amat = MatRef {
+        tensor: &ta_t,
+        offset: 0,
+        ld: lda,
+        batch_outer: inner * m * k,
+        batch_inner: m * k,
+        trans: ta,
+    };
+    let bmat = MatRef {
+        tensor: &tb_t,
+        offset: 0,
+        ld: ldb,
+        batch_outer: inner * k * n,
+        batch_inner: k * n,
+        trans: tb,
+    };
+    let cmat = MatRef::dense(&tc, n).batched(inner * m * n, m * n);
+    let shape = GemmShape::new(m, n, k)
+        .batches(outer, inner)
+        .scale(0.5, 1.0);
+    run(g, |rec| {
+        gemm(rec, shape, amat, bmat, with_bias.then_some(&tbias), cmat).unwrap()
+    });
+    let mut expect = c0.clone();
+    for bi in 0..outer * inner {
+        let cs = &mut expect[bi * m * n..(bi + 1) * m * n];
+        r::gemm(
+            m,
+            n,
+            k,
+            0.5,
+            &a[bi * m * k..],
+            lda,
+            ta,
+            &b[bi * k * n..],
+            ldb,
+            tb,
+            1.0,
+            cs,
+            n,
+        );
+        if with_bias {
+            for (i, v) in cs.iter_mut().enumerate() {
+                *v += bias[i % n];
+            }
+        }
+    }
+    let what = format!(
+        "gemm {} m={m} n={n} k={k} ta={ta} tb={tb} bias={with_bias}",
+        g.gemm_path
+    );
+    assert_close(&what, &read(g, &tc), &expect, 1e-5 * max_abs(&expect), 1e-4);
+}
+
+/// More batches than the subgroup path's packed textures hold (attention over many samples and
+/// heads: B's K·batches rows beyond max_texture_dimension_2d) are split into dispatches that
+/// fit, by outer batches and, within a single outer batch, by inner ones.
+#[test]
+fn batches_beyond_one_texture_are_split() {
+    for g in gemm_paths() {
+        let rows = g.limits.max_texture_dimension_2d as usize;
+        let k: usize = 197;
+        let per_texture = rows / k.next_multiple_of(4);
+        let inner = per_texture / 2 + 5;
+        for (outer, inner) in [(3, inner), (1, 2 * per_texture + 3)] {
+            assert!(
+                outer * inner > per_texture,
+                "the case must exceed one texture"
+            );
+            for tb in [false, true] {
+                check_batched(&g, (9, 12, k, false, tb), (outer, inner), false);
             }
         }
     }
