@@ -593,9 +593,12 @@ fn class_labels(args: &SampleArgs, source: &ModelSource) -> Result<(Option<Vec<u
         (Some(_), Some(spec)) if spec == "all" => Some((0..source.real_classes() as u32).collect()),
         (Some(_), Some(spec)) => Some(vec![source.class_index(spec)?]),
     };
-    if args.guidance_scale.is_some() && cfg.num_class_embeds.is_none() {
+    if args.guidance_scale.is_some()
+        && cfg.num_class_embeds.is_none()
+        && cfg.cross_attention.is_none()
+    {
         bail!(
-            "--guidance-scale: {} is not class-conditional, there is nothing to guide",
+            "--guidance-scale: {} is neither class- nor text-conditional, there is nothing to guide",
             source.description
         );
     }

@@ -178,12 +178,36 @@ pub struct TrainArgs {
     /// the unconditional branch classifier-free guidance needs (0 = none) [default: 0.1]
     #[arg(long)]
     pub cond_drop: Option<f64>,
+    /// Train a text-to-image model (UNet2DConditionModel + CLIP text encoder): MNIST's digits
+    /// described by caption templates, or with --data the `text` of each image in its
+    /// metadata.jsonl [default: false]
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = BOOL)]
+    pub text_conditional: Option<bool>,
+    /// With --text-conditional: probability of replacing a caption by the empty prompt, which
+    /// trains the unconditional branch classifier-free guidance needs [default: 0.1]
+    #[arg(long)]
+    pub caption_drop: Option<f64>,
+    /// With --text-conditional: a transformers CLIPTextModel directory to condition on, frozen
+    /// unless --train-text-encoder (default: a small encoder trained from scratch)
+    #[arg(long)]
+    pub text_encoder: Option<PathBuf>,
+    /// Train the --text-encoder with the U-Net [default: false]
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = BOOL)]
+    pub train_text_encoder: Option<bool>,
+    /// With --text-conditional: a CLIPTokenizer directory (default: BPE learned from the
+    /// captions, saved in the run folder)
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
 }
 
 /// Keys that fix a run's network: a resumed run takes them from its checkpoint, so a flag
 /// changing them is refused rather than ignored.
-const FIXED_ON_RESUME: [&str; 9] = [
+const FIXED_ON_RESUME: [&str; 13] = [
     "model",
+    "text_conditional",
+    "text_encoder",
+    "train_text_encoder",
+    "tokenizer",
     "objective",
     "sigma_data",
     "model_config",
@@ -247,6 +271,13 @@ impl TrainArgs {
         );
         set!(objective, sigma_data);
         set!(hflip, strict, class_conditional);
+        set!(text_conditional, caption_drop, train_text_encoder);
+        if self.text_encoder.is_some() {
+            c.text_encoder = self.text_encoder.clone();
+        }
+        if self.tokenizer.is_some() {
+            c.tokenizer = self.tokenizer.clone();
+        }
         if self.model_config.is_some() {
             c.model_config = self.model_config.clone();
         }
@@ -271,6 +302,10 @@ impl TrainArgs {
         if from_preset && c.vae.is_some() && self.model.is_none() && !file_sets_model {
             c.model = "mnist-ldm".into();
         }
+        // Text-to-image's preset: a UNet2DConditionModel at MNIST's size.
+        if from_preset && c.text_conditional && self.model.is_none() && !file_sets_model {
+            c.model = "mnist28-text".into();
+        }
         if from_preset && UNetConfig::preset(&c.model).is_none() {
             anyhow::bail!(
                 "--model {}: not a model preset (choose {}); a diffusers model directory goes to --init DIR (fine-tune from it), a run folder to --resume DIR",
@@ -281,6 +316,19 @@ impl TrainArgs {
         if self.cond_drop.is_some() && !c.class_conditional {
             anyhow::bail!(
                 "--cond-drop applies to class-conditional runs: add --class-conditional, or drop --cond-drop"
+            );
+        }
+        let text_only = [
+            ("--caption-drop", self.caption_drop.is_some()),
+            ("--text-encoder", self.text_encoder.is_some()),
+            ("--train-text-encoder", self.train_text_encoder.is_some()),
+            ("--tokenizer", self.tokenizer.is_some()),
+        ];
+        if let Some((flag, _)) = text_only.iter().find(|(_, set)| *set)
+            && !c.text_conditional
+        {
+            anyhow::bail!(
+                "{flag} applies to text-conditional runs: add --text-conditional, or drop {flag}"
             );
         }
         c.validate()

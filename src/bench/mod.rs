@@ -348,14 +348,19 @@ fn time_steps(
         .iter()
         .map(|&v| v as f32)
         .collect();
+    // A text-conditional step captions its images by their labels (digits here).
+    let labels = match &trainer.text {
+        Some(_) => vec![(0..trainer.cfg.batch_size as u32).map(|i| i % 10).collect()],
+        None => Vec::new(),
+    };
     for _ in 0..warmup {
-        trainer.submit_step(std::slice::from_ref(&data), &[])?;
+        trainer.submit_step(std::slice::from_ref(&data), &labels)?;
         trainer.gpu.wait()?;
     }
     let mut times = Vec::new();
     for _ in 0..steps {
         let t = Instant::now();
-        trainer.submit_step(std::slice::from_ref(&data), &[])?;
+        trainer.submit_step(std::slice::from_ref(&data), &labels)?;
         trainer.gpu.wait()?;
         times.push(t.elapsed().as_secs_f64());
     }
@@ -415,8 +420,17 @@ pub fn train_steps(
         cfg.ema = false;
     }
     let unet_cfg = crate::train::resolve_model_config(&cfg)?;
+    // A text-to-image U-Net trains with the text encoder `train --text-conditional` builds.
+    let text = match &unet_cfg.cross_attention {
+        Some(x) => Some(crate::train::text::TextTraining::mnist_scratch(
+            x.cross_attention_dim,
+        )?),
+        None => None,
+    };
     let mut trainer = gpu.checked_build(|| {
-        crate::train::Trainer::with_vae(gpu.clone(), cfg.clone(), &unet_cfg, vae)
+        let cfg = cfg.clone();
+        let single = Rc::new(World::single());
+        crate::train::Trainer::build(gpu.clone(), cfg, (&unet_cfg, text), vae, single)
     })?;
     trainer.set_weights(&crate::nn::init::default_init(&trainer.unet.params, 0))?;
     time_steps(&mut trainer, 1, 0)?;
@@ -535,8 +549,18 @@ pub fn sample_batches(
     let schedule = SamplingSchedule::new(&SchedulerConfig::ddpm_default(), kind, steps, None, 0.0)
         .map_err(anyhow::Error::msg)?;
     let t0 = Instant::now();
+    // A text-to-image U-Net attends to MNIST captions' context length (zeros: the speed is
+    // the same).
+    let context_tokens = match &unet_cfg.cross_attention {
+        Some(x) => Some(
+            crate::train::text::TextTraining::mnist_scratch(x.cross_attention_dim)?
+                .context_tokens(),
+        ),
+        None => None,
+    };
     let options = SamplerOptions {
         vae: vae.cloned(),
+        context_tokens,
         ..Default::default()
     };
     let mut sampler = Sampler::new(gpu, &unet_cfg, schedule, batch, &options)?;

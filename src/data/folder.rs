@@ -74,10 +74,18 @@ pub fn load(
     let mut images = Vec::with_capacity(files.len() * size * size * channels);
     let mut labels = Vec::new();
     let mut skipped = Vec::new();
+    // Each loaded image's path below `dir`, `/`-separated (metadata.jsonl's `file_name`).
+    let mut loaded = Vec::new();
     for f in &files {
         match super::open_image(f) {
             Ok(img) => {
                 images.extend(to_model_input(img, size, channels));
+                let rel = f.strip_prefix(dir).unwrap_or(f);
+                let parts: Vec<String> = rel
+                    .components()
+                    .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                    .collect();
+                loaded.push(parts.join("/"));
                 if let Some(c) = class_of(f) {
                     labels.push(class_names.binary_search(&c).expect("listed") as u32);
                 }
@@ -100,6 +108,20 @@ pub fn load(
             files.len()
         )));
     }
+    let metadata = dir.join("metadata.jsonl");
+    let captions = match std::fs::read_to_string(&metadata) {
+        Ok(text) => Some(
+            super::captions::read_metadata_jsonl(&text, &loaded)
+                .map_err(|e| DataError::Invalid(format!("{}: {e}", dir.display())))?,
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(source) => {
+            return Err(DataError::Io {
+                path: metadata.display().to_string(),
+                source,
+            });
+        }
+    };
     let description = format!(
         "{} ({len} images{})",
         dir.display(),
@@ -123,6 +145,7 @@ pub fn load(
             } else {
                 Vec::new()
             },
+            captions,
         },
         skipped,
     ))

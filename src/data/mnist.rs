@@ -118,6 +118,7 @@ pub fn load(size: usize, channels: usize) -> Result<Dataset, DataError> {
         description: format!("MNIST train ({n} digits, embedded)"),
         labels: Some(labels.iter().map(|&l| l as u32).collect()),
         class_names: (0..10).map(|d| d.to_string()).collect(),
+        captions: None,
     })
 }
 

@@ -81,6 +81,8 @@ pub struct Dataset {
     pub labels: Option<Vec<u32>>,
     /// The class names, by index (MNIST: "0".."9"; folders: sub-folder names, sorted).
     pub class_names: Vec<String>,
+    /// Each image's caption (a folder's metadata.jsonl), for text-conditional runs.
+    pub captions: Option<Vec<String>>,
 }
 
 impl Dataset {
@@ -252,6 +254,7 @@ mod tests {
             description: String::new(),
             labels: Some((0..10).map(|v| v % 3).collect()),
             class_names: vec!["a".into(), "b".into(), "c".into()],
+            captions: None,
         };
         let whole = make_batch(&data, 7, 3, 5);
         let (p1, l1) = make_batch(&data, 3, 3, 5);

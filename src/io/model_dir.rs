@@ -33,6 +33,10 @@ pub fn modern_name(name: &str) -> String {
 
 pub const MODEL_WEIGHTS: &str = "diffusion_pytorch_model.safetensors";
 
+/// `model_index.json`'s class of a pixel-space text-to-image model we export (diffusers has
+/// no such pipeline; its U-Net, text encoder, tokenizer and scheduler load one by one).
+pub const TEXT_PIPELINE: &str = "WgpuDiffusionTextPipeline";
+
 /// Writes a diffusers model directory with the weights given (diffusers' names): `config.json`,
 /// `diffusion_pytorch_model.safetensors` and `scheduler_config.json` at the top
 /// (`UNet2DModel.from_pretrained(dir)`), and the pipeline layout beside them — `model_index.json`,
@@ -124,7 +128,25 @@ fn write_model_files(
         // index names ours; the U-Net and EDMEulerScheduler load in diffusers on their own.
         index["_class_name"] = "WgpuDiffusionEDMPipeline".into();
     }
-    if extra.iter().any(|(name, _)| name.starts_with("vae/")) {
+    let has = |dir: &str| extra.iter().any(|(name, _)| name.starts_with(dir));
+    if config.cross_attention.is_some() {
+        index["unet"] = serde_json::json!(["diffusers", "UNet2DConditionModel"]);
+    }
+    if has("text_encoder/") {
+        // Text to image: with a VAE, Stable Diffusion's own pipeline (no safety checker);
+        // in pixel space ours, whose components load in diffusers/transformers one by one.
+        index["_class_name"] = TEXT_PIPELINE.into();
+        index["text_encoder"] = serde_json::json!(["transformers", "CLIPTextModel"]);
+        index["tokenizer"] = serde_json::json!(["transformers", "CLIPTokenizer"]);
+        if has("vae/") {
+            index["_class_name"] = "StableDiffusionPipeline".into();
+            index["vae"] = serde_json::json!(["diffusers", "AutoencoderKL"]);
+            index["safety_checker"] = serde_json::json!([null, null]);
+            index["feature_extractor"] = serde_json::json!([null, null]);
+            index["image_encoder"] = serde_json::json!([null, null]);
+            index["requires_safety_checker"] = false.into();
+        }
+    } else if has("vae/") {
         // A latent diffusion model: diffusers has no unconditional AutoencoderKL + UNet2DModel
         // pipeline (LDMPipeline takes a VQModel), so the index names ours; each component
         // loads in diffusers on its own (UNet2DModel / AutoencoderKL / DDPMScheduler).

@@ -115,6 +115,74 @@ impl ClipTextConfig {
     }
 }
 
+impl ClipTextConfig {
+    /// The `config.json` transformers writes for a `CLIPTextModel` of this shape, with the
+    /// tokenizer's special ids (what `CLIPTextModel.from_pretrained` reads back).
+    pub fn to_json(&self, (bos, eos, pad): (u32, u32, u32)) -> String {
+        let act = match self.hidden_act {
+            HiddenAct::QuickGelu => "quick_gelu",
+            HiddenAct::Gelu => "gelu",
+        };
+        let v = serde_json::json!({
+            "architectures": ["CLIPTextModel"],
+            "attention_dropout": 0.0,
+            "bos_token_id": bos,
+            "dtype": "float32",
+            "eos_token_id": eos,
+            "hidden_act": act,
+            "hidden_size": self.hidden_size,
+            "initializer_factor": 1.0,
+            "initializer_range": 0.02,
+            "intermediate_size": self.intermediate_size,
+            "layer_norm_eps": self.layer_norm_eps,
+            "max_position_embeddings": self.max_position_embeddings,
+            "model_type": "clip_text_model",
+            "num_attention_heads": self.num_attention_heads,
+            "num_hidden_layers": self.num_hidden_layers,
+            "pad_token_id": pad,
+            "projection_dim": self.hidden_size,
+            "vocab_size": self.vocab_size,
+        });
+        serde_json::to_string_pretty(&v).expect("a JSON value serializes")
+    }
+}
+
+/// A text encoder's weights in the layout of `store` (its own names, no prefix) from `lookup`:
+/// each parameter under its name or, as transformers saves a CLIPTextModel, under
+/// `text_model.` + name. Every missing or mis-shaped tensor is named in the error.
+pub fn weights_in(
+    store: &ParamStore,
+    lookup: impl Fn(&str) -> Option<(Vec<usize>, Vec<f32>)>,
+) -> Result<Vec<f32>, String> {
+    let mut problems = Vec::new();
+    let flat = store.flatten(|spec| {
+        let found = [spec.name.clone(), format!("text_model.{}", spec.name)]
+            .into_iter()
+            .find_map(|name| lookup(&name).map(|t| (name, t)));
+        Ok(match found {
+            Some((_, (shape, v))) if shape == spec.shape => v,
+            Some((name, (shape, _))) => {
+                problems.push(format!(
+                    "`{name}` has shape {shape:?}, the config expects {:?}",
+                    spec.shape
+                ));
+                vec![0.0; spec.numel()]
+            }
+            None => {
+                problems.push(format!("`{}` is missing", spec.name));
+                vec![0.0; spec.numel()]
+            }
+        })
+    })?;
+    if !problems.is_empty() {
+        return Err(format!(
+            "the weights do not fit the text encoder:\n  {}",
+            problems.join("\n  ")
+        ));
+    }
+    Ok(flat)
+}
+
 /// A head slice of a [batch · T, d] activation: batch (n, head) at n·T·d + head·dh, rows of d.
 fn heads_of(x: &Tensor, (d, t, dh): (usize, usize, usize)) -> MatRef<'_> {
     MatRef::dense(x, d).batched(t * d, dh)
@@ -315,40 +383,12 @@ impl ClipTextModel {
     }
 
     /// The weights in the store's layout from `lookup` (a tensor's shape and values by name, as
-    /// transformers saved them): each parameter under its name or, in older files, under
-    /// `text_model.` + name. Every missing or mis-shaped tensor is named in the error.
+    /// transformers saved them): see [`weights_in`].
     pub fn weights(
         &self,
         lookup: impl Fn(&str) -> Option<(Vec<usize>, Vec<f32>)>,
     ) -> Result<Vec<f32>, String> {
-        let mut problems = Vec::new();
-        let flat = self.params.flatten(|spec| {
-            let name = spec.name.strip_prefix(&self.prefix).unwrap_or(&spec.name);
-            let found = [name.to_string(), format!("text_model.{name}")]
-                .into_iter()
-                .find_map(|name| lookup(&name).map(|t| (name, t)));
-            Ok(match found {
-                Some((_, (shape, v))) if shape == spec.shape => v,
-                Some((name, (shape, _))) => {
-                    problems.push(format!(
-                        "`{name}` has shape {shape:?}, the config expects {:?}",
-                        spec.shape
-                    ));
-                    vec![0.0; spec.numel()]
-                }
-                None => {
-                    problems.push(format!("`{}` is missing", spec.name));
-                    vec![0.0; spec.numel()]
-                }
-            })
-        })?;
-        if !problems.is_empty() {
-            return Err(format!(
-                "the weights do not fit the text encoder:\n  {}",
-                problems.join("\n  ")
-            ));
-        }
-        Ok(flat)
+        weights_in(&self.params.part(0..self.params.len, &self.prefix), lookup)
     }
 
     fn norm(

@@ -178,11 +178,45 @@ impl UNetConfig {
                 &["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
                 32,
             )),
+            // Text-to-image on MNIST (issue 23): a UNet2DConditionModel at 28, 14 and 7 pixels
+            // with cross-attention to a 64-wide text encoder at 7×7 (down, mid and up: 49
+            // tokens, where attention is cheap), and UNet2DConditionModel's own defaults (sin
+            // first, no shift, eps 1e-5, padding 1).
+            "mnist28-text" => Some(UNetConfig {
+                norm_eps: 1e-5,
+                flip_sin_to_cos: true,
+                freq_shift: 0.0,
+                downsample_padding: 1,
+                cross_attention: Some(CrossAttention {
+                    cross_attention_dim: 64,
+                    heads: vec![4, 4, 4],
+                    transformer_layers: vec![1, 1, 1],
+                    use_linear_projection: false,
+                    upcast_attention: false,
+                    mid_block: true,
+                }),
+                ..ddpm(
+                    28,
+                    1,
+                    &[32, 64, 64],
+                    1,
+                    &["DownBlock2D", "DownBlock2D", CROSS_DOWN],
+                    &[CROSS_UP, "UpBlock2D", "UpBlock2D"],
+                    8,
+                )
+            }),
             _ => None,
         }
     }
 
-    pub const PRESETS: [&'static str; 5] = ["tiny16", "tiny28", "mnist28", "mnist-ldm", "cifar32"];
+    pub const PRESETS: [&'static str; 6] = [
+        "tiny16",
+        "tiny28",
+        "mnist28",
+        "mnist-ldm",
+        "cifar32",
+        "mnist28-text",
+    ];
 
     /// Parses a diffusers `UNet2DModel` config.json: diffusers' defaults fill missing keys (and keys set to
     /// null, as diffusers' `__init__` would), keys of other meanings are checked against

@@ -63,3 +63,66 @@ pub fn default_init(store: &ParamStore, seed: u64) -> Vec<f32> {
     }
     flat
 }
+
+/// transformers' initialisation of a `CLIPTextModel` (`CLIPPreTrainedModel._init_weights`,
+/// initializer_factor 1) for a text encoder trained from scratch: token and position embeddings
+/// N(0, 0.02²); attention q/k/v and the MLP's fc2 N(0, (d^-½·(2L)^-½)²), out_proj N(0, 1/d),
+/// fc1 N(0, 1/(2d)); Linear biases 0, LayerNorm weight 1 and bias 0. `store` is the encoder's
+/// own layout (names without a prefix), `flat` its values. Seeded, CPU; torch's distributions,
+/// not its random stream.
+pub fn clip_text_init(
+    store: &ParamStore,
+    flat: &mut [f32],
+    hidden: usize,
+    layers: usize,
+    seed: u64,
+) {
+    let mut state = seed ^ 0x5EED_C11F_7E47_0001;
+    let mut uniform01 = move || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        ((z >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    };
+    let d = hidden as f64;
+    let in_proj = d.powf(-0.5) * (2.0 * layers as f64).powf(-0.5);
+    for s in &store.specs {
+        let n = &s.name;
+        let std = if n.ends_with("embedding.weight") {
+            Some(0.02)
+        } else if n.ends_with("proj.weight") && !n.ends_with("out_proj.weight") {
+            Some(in_proj)
+        } else if n.ends_with("out_proj.weight") {
+            Some(d.powf(-0.5))
+        } else if n.ends_with("fc1.weight") {
+            Some((2.0 * d).powf(-0.5))
+        } else if n.ends_with("fc2.weight") {
+            Some(in_proj)
+        } else {
+            None
+        };
+        let out = &mut flat[s.offset..s.offset + s.numel()];
+        match std {
+            Some(std) => {
+                for v in out.iter_mut() {
+                    let (u1, u2) = (uniform01(), uniform01());
+                    *v =
+                        (std * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32;
+                }
+            }
+            // LayerNorm weights 1; every bias 0.
+            None => out.fill(
+                if n.ends_with("norm1.weight")
+                    || n.ends_with("norm2.weight")
+                    || n.ends_with("final_layer_norm.weight")
+                {
+                    1.0
+                } else {
+                    0.0
+                },
+            ),
+        }
+    }
+}

@@ -142,6 +142,41 @@ impl ParamStore {
         })
     }
 
+    /// The parameters in `range` of the layout (one model of a [`concat`](Self::concat)
+    /// store) as a store of their own, names without `strip`: its params and grads are views of
+    /// this store's, its offsets relative to `range.start` (the part's standalone layout).
+    pub fn part(&self, range: std::ops::Range<usize>, strip: &str) -> ParamStore {
+        let specs: Vec<ParamSpec> = self
+            .specs
+            .iter()
+            .filter(|s| range.contains(&s.offset))
+            .map(|s| ParamSpec {
+                name: s.name.strip_prefix(strip).unwrap_or(&s.name).to_string(),
+                shape: s.shape.clone(),
+                offset: s.offset - range.start,
+            })
+            .collect();
+        let index = specs
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.name.clone(), i))
+            .collect();
+        let len = range.len();
+        ParamStore {
+            specs,
+            index,
+            len,
+            chunks: self
+                .chunks
+                .iter()
+                .filter(|(o, _)| range.contains(o))
+                .map(|&(o, l)| (o - range.start, l))
+                .collect(),
+            params: self.params.view(range.start, &[len], self.params.label()),
+            grads: self.grads.view(range.start, &[len], self.grads.label()),
+        }
+    }
+
     /// `buffer` (of the flat layout) as one view per chunk.
     pub fn chunk_views(&self, buffer: &Tensor) -> Vec<Tensor> {
         self.chunks

@@ -74,6 +74,9 @@ pub mod purpose {
     /// EDM training: the standard normal draw behind each sample's noise level
     /// (ln σ = P_mean + P_std·u).
     pub const EDM_SIGMA: u32 = 7;
+    /// Text-conditional training: which of a label's caption templates a sample gets (drawn on
+    /// the host; the caption dropout reuses CLASS_DROP's stream).
+    pub const CAPTION: u32 = 8;
     /// Dropout masks: `DROPOUT_BASE + i` for the i-th dropout layer of the model.
     pub const DROPOUT_BASE: u32 = 16;
 }

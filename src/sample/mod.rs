@@ -251,29 +251,38 @@ impl Sampler {
     }
 
     /// A text-conditional model's context: `cond` [1, tokens, width] (the prompt's encoder
-    /// output) for every image, and with guidance `uncond` (the negative or empty prompt's) for
-    /// the unconditional half of the U-Net's batch, as StableDiffusionPipeline batches them.
+    /// output) for every image, or [batch, tokens, width] (a prompt per image), and with
+    /// guidance `uncond` (the negative or empty prompt's, likewise) for the unconditional half
+    /// of the U-Net's batch, as StableDiffusionPipeline batches them.
     pub fn set_context(&self, cond: &Tensor, uncond: Option<&Tensor>) -> Result<()> {
         let Some(context) = &self.unet.encoder_hidden_states else {
             bail!("the U-Net has no cross-attention: it takes no prompt");
         };
         let per_image = context.value.numel() / self.unet.batch;
-        let mut sources = vec![cond; self.batch];
+        let rows = |t: &Tensor| -> Result<Vec<Tensor>> {
+            let n = t.numel();
+            if n == per_image {
+                Ok(vec![t.clone(); self.batch])
+            } else if n == per_image * self.batch {
+                let at = |i: usize| t.view(i * per_image, &[per_image], t.label());
+                Ok((0..self.batch).map(at).collect())
+            } else {
+                bail!(
+                    "a context of {n} values, the U-Net attends to {per_image} per image ({:?}) for {} image(s)",
+                    &context.shape()[1..],
+                    self.batch
+                )
+            }
+        };
+        let mut sources = rows(cond)?;
         match (self.guidance, uncond) {
-            (Some(_), Some(u)) => sources.extend(std::iter::repeat_n(u, self.batch)),
+            (Some(_), Some(u)) => sources.extend(rows(u)?),
             (None, None) => {}
             (Some(_), None) => bail!("guided sampling needs the unconditional context too"),
             (None, Some(_)) => bail!("an unconditional context is only used with guidance"),
         }
         let mut enc = self.gpu.device.create_command_encoder(&Default::default());
         for (i, src) in sources.into_iter().enumerate() {
-            if src.numel() != per_image {
-                bail!(
-                    "a context of {} values for an image, the U-Net attends to {per_image} ({:?} per sample)",
-                    src.numel(),
-                    &context.shape()[1..]
-                );
-            }
             enc.copy_buffer_to_buffer(
                 src.buffer(),
                 src.byte_offset(),

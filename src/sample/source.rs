@@ -157,10 +157,15 @@ impl ModelSource {
                 None => pipeline.map(LatentVae::beside).transpose()?.flatten(),
             };
             source.latent = source.vae.is_some();
-            source.text = pipeline
-                .map(TextConditioning::from_pipeline)
-                .transpose()?
-                .flatten();
+            // Our exports keep the text encoder beside the flat U-Net files; a pipeline's unet/
+            // finds it one level up.
+            source.text = match TextConditioning::from_pipeline(dir)? {
+                Some(t) => Some(t),
+                None => pipeline
+                    .map(TextConditioning::from_pipeline)
+                    .transpose()?
+                    .flatten(),
+            };
             return Ok(source);
         }
         if dir.join("unet").join("config.json").is_file() {

@@ -23,8 +23,13 @@ const TEXT_WEIGHTS: [&str; 3] = [
     "model.bf16.safetensors",
 ];
 
-/// The pipeline classes whose components we load (SD 1.x and 2.x layouts).
-const PIPELINES: [&str; 2] = ["StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"];
+/// The pipeline classes whose components we load (SD 1.x and 2.x layouts, and the pixel-space
+/// text-to-image models `train --text-conditional` exports).
+const PIPELINES: [&str; 3] = [
+    "StableDiffusionPipeline",
+    "StableDiffusionImg2ImgPipeline",
+    crate::io::model_dir::TEXT_PIPELINE,
+];
 
 /// A pipeline's text encoder and tokenizer, read and checked; weights not yet loaded.
 #[derive(Clone)]

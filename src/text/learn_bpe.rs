@@ -96,6 +96,20 @@ pub fn write_tokenizer_dir(
     model_max_length: usize,
 ) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    for (name, text) in tokenizer_files(merges, model_max_length)? {
+        let path = dir.join(name);
+        let tmp = dir.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// The files of [`write_tokenizer_dir`], by name, in memory.
+pub fn tokenizer_files(
+    merges: &[(String, String)],
+    model_max_length: usize,
+) -> Result<Vec<(&'static str, String)>> {
     let vocab = clip_vocabulary(merges);
     let entries: Vec<String> = vocab
         .iter()
@@ -136,11 +150,19 @@ pub fn write_tokenizer_dir(
             serde_json::to_string_pretty(&config)?,
         ),
     ];
-    for (name, text) in files {
-        let path = dir.join(name);
-        let tmp = dir.join(format!(".{name}.tmp"));
-        std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
-    }
-    Ok(())
+    Ok(files.into())
+}
+
+/// The tokenizer [`write_tokenizer_dir`] would write for `merges`, without the files: what
+/// `ClipTokenizer::from_dir` reads back from them (pad token `<|endoftext|>`).
+pub fn learned_tokenizer(
+    merges: &[(String, String)],
+    model_max_length: usize,
+) -> Result<super::ClipTokenizer> {
+    let vocab = clip_vocabulary(merges)
+        .into_iter()
+        .enumerate()
+        .map(|(id, t)| (t, id as u32))
+        .collect();
+    super::ClipTokenizer::new(vocab, merges.to_vec(), EOS, model_max_length)
 }

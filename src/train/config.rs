@@ -85,6 +85,21 @@ pub struct TrainConfig {
     /// Label dropout for classifier-free guidance: the probability that a sample's label is
     /// replaced by the null class (0 = no unconditional branch).
     pub cond_drop: f64,
+    /// Condition on captions through a CLIP text encoder and cross-attention (Stable
+    /// Diffusion's UNet2DConditionModel): MNIST's digits described by templates, or the `text`
+    /// of each image in `data`'s metadata.jsonl.
+    pub text_conditional: bool,
+    /// Caption dropout for classifier-free guidance: the probability that a sample's caption
+    /// is replaced by the empty prompt.
+    pub caption_drop: f64,
+    /// A transformers CLIPTextModel directory to condition on (frozen unless
+    /// `train_text_encoder`); none: a small text encoder trained from scratch with the U-Net.
+    pub text_encoder: Option<PathBuf>,
+    /// Train a loaded `text_encoder` with the U-Net (one trained from scratch always is).
+    pub train_text_encoder: bool,
+    /// A CLIPTokenizer directory (vocab.json + merges.txt, or tokenizer.json); none: one
+    /// learned from the captions (BPE), written to the run folder.
+    pub tokenizer: Option<PathBuf>,
     /// What the model learns: to generate images, or to super-resolve them.
     pub task: Task,
     /// Super-resolution factor (`task = "sr"`): LR = average pooling of the target by it.
@@ -146,6 +161,11 @@ impl Default for TrainConfig {
             strict: false,
             class_conditional: false,
             cond_drop: 0.1,
+            text_conditional: false,
+            caption_drop: 0.1,
+            text_encoder: None,
+            train_text_encoder: false,
+            tokenizer: None,
             task: Task::Generate,
             scale: 2,
         }
@@ -222,6 +242,13 @@ impl TrainConfig {
             ));
         }
         in_unit_interval("cond_drop", self.cond_drop)?;
+        in_unit_interval("caption_drop", self.caption_drop)?;
+        if self.text_conditional && self.class_conditional {
+            return Err(
+                "text_conditional and class_conditional exclude each other: a model conditions on captions or on class labels"
+                    .into(),
+            );
+        }
         if !(1..=100_000).contains(&self.num_train_timesteps) {
             return Err(format!(
                 "num_train_timesteps must be in 1..=100000, is {}",

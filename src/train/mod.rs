@@ -7,6 +7,7 @@ mod all_reduce;
 pub mod config;
 pub mod plot;
 pub mod run_dir;
+pub mod text;
 pub mod trainer;
 pub mod vae_run;
 pub mod vae_trainer;
@@ -35,6 +36,7 @@ use crate::io::tensors::{LoadedTensors, read_metadata};
 use crate::nn::UNetConfig;
 use crate::sample::{LatentVae, ModelSource, Noise, Sampler, SamplerOptions};
 use run_dir::{default_run_dir, truncate_metrics};
+use text::TextTraining;
 
 /// Micro-batches per step that dropout's random streams can address (`nn::unet`: 2^24 values
 /// per micro-batch in a 2^32 stream).
@@ -402,6 +404,11 @@ fn load_data(
             d
         }
     };
+    // Text-conditional runs on a captioned folder: each image's label is its caption's index.
+    let mut data = data;
+    if cfg.text_conditional && data.captions.is_some() {
+        data.labels = Some((0..data.len as u32).collect());
+    }
     progress.message(&format!("data: {}", data.description));
     Ok(Arc::new(data))
 }
@@ -410,13 +417,13 @@ fn load_data(
 fn start_trainer(
     gpu: &Arc<Gpu>,
     cfg: &TrainConfig,
-    (model, vae): (&UNetConfig, Option<&LatentVae>),
+    (model, vae, text): (&UNetConfig, Option<&LatentVae>, Option<TextTraining>),
     checkpoint: Option<&LoadedTensors>,
     (class_names, world): (Vec<String>, Rc<World>),
     progress: &mut dyn Progress,
 ) -> Result<Trainer> {
     let mut trainer = gpu.checked_build(|| {
-        Trainer::data_parallel(gpu.clone(), cfg.clone(), model, vae, world.clone())
+        Trainer::build(gpu.clone(), cfg.clone(), (model, text), vae, world.clone())
     })?;
     trainer.class_names = class_names;
     match checkpoint {
@@ -440,27 +447,46 @@ fn start_trainer(
                 ));
             }
         }
-        None => match &cfg.init {
-            Some(dir) => {
-                trainer.set_weights(&ModelSource::from_dir(dir)?.weights(&trainer.unet.params)?)?;
-                progress.message(&format!("initialised from {}", dir.display()));
-            }
-            None => trainer.set_weights(&crate::nn::init::default_init(
-                &trainer.unet.params,
-                cfg.seed,
-            ))?,
-        },
+        None => trainer.set_weights(&initial_weights(&trainer, cfg, progress)?)?,
     }
     // Data parallel: every rank starts from rank 0's state.
     trainer.broadcast_state()?;
     Ok(trainer)
 }
 
-/// The sampler of the run's sample grids (none with `sample_every` = 0).
+/// A new run's starting weights: `init`'s U-Net or fresh ones; a text-conditional run's text
+/// encoder the given one or transformers' CLIP initialisation.
+fn initial_weights(
+    trainer: &Trainer,
+    cfg: &TrainConfig,
+    progress: &mut dyn Progress,
+) -> Result<Vec<f32>> {
+    let store = &trainer.unet.params;
+    let unet_range = match &trainer.text {
+        Some(t) => t.joint.unet_range(&trainer.unet),
+        None => 0..store.len,
+    };
+    let unet_part = store.part(unet_range.clone(), "");
+    let mut flat = match &cfg.init {
+        Some(dir) => {
+            let w = ModelSource::from_dir(dir)?.weights(&unet_part)?;
+            progress.message(&format!("initialised from {}", dir.display()));
+            w
+        }
+        None => crate::nn::init::default_init(&unet_part, cfg.seed),
+    };
+    if let Some(t) = &trainer.text {
+        flat.extend(t.setup.initial_weights(&t.part(&trainer.unet), cfg.seed)?);
+    }
+    Ok(flat)
+}
+
+/// The sampler of the run's sample grids (none with `sample_every` = 0); a text-conditional
+/// model's attends to `context_tokens` rows.
 fn grid_sampler(
     gpu: &Arc<Gpu>,
     cfg: &TrainConfig,
-    model: &UNetConfig,
+    (model, context_tokens): (&UNetConfig, Option<usize>),
     vae: Option<&LatentVae>,
 ) -> Result<Option<Sampler>> {
     if cfg.sample_every == 0 {
@@ -484,6 +510,7 @@ fn grid_sampler(
             GRID_IMAGES,
             &SamplerOptions {
                 vae: vae.cloned(),
+                context_tokens,
                 ..Default::default()
             },
         )
@@ -510,6 +537,16 @@ fn write_run_files(
         }
     }
     atomic_write(&run_dir.config(), toml::to_string(cfg)?.as_bytes())?;
+    if let Some(text) = &trainer.text {
+        for (name, bytes) in text.setup.run_files() {
+            let path = run_dir.root.join(name);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)
+                    .with_context(|| format!("creating {}", parent.display()))?;
+            }
+            atomic_write(&path, &bytes)?;
+        }
+    }
     if !trainer.class_names.is_empty() {
         atomic_write(
             &run_dir.root.join(CLASS_NAMES),
@@ -625,6 +662,7 @@ pub fn run_ranks(
     let vae = latent_vae(&cfg, &run_dir, resume.is_some(), progress)?;
     let data = load_data(&cfg, data_dims(&model, vae.as_ref()), progress)?;
     let class_names = configure_classes(&cfg, &data, &mut model)?;
+    let text = TextTraining::prepare(&cfg, &data, &run_dir.root, resume.is_some(), &mut model)?;
     configure_task(&cfg, &mut model)?;
     if let Some(v) = &vae {
         v.check_fits(&model)?;
@@ -634,13 +672,14 @@ pub fn run_ranks(
     let mut trainer = start_trainer(
         &gpu,
         &cfg,
-        (&model, vae.as_ref()),
+        (&model, vae.as_ref(), text),
         checkpoint.as_ref(),
         (class_names, world.clone()),
         progress,
     )?;
+    let context_tokens = trainer.text.as_ref().map(|t| t.setup.context_tokens());
     let mut sampler = match writer {
-        true => grid_sampler(&gpu, &cfg, &model, vae.as_ref())?,
+        true => grid_sampler(&gpu, &cfg, (&model, context_tokens), vae.as_ref())?,
         false => None,
     };
 
@@ -838,7 +877,7 @@ fn next_batches(
                 .then_some((b.data, b.labels))
         })
         .unzip();
-    if trainer.unet.class_labels.is_some() {
+    if trainer.unet.class_labels.is_some() || trainer.text.is_some() {
         (batches, labels)
     } else {
         (batches, Vec::new())
@@ -1026,16 +1065,33 @@ fn save_checkpoint(
         Some(_) => vae_files(&run_dir.root.join("vae"))?,
         None => Vec::new(),
     };
+    // A text-conditional model: the U-Net's part of the joint store, and the text encoder and
+    // tokenizer beside it (a pipeline directory).
+    let (unet_store, text_files) = match &trainer.text {
+        Some(t) => (
+            trainer
+                .unet
+                .params
+                .part(t.joint.unet_range(&trainer.unet), ""),
+            t.export_files(&trainer.unet, &weights, &run_dir.root)?,
+        ),
+        None => (trainer.unet.params.clone(), Vec::new()),
+    };
     let extra: Vec<(&str, &[u8])> = names
         .iter()
         .map(|n| (CLASS_NAMES, n.as_bytes()))
         .chain(vae.iter().map(|(name, b)| (*name, b.as_slice())))
+        .chain(
+            text_files
+                .iter()
+                .map(|(name, b)| (name.as_str(), b.as_slice())),
+        )
         .collect();
     save_model_dir(
         &run_dir.model(),
         model,
-        &trainer.unet.params,
-        &weights,
+        &unet_store,
+        &weights[..unet_store.len],
         &trainer
             .cfg
             .scheduler_config_json()
@@ -1083,11 +1139,26 @@ fn write_samples(
     progress: &mut dyn Progress,
 ) -> Result<()> {
     let t = Instant::now();
-    sampler.copy_weights_from(if trainer.cfg.ema {
+    let weights = if trainer.cfg.ema {
         &trainer.ema
     } else {
         &trainer.unet.params.params
-    });
+    };
+    // Text-conditional runs: image i is drawn from the grid's i-th prompt (no guidance).
+    let _context = match &trainer.text {
+        Some(text) => {
+            let unet_len = text.joint.unet_range(&trainer.unet).len();
+            sampler.copy_weights_from(&weights.view(0, &[unet_len], "U-Net weights"));
+            let prompts = text.setup.grid_prompts(GRID_IMAGES);
+            let encoder = text.encode_prompts(&trainer.gpu, &trainer.unet, weights, &prompts)?;
+            sampler.set_context(&encoder.last_hidden_state, None)?;
+            Some(encoder)
+        }
+        None => {
+            sampler.copy_weights_from(weights);
+            None
+        }
+    };
     // The same seeded noise at every grid, so grids show the model's progress, not new noise.
     if let Some(low) = lowres {
         sampler.set_lowres(low)?;

@@ -11,12 +11,13 @@ use anyhow::{Context, Result, anyhow, bail};
 
 use super::all_reduce::GradExchange;
 use super::config::TrainConfig;
+use super::text::{TextTraining, TrainerText};
 use crate::diffusion::edm::{P_MEAN, P_STD};
 use crate::diffusion::{NoiseSchedule, PredictionType};
 use crate::dist::World;
 use crate::gpu::{Gpu, Plan, Recorder, Tensor};
 use crate::io::tensors::{LoadedTensors, serialize_named};
-use crate::nn::{ParamStore, UNet, UNetConfig};
+use crate::nn::{ParamStore, UNet, UNetConfig, text_unet};
 use crate::ops::OpResult;
 use crate::ops::adamw::{
     AdamwConfig, AdamwHyper, EmaConfig, HYPER_LEN, adamw_step, ema_update, grad_norm_chunks,
@@ -79,6 +80,8 @@ pub struct Trainer {
     pub data_position: u64,
     /// Class names by label (class-conditional runs), saved with checkpoints and exports.
     pub class_names: Vec<String>,
+    /// Text-conditional runs: the text encoder sharing the U-Net's store, the captions' ids.
+    pub text: Option<TrainerText>,
 }
 
 /// The step's per-micro-batch scratch: what the noising, the loss and the optimizer update read
@@ -339,7 +342,7 @@ fn record_optimizer_update(
 fn record_gradient_plan(
     gpu: &Arc<Gpu>,
     (unet, scratch, cfg): (&UNet, &StepScratch, &TrainConfig),
-    latent: Option<&LatentCodec>,
+    (latent, text): (Option<&LatentCodec>, Option<&TrainerText>),
     (x0, labels, losses): (&[Tensor], &[Tensor], &[Tensor]),
     (first, total): (usize, usize),
     num_train_timesteps: usize,
@@ -353,6 +356,9 @@ fn record_gradient_plan(
         unet.set_micro_batch(i as u32);
         if let (Some(dst), Some(src)) = (&unet.class_labels, labels.get(local)) {
             rec.copy(src, dst)?;
+        }
+        if let Some(text) = text {
+            text.record_forward(&mut rec, unet, local)?;
         }
         let x0_i = match latent {
             Some(codec) => {
@@ -375,8 +381,32 @@ fn record_gradient_plan(
         unet.forward(&mut rec)?;
         record_loss(&mut rec, unet, scratch, (cfg, total), &x0_i, &losses[local])?;
         unet.backward(&mut rec)?;
+        if let Some(text) = text {
+            text.joint.record_backward(&mut rec, unet)?;
+        }
     }
     Ok(rec.finish())
+}
+
+/// The U-Net in training mode, and with `text` the text encoder sharing its store.
+fn build_models(
+    gpu: &Arc<Gpu>,
+    cfg: &TrainConfig,
+    model: &UNetConfig,
+    text: Option<TextTraining>,
+) -> Result<(UNet, Option<TrainerText>)> {
+    Ok(match text {
+        Some(t) => {
+            let built = text_unet::build(gpu, (model, &t.config), cfg.batch_size, t.trainable)
+                .context("building the U-Net and its text encoder")?;
+            let text = TrainerText::new(gpu, built.1, t, cfg.grad_accum);
+            (built.0, Some(text))
+        }
+        None => (
+            UNet::new(gpu, model, cfg.batch_size).context("building the U-Net")?,
+            None,
+        ),
+    })
 }
 
 impl Trainer {
@@ -410,12 +440,24 @@ impl Trainer {
         vae: Option<&LatentVae>,
         world: Rc<World>,
     ) -> Result<Trainer> {
+        Self::build(gpu, cfg, (model, None), vae, world)
+    }
+
+    /// [`Trainer::data_parallel`], text-conditional when `text` is given: the U-Net and the
+    /// text encoder in one store, each micro-batch's caption ids encoded in the step.
+    pub fn build(
+        gpu: Arc<Gpu>,
+        cfg: TrainConfig,
+        (model, text): (&UNetConfig, Option<TextTraining>),
+        vae: Option<&LatentVae>,
+        world: Rc<World>,
+    ) -> Result<Trainer> {
         cfg.validate()
             .map_err(|e| anyhow!("invalid training options: {e}"))?;
         if let Some(v) = vae {
             v.check_fits(model)?;
         }
-        let unet = UNet::new(&gpu, model, cfg.batch_size).context("building the U-Net")?;
+        let (unet, text) = build_models(&gpu, &cfg, model, text)?;
         let schedule = NoiseSchedule::new(
             cfg.beta_schedule,
             cfg.num_train_timesteps,
@@ -457,7 +499,7 @@ impl Trainer {
         let grad_plan = record_gradient_plan(
             &gpu,
             (&unet, &scratch, &cfg),
-            latent.as_ref(),
+            (latent.as_ref(), text.as_ref()),
             (&x0, &labels, &losses),
             (accum * world.rank(), accum * world.size()),
             schedule.num_train_timesteps,
@@ -514,7 +556,35 @@ impl Trainer {
             step: 0,
             data_position: 0,
             class_names: Vec::new(),
+            text,
         })
+    }
+
+    /// Text-conditional runs: each micro-batch's captions from its images' labels (templates
+    /// and dropout drawn from the run's streams), tokenized and uploaded.
+    fn write_captions(&mut self, step: u64, labels: &[Vec<u32>]) -> Result<()> {
+        let Some(text) = self.text.as_mut() else {
+            return Ok(());
+        };
+        if labels.len() != text.ids.len() {
+            bail!("the text-conditional model needs the labels of every micro-batch");
+        }
+        let first_micro_batch = self.world.rank() * text.ids.len();
+        let draws = (self.cfg.seed, step, self.cfg.caption_drop);
+        for (i, l) in labels.iter().enumerate() {
+            if l.len() != self.cfg.batch_size {
+                bail!(
+                    "micro-batch {i}: {} labels, expected {}",
+                    l.len(),
+                    self.cfg.batch_size
+                );
+            }
+            let captions = text
+                .setup
+                .captions_of_batch(draws, first_micro_batch + i, l);
+            text.write_ids(&self.gpu, i, &captions)?;
+        }
+        Ok(())
     }
 
     /// Per-kernel wall time of one step, summed by shader entry point, slowest first.
@@ -662,6 +732,9 @@ impl Trainer {
             self.gpu.write(t, data)?;
         }
         let step = self.step + 1;
+        if self.text.is_some() {
+            self.write_captions(step, labels)?;
+        }
         if !self.labels.is_empty() {
             if labels.len() != self.labels.len() {
                 bail!("the class-conditional model needs the labels of every micro-batch");
@@ -818,6 +891,11 @@ impl Trainer {
             self.cfg.scheduler_config_json().map_err(|e| anyhow!(e))?,
         );
         meta.insert("ema".into(), self.cfg.ema.to_string());
+        if self.text.is_some() {
+            // The text encoder's weights are in this file (under text_encoder.); its config and
+            // tokenizer are in the run folder.
+            meta.insert("text_conditional".into(), "true".into());
+        }
         if let Some(codec) = &self.latent {
             // Sampling a checkpoint decodes with the run folder's vae/ (sample::source).
             meta.insert("latent_diffusion".into(), "true".into());
