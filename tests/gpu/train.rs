@@ -889,3 +889,73 @@ fn text_options_are_checked() {
     assert!(!ok && log.contains("--text-conditional"), "{log}");
     assert!(!out.exists(), "a refused run wrote {}", out.display());
 }
+
+/// `--data DIR` with a metadata.jsonl (diffusers' image-folder convention): each image's `text`
+/// is its caption, the tokenizer is learned from them; an image without a row is an error that
+/// names it, before anything is written.
+#[test]
+fn captioned_folder_trains_and_a_missing_caption_is_named() {
+    let data = temp_dir("captioned");
+    std::fs::create_dir_all(data.join("shapes")).unwrap();
+    let files = ["bright.png", "shapes/stripes.png", "shapes/dark.png"];
+    for (i, f) in files.iter().enumerate() {
+        image::GrayImage::from_fn(20, 20, |x, y| {
+            image::Luma([((x * (i as u32 + 1) + y) * 9) as u8])
+        })
+        .save(data.join(f))
+        .unwrap();
+    }
+    let rows = [
+        ("bright.png", "a bright square"),
+        ("./shapes/stripes.png", "diagonal stripes"),
+        ("shapes/dark.png", "a dark square"),
+    ];
+    let jsonl: String = rows
+        .iter()
+        .map(|(f, t)| format!("{{\"file_name\": \"{f}\", \"text\": \"{t}\"}}\n"))
+        .collect();
+    std::fs::write(data.join("metadata.jsonl"), &jsonl).unwrap();
+    let out = temp_dir("captioned-run");
+    let args = |out: &Path| {
+        vec![
+            "train".to_string(),
+            "--text-conditional".into(),
+            "--data".into(),
+            data.to_str().unwrap().into(),
+            "--steps".into(),
+            "2".into(),
+            "--batch-size".into(),
+            "2".into(),
+            "--sample-every".into(),
+            "0".into(),
+            "--out".into(),
+            out.to_str().unwrap().into(),
+        ]
+    };
+    let argv = args(&out);
+    let (ok, log) = run_cli(&argv.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "{log}");
+    let vocab = std::fs::read_to_string(out.join("model/tokenizer/vocab.json")).unwrap();
+    assert!(
+        vocab.contains("square</w>"),
+        "the learned vocabulary lacks the captions' words"
+    );
+    // An image with no row.
+    std::fs::write(
+        data.join("metadata.jsonl"),
+        jsonl.lines().take(2).collect::<Vec<_>>().join("\n"),
+    )
+    .unwrap();
+    let refused = temp_dir("captioned-refused");
+    let argv = args(&refused);
+    let (ok, log) = run_cli(&argv.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!ok && log.contains("shapes/dark.png"), "{log}");
+    assert!(
+        !refused.exists(),
+        "a refused run wrote {}",
+        refused.display()
+    );
+    for d in [&data, &out] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
