@@ -60,9 +60,10 @@ pub struct TrainArgs {
     #[arg(long)]
     pub resume: Option<PathBuf>,
     /// Model preset: tiny16 (16x16 MNIST, fast), tiny28 (tiny16's network at 28x28), mnist28,
-    /// cifar32 (google/ddpm-cifar10-32), mnist-ldm (4x8x8 latents, with --vae) [default:
-    /// tiny16; tiny28 with --task sr; mnist-ldm with --vae]. A model
-    /// directory goes to --init, a run folder to --resume.
+    /// cifar32 (google/ddpm-cifar10-32), mnist-ldm (4x8x8 latents, with --vae), mnist28-text
+    /// (UNet2DConditionModel, with --text-conditional) [default: tiny16; tiny28 with --task sr;
+    /// mnist-ldm with --vae; mnist28-text with --text-conditional]. A model directory goes to
+    /// --init, a run folder to --resume.
     #[arg(long)]
     pub model: Option<String>,
     /// A diffusers UNet2DModel config.json instead of a preset.
