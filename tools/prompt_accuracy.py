@@ -88,7 +88,9 @@ def evaluate(a):
             out = os.path.join(a.work, f"g{g}", word)
             cmd = [a.bin, "sample", "--model", a.model, "--prompt", prompt, "--guidance-scale", str(g),
                    "--num", str(a.num), "--sample-steps", str(a.steps), "--seed", str(a.seed + d), "--out", out]
-            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            run = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            if run.returncode != 0:
+                sys.exit(f"{' '.join(cmd)} failed:\n{run.stderr}")
             files = sorted(f for f in os.listdir(out) if f[0].isdigit() and f.endswith(".png"))
             imgs = np.stack([np.asarray(Image.open(os.path.join(out, f)).convert("L").resize((28, 28))) for f in files])
             with torch.no_grad():
