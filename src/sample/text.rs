@@ -140,15 +140,7 @@ impl TextConditioning {
     /// every prompt must fit its positions.
     fn check_tokenizer(&self) -> Result<()> {
         let (t, c) = (&self.tokenizer, &self.config);
-        let largest = [
-            t.vocab_size().saturating_sub(1) as u32,
-            t.bos_id,
-            t.eos_id,
-            t.pad_id,
-        ]
-        .into_iter()
-        .max()
-        .unwrap_or(0);
+        let largest = t.largest_id();
         if largest as usize >= c.vocab_size {
             bail!(
                 "the tokenizer's ids reach {largest}, but the text encoder {} has vocab_size {}: the tokenizer does not fit it",

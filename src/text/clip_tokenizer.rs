@@ -269,6 +269,16 @@ impl ClipTokenizer {
         self.vocab.values().max().map_or(0, |&m| m as usize + 1)
     }
 
+    /// The largest id the tokenizer can produce (a vocabulary entry or a special token): a text
+    /// encoder fits it when its `vocab_size` is above this.
+    pub fn largest_id(&self) -> u32 {
+        let largest_entry = self.vocab_size().saturating_sub(1) as u32;
+        [largest_entry, self.bos_id, self.eos_id, self.pad_id]
+            .into_iter()
+            .max()
+            .unwrap_or(0)
+    }
+
     /// `<|startoftext|>`, the prompt's ids, `<|endoftext|>`: transformers' `tok(text)`.
     pub fn encode(&self, text: &str) -> Vec<u32> {
         let mut ids = vec![self.bos_id];

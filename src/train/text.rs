@@ -212,15 +212,7 @@ impl TextTraining {
     /// Every id the tokenizer gives must be a row of the encoder's embedding.
     fn check_vocabulary(&self) -> Result<()> {
         let t = &self.tokenizer;
-        let largest = [
-            t.vocab_size().saturating_sub(1) as u32,
-            t.bos_id,
-            t.eos_id,
-            t.pad_id,
-        ]
-        .into_iter()
-        .max()
-        .unwrap_or(0);
+        let largest = t.largest_id();
         if largest as usize >= self.config.vocab_size {
             bail!(
                 "the tokenizer's ids reach {largest}, but the text encoder has vocab_size {}: the tokenizer does not fit it",
@@ -381,12 +373,12 @@ impl TrainerText {
     pub fn write_ids(&mut self, gpu: &Gpu, local: usize, captions: &[String]) -> Result<()> {
         let mut ids = Vec::with_capacity(self.ids[local].numel());
         for c in captions {
-            let t = &self.setup.tokenizer;
-            let e = self
-                .cache
-                .entry(c.clone())
-                .or_insert_with(|| t.encode_for_model(c).ids);
-            ids.extend_from_slice(e);
+            // Captions repeat (templates, the empty prompt): tokenized once each.
+            if !self.cache.contains_key(c) {
+                let e = self.setup.tokenizer.encode_for_model(c).ids;
+                self.cache.insert(c.clone(), e);
+            }
+            ids.extend_from_slice(&self.cache[c]);
         }
         if ids.len() != self.ids[local].numel() {
             bail!(
