@@ -6,10 +6,13 @@
 // of L tokens are loaded once per subgroup (one row per lane) and shared by subgroupBroadcast,
 // as in the GEMM (docs/ARCHITECTURE.md, "Fast GEMM on lavapipe").
 //
-// Template: L (lanes), DH4 (head_dim / 4: the texels of one head's row). Layout: q, k, v, o and
-// their gradients are `[N · T, C]` rows (diffusers' Attention before its head split), head h in
-// texels h · DH4 .. of a row of C / 4 texels. Workgroup = one subgroup; wid.y = sample · heads +
-// head; wid.x = a block of L query rows (forward, dQ) or key rows (dK, dV).
+// Template: L (lanes), DH4 (head_dim / 4: the texels of one head's row). Layout: q, o and dQ are
+// `[N · Tq, C]` rows, k, v, dK, dV `[N · Tk, C]` (diffusers' Attention before its head split; Tk
+// unlike Tq in cross-attention), head h in texels h · DH4 .. of a row of C / 4 texels. Workgroup =
+// one subgroup; wid.y = sample · heads + head; wid.x = a block of L query rows (forward, dQ) or key
+// rows (dK, dV). With `causal` (the CLIP text encoder's mask; Tq = Tk) query i sees keys j ≤ i:
+// the masked weights are exactly zero, and whole blocks past a subgroup's last query (forward, dQ)
+// or before its first key (dK, dV) are not visited (a bound uniform over the subgroup).
 //
 // The softmax is taken in two passes over the keys (the row maximum, then the exponentials),
 // like the unfused softmax kernel, rather than online (FlashAttention's running rescale): one
@@ -19,15 +22,16 @@
 // fixed order: deterministic. Subgroup operations stay in uniform control flow.
 
 struct Params {
-    tokens: u32,
+    q_tokens: u32,
+    k_tokens: u32,
     row_texels: u32,
     heads: u32,
-    // Rows of the statistics buffer's first half: samples · heads · tokens.
+    // Rows of the statistics buffer's first half: samples · heads · q_tokens.
     stat_rows: u32,
     scale: f32,
+    // 1: query i sees keys j ≤ i only.
+    causal: u32,
     _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -50,21 +54,34 @@ fn texel_of(row0: u32, token: u32, h: u32) -> u32 {
     return (row0 + token) * p.row_texels + h * {{DH4}}u;
 }
 
+// The end of the keys the query block starting at `first_query` sees.
+fn key_end(first_query: u32) -> u32 {
+    return select(p.k_tokens, min(p.k_tokens, first_query + {{L}}u), p.causal != 0u);
+}
+
+// Whether query i sees key j (below `end`, the block's key bound).
+fn visible(i: u32, j: u32, end: u32) -> bool {
+    return j < end && (p.causal == 0u || j <= i);
+}
+
 @compute @workgroup_size({{L}})
 fn attention_forward(@builtin(workgroup_id) wid: vec3<u32>,
                      @builtin(subgroup_invocation_id) lane: u32) {
-    let t = p.tokens;
+    let t = p.q_tokens;
+    let tk = p.k_tokens;
     let h = wid.y % p.heads;
     let row0 = (wid.y / p.heads) * t;
+    let krow0 = (wid.y / p.heads) * tk;
     let i = wid.x * {{L}}u + lane;
+    let end = key_end(wid.x * {{L}}u);
     let qi = texel_of(row0, min(i, t - 1u), h);
 //#for d in 0..DH4
     let q{{d}} = q[qi + {{d}}u] * p.scale;
 //#end
     // Pass 1: the row maximum of the scaled scores.
     var m = -3.0e38;
-    for (var j0 = 0u; j0 < t; j0 += {{L}}u) {
-        let kj = texel_of(row0, min(j0 + lane, t - 1u), h);
+    for (var j0 = 0u; j0 < end; j0 += {{L}}u) {
+        let kj = texel_of(krow0, min(j0 + lane, tk - 1u), h);
 //#for d in 0..DH4
         let k{{d}} = k[kj + {{d}}u];
 //#end
@@ -73,7 +90,7 @@ fn attention_forward(@builtin(workgroup_id) wid: vec3<u32>,
 //#for d in 0..DH4
         s{{r}} += dot(q{{d}}, subgroupBroadcast(k{{d}}, {{r}}u));
 //#end
-        m = select(m, max(m, s{{r}}), j0 + {{r}}u < t);
+        m = select(m, max(m, s{{r}}), visible(i, j0 + {{r}}u, end));
 //#end
     }
     // Pass 2: l = Σ exp(s - m), acc = Σ exp(s - m) v.
@@ -81,8 +98,8 @@ fn attention_forward(@builtin(workgroup_id) wid: vec3<u32>,
 //#for d in 0..DH4
     var acc{{d}} = vec4<f32>(0.0);
 //#end
-    for (var j0 = 0u; j0 < t; j0 += {{L}}u) {
-        let kj = texel_of(row0, min(j0 + lane, t - 1u), h);
+    for (var j0 = 0u; j0 < end; j0 += {{L}}u) {
+        let kj = texel_of(krow0, min(j0 + lane, tk - 1u), h);
 //#for d in 0..DH4
         let k{{d}} = k[kj + {{d}}u];
         let v{{d}} = v[kj + {{d}}u];
@@ -92,7 +109,7 @@ fn attention_forward(@builtin(workgroup_id) wid: vec3<u32>,
 //#for d in 0..DH4
         s{{r}} += dot(q{{d}}, subgroupBroadcast(k{{d}}, {{r}}u));
 //#end
-        let e{{r}} = select(0.0, exp(s{{r}} - m), j0 + {{r}}u < t);
+        let e{{r}} = select(0.0, exp(s{{r}} - m), visible(i, j0 + {{r}}u, end));
         l += e{{r}};
 //#for d in 0..DH4
         acc{{d}} = fma(vec4<f32>(e{{r}}), subgroupBroadcast(v{{d}}, {{r}}u), acc{{d}});
@@ -112,10 +129,13 @@ fn attention_forward(@builtin(workgroup_id) wid: vec3<u32>,
 @compute @workgroup_size({{L}})
 fn attention_backward_dq(@builtin(workgroup_id) wid: vec3<u32>,
                          @builtin(subgroup_invocation_id) lane: u32) {
-    let t = p.tokens;
+    let t = p.q_tokens;
+    let tk = p.k_tokens;
     let h = wid.y % p.heads;
     let row0 = (wid.y / p.heads) * t;
+    let krow0 = (wid.y / p.heads) * tk;
     let i = wid.x * {{L}}u + lane;
+    let end = key_end(wid.x * {{L}}u);
     let il = min(i, t - 1u);
     let qi = texel_of(row0, il, h);
     var delta = 0.0;
@@ -126,8 +146,8 @@ fn attention_backward_dq(@builtin(workgroup_id) wid: vec3<u32>,
     var acc{{d}} = vec4<f32>(0.0);
 //#end
     let lse = stats[wid.y * t + il];
-    for (var j0 = 0u; j0 < t; j0 += {{L}}u) {
-        let kj = texel_of(row0, min(j0 + lane, t - 1u), h);
+    for (var j0 = 0u; j0 < end; j0 += {{L}}u) {
+        let kj = texel_of(krow0, min(j0 + lane, tk - 1u), h);
 //#for d in 0..DH4
         let k{{d}} = k[kj + {{d}}u];
         let v{{d}} = v[kj + {{d}}u];
@@ -140,7 +160,7 @@ fn attention_backward_dq(@builtin(workgroup_id) wid: vec3<u32>,
         s{{r}} += dot(q{{d}}, k{{r}}_{{d}});
         dp{{r}} += dot(do{{d}}, subgroupBroadcast(v{{d}}, {{r}}u));
 //#end
-        let ds{{r}} = select(0.0, exp(s{{r}} - lse) * (dp{{r}} - delta), j0 + {{r}}u < t);
+        let ds{{r}} = select(0.0, exp(s{{r}} - lse) * (dp{{r}} - delta), visible(i, j0 + {{r}}u, end));
 //#for d in 0..DH4
         acc{{d}} = fma(vec4<f32>(ds{{r}}), k{{r}}_{{d}}, acc{{d}});
 //#end
@@ -158,18 +178,22 @@ fn attention_backward_dq(@builtin(workgroup_id) wid: vec3<u32>,
 @compute @workgroup_size({{L}})
 fn attention_backward_dkv(@builtin(workgroup_id) wid: vec3<u32>,
                           @builtin(subgroup_invocation_id) lane: u32) {
-    let t = p.tokens;
+    let t = p.q_tokens;
+    let tk = p.k_tokens;
     let h = wid.y % p.heads;
     let row0 = (wid.y / p.heads) * t;
+    let krow0 = (wid.y / p.heads) * tk;
     let j = wid.x * {{L}}u + lane;
-    let kj = texel_of(row0, min(j, t - 1u), h);
+    // Causal: queries before the block's first key see none of its keys.
+    let start = select(0u, wid.x * {{L}}u, p.causal != 0u);
+    let kj = texel_of(krow0, min(j, tk - 1u), h);
 //#for d in 0..DH4
     let k{{d}} = k[kj + {{d}}u];
     let v{{d}} = v[kj + {{d}}u];
     var dk{{d}} = vec4<f32>(0.0);
     var dv{{d}} = vec4<f32>(0.0);
 //#end
-    for (var i0 = 0u; i0 < t; i0 += {{L}}u) {
+    for (var i0 = start; i0 < t; i0 += {{L}}u) {
         let il = min(i0 + lane, t - 1u);
         let qi = texel_of(row0, il, h);
 //#for d in 0..DH4
@@ -187,7 +211,7 @@ fn attention_backward_dkv(@builtin(workgroup_id) wid: vec3<u32>,
         s{{r}} += dot(q{{r}}_{{d}}, k{{d}});
         dp{{r}} += dot(do{{r}}_{{d}}, v{{d}});
 //#end
-        let p{{r}} = select(0.0, exp(s{{r}} - subgroupBroadcast(lse, {{r}}u)), i0 + {{r}}u < t);
+        let p{{r}} = select(0.0, exp(s{{r}} - subgroupBroadcast(lse, {{r}}u)), i0 + {{r}}u < t && (p.causal == 0u || j <= i0 + {{r}}u));
         let ds{{r}} = p{{r}} * (dp{{r}} - subgroupBroadcast(delta, {{r}}u));
 //#for d in 0..DH4
         dv{{d}} = fma(vec4<f32>(p{{r}}), do{{r}}_{{d}}, dv{{d}});
@@ -195,7 +219,7 @@ fn attention_backward_dkv(@builtin(workgroup_id) wid: vec3<u32>,
 //#end
 //#end
     }
-    if (j < t) {
+    if (j < tk) {
 //#for d in 0..DH4
         grad_a[kj + {{d}}u] = dk{{d}};
         grad_b[kj + {{d}}u] = dv{{d}};

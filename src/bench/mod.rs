@@ -215,55 +215,76 @@ fn bench_convs(bench: &mut KernelBench) -> Result<()> {
     Ok(())
 }
 
-/// The fused attention core where this adapter runs it (subgroup path, heads <= 32 wide):
-/// (samples, tokens, channels, head_dim) of a 14 x 14 and an 8 x 8 attention with 8-wide heads.
-/// GFLOP/s counts the unfused GEMMs' work (QKᵀ and PV; four GEMMs backward), as the step does.
+/// The fused attention core where this adapter runs it (subgroup path): (samples, query tokens,
+/// key tokens, channels, head_dim) of mnist28's 14 x 14 and 8 x 8 self-attentions with 8-wide
+/// heads, a cross-attention of 49 pixels to 16 text tokens, and SD 1.x's 40-wide heads over a
+/// 32 x 32 latent. GFLOP/s counts the unfused GEMMs' work (QKᵀ and PV; four GEMMs backward), as
+/// the step does.
 fn bench_fused_attention(bench: &mut KernelBench) -> Result<()> {
-    use crate::ops::attention::{attention_backward, attention_forward, stats_len};
+    use crate::ops::attention::{
+        AttentionGrads, AttentionShape, attention_backward, attention_forward, stats_len,
+    };
     let gpu = bench.gpu;
-    for &(n, tokens, c, head_dim) in &[(32, 196, 64, 8), (32, 64, 64, 8)] {
+    let cases = [
+        (32, 196, 196, 64, 8),
+        (32, 64, 64, 64, 8),
+        (32, 49, 16, 64, 16),
+        (2, 1024, 1024, 320, 40),
+    ];
+    for (n, tq, tk, c, head_dim) in cases {
         if crate::ops::attention::fused_lanes(gpu, head_dim, c).is_none() {
             continue;
         }
         let heads = c / head_dim;
-        let shape = [n * tokens, c];
+        let shape = AttentionShape {
+            samples: n,
+            query_tokens: tq,
+            key_tokens: tk,
+            heads,
+            causal: false,
+        };
+        let (rows_q, rows_k) = ([n * tq, c], [n * tk, c]);
         let (q, k, v, d_o) = (
-            fill(gpu, &shape, "q", 7)?,
-            fill(gpu, &shape, "k", 8)?,
-            fill(gpu, &shape, "v", 9)?,
-            fill(gpu, &shape, "dO", 10)?,
+            fill(gpu, &rows_q, "q", 7)?,
+            fill(gpu, &rows_k, "k", 8)?,
+            fill(gpu, &rows_k, "v", 9)?,
+            fill(gpu, &rows_q, "dO", 10)?,
         );
-        let o = gpu.tensor(&shape, "o");
-        let stats = gpu.tensor(&[stats_len(n, heads, tokens)], "stats");
+        let o = gpu.tensor(&rows_q, "o");
+        let stats = gpu.tensor(&[stats_len(n, heads, tq)], "stats");
         let (dq, dk, dv) = (
-            gpu.tensor(&shape, "dq"),
-            gpu.tensor(&shape, "dk"),
-            gpu.tensor(&shape, "dv"),
+            gpu.tensor(&rows_q, "dq"),
+            gpu.tensor(&rows_k, "dk"),
+            gpu.tensor(&rows_k, "dv"),
         );
+        let grads = AttentionGrads {
+            q: &q,
+            k: &k,
+            v: &v,
+            o: &o,
+            d_o: &d_o,
+            dq: &dq,
+            dk: &dk,
+            dv: &dv,
+        };
         let scale = 1.0 / (head_dim as f32).sqrt();
-        let gemm_flops = 2.0 * (n * heads * tokens * tokens * head_dim) as f64;
-        let label = format!("N{n} T{tokens} C{c} heads of {head_dim}");
+        let gemm_flops = 2.0 * (n * heads * tq * tk * head_dim) as f64;
+        let label = format!("N{n} Tq{tq} Tk{tk} C{c} heads of {head_dim}");
         let passes: [(&'static str, f64, RecordFn); 2] = [
             (
                 "attention_forward",
                 2.0 * gemm_flops,
-                Box::new(|rec| {
-                    attention_forward(rec, &q, &k, &v, &o, &stats, tokens, heads, scale)
-                }),
+                Box::new(|rec| attention_forward(rec, shape, &q, &k, &v, &o, &stats, scale)),
             ),
             (
                 "attention_backward",
                 4.0 * gemm_flops,
-                Box::new(|rec| {
-                    attention_backward(
-                        rec, &q, &k, &v, &o, &d_o, &stats, &dq, &dk, &dv, tokens, heads, scale,
-                    )
-                }),
+                Box::new(|rec| attention_backward(rec, shape, &grads, &stats, scale)),
             ),
         ];
         // The backward reads the forward's statistics: run the forward once first.
         let mut rec = gpu.recorder();
-        attention_forward(&mut rec, &q, &k, &v, &o, &stats, tokens, heads, scale)?;
+        attention_forward(&mut rec, shape, &q, &k, &v, &o, &stats, scale)?;
         gpu.run(&[&rec.finish()])?;
         for (kernel, flops, record) in passes {
             bench.measure(kernel, label.clone(), flops, record)?;

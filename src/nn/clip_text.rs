@@ -8,23 +8,23 @@
 //! final_layer_norm. The causal mask is transformers' (float32's lowest on later keys), so a
 //! token never sees the padding after it. Parameters carry transformers' names, with or without
 //! the `text_model.` prefix older files have. The backward (a text encoder trained jointly with
-//! the U-Net) keeps each layer's activations and runs the attention through its probabilities
-//! (GEMM, softmax backward, GEMM).
+//! the U-Net) keeps each layer's activations; the attention's core is `nn::attention`'s (fused
+//! with the mask where the kernels apply).
 
 use std::sync::Arc;
 
 use serde_json::Value;
 
 use super::ParamStore;
+use super::attention::AttentionCore;
 use super::layers::{Linear, ParamDecls};
 use crate::gpu::{Gpu, GpuError, Recorder, Tensor};
 use crate::ops::OpResult;
-use crate::ops::elementwise::{axpby, causal_mask};
+use crate::ops::attention::{AttentionGrads, AttentionShape};
+use crate::ops::elementwise::axpby;
 use crate::ops::embedding::{embedding_add_forward, embedding_backward};
 use crate::ops::gelu::{gelu_backward, gelu_forward, quick_gelu_backward, quick_gelu_forward};
-use crate::ops::gemm::{GemmShape, MatRef, gemm};
 use crate::ops::layer_norm::{LayerNormGrads, layer_norm_backward, layer_norm_forward};
-use crate::ops::softmax::{softmax_backward, softmax_forward};
 
 /// The activation of the encoder's MLP.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -183,16 +183,6 @@ pub fn weights_in(
     Ok(flat)
 }
 
-/// A head slice of a [batch · T, d] activation: batch (n, head) at n·T·d + head·dh, rows of d.
-fn heads_of(x: &Tensor, (d, t, dh): (usize, usize, usize)) -> MatRef<'_> {
-    MatRef::dense(x, d).batched(t * d, dh)
-}
-
-/// The [T, T] score matrix of each (sample, head).
-fn square(x: &Tensor, t: usize, heads: usize) -> MatRef<'_> {
-    MatRef::dense(x, t).batched(heads * t * t, t * t)
-}
-
 /// One encoder layer's parameter names.
 struct EncoderLayer {
     ln1: (String, String),
@@ -213,7 +203,8 @@ struct LayerActs {
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    probs: Tensor,
+    /// softmax(q kᵀ/√dh) v under the causal mask (its statistics or probabilities kept).
+    core: AttentionCore,
     o: Tensor,
     /// The residual stream after the attention.
     mid: Tensor,
@@ -224,9 +215,8 @@ struct LayerActs {
     activated: Tensor,
 }
 
-/// The forward's scores and the backward's gradients, shared by every layer.
+/// The backward's gradients, shared by every layer.
 struct Scratch {
-    scores: Tensor,
     /// Of the residual stream (entering the layer being differentiated, then leaving it).
     dh: Tensor,
     /// Of the stream after the attention.
@@ -238,8 +228,6 @@ struct Scratch {
     dq: Tensor,
     dk: Tensor,
     dv: Tensor,
-    dprobs: Tensor,
-    dscores: Tensor,
     final_stats: Tensor,
 }
 
@@ -329,7 +317,10 @@ impl ClipTextModel {
         let positions: Vec<u32> = (0..rows).map(|r| (r % t) as u32).collect();
         let pos = tensor(&[rows], "positions");
         gpu.write_u32(&pos, &positions)?;
-        let square = [batch * heads * t, t];
+        let shape = AttentionShape {
+            causal: true,
+            ..AttentionShape::self_attention(batch, t, heads)
+        };
         let inner = [rows, c.intermediate_size];
         let acts = (0..c.num_hidden_layers)
             .map(|i| {
@@ -340,7 +331,12 @@ impl ClipTextModel {
                     q: a(&[rows, d], "q"),
                     k: a(&[rows, d], "k"),
                     v: a(&[rows, d], "v"),
-                    probs: a(&square, "probabilities"),
+                    core: AttentionCore::new(
+                        gpu,
+                        &format!("clip text: layer {i} attention"),
+                        shape,
+                        d / heads,
+                    ),
                     o: a(&[rows, d], "attention"),
                     mid: a(&[rows, d], "mid"),
                     normed2: a(&[rows, d], "normed 2"),
@@ -366,7 +362,6 @@ impl ClipTextModel {
             acts,
             final_ln,
             scratch: Scratch {
-                scores: tensor(&square, "scores"),
                 dh: tensor(&[rows, d], "d hidden"),
                 dmid: tensor(&[rows, d], "d mid"),
                 d_rows: tensor(&[rows, d], "d rows"),
@@ -375,8 +370,6 @@ impl ClipTextModel {
                 dq: tensor(&[rows, d], "dq"),
                 dk: tensor(&[rows, d], "dk"),
                 dv: tensor(&[rows, d], "dv"),
-                dprobs: tensor(&square, "d probabilities"),
-                dscores: tensor(&square, "d scores"),
                 final_stats: tensor(&[rows, 2], "final norm stats"),
             },
         })
@@ -422,33 +415,13 @@ impl ClipTextModel {
         layer_norm_backward(rec, x, &gamma, stats, dy, &grads)
     }
 
-    /// (d, T, head width, heads) of the attention's GEMMs.
-    fn attention_dims(&self) -> (usize, usize, usize, usize) {
-        let c = &self.config;
-        let (d, heads) = (c.hidden_size, c.num_attention_heads);
-        (d, c.max_position_embeddings, d / heads, heads)
-    }
-
     /// Causal multi-head self-attention of `a.normed1` into `a.o`.
     fn attention(&self, rec: &mut Recorder, layer: &EncoderLayer, a: &LayerActs) -> OpResult {
         let p = &self.params;
         layer.q.forward(rec, p, &a.normed1, &a.q)?;
         layer.k.forward(rec, p, &a.normed1, &a.k)?;
         layer.v.forward(rec, p, &a.normed1, &a.v)?;
-        let (d, t, dh, heads) = self.attention_dims();
-        let dims = (d, t, dh);
-        let scores = &self.scratch.scores;
-        let scale = 1.0 / (dh as f32).sqrt();
-        let sh = GemmShape::new(t, t, dh)
-            .batches(self.batch, heads)
-            .scale(scale, 0.0);
-        let (q, k) = (heads_of(&a.q, dims), heads_of(&a.k, dims).t());
-        gemm(rec, sh, q, k, None, square(scores, t, heads))?;
-        causal_mask(rec, scores)?;
-        softmax_forward(rec, scores, &a.probs)?;
-        let sh = GemmShape::new(t, dh, t).batches(self.batch, heads);
-        let (pv, v) = (square(&a.probs, t, heads), heads_of(&a.v, dims));
-        gemm(rec, sh, pv, v, None, heads_of(&a.o, dims))
+        a.core.forward(rec, &a.q, &a.k, &a.v, &a.o)
     }
 
     /// Records the encoder over `input_ids` into `last_hidden_state`, keeping each layer's
@@ -537,27 +510,20 @@ impl ClipTextModel {
             .backward_rows(rec, p, &a.normed2, &s.d_mlp, d_rows)
     }
 
-    /// dq, dk, dv from the attention output's gradient (in `scratch.d_rows`), through the
-    /// kept probabilities: dP = dO·Vᵀ, dV = Pᵀ·dO, dS = softmax'(P)·dP (zero where masked),
-    /// dQ = s·dS·K, dK = s·dSᵀ·Q.
+    /// dq, dk, dv from the attention output's gradient (in `scratch.d_rows`).
     fn attention_backward(&self, rec: &mut Recorder, a: &LayerActs) -> OpResult {
         let s = &self.scratch;
-        let (d, t, dh, heads) = self.attention_dims();
-        let dims = (d, t, dh);
-        let b = self.batch;
-        let sh = GemmShape::new(t, t, dh).batches(b, heads);
-        let (d_o, v) = (heads_of(&s.d_rows, dims), heads_of(&a.v, dims).t());
-        gemm(rec, sh, d_o, v, None, square(&s.dprobs, t, heads))?;
-        let sh = GemmShape::new(t, dh, t).batches(b, heads);
-        let (pt, d_o) = (square(&a.probs, t, heads).t(), heads_of(&s.d_rows, dims));
-        gemm(rec, sh, pt, d_o, None, heads_of(&s.dv, dims))?;
-        softmax_backward(rec, &a.probs, &s.dprobs, &s.dscores)?;
-        let scale = 1.0 / (dh as f32).sqrt();
-        let sh = GemmShape::new(t, dh, t).batches(b, heads).scale(scale, 0.0);
-        let (ds, k) = (square(&s.dscores, t, heads), heads_of(&a.k, dims));
-        gemm(rec, sh, ds, k, None, heads_of(&s.dq, dims))?;
-        let (dst, q) = (square(&s.dscores, t, heads).t(), heads_of(&a.q, dims));
-        gemm(rec, sh, dst, q, None, heads_of(&s.dk, dims))
+        let grads = AttentionGrads {
+            q: &a.q,
+            k: &a.k,
+            v: &a.v,
+            o: &a.o,
+            d_o: &s.d_rows,
+            dq: &s.dq,
+            dk: &s.dk,
+            dv: &s.dv,
+        };
+        a.core.backward(rec, &grads)
     }
 
     /// Uploads the prompts' ids ([batch, T], row-major), each below the vocabulary size.

@@ -4,21 +4,21 @@
 
 use std::sync::Arc;
 
+use super::attention::{AttentionCore, grads_of};
 use super::{Act, GradTracker, ParamStore};
 use crate::gpu::{Gpu, Recorder, Tensor};
-use crate::ops::attention::{attention_backward, attention_forward};
+use crate::ops::attention::AttentionShape;
 use crate::ops::conv2d::{
     Conv2dGeometry, conv2d_backward_input, conv2d_backward_weight, conv2d_forward,
 };
 use crate::ops::elementwise::{add_channel_bias, axpby};
-use crate::ops::gemm::{GemmShape, MatRef, gemm, linear_backward, linear_forward};
+use crate::ops::gemm::{linear_backward, linear_forward};
 use crate::ops::group_norm::{
     group_norm_backward, group_norm_forward, group_norm_silu_backward, group_norm_silu_forward,
 };
 use crate::ops::layer_norm::{LayerNormGrads, layer_norm_backward, layer_norm_forward};
 use crate::ops::noise::dropout;
 use crate::ops::reduce::sum_pixels_per_sample;
-use crate::ops::softmax::{softmax_backward, softmax_forward};
 use crate::ops::upsample::{upsample_nearest2x_backward, upsample_nearest2x_forward};
 use crate::ops::{OpResult, invalid};
 
@@ -546,8 +546,6 @@ pub struct AttentionBlock {
     to_k: Linear,
     to_v: Linear,
     to_out: Linear,
-    heads: usize,
-    head_dim: usize,
     rescale: f32,
     gn: Act,
     q: Act,
@@ -555,18 +553,6 @@ pub struct AttentionBlock {
     v: Act,
     core: AttentionCore,
     o: Act,
-}
-
-/// How softmax(q kᵀ / √d) v is computed: one fused kernel per pass on the subgroup path (no
-/// T x T matrices in memory), else GEMM + softmax + GEMM through the materialised matrices.
-enum AttentionCore {
-    /// Each query row's log-sum-exp, then D_i = dO_i · O_i (`ops::attention::stats_len`).
-    Fused { stats: Tensor },
-    Unfused {
-        scores: Tensor,
-        probs: Act,
-        dscores: Tensor,
-    },
 }
 
 impl AttentionBlock {
@@ -597,27 +583,17 @@ impl AttentionBlock {
             to_k: Linear::new(decls, &format!("{prefix}.to_k"), c, c),
             to_v: Linear::new(decls, &format!("{prefix}.to_v"), c, c),
             to_out: Linear::new(decls, &format!("{prefix}.to_out.0"), c, c),
-            heads,
-            head_dim,
             rescale: rescale as f32,
             gn: a(x_shape, "group_norm"),
             q: a(&[n * t, c], "q"),
             k: a(&[n * t, c], "k"),
             v: a(&[n * t, c], "v"),
-            core: if crate::ops::attention::fused_lanes(gpu, head_dim, c).is_some() {
-                AttentionCore::Fused {
-                    stats: gpu.tensor(
-                        &[crate::ops::attention::stats_len(n, heads, t)],
-                        &format!("{prefix}.softmax stats"),
-                    ),
-                }
-            } else {
-                AttentionCore::Unfused {
-                    scores: gpu.tensor(&[n * heads * t, t], &format!("{prefix}.scores")),
-                    probs: a(&[n * heads * t, t], "probs"),
-                    dscores: gpu.tensor(&[n * heads * t, t], &format!("{prefix}.dscores")),
-                }
-            },
+            core: AttentionCore::new(
+                gpu,
+                prefix,
+                AttentionShape::self_attention(n, t, heads),
+                head_dim,
+            ),
             o: a(&[n * t, c], "o"),
         }
     }
@@ -625,69 +601,6 @@ impl AttentionBlock {
     fn dims(&self, x: &Act) -> (usize, usize, usize) {
         let s = x.shape();
         (s[0], s[1] * s[2], s[3])
-    }
-
-    /// A head slice of a [N·T, C] activation: batch (n, head) at n·T·C + head·dh, rows of ld C.
-    fn heads_of<'a>(&self, t: &'a Tensor, tokens: usize, c: usize) -> MatRef<'a> {
-        MatRef::dense(t, c).batched(tokens * c, self.head_dim)
-    }
-    fn per_head_square<'a>(&self, t: &'a Tensor, tokens: usize) -> MatRef<'a> {
-        MatRef::dense(t, tokens).batched(self.heads * tokens * tokens, tokens * tokens)
-    }
-
-    /// dQ, dK, dV through the materialised probabilities (GEMM + softmax backward + GEMM).
-    #[allow(clippy::too_many_arguments)]
-    fn unfused_backward(
-        &self,
-        rec: &mut Recorder,
-        n: usize,
-        t: usize,
-        c: usize,
-        probs: &Act,
-        dscores: &Tensor,
-        scale: f32,
-    ) -> OpResult {
-        // dP = dO · Vᵀ ; dV = Pᵀ · dO
-        let sh = GemmShape::new(t, t, self.head_dim).batches(n, self.heads);
-        gemm(
-            rec,
-            sh,
-            self.heads_of(&self.o.grad, t, c),
-            self.heads_of(&self.v.value, t, c).t(),
-            None,
-            self.per_head_square(&probs.grad, t),
-        )?;
-        let sh = GemmShape::new(t, self.head_dim, t).batches(n, self.heads);
-        gemm(
-            rec,
-            sh,
-            self.per_head_square(&probs.value, t).t(),
-            self.heads_of(&self.o.grad, t, c),
-            None,
-            self.heads_of(&self.v.grad, t, c),
-        )?;
-        softmax_backward(rec, &probs.value, &probs.grad, dscores)?;
-        // dQ = s · dS · K ; dK = s · dSᵀ · Q
-        let sh = GemmShape::new(t, self.head_dim, t)
-            .batches(n, self.heads)
-            .scale(scale, 0.0);
-        gemm(
-            rec,
-            sh,
-            self.per_head_square(dscores, t),
-            self.heads_of(&self.k.value, t, c),
-            None,
-            self.heads_of(&self.q.grad, t, c),
-        )?;
-        gemm(
-            rec,
-            sh,
-            self.per_head_square(dscores, t).t(),
-            self.heads_of(&self.q.value, t, c),
-            None,
-            self.heads_of(&self.k.grad, t, c),
-        )?;
-        Ok(())
     }
 
     pub fn forward(&self, rec: &mut Recorder, p: &ParamStore, x: &Act, out: &Act) -> OpResult {
@@ -698,38 +611,8 @@ impl AttentionBlock {
         self.to_q.forward(rec, p, &gn, &self.q.value)?;
         self.to_k.forward(rec, p, &gn, &self.k.value)?;
         self.to_v.forward(rec, p, &gn, &self.v.value)?;
-        let scale = 1.0 / (self.head_dim as f32).sqrt();
-        let (scores, probs) = match &self.core {
-            AttentionCore::Fused { stats } => {
-                let (q, k, v) = (&self.q.value, &self.k.value, &self.v.value);
-                attention_forward(rec, q, k, v, &self.o.value, stats, t, self.heads, scale)?;
-                (None, None)
-            }
-            AttentionCore::Unfused { scores, probs, .. } => (Some(scores), Some(probs)),
-        };
-        if let (Some(scores), Some(probs)) = (scores, probs) {
-            let sh = GemmShape::new(t, t, self.head_dim)
-                .batches(n, self.heads)
-                .scale(scale, 0.0);
-            gemm(
-                rec,
-                sh,
-                self.heads_of(&self.q.value, t, c),
-                self.heads_of(&self.k.value, t, c).t(),
-                None,
-                self.per_head_square(scores, t),
-            )?;
-            softmax_forward(rec, scores, &probs.value)?;
-            let sh = GemmShape::new(t, self.head_dim, t).batches(n, self.heads);
-            gemm(
-                rec,
-                sh,
-                self.per_head_square(&probs.value, t),
-                self.heads_of(&self.v.value, t, c),
-                None,
-                self.heads_of(&self.o.value, t, c),
-            )?;
-        }
+        let (q, k, v) = (&self.q.value, &self.k.value, &self.v.value);
+        self.core.forward(rec, q, k, v, &self.o.value)?;
         let out_rows = out.value.reshape(&rows);
         self.to_out.forward(rec, p, &self.o.value, &out_rows)?;
         axpby(rec, 1.0, &x.value, 1.0, &out.value)?;
@@ -759,27 +642,8 @@ impl AttentionBlock {
         axpby(rec, 1.0, &out.grad, if acc { 1.0 } else { 0.0 }, &x.grad)?;
         let dout = out.grad.reshape(&rows);
         self.to_out.backward(rec, p, gt, &self.o, &dout, true)?;
-        let scale = 1.0 / (self.head_dim as f32).sqrt();
-        match &self.core {
-            AttentionCore::Fused { stats } => attention_backward(
-                rec,
-                &self.q.value,
-                &self.k.value,
-                &self.v.value,
-                &self.o.value,
-                &self.o.grad,
-                stats,
-                &self.q.grad,
-                &self.k.grad,
-                &self.v.grad,
-                t,
-                self.heads,
-                scale,
-            )?,
-            AttentionCore::Unfused { probs, dscores, .. } => {
-                self.unfused_backward(rec, n, t, c, probs, dscores, scale)?
-            }
-        }
+        let grads = grads_of(&self.q, &self.k, &self.v, &self.o);
+        self.core.backward(rec, &grads)?;
         let gn_rows = Act {
             value: self.gn.value.reshape(&rows),
             grad: self.gn.grad.reshape(&rows),

@@ -5,6 +5,7 @@
 //! (llm.c's way). Parameter gradients always accumulate (`+=`) into one flat gradient buffer that
 //! the trainer zeroes once per optimizer step, which makes gradient accumulation free.
 
+pub mod attention;
 pub mod clip_text;
 pub mod cond_config;
 pub mod config;

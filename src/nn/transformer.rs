@@ -11,14 +11,14 @@
 
 use std::sync::Arc;
 
+use super::attention::{AttentionCore, grads_of};
 use super::layers::{GroupNorm, LayerNorm, Linear, ParamDecls};
 use super::{Act, GradTracker, ParamStore};
 use crate::gpu::{Gpu, Recorder, Tensor};
 use crate::ops::OpResult;
+use crate::ops::attention::AttentionShape;
 use crate::ops::elementwise::axpby;
 use crate::ops::gelu::{geglu_backward, geglu_forward};
-use crate::ops::gemm::{GemmShape, MatRef, gemm};
-use crate::ops::softmax::{softmax_backward, softmax_forward};
 
 /// The shape of a `Transformer2DModel` as UNet2DConditionModel builds it.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -39,24 +39,17 @@ const GROUP_NORM_EPS: f64 = 1e-6;
 const LAYER_NORM_EPS: f64 = 1e-5;
 
 /// diffusers' `Attention` without its norms: queries from `x` [samples · Tq, dim], keys and
-/// values from `context` [samples · Tk, context_dim] (x itself for self-attention), through the
-/// materialised [Tq, Tk] probabilities of each (sample, head).
+/// values from `context` [samples · Tk, context_dim] (x itself for self-attention), the core
+/// softmax(q kᵀ/√d_head) v per head in an [`AttentionCore`].
 struct Attention {
     to_q: Linear,
     to_k: Linear,
     to_v: Linear,
     to_out: Linear,
-    heads: usize,
-    head_dim: usize,
-    samples: usize,
-    query_tokens: usize,
-    key_tokens: usize,
     q: Act,
     k: Act,
     v: Act,
-    scores: Tensor,
-    probs: Act,
-    dscores: Tensor,
+    core: AttentionCore,
     o: Act,
 }
 
@@ -73,42 +66,24 @@ impl Attention {
     ) -> Attention {
         let inner = heads * head_dim;
         let a = |shape: &[usize], what: &str| Act::new(gpu, shape, &format!("{prefix}.{what}"));
-        let square = [samples * heads * query_tokens, key_tokens];
-        let tensor = |what: &str| gpu.tensor(&square, &format!("{prefix}.{what}"));
+        let shape = AttentionShape {
+            samples,
+            query_tokens,
+            key_tokens,
+            heads,
+            causal: false,
+        };
         Attention {
             to_q: Linear::without_bias(decls, &format!("{prefix}.to_q"), dim, inner),
             to_k: Linear::without_bias(decls, &format!("{prefix}.to_k"), context_dim, inner),
             to_v: Linear::without_bias(decls, &format!("{prefix}.to_v"), context_dim, inner),
             to_out: Linear::new(decls, &format!("{prefix}.to_out.0"), inner, dim),
-            heads,
-            head_dim,
-            samples,
-            query_tokens,
-            key_tokens,
             q: a(&[samples * query_tokens, inner], "q"),
             k: a(&[samples * key_tokens, inner], "k"),
             v: a(&[samples * key_tokens, inner], "v"),
-            scores: tensor("scores"),
-            probs: a(&square, "probs"),
-            dscores: tensor("dscores"),
+            core: AttentionCore::new(gpu, prefix, shape, head_dim),
             o: a(&[samples * query_tokens, inner], "o"),
         }
-    }
-
-    /// One head's [tokens, head_dim] slice of a [samples · tokens, inner] activation.
-    fn heads_of<'a>(&self, t: &'a Tensor, tokens: usize) -> MatRef<'a> {
-        let inner = self.heads * self.head_dim;
-        MatRef::dense(t, inner).batched(tokens * inner, self.head_dim)
-    }
-
-    /// One (sample, head)'s [Tq, Tk] matrix.
-    fn square<'a>(&self, t: &'a Tensor) -> MatRef<'a> {
-        let area = self.query_tokens * self.key_tokens;
-        MatRef::dense(t, self.key_tokens).batched(self.heads * area, area)
-    }
-
-    fn scale(&self) -> f32 {
-        1.0 / (self.head_dim as f32).sqrt()
     }
 
     /// `out` = to_out(softmax(q kᵀ/√d) v).
@@ -120,25 +95,11 @@ impl Attention {
         context: &Tensor,
         out: &Tensor,
     ) -> OpResult {
-        let (tq, tk, dh) = (self.query_tokens, self.key_tokens, self.head_dim);
         self.to_q.forward(rec, p, x, &self.q.value)?;
         self.to_k.forward(rec, p, context, &self.k.value)?;
         self.to_v.forward(rec, p, context, &self.v.value)?;
-        let sh = GemmShape::new(tq, tk, dh)
-            .batches(self.samples, self.heads)
-            .scale(self.scale(), 0.0);
-        let (q, k) = (
-            self.heads_of(&self.q.value, tq),
-            self.heads_of(&self.k.value, tk),
-        );
-        gemm(rec, sh, q, k.t(), None, self.square(&self.scores))?;
-        softmax_forward(rec, &self.scores, &self.probs.value)?;
-        let sh = GemmShape::new(tq, dh, tk).batches(self.samples, self.heads);
-        let (pv, v) = (
-            self.square(&self.probs.value),
-            self.heads_of(&self.v.value, tk),
-        );
-        gemm(rec, sh, pv, v, None, self.heads_of(&self.o.value, tq))?;
+        let (q, k, v) = (&self.q.value, &self.k.value, &self.v.value);
+        self.core.forward(rec, q, k, v, &self.o.value)?;
         self.to_out.forward(rec, p, &self.o.value, out)
     }
 
@@ -152,30 +113,9 @@ impl Attention {
         (x, context): (&Act, &Act),
         dout: &Tensor,
     ) -> OpResult {
-        let (tq, tk, dh) = (self.query_tokens, self.key_tokens, self.head_dim);
-        let (n, h) = (self.samples, self.heads);
         self.to_out.backward(rec, p, gt, &self.o, dout, true)?;
-        let d_o = self.heads_of(&self.o.grad, tq);
-        // dP = dO · Vᵀ ; dV = Pᵀ · dO
-        let sh = GemmShape::new(tq, tk, dh).batches(n, h);
-        let v = self.heads_of(&self.v.value, tk);
-        gemm(rec, sh, d_o, v.t(), None, self.square(&self.probs.grad))?;
-        let sh = GemmShape::new(tk, dh, tq).batches(n, h);
-        let pt = self.square(&self.probs.value).t();
-        gemm(rec, sh, pt, d_o, None, self.heads_of(&self.v.grad, tk))?;
-        softmax_backward(rec, &self.probs.value, &self.probs.grad, &self.dscores)?;
-        // dQ = s · dS · K ; dK = s · dSᵀ · Q
-        let ds = self.square(&self.dscores);
-        let sh = GemmShape::new(tq, dh, tk)
-            .batches(n, h)
-            .scale(self.scale(), 0.0);
-        let k = self.heads_of(&self.k.value, tk);
-        gemm(rec, sh, ds, k, None, self.heads_of(&self.q.grad, tq))?;
-        let sh = GemmShape::new(tk, dh, tq)
-            .batches(n, h)
-            .scale(self.scale(), 0.0);
-        let q = self.heads_of(&self.q.value, tq);
-        gemm(rec, sh, ds.t(), q, None, self.heads_of(&self.k.grad, tk))?;
+        let grads = grads_of(&self.q, &self.k, &self.v, &self.o);
+        self.core.backward(rec, &grads)?;
         self.to_q.backward(rec, p, gt, x, &self.q.grad, true)?;
         self.to_k
             .backward(rec, p, gt, context, &self.k.grad, true)?;

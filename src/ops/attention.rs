@@ -1,25 +1,53 @@
 //! `shaders/attention_subgroup.wgsl`: the core of multi-head attention, softmax(scale · Q Kᵀ) V,
-//! forward and backward, fused into one kernel per pass for short sequences and small heads on
-//! the subgroup GEMM path. Where it does not apply (the portable path, heads wider than
-//! [`MAX_FUSED_HEAD_DIM`]), `nn::layers::AttentionBlock` runs the unfused GEMM + softmax + GEMM,
-//! which is also the fused kernels' reference in the tests beside `reference::attention`.
+//! forward and backward, fused into one kernel per pass (no Tq × Tk matrix in memory) on the
+//! subgroup GEMM path: self-attention, cross-attention (keys unlike the queries in number) and
+//! the causal mask of CLIP's text encoder. Where it does not apply (the portable path, heads wider
+//! than [`MAX_FUSED_HEAD_DIM`] or not a multiple of 4), `nn::attention::AttentionCore` runs the
+//! unfused GEMM + softmax + GEMM, which the whole-step parity tests check on the portable path.
 
 use super::{OpResult, expect_distinct, expect_shape, invalid, u32_of};
 use crate::gpu::{GemmPath, Gpu, KernelKey, Recorder, Tensor};
 
-/// The widest head the fused kernels take: each lane holds a head's row of q, o (and of dO and
-/// two gradients in the backward) in registers, 4 · DH4 floats each.
-pub const MAX_FUSED_HEAD_DIM: usize = 32;
+/// The widest head the fused kernels take (SD 1.x's 160-wide heads at its 8 × 8 level): each
+/// lane holds a head's row of q, o (and of dO and two gradients in the backward) in registers,
+/// 4 · DH4 floats each.
+pub const MAX_FUSED_HEAD_DIM: usize = 160;
+
+/// One attention call: `samples` samples of `query_tokens` queries over `key_tokens` keys (unlike
+/// the queries in cross-attention), `heads` heads; `causal`: query i sees keys j ≤ i only.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttentionShape {
+    pub samples: usize,
+    pub query_tokens: usize,
+    pub key_tokens: usize,
+    pub heads: usize,
+    pub causal: bool,
+}
+
+impl AttentionShape {
+    /// Self-attention over `tokens` tokens, unmasked.
+    pub fn self_attention(samples: usize, tokens: usize, heads: usize) -> Self {
+        AttentionShape {
+            samples,
+            query_tokens: tokens,
+            key_tokens: tokens,
+            heads,
+            causal: false,
+        }
+    }
+}
 
 #[repr(C)]
 #[derive(Clone, Copy, Default, Debug, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct AttentionParams {
-    pub tokens: u32,
+    pub q_tokens: u32,
+    pub k_tokens: u32,
     pub row_texels: u32,
     pub heads: u32,
     pub stat_rows: u32,
     pub scale: f32,
-    pub _pad: [u32; 3],
+    pub causal: u32,
+    pub _pad: u32,
 }
 
 /// The subgroup lanes when the fused kernels serve heads of `head_dim` over `channels`.
@@ -37,40 +65,57 @@ pub fn fused_lanes(gpu: &Gpu, head_dim: usize, channels: usize) -> Option<u32> {
     }
 }
 
-/// Elements of the statistics buffer of an attention over `rows` = samples · heads · tokens
-/// query rows: the log-sum-exp of each row, then D_i = dO_i · O_i.
-pub fn stats_len(samples: usize, heads: usize, tokens: usize) -> usize {
-    2 * samples * heads * tokens
+/// Elements of the statistics buffer of an attention over `rows` = samples · heads · query
+/// tokens: the log-sum-exp of each row, then D_i = dO_i · O_i.
+pub fn stats_len(samples: usize, heads: usize, query_tokens: usize) -> usize {
+    2 * samples * heads * query_tokens
 }
 
 struct Call {
     key_lanes: u32,
     head_dim: usize,
     params: AttentionParams,
-    groups: [u32; 3],
+    /// Workgroups over blocks of query rows (forward, dQ) and of key rows (dK, dV).
+    query_groups: [u32; 3],
+    key_groups: [u32; 3],
 }
 
 impl Call {
     /// FLOPs of one of the unfused path's GEMMs (Q Kᵀ, P V or a gradient of either).
     fn gemm_flops(&self) -> f64 {
-        2.0 * self.params.stat_rows as f64 * self.params.tokens as f64 * self.head_dim as f64
+        let p = &self.params;
+        2.0 * p.stat_rows as f64 * p.k_tokens as f64 * self.head_dim as f64
     }
 }
 
-/// Validates a pass: `q` and every other tensor `[samples · tokens, C]` but `stats`, and each
-/// of `written` (bound read-write) in a buffer of its own, apart from every other binding.
-#[allow(clippy::too_many_arguments)]
+/// Which rows a bound tensor has: the queries' (q, o, dO, dQ) or the keys' (k, v, dK, dV).
+#[derive(Clone, Copy, PartialEq)]
+enum Rows {
+    Query,
+    Key,
+}
+
+/// A tensor of a pass: its name, itself, its rows, and whether the pass writes it.
+type Bound<'a> = (&'static str, &'a Tensor, Rows, bool);
+
+/// Validates a pass: `q` `[samples · Tq, C]`, each of `bound` `[samples · T, C]` for its rows,
+/// `stats` [`stats_len`], and each written tensor in a buffer apart from every other binding.
 fn prepare(
     rec: &Recorder,
     op: &str,
+    shape: AttentionShape,
     q: &Tensor,
-    read: &[(&str, &Tensor)],
-    written: &[(&str, &Tensor)],
+    bound: &[Bound],
     stats: &Tensor,
-    tokens: usize,
-    heads: usize,
     scale: f32,
 ) -> OpResult<Call> {
+    let AttentionShape {
+        samples,
+        query_tokens: tq,
+        key_tokens: tk,
+        heads,
+        causal,
+    } = shape;
     let [rows, c] = *q.shape() else {
         return Err(invalid(format!(
             "{op}: `q` (`{}`) must be [samples · tokens, channels], got {:?}",
@@ -78,11 +123,16 @@ fn prepare(
             q.shape()
         )));
     };
-    if tokens == 0 || heads == 0 || rows == 0 || rows % tokens != 0 || c % heads != 0 {
+    if tq == 0 || tk == 0 || heads == 0 || rows != samples * tq || c % heads != 0 {
         return Err(invalid(format!(
-            "{op}: `q` (`{}`) of shape {:?} does not split into {tokens} tokens per sample and {heads} heads",
+            "{op}: `q` (`{}`) of shape {:?} does not split into {samples} samples of {tq} tokens and {heads} heads",
             q.label(),
             q.shape()
+        )));
+    }
+    if causal && tq != tk {
+        return Err(invalid(format!(
+            "{op}: a causal mask needs as many keys as queries (got {tk} keys for {tq} queries)"
         )));
     }
     let head_dim = c / heads;
@@ -92,35 +142,30 @@ fn prepare(
             rec.gpu.gemm_path
         )));
     };
-    for (what, t) in read.iter().chain(written) {
-        expect_shape(op, what, t, &[rows, c])?;
+    for &(what, t, side, _) in bound {
+        let tokens = if side == Rows::Query { tq } else { tk };
+        expect_shape(op, what, t, &[samples * tokens, c])?;
     }
-    let samples = rows / tokens;
-    expect_shape(op, "stats", stats, &[stats_len(samples, heads, tokens)])?;
-    // Inputs first, then the read-write bindings: each of those apart from every other.
-    let bound: Vec<&Tensor> = std::iter::once(q)
-        .chain(read.iter().map(|(_, t)| *t))
-        .chain(std::iter::once(stats))
-        .chain(written.iter().map(|(_, t)| *t))
+    expect_shape(op, "stats", stats, &[stats_len(samples, heads, tq)])?;
+    let all: Vec<(&Tensor, bool)> = std::iter::once((q, false))
+        .chain(std::iter::once((stats, true)))
+        .chain(bound.iter().map(|&(_, t, _, w)| (t, w)))
         .collect();
-    let first_written = 1 + read.len();
-    for (i, out) in bound.iter().enumerate().skip(first_written) {
-        for (j, other) in bound.iter().enumerate() {
+    for (i, &(out, written)) in all.iter().enumerate() {
+        if !written {
+            continue;
+        }
+        for (j, &(other, _)) in all.iter().enumerate() {
             if j != i {
                 expect_distinct(op, other, out)?;
             }
         }
     }
-    let blocks = tokens.div_ceil(lanes as usize);
-    let groups = [
-        u32_of(op, "token blocks", blocks)?,
-        u32_of(op, "samples x heads", samples * heads)?,
-        1,
-    ];
-    if groups.iter().any(|&g| g > 65535) {
+    let lanes_usize = lanes as usize;
+    let pairs = u32_of(op, "samples x heads", samples * heads)?;
+    if pairs > 65535 {
         return Err(crate::gpu::GpuError::TooLarge(format!(
-            "{op}: {samples} samples x {heads} heads need {} workgroups, over the 65535 limit\n{}",
-            groups[1],
+            "{op}: {samples} samples x {heads} heads need {pairs} workgroups, over the 65535 limit\n{}",
             crate::gpu::FIT_ADVICE
         )));
     }
@@ -128,14 +173,25 @@ fn prepare(
         key_lanes: lanes,
         head_dim,
         params: AttentionParams {
-            tokens: tokens as u32,
+            q_tokens: tq as u32,
+            k_tokens: tk as u32,
             row_texels: (c / 4) as u32,
             heads: heads as u32,
-            stat_rows: u32_of(op, "stats", samples * heads * tokens)?,
+            stat_rows: u32_of(op, "stats", samples * heads * tq)?,
             scale,
-            _pad: [0; 3],
+            causal: causal as u32,
+            _pad: 0,
         },
-        groups,
+        query_groups: [
+            u32_of(op, "query blocks", tq.div_ceil(lanes_usize))?,
+            pairs,
+            1,
+        ],
+        key_groups: [
+            u32_of(op, "key blocks", tk.div_ceil(lanes_usize))?,
+            pairs,
+            1,
+        ],
     })
 }
 
@@ -150,32 +206,27 @@ pub fn kernel_key(entry: &'static str, lanes: u32, head_dim: usize) -> KernelKey
         .template("DH4", (head_dim / 4) as i64)
 }
 
-/// o = softmax(scale · q kᵀ) v per sample and head, and each query row's log-sum-exp into the
-/// first half of `stats` (for the backward). q, k, v, o: `[samples · tokens, heads · head_dim]`.
+/// o = softmax(scale · q kᵀ) v per sample and head (masked when `shape.causal`), and each query
+/// row's log-sum-exp into the first half of `stats` (for the backward). q, o:
+/// `[samples · Tq, heads · head_dim]`; k, v: `[samples · Tk, heads · head_dim]`.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward(
     rec: &mut Recorder,
+    shape: AttentionShape,
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     o: &Tensor,
     stats: &Tensor,
-    tokens: usize,
-    heads: usize,
     scale: f32,
 ) -> OpResult {
     const OP: &str = "attention_forward";
-    let call = prepare(
-        rec,
-        OP,
-        q,
-        &[("k", k), ("v", v)],
-        &[("o", o)],
-        stats,
-        tokens,
-        heads,
-        scale,
-    )?;
+    let bound = [
+        ("k", k, Rows::Key, false),
+        ("v", v, Rows::Key, false),
+        ("o", o, Rows::Query, true),
+    ];
+    let call = prepare(rec, OP, shape, q, &bound, stats, scale)?;
     // Q Kᵀ and P V, as the unfused path's GEMMs count them.
     rec.add_flops(2.0 * call.gemm_flops());
     rec.dispatch(
@@ -188,42 +239,45 @@ pub fn attention_forward(
             (4, o.into()),
             (5, stats.into()),
         ],
-        call.groups,
+        call.query_groups,
     );
     Ok(())
 }
 
+/// The tensors of a backward pass: the forward's inputs and output, the upstream gradient and
+/// the three gradients it writes (overwritten).
+pub struct AttentionGrads<'a> {
+    pub q: &'a Tensor,
+    pub k: &'a Tensor,
+    pub v: &'a Tensor,
+    pub o: &'a Tensor,
+    pub d_o: &'a Tensor,
+    pub dq: &'a Tensor,
+    pub dk: &'a Tensor,
+    pub dv: &'a Tensor,
+}
+
 /// dq, dk, dv (overwritten) of `attention_forward` for the upstream gradient `d_o`, from the
 /// forward's `o` and `stats` (whose second half this pass fills with D_i = dO_i · O_i).
-#[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     rec: &mut Recorder,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    o: &Tensor,
-    d_o: &Tensor,
+    shape: AttentionShape,
+    t: &AttentionGrads,
     stats: &Tensor,
-    dq: &Tensor,
-    dk: &Tensor,
-    dv: &Tensor,
-    tokens: usize,
-    heads: usize,
     scale: f32,
 ) -> OpResult {
     const OP: &str = "attention_backward";
     // o is bound read-write by the dQ pass (the forward's output binding).
-    let call = prepare(
-        rec,
-        OP,
-        q,
-        &[("k", k), ("v", v), ("d_o", d_o)],
-        &[("o", o), ("dq", dq), ("dk", dk), ("dv", dv)],
-        stats,
-        tokens,
-        heads,
-        scale,
-    )?;
+    let bound = [
+        ("k", t.k, Rows::Key, false),
+        ("v", t.v, Rows::Key, false),
+        ("d_o", t.d_o, Rows::Query, false),
+        ("o", t.o, Rows::Query, true),
+        ("dq", t.dq, Rows::Query, true),
+        ("dk", t.dk, Rows::Key, true),
+        ("dv", t.dv, Rows::Key, true),
+    ];
+    let call = prepare(rec, OP, shape, t.q, &bound, stats, scale)?;
     // The unfused backward's four GEMMs (dP, dV, dQ, dK), as the benchmark counts them; the
     // fused passes also recompute the scores (twice) and dP (twice), not counted.
     rec.add_flops(4.0 * call.gemm_flops());
@@ -231,29 +285,29 @@ pub fn attention_backward(
         key("attention_backward_dq", &call),
         &call.params,
         &[
-            (1, q.into()),
-            (2, k.into()),
-            (3, v.into()),
-            (4, o.into()),
+            (1, t.q.into()),
+            (2, t.k.into()),
+            (3, t.v.into()),
+            (4, t.o.into()),
             (5, stats.into()),
-            (6, d_o.into()),
-            (7, dq.into()),
+            (6, t.d_o.into()),
+            (7, t.dq.into()),
         ],
-        call.groups,
+        call.query_groups,
     );
     rec.dispatch(
         key("attention_backward_dkv", &call),
         &call.params,
         &[
-            (1, q.into()),
-            (2, k.into()),
-            (3, v.into()),
+            (1, t.q.into()),
+            (2, t.k.into()),
+            (3, t.v.into()),
             (5, stats.into()),
-            (6, d_o.into()),
-            (7, dk.into()),
-            (8, dv.into()),
+            (6, t.d_o.into()),
+            (7, t.dk.into()),
+            (8, t.dv.into()),
         ],
-        call.groups,
+        call.key_groups,
     );
     Ok(())
 }

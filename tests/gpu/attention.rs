@@ -1,7 +1,8 @@
 //! attention_subgroup.wgsl (the fused attention core, subgroup path) against
-//! reference::attention on odd token counts (partial lane blocks), several heads and head widths.
+//! reference::attention on odd token counts (partial lane blocks), several heads and head widths
+//! up to 160, cross-attention (key length unlike the query length) and the causal mask.
 //!
-//! Forward: each output is a softmax-weighted mean of v with f32 dot products of ≤ 32 terms and
+//! Forward: each output is a softmax-weighted mean of v with f32 dot products of ≤ 160 terms and
 //! sums of ≤ 200 exponentials: rtol 2e-5, atol 1e-6 · max|ref| (softmax's bounds). Backward:
 //! dS = P (dP − D) cancels when dP_ij ≈ D_i, so errors scale with the row, not the element:
 //! rtol 1e-4, atol 2e-5 · max|ref| (the brief's bound for f32 reductions).
@@ -13,16 +14,25 @@ use wgpu_diffusion::gpu::{GemmPath, GemmPathChoice};
 use wgpu_diffusion::ops::attention as att;
 use wgpu_diffusion::reference::attention::{self as r, AttentionDims};
 
-/// (samples, tokens, heads, head_dim): one token, partial lane blocks, mnist28's 7 x 7 and 14 x 14
-/// attentions (8-wide heads), and the widest head the kernels take.
-const CASES: [(usize, usize, usize, usize); 7] = [
-    (1, 1, 1, 4),
-    (2, 7, 3, 8),
-    (3, 49, 8, 8),
-    (1, 196, 2, 8),
-    (2, 17, 1, 32),
-    (1, 33, 4, 12),
-    (2, 64, 2, 16),
+/// (samples, query tokens, key tokens, heads, head_dim, causal): one token, partial lane blocks,
+/// mnist28's 7 x 7 and 14 x 14 attentions (8-wide heads), cross-attention to fewer and to more
+/// keys than queries (a text context of 9 or 77 tokens), CLIP's causal self-attention (77 tokens,
+/// past several lane blocks), and SD 1.x's head widths 40, 80 and 160 (the widest).
+const CASES: [(usize, usize, usize, usize, usize, bool); 14] = [
+    (1, 1, 1, 1, 4, false),
+    (2, 7, 7, 3, 8, false),
+    (3, 49, 49, 8, 8, false),
+    (1, 196, 196, 2, 8, false),
+    (2, 17, 17, 1, 32, false),
+    (1, 33, 33, 4, 12, false),
+    (2, 64, 64, 2, 16, false),
+    (2, 49, 9, 4, 16, false),
+    (1, 5, 77, 2, 8, false),
+    (2, 77, 77, 3, 16, true),
+    (1, 1, 1, 1, 4, true),
+    (1, 37, 11, 2, 40, false),
+    (1, 19, 19, 1, 80, true),
+    (1, 21, 6, 1, 160, false),
 ];
 
 #[test]
@@ -33,19 +43,28 @@ fn fused_attention_matches_reference() {
         return;
     }
     let g = gpu_with_path(GemmPathChoice::Subgroup);
-    for (i, &(n, tokens, heads, head_dim)) in CASES.iter().enumerate() {
+    for (i, &(n, tq, tk, heads, head_dim, causal)) in CASES.iter().enumerate() {
         let dims = AttentionDims {
             n,
-            tokens,
+            query_tokens: tq,
+            key_tokens: tk,
             heads,
             head_dim,
+            causal,
         };
-        let what = format!("n{n} t{tokens} h{heads} d{head_dim}");
+        let shape = att::AttentionShape {
+            samples: n,
+            query_tokens: tq,
+            key_tokens: tk,
+            heads,
+            causal,
+        };
+        let what = format!("n{n} tq{tq} tk{tk} h{heads} d{head_dim} causal {causal}");
         let c = dims.channels();
-        let len = n * tokens * c;
+        let (len_q, len_k) = (n * tq * c, n * tk * c);
         let seed = 10 * i as u64;
         // Scores of a few units, as after a group norm and a projection.
-        let scaled = |s: u64| {
+        let scaled = |len: usize, s: u64| {
             f32_round(
                 &test_data(len, s)
                     .iter()
@@ -54,45 +73,39 @@ fn fused_attention_matches_reference() {
             )
         };
         let (q, k, v, d_o) = (
-            scaled(seed),
-            scaled(seed + 1),
-            random(len, seed + 2),
-            random(len, seed + 3),
+            scaled(len_q, seed),
+            scaled(len_k, seed + 1),
+            random(len_k, seed + 2),
+            random(len_q, seed + 3),
         );
         let scale = 1.0 / (head_dim as f64).sqrt();
-        let shape = [n * tokens, c];
-        let (tq, tk, tv, tdo) = (
-            upload(&g, &shape, &q, "q"),
-            upload(&g, &shape, &k, "k"),
-            upload(&g, &shape, &v, "v"),
-            upload(&g, &shape, &d_o, "d_o"),
+        let (rows_q, rows_k) = ([n * tq, c], [n * tk, c]);
+        let (tq_, tk_, tv, tdo) = (
+            upload(&g, &rows_q, &q, "q"),
+            upload(&g, &rows_k, &k, "k"),
+            upload(&g, &rows_k, &v, "v"),
+            upload(&g, &rows_q, &d_o, "d_o"),
         );
-        let to = g.tensor(&shape, "o");
-        let stats = g.tensor(&[att::stats_len(n, heads, tokens)], "stats");
+        let to = g.tensor(&rows_q, "o");
+        let stats = g.tensor(&[att::stats_len(n, heads, tq)], "stats");
         let (tdq, tdk, tdv) = (
-            g.tensor(&shape, "dq"),
-            g.tensor(&shape, "dk"),
-            g.tensor(&shape, "dv"),
+            g.tensor(&rows_q, "dq"),
+            g.tensor(&rows_k, "dk"),
+            g.tensor(&rows_k, "dv"),
         );
+        let grads = att::AttentionGrads {
+            q: &tq_,
+            k: &tk_,
+            v: &tv,
+            o: &to,
+            d_o: &tdo,
+            dq: &tdq,
+            dk: &tdk,
+            dv: &tdv,
+        };
         run(&g, |rec| {
-            att::attention_forward(rec, &tq, &tk, &tv, &to, &stats, tokens, heads, scale as f32)
-                .unwrap();
-            att::attention_backward(
-                rec,
-                &tq,
-                &tk,
-                &tv,
-                &to,
-                &tdo,
-                &stats,
-                &tdq,
-                &tdk,
-                &tdv,
-                tokens,
-                heads,
-                scale as f32,
-            )
-            .unwrap();
+            att::attention_forward(rec, shape, &tq_, &tk_, &tv, &to, &stats, scale as f32).unwrap();
+            att::attention_backward(rec, shape, &grads, &stats, scale as f32).unwrap();
         });
         let o = r::attention_forward(dims, &q, &k, &v, scale);
         assert_close(
@@ -127,28 +140,51 @@ fn fused_attention_rejects_what_it_cannot_run() {
         t(&[8, 24], "o"),
     );
     let stats = t(&[att::stats_len(2, 4, 4)], "stats");
+    let shape = |tokens: usize, heads: usize| {
+        att::AttentionShape::self_attention(8 / tokens, tokens, heads)
+    };
     if !matches!(g.gemm_path, GemmPath::Subgroup { .. }) {
-        let e = att::attention_forward(&mut rec, &q, &k, &v, &o, &stats, 4, 4, 1.0).unwrap_err();
+        let e =
+            att::attention_forward(&mut rec, shape(4, 4), &q, &k, &v, &o, &stats, 1.0).unwrap_err();
         assert!(e.to_string().contains("subgroup"), "{e}");
         return;
     }
     // 24 channels in 4 heads: 6-wide heads are not a multiple of 4.
-    let e = att::attention_forward(&mut rec, &q, &k, &v, &o, &stats, 4, 4, 1.0)
+    let e = att::attention_forward(&mut rec, shape(4, 4), &q, &k, &v, &o, &stats, 1.0)
         .unwrap_err()
         .to_string();
     assert!(e.contains("head width") && e.contains('6'), "{e}");
-    // 8 rows do not split into 3-token samples.
-    let e = att::attention_forward(&mut rec, &q, &k, &v, &o, &stats, 3, 2, 1.0)
+    // 8 rows are not 2 samples of 3 tokens.
+    let odd = att::AttentionShape::self_attention(2, 3, 2);
+    let e = att::attention_forward(&mut rec, odd, &q, &k, &v, &o, &stats, 1.0)
         .unwrap_err()
         .to_string();
     assert!(e.contains("3 tokens"), "{e}");
+    // A causal mask over fewer keys than queries, and keys of the wrong length.
+    let stats2 = t(&[att::stats_len(2, 2, 4)], "stats");
+    let cross = att::AttentionShape {
+        key_tokens: 2,
+        causal: true,
+        ..shape(4, 2)
+    };
+    let e = att::attention_forward(&mut rec, cross, &q, &k, &v, &o, &stats2, 1.0)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("causal"), "{e}");
+    let cross = att::AttentionShape {
+        causal: false,
+        ..cross
+    };
+    let e = att::attention_forward(&mut rec, cross, &q, &k, &v, &o, &stats2, 1.0)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`k`"), "{e}");
     // A statistics buffer of the wrong size, and an output aliasing an input.
-    let e = att::attention_forward(&mut rec, &q, &k, &v, &o, &t(&[5], "s"), 4, 2, 1.0)
+    let e = att::attention_forward(&mut rec, shape(4, 2), &q, &k, &v, &o, &t(&[5], "s"), 1.0)
         .unwrap_err()
         .to_string();
     assert!(e.contains("`stats`"), "{e}");
-    let stats2 = t(&[att::stats_len(2, 2, 4)], "stats");
-    let e = att::attention_forward(&mut rec, &q, &k, &v, &q, &stats2, 4, 2, 1.0)
+    let e = att::attention_forward(&mut rec, shape(4, 2), &q, &k, &v, &q, &stats2, 1.0)
         .unwrap_err()
         .to_string();
     assert!(e.contains("share a buffer"), "{e}");
