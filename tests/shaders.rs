@@ -64,7 +64,7 @@ fn every_kernel_specialization_validates_and_translates() {
 /// pasted, and validates with no template values.
 #[test]
 fn only_register_tile_kernels_are_templates() {
-    const TEMPLATES: [&str; 2] = ["gemm_subgroup", "attention_subgroup"];
+    const TEMPLATES: [&str; 3] = ["gemm_subgroup", "attention_subgroup", "attention"];
     for (name, src) in SHADERS {
         let templated = src.contains("//#for") || src.contains("//#if") || src.contains("{{");
         if TEMPLATES.contains(name) {

@@ -215,7 +215,7 @@ fn bench_convs(bench: &mut KernelBench) -> Result<()> {
     Ok(())
 }
 
-/// The fused attention core where this adapter runs it (subgroup path): (samples, query tokens,
+/// The fused attention core (the kernel of this adapter's path): (samples, query tokens,
 /// key tokens, channels, head_dim) of mnist28's 14 x 14 and 8 x 8 self-attentions with 8-wide
 /// heads, a cross-attention of 49 pixels to 16 text tokens, and SD 1.x's 40-wide heads over a
 /// 32 x 32 latent. GFLOP/s counts the unfused GEMMs' work (QKᵀ and PV; four GEMMs backward), as
@@ -232,7 +232,7 @@ fn bench_fused_attention(bench: &mut KernelBench) -> Result<()> {
         (2, 1024, 1024, 320, 40),
     ];
     for (n, tq, tk, c, head_dim) in cases {
-        if crate::ops::attention::fused_lanes(gpu, head_dim, c).is_none() {
+        if crate::ops::attention::fused_kernel(gpu, head_dim, c).is_none() {
             continue;
         }
         let heads = c / head_dim;

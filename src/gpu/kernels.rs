@@ -20,6 +20,7 @@ pub const SHADERS: &[(&str, &str)] = &[
         include_str!("../../shaders/elementwise.wgsl"),
     ),
     ("gemm", include_str!("../../shaders/gemm.wgsl")),
+    ("attention", include_str!("../../shaders/attention.wgsl")),
     (
         "attention_subgroup",
         include_str!("../../shaders/attention_subgroup.wgsl"),
@@ -54,6 +55,10 @@ pub const SHADERS: &[(&str, &str)] = &[
 
 /// The shared pieces a shader pulls in with `//#include NAME`: (NAME, WGSL).
 pub const INCLUDES: &[(&str, &str)] = &[
+    (
+        "attention_common",
+        include_str!("../../shaders/include/attention_common.wgsl"),
+    ),
     (
         "gemm_params",
         include_str!("../../shaders/include/gemm_params.wgsl"),

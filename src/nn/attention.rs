@@ -18,7 +18,7 @@ use super::Act;
 use crate::gpu::{Gpu, Recorder, Tensor};
 use crate::ops::OpResult;
 use crate::ops::attention::{
-    AttentionGrads, AttentionShape, attention_backward, attention_forward, fused_lanes, stats_len,
+    AttentionGrads, AttentionShape, attention_backward, attention_forward, fused_kernel, stats_len,
 };
 use crate::ops::elementwise::causal_mask;
 use crate::ops::gemm::{GemmShape, MatRef, gemm};
@@ -46,6 +46,22 @@ pub struct AttentionCore {
 impl AttentionCore {
     /// The core of an attention labelled `prefix`, fused when the adapter's kernels allow.
     pub fn new(gpu: &Arc<Gpu>, prefix: &str, shape: AttentionShape, head_dim: usize) -> Self {
+        let fused = fused_kernel(gpu, head_dim, shape.heads * head_dim).is_some();
+        Self::build(gpu, prefix, shape, head_dim, fused)
+    }
+
+    /// The GEMM + softmax + GEMM core even where a fused kernel applies (for comparisons).
+    pub fn unfused(gpu: &Arc<Gpu>, prefix: &str, shape: AttentionShape, head_dim: usize) -> Self {
+        Self::build(gpu, prefix, shape, head_dim, false)
+    }
+
+    fn build(
+        gpu: &Arc<Gpu>,
+        prefix: &str,
+        shape: AttentionShape,
+        head_dim: usize,
+        fused: bool,
+    ) -> Self {
         let AttentionShape {
             samples,
             query_tokens: tq,
@@ -53,7 +69,7 @@ impl AttentionCore {
             heads,
             ..
         } = shape;
-        let storage = if fused_lanes(gpu, head_dim, heads * head_dim).is_some() {
+        let storage = if fused {
             Storage::Fused {
                 stats: gpu.tensor(
                     &[stats_len(samples, heads, tq)],

@@ -1,9 +1,9 @@
-//! `shaders/attention_subgroup.wgsl`: the core of multi-head attention, softmax(scale · Q Kᵀ) V,
-//! forward and backward, fused into one kernel per pass (no Tq × Tk matrix in memory) on the
-//! subgroup GEMM path: self-attention, cross-attention (keys unlike the queries in number) and
-//! the causal mask of CLIP's text encoder. Where it does not apply (the portable path, heads wider
-//! than [`MAX_FUSED_HEAD_DIM`] or not a multiple of 4), `nn::attention::AttentionCore` runs the
-//! unfused GEMM + softmax + GEMM, which the whole-step parity tests check on the portable path.
+//! `shaders/attention.wgsl` (portable) and `shaders/attention_subgroup.wgsl` (subgroup GEMM
+//! path): the core of multi-head attention, softmax(scale · Q Kᵀ) V, forward and backward, fused
+//! into one kernel per pass (no Tq × Tk matrix in memory): self-attention, cross-attention (keys
+//! unlike the queries in number) and the causal mask of CLIP's text encoder. Where neither applies
+//! (heads wider than [`MAX_FUSED_HEAD_DIM`] or not a multiple of 4), `nn::attention::AttentionCore`
+//! runs the unfused GEMM + softmax + GEMM (`AttentionCore::unfused`, which the tests compare).
 
 use super::{OpResult, expect_distinct, expect_shape, invalid, u32_of};
 use crate::gpu::{GemmPath, Gpu, KernelKey, Recorder, Tensor};
@@ -50,18 +50,58 @@ pub struct AttentionParams {
     pub _pad: u32,
 }
 
-/// The subgroup lanes when the fused kernels serve heads of `head_dim` over `channels`.
-pub fn fused_lanes(gpu: &Gpu, head_dim: usize, channels: usize) -> Option<u32> {
-    match gpu.gemm_path {
-        GemmPath::Subgroup { lanes }
-            if head_dim.is_multiple_of(4)
-                && head_dim <= MAX_FUSED_HEAD_DIM
-                && channels.is_multiple_of(head_dim)
-                && channels >= head_dim =>
-        {
-            Some(lanes)
+/// Which fused kernel runs an attention: the subgroup path's (`attention_subgroup.wgsl`, a
+/// workgroup of one subgroup sharing key rows by broadcast) or the portable one
+/// (`attention.wgsl`, [`PORTABLE_ROWS`] invocations sharing tiles of [`PORTABLE_TILE`] rows in
+/// workgroup memory).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum FusedKernel {
+    Subgroup { lanes: u32 },
+    Portable,
+}
+
+/// Invocations (query or key rows) per workgroup of the portable kernel.
+pub const PORTABLE_ROWS: u32 = 64;
+/// Rows per workgroup-memory tile of the portable kernel.
+pub const PORTABLE_TILE: u32 = 16;
+
+impl FusedKernel {
+    /// Query (or key) rows one workgroup serves.
+    fn rows(self) -> u32 {
+        match self {
+            FusedKernel::Subgroup { lanes } => lanes,
+            FusedKernel::Portable => PORTABLE_ROWS,
         }
-        _ => None,
+    }
+}
+
+/// Bytes of workgroup memory the portable kernel takes for heads of `head_dim`: two tiles of
+/// rows and two floats per tile row.
+pub fn portable_workgroup_bytes(head_dim: usize) -> u64 {
+    let tile = PORTABLE_TILE as u64;
+    2 * tile * head_dim as u64 * 4 + 2 * tile * 4
+}
+
+/// The fused kernel that serves heads of `head_dim` over `channels` on this adapter, if any:
+/// head widths a multiple of 4 up to [`MAX_FUSED_HEAD_DIM`], and on the portable path enough
+/// workgroup memory for the tiles.
+pub fn fused_kernel(gpu: &Gpu, head_dim: usize, channels: usize) -> Option<FusedKernel> {
+    if !head_dim.is_multiple_of(4)
+        || head_dim > MAX_FUSED_HEAD_DIM
+        || head_dim == 0
+        || !channels.is_multiple_of(head_dim)
+    {
+        return None;
+    }
+    match gpu.gemm_path {
+        GemmPath::Subgroup { lanes } => Some(FusedKernel::Subgroup { lanes }),
+        GemmPath::Portable => {
+            let limits = &gpu.limits;
+            let fits = portable_workgroup_bytes(head_dim)
+                <= limits.max_compute_workgroup_storage_size as u64
+                && PORTABLE_ROWS <= limits.max_compute_invocations_per_workgroup;
+            fits.then_some(FusedKernel::Portable)
+        }
     }
 }
 
@@ -72,7 +112,7 @@ pub fn stats_len(samples: usize, heads: usize, query_tokens: usize) -> usize {
 }
 
 struct Call {
-    key_lanes: u32,
+    kernel: FusedKernel,
     head_dim: usize,
     params: AttentionParams,
     /// Workgroups over blocks of query rows (forward, dQ) and of key rows (dK, dV).
@@ -136,9 +176,10 @@ fn prepare(
         )));
     }
     let head_dim = c / heads;
-    let Some(lanes) = fused_lanes(&rec.gpu, head_dim, c) else {
+    let Some(kernel) = fused_kernel(&rec.gpu, head_dim, c) else {
         return Err(invalid(format!(
-            "{op}: the fused attention needs the subgroup GEMM path and a head width that is a multiple of 4 up to {MAX_FUSED_HEAD_DIM} (got {head_dim} on the {} path)",
+            "{op}: the fused attention needs a head width that is a multiple of 4 up to {MAX_FUSED_HEAD_DIM} (and on the portable path {} bytes of workgroup memory; got heads of {head_dim} on the {} path)",
+            portable_workgroup_bytes(head_dim),
             rec.gpu.gemm_path
         )));
     };
@@ -161,7 +202,7 @@ fn prepare(
             }
         }
     }
-    let lanes_usize = lanes as usize;
+    let block = kernel.rows() as usize;
     let pairs = u32_of(op, "samples x heads", samples * heads)?;
     if pairs > 65535 {
         return Err(crate::gpu::GpuError::TooLarge(format!(
@@ -170,7 +211,7 @@ fn prepare(
         )));
     }
     Ok(Call {
-        key_lanes: lanes,
+        kernel,
         head_dim,
         params: AttentionParams {
             q_tokens: tq as u32,
@@ -182,28 +223,29 @@ fn prepare(
             causal: causal as u32,
             _pad: 0,
         },
-        query_groups: [
-            u32_of(op, "query blocks", tq.div_ceil(lanes_usize))?,
-            pairs,
-            1,
-        ],
-        key_groups: [
-            u32_of(op, "key blocks", tk.div_ceil(lanes_usize))?,
-            pairs,
-            1,
-        ],
+        query_groups: [u32_of(op, "query blocks", tq.div_ceil(block))?, pairs, 1],
+        key_groups: [u32_of(op, "key blocks", tk.div_ceil(block))?, pairs, 1],
     })
 }
 
 fn key(entry: &'static str, call: &Call) -> KernelKey {
-    kernel_key(entry, call.key_lanes, call.head_dim)
+    kernel_key(entry, call.kernel, call.head_dim)
 }
 
-/// The kernel key of one entry point for `lanes` and `head_dim` (for the shader table's tests).
-pub fn kernel_key(entry: &'static str, lanes: u32, head_dim: usize) -> KernelKey {
-    KernelKey::new("attention_subgroup", entry)
-        .template("L", lanes as i64)
-        .template("DH4", (head_dim / 4) as i64)
+/// The kernel key of one entry point of `kernel` for heads of `head_dim` (also for the shader
+/// table's tests).
+pub fn kernel_key(entry: &'static str, kernel: FusedKernel, head_dim: usize) -> KernelKey {
+    let dh4 = (head_dim / 4) as i64;
+    match kernel {
+        FusedKernel::Subgroup { lanes } => KernelKey::new("attention_subgroup", entry)
+            .template("L", lanes as i64)
+            .template("ROWS", lanes as i64)
+            .template("DH4", dh4),
+        FusedKernel::Portable => KernelKey::new("attention", entry)
+            .template("ROWS", PORTABLE_ROWS as i64)
+            .template("TILE", PORTABLE_TILE as i64)
+            .template("DH4", dh4),
+    }
 }
 
 /// o = softmax(scale · q kᵀ) v per sample and head (masked when `shape.causal`), and each query

@@ -12,13 +12,22 @@ pub fn all_kernel_keys() -> Vec<KernelKey> {
         if *shader == "gemm" || *shader == "gemm_subgroup" {
             continue;
         }
-        if *shader == "attention_subgroup" {
-            for lanes in [8, 16] {
-                for head_dim in (4..=super::attention::MAX_FUSED_HEAD_DIM).step_by(4) {
+        if *shader == "attention_subgroup" || *shader == "attention" {
+            use super::attention::{FusedKernel, MAX_FUSED_HEAD_DIM, kernel_key};
+            let kernels = if *shader == "attention" {
+                vec![FusedKernel::Portable]
+            } else {
+                vec![
+                    FusedKernel::Subgroup { lanes: 8 },
+                    FusedKernel::Subgroup { lanes: 16 },
+                ]
+            };
+            for kernel in kernels {
+                for head_dim in (4..=MAX_FUSED_HEAD_DIM).step_by(4) {
                     keys.extend(
                         entry_points(src)
                             .into_iter()
-                            .map(|e| super::attention::kernel_key(e, lanes, head_dim)),
+                            .map(|e| kernel_key(e, kernel, head_dim)),
                     );
                 }
             }

@@ -1,16 +1,18 @@
-//! attention_subgroup.wgsl (the fused attention core, subgroup path) against
-//! reference::attention on odd token counts (partial lane blocks), several heads and head widths
-//! up to 160, cross-attention (key length unlike the query length) and the causal mask.
+//! The fused attention kernels (attention_subgroup.wgsl on the subgroup path, attention.wgsl on
+//! the portable one) and the unfused core against reference::attention on odd token counts
+//! (partial lane blocks and tiles), several heads and head widths up to 160, cross-attention (key
+//! length unlike the query length) and the causal mask.
 //!
 //! Forward: each output is a softmax-weighted mean of v with f32 dot products of ≤ 160 terms and
 //! sums of ≤ 200 exponentials: rtol 2e-5, atol 1e-6 · max|ref| (softmax's bounds). Backward:
 //! dS = P (dP − D) cancels when dP_ij ≈ D_i, so errors scale with the row, not the element:
 //! rtol 1e-4, atol 2e-5 · max|ref| (the brief's bound for f32 reductions).
-//! The unfused path (GEMM + softmax + GEMM) is checked against the same reference through the
-//! whole-step parity tests on the portable path.
+//! The unfused core (GEMM + softmax + GEMM) is checked against the same reference here and
+//! through the whole-step parity tests.
 
 use crate::common::*;
 use wgpu_diffusion::gpu::{GemmPath, GemmPathChoice};
+use wgpu_diffusion::nn::attention::AttentionCore;
 use wgpu_diffusion::ops::attention as att;
 use wgpu_diffusion::reference::attention::{self as r, AttentionDims};
 
@@ -35,14 +37,16 @@ const CASES: [(usize, usize, usize, usize, usize, bool); 14] = [
     (1, 21, 6, 1, 160, false),
 ];
 
-#[test]
-fn fused_attention_matches_reference() {
-    let g = gpu();
-    if !matches!(g.gemm_path, GemmPath::Subgroup { .. }) {
-        eprintln!("adapter has no subgroup GEMM path: the fused attention is not used here");
-        return;
-    }
-    let g = gpu_with_path(GemmPathChoice::Subgroup);
+/// Which core runs a case: a fused kernel (the adapter's path decides which) or the unfused
+/// GEMM + softmax + GEMM of `nn::attention::AttentionCore`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Core {
+    Fused,
+    Unfused,
+}
+
+/// Runs every case through `core` on `g` and checks o, dq, dk, dv against the f64 reference.
+fn check_cases(g: &std::sync::Arc<wgpu_diffusion::gpu::Gpu>, core: Core) {
     for (i, &(n, tq, tk, heads, head_dim, causal)) in CASES.iter().enumerate() {
         let dims = AttentionDims {
             n,
@@ -59,7 +63,10 @@ fn fused_attention_matches_reference() {
             heads,
             causal,
         };
-        let what = format!("n{n} tq{tq} tk{tk} h{heads} d{head_dim} causal {causal}");
+        let what = format!(
+            "{core:?} on {}: n{n} tq{tq} tk{tk} h{heads} d{head_dim} causal {causal}",
+            g.gemm_path
+        );
         let c = dims.channels();
         let (len_q, len_k) = (n * tq * c, n * tk * c);
         let seed = 10 * i as u64;
@@ -81,10 +88,10 @@ fn fused_attention_matches_reference() {
         let scale = 1.0 / (head_dim as f64).sqrt();
         let (rows_q, rows_k) = ([n * tq, c], [n * tk, c]);
         let (tq_, tk_, tv, tdo) = (
-            upload(&g, &rows_q, &q, "q"),
-            upload(&g, &rows_k, &k, "k"),
-            upload(&g, &rows_k, &v, "v"),
-            upload(&g, &rows_q, &d_o, "d_o"),
+            upload(g, &rows_q, &q, "q"),
+            upload(g, &rows_k, &k, "k"),
+            upload(g, &rows_k, &v, "v"),
+            upload(g, &rows_q, &d_o, "d_o"),
         );
         let to = g.tensor(&rows_q, "o");
         let stats = g.tensor(&[att::stats_len(n, heads, tq)], "stats");
@@ -103,14 +110,22 @@ fn fused_attention_matches_reference() {
             dk: &tdk,
             dv: &tdv,
         };
-        run(&g, |rec| {
-            att::attention_forward(rec, shape, &tq_, &tk_, &tv, &to, &stats, scale as f32).unwrap();
-            att::attention_backward(rec, shape, &grads, &stats, scale as f32).unwrap();
+        let unfused = AttentionCore::unfused(g, "test", shape, head_dim);
+        run(g, |rec| match core {
+            Core::Fused => {
+                att::attention_forward(rec, shape, &tq_, &tk_, &tv, &to, &stats, scale as f32)
+                    .unwrap();
+                att::attention_backward(rec, shape, &grads, &stats, scale as f32).unwrap();
+            }
+            Core::Unfused => {
+                unfused.forward(rec, &tq_, &tk_, &tv, &to).unwrap();
+                unfused.backward(rec, &grads).unwrap();
+            }
         });
         let o = r::attention_forward(dims, &q, &k, &v, scale);
         assert_close(
             &format!("attention_forward {what}"),
-            &read(&g, &to),
+            &read(g, &to),
             &o,
             1e-6 * max_abs(&o),
             2e-5,
@@ -119,13 +134,42 @@ fn fused_attention_matches_reference() {
         for (name, t, want) in [("dq", &tdq, &dq), ("dk", &tdk, &dk), ("dv", &tdv, &dv)] {
             assert_close(
                 &format!("attention_backward {name} {what}"),
-                &read(&g, t),
+                &read(g, t),
                 want,
                 2e-5 * max_abs(want),
                 1e-4,
             );
         }
     }
+}
+
+#[test]
+fn fused_attention_matches_reference_on_the_subgroup_path() {
+    let g = gpu();
+    if !matches!(g.gemm_path, GemmPath::Subgroup { .. }) {
+        eprintln!("adapter has no subgroup GEMM path: its fused attention is not used here");
+        return;
+    }
+    check_cases(&gpu_with_path(GemmPathChoice::Subgroup), Core::Fused);
+}
+
+#[test]
+fn fused_attention_matches_reference_on_the_portable_path() {
+    let g = gpu_with_path(GemmPathChoice::Portable);
+    assert!(
+        att::fused_kernel(&g, 160, 160) == Some(att::FusedKernel::Portable),
+        "the portable fused attention should take 160-wide heads on {} (workgroup memory {} bytes)",
+        g.describe(),
+        g.limits.max_compute_workgroup_storage_size
+    );
+    check_cases(&g, Core::Fused);
+}
+
+/// The unfused core (cross-attention and the causal mask included), which runs where no fused
+/// kernel applies.
+#[test]
+fn unfused_attention_core_matches_reference() {
+    check_cases(&gpu_with_path(GemmPathChoice::Portable), Core::Unfused);
 }
 
 #[test]
