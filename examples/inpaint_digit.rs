@@ -58,6 +58,7 @@ fn main() -> anyhow::Result<()> {
         inpaint: Some((known.clone(), keep.clone())),
         vae: None,
         context_tokens: None,
+        size: None,
     };
     let mut sampler = Sampler::new(&gpu, &source.config, schedule, COMPLETIONS, &options)?;
     sampler.set_weights(&source.weights(&sampler.unet.params)?)?;

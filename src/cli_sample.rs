@@ -117,6 +117,14 @@ pub struct SampleArgs {
     /// model's `vae/`, or for a checkpoint its run folder's).
     #[arg(long)]
     pub vae: Option<PathBuf>,
+    /// Image height in pixels [default: the model's size]. Any multiple of 2^(U-Net levels − 1)
+    /// (for a latent model: of the VAE's downscale times that, 64 for SD 1.x); not for
+    /// super-resolution or inpainting, whose input fixes the size.
+    #[arg(long)]
+    pub height: Option<usize>,
+    /// Image width in pixels [default: the model's size]; as --height.
+    #[arg(long)]
+    pub width: Option<usize>,
     /// `sr` for a super-resolution model (inferred from the model; given, it is checked).
     #[arg(long, value_enum)]
     pub task: Option<crate::train::config::Task>,
@@ -274,19 +282,36 @@ pub struct SamplePlan {
     /// Given initial noise (NHWC, all images) and per-step noise (one NHWC block per step).
     pub noise: Option<Vec<f32>>,
     pub step_noise: Option<Vec<Vec<f32>>>,
+    /// `--height/--width`, when either is given: the images' (height, width).
+    pub size: Option<(usize, usize)>,
 }
 
 impl SamplePlan {
-    /// [size, channels] of the images written: the VAE's decoded images for a latent model.
-    pub fn image_dims(&self) -> [usize; 2] {
-        match &self.source.vae {
-            Some(vae) => [vae.config.sample_size, vae.config.out_channels],
-            None => [
-                self.source.config.sample_size,
-                self.source.config.out_channels,
-            ],
-        }
+    /// [height, width, channels] of the images written: the VAE's decoded images for a latent
+    /// model.
+    pub fn image_dims(&self) -> [usize; 3] {
+        let [s, c] = model_image_dims(&self.source);
+        let (h, w) = self.size.unwrap_or((s, s));
+        [h, w, c]
     }
+}
+
+/// [square size, channels] of a model's images (its VAE's for a latent model).
+fn model_image_dims(source: &ModelSource) -> [usize; 2] {
+    match &source.vae {
+        Some(vae) => [vae.config.sample_size, vae.config.out_channels],
+        None => [source.config.sample_size, source.config.out_channels],
+    }
+}
+
+/// `--height/--width` (either defaults to the model's size), checked as far as the flags go:
+/// the sampler checks them against the U-Net and the VAE.
+fn requested_size(args: &SampleArgs, source: &ModelSource) -> Result<Option<(usize, usize)>> {
+    if args.height.is_none() && args.width.is_none() {
+        return Ok(None);
+    }
+    let [s, _] = model_image_dims(source);
+    Ok(Some((args.height.unwrap_or(s), args.width.unwrap_or(s))))
 }
 
 /// How to make sampling fit when a tensor is past the adapter's limits.
@@ -612,13 +637,13 @@ fn given_noise(
     args: &SampleArgs,
     source: &ModelSource,
     schedule: &SamplingSchedule,
-    num: usize,
+    (num, (h, w)): (usize, (usize, usize)),
 ) -> Result<(usize, Option<Vec<f32>>, Option<Vec<Vec<f32>>>)> {
-    let (c, s) = (source.config.out_channels, source.config.sample_size);
+    let c = source.config.out_channels;
     let Some(path) = &args.noise else {
         return Ok((num, None, None));
     };
-    let (shape, v) = read_tensor(path, "noise", "--noise", &[None, Some(c), Some(s), Some(s)])?;
+    let (shape, v) = read_tensor(path, "noise", "--noise", &[None, Some(c), Some(h), Some(w)])?;
     let num = shape[0];
     if num == 0 {
         bail!("--noise {}: the tensor holds no images", path.display());
@@ -637,7 +662,7 @@ fn given_noise(
             path.display()
         );
     }
-    let noise = nchw_to_nhwc(&v, [num, c, s, s]);
+    let noise = nchw_to_nhwc(&v, [num, c, h, w]);
     let uses = schedule.uses_step_noise();
     let step_noise = match &args.step_noise {
         Some(path) if !uses => bail!(
@@ -659,8 +684,8 @@ fn given_noise(
                     Some(schedule.noise_draws()),
                     Some(num),
                     Some(c),
-                    Some(s),
-                    Some(s),
+                    Some(h),
+                    Some(w),
                 ],
             )?;
             if v.iter().any(|x| !x.is_finite()) {
@@ -669,10 +694,10 @@ fn given_noise(
                     path.display()
                 );
             }
-            let per = num * c * s * s;
+            let per = num * c * h * w;
             Some(
                 v.chunks(per)
-                    .map(|chunk| nchw_to_nhwc(chunk, [num, c, s, s]))
+                    .map(|chunk| nchw_to_nhwc(chunk, [num, c, h, w]))
                     .collect::<Vec<_>>(),
             )
         }
@@ -719,7 +744,14 @@ pub fn plan(args: &SampleArgs) -> Result<SamplePlan> {
         (Some(list), _) if all_classes => list.len() * per_class,
         _ => per_class,
     };
-    let (num, noise, step_noise) = given_noise(args, &source, &schedule, num)?;
+    let size = requested_size(args, &source)?;
+    // The U-Net's input: the image size, over the VAE's downscale for a latent model.
+    let (ih, iw) = size.unwrap_or((s, s));
+    let latent_hw = match &source.vae {
+        Some(vae) if size.is_some() => (ih / vae.config.downscale(), iw / vae.config.downscale()),
+        _ => size.unwrap_or((s, s)),
+    };
+    let (num, noise, step_noise) = given_noise(args, &source, &schedule, (num, latent_hw))?;
     let batch = args.batch_size.unwrap_or(num.min(64)).min(num);
     // StableDiffusionPipeline: guidance 7.5 unless given, and only above 1.
     let guidance = match &prompt {
@@ -740,6 +772,7 @@ pub fn plan(args: &SampleArgs) -> Result<SamplePlan> {
         batch,
         noise,
         step_noise,
+        size,
     })
 }
 
@@ -788,6 +821,7 @@ pub fn run(opts: &GpuOptions, args: &SampleArgs) -> Result<()> {
         inpaint: plan.inpaint.take(),
         vae: plan.source.vae.clone(),
         context_tokens: plan.source.text.as_ref().map(|t| t.context_tokens()),
+        size: plan.size,
     };
     let mut sampler = gpu
         .checked_build(|| {
@@ -1011,8 +1045,8 @@ fn remove_stale_outputs(dir: &Path, keep: &[String]) -> Result<Vec<String>> {
 /// The grid, one PNG per image, the raw tensor: an earlier run's images in the folder are
 /// removed first (with a note).
 fn write_outputs(args: &SampleArgs, plan: &SamplePlan, images: &[f32]) -> Result<()> {
-    let (num, [s, c]) = (plan.num, plan.image_dims());
-    let per_image = c * s * s;
+    let (num, [h, w, c]) = (plan.num, plan.image_dims());
+    let per_image = c * h * w;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating the output folder {}", args.out.display()))?;
     let names: Vec<String> = std::iter::once("grid.png".to_string())
@@ -1028,7 +1062,7 @@ fn write_outputs(args: &SampleArgs, plan: &SamplePlan, images: &[f32]) -> Result
             if removed.len() > 3 { ", …" } else { "" }
         );
     }
-    let shape = [num, s, s, c];
+    let shape = [num, h, w, c];
     let cols = if plan.all_classes {
         plan.per_class
     } else {
@@ -1036,7 +1070,7 @@ fn write_outputs(args: &SampleArgs, plan: &SamplePlan, images: &[f32]) -> Result
     };
     save_grid(images, shape, cols.max(1), &args.out.join("grid.png"))?;
     for (k, img) in images.chunks(per_image).enumerate() {
-        save_image(img, [s, s, c], &args.out.join(format!("{k:05}.png")))?;
+        save_image(img, [h, w, c], &args.out.join(format!("{k:05}.png")))?;
     }
     if let Some(path) = &args.save_tensor {
         let nchw = nhwc_to_nchw(images, shape);
@@ -1048,7 +1082,7 @@ fn write_outputs(args: &SampleArgs, plan: &SamplePlan, images: &[f32]) -> Result
         meta.insert("steps".to_string(), args.steps.to_string());
         meta.insert("seed".to_string(), args.seed.to_string());
         meta.insert("model".to_string(), plan.source.description.clone());
-        let view = TensorView::new(Dtype::F32, vec![num, c, s, s], bytemuck::cast_slice(&nchw))?;
+        let view = TensorView::new(Dtype::F32, vec![num, c, h, w], bytemuck::cast_slice(&nchw))?;
         let bytes = safetensors::serialize([("sample", view)], Some(meta))?;
         atomic_write(path, &bytes)?;
         eprintln!("raw samples: {}", path.display());

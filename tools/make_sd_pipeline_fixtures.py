@@ -150,6 +150,23 @@ def main():
                 ).images
             tensors[f"{key}.{case}"] = torch.as_tensor(out).float()
         print(case, "max |latents|", float(tensors[f"latents.{case}"].abs().max()))
+    # A non-square image (height 16, width 24: latents 8 x 12) with DDIM: `sample --height/--width`.
+    wide = torch.randn(1, 4, 8, 12, generator=torch.Generator().manual_seed(8))
+    tensors["latents_16x24"] = wide
+    pipe.scheduler = schedulers["ddim"]
+    for output_type, key in (("latent", "latents"), ("np", "image")):
+        with torch.no_grad():
+            out = pipe(
+                PROMPT,
+                negative_prompt=NEGATIVE,
+                height=16,
+                width=24,
+                num_inference_steps=STEPS,
+                guidance_scale=GUIDANCE,
+                latents=wide.clone(),
+                output_type=output_type,
+            ).images
+        tensors[f"{key}.ddim_16x24"] = torch.as_tensor(out).float()
     save_file(
         {k: v.contiguous() for k, v in tensors.items()},
         os.path.join(args.out, "results.safetensors"),

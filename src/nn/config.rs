@@ -346,6 +346,31 @@ impl UNetConfig {
         Ok(())
     }
 
+    /// The multiple each side of an input must be: 2^(levels − 1), so that every downsampling
+    /// halves it exactly and the up path comes back to the same size.
+    pub fn size_multiple(&self) -> usize {
+        1 << (self.block_out_channels.len().max(1) - 1)
+    }
+
+    /// An input of `(height, width)` other than the square `sample_size` (sampling at another
+    /// size): each side in 1..=MAX_SAMPLE_SIZE and a multiple of [`Self::size_multiple`].
+    pub fn check_input_size(&self, (h, w): (usize, usize)) -> Result<(), String> {
+        if (h, w) == (self.sample_size, self.sample_size) {
+            return Ok(());
+        }
+        let m = self.size_multiple();
+        for (what, v) in [("height", h), ("width", w)] {
+            if v == 0 || v > MAX_SAMPLE_SIZE || !v.is_multiple_of(m) {
+                return Err(format!(
+                    "{what} {v} does not fit the U-Net: it must be a multiple of {m} (its {} levels halve it {} times) up to {MAX_SAMPLE_SIZE}",
+                    self.block_out_channels.len(),
+                    self.block_out_channels.len() - 1
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Sizes: within the bounds every later computation assumes, and consistent with each other.
     fn check_sizes(&self) -> Result<(), String> {
         let n = self.block_out_channels.len();

@@ -78,7 +78,7 @@ pub const DEFAULT_CONTEXT_TOKENS: usize = 77;
 impl UNet {
     /// A U-Net in training mode (dropout active when the config sets it).
     pub fn new(gpu: &Arc<Gpu>, config: &UNetConfig, batch: usize) -> Result<UNet, GpuError> {
-        Self::build(gpu, config, batch, true, DEFAULT_CONTEXT_TOKENS)
+        Self::build(gpu, config, batch, true, DEFAULT_CONTEXT_TOKENS, None)
     }
 
     /// A U-Net for sampling (`model.eval()`: no dropout).
@@ -87,7 +87,7 @@ impl UNet {
         config: &UNetConfig,
         batch: usize,
     ) -> Result<UNet, GpuError> {
-        Self::build(gpu, config, batch, false, DEFAULT_CONTEXT_TOKENS)
+        Self::build(gpu, config, batch, false, DEFAULT_CONTEXT_TOKENS, None)
     }
 
     /// A UNet2DConditionModel attending to `context_tokens` rows of context per sample.
@@ -98,7 +98,21 @@ impl UNet {
         context_tokens: usize,
         training: bool,
     ) -> Result<UNet, GpuError> {
-        Self::build(gpu, config, batch, training, context_tokens)
+        Self::build(gpu, config, batch, training, context_tokens, None)
+    }
+
+    /// A U-Net in eval mode for inputs of `(height, width)` rather than the config's square
+    /// `sample_size` (diffusers' pipelines take any size the down/up path keeps: each side a
+    /// multiple of 2^(levels − 1)); `context_tokens` for a UNet2DConditionModel.
+    pub fn for_inference_at(
+        gpu: &Arc<Gpu>,
+        config: &UNetConfig,
+        batch: usize,
+        context_tokens: Option<usize>,
+        size: (usize, usize),
+    ) -> Result<UNet, GpuError> {
+        let tokens = context_tokens.unwrap_or(DEFAULT_CONTEXT_TOKENS);
+        Self::build(gpu, config, batch, false, tokens, Some(size))
     }
 
     /// Selects the micro-batch whose dispatches are recorded next (gradient accumulation).
@@ -121,8 +135,13 @@ impl UNet {
         batch: usize,
         training: bool,
         context_tokens: usize,
+        size: Option<(usize, usize)>,
     ) -> Result<UNet, GpuError> {
         config.validate().map_err(GpuError::Invalid)?;
+        let (sh, sw) = size.unwrap_or((config.sample_size, config.sample_size));
+        config
+            .check_input_size((sh, sw))
+            .map_err(GpuError::Invalid)?;
         let mut dropout_layers = 0u32;
         let mut next_dropout = |shape: &[usize]| -> Result<Option<(f32, u32)>, GpuError> {
             if !training || config.dropout == 0.0 {
@@ -145,7 +164,6 @@ impl UNet {
         }
         let c = config;
         let nb = c.block_out_channels.len();
-        let s = c.sample_size;
         let c0 = c.block_out_channels[0];
         let settings = BlockSettings {
             groups: c.norm_num_groups,
@@ -177,7 +195,7 @@ impl UNet {
             )
         });
 
-        let sample = act(&[batch, s, s, c.in_channels], "sample");
+        let sample = act(&[batch, sh, sw, c.in_channels], "sample");
         let timesteps = gpu.tensor(&[batch], "timesteps");
         let t_proj = act(&[batch, c.time_proj_dim()], "time_proj");
         let linear_1 = Linear::new(
@@ -215,7 +233,7 @@ impl UNet {
             3,
             Conv2dGeometry::same(1, 1),
         );
-        let h_in = act(&[batch, s, s, c0], "conv_in");
+        let h_in = act(&[batch, sh, sw, c0], "conv_in");
 
         let mut nodes = Vec::new();
         let mut cur = h_in.clone();
@@ -346,7 +364,7 @@ impl UNet {
                 let (h, w) = hw(&cur);
                 if hw(&skip) != (h, w) {
                     return Err(GpuError::Invalid(format!(
-                        "sample_size {s}: skip connection {:?} does not match the upsampled {:?} at up block {i}",
+                        "size {sh}×{sw}: skip connection {:?} does not match the upsampled {:?} at up block {i}",
                         skip.shape(),
                         cur.shape()
                     )));
@@ -408,9 +426,9 @@ impl UNet {
                 cur = out;
             }
         }
-        if hw(&cur) != (s, s) {
+        if hw(&cur) != (sh, sw) {
             return Err(GpuError::Invalid(format!(
-                "sample_size {s} does not survive the down/up path (ends at {:?})",
+                "size {sh}×{sw} does not survive the down/up path (ends at {:?})",
                 cur.shape()
             )));
         }
@@ -432,9 +450,9 @@ impl UNet {
             3,
             Conv2dGeometry::same(1, 1),
         );
-        let output = act(&[batch, s, s, c.out_channels], "conv_out");
+        let output = act(&[batch, sh, sw, c.out_channels], "conv_out");
         let (raw_output, frozen) = if c.is_fourier() {
-            let raw = act(&[batch, s, s, c.out_channels], "conv_out before / σ");
+            let raw = act(&[batch, sh, sw, c.out_channels], "conv_out before / σ");
             (Some(raw), vec![(FOURIER_WEIGHT.to_string(), vec![c0])])
         } else {
             (None, Vec::new())

@@ -162,7 +162,7 @@ fn encoder(gpu: &Arc<Gpu>, d: &mut ParamDecls, c: &VaeConfig, x: &Act) -> Coder 
         eps: VAE_NORM_EPS,
         temb_dim: 0,
     };
-    let [b, s] = [x.shape()[0], x.shape()[1]];
+    let [b, sh, sw] = [x.shape()[0], x.shape()[1], x.shape()[2]];
     let c0 = c.block_out_channels[0];
     let conv_in = Conv2d::new(
         d,
@@ -172,7 +172,7 @@ fn encoder(gpu: &Arc<Gpu>, d: &mut ParamDecls, c: &VaeConfig, x: &Act) -> Coder 
         3,
         Conv2dGeometry::same(1, 1),
     );
-    let h_in = Act::new(gpu, &[b, s, s, c0], "encoder.conv_in");
+    let h_in = Act::new(gpu, &[b, sh, sw, c0], "encoder.conv_in");
     let mut nodes = Vec::new();
     let mut cur = h_in.clone();
     let levels = c.block_out_channels.len();
@@ -229,7 +229,7 @@ fn decoder(gpu: &Arc<Gpu>, d: &mut ParamDecls, c: &VaeConfig, z: &Act) -> Coder 
         eps: VAE_NORM_EPS,
         temb_dim: 0,
     };
-    let [b, s] = [z.shape()[0], z.shape()[1]];
+    let [b, sh, sw] = [z.shape()[0], z.shape()[1], z.shape()[2]];
     let top = *c
         .block_out_channels
         .last()
@@ -242,7 +242,7 @@ fn decoder(gpu: &Arc<Gpu>, d: &mut ParamDecls, c: &VaeConfig, z: &Act) -> Coder 
         3,
         Conv2dGeometry::same(1, 1),
     );
-    let h_in = Act::new(gpu, &[b, s, s, top], "decoder.conv_in");
+    let h_in = Act::new(gpu, &[b, sh, sw, top], "decoder.conv_in");
     let mut nodes = Vec::new();
     let attention = c.mid_block_add_attention;
     let mut cur = mid_block(
@@ -312,16 +312,30 @@ pub struct Vae {
 
 impl Vae {
     pub fn new(gpu: &Arc<Gpu>, config: &VaeConfig, batch: usize) -> Result<Vae, GpuError> {
+        let s = config.sample_size;
+        Self::at(gpu, config, batch, (s, s))
+    }
+
+    /// The VAE for images of `(height, width)` instead of its square `sample_size` (each side a
+    /// multiple of [`VaeConfig::downscale`]); latents are 1/downscale of that.
+    pub fn at(
+        gpu: &Arc<Gpu>,
+        config: &VaeConfig,
+        batch: usize,
+        (h, w): (usize, usize),
+    ) -> Result<Vae, GpuError> {
         config.validate().map_err(GpuError::Invalid)?;
+        config.check_image_size((h, w)).map_err(GpuError::Invalid)?;
         if batch == 0 {
             return Err(GpuError::Invalid("batch size must be at least 1".into()));
         }
         let c = config;
-        let (s, ls, l) = (c.sample_size, c.latent_size(), c.latent_channels);
+        let l = c.latent_channels;
+        let (lh, lw) = (h / c.downscale(), w / c.downscale());
         let mut d = ParamDecls::default();
-        let sample = Act::new(gpu, &[batch, s, s, c.in_channels], "sample");
+        let sample = Act::new(gpu, &[batch, h, w, c.in_channels], "sample");
         let encoder = encoder(gpu, &mut d, c, &sample);
-        let enc_out = Act::new(gpu, &[batch, ls, ls, 2 * l], "encoder.conv_out");
+        let enc_out = Act::new(gpu, &[batch, lh, lw, 2 * l], "encoder.conv_out");
         let quant_conv = c.use_quant_conv.then(|| {
             Conv2d::new(
                 &mut d,
@@ -333,12 +347,12 @@ impl Vae {
             )
         });
         let moments = if quant_conv.is_some() {
-            Act::new(gpu, &[batch, ls, ls, 2 * l], "quant_conv")
+            Act::new(gpu, &[batch, lh, lw, 2 * l], "quant_conv")
         } else {
             enc_out.clone()
         };
-        let eps = gpu.tensor(&[batch, ls, ls, l], "posterior eps");
-        let latent = Act::new(gpu, &[batch, ls, ls, l], "latent z");
+        let eps = gpu.tensor(&[batch, lh, lw, l], "posterior eps");
+        let latent = Act::new(gpu, &[batch, lh, lw, l], "latent z");
         let post_quant_conv = c.use_post_quant_conv.then(|| {
             Conv2d::new(
                 &mut d,
@@ -350,12 +364,12 @@ impl Vae {
             )
         });
         let dec_in = if post_quant_conv.is_some() {
-            Act::new(gpu, &[batch, ls, ls, l], "post_quant_conv")
+            Act::new(gpu, &[batch, lh, lw, l], "post_quant_conv")
         } else {
             latent.clone()
         };
         let decoder = decoder(gpu, &mut d, c, &dec_in);
-        let output = Act::new(gpu, &[batch, s, s, c.out_channels], "decoder.conv_out");
+        let output = Act::new(gpu, &[batch, h, w, c.out_channels], "decoder.conv_out");
         let params = ParamStore::new(gpu, &d.0)?;
         Ok(Vae {
             config: c.clone(),

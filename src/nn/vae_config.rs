@@ -81,6 +81,29 @@ impl VaeConfig {
         self.sample_size >> (self.block_out_channels.len() - 1)
     }
 
+    /// How many image pixels a latent pixel spans along each side: 2^(levels − 1) (8 for SD's).
+    pub fn downscale(&self) -> usize {
+        1 << (self.block_out_channels.len().max(1) - 1)
+    }
+
+    /// Images of `(height, width)` other than the square `sample_size`: each side in
+    /// 1..=MAX_SAMPLE_SIZE and a multiple of [`Self::downscale`].
+    pub fn check_image_size(&self, (h, w): (usize, usize)) -> Result<(), String> {
+        if (h, w) == (self.sample_size, self.sample_size) {
+            return Ok(());
+        }
+        let m = self.downscale();
+        for (what, v) in [("height", h), ("width", w)] {
+            if v == 0 || v > MAX_SAMPLE_SIZE || !v.is_multiple_of(m) {
+                return Err(format!(
+                    "{what} {v} does not fit the VAE: it must be a multiple of {m} (its encoder halves it {} times) up to {MAX_SAMPLE_SIZE}",
+                    self.block_out_channels.len() - 1
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Parses a diffusers AutoencoderKL `config.json`: missing keys (and keys set to null where
     /// null is not a value of its own) take diffusers' defaults; `_`-prefixed keys are ignored, as
     /// diffusers ignores them; anything else unknown is an error naming the key.

@@ -108,9 +108,16 @@ impl LatentVae {
         Ok(())
     }
 
-    /// The VAE on the GPU for batches of `batch`, with its weights.
-    pub fn load(&self, gpu: &Arc<Gpu>, batch: usize) -> Result<LatentCodec> {
-        let vae = Vae::new(gpu, &self.config, batch)
+    /// The VAE on the GPU for batches of `batch` images of `size` (its square sample_size when
+    /// None), with its weights.
+    pub fn load(
+        &self,
+        gpu: &Arc<Gpu>,
+        batch: usize,
+        size: Option<(usize, usize)>,
+    ) -> Result<LatentCodec> {
+        let s = self.config.sample_size;
+        let vae = Vae::at(gpu, &self.config, batch, size.unwrap_or((s, s)))
             .with_context(|| format!("building the VAE of {}", self.dir.display()))?;
         let weights = read_model_weights(&self.dir, &vae.params)?;
         if let Some(i) = weights.iter().position(|v| !v.is_finite()) {

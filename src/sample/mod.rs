@@ -58,6 +58,9 @@ pub struct SamplerOptions {
     /// A text-conditional U-Net (UNet2DConditionModel): the context rows per image (the
     /// tokenizer's length, 77 for CLIP), given before sampling by [`Sampler::set_context`].
     pub context_tokens: Option<usize>,
+    /// Images of (height, width) instead of the model's square size (`--height/--width`): the
+    /// U-Net (and the VAE) are built for it; with a VAE the latents are 1/downscale of it.
+    pub size: Option<(usize, usize)>,
 }
 
 /// A sampler bound to a U-Net of a fixed batch size.
@@ -99,27 +102,16 @@ impl Sampler {
     ) -> Result<Sampler> {
         let guidance = options.guidance;
         check_sampling_setup(model, batch, guidance)?;
-        match (schedule.settings.ve.is_some(), model.is_fourier()) {
-            (true, false) => bail!(
-                "a VE-SDE model (ScoreSdeVeScheduler) needs a U-Net with time_embedding_type \"fourier\" (it takes σ and returns the score); this one's is \"{}\"",
-                model.time_embedding_type
-            ),
-            (false, true) => bail!(
-                "a U-Net with fourier time features returns a score (its output divided by σ): it samples with a ScoreSdeVeScheduler (--sampler pc or ode), not {}",
-                schedule.settings.class_name()
-            ),
-            _ => {}
-        }
-        if let Some(vae) = &options.vae {
-            vae.check_fits(model)?;
-            if options.inpaint.is_some() {
-                bail!(
-                    "inpainting works on images, not on a VAE's latents: it is not supported for latent diffusion models"
-                );
-            }
-        }
+        check_model_and_schedule(model, &schedule, options)?;
         let copies = if guidance.is_some() { 2 } else { 1 };
-        let unet = inference_unet(gpu, model, batch * copies, options.context_tokens)?;
+        let unet_size = unet_input_size(model, options)?;
+        let unet = inference_unet(
+            gpu,
+            model,
+            batch * copies,
+            options.context_tokens,
+            unet_size,
+        )?;
         let shape = unet.output.shape().to_vec();
         let shape = [&[batch], &shape[1..]].concat();
         let x = gpu.tensor(&shape, "sampling x");
@@ -179,7 +171,7 @@ impl Sampler {
         let reset_plan = rec.finish();
         let decoder = match &options.vae {
             Some(vae) => {
-                let codec = vae.load(gpu, batch)?;
+                let codec = vae.load(gpu, batch, options.size)?;
                 let mut rec = gpu.recorder();
                 codec.record_decode(&mut rec, &x)?;
                 let plan = rec.finish();
@@ -524,6 +516,35 @@ impl Sampler {
     }
 }
 
+/// Refuses a schedule of the other family than the model (VE-SDE vs the rest) and a VAE that
+/// does not fit the U-Net or the task, before anything is allocated.
+fn check_model_and_schedule(
+    model: &UNetConfig,
+    schedule: &SamplingSchedule,
+    options: &SamplerOptions,
+) -> Result<()> {
+    match (schedule.settings.ve.is_some(), model.is_fourier()) {
+        (true, false) => bail!(
+            "a VE-SDE model (ScoreSdeVeScheduler) needs a U-Net with time_embedding_type \"fourier\" (it takes σ and returns the score); this one's is \"{}\"",
+            model.time_embedding_type
+        ),
+        (false, true) => bail!(
+            "a U-Net with fourier time features returns a score (its output divided by σ): it samples with a ScoreSdeVeScheduler (--sampler pc or ode), not {}",
+            schedule.settings.class_name()
+        ),
+        _ => {}
+    }
+    if let Some(vae) = &options.vae {
+        vae.check_fits(model)?;
+        if options.inpaint.is_some() {
+            bail!(
+                "inpainting works on images, not on a VAE's latents: it is not supported for latent diffusion models"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// The U-Net in eval mode for batches of `batch`: a UNet2DConditionModel attends to
 /// `context_tokens` rows of context per image, which only it takes.
 fn inference_unet(
@@ -531,15 +552,54 @@ fn inference_unet(
     model: &UNetConfig,
     batch: usize,
     context_tokens: Option<usize>,
+    size: Option<(usize, usize)>,
 ) -> Result<UNet> {
-    Ok(match (&model.cross_attention, context_tokens) {
-        (Some(_), Some(tokens)) => UNet::conditional(gpu, model, batch, tokens, false)?,
+    match (&model.cross_attention, context_tokens) {
         (Some(_), None) => {
             bail!("the U-Net attends to text (UNet2DConditionModel): it samples from a prompt")
         }
         (None, Some(_)) => bail!("the U-Net has no cross-attention: it takes no prompt"),
+        _ => {}
+    }
+    Ok(match (context_tokens, size) {
+        (tokens, Some(size)) => UNet::for_inference_at(gpu, model, batch, tokens, size)?,
+        (Some(tokens), None) => UNet::conditional(gpu, model, batch, tokens, false)?,
         (None, None) => UNet::for_inference(gpu, model, batch)?,
     })
+}
+
+/// The U-Net's input size when the images are not the model's square size: the requested
+/// (height, width), or with a VAE that size over the VAE's downscale (so each side a multiple of
+/// downscale · 2^(U-Net levels − 1): 64 for SD 1.x). Refuses sizes for super-resolution and
+/// inpainting, whose inputs fix the size.
+fn unet_input_size(model: &UNetConfig, options: &SamplerOptions) -> Result<Option<(usize, usize)>> {
+    let Some((h, w)) = options.size else {
+        return Ok(None);
+    };
+    if model.sr_scale.is_some() || options.inpaint.is_some() {
+        bail!(
+            "--height/--width: super-resolution and inpainting take the size of their input image; drop them"
+        );
+    }
+    let Some(vae) = &options.vae else {
+        model
+            .check_input_size((h, w))
+            .map_err(|e| anyhow::anyhow!("--height {h} --width {w}: {e}"))?;
+        return Ok(Some((h, w)));
+    };
+    let (f, m) = (vae.config.downscale(), model.size_multiple());
+    if h == 0 || w == 0 || !h.is_multiple_of(f * m) || !w.is_multiple_of(f * m) {
+        bail!(
+            "--height {h} --width {w}: each must be a multiple of {} (the VAE's {f}× downscale times the U-Net's {m} for its {} levels)",
+            f * m,
+            model.block_out_channels.len()
+        );
+    }
+    let latent = (h / f, w / f);
+    model
+        .check_input_size(latent)
+        .map_err(|e| anyhow::anyhow!("--height {h} --width {w}: latents of {latent:?}: {e}"))?;
+    Ok(Some(latent))
 }
 
 /// Refuses, before anything is allocated, a batch, model and guidance that cannot sample

@@ -48,6 +48,7 @@ fn record_a_run(gpu: &Arc<Gpu>) {
             inpaint: None,
             vae: None,
             context_tokens: None,
+            size: None,
         };
         Sampler::new(gpu, &classes, schedule, 2, &guided).unwrap();
     }
@@ -57,6 +58,7 @@ fn record_a_run(gpu: &Arc<Gpu>) {
         inpaint: Some((vec![0.0; pixels], vec![1.0; pixels])),
         vae: None,
         context_tokens: None,
+        size: None,
     };
     let schedule = SamplingSchedule::repaint(&scheduler, SamplerKind::Ddim, 4, 0.0, 2, 2).unwrap();
     Sampler::new(gpu, &plain, schedule, 2, &inpaint).unwrap();

@@ -86,7 +86,7 @@ fn latent_codec_scales_and_shifts_like_diffusers() {
     });
     let source = LatentVae::from_dir(&dir).unwrap();
     let b = 3;
-    let codec = source.load(&g, b).unwrap();
+    let codec = source.load(&g, b, None).unwrap();
     let vae = &codec.vae;
     let images: Vec<f32> = random(vae.sample.value.numel(), 7)
         .iter()

@@ -68,6 +68,42 @@ fn sample_writes_grid_images_and_tensor() {
     assert!(values.iter().all(|v| v.is_finite()));
 }
 
+/// `--height/--width` on a pixel-space model: the U-Net is built for that size (any multiple of
+/// 2 for this two-level model), the raw tensor and every image have it; a size the U-Net cannot
+/// halve back is refused by name.
+#[test]
+fn height_and_width_set_the_image_size() {
+    let out = scratch("size");
+    let tensor = out.join("raw.safetensors");
+    let model = fixture("eps");
+    let m = model.to_str().unwrap();
+    let o = out.to_str().unwrap();
+    let t = tensor.to_str().unwrap();
+    let args = ["--model", m, "--steps", "2", "--num", "2", "--out", o];
+    let (ok, stderr) = sample(
+        &[
+            &args[..],
+            &["--height", "6", "--width", "10", "--save-tensor", t],
+        ]
+        .concat(),
+    );
+    assert!(ok, "{stderr}");
+    let img = image::open(out.join("00001.png")).unwrap();
+    assert_eq!((img.width(), img.height()), (10, 6));
+    let (shape, values) = LoadedTensors::read(&tensor).unwrap().get("sample").unwrap();
+    assert_eq!(shape, vec![2, 1, 6, 10]);
+    assert!(values.iter().all(|v| v.is_finite()));
+    let (ok, stderr) = sample(&[&args[..], &["--width", "12"]].concat());
+    assert!(ok, "{stderr}");
+    let img = image::open(out.join("00000.png")).unwrap();
+    assert_eq!((img.width(), img.height()), (12, 8));
+    expect_error(
+        &[&args[..], &["--height", "7"]].concat(),
+        "height 7 does not fit",
+    );
+    expect_error(&[&args[..], &["--width", "0"]].concat(), "multiple of 2");
+}
+
 #[test]
 fn bad_sample_inputs_are_clear_errors() {
     let dir = scratch("errors");

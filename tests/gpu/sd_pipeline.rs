@@ -5,7 +5,8 @@
 //! PNDM (the pipeline's own scheduler, SD 1.5's settings), DDIM and DPM-Solver++ 2M (from its
 //! config): our prompt embeddings equal transformers' (relative L2 ≤ 1e-5), and the final
 //! latents and decoded images equal diffusers' within issue 10's bound, max |ours − diffusers| ≤
-//! 2e-3 · max(1, max |diffusers|) (measured values printed), on both GEMM paths.
+//! 2e-3 · max(1, max |diffusers|) (measured values printed), on both GEMM paths; and a
+//! non-square image (`height` 16, `width` 24) with DDIM.
 
 use std::path::{Path, PathBuf};
 
@@ -31,76 +32,133 @@ fn max_diff(ours: &[f32], theirs: &[f32]) -> (f32, f32) {
     (d, scale)
 }
 
-#[test]
-fn prompt_to_image_matches_stable_diffusion_pipeline() {
+/// The pipeline's prompt embeddings on `g`, checked against transformers': (cond, uncond).
+fn prompt_context(
+    g: &std::sync::Arc<wgpu_diffusion::gpu::Gpu>,
+    text: &TextConditioning,
+    r: &LoadedTensors,
+) -> (wgpu_diffusion::gpu::Tensor, wgpu_diffusion::gpu::Tensor) {
+    let meta = r.metadata();
+    let encoder = text.load(g, 2).unwrap();
+    let prompts = [meta["prompt"].as_str(), meta["negative_prompt"].as_str()];
+    assert!(encoder.encode(&prompts).unwrap().is_empty());
+    let embeds = read(g, encoder.output());
+    let per = embeds.len() / 2;
+    for (i, name) in ["prompt_embeds", "negative_prompt_embeds"]
+        .iter()
+        .enumerate()
+    {
+        let e = rel_l2(&embeds[i * per..(i + 1) * per], &r.get(name).unwrap().1);
+        assert!(e <= 1e-5, "{name}: relative L2 {e:e}");
+    }
+    let out = encoder.output();
+    let row = &out.shape()[1..];
+    (
+        out.view(0, &[1, row[0], row[1]], "prompt"),
+        out.view(per, &[1, row[0], row[1]], "negative prompt"),
+    )
+}
+
+/// Samples the fixture pipeline from the result file's `latents_key` with `kind` (images of
+/// `size` when given) and compares the final latents and the image with diffusers'
+/// `latents.{case}` and `image.{case}`.
+#[allow(clippy::too_many_arguments)]
+fn check_case(
+    g: &std::sync::Arc<wgpu_diffusion::gpu::Gpu>,
+    (source, text, r): (&ModelSource, &TextConditioning, &LoadedTensors),
+    context: &(wgpu_diffusion::gpu::Tensor, wgpu_diffusion::gpu::Tensor),
+    latents_key: &str,
+    case: &str,
+    kind: SamplerKind,
+    size: Option<(usize, usize)>,
+) {
+    let meta = r.metadata();
+    let steps: usize = meta["steps"].parse().unwrap();
+    let guidance: f32 = meta["guidance_scale"].parse().unwrap();
+    let (ls, latents) = r.get(latents_key).unwrap();
+    let lshape = [ls[0], ls[1], ls[2], ls[3]];
+    let latents = nchw_to_nhwc(&latents, lshape);
+    let schedule = SamplingSchedule::new(&source.scheduler, kind, steps, None, 0.0).unwrap();
+    let options = SamplerOptions {
+        guidance: Some(guidance),
+        vae: source.vae.clone(),
+        context_tokens: Some(text.context_tokens()),
+        size,
+        ..Default::default()
+    };
+    let mut sampler = Sampler::new(g, &source.config, schedule, 1, &options).unwrap();
+    sampler
+        .set_weights(&source.weights(&sampler.unet.params).unwrap())
+        .unwrap();
+    sampler.set_context(&context.0, Some(&context.1)).unwrap();
+    let noise = Noise::Given {
+        initial: &latents,
+        steps: None,
+    };
+    let decoded = sampler.sample_batch(0, &noise, None, &mut |_| {}).unwrap();
+    let ours = sampler.read_latents().unwrap();
+    let theirs = nchw_to_nhwc(&r.get(&format!("latents.{case}")).unwrap().1, lshape);
+    let (d, scale) = max_diff(&ours, &theirs);
+    // diffusers' output_type "np": (x / 2 + 0.5).clamp(0, 1), NHWC.
+    let image: Vec<f32> = decoded
+        .iter()
+        .map(|v| (v / 2.0 + 0.5).clamp(0.0, 1.0))
+        .collect();
+    let want = r.get(&format!("image.{case}")).unwrap().1;
+    assert_eq!(image.len(), want.len(), "{case}: image size");
+    let (di, _) = max_diff(&image, &want);
+    eprintln!(
+        "sd pipeline {case} ({}): latents max |diff| {d:.2e} (max |ref| {scale:.2}), image max |diff| {di:.2e}",
+        g.gemm_path
+    );
+    assert!(
+        d <= 2e-3 * scale && di <= 2e-3,
+        "{case} on {}: latents max |diff| {d:e} (scale {scale}), image {di:e}\n  ours[..4] {:?}\n  diffusers[..4] {:?}",
+        g.gemm_path,
+        &ours[..4],
+        &theirs[..4]
+    );
+}
+
+fn fixture() -> (ModelSource, TextConditioning, LoadedTensors) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sd_pipeline");
     let source = ModelSource::from_dir(&dir).unwrap();
     let text = TextConditioning::from_pipeline(&dir).unwrap().unwrap();
     text.check_fits(&source.config).unwrap();
     let r = LoadedTensors::read(&dir.join("results.safetensors")).unwrap();
-    let meta = r.metadata();
-    let steps: usize = meta["steps"].parse().unwrap();
-    let guidance: f32 = meta["guidance_scale"].parse().unwrap();
-    let (ls, latents) = r.get("latents").unwrap();
-    let lshape = [ls[0], ls[1], ls[2], ls[3]];
-    let latents = nchw_to_nhwc(&latents, lshape);
+    (source, text, r)
+}
+
+#[test]
+fn prompt_to_image_matches_stable_diffusion_pipeline() {
+    let (source, text, r) = fixture();
     for g in gemm_paths() {
-        let encoder = text.load(&g, 2).unwrap();
-        let prompts = [meta["prompt"].as_str(), meta["negative_prompt"].as_str()];
-        assert!(encoder.encode(&prompts).unwrap().is_empty());
-        let embeds = read(&g, encoder.output());
-        let per = embeds.len() / 2;
-        for (i, name) in ["prompt_embeds", "negative_prompt_embeds"]
-            .iter()
-            .enumerate()
-        {
-            let e = rel_l2(&embeds[i * per..(i + 1) * per], &r.get(name).unwrap().1);
-            assert!(e <= 1e-5, "{name}: relative L2 {e:e}");
-        }
-        let out = encoder.output();
-        let row = &out.shape()[1..];
-        let cond = out.view(0, &[1, row[0], row[1]], "prompt");
-        let uncond = out.view(per, &[1, row[0], row[1]], "negative prompt");
+        let context = prompt_context(&g, &text, &r);
         for (case, kind) in CASES {
-            let schedule =
-                SamplingSchedule::new(&source.scheduler, kind, steps, None, 0.0).unwrap();
-            let options = SamplerOptions {
-                guidance: Some(guidance),
-                vae: source.vae.clone(),
-                context_tokens: Some(text.context_tokens()),
-                ..Default::default()
-            };
-            let mut sampler = Sampler::new(&g, &source.config, schedule, 1, &options).unwrap();
-            sampler
-                .set_weights(&source.weights(&sampler.unet.params).unwrap())
-                .unwrap();
-            sampler.set_context(&cond, Some(&uncond)).unwrap();
-            let noise = Noise::Given {
-                initial: &latents,
-                steps: None,
-            };
-            let decoded = sampler.sample_batch(0, &noise, None, &mut |_| {}).unwrap();
-            let ours = sampler.read_latents().unwrap();
-            let theirs = nchw_to_nhwc(&r.get(&format!("latents.{case}")).unwrap().1, lshape);
-            let (d, scale) = max_diff(&ours, &theirs);
-            // diffusers' output_type "np": (x / 2 + 0.5).clamp(0, 1), NHWC.
-            let image: Vec<f32> = decoded
-                .iter()
-                .map(|v| (v / 2.0 + 0.5).clamp(0.0, 1.0))
-                .collect();
-            let (di, _) = max_diff(&image, &r.get(&format!("image.{case}")).unwrap().1);
-            eprintln!(
-                "sd pipeline {case} ({}): latents max |diff| {d:.2e} (max |ref| {scale:.2}), image max |diff| {di:.2e}",
-                g.gemm_path
-            );
-            assert!(
-                d <= 2e-3 * scale && di <= 2e-3,
-                "{case} on {}: latents max |diff| {d:e} (scale {scale}), image {di:e}\n  ours[..4] {:?}\n  diffusers[..4] {:?}",
-                g.gemm_path,
-                &ours[..4],
-                &theirs[..4]
-            );
+            let f = (&source, &text, &r);
+            check_case(&g, f, &context, "latents", case, kind, None);
         }
+    }
+}
+
+/// `--height 16 --width 24` (the model's images are 16 x 16): latents 8 x 12 through the U-Net
+/// and the VAE built for that size, as diffusers' pipeline takes `height`/`width`.
+#[test]
+fn a_non_square_image_matches_stable_diffusion_pipeline() {
+    let (source, text, r) = fixture();
+    for g in gemm_paths() {
+        let context = prompt_context(&g, &text, &r);
+        let f = (&source, &text, &r);
+        let size = Some((16, 24));
+        check_case(
+            &g,
+            f,
+            &context,
+            "latents_16x24",
+            "ddim_16x24",
+            SamplerKind::Ddim,
+            size,
+        );
     }
 }
 
@@ -152,6 +210,29 @@ fn sample_cli_takes_a_prompt_and_names_what_does_not_fit() {
     assert!(ok, "{stderr}");
     assert!(stderr.contains("truncated"), "{stderr}");
     assert!(out.join("grid.png").is_file() && out.join("00001.png").is_file());
+    // --height/--width: a wide image, and a height the U-Net cannot halve back.
+    let wide = dir.join("wide");
+    let (ok, stderr) = run_cli(&[
+        "sample",
+        "--model",
+        d,
+        "--prompt",
+        "a seven",
+        "--num",
+        "1",
+        "--steps",
+        "2",
+        "--width",
+        "24",
+        "--height",
+        "8",
+        "--out",
+        wide.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let img = image::open(wide.join("00000.png")).unwrap();
+    assert_eq!((img.width(), img.height()), (24, 8));
+    sample_fails(&dir, &["--prompt", "a", "--height", "18"], "--height 18");
     sample_fails(&dir, &[], "give --prompt");
     sample_fails(&dir, &["--prompt", "a seven", "--class", "3"], "--class");
     let eps = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/samplers/eps");

@@ -170,6 +170,7 @@ fn class_conditional_run_resumes_and_samples_every_class() {
                 inpaint: None,
                 vae: None,
                 context_tokens: None,
+                size: None,
             };
             let mut s = Sampler::new(&g, &source.config, schedule, 2, &opts).unwrap();
             s.set_weights(&source.weights(&s.unet.params).unwrap())
