@@ -134,39 +134,32 @@ def main():
         "ddim": DDIMScheduler.from_config(pipe.scheduler.config),
         "dpmpp_2m": DPMSolverMultistepScheduler.from_config(pipe.scheduler.config),
     }
-    for case, scheduler in schedulers.items():
-        pipe.scheduler = scheduler
+
+    def run(case, start, height, width):
+        """The pipeline's final latents and image from `start` into tensors[*.case]."""
         for output_type, key in (("latent", "latents"), ("np", "image")):
             with torch.no_grad():
                 out = pipe(
                     PROMPT,
                     negative_prompt=NEGATIVE,
-                    height=16,
-                    width=16,
+                    height=height,
+                    width=width,
                     num_inference_steps=STEPS,
                     guidance_scale=GUIDANCE,
-                    latents=latents.clone(),
+                    latents=start.clone(),
                     output_type=output_type,
                 ).images
             tensors[f"{key}.{case}"] = torch.as_tensor(out).float()
         print(case, "max |latents|", float(tensors[f"latents.{case}"].abs().max()))
+
+    for case, scheduler in schedulers.items():
+        pipe.scheduler = scheduler
+        run(case, latents, 16, 16)
     # A non-square image (height 16, width 24: latents 8 x 12) with DDIM: `sample --height/--width`.
     wide = torch.randn(1, 4, 8, 12, generator=torch.Generator().manual_seed(8))
     tensors["latents_16x24"] = wide
     pipe.scheduler = schedulers["ddim"]
-    for output_type, key in (("latent", "latents"), ("np", "image")):
-        with torch.no_grad():
-            out = pipe(
-                PROMPT,
-                negative_prompt=NEGATIVE,
-                height=16,
-                width=24,
-                num_inference_steps=STEPS,
-                guidance_scale=GUIDANCE,
-                latents=wide.clone(),
-                output_type=output_type,
-            ).images
-        tensors[f"{key}.ddim_16x24"] = torch.as_tensor(out).float()
+    run("ddim_16x24", wide, 16, 24)
     save_file(
         {k: v.contiguous() for k, v in tensors.items()},
         os.path.join(args.out, "results.safetensors"),
