@@ -201,6 +201,33 @@ pub struct TrainArgs {
     pub tokenizer: Option<PathBuf>,
 }
 
+/// A text-conditional run fine-tuned from a pipeline directory (`--init DIR` with `unet/`, as
+/// our text runs export and diffusers saves) takes that directory's `text_encoder/` and
+/// `tokenizer/` unless `--text-encoder`/`--tokenizer` say otherwise: the U-Net was trained to
+/// attend to that encoder's output. Recorded in the options, so a resumed run keeps them (the
+/// encoder frozen unless `--train-text-encoder`, as any `--text-encoder`).
+fn text_components_from_init(c: &mut TrainConfig) {
+    let Some(dir) = c.init.clone().filter(|_| c.text_conditional) else {
+        return;
+    };
+    let encoder = dir.join(crate::train::text::TEXT_ENCODER_DIR);
+    if c.text_encoder.is_none() && encoder.join("config.json").is_file() {
+        eprintln!(
+            "note: --init {}: its text encoder {} comes with the U-Net (frozen unless --train-text-encoder)",
+            dir.display(),
+            encoder.display()
+        );
+        c.text_encoder = Some(encoder);
+    }
+    let tokenizer = dir.join(crate::train::text::TOKENIZER_DIR);
+    let has_vocab = ["vocab.json", "tokenizer.json"]
+        .iter()
+        .any(|f| tokenizer.join(f).is_file());
+    if c.tokenizer.is_none() && has_vocab {
+        c.tokenizer = Some(tokenizer);
+    }
+}
+
 /// Keys that fix a run's network: a resumed run takes them from its checkpoint, so a flag
 /// changing them is refused rather than ignored.
 const FIXED_ON_RESUME: [&str; 13] = [
@@ -331,6 +358,9 @@ impl TrainArgs {
             anyhow::bail!(
                 "{flag} applies to text-conditional runs: add --text-conditional, or drop {flag}"
             );
+        }
+        if !resumed {
+            text_components_from_init(&mut c);
         }
         c.validate()
             .map_err(|e| anyhow::anyhow!("invalid training options: {e}"))?;
@@ -694,6 +724,33 @@ mod tests {
             e.contains("not a model preset") && e.contains("--init") && e.contains("--resume"),
             "{e}"
         );
+    }
+
+    /// `--init PIPELINE_DIR` of a text run brings the directory's text encoder and tokenizer;
+    /// flags naming others win, and a directory without them changes nothing.
+    #[test]
+    fn a_text_run_from_a_pipeline_takes_its_text_encoder_and_tokenizer() {
+        let dir = std::env::temp_dir().join(format!("wgpu-diffusion-init-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("text_encoder")).unwrap();
+        std::fs::create_dir_all(dir.join("tokenizer")).unwrap();
+        std::fs::write(dir.join("text_encoder/config.json"), "{}").unwrap();
+        std::fs::write(dir.join("tokenizer/vocab.json"), "{}").unwrap();
+        let d = dir.to_str().unwrap();
+        let c = parse(&["--text-conditional", "--init", d])
+            .unwrap()
+            .resolve(None)
+            .unwrap();
+        assert_eq!(c.text_encoder, Some(dir.join("text_encoder")));
+        assert_eq!(c.tokenizer, Some(dir.join("tokenizer")));
+        let c = parse(&["--text-conditional", "--init", d, "--tokenizer", "/other"])
+            .unwrap()
+            .resolve(None)
+            .unwrap();
+        assert_eq!(c.tokenizer, Some(PathBuf::from("/other")));
+        let c = parse(&["--init", d]).unwrap().resolve(None).unwrap();
+        assert_eq!((c.text_encoder, c.tokenizer), (None, None));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
