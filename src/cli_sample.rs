@@ -866,7 +866,7 @@ fn text_prompt(args: &SampleArgs, source: &ModelSource) -> Result<Option<(String
     };
     let Some(text) = &source.text else {
         bail!(
-            "{} attends to text (UNet2DConditionModel), but no text_encoder/ and tokenizer/ were found beside it: give the pipeline directory (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)",
+            "{} attends to text (UNet2DConditionModel), but no text_encoder/ and tokenizer/ were found beside it: give the pipeline directory (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/), or a checkpoint inside its run folder (RUN/checkpoints/, beside RUN/tokenizer/ and RUN/text_encoder/)",
             source.description
         );
     };

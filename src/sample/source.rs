@@ -4,6 +4,7 @@
 //! `scheduler/`), one of our run folders (its `model/`), or one of our checkpoints.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow, bail};
 
@@ -18,7 +19,7 @@ enum Weights {
     /// A diffusers directory holding `diffusion_pytorch_model.safetensors`.
     Dir(PathBuf),
     /// A checkpoint's tensors under `prefix.` (`ema` or `param`).
-    Checkpoint(Box<LoadedTensors>, &'static str),
+    Checkpoint(Arc<LoadedTensors>, &'static str),
 }
 
 /// A model's architecture, its scheduler settings, and where its weights are.
@@ -275,6 +276,15 @@ impl ModelSource {
         };
         let step = meta.get("step").cloned().unwrap_or_else(|| "?".into());
         let (latent, vae) = checkpoint_vae(path, &meta)?;
+        let ck = Arc::new(ck);
+        // A text run's checkpoint sits in RUN/checkpoints/, beside the run's tokenizer and
+        // text encoder config; the encoder's weights are in the checkpoint.
+        let text = match path.parent().and_then(Path::parent) {
+            Some(root) if config.cross_attention.is_some() => {
+                TextConditioning::from_run_checkpoint(root, &ck, prefix)?
+            }
+            _ => None,
+        };
         Ok(ModelSource {
             config,
             scheduler,
@@ -291,8 +301,8 @@ impl ModelSource {
                 .unwrap_or_default(),
             vae,
             latent,
-            text: None,
-            weights: Weights::Checkpoint(Box::new(ck), prefix),
+            text,
+            weights: Weights::Checkpoint(ck, prefix),
         })
     }
 

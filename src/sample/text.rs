@@ -39,6 +39,9 @@ pub struct TextConditioning {
     pub tokenizer: ClipTokenizer,
     /// Notes for the user (ignored pipeline components).
     pub notes: Vec<String>,
+    /// The weights of a run's checkpoint (its joint store's tensors under this prefix, e.g.
+    /// `ema.text_encoder.`) instead of `encoder_dir`'s model.safetensors.
+    checkpoint: Option<(Arc<LoadedTensors>, String)>,
 }
 
 /// Reads `model_index.json` when there is one: refuses SDXL's second text encoder by name,
@@ -117,8 +120,38 @@ impl TextConditioning {
             config,
             tokenizer,
             notes,
+            checkpoint: None,
         };
         conditioning.weights_path()?;
+        conditioning.check_tokenizer()?;
+        Ok(Some(conditioning))
+    }
+
+    /// A text-conditional run's text side for sampling one of its checkpoints: the run folder
+    /// `root` keeps the tokenizer and the text encoder's config, the checkpoint `ck` its weights
+    /// (under `{prefix}.text_encoder.`, `prefix` `ema` or `param`, as the joint store names
+    /// them). None when `root` is not such a run folder.
+    pub fn from_run_checkpoint(
+        root: &Path,
+        ck: &Arc<LoadedTensors>,
+        prefix: &str,
+    ) -> Result<Option<TextConditioning>> {
+        let (encoder_dir, tokenizer_dir) = (root.join("text_encoder"), root.join("tokenizer"));
+        let config_path = encoder_dir.join("config.json");
+        if !config_path.is_file() || !tokenizer_dir.is_dir() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&config_path)
+            .with_context(|| format!("reading {}", config_path.display()))?;
+        let config = ClipTextConfig::from_json(&text)
+            .map_err(|e| anyhow!("{}: {e}", config_path.display()))?;
+        let conditioning = TextConditioning {
+            encoder_dir,
+            config,
+            tokenizer: ClipTokenizer::from_dir(&tokenizer_dir)?,
+            notes: Vec::new(),
+            checkpoint: Some((ck.clone(), format!("{prefix}.text_encoder."))),
+        };
         conditioning.check_tokenizer()?;
         Ok(Some(conditioning))
     }
@@ -185,11 +218,14 @@ impl TextConditioning {
         let mut config = self.config.clone();
         config.max_position_embeddings = self.context_tokens();
         let model = ClipTextModel::new(gpu, &config, prompts)?;
-        let path = self.weights_path()?;
-        let loaded = LoadedTensors::read(&path)?;
+        let (loaded, prefix) = match &self.checkpoint {
+            Some((ck, prefix)) => (ck.clone(), prefix.as_str()),
+            None => (Arc::new(LoadedTensors::read(&self.weights_path()?)?), ""),
+        };
+        let path = loaded.path.clone();
         let flat = model
             .weights(|name| {
-                let found = loaded.get(name).ok()?;
+                let found = loaded.get(&format!("{prefix}{name}")).ok()?;
                 // A table with more positions than the tokenizer pads to: its first rows.
                 Some(if name.ends_with("position_embedding.weight") {
                     let (rows, width) = (config.max_position_embeddings, found.0[1]);

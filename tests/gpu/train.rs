@@ -800,7 +800,8 @@ fn sigterm_writes_a_checkpoint_and_exits() {
 /// `train --text-conditional`: MNIST captioned by templates (dropped with caption_drop), a CLIP
 /// text encoder trained from scratch in the U-Net's store. Its template and dropout draws are
 /// keyed by (seed, step, sample), so a resumed run is bit-identical, text encoder and optimizer
-/// moments included; the export is a pipeline directory `sample --prompt` reads.
+/// moments included; the export is a pipeline directory `sample --prompt` reads, and the run's
+/// checkpoint samples as the export does.
 #[test]
 fn text_conditional_run_resumes_identically_and_exports_a_pipeline() {
     let (_, b) = resume_matches_straight_run("text", |c| TrainConfig {
@@ -842,24 +843,42 @@ fn text_conditional_run_resumes_identically_and_exports_a_pipeline() {
         text.get("text_model.embeddings.token_embedding.weight")
             .is_ok()
     );
-    let out = b.join("samples-cli");
-    let (ok, log) = run_cli(&[
-        "sample",
-        "--model",
-        model.to_str().unwrap(),
-        "--prompt",
-        "a handwritten three",
-        "--guidance-scale",
-        "2",
-        "--num",
-        "2",
-        "--steps",
-        "2",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(ok, "{log}");
-    assert!(out.join("grid.png").is_file());
+    // The export and the last checkpoint (its EMA weights, the text encoder's from the joint
+    // store, the tokenizer from the run folder) sample the same images.
+    let sample_from = |source: [&str; 2], name: &str| {
+        let out = b.join(name);
+        let tensor = out.join("raw.safetensors");
+        let (ok, log) = run_cli(&[
+            "sample",
+            source[0],
+            source[1],
+            "--prompt",
+            "a handwritten three",
+            "--guidance-scale",
+            "2",
+            "--num",
+            "2",
+            "--steps",
+            "2",
+            "--out",
+            out.to_str().unwrap(),
+            "--save-tensor",
+            tensor.to_str().unwrap(),
+        ]);
+        assert!(ok, "{log}");
+        assert!(out.join("grid.png").is_file());
+        LoadedTensors::read(&tensor)
+            .unwrap()
+            .get("sample")
+            .unwrap()
+            .1
+    };
+    let exported = sample_from(["--model", model.to_str().unwrap()], "samples-cli");
+    let from_checkpoint = sample_from(["--checkpoint", last.to_str().unwrap()], "samples-ck");
+    assert_eq!(
+        exported, from_checkpoint,
+        "checkpoint and export sample differently"
+    );
     let _ = std::fs::remove_dir_all(&b);
 }
 
