@@ -1,7 +1,7 @@
 // A learned embedding table (torch nn.Embedding) added to activations: diffusers' class
 // conditioning adds `class_embedding(class_labels)` to the time embedding (UNet2DModel with
 // num_class_embeds and class_embed_type None).
-//   embedding_add_forward:  out[b, j] += table[labels[b], j]
+//   embedding_add_forward:  out[b, j] += table[labels[b] - first, j]  (labels of this part)
 //   embedding_backward:     d_table[k, j] += Σ_{b : labels[b] = k} d_out[b, j]
 // The backward sums each table entry's batch rows in ascending b, one invocation per entry: a
 // fixed order, no atomics, so the gradient is bit-reproducible.
@@ -9,8 +9,9 @@
 struct Params {
     batch: u32,
     dim: u32,
-    rows: u32,   // table rows (number of classes)
-    _pad: u32,
+    rows: u32,   // rows of `table` (number of classes)
+    first: u32,  // the label of `table`'s first row: a table larger than one storage binding
+                 // (CLIP's 49408 x 768 tokens) is read in parts, one dispatch per part
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -26,9 +27,11 @@ fn embedding_add_forward(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (i >= p.batch * p.dim) { return; }
     let b = i / p.dim;
     let j = i % p.dim;
-    // Labels are validated on the host; the clamp only keeps a bad one inside the table.
-    let k = min(labels[b], p.rows - 1u);
-    out[i] = out[i] + table[k * p.dim + j];
+    // Labels are validated on the host; a label outside this part belongs to another part
+    // (or to no row at all) and adds nothing here.
+    let label = labels[b];
+    if (label < p.first || label - p.first >= p.rows) { return; }
+    out[i] = out[i] + table[(label - p.first) * p.dim + j];
 }
 
 @compute @workgroup_size(64)

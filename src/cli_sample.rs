@@ -132,6 +132,10 @@ pub struct SampleArgs {
     /// be sample_size / scale pixels square. One output per input.
     #[arg(long)]
     pub lowres: Option<PathBuf>,
+    /// Instead of sampling: time each kernel of one U-Net evaluation (and of a latent model's
+    /// decode) in its own submit and print where the time goes, costliest first.
+    #[arg(long)]
+    pub profile: bool,
 }
 
 /// The low-resolution inputs of a super-resolution model, NHWC in [-1, 1], with their paths.
@@ -838,12 +842,18 @@ pub fn run(opts: &GpuOptions, args: &SampleArgs) -> Result<()> {
     if let (Some(text), Some(prompt)) = (&plan.source.text, &plan.prompt) {
         set_prompt(&gpu, text, &sampler, prompt)?;
     }
+    let memory = crate::gpu::human_bytes(gpu.allocated_bytes());
+    if args.profile {
+        sampler.profile().print(30, 30);
+        eprintln!("GPU memory allocated: {memory}");
+        return Ok(());
+    }
     let start = Instant::now();
     let images = sample_all(args, &plan, &mut sampler)?;
     let secs = start.elapsed().as_secs_f64();
     write_outputs(args, &plan, &images)?;
     eprintln!(
-        "{} images in {secs:.1} s ({:.2} images/s): {} and {}/00000.png…",
+        "{} images in {secs:.1} s ({:.2} images/s, GPU memory allocated {memory}): {} and {}/00000.png…",
         plan.num,
         plan.num as f64 / secs,
         args.out.join("grid.png").display(),

@@ -244,7 +244,7 @@ pub fn run(opts: &GpuOptions, args: &VaeArgs) -> Result<()> {
         .checked_build(|| Vae::new(&gpu, &config, args.batch_size.min(n)))
         .map_err(|e: crate::gpu::GpuError| anyhow!("{e} (try a smaller --batch-size)"))?;
     let weights = read_model_weights(&args.model, &vae.params)?;
-    gpu.write(&vae.params.params, &weights)?;
+    vae.params.write_values(&gpu, &weights)?;
     let (s, ls, l) = (
         config.sample_size,
         config.latent_size(),

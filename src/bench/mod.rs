@@ -464,29 +464,11 @@ pub fn train_steps(
     let submits_per_step = (gpu.submit_count() - submits_before) as f64 / times.len() as f64;
     let load = loadavg();
     if profile {
-        let prof = trainer.profile_step();
-        let total: f64 = prof.by_kernel.iter().map(|p| p.2).sum();
-        for (name, n, secs) in prof.by_kernel.iter().take(25) {
-            eprintln!(
-                "{:>8.2} ms {:>5.1}% {n:>4}x {name}",
-                secs * 1e3,
-                100.0 * secs / total
-            );
-        }
-        eprintln!(
-            "{:>8.2} ms total over {} dispatches and copies (one submit each)",
-            total * 1e3,
-            prof.dispatches.len()
-        );
-        eprintln!("largest single dispatches (bindings, workgroups):");
-        for (what, secs) in prof.dispatches.iter().take(
-            std::env::var("WGPU_DIFFUSION_PROFILE_TOP")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(30),
-        ) {
-            eprintln!("{:>8.2} ms {what}", secs * 1e3);
-        }
+        let top = std::env::var("WGPU_DIFFUSION_PROFILE_TOP")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(30);
+        trainer.profile_step().print(25, top);
     }
     let flops = trainer.step_plan_flops();
     let dispatches = trainer.step_dispatches();

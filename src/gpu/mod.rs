@@ -11,8 +11,8 @@ mod tensor;
 pub use kernels::{
     INCLUDES, KernelKey, Kernels, SHADERS, entry_points, expand_template, shader_source,
 };
-pub use plan::{Binding, Plan, Recorder, StepRecord, grid_1d};
-pub use tensor::{Tensor, Texture2d};
+pub use plan::{Binding, Plan, PlanProfile, Recorder, StepRecord, grid_1d};
+pub use tensor::{NoGradGuard, Tensor, Texture2d, grad_enabled, no_grad};
 
 use std::sync::Arc;
 
@@ -153,6 +153,11 @@ pub struct GpuOptions {
     pub local_rank: usize,
     /// Force a GEMM path instead of choosing it from the adapter.
     pub gemm_path: Option<GemmPathChoice>,
+    /// Treat storage bindings and buffers as ending at these sizes (bytes) when below the
+    /// adapter's: how the tests exercise the code that splits large tensors and models
+    /// (row bands, split parameter stores) on tiny shapes.
+    pub cap_binding: Option<u64>,
+    pub cap_buffer: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -386,6 +391,14 @@ impl Gpu {
                 *lost = Some(format!("{reason:?}: {message}"));
             }
         });
+        let mut limits = limits;
+        if let Some(cap) = opts.cap_binding {
+            limits.max_storage_buffer_binding_size =
+                limits.max_storage_buffer_binding_size.min(cap);
+        }
+        if let Some(cap) = opts.cap_buffer {
+            limits.max_buffer_size = limits.max_buffer_size.min(cap);
+        }
         Ok(Arc::new(Gpu {
             kernels: Kernels::new(&device),
             device,

@@ -229,6 +229,9 @@ impl Recorder {
     /// Records a zero fill of `t` (e.g. gradients at the start of a step).
     pub fn clear(&mut self, t: &Tensor) {
         self.touch(t);
+        if !self.gpu.admit_backed(t, "clear") {
+            return;
+        }
         self.records.push(StepRecord {
             kind: "clear",
             shader: "",
@@ -261,6 +264,9 @@ impl Recorder {
             workgroups: [0; 3],
         });
         self.touch(dst);
+        if !(self.gpu.admit_backed(src, "copy") && self.gpu.admit_backed(dst, "copy")) {
+            return Ok(());
+        }
         self.pending.push(Pending::CopyBuffer {
             src: src.clone(),
             dst: dst.clone(),
@@ -511,6 +517,69 @@ impl Plan {
             .iter()
             .filter(|s| matches!(s, Step::Dispatch { .. }))
             .count()
+    }
+}
+
+/// Plans timed dispatch by dispatch ([`Plan::profile`]): where the time of a step or of a
+/// sampling evaluation goes (`bench --profile`, `sample --profile`).
+pub struct PlanProfile {
+    /// (shader::entry, dispatches, seconds), largest first.
+    pub by_kernel: Vec<(String, usize, f64)>,
+    /// (entry with its bindings and workgroups, seconds), largest first.
+    pub dispatches: Vec<(String, f64)>,
+}
+
+impl PlanProfile {
+    /// Runs each step of `plans` in its own submit and sums the times per kernel.
+    pub fn of(gpu: &super::Gpu, plans: &[&Plan]) -> PlanProfile {
+        let mut by_entry: std::collections::HashMap<String, (usize, f64)> = Default::default();
+        let mut dispatches = Vec::new();
+        for plan in plans {
+            let records = plan.records();
+            for (i, secs) in plan.profile(gpu) {
+                let r = &records[i];
+                let name = if r.kind == "dispatch" {
+                    format!("{}::{}", r.shader, r.entry)
+                } else {
+                    r.kind.to_string()
+                };
+                dispatches.push((
+                    format!("{name} [{}] {:?}", r.bindings.join(", "), r.workgroups),
+                    secs,
+                ));
+                let e = by_entry.entry(name).or_default();
+                e.0 += 1;
+                e.1 += secs;
+            }
+        }
+        let mut by_kernel: Vec<_> = by_entry.into_iter().map(|(k, (n, s))| (k, n, s)).collect();
+        by_kernel.sort_by(|a, b| b.2.total_cmp(&a.2));
+        dispatches.sort_by(|a, b| b.1.total_cmp(&a.1));
+        PlanProfile {
+            by_kernel,
+            dispatches,
+        }
+    }
+
+    /// Prints the `kernels` costliest kernels and the `largest` costliest single dispatches.
+    pub fn print(&self, kernels: usize, largest: usize) {
+        let total: f64 = self.by_kernel.iter().map(|p| p.2).sum();
+        for (name, n, secs) in self.by_kernel.iter().take(kernels) {
+            eprintln!(
+                "{:>8.2} ms {:>5.1}% {n:>4}x {name}",
+                secs * 1e3,
+                100.0 * secs / total
+            );
+        }
+        eprintln!(
+            "{:>8.2} ms total over {} dispatches and copies (one submit each)",
+            total * 1e3,
+            self.dispatches.len()
+        );
+        eprintln!("largest single dispatches (bindings, workgroups):");
+        for (what, secs) in self.dispatches.iter().take(largest) {
+            eprintln!("{:>8.2} ms {what}", secs * 1e3);
+        }
     }
 }
 

@@ -2,9 +2,43 @@
 //! (NHWC). A tensor may be a view into a larger buffer (parameters and gradients live in one
 //! flat buffer each, so AdamW, EMA and the gradient norm are one dispatch over everything).
 
+use std::cell::Cell;
 use std::sync::Arc;
 
 use super::{Gpu, GpuError, human_bytes};
+
+thread_local! {
+    /// Whether models built on this thread keep gradient storage (see [`no_grad`]).
+    static GRAD_MODE: Cell<bool> = const { Cell::new(true) };
+}
+
+/// torch's `no_grad()` for model builds: while the guard lives, models built on this thread
+/// allocate no gradient storage (activation gradients, the parameter gradient buffer), and a
+/// parameter store larger than one buffer is split over several (see `nn::ParamStore`).
+/// Sampling builds under it, so a model twice the size of its activations still fits. A kernel
+/// that binds such a missing gradient is refused by `Gpu::check` with the tensor's name, before
+/// anything runs. Thread-local, as torch's grad mode is.
+#[must_use = "gradients are off only while the guard lives"]
+pub struct NoGradGuard {
+    previous: bool,
+}
+
+pub fn no_grad() -> NoGradGuard {
+    NoGradGuard {
+        previous: GRAD_MODE.with(|m| m.replace(false)),
+    }
+}
+
+impl Drop for NoGradGuard {
+    fn drop(&mut self) {
+        GRAD_MODE.with(|m| m.set(self.previous));
+    }
+}
+
+/// Whether builds on this thread keep gradients (false inside [`no_grad`]).
+pub fn grad_enabled() -> bool {
+    GRAD_MODE.with(|m| m.get())
+}
 
 #[derive(Clone, Debug)]
 pub struct Tensor {
@@ -28,6 +62,17 @@ impl Tensor {
             // A stand-in: the plan is refused by `Gpu::check` before it could run.
             size = 16;
         }
+        Self::in_buffer(gpu, size, shape, label)
+    }
+
+    /// A tensor with no storage behind it (a 16-byte buffer): a gradient under [`no_grad`].
+    /// Binding it is refused by the recorder's admission check, never reaches wgpu.
+    fn unbacked(gpu: &Gpu, shape: &[usize], label: &str) -> Tensor {
+        Self::in_buffer(gpu, 16, shape, label)
+    }
+
+    /// `shape` over a new storage buffer of `size` bytes.
+    fn in_buffer(gpu: &Gpu, size: u64, shape: &[usize], label: &str) -> Tensor {
         let buffer = gpu.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
             size,
@@ -42,6 +87,11 @@ impl Tensor {
             shape: shape.to_vec(),
             label: label.into(),
         }
+    }
+
+    /// Whether the view lies inside its buffer (false for the gradients of a [`no_grad`] build).
+    pub fn is_backed(&self) -> bool {
+        self.byte_offset() + self.byte_len().max(4) <= self.buffer.size()
     }
 
     /// A view of `shape` starting `offset` elements into this tensor's buffer. The caller keeps
@@ -175,6 +225,9 @@ impl Texture2d {
 impl Gpu {
     /// Whether a tensor may be bound to one kernel (its bytes within one storage binding).
     pub(crate) fn admit_binding(&self, t: &Tensor, entry: &str) -> bool {
+        if !self.admit_backed(t, entry) {
+            return false;
+        }
         let max = self.limits.max_storage_buffer_binding_size;
         if t.byte_len() > max {
             let named = format!("tensor `{}`", t.label());
@@ -196,6 +249,29 @@ impl Gpu {
             return false;
         }
         true
+    }
+
+    /// Whether `t` has storage; a gradient of a [`no_grad`] build has none, and using it is
+    /// recorded as a problem (`Gpu::check` reports it) instead of reaching wgpu.
+    pub(crate) fn admit_backed(&self, t: &Tensor, what: &str) -> bool {
+        if t.is_backed() {
+            return true;
+        }
+        self.limit_problem(format!(
+            "tensor `{}` {:?} has no storage: the model was built for sampling (no gradients kept), and `{what}` uses it",
+            t.label(),
+            t.shape()
+        ));
+        false
+    }
+
+    /// A gradient tensor: zero-filled storage, or none inside [`no_grad`] (see there).
+    pub fn grad_tensor(&self, shape: &[usize], label: &str) -> Tensor {
+        if grad_enabled() {
+            Tensor::new(self, shape, label)
+        } else {
+            Tensor::unbacked(self, shape, label)
+        }
     }
 
     /// Allocates a zero-filled f32 tensor in its own storage buffer.

@@ -81,7 +81,7 @@ impl AttentionCore {
             Storage::Unfused {
                 scores: gpu.tensor(&square, &format!("{prefix}.scores")),
                 probs: Act::new(gpu, &square, &format!("{prefix}.probs")),
-                dscores: gpu.tensor(&square, &format!("{prefix}.dscores")),
+                dscores: gpu.grad_tensor(&square, &format!("{prefix}.dscores")),
             }
         };
         AttentionCore {

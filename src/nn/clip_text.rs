@@ -314,6 +314,8 @@ impl ClipTextModel {
         let rows = batch * t;
         let heads = c.num_attention_heads;
         let tensor = |shape: &[usize], what: &str| gpu.tensor(shape, &format!("clip text: {what}"));
+        let grad =
+            |shape: &[usize], what: &str| gpu.grad_tensor(shape, &format!("clip text: {what}"));
         let positions: Vec<u32> = (0..rows).map(|r| (r % t) as u32).collect();
         let pos = tensor(&[rows], "positions");
         gpu.write_u32(&pos, &positions)?;
@@ -362,14 +364,14 @@ impl ClipTextModel {
             acts,
             final_ln,
             scratch: Scratch {
-                dh: tensor(&[rows, d], "d hidden"),
-                dmid: tensor(&[rows, d], "d mid"),
-                d_rows: tensor(&[rows, d], "d rows"),
-                d_mlp: tensor(&inner, "d fc1"),
-                d_act: tensor(&inner, "d activation"),
-                dq: tensor(&[rows, d], "dq"),
-                dk: tensor(&[rows, d], "dk"),
-                dv: tensor(&[rows, d], "dv"),
+                dh: grad(&[rows, d], "d hidden"),
+                dmid: grad(&[rows, d], "d mid"),
+                d_rows: grad(&[rows, d], "d rows"),
+                d_mlp: grad(&inner, "d fc1"),
+                d_act: grad(&inner, "d activation"),
+                dq: grad(&[rows, d], "dq"),
+                dk: grad(&[rows, d], "dk"),
+                dv: grad(&[rows, d], "dv"),
                 final_stats: tensor(&[rows, 2], "final norm stats"),
             },
         })

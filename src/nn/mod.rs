@@ -41,7 +41,8 @@ impl Act {
     pub fn new(gpu: &Arc<Gpu>, shape: &[usize], label: &str) -> Act {
         Act {
             value: gpu.tensor(shape, label),
-            grad: gpu.tensor(shape, &format!("d {label}")),
+            // None inside `gpu::no_grad` (sampling builds).
+            grad: gpu.grad_tensor(shape, &format!("d {label}")),
         }
     }
     pub fn shape(&self) -> &[usize] {

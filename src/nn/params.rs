@@ -1,11 +1,16 @@
 //! All parameters in one flat buffer (and gradients, AdamW moments and EMA weights in buffers of
 //! the same layout), each parameter a view at an offset aligned for binding. One dispatch then
 //! updates or reduces everything (AdamW, EMA, gradient norm).
+//!
+//! A store built for sampling (inside `gpu::no_grad`) keeps no gradient buffer, and when the
+//! model is larger than one buffer of the adapter (SD 1.5's U-Net is 3.4 GB; lavapipe's buffers
+//! end at 2 GiB) its values are split over several buffers at parameter boundaries: the flat
+//! layout (offsets) is the same, only where a parameter's view lives differs.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::gpu::{Gpu, GpuError, Tensor};
+use crate::gpu::{Gpu, GpuError, Tensor, grad_enabled};
 
 /// A named parameter: diffusers' state-dict name and torch shape.
 #[derive(Clone, Debug, PartialEq)]
@@ -37,8 +42,37 @@ pub struct ParamStore {
     /// norm) run once per range, so models larger than one binding (cifar32 on lavapipe's
     /// 128 MiB) still train.
     pub chunks: Vec<(usize, usize)>,
-    pub params: Tensor,
+    /// The values: (first layout offset, buffer) per segment; one segment unless a sampling
+    /// store outgrew one buffer (see the module note).
+    segments: Vec<(usize, Tensor)>,
+    /// The gradients (no storage in a sampling store: `Gpu::grad_tensor`).
     pub grads: Tensor,
+}
+
+/// Splits a layout of `len` elements into runs of whole parameters of at most `max` elements
+/// each: (first offset, length) per run.
+fn segment_layout(
+    specs: &[ParamSpec],
+    len: usize,
+    max: usize,
+) -> Result<Vec<(usize, usize)>, String> {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (i, sp) in specs.iter().enumerate() {
+        let end = specs.get(i + 1).map_or(len, |next| next.offset);
+        let padded = end - sp.offset;
+        if padded > max {
+            return Err(format!(
+                "parameter `{}` ({} values) exceeds this adapter's largest buffer ({max} floats)",
+                sp.name,
+                sp.numel()
+            ));
+        }
+        match runs.last_mut() {
+            Some((_, l)) if *l + padded <= max => *l += padded,
+            _ => runs.push((sp.offset, padded)),
+        }
+    }
+    Ok(runs)
 }
 
 impl ParamStore {
@@ -73,6 +107,12 @@ impl ParamStore {
         let mut chunks: Vec<(usize, usize)> = Vec::new();
         for sp in &specs[..named_shapes.len()] {
             let len = sp.numel().next_multiple_of(align);
+            if len > max_binding && !grad_enabled() {
+                // Sampling: no AdamW, EMA or gradient norm runs over chunks; the ops that
+                // read a large parameter (CLIP's token table) take it in parts.
+                chunks.clear();
+                break;
+            }
             if len > max_binding {
                 return Err(GpuError::Invalid(format!(
                     "parameter `{}` ({} values) exceeds this adapter's storage binding limit of {max_binding} floats",
@@ -90,14 +130,63 @@ impl ParamStore {
             .enumerate()
             .map(|(i, s)| (s.name.clone(), i))
             .collect();
+        // Training keeps one buffer (AdamW, EMA and checkpoints address the whole layout); a
+        // sampling store may be split (see the module note).
+        let segments = if grad_enabled() || offset * 4 <= gpu.limits.max_buffer_size as usize {
+            vec![(0, gpu.tensor(&[offset], "parameters"))]
+        } else {
+            let max = (gpu.limits.max_buffer_size as usize / 4) / align * align;
+            segment_layout(&specs, offset, max)
+                .map_err(GpuError::Invalid)?
+                .into_iter()
+                .enumerate()
+                .map(|(i, (start, l))| (start, gpu.tensor(&[l], &format!("parameters {i}"))))
+                .collect()
+        };
         Ok(ParamStore {
             specs,
             index,
             len: offset,
             chunks,
-            params: gpu.tensor(&[offset], "parameters"),
-            grads: gpu.tensor(&[offset], "gradients"),
+            segments,
+            grads: gpu.grad_tensor(&[offset], "gradients"),
         })
+    }
+
+    /// The one buffer of the values. Every store is one buffer except a sampling store larger
+    /// than the adapter's largest buffer, which only the model itself ([`get`](Self::get)) and
+    /// [`write_values`](Self::write_values) address.
+    pub fn params(&self) -> &Tensor {
+        match self.segments.as_slice() {
+            [(_, one)] => one,
+            _ => panic!("a parameter store split over buffers has no single buffer"),
+        }
+    }
+
+    /// Uploads `flat` (the whole layout) into the value buffers.
+    pub fn write_values(&self, gpu: &Gpu, flat: &[f32]) -> Result<(), GpuError> {
+        if flat.len() != self.len {
+            return Err(GpuError::Invalid(format!(
+                "{} parameter values given for a layout of {}",
+                flat.len(),
+                self.len
+            )));
+        }
+        for (start, t) in &self.segments {
+            gpu.write(t, &flat[*start..start + t.numel()])?;
+        }
+        Ok(())
+    }
+
+    /// How many buffers hold the values (1 but for a split sampling store).
+    pub fn value_buffers(&self) -> usize {
+        self.segments.len()
+    }
+
+    /// The segment holding layout offset `offset`: (its first offset, its buffer).
+    fn segment(&self, offset: usize) -> &(usize, Tensor) {
+        let i = self.segments.partition_point(|(start, _)| *start <= offset);
+        &self.segments[i - 1]
     }
 
     /// One store holding `first`'s parameters at their own offsets, then `second`'s at
@@ -137,8 +226,8 @@ impl ParamStore {
             index,
             len,
             chunks,
-            params: gpu.tensor(&[len], "parameters"),
-            grads: gpu.tensor(&[len], "gradients"),
+            segments: vec![(0, gpu.tensor(&[len], "parameters"))],
+            grads: gpu.grad_tensor(&[len], "gradients"),
         })
     }
 
@@ -172,7 +261,11 @@ impl ParamStore {
                 .filter(|(o, _)| range.contains(o))
                 .map(|&(o, l)| (o - range.start, l))
                 .collect(),
-            params: self.params.view(range.start, &[len], self.params.label()),
+            segments: vec![(
+                0,
+                self.params()
+                    .view(range.start, &[len], self.params().label()),
+            )],
             grads: self.grads.view(range.start, &[len], self.grads.label()),
         }
     }
@@ -200,8 +293,9 @@ impl ParamStore {
         let s = self
             .spec(name)
             .unwrap_or_else(|| panic!("parameter `{name}` was not declared"));
+        let (start, values) = self.segment(s.offset);
         (
-            self.params.view(s.offset, &s.shape, name),
+            values.view(s.offset - start, &s.shape, name),
             self.grads.view(s.offset, &s.shape, &format!("grad {name}")),
         )
     }

@@ -9,8 +9,8 @@ use super::tiles::{
     subgroup_tile_key,
 };
 use super::{
-    OpResult, expect_distinct, expect_numel, expect_rank, expect_shape, invalid, pack, reduce,
-    u32_of,
+    OpResult, bands, expect_distinct, expect_numel, expect_rank, expect_shape, invalid, pack,
+    reduce, u32_of,
 };
 use crate::gpu::{Binding, GemmPath, GpuError, Recorder, Tensor};
 
@@ -174,6 +174,9 @@ pub fn conv2d_forward(
     }
     expect_distinct(OP, x, y)?;
     expect_distinct(OP, w, y)?;
+    if bands::exceeds_binding(rec, x) || bands::exceeds_binding(rec, y) {
+        return conv2d_forward_banded(rec, x, w, bias, y, g, &d);
+    }
     let mut p = conv_params(&d, g);
     p.m = u32_of(OP, "output pixels", d.n * d.oh * d.ow)?;
     p.n = d.co as u32;
@@ -183,6 +186,57 @@ pub fn conv2d_forward(
     let bias_t = bias.cloned().unwrap_or_else(|| rec.dummy());
     rec.add_flops(d.flops());
     run_implicit(rec, OP, "conv2d_forward", p, x, w, false, &bias_t, y)
+}
+
+/// [`conv2d_forward`] of tensors larger than one storage binding, one band of output rows of
+/// one sample at a time (see `ops/bands.rs`). Output rows `[o0, o1)` read input rows
+/// `[o0·s − pad_top, (o1 − 1)·s − pad_top + kh)`; the part of that range outside the image is
+/// the band's own top/bottom padding, so each band is exactly the whole conv's rows.
+fn conv2d_forward_banded(
+    rec: &mut Recorder,
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    y: &Tensor,
+    g: &Conv2dGeometry,
+    d: &ConvDims,
+) -> OpResult {
+    const OP: &str = "conv2d_forward";
+    bands::expect_row_aligned(rec, OP, x)?;
+    bands::expect_row_aligned(rec, OP, y)?;
+    let max = bands::max_binding(rec) as usize;
+    let (in_row, out_row) = (d.w * d.ci * 4, d.ow * d.co * 4);
+    // The most output rows whose band and input band (with halo) both fit.
+    let fits = |r: usize| r * out_row <= max && ((r - 1) * g.stride + d.kh) * in_row <= max;
+    let rows = (1..=d.oh).take_while(|&r| fits(r)).last();
+    let Some(rows) = rows else {
+        return Err(bands::no_band_fits(rec, OP, x));
+    };
+    // Equal bands (the last one shorter at most by the rounding).
+    let rows = d.oh.div_ceil(d.oh.div_ceil(rows));
+    for i in 0..d.n {
+        for o0 in (0..d.oh).step_by(rows) {
+            let o1 = (o0 + rows).min(d.oh);
+            let first = (o0 * g.stride) as isize - g.pad_top as isize;
+            let end = (o1 - 1) * g.stride + d.kh - g.pad_top;
+            let r0 = first.max(0) as usize;
+            let r1 = end.min(d.h);
+            let band = Conv2dGeometry {
+                pad_top: (r0 as isize - first) as usize,
+                pad_bottom: end - r1,
+                ..*g
+            };
+            conv2d_forward(
+                rec,
+                &bands::rows(x, i, r0, r1),
+                w,
+                bias,
+                &bands::rows(y, i, o0, o1),
+                &band,
+            )?;
+        }
+    }
+    Ok(())
 }
 
 /// dx (+)= conv2d backward with respect to the input. dy [N,OH,OW,Co], w [Co,Ci,KH,KW], dx [N,H,W,Ci].
@@ -223,7 +277,10 @@ fn run_implicit(
     out: &Tensor,
 ) -> OpResult {
     let (m, n) = (p.m as usize, p.n as usize);
-    if let Some(lanes) = subgroup_lanes(rec) {
+    // An operand past one texture (SD's VAE decoder at 512², its U-Net's 2560-channel
+    // up-block convs) runs on the portable kernel, which reads storage buffers.
+    let packable = pack::nhwc_fits(&rec.gpu, a) && pack::conv_weight_fits(&rec.gpu, w, transposed);
+    if let Some(lanes) = subgroup_lanes(rec).filter(|_| packable) {
         let a_tex = pack::pack_nhwc(rec, a, "conv A")?;
         let b_tex = pack::pack_conv_weight(rec, w, transposed, "conv weights")?;
         let mut tile = subgroup_conv_tile(lanes, n);
@@ -374,7 +431,8 @@ pub fn conv2d_backward_weight(
     p.m = d.co as u32;
     p.n = u32_of(OP, "n", taps * d.ci)?;
     p.k = u32_of(OP, "pixels", pixels)?;
-    let lanes = subgroup_lanes(rec);
+    let packable = pack::nhwc_fits(&rec.gpu, dy) && pack::nhwc_fits(&rec.gpu, x);
+    let lanes = subgroup_lanes(rec).filter(|_| packable);
     if let Some(db) = db {
         expect_numel(OP, "db", db, d.co)?;
         expect_distinct(OP, x, db)?;

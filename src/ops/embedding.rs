@@ -10,7 +10,8 @@ pub struct EmbeddingParams {
     pub batch: u32,
     pub dim: u32,
     pub rows: u32,
-    pub _pad: u32,
+    /// The label of the table view's first row (see [`embedding_add_forward`]).
+    pub first: u32,
 }
 
 fn key(entry: &'static str) -> KernelKey {
@@ -45,7 +46,7 @@ fn params(
         batch: u32_of(op, "batch", batch)?,
         dim: u32_of(op, "dim", dim)?,
         rows: u32_of(op, "rows", rows)?,
-        _pad: 0,
+        first: 0,
     })
 }
 
@@ -60,13 +61,45 @@ pub fn embedding_add_forward(
     let p = params(OP, labels, table, out)?;
     expect_distinct(OP, labels, out)?;
     expect_distinct(OP, table, out)?;
-    rec.dispatch(
-        key(OP),
-        &p,
-        &[(1, labels.into()), (2, table.into()), (3, out.into())],
-        [(p.batch * p.dim).div_ceil(64), 1, 1],
-    );
+    // A table larger than one storage binding is read in parts of whole rows, one dispatch
+    // each; every label falls in exactly one part.
+    let (rows, dim) = (p.rows as usize, p.dim as usize);
+    let max = rec.gpu.limits.max_storage_buffer_binding_size as usize;
+    let align = rec.gpu.limits.min_storage_buffer_offset_alignment as usize;
+    // Parts start at row multiples of `step`, so every part's offset is bindable.
+    let step = align / gcd(align, dim * 4);
+    let part_rows = (max / (dim * 4)) / step * step;
+    let part_rows = if rows * dim * 4 <= max {
+        rows
+    } else if part_rows > 0 && table.byte_offset().is_multiple_of(align as u64) {
+        part_rows
+    } else {
+        return Err(invalid(format!(
+            "{OP}: the table `{}` {:?} is larger than one storage binding ({max} bytes) and its rows cannot be bound in parts (offsets must be multiples of {align} bytes)",
+            table.label(),
+            table.shape()
+        )));
+    };
+    for first in (0..rows).step_by(part_rows.max(1)) {
+        let n = part_rows.min(rows - first);
+        let part = table.view(first * dim, &[n, dim], table.label());
+        let pp = EmbeddingParams {
+            rows: n as u32,
+            first: first as u32,
+            ..p
+        };
+        rec.dispatch(
+            key(OP),
+            &pp,
+            &[(1, labels.into()), (2, (&part).into()), (3, out.into())],
+            [(p.batch * p.dim).div_ceil(64), 1, 1],
+        );
+    }
     Ok(())
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 { a } else { gcd(b, a % b) }
 }
 
 /// d_table[k, :] += Σ_{b: labels[b] = k} d_out[b, :], summed in ascending b.

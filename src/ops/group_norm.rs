@@ -5,7 +5,9 @@
 //! allocated at record time; every reduction runs in a fixed order, so results are bitwise
 //! reproducible (no float atomics).
 
-use super::{OpResult, expect_distinct, expect_numel, expect_rank, expect_shape, invalid, u32_of};
+use super::{
+    OpResult, bands, expect_distinct, expect_numel, expect_rank, expect_shape, invalid, u32_of,
+};
 use crate::gpu::{KernelKey, Recorder, Tensor, grid_1d};
 
 #[repr(C)]
@@ -234,8 +236,29 @@ fn forward(
     expect_distinct(op, x, mean)?;
     expect_distinct(op, x, rstd)?;
     expect_disjoint(op, mean, rstd)?;
+    if bands::exceeds_binding(rec, x) {
+        return forward_banded(rec, op, &p, x, (gamma, beta), y, (mean, rstd));
+    }
+    let grid = set_splits(op, &mut p)?;
+    let partials = rec.gpu.tensor(
+        &[2, n * p.splits as usize, c],
+        "group_norm_forward.partials",
+    );
+    stats_partial(rec, &p, x, &partials, grid);
+    rec.dispatch(
+        key("group_norm_stats"),
+        &p,
+        &[(5, mean.into()), (6, rstd.into()), (11, (&partials).into())],
+        [(n * groups).div_ceil(64) as u32, 1, 1],
+    );
+    normalize(rec, &p, x, (gamma, beta), y, (mean, rstd), grid);
+    Ok(())
+}
 
-    let pixels = p.pixels as usize;
+/// Sets `p.splits`/`p.split_len` for the per-(n, pixel split, channel) kernels of its shape;
+/// returns their grid.
+fn set_splits(op: &str, p: &mut GroupNormParams) -> OpResult<[u32; 3]> {
+    let (n, pixels, c) = (p.batch as usize, p.pixels as usize, p.channels as usize);
     let (splits, split_len, grid) = if vectorised(c) {
         texel_splits(n, pixels, c)
     } else {
@@ -244,38 +267,58 @@ fn forward(
     };
     p.splits = splits as u32;
     p.split_len = split_len as u32;
-    let partials = rec
-        .gpu
-        .tensor(&[2, n * splits, c], "group_norm_forward.partials");
+    Ok(grid)
+}
+
+/// The grid of the per-(n, split, channel) kernels for the splits already in `p`.
+fn split_grid(p: &GroupNormParams) -> [u32; 3] {
+    let (rows, c) = ((p.batch * p.splits) as usize, p.channels as usize);
     if vectorised(c) {
-        rec.dispatch(
-            key("group_norm_stats_partial4"),
-            &p,
-            &[(17, x.into()), (21, (&partials).into())],
-            grid,
-        );
+        grid_1d((rows * c / 4).div_ceil(WG4))
     } else {
-        rec.dispatch(
-            key("group_norm_stats_partial"),
-            &p,
-            &[(1, x.into()), (10, (&partials).into())],
-            grid,
-        );
+        [c.div_ceil(COLUMN_CHANNELS) as u32, rows as u32, 1]
     }
+}
+
+/// Per-(n, split, channel) column mean and M2 of `x` into `partials` [2, N*S, C].
+fn stats_partial(
+    rec: &mut Recorder,
+    p: &GroupNormParams,
+    x: &Tensor,
+    partials: &Tensor,
+    grid: [u32; 3],
+) {
+    let (entry, x_slot, out_slot) = if vectorised(p.channels as usize) {
+        ("group_norm_stats_partial4", 17, 21)
+    } else {
+        ("group_norm_stats_partial", 1, 10)
+    };
     rec.dispatch(
-        key("group_norm_stats"),
-        &p,
-        &[(5, mean.into()), (6, rstd.into()), (11, (&partials).into())],
-        [(n * groups).div_ceil(64) as u32, 1, 1],
+        key(entry),
+        p,
+        &[(x_slot, x.into()), (out_slot, partials.into())],
+        grid,
     );
-    let (entry, x_slot, y_slot) = if vectorised(c) {
+}
+
+/// y = (x − mean)·rstd·gamma + beta (SiLU after it when `p.silu`).
+fn normalize(
+    rec: &mut Recorder,
+    p: &GroupNormParams,
+    x: &Tensor,
+    (gamma, beta): (&Tensor, &Tensor),
+    y: &Tensor,
+    (mean, rstd): (&Tensor, &Tensor),
+    grid: [u32; 3],
+) {
+    let (entry, x_slot, y_slot) = if vectorised(p.channels as usize) {
         ("group_norm_forward4", 17, 18)
     } else {
         ("group_norm_forward", 1, 4)
     };
     rec.dispatch(
         key(entry),
-        &p,
+        p,
         &[
             (x_slot, x.into()),
             (2, gamma.into()),
@@ -286,6 +329,95 @@ fn forward(
         ],
         grid,
     );
+}
+
+/// The forward of an `x` larger than one storage binding (see `ops/bands.rs`), per sample:
+/// each band's column statistics with one pixel split per image row (so every split of the
+/// merge is full and its count right), gathered into one partials tensor of the whole sample,
+/// merged per group with Chan's formula as the unbanded path does, then each band normalised.
+fn forward_banded(
+    rec: &mut Recorder,
+    op: &str,
+    p: &GroupNormParams,
+    x: &Tensor,
+    affine: (&Tensor, &Tensor),
+    y: &Tensor,
+    (mean, rstd): (&Tensor, &Tensor),
+) -> OpResult {
+    bands::expect_row_aligned(rec, op, x)?;
+    bands::expect_row_aligned(rec, op, y)?;
+    let [n, h, w, c] = [x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]];
+    let groups = p.groups as usize;
+    let rows = (bands::max_binding(rec) as usize / (w * c * 4)).min(h);
+    if rows == 0 {
+        return Err(bands::no_band_fits(rec, op, x));
+    }
+    let rows = h.div_ceil(h.div_ceil(rows));
+    // The whole sample, one split per row.
+    let sample = GroupNormParams {
+        batch: 1,
+        splits: h as u32,
+        split_len: w as u32,
+        numel: u32_of(op, "numel of one sample", h * w * c)?,
+        ..*p
+    };
+    let partials = rec.gpu.tensor(&[2, h, c], "group_norm_forward.partials");
+    let (mean_i, rstd_i) = (
+        rec.gpu.tensor(&[groups], "group_norm_forward.sample mean"),
+        rec.gpu.tensor(&[groups], "group_norm_forward.sample rstd"),
+    );
+    for i in 0..n {
+        for r0 in (0..h).step_by(rows) {
+            let r1 = (r0 + rows).min(h);
+            let band = GroupNormParams {
+                pixels: ((r1 - r0) * w) as u32,
+                splits: (r1 - r0) as u32,
+                numel: ((r1 - r0) * w * c) as u32,
+                ..sample
+            };
+            let part = rec
+                .gpu
+                .tensor(&[2, r1 - r0, c], "group_norm_forward.band partials");
+            stats_partial(
+                rec,
+                &band,
+                &bands::rows(x, i, r0, r1),
+                &part,
+                split_grid(&band),
+            );
+            let len = (r1 - r0) * c;
+            for (from, to) in [(0, r0 * c), (len, (h + r0) * c)] {
+                rec.copy(
+                    &part.view(from, &[len], part.label()),
+                    &partials.view(to, &[len], partials.label()),
+                )?;
+            }
+        }
+        rec.dispatch(
+            key("group_norm_stats"),
+            &sample,
+            &[
+                (5, (&mean_i).into()),
+                (6, (&rstd_i).into()),
+                (11, (&partials).into()),
+            ],
+            [groups.div_ceil(64) as u32, 1, 1],
+        );
+        for (from, to) in [(&mean_i, mean), (&rstd_i, rstd)] {
+            rec.copy(from, &to.view(i * groups, &[groups], to.label()))?;
+        }
+        for r0 in (0..h).step_by(rows) {
+            let r1 = (r0 + rows).min(h);
+            let mut band = GroupNormParams {
+                pixels: ((r1 - r0) * w) as u32,
+                numel: ((r1 - r0) * w * c) as u32,
+                ..sample
+            };
+            let grid = set_splits(op, &mut band)?;
+            let (xb, yb) = (bands::rows(x, i, r0, r1), bands::rows(y, i, r0, r1));
+            normalize(rec, &band, &xb, affine, &yb, (&mean_i, &rstd_i), grid);
+        }
+    }
     Ok(())
 }
 

@@ -4,6 +4,7 @@
 
 pub mod adamw;
 pub mod attention;
+pub mod bands;
 pub mod conv2d;
 pub mod diffusion;
 pub mod elementwise;

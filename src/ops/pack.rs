@@ -32,6 +32,19 @@ pub fn fits_texture(gpu: &Gpu, rows: usize, cols: usize) -> bool {
     rows <= max && cols.div_ceil(4) <= max
 }
 
+/// Whether an NHWC tensor packs into one texture ([`pack_nhwc`]).
+pub fn nhwc_fits(gpu: &Gpu, x: &Tensor) -> bool {
+    let [n, h, w, c] = [x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]];
+    fits_texture(gpu, n * h, w * c.div_ceil(4) * 4)
+}
+
+/// Whether conv weights [Co, Ci, KH, KW] pack into one texture ([`pack_conv_weight`]).
+pub fn conv_weight_fits(gpu: &Gpu, w: &Tensor, io_swapped: bool) -> bool {
+    let [co, ci, kh, kw] = [w.shape()[0], w.shape()[1], w.shape()[2], w.shape()[3]];
+    let (k_channels, n_channels) = if io_swapped { (co, ci) } else { (ci, co) };
+    fits_texture(gpu, kh * kw * k_channels.next_multiple_of(4), n_channels)
+}
+
 fn dispatch_pack(
     rec: &mut Recorder,
     entry: &'static str,

@@ -1,7 +1,7 @@
 //! `shaders/upsample.wgsl`: nearest-neighbour x2 upsampling of NHWC images and its backward;
 //! bicubic upsampling and average pooling by an integer factor (super-resolution inputs).
 
-use super::{OpResult, expect_distinct, expect_rank, expect_shape, invalid, u32_of};
+use super::{OpResult, bands, expect_distinct, expect_rank, expect_shape, invalid, u32_of};
 use crate::gpu::{KernelKey, Recorder, Tensor, grid_1d};
 
 #[repr(C)]
@@ -74,6 +74,9 @@ pub fn upsample_nearest2x_forward(rec: &mut Recorder, x: &Tensor, y: &Tensor) ->
     const OP: &str = "upsample_nearest2x_forward";
     let mut p = params(OP, "x", x, "y", y, true)?;
     expect_distinct(OP, x, y)?;
+    if bands::exceeds_binding(rec, y) {
+        return forward_banded(rec, x, y);
+    }
     if let Some(grid) = texel_grid(x, y) {
         p.numel = (x.shape()[0] * x.shape()[1]) as u32;
         rec.dispatch(
@@ -90,6 +93,33 @@ pub fn upsample_nearest2x_forward(rec: &mut Recorder, x: &Tensor, y: &Tensor) ->
         &[(1, x.into()), (2, y.into())],
         grid_1d(y.numel().div_ceil(WG)),
     );
+    Ok(())
+}
+
+/// [`upsample_nearest2x_forward`] into a `y` larger than one storage binding, one band of
+/// rows of one sample at a time (see `ops/bands.rs`): input rows `[r0, r1)` fill output rows
+/// `[2·r0, 2·r1)`, nothing else.
+fn forward_banded(rec: &mut Recorder, x: &Tensor, y: &Tensor) -> OpResult {
+    const OP: &str = "upsample_nearest2x_forward";
+    bands::expect_row_aligned(rec, OP, x)?;
+    bands::expect_row_aligned(rec, OP, y)?;
+    let [n, h, w, c] = [x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]];
+    // Two output rows of four times the bytes per input row.
+    let rows = (bands::max_binding(rec) as usize / (2 * 2 * w * c * 4)).min(h);
+    if rows == 0 {
+        return Err(bands::no_band_fits(rec, OP, y));
+    }
+    let rows = h.div_ceil(h.div_ceil(rows));
+    for i in 0..n {
+        for r0 in (0..h).step_by(rows) {
+            let r1 = (r0 + rows).min(h);
+            upsample_nearest2x_forward(
+                rec,
+                &bands::rows(x, i, r0, r1),
+                &bands::rows(y, i, 2 * r0, 2 * r1),
+            )?;
+        }
+    }
     Ok(())
 }
 

@@ -117,6 +117,8 @@ impl LatentVae {
         size: Option<(usize, usize)>,
     ) -> Result<LatentCodec> {
         let s = self.config.sample_size;
+        // Frozen: encode for training, decode for sampling; no gradients kept.
+        let _no_grad = crate::gpu::no_grad();
         let vae = Vae::at(gpu, &self.config, batch, size.unwrap_or((s, s)))
             .with_context(|| format!("building the VAE of {}", self.dir.display()))?;
         let weights = read_model_weights(&self.dir, &vae.params)?;
@@ -126,7 +128,7 @@ impl LatentVae {
                 self.dir.display()
             );
         }
-        gpu.write(&vae.params.params, &weights)?;
+        vae.params.write_values(gpu, &weights)?;
         let shift = match self.config.shift_factor {
             Some(s) => {
                 let values = vec![s as f32; batch * self.config.latent_channels];

@@ -287,6 +287,16 @@ impl Sampler {
         Ok(())
     }
 
+    /// One U-Net evaluation's plan (and a latent model's decode), each dispatch timed in its
+    /// own submit (`sample --profile`).
+    pub fn profile(&self) -> crate::gpu::PlanProfile {
+        let mut plans = vec![&self.step_plan];
+        if let Some((_, decode)) = &self.decoder {
+            plans.push(decode);
+        }
+        crate::gpu::PlanProfile::of(&self.gpu, &plans)
+    }
+
     /// The final x of the last batch (a latent model's latents before decoding), NHWC.
     pub fn read_latents(&self) -> Result<Vec<f32>> {
         Ok(self.gpu.read(&self.x)?)
@@ -294,7 +304,7 @@ impl Sampler {
 
     /// Uploads weights in the U-Net's flat parameter layout.
     pub fn set_weights(&self, flat: &[f32]) -> Result<()> {
-        Ok(self.gpu.write(&self.unet.params.params, flat)?)
+        Ok(self.unet.params.write_values(&self.gpu, flat)?)
     }
 
     /// Copies weights from a flat parameter buffer of the same layout (a trainer's EMA).
@@ -303,8 +313,8 @@ impl Sampler {
         enc.copy_buffer_to_buffer(
             weights.buffer(),
             weights.byte_offset(),
-            self.unet.params.params.buffer(),
-            self.unet.params.params.byte_offset(),
+            self.unet.params.params().buffer(),
+            self.unet.params.params().byte_offset(),
             weights.byte_len(),
         );
         self.gpu.submit_encoder(enc);
@@ -561,6 +571,7 @@ fn inference_unet(
         (None, Some(_)) => bail!("the U-Net has no cross-attention: it takes no prompt"),
         _ => {}
     }
+    let _no_grad = crate::gpu::no_grad();
     Ok(match (context_tokens, size) {
         (tokens, Some(size)) => UNet::for_inference_at(gpu, model, batch, tokens, size)?,
         (Some(tokens), None) => UNet::conditional(gpu, model, batch, tokens, false)?,

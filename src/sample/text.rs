@@ -217,7 +217,10 @@ impl TextConditioning {
     pub fn load(&self, gpu: &Arc<Gpu>, prompts: usize) -> Result<PromptEncoder> {
         let mut config = self.config.clone();
         config.max_position_embeddings = self.context_tokens();
-        let model = ClipTextModel::new(gpu, &config, prompts)?;
+        let model = {
+            let _no_grad = crate::gpu::no_grad();
+            ClipTextModel::new(gpu, &config, prompts)?
+        };
         let (loaded, prefix) = match &self.checkpoint {
             Some((ck, prefix)) => (ck.clone(), prefix.as_str()),
             None => (Arc::new(LoadedTensors::read(&self.weights_path()?)?), ""),
@@ -235,7 +238,7 @@ impl TextConditioning {
                 })
             })
             .map_err(|e| anyhow!("{}: {e}", path.display()))?;
-        gpu.write(&model.params.params, &flat)?;
+        model.params.write_values(gpu, &flat)?;
         Ok(PromptEncoder {
             gpu: gpu.clone(),
             model,

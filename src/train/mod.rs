@@ -1054,7 +1054,7 @@ fn save_checkpoint(
     let weights = trainer.gpu.read(if trainer.cfg.ema {
         &trainer.ema
     } else {
-        &trainer.unet.params.params
+        trainer.unet.params.params()
     })?;
     let names = if trainer.class_names.is_empty() {
         None
@@ -1142,7 +1142,7 @@ fn write_samples(
     let weights = if trainer.cfg.ema {
         &trainer.ema
     } else {
-        &trainer.unet.params.params
+        trainer.unet.params.params()
     };
     // Text-conditional runs: image i is drawn from the grid's i-th prompt (no guidance).
     let _context = match &trainer.text {

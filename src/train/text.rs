@@ -405,11 +405,14 @@ impl TrainerText {
         weights: &Tensor,
         prompts: &[String],
     ) -> Result<ClipTextModel> {
-        let model = ClipTextModel::new(gpu, &self.setup.config, prompts.len())?;
+        let model = {
+            let _no_grad = crate::gpu::no_grad();
+            ClipTextModel::new(gpu, &self.setup.config, prompts.len())?
+        };
         let range = self.joint.range(unet);
         let source = weights.view(range.start, &[range.len()], "text encoder weights");
         let mut rec = gpu.recorder();
-        rec.copy(&source, &model.params.params)?;
+        rec.copy(&source, model.params.params())?;
         let ids: Vec<u32> = prompts
             .iter()
             .flat_map(|p| self.setup.tokenizer.encode_for_model(p).ids)

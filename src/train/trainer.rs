@@ -32,14 +32,6 @@ use crate::ops::noise::{purpose, q_sample, random_normal, random_uniform_u32, wr
 use crate::ops::upsample::{avg_pool_forward, upsample_bicubic_forward};
 use crate::sample::{LatentCodec, LatentVae};
 
-/// `Trainer::profile_step`: each dispatch or copy of one step timed in its own submit.
-pub struct StepProfile {
-    /// (shader::entry, dispatches, seconds), largest first.
-    pub by_kernel: Vec<(String, usize, f64)>,
-    /// (entry with its bindings and workgroups, seconds), largest first.
-    pub dispatches: Vec<(String, f64)>,
-}
-
 /// Everything a step touches, allocated once.
 pub struct Trainer {
     pub gpu: Arc<Gpu>,
@@ -321,7 +313,7 @@ fn record_optimizer_update(
     grad_norm_chunks(rec, &store.chunk_views(&store.grads), max_norm, clip)?;
     let views = |t: &Tensor| store.chunk_views(t);
     let (p_v, g_v, m_v, v_v, e_v) = (
-        views(&store.params),
+        views(store.params()),
         views(&store.grads),
         views(state.exp_avg),
         views(state.exp_avg_sq),
@@ -598,37 +590,8 @@ impl Trainer {
         self.grad_plan.dispatch_count() + self.update_plan.dispatch_count()
     }
 
-    pub fn profile_step(&self) -> StepProfile {
-        let mut by_entry: HashMap<String, (usize, f64)> = HashMap::new();
-        let mut dispatches = Vec::new();
-        let plans = [&self.grad_plan, &self.update_plan];
-        let timed = plans.iter().flat_map(|plan| {
-            let records = plan.records();
-            plan.profile(&self.gpu)
-                .into_iter()
-                .map(move |(i, secs)| (records[i].clone(), secs))
-        });
-        for (r, secs) in timed {
-            let name = if r.kind == "dispatch" {
-                format!("{}::{}", r.shader, r.entry)
-            } else {
-                r.kind.to_string()
-            };
-            dispatches.push((
-                format!("{name} [{}] {:?}", r.bindings.join(", "), r.workgroups),
-                secs,
-            ));
-            let e = by_entry.entry(name).or_default();
-            e.0 += 1;
-            e.1 += secs;
-        }
-        let mut by_kernel: Vec<_> = by_entry.into_iter().map(|(k, (n, s))| (k, n, s)).collect();
-        by_kernel.sort_by(|a, b| b.2.total_cmp(&a.2));
-        dispatches.sort_by(|a, b| b.1.total_cmp(&a.1));
-        StepProfile {
-            by_kernel,
-            dispatches,
-        }
+    pub fn profile_step(&self) -> crate::gpu::PlanProfile {
+        crate::gpu::PlanProfile::of(&self.gpu, &[&self.grad_plan, &self.update_plan])
     }
 
     /// Data parallel: (gradient buckets, segments the gradient plan is submitted in).
@@ -642,7 +605,7 @@ impl Trainer {
         if !self.world.is_parallel() {
             return Ok(());
         }
-        let params = self.gpu.read(&self.unet.params.params)?;
+        let params = self.gpu.read(self.unet.params.params())?;
         let all = self.world.gather_u64(crate::dist::fingerprint(&params));
         let differ = crate::dist::ranks_differing_from_root(&all);
         if !differ.is_empty() {
@@ -661,7 +624,7 @@ impl Trainer {
             return Ok(());
         }
         for t in [
-            &self.unet.params.params,
+            self.unet.params.params(),
             &self.ema,
             &self.exp_avg,
             &self.exp_avg_sq,
@@ -703,7 +666,7 @@ impl Trainer {
 
     /// Uploads initial weights (EMA starts equal to them).
     pub fn set_weights(&self, flat: &[f32]) -> Result<()> {
-        self.gpu.write(&self.unet.params.params, flat)?;
+        self.unet.params.write_values(&self.gpu, flat)?;
         self.gpu.write(&self.ema, flat)?;
         Ok(())
     }
@@ -868,7 +831,7 @@ impl Trainer {
     /// Everything needed to continue the run, as one safetensors file.
     pub fn checkpoint_bytes(&self, model: &UNetConfig) -> Result<Vec<u8>> {
         let g = &self.gpu;
-        let params = g.read(&self.unet.params.params)?;
+        let params = g.read(self.unet.params.params())?;
         let ema = g.read(&self.ema)?;
         let m = g.read(&self.exp_avg)?;
         let v = g.read(&self.exp_avg_sq)?;
@@ -943,7 +906,7 @@ impl Trainer {
         };
         let store = &self.unet.params;
         let g = &self.gpu;
-        g.write(&store.params, &ck.flat(store, "param")?)?;
+        store.write_values(g, &ck.flat(store, "param")?)?;
         g.write(&self.ema, &ck.flat(store, "ema")?)?;
         g.write(&self.exp_avg, &ck.flat(store, "exp_avg")?)?;
         g.write(&self.exp_avg_sq, &ck.flat(store, "exp_avg_sq")?)?;

@@ -566,7 +566,7 @@ pub fn export_vae(trainer: &VaeTrainer, config: &VaeConfig, dir: &Path) -> Resul
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
     }
-    let weights = trainer.gpu.read(&trainer.vae.params.params)?;
+    let weights = trainer.gpu.read(trainer.vae.params.params())?;
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
     let bytes = serialize_named(&trainer.vae.params, &[("", &weights)], meta)?;

@@ -153,7 +153,7 @@ impl VaeTrainer {
         posterior_kl(&mut rec, &vae.moments.value, &kl)?;
         vae.backward(&mut rec, cfg.kl_weight as f32)?;
         let p = &vae.params;
-        let (p_v, g_v) = (p.chunk_views(&p.params), p.chunk_views(&p.grads));
+        let (p_v, g_v) = (p.chunk_views(p.params()), p.chunk_views(&p.grads));
         let (m_v, v_v) = (p.chunk_views(&exp_avg), p.chunk_views(&exp_avg_sq));
         for i in 0..p_v.len() {
             adamw_step(
@@ -186,7 +186,7 @@ impl VaeTrainer {
     /// Starts from these weights (the flat layout of `vae.params`), with fresh Adam moments.
     pub fn set_weights(&mut self, weights: &[f32]) -> Result<()> {
         let g = &self.gpu;
-        g.write(&self.vae.params.params, weights)?;
+        self.vae.params.write_values(g, weights)?;
         let zeros = vec![0.0; self.vae.params.len];
         g.write(&self.exp_avg, &zeros)?;
         g.write(&self.exp_avg_sq, &zeros)?;
@@ -223,7 +223,7 @@ impl VaeTrainer {
     /// serde_json's default parser does not promise that) beside the caller's `meta`.
     pub fn checkpoint_bytes(&self, mut meta: HashMap<String, String>) -> Result<Vec<u8>> {
         let g = &self.gpu;
-        let params = g.read(&self.vae.params.params)?;
+        let params = g.read(self.vae.params.params())?;
         let m = g.read(&self.exp_avg)?;
         let v = g.read(&self.exp_avg_sq)?;
         meta.insert("format".into(), VAE_CHECKPOINT_FORMAT.into());
@@ -272,7 +272,7 @@ impl VaeTrainer {
             .ok_or_else(|| anyhow!("{path}: metadata `step` is missing or not a number"))?;
         let store = &self.vae.params;
         let g = &self.gpu;
-        g.write(&store.params, &ck.flat(store, "param")?)?;
+        store.write_values(g, &ck.flat(store, "param")?)?;
         g.write(&self.exp_avg, &ck.flat(store, "exp_avg")?)?;
         g.write(&self.exp_avg_sq, &ck.flat(store, "exp_avg_sq")?)?;
         self.step = step;

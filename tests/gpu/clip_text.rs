@@ -37,7 +37,7 @@ fn check(name: &str) {
     for g in gemm_paths() {
         let model = ClipTextModel::new(&g, &config, 2).unwrap();
         let flat = model.weights(|n| weights.get(n).ok()).unwrap();
-        g.write(&model.params.params, &flat).unwrap();
+        model.params.write_values(&g, &flat).unwrap();
         model.set_input_ids(&g, &ids).unwrap();
         let (_, w) = results.get("loss_weight").unwrap();
         let d_last = g.tensor(model.last_hidden_state.shape(), "d last");

@@ -40,6 +40,28 @@ pub fn gpu_with_path(path: GemmPathChoice) -> Arc<Gpu> {
     .clone()
 }
 
+/// A fresh device per GEMM path (both where the adapter has the subgroup one) whose storage
+/// bindings end at `binding` bytes and buffers at `buffer` (`GpuOptions::cap_binding`): how
+/// tests reach the code for tensors and models past an adapter's limits on tiny shapes.
+pub fn capped_gpus(binding: u64, buffer: Option<u64>) -> Vec<Arc<Gpu>> {
+    let mut paths = vec![GemmPathChoice::Portable];
+    if gemm_paths().len() > 1 {
+        paths.push(GemmPathChoice::Subgroup);
+    }
+    paths
+        .into_iter()
+        .map(|p| {
+            Gpu::new(&GpuOptions {
+                gemm_path: Some(p),
+                cap_binding: Some(binding),
+                cap_buffer: buffer,
+                ..Default::default()
+            })
+            .unwrap()
+        })
+        .collect()
+}
+
 /// Both GEMM paths where the adapter has the subgroup one, else the portable one alone.
 pub fn gemm_paths() -> Vec<Arc<Gpu>> {
     let mut v = vec![gpu_with_path(GemmPathChoice::Portable)];

@@ -134,7 +134,8 @@ fn edm_training_step_matches_pytorch() {
     for g in gemm_paths() {
         let unet = UNet::new(&g, &source.config, b).unwrap();
         let store = &unet.params;
-        g.write(&store.params, &source.weights(store).unwrap())
+        store
+            .write_values(&g, &source.weights(store).unwrap())
             .unwrap();
         let tx = g.tensor_from(unet.sample.value.shape(), &x0, "x0").unwrap();
         let tn = g

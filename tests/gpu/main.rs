@@ -6,6 +6,7 @@
 
 mod adamw;
 mod attention;
+mod bands;
 mod cli;
 mod clip_text;
 mod common;

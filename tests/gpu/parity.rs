@@ -133,7 +133,7 @@ fn training_step_matches_pytorch() {
                 store.specs.len(),
                 "parameter count differs from the fixture"
             );
-            g.write(&store.params, &flat).unwrap();
+            store.write_values(&g, &flat).unwrap();
 
             let shape = st.tensor("x0").unwrap().shape().to_vec();
             let x0 = upload_f32(
@@ -335,7 +335,7 @@ fn training_step_matches_pytorch() {
             // Per binding-sized chunk of the flat buffers (one chunk unless the model is large).
             let v = |t: &Tensor| store.chunk_views(t);
             run(&g, |rec| {
-                for (a, b) in [(&own_grads, &own_params), (&store.grads, &store.params)] {
+                for (a, b) in [(&own_grads, &own_params), (&store.grads, store.params())] {
                     let (m, vv) = if a.shares_buffer(&own_grads) {
                         (&m1, &v1)
                     } else {
@@ -353,7 +353,7 @@ fn training_step_matches_pytorch() {
                 failures.push(format!("AdamW on fixture grads: max abs {m:e} > 1e-6"));
             }
             // AdamW (b): the whole step, where the reference gradient is not rounding noise.
-            let after = g.read(&store.params).unwrap();
+            let after = g.read(store.params()).unwrap();
             let (mut checked, mut excluded, mut worst_step) = (0usize, 0usize, 0.0f64);
             for s in &store.specs {
                 for i in s.offset..s.offset + s.numel() {

@@ -64,7 +64,7 @@ fn check(name: &str) {
                 Ok(v)
             })
             .unwrap();
-        g.write(&store.params, &flat).unwrap();
+        store.write_values(&g, &flat).unwrap();
         g.write(&store.grads, &vec![0.0; store.len]).unwrap();
         let x_act = Act::new(&g, &nhwc, "x");
         let out = Act::new(&g, &nhwc, "out");

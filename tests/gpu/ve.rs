@@ -202,7 +202,8 @@ fn ve_training_step_matches_pytorch() {
     for g in gemm_paths() {
         let unet = UNet::new(&g, &source.config, b).unwrap();
         let store = &unet.params;
-        g.write(&store.params, &source.weights(store).unwrap())
+        store
+            .write_values(&g, &source.weights(store).unwrap())
             .unwrap();
         g.write(&unet.timesteps, &sigma).unwrap();
         let shape = unet.sample.value.shape();
