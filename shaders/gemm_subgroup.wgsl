@@ -277,6 +277,9 @@ fn conv_tile(transposed: bool, wid: vec3<u32>, tid: u32, lane: u32) {
     for (var ky = 0u; ky < p.kernel_h; ky++) {
         for (var kx = 0u; kx < p.kernel_w; kx++) {
             let tap = ky * p.kernel_w + kx;
+            // The weight texture may be folded into column blocks of whole taps (pack.wgsl).
+            let tap_row = (tap % p.b_fold_taps) * ac4;
+            let tap_n4 = n4_load + i32((tap / p.b_fold_taps) * ((p.n + 3u) / 4u));
 //#for rb in 0..RB
             var ay{{rb}} = i32(py{{rb}} * p.stride + ky) - i32(p.pad_top);
             var ax{{rb}} = i32(px{{rb}} * p.stride + kx) - i32(p.pad_left);
@@ -302,11 +305,11 @@ fn conv_tile(transposed: bool, wid: vec3<u32>, tid: u32, lane: u32) {
 //#for rb in 0..RB
                 let a{{rb}} = select(vec4<f32>(0.0), textureLoad(a_tex, vec2<i32>(tx{{rb}} + i32(c4), ty{{rb}})), ok{{rb}});
 //#end
-                let kr = i32((tap * ac4 + c4) * 4u);
-                let b0 = lane_columns(textureLoad(b_tex, vec2<i32>(n4_load, kr)), upper_half);
-                let b1 = lane_columns(textureLoad(b_tex, vec2<i32>(n4_load, kr + 1)), upper_half);
-                let b2 = lane_columns(textureLoad(b_tex, vec2<i32>(n4_load, kr + 2)), upper_half);
-                let b3 = lane_columns(textureLoad(b_tex, vec2<i32>(n4_load, kr + 3)), upper_half);
+                let kr = i32((tap_row + c4) * 4u);
+                let b0 = lane_columns(textureLoad(b_tex, vec2<i32>(tap_n4, kr)), upper_half);
+                let b1 = lane_columns(textureLoad(b_tex, vec2<i32>(tap_n4, kr + 1)), upper_half);
+                let b2 = lane_columns(textureLoad(b_tex, vec2<i32>(tap_n4, kr + 2)), upper_half);
+                let b3 = lane_columns(textureLoad(b_tex, vec2<i32>(tap_n4, kr + 3)), upper_half);
 //#for rb in 0..RB
 //#for r in 0..L
                 let s{{rb}}_{{r}} = subgroupBroadcast(a{{rb}}, {{r}}u);

@@ -22,6 +22,13 @@ struct Params {
     n_channels: u32,
     taps: u32,
     io_swapped: u32,  // 0: rows over ci, columns over co (forward); 1: rows over co, columns over ci
+    // pack_conv_weight: taps per column block. A matrix taller than a texture (SD's 2560-channel
+    // 3x3 convs: 23040 rows) is folded at whole taps: taps [j*fold_taps, (j+1)*fold_taps) sit in
+    // texel columns [j*n4, (j+1)*n4), n4 = ceil(n_channels / 4).
+    fold_taps: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -107,12 +114,13 @@ fn pack_conv_weight(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
     let t = texel_coords(wid, lid);
     if (t.x >= p.width || t.y >= p.height) { return; }
     let kpad = ((p.k_channels + 3u) / 4u) * 4u;
-    let tap = t.y / kpad;
+    let n4 = (p.n_channels + 3u) / 4u;
+    let tap = (t.x / n4) * p.fold_taps + t.y / kpad;
     let kc = t.y % kpad;
     var v = vec4<f32>(0.0);
-    if (kc < p.k_channels) {
+    if (kc < p.k_channels && tap < p.taps) {
         for (var e = 0u; e < 4u; e++) {
-            let nc = t.x * 4u + e;
+            let nc = (t.x % n4) * 4u + e;
             if (nc < p.n_channels) {
                 var co = nc;
                 var ci = kc;

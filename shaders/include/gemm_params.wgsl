@@ -8,7 +8,9 @@ struct Params {
     trans_a: u32, trans_b: u32, has_bias: u32, k_chunk: u32,
     // bias_at: the subgroup backward-weight pass with has_bias writes Σ dy at this offset of
     // each output slice; the portable path sums the bias gradient separately and ignores it.
-    alpha: f32, beta: f32, bias_at: u32, _pad0: u32,
+    // b_fold_taps: implicit conv, subgroup path: taps per column block of the packed weights
+    // (pack_conv_weight folds a texture taller than the adapter allows at whole taps).
+    alpha: f32, beta: f32, bias_at: u32, b_fold_taps: u32,
     // conv2d geometry (NHWC activations)
     batch: u32, in_h: u32, in_w: u32, in_c: u32,
     out_h: u32, out_w: u32, out_c: u32, kernel_h: u32,

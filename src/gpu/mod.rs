@@ -158,6 +158,8 @@ pub struct GpuOptions {
     /// (row bands, split parameter stores) on tiny shapes.
     pub cap_binding: Option<u64>,
     pub cap_buffer: Option<u64>,
+    /// As the caps above, for the side of a 2-D texture (the subgroup path's packed operands).
+    pub cap_texture: Option<u32>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -398,6 +400,9 @@ impl Gpu {
         }
         if let Some(cap) = opts.cap_buffer {
             limits.max_buffer_size = limits.max_buffer_size.min(cap);
+        }
+        if let Some(cap) = opts.cap_texture {
+            limits.max_texture_dimension_2d = limits.max_texture_dimension_2d.min(cap);
         }
         Ok(Arc::new(Gpu {
             kernels: Kernels::new(&device),

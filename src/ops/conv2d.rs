@@ -277,12 +277,13 @@ fn run_implicit(
     out: &Tensor,
 ) -> OpResult {
     let (m, n) = (p.m as usize, p.n as usize);
-    // An operand past one texture (SD's VAE decoder at 512², its U-Net's 2560-channel
-    // up-block convs) runs on the portable kernel, which reads storage buffers.
-    let packable = pack::nhwc_fits(&rec.gpu, a) && pack::conv_weight_fits(&rec.gpu, w, transposed);
+    // An input past one texture (SD's VAE decoder at 512², 256 channels: 32768 texels a row)
+    // runs on the portable kernel, which reads storage buffers (slow on lavapipe).
+    let packable =
+        pack::nhwc_fits(&rec.gpu, a) && pack::conv_weight_layout(&rec.gpu, w, transposed).is_some();
     if let Some(lanes) = subgroup_lanes(rec).filter(|_| packable) {
         let a_tex = pack::pack_nhwc(rec, a, "conv A")?;
-        let b_tex = pack::pack_conv_weight(rec, w, transposed, "conv weights")?;
+        let (b_tex, fold_taps) = pack::pack_conv_weight(rec, w, transposed, "conv weights")?;
         let mut tile = subgroup_conv_tile(lanes, n);
         tile.c_width = store_width(
             tile.lane_columns,
@@ -299,6 +300,7 @@ fn run_implicit(
         check_groups(op, groups)?;
         let mut p = p;
         p.trans_a = transposed as u32;
+        p.b_fold_taps = fold_taps;
         rec.dispatch_as(
             entry,
             subgroup_tile_key("conv2d_implicit", lanes, tile),

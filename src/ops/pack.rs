@@ -2,7 +2,7 @@
 //! Each call allocates its texture while the plan is recorded (never during a step).
 
 use super::tiles::MatRef;
-use super::{OpResult, expect_rank, u32_of};
+use super::{OpResult, expect_rank, invalid, u32_of};
 use crate::gpu::{Gpu, GpuError, KernelKey, Recorder, Tensor, Texture2d};
 
 #[repr(C)]
@@ -24,6 +24,9 @@ pub struct PackParams {
     pub n_channels: u32,
     pub taps: u32,
     pub io_swapped: u32,
+    /// pack_conv_weight: taps per column block (see `pack_conv_weight`).
+    pub fold_taps: u32,
+    pub _pad: [u32; 3],
 }
 
 /// Whether a `rows × cols` matrix (cols packed 4 per texel) fits one texture on this adapter.
@@ -38,11 +41,26 @@ pub fn nhwc_fits(gpu: &Gpu, x: &Tensor) -> bool {
     fits_texture(gpu, n * h, w * c.div_ceil(4) * 4)
 }
 
-/// Whether conv weights [Co, Ci, KH, KW] pack into one texture ([`pack_conv_weight`]).
-pub fn conv_weight_fits(gpu: &Gpu, w: &Tensor, io_swapped: bool) -> bool {
+/// How conv weights [Co, Ci, KH, KW] pack ([`pack_conv_weight`]): (taps per column block,
+/// texture width in texels, height in rows), or None when even one tap is past the texture
+/// limit. Rows are (tap, reduction channel padded to 4); a matrix taller than the adapter's
+/// texture side (SD's 2560-channel 3×3 convs: 23040 rows, lavapipe's side is 16384) is folded
+/// at whole taps into column blocks side by side.
+pub fn conv_weight_layout(gpu: &Gpu, w: &Tensor, io_swapped: bool) -> Option<(u32, u32, u32)> {
+    let max = gpu.limits.max_texture_dimension_2d as usize;
     let [co, ci, kh, kw] = [w.shape()[0], w.shape()[1], w.shape()[2], w.shape()[3]];
     let (k_channels, n_channels) = if io_swapped { (co, ci) } else { (ci, co) };
-    fits_texture(gpu, kh * kw * k_channels.next_multiple_of(4), n_channels)
+    let (taps, kpad, n4) = (
+        kh * kw,
+        k_channels.next_multiple_of(4),
+        n_channels.div_ceil(4),
+    );
+    let fold_taps = (max / kpad).min(taps);
+    if fold_taps == 0 {
+        return None;
+    }
+    let width = n4 * taps.div_ceil(fold_taps);
+    (width <= max).then_some((fold_taps as u32, width as u32, (fold_taps * kpad) as u32))
 }
 
 fn dispatch_pack(
@@ -196,27 +214,43 @@ pub fn pack_nhwc(rec: &mut Recorder, x: &Tensor, label: &str) -> OpResult<Textur
 }
 
 /// Packs conv weights [Co, Ci, KH, KW] as the B operand: rows (tap, reduction channel padded
-/// to 4), texels of 4 output channels. `io_swapped` = backward-input (reduce over Co).
+/// to 4), texels of 4 output channels, folded at whole taps when taller than a texture
+/// ([`conv_weight_layout`]). `io_swapped` = backward-input (reduce over Co). Returns the
+/// texture and its taps per column block (`GemmParams::b_fold_taps`).
 pub fn pack_conv_weight(
     rec: &mut Recorder,
     w: &Tensor,
     io_swapped: bool,
     label: &str,
-) -> OpResult<Texture2d> {
+) -> OpResult<(Texture2d, u32)> {
     const OP: &str = "pack_conv_weight";
     expect_rank(OP, "weight", w, 4)?;
     let [co, ci, kh, kw] = [w.shape()[0], w.shape()[1], w.shape()[2], w.shape()[3]];
     let (k_channels, n_channels) = if io_swapped { (co, ci) } else { (ci, co) };
-    let height = kh * kw * k_channels.next_multiple_of(4);
-    check_fits(rec, OP, height, n_channels)?;
+    let Some((fold_taps, width, height)) = conv_weight_layout(&rec.gpu, w, io_swapped) else {
+        check_fits(
+            rec,
+            OP,
+            k_channels.next_multiple_of(4),
+            n_channels * kh * kw,
+        )?;
+        return Err(invalid(format!(
+            "{OP}: weights {:?} do not pack",
+            w.shape()
+        )));
+    };
     let p = PackParams {
-        width: n_channels.div_ceil(4) as u32,
-        height: height as u32,
+        width,
+        height,
         k_channels: k_channels as u32,
         n_channels: n_channels as u32,
         taps: (kh * kw) as u32,
         io_swapped: io_swapped as u32,
+        fold_taps,
         ..Default::default()
     };
-    Ok(dispatch_pack(rec, "pack_conv_weight", &p, w, label))
+    Ok((
+        dispatch_pack(rec, "pack_conv_weight", &p, w, label),
+        fold_taps,
+    ))
 }

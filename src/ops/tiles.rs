@@ -35,7 +35,10 @@ pub struct GemmParams {
     /// conv2d_backward_weight on the subgroup path with `has_bias`: where Σ dy (the bias
     /// gradient) goes in each output slice, in elements from the slice's start.
     pub bias_at: u32,
-    pub _pad: u32,
+    /// Implicit conv on the subgroup path: taps per column block of the packed weights (a
+    /// weight texture taller than the adapter allows is folded into column blocks of whole
+    /// taps: `ops::pack::pack_conv_weight`).
+    pub b_fold_taps: u32,
     pub batch: u32,
     pub in_h: u32,
     pub in_w: u32,

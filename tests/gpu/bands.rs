@@ -207,3 +207,69 @@ fn a_sampling_build_keeps_no_gradients() {
     assert!(err.contains("has no storage"), "{err}");
     drop(training);
 }
+
+/// Conv weights whose packed matrix is taller than a texture (SD 1.5's 2560-channel 3×3 convs:
+/// 23040 rows against lavapipe's 16384) are folded into column blocks of whole taps and stay on
+/// the subgroup kernels: with textures capped at 256 rows, 64 channels × 9 taps (576 rows) fold
+/// into 3 blocks of 4 taps. Forward and backward-input against the reference.
+#[test]
+fn conv_weights_taller_than_a_texture_fold_at_whole_taps() {
+    use wgpu_diffusion::gpu::{GemmPathChoice, Gpu, GpuOptions};
+    use wgpu_diffusion::ops::conv2d::conv2d_backward_input;
+    if gemm_paths().len() < 2 {
+        return; // no subgroup path on this adapter: nothing is packed
+    }
+    let g = Gpu::new(&GpuOptions {
+        gemm_path: Some(GemmPathChoice::Subgroup),
+        cap_texture: Some(256),
+        ..Default::default()
+    })
+    .unwrap();
+    let c = Conv {
+        n: 2,
+        h: 7,
+        w: 8,
+        ci: 64,
+        co: 64,
+        kh: 3,
+        kw: 3,
+        stride: 1,
+        pad: [1; 4],
+    };
+    let x = random(c.n * c.h * c.w * c.ci, 120);
+    let w = random(c.co * c.ci * 9, 121);
+    let dy = random(c.n * c.h * c.w * c.co, 122);
+    let (xt, wt) = (
+        upload(&g, &[2, 7, 8, 64], &x, "x"),
+        upload(&g, &[64, 64, 3, 3], &w, "w"),
+    );
+    let dyt = upload(&g, &[2, 7, 8, 64], &dy, "dy");
+    let (y, dx) = (
+        g.tensor(&[2, 7, 8, 64], "y"),
+        g.tensor(&[2, 7, 8, 64], "dx"),
+    );
+    let geometry = Conv2dGeometry::same(1, 1);
+    let plan = run(&g, |rec| {
+        conv2d_forward(rec, &xt, &wt, None, &y, &geometry).unwrap();
+        conv2d_backward_input(rec, &dyt, &wt, &dx, &geometry, false).unwrap();
+    });
+    g.check().unwrap();
+    let portable = plan.records().iter().filter(|r| r.shader == "gemm").count();
+    assert_eq!(portable, 0, "a conv fell back to the portable kernel");
+    let want = c.forward(&x, &w, None);
+    assert_close(
+        "folded forward",
+        &read(&g, &y),
+        &want,
+        1e-5 * max_abs(&want),
+        1e-4,
+    );
+    let (want_dx, _, _) = c.backward(&x, &w, &dy);
+    assert_close(
+        "folded dx",
+        &read(&g, &dx),
+        &want_dx,
+        1e-5 * max_abs(&want_dx),
+        1e-4,
+    );
+}
