@@ -37,9 +37,28 @@ pub fn rows(t: &Tensor, i: usize, r0: usize, r1: usize) -> Tensor {
     )
 }
 
+/// The rows per band of a banded op over `total` rows: the most that `fits` (its bindings
+/// within the limit), evened out so the bands differ by at most one row. Errors, naming `op`
+/// and `t`, when not even one row fits or a row of some of `tensors` cannot start a binding.
+pub fn rows_per_band(
+    rec: &Recorder,
+    op: &str,
+    tensors: &[&Tensor],
+    total: usize,
+    fits: impl Fn(usize) -> bool,
+) -> OpResult<usize> {
+    for t in tensors {
+        expect_row_aligned(rec, op, t)?;
+    }
+    match (1..=total).take_while(|&r| fits(r)).last() {
+        Some(rows) => Ok(total.div_ceil(total.div_ceil(rows))),
+        None => Err(no_band_fits(rec, op, tensors[0])),
+    }
+}
+
 /// Errors unless a band of any row of `t` can be bound: its rows must start at offsets the
 /// adapter allows (`min_storage_buffer_offset_alignment`).
-pub fn expect_row_aligned(rec: &Recorder, op: &str, t: &Tensor) -> OpResult {
+fn expect_row_aligned(rec: &Recorder, op: &str, t: &Tensor) -> OpResult {
     let row_bytes = (t.shape()[2] * t.shape()[3] * 4) as u64;
     let align = rec.gpu.limits.min_storage_buffer_offset_alignment as u64;
     if !t.byte_offset().is_multiple_of(align) || !row_bytes.is_multiple_of(align) {
@@ -54,7 +73,7 @@ pub fn expect_row_aligned(rec: &Recorder, op: &str, t: &Tensor) -> OpResult {
 }
 
 /// Errors when not even one row fits a binding.
-pub fn no_band_fits(rec: &Recorder, op: &str, t: &Tensor) -> crate::gpu::GpuError {
+fn no_band_fits(rec: &Recorder, op: &str, t: &Tensor) -> crate::gpu::GpuError {
     invalid(format!(
         "{op}: one row of `{}` {:?} is larger than a storage binding ({} bytes); use smaller images",
         t.label(),

@@ -202,18 +202,11 @@ fn conv2d_forward_banded(
     d: &ConvDims,
 ) -> OpResult {
     const OP: &str = "conv2d_forward";
-    bands::expect_row_aligned(rec, OP, x)?;
-    bands::expect_row_aligned(rec, OP, y)?;
     let max = bands::max_binding(rec) as usize;
     let (in_row, out_row) = (d.w * d.ci * 4, d.ow * d.co * 4);
-    // The most output rows whose band and input band (with halo) both fit.
+    // The output band and its input band (with the halo) must both fit.
     let fits = |r: usize| r * out_row <= max && ((r - 1) * g.stride + d.kh) * in_row <= max;
-    let rows = (1..=d.oh).take_while(|&r| fits(r)).last();
-    let Some(rows) = rows else {
-        return Err(bands::no_band_fits(rec, OP, x));
-    };
-    // Equal bands (the last one shorter at most by the rounding).
-    let rows = d.oh.div_ceil(d.oh.div_ceil(rows));
+    let rows = bands::rows_per_band(rec, OP, &[x, y], d.oh, fits)?;
     for i in 0..d.n {
         for o0 in (0..d.oh).step_by(rows) {
             let o1 = (o0 + rows).min(d.oh);

@@ -344,15 +344,10 @@ fn forward_banded(
     y: &Tensor,
     (mean, rstd): (&Tensor, &Tensor),
 ) -> OpResult {
-    bands::expect_row_aligned(rec, op, x)?;
-    bands::expect_row_aligned(rec, op, y)?;
     let [n, h, w, c] = [x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]];
     let groups = p.groups as usize;
-    let rows = (bands::max_binding(rec) as usize / (w * c * 4)).min(h);
-    if rows == 0 {
-        return Err(bands::no_band_fits(rec, op, x));
-    }
-    let rows = h.div_ceil(h.div_ceil(rows));
+    let max = bands::max_binding(rec) as usize;
+    let rows = bands::rows_per_band(rec, op, &[x, y], h, |r| r * w * c * 4 <= max)?;
     // The whole sample, one split per row.
     let sample = GroupNormParams {
         batch: 1,

@@ -2,7 +2,7 @@
 //! Each call allocates its texture while the plan is recorded (never during a step).
 
 use super::tiles::MatRef;
-use super::{OpResult, expect_rank, invalid, u32_of};
+use super::{OpResult, expect_rank, u32_of};
 use crate::gpu::{Gpu, GpuError, KernelKey, Recorder, Tensor, Texture2d};
 
 #[repr(C)]
@@ -228,15 +228,11 @@ pub fn pack_conv_weight(
     let [co, ci, kh, kw] = [w.shape()[0], w.shape()[1], w.shape()[2], w.shape()[3]];
     let (k_channels, n_channels) = if io_swapped { (co, ci) } else { (ci, co) };
     let Some((fold_taps, width, height)) = conv_weight_layout(&rec.gpu, w, io_swapped) else {
-        check_fits(
-            rec,
-            OP,
-            k_channels.next_multiple_of(4),
-            n_channels * kh * kw,
-        )?;
-        return Err(invalid(format!(
-            "{OP}: weights {:?} do not pack",
-            w.shape()
+        return Err(GpuError::TooLarge(format!(
+            "{OP}: the weights {:?} do not fit the adapter's {}-texel textures even folded at whole taps (max_texture_dimension_2d)\n{}",
+            w.shape(),
+            rec.gpu.limits.max_texture_dimension_2d,
+            crate::gpu::FIT_ADVICE
         )));
     };
     let p = PackParams {

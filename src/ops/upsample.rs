@@ -101,15 +101,10 @@ pub fn upsample_nearest2x_forward(rec: &mut Recorder, x: &Tensor, y: &Tensor) ->
 /// `[2·r0, 2·r1)`, nothing else.
 fn forward_banded(rec: &mut Recorder, x: &Tensor, y: &Tensor) -> OpResult {
     const OP: &str = "upsample_nearest2x_forward";
-    bands::expect_row_aligned(rec, OP, x)?;
-    bands::expect_row_aligned(rec, OP, y)?;
     let [n, h, w, c] = [x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]];
-    // Two output rows of four times the bytes per input row.
-    let rows = (bands::max_binding(rec) as usize / (2 * 2 * w * c * 4)).min(h);
-    if rows == 0 {
-        return Err(bands::no_band_fits(rec, OP, y));
-    }
-    let rows = h.div_ceil(h.div_ceil(rows));
+    // An input row becomes two output rows of twice its width.
+    let max = bands::max_binding(rec) as usize;
+    let rows = bands::rows_per_band(rec, OP, &[y, x], h, |r| r * 2 * (2 * w) * c * 4 <= max)?;
     for i in 0..n {
         for r0 in (0..h).step_by(rows) {
             let r1 = (r0 + rows).min(h);
