@@ -265,6 +265,11 @@ fn conv_tile(transposed: bool, wid: vec3<u32>, tid: u32, lane: u32) {
     let n_first = (wid.x * {{L}}u + lane) * {{W}}u;
     let n4_load = i32(min(n_first / 4u, (p.n + 3u) / 4u - 1u));
     let upper_half = n_first % 4u != 0u;
+    // A folded A texture (pack.wgsl): pixel x of an image row sits in texture row part
+    // x >> shift, texel column (x & mask) * ac4. Unfolded, shift 31 leaves x as it is.
+    let a_parts = max(p.a_fold_parts, 1u);
+    let a_shift = select(31u, p.a_fold_shift, a_parts > 1u);
+    let a_mask = (1u << a_shift) - 1u;
 //#for rb in 0..RB
     let pix{{rb}} = min(m0 + {{rb*L}}u + lane, p.m - 1u);
     let px{{rb}} = pix{{rb}} % ow;
@@ -298,8 +303,9 @@ fn conv_tile(transposed: bool, wid: vec3<u32>, tid: u32, lane: u32) {
                 }
             }
             ok{{rb}} = ok{{rb}} && ay{{rb}} >= 0 && ax{{rb}} >= 0 && ay{{rb}} < i32(ah) && ax{{rb}} < i32(aw);
-            let tx{{rb}} = select(0, ax{{rb}} * i32(ac4), ok{{rb}});
-            let ty{{rb}} = select(0, i32(pn{{rb}} * ah) + ay{{rb}}, ok{{rb}});
+            let axu{{rb}} = u32(select(0, ax{{rb}}, ok{{rb}}));
+            let tx{{rb}} = i32((axu{{rb}} & a_mask) * ac4);
+            let ty{{rb}} = select(0, (i32(pn{{rb}} * ah) + ay{{rb}}) * i32(a_parts) + i32(axu{{rb}} >> a_shift), ok{{rb}});
 //#end
             for (var c4 = 0u; c4 < ac4; c4++) {
 //#for rb in 0..RB

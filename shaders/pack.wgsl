@@ -26,9 +26,11 @@ struct Params {
     // 3x3 convs: 23040 rows) is folded at whole taps: taps [j*fold_taps, (j+1)*fold_taps) sit in
     // texel columns [j*n4, (j+1)*n4), n4 = ceil(n_channels / 4).
     fold_taps: u32,
+    // pack_nhwc: pixels per image row, and texture rows per image row (1: not folded; see
+    // `NhwcLayout` in src/ops/pack.rs).
+    image_w: u32,
+    fold_parts: u32,
     _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -89,19 +91,25 @@ fn pack_matrix_vec4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
     textureStore(dst, vec2<u32>(t.x, wid.z * p.rows_padded + r), v);
 }
 
-// An NHWC activation [N, H, W, C] as a texture W·ceil(C/4) texels wide and N·H rows high,
-// channels zero-padded to a multiple of 4.
+// An NHWC activation [N, H, W, C] as a texture of ceil(C/4) texels per pixel, channels
+// zero-padded to a multiple of 4: one texture row per image row, or (fold_parts > 1, an image
+// row wider than a texture) fold_parts rows of width / ceil(C/4) pixels each, the last part's
+// pixels past the image zero.
 @compute @workgroup_size(16, 4)
 fn pack_nhwc(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
     let t = texel_coords(wid, lid);
     if (t.x >= p.width || t.y >= p.height) { return; }
     let c4 = (p.channels + 3u) / 4u;
-    let x = t.x / c4;
+    let part_pixels = p.width / c4;
+    let image_row = t.y / p.fold_parts;
+    let x = (t.y % p.fold_parts) * part_pixels + t.x / c4;
     let c0 = (t.x % c4) * 4u;
-    let pixel = t.y * (p.width / c4) + x;
+    let pixel = image_row * p.image_w + x;
     var v = vec4<f32>(0.0);
-    for (var e = 0u; e < 4u; e++) {
-        if (c0 + e < p.channels) { v[e] = src[pixel * p.channels + c0 + e]; }
+    if (x < p.image_w) {
+        for (var e = 0u; e < 4u; e++) {
+            if (c0 + e < p.channels) { v[e] = src[pixel * p.channels + c0 + e]; }
+        }
     }
     textureStore(dst, t, v);
 }

@@ -15,4 +15,7 @@ struct Params {
     batch: u32, in_h: u32, in_w: u32, in_c: u32,
     out_h: u32, out_w: u32, out_c: u32, kernel_h: u32,
     kernel_w: u32, stride: u32, pad_top: u32, pad_left: u32,
+    // Implicit conv, subgroup path: A's NHWC texture folds each image row into a_fold_parts
+    // texture rows of 2^a_fold_shift pixels (a_fold_parts <= 1: not folded; pack_nhwc_layout).
+    a_fold_parts: u32, a_fold_shift: u32, _pad0: u32, _pad1: u32,
 }

@@ -270,12 +270,13 @@ fn run_implicit(
     out: &Tensor,
 ) -> OpResult {
     let (m, n) = (p.m as usize, p.n as usize);
-    // An input past one texture (SD's VAE decoder at 512², 256 channels: 32768 texels a row)
-    // runs on the portable kernel, which reads storage buffers (slow on lavapipe).
-    let packable =
-        pack::nhwc_fits(&rec.gpu, a) && pack::conv_weight_layout(&rec.gpu, w, transposed).is_some();
+    // An input whose rows are wider than a texture (SD's VAE decoder at 512², 256 channels:
+    // 32768 texels a row) folds its rows; one past a texture even so runs on the portable
+    // kernel, which reads storage buffers (slow on lavapipe).
+    let packable = pack::nhwc_layout(&rec.gpu, a, true).is_some()
+        && pack::conv_weight_layout(&rec.gpu, w, transposed).is_some();
     if let Some(lanes) = subgroup_lanes(rec).filter(|_| packable) {
-        let a_tex = pack::pack_nhwc(rec, a, "conv A")?;
+        let (a_tex, a_layout) = pack::pack_nhwc_layout(rec, a, true, "conv A")?;
         let (b_tex, fold_taps) = pack::pack_conv_weight(rec, w, transposed, "conv weights")?;
         let mut tile = subgroup_conv_tile(lanes, n);
         tile.c_width = store_width(
@@ -294,6 +295,8 @@ fn run_implicit(
         let mut p = p;
         p.trans_a = transposed as u32;
         p.b_fold_taps = fold_taps;
+        p.a_fold_parts = a_layout.parts;
+        p.a_fold_shift = a_layout.shift;
         rec.dispatch_as(
             entry,
             subgroup_tile_key("conv2d_implicit", lanes, tile),

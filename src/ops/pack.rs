@@ -26,7 +26,10 @@ pub struct PackParams {
     pub io_swapped: u32,
     /// pack_conv_weight: taps per column block (see `pack_conv_weight`).
     pub fold_taps: u32,
-    pub _pad: [u32; 3],
+    /// pack_nhwc: pixels per image row, and texture rows per image row (1: not folded).
+    pub image_w: u32,
+    pub fold_parts: u32,
+    pub _pad: u32,
 }
 
 /// Whether a `rows × cols` matrix (cols packed 4 per texel) fits one texture on this adapter.
@@ -35,10 +38,48 @@ pub fn fits_texture(gpu: &Gpu, rows: usize, cols: usize) -> bool {
     rows <= max && cols.div_ceil(4) <= max
 }
 
-/// Whether an NHWC tensor packs into one texture ([`pack_nhwc`]).
-pub fn nhwc_fits(gpu: &Gpu, x: &Tensor) -> bool {
+/// How an NHWC activation [N, H, W, C] packs ([`pack_nhwc`]): one texture row per image row,
+/// ⌈C/4⌉ texels per pixel; or, when an image row is wider than a texture (SD's VAE decoder:
+/// 512 pixels of 256 channels = 32768 texels, lavapipe's side is 16384), folded into `parts`
+/// texture rows of `1 << shift` pixels each. A power of two lets the conv kernel find a pixel's
+/// part with a shift and a mask instead of a per-lane division (a scalar loop on lavapipe).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NhwcLayout {
+    /// Texture width in texels and height in rows.
+    pub width: u32,
+    pub height: u32,
+    /// Texture rows per image row (1: not folded) and log2 of the pixels in each.
+    pub parts: u32,
+    pub shift: u32,
+}
+
+/// The layout of an NHWC tensor's texture, folded only when `fold` allows and one row does not
+/// fit; None when it does not fit a texture.
+pub fn nhwc_layout(gpu: &Gpu, x: &Tensor, fold: bool) -> Option<NhwcLayout> {
+    let max = gpu.limits.max_texture_dimension_2d as usize;
     let [n, h, w, c] = [x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]];
-    fits_texture(gpu, n * h, w * c.div_ceil(4) * 4)
+    let c4 = c.div_ceil(4);
+    let (part_pixels, shift) = if w * c4 <= max {
+        (w, 0)
+    } else if fold && c4 <= max {
+        let shift = (max / c4).ilog2();
+        (1usize << shift, shift)
+    } else {
+        return None;
+    };
+    let parts = w.div_ceil(part_pixels);
+    let (width, height) = (part_pixels * c4, n * h * parts);
+    (height <= max).then_some(NhwcLayout {
+        width: width as u32,
+        height: height as u32,
+        parts: parts as u32,
+        shift,
+    })
+}
+
+/// Whether an NHWC tensor packs into one texture unfolded ([`pack_nhwc`]).
+pub fn nhwc_fits(gpu: &Gpu, x: &Tensor) -> bool {
+    nhwc_layout(gpu, x, false).is_some()
 }
 
 /// How conv weights [Co, Ci, KH, KW] pack ([`pack_conv_weight`]): (taps per column block,
@@ -184,33 +225,65 @@ pub fn pack_matrix(
     Ok(tex)
 }
 
-/// Packs an NHWC activation [N, H, W, C] as a texture W·⌈C/4⌉ texels wide and N·H rows high.
-/// When the rows are already whole texels with a 256-byte-aligned pitch, a plain
-/// `copy_buffer_to_texture` (memcpy speed) replaces the kernel.
+/// Packs an NHWC activation [N, H, W, C] as a texture W·⌈C/4⌉ texels wide and N·H rows high
+/// (the layout the backward-weight conv reads).
 pub fn pack_nhwc(rec: &mut Recorder, x: &Tensor, label: &str) -> OpResult<Texture2d> {
+    Ok(pack_nhwc_layout(rec, x, false, label)?.0)
+}
+
+/// Packs an NHWC activation as [`nhwc_layout`] with folding allowed (the A operand of the
+/// forward and backward-input convs). When the rows are already whole texels with a
+/// 256-byte-aligned pitch, a plain `copy_buffer_to_texture` (memcpy speed) replaces the kernel:
+/// a folded row of whole parts is a contiguous run of the buffer too.
+pub fn pack_nhwc_layout(
+    rec: &mut Recorder,
+    x: &Tensor,
+    fold: bool,
+    label: &str,
+) -> OpResult<(Texture2d, NhwcLayout)> {
     const OP: &str = "pack_nhwc";
     expect_rank(OP, "x", x, 4)?;
     let [n, h, w, c] = [x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]];
-    let width = w * c.div_ceil(4);
-    check_fits(rec, OP, n * h, width * 4)?;
-    if let Some(tex) = rec.packed(x, OP) {
-        return Ok(tex);
+    let Some(layout) = nhwc_layout(&rec.gpu, x, fold) else {
+        return Err(GpuError::TooLarge(format!(
+            "{OP}: an activation {:?} ({} texels a row, {} rows) does not fit the adapter's {}-texel textures{} (max_texture_dimension_2d)\n{}",
+            x.shape(),
+            w * c.div_ceil(4),
+            n * h,
+            rec.gpu.limits.max_texture_dimension_2d,
+            if fold {
+                " even with its rows folded"
+            } else {
+                ""
+            },
+            crate::gpu::FIT_ADVICE
+        )));
+    };
+    let key = format!("{OP} {layout:?}");
+    if let Some(tex) = rec.packed(x, &key) {
+        return Ok((tex, layout));
     }
-    let tex = if c % 4 == 0 && (width * 16) % 256 == 0 && x.byte_offset().is_multiple_of(256) {
-        let tex = Texture2d::new(&rec.gpu, width as u32, (n * h) as u32, label);
+    let tex = if c % 4 == 0
+        && w.is_multiple_of(1 << layout.shift)
+        && (layout.width * 16) % 256 == 0
+        && x.byte_offset().is_multiple_of(256)
+    {
+        let tex = Texture2d::new(&rec.gpu, layout.width, layout.height, label);
         rec.copy_to_texture(x, &tex);
         tex
     } else {
         let p = PackParams {
-            width: width as u32,
-            height: (n * h) as u32,
+            width: layout.width,
+            height: layout.height,
             channels: c as u32,
+            image_w: w as u32,
+            fold_parts: layout.parts,
             ..Default::default()
         };
         dispatch_pack(rec, "pack_nhwc", &p, x, label)
     };
-    rec.remember_pack(x, OP, &tex);
-    Ok(tex)
+    rec.remember_pack(x, key, &tex);
+    Ok((tex, layout))
 }
 
 /// Packs conv weights [Co, Ci, KH, KW] as the B operand: rows (tap, reduction channel padded

@@ -51,6 +51,12 @@ pub struct GemmParams {
     pub stride: u32,
     pub pad_top: u32,
     pub pad_left: u32,
+    /// Implicit conv on the subgroup path: A's NHWC texture folds each image row into
+    /// `a_fold_parts` texture rows of `2^a_fold_shift` pixels (≤ 1: not folded;
+    /// `ops::pack::pack_nhwc_layout`).
+    pub a_fold_parts: u32,
+    pub a_fold_shift: u32,
+    pub _pad: [u32; 2],
 }
 
 /// Tile configuration of the portable path (the `override` constants of gemm.wgsl).

@@ -273,3 +273,101 @@ fn conv_weights_taller_than_a_texture_fold_at_whole_taps() {
         1e-4,
     );
 }
+
+/// NHWC activations whose image rows are wider than a texture (SD's VAE decoder at 512²:
+/// 512 pixels × 64 texels = 32768 against lavapipe's 16384) fold each row into parts of a
+/// power-of-two number of pixels and stay on the subgroup kernels. Textures capped at 256
+/// texels: (a) 37 pixels × 30 channels (8 texels each) fold into 2 rows of 32 pixels, the last
+/// part partial, packed by the kernel (channels not a multiple of 4), and its backward-input
+/// reads dY (37 × 64 channels) folded into 3 parts with the weights folded at whole taps too;
+/// (b) 48 pixels × 64 channels fold into 3 whole parts, which a plain buffer-to-texture copy
+/// packs, under a stride-2 conv with asymmetric padding. Against the f64 reference.
+#[test]
+fn activation_rows_wider_than_a_texture_fold_into_parts() {
+    use wgpu_diffusion::gpu::{GemmPathChoice, Gpu, GpuOptions};
+    use wgpu_diffusion::ops::conv2d::conv2d_backward_input;
+    if gemm_paths().len() < 2 {
+        return; // no subgroup path on this adapter: nothing is packed
+    }
+    let g = Gpu::new(&GpuOptions {
+        gemm_path: Some(GemmPathChoice::Subgroup),
+        cap_texture: Some(256),
+        ..Default::default()
+    })
+    .unwrap();
+    let cases = [
+        (
+            Conv {
+                n: 2,
+                h: 5,
+                w: 37,
+                ci: 30,
+                co: 64,
+                kh: 3,
+                kw: 3,
+                stride: 1,
+                pad: [1; 4],
+            },
+            true,
+        ),
+        (
+            Conv {
+                n: 2,
+                h: 9,
+                w: 48,
+                ci: 64,
+                co: 8,
+                kh: 3,
+                kw: 3,
+                stride: 2,
+                pad: [0, 0, 1, 1],
+            },
+            false,
+        ),
+    ];
+    for (i, (c, by_kernel)) in cases.iter().enumerate() {
+        let (oh, ow) = (c.out_h(), c.out_w());
+        let x = random(c.n * c.h * c.w * c.ci, 130 + i as u64);
+        let w = random(c.co * c.ci * 9, 140 + i as u64);
+        let dy = random(c.n * oh * ow * c.co, 150 + i as u64);
+        let xt = upload(&g, &[c.n, c.h, c.w, c.ci], &x, "x");
+        let wt = upload(&g, &[c.co, c.ci, 3, 3], &w, "w");
+        let dyt = upload(&g, &[c.n, oh, ow, c.co], &dy, "dy");
+        let y = g.tensor(&[c.n, oh, ow, c.co], "y");
+        let dx = g.tensor(&[c.n, c.h, c.w, c.ci], "dx");
+        let geometry = Conv2dGeometry {
+            stride: c.stride,
+            pad_top: c.pad[0],
+            pad_left: c.pad[1],
+            pad_bottom: c.pad[2],
+            pad_right: c.pad[3],
+        };
+        let plan = run(&g, |rec| {
+            conv2d_forward(rec, &xt, &wt, None, &y, &geometry).unwrap();
+            conv2d_backward_input(rec, &dyt, &wt, &dx, &geometry, false).unwrap();
+        });
+        g.check().unwrap();
+        let portable = plan.records().iter().filter(|r| r.shader == "gemm").count();
+        assert_eq!(
+            portable, 0,
+            "case {i}: a conv fell back to the portable kernel"
+        );
+        let packed_by_kernel = dispatches(&plan, "pack_nhwc") > 0;
+        assert_eq!(
+            packed_by_kernel, *by_kernel,
+            "case {i}: pack kernel or copy"
+        );
+        let want = c.forward(&x, &w, None);
+        let what = format!("case {i}: folded-row forward");
+        assert_close(&what, &read(&g, &y), &want, 1e-5 * max_abs(&want), 1e-4);
+        let (want_dx, _, _) = c.backward(&x, &w, &dy);
+        let what = format!("case {i}: folded-row dx");
+        assert_close(
+            &what,
+            &read(&g, &dx),
+            &want_dx,
+            1e-5 * max_abs(&want_dx),
+            1e-4,
+        );
+    }
+}
