@@ -92,6 +92,11 @@ pub struct Recorder {
     /// a later pack of the same tensor reuses them instead of copying again (a conv's dY is
     /// packed for its backward-weight and then its backward-input pass).
     packs: Vec<(Tensor, String, Texture2d)>,
+    /// Buffers the plan only reads and that change only between replays (sampling's weights,
+    /// [`Recorder::freeze`]): the texture packs of tensors in them go to `setup`, a plan run
+    /// once after the buffers are written instead of at every replay.
+    frozen: Vec<Tensor>,
+    setup: Option<Box<Recorder>>,
     /// Floating-point operations of the GEMM-shaped work recorded (2 per multiply-add), for
     /// the benchmark's achieved GFLOP/s.
     flops: f64,
@@ -108,7 +113,30 @@ impl Recorder {
             records: Vec::new(),
             dummy: None,
             packs: Vec::new(),
+            frozen: Vec::new(),
+            setup: None,
             flops: 0.0,
+        }
+    }
+
+    /// Declares that the plan never writes `buffers` and that whoever writes them runs the
+    /// setup plan of [`Recorder::finish_with_setup`] afterwards: packs of tensors in them
+    /// (a sampler's conv and linear weights) are recorded there, once, rather than in every
+    /// replay of this plan.
+    pub fn freeze(&mut self, buffers: &[Tensor]) {
+        self.frozen.extend(buffers.iter().cloned());
+        let gpu = self.gpu.clone();
+        self.setup
+            .get_or_insert_with(|| Box::new(Recorder::new(gpu)));
+    }
+
+    /// The recorder a texture pack of `t` belongs in: the setup recorder when `t` lies in a
+    /// frozen buffer, else this one.
+    pub fn pack_recorder(&mut self, t: &Tensor) -> &mut Recorder {
+        if self.setup.is_some() && self.frozen.iter().any(|f| f.shares_buffer(t)) {
+            self.setup.as_deref_mut().expect("checked just above")
+        } else {
+            self
         }
     }
 
@@ -302,8 +330,23 @@ impl Recorder {
         self.pending.is_empty()
     }
 
+    /// [`Recorder::finish`] of a recorder with frozen buffers: (the setup plan that packs
+    /// them, to run after each write of those buffers; the plan).
+    pub fn finish_with_setup(mut self) -> (Plan, Plan) {
+        let setup = match self.setup.take() {
+            Some(setup) => setup.finish(),
+            None => Recorder::new(self.gpu.clone()).finish(),
+        };
+        (setup, self.finish())
+    }
+
     /// Uploads the parameter blocks and builds the bind groups.
     pub fn finish(self) -> Plan {
+        // Packs recorded for a setup plan that nobody takes would never run.
+        assert!(
+            self.setup.as_ref().is_none_or(|s| s.is_empty()),
+            "a recorder with frozen buffers is finished with finish_with_setup"
+        );
         let device = &self.gpu.device;
         self.gpu
             .admit_buffer(self.params.len().max(16) as u64, "plan params", &[]);

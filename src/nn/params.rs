@@ -178,9 +178,9 @@ impl ParamStore {
         Ok(())
     }
 
-    /// How many buffers hold the values (1 but for a split sampling store).
-    pub fn value_buffers(&self) -> usize {
-        self.segments.len()
+    /// The buffers holding the values (one but for a split sampling store).
+    pub fn value_buffers(&self) -> Vec<Tensor> {
+        self.segments.iter().map(|(_, t)| t.clone()).collect()
     }
 
     /// The segment holding layout offset `offset`: (its first offset, its buffer).

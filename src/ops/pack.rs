@@ -146,6 +146,7 @@ pub fn pack_matrix(
     label: &str,
 ) -> OpResult<Texture2d> {
     const OP: &str = "pack_matrix";
+    let rec = rec.pack_recorder(m.tensor);
     let height = rows_padded * batch_outer * batch_inner;
     check_fits(rec, OP, height, cols)?;
     let p = PackParams {
@@ -298,6 +299,7 @@ pub fn pack_conv_weight(
 ) -> OpResult<(Texture2d, u32)> {
     const OP: &str = "pack_conv_weight";
     expect_rank(OP, "weight", w, 4)?;
+    let rec = rec.pack_recorder(w);
     let [co, ci, kh, kw] = [w.shape()[0], w.shape()[1], w.shape()[2], w.shape()[3]];
     let (k_channels, n_channels) = if io_swapped { (co, ci) } else { (ci, co) };
     let Some((fold_taps, width, height)) = conv_weight_layout(&rec.gpu, w, io_swapped) else {
@@ -318,8 +320,12 @@ pub fn pack_conv_weight(
         fold_taps,
         ..Default::default()
     };
-    Ok((
-        dispatch_pack(rec, "pack_conv_weight", &p, w, label),
-        fold_taps,
-    ))
+    // The bands of a banded conv (ops/bands.rs) share one pack of their weights.
+    let layout = format!("{OP} {:?}", bytemuck::bytes_of(&p));
+    if let Some(tex) = rec.packed(w, &layout) {
+        return Ok((tex, fold_taps));
+    }
+    let tex = dispatch_pack(rec, "pack_conv_weight", &p, w, label);
+    rec.remember_pack(w, layout, &tex);
+    Ok((tex, fold_taps))
 }

@@ -75,6 +75,9 @@ pub struct Sampler {
     z: Tensor,
     coeffs: Tensor,
     rng_state: Tensor,
+    /// The texture packs of the U-Net's weights, run after each write of them
+    /// ([`Recorder::freeze`]).
+    weight_packs: Plan,
     step_plan: Plan,
     reset_plan: Plan,
     /// Inpainting's jump back up: x ← a·x + b·z.
@@ -129,7 +132,9 @@ impl Sampler {
             .clip_sample
             .then_some(settings.clip_sample_range as f32);
         // The step plan: U-Net input, U-Net, (guidance), update, (inpainting's known region).
+        // The weights' texture packs go to a setup plan that runs when they are written.
         let mut rec = gpu.recorder();
+        rec.freeze(&unet.params.value_buffers());
         let sr = record_model_input(&mut rec, model, &unet, &x, &coeffs, &shape, copies)?;
         unet.forward(&mut rec)?;
         let guided = record_guidance(&mut rec, &unet, guidance, &shape)?;
@@ -161,7 +166,7 @@ impl Sampler {
             )?),
             None => None,
         };
-        let step_plan = rec.finish();
+        let (weight_packs, step_plan) = rec.finish_with_setup();
         let mut rec = gpu.recorder();
         rec.clear(&aux0);
         rec.clear(&aux1);
@@ -173,8 +178,11 @@ impl Sampler {
             Some(vae) => {
                 let codec = vae.load(gpu, batch, options.size)?;
                 let mut rec = gpu.recorder();
+                rec.freeze(&codec.vae.params.value_buffers());
                 codec.record_decode(&mut rec, &x)?;
-                let plan = rec.finish();
+                // The VAE's weights are written by `load`: pack them now, once.
+                let (packs, plan) = rec.finish_with_setup();
+                gpu.run(&[&packs])?;
                 Some((codec, plan))
             }
             None => None,
@@ -189,6 +197,7 @@ impl Sampler {
             z,
             coeffs,
             rng_state,
+            weight_packs,
             step_plan,
             reset_plan,
             renoise_plan,
@@ -304,7 +313,8 @@ impl Sampler {
 
     /// Uploads weights in the U-Net's flat parameter layout.
     pub fn set_weights(&self, flat: &[f32]) -> Result<()> {
-        Ok(self.unet.params.write_values(&self.gpu, flat)?)
+        self.unet.params.write_values(&self.gpu, flat)?;
+        Ok(self.gpu.run(&[&self.weight_packs])?)
     }
 
     /// Copies weights from a flat parameter buffer of the same layout (a trainer's EMA).
@@ -317,6 +327,7 @@ impl Sampler {
             self.unet.params.params().byte_offset(),
             weights.byte_len(),
         );
+        self.weight_packs.encode(&mut enc);
         self.gpu.submit_encoder(enc);
     }
 

@@ -352,3 +352,74 @@ fn bias_gradient_apart_from_its_weight_gradient_leaves_the_gap_alone() {
         );
     }
 }
+
+/// Weights in a frozen buffer (`Recorder::freeze`: a sampler's) are packed by the setup plan,
+/// not by the plan itself, whose replays then read the packed textures; after new weights are
+/// written, rerunning the setup plan is what brings them in. Both against the reference.
+#[test]
+fn frozen_weights_are_packed_once_by_the_setup_plan() {
+    use wgpu_diffusion::reference::conv2d::Conv;
+    let c = Conv {
+        n: 2,
+        h: 5,
+        w: 7,
+        ci: 12,
+        co: 20,
+        kh: 3,
+        kw: 3,
+        stride: 1,
+        pad: [1; 4],
+    };
+    for g in gemm_paths() {
+        let x = random(c.n * c.h * c.w * c.ci, 160);
+        let xt = upload(&g, &[c.n, c.h, c.w, c.ci], &x, "x");
+        // The bias at a 256-byte boundary, as the parameter store places each parameter.
+        let b_at = (c.co * c.ci * 9).next_multiple_of(64);
+        let weights = g.tensor(&[b_at + c.co], "weights");
+        let wt = weights.view(0, &[c.co, c.ci, 3, 3], "w");
+        let bt = weights.view(b_at, &[c.co], "b");
+        let y = g.tensor(&[c.n, c.h, c.w, c.co], "y");
+        let mut rec = g.recorder();
+        rec.freeze(std::slice::from_ref(&weights));
+        conv2d_forward(
+            &mut rec,
+            &xt,
+            &wt,
+            Some(&bt),
+            &y,
+            &Conv2dGeometry::same(1, 1),
+        )
+        .unwrap();
+        let (setup, plan) = rec.finish_with_setup();
+        let packs = |p: &wgpu_diffusion::gpu::Plan| {
+            p.records()
+                .iter()
+                .filter(|r| r.entry == "pack_conv_weight")
+                .count()
+        };
+        let subgroup = g.gemm_path != wgpu_diffusion::gpu::GemmPath::Portable;
+        assert_eq!(
+            packs(&plan),
+            0,
+            "{}: the plan packs frozen weights",
+            g.gemm_path
+        );
+        assert_eq!(packs(&setup), subgroup as usize, "{}", g.gemm_path);
+        for seed in [161, 162] {
+            let w = random(c.co * c.ci * 9, seed);
+            let b = random(c.co, seed + 10);
+            let mut flat = vec![0f32; b_at + c.co];
+            for (dst, v) in flat.iter_mut().zip(&w) {
+                *dst = *v as f32;
+            }
+            for (dst, v) in flat[b_at..].iter_mut().zip(&b) {
+                *dst = *v as f32;
+            }
+            g.write(&weights, &flat).unwrap();
+            g.run(&[&setup, &plan]).unwrap();
+            let want = c.forward(&x, &w, Some(&b));
+            let what = format!("{}: frozen weights, seed {seed}", g.gemm_path);
+            assert_close(&what, &read(&g, &y), &want, 1e-5 * max_abs(&want), 1e-4);
+        }
+    }
+}
