@@ -61,9 +61,10 @@ pub struct TrainArgs {
     pub resume: Option<PathBuf>,
     /// Model preset: tiny16 (16x16 MNIST, fast), tiny28 (tiny16's network at 28x28), mnist28,
     /// cifar32 (google/ddpm-cifar10-32), mnist-ldm (4x8x8 latents, with --vae), mnist28-text
-    /// (UNet2DConditionModel, with --text-conditional) [default: tiny16; tiny28 with --task sr;
-    /// mnist-ldm with --vae; mnist28-text with --text-conditional]. A model directory goes to
-    /// --init, a run folder to --resume.
+    /// (UNet2DConditionModel, with --text-conditional), mnist-sd (UNet2DConditionModel on 4x8x8
+    /// latents, with --text-conditional --vae) [default: tiny16; tiny28 with --task sr;
+    /// mnist-ldm with --vae; mnist28-text with --text-conditional; mnist-sd with both]. A model
+    /// directory goes to --init, a run folder to --resume.
     #[arg(long)]
     pub model: Option<String>,
     /// A diffusers UNet2DModel config.json instead of a preset.
@@ -330,9 +331,15 @@ impl TrainArgs {
         if from_preset && c.vae.is_some() && self.model.is_none() && !file_sets_model {
             c.model = "mnist-ldm".into();
         }
-        // Text-to-image's preset: a UNet2DConditionModel at MNIST's size.
+        // Text-to-image's preset: a UNet2DConditionModel at MNIST's size, or on the VAE's
+        // latents (Stable Diffusion's layout).
         if from_preset && c.text_conditional && self.model.is_none() && !file_sets_model {
-            c.model = "mnist28-text".into();
+            c.model = if c.vae.is_some() {
+                "mnist-sd"
+            } else {
+                "mnist28-text"
+            }
+            .into();
         }
         if from_preset && UNetConfig::preset(&c.model).is_none() {
             anyhow::bail!(

@@ -232,6 +232,41 @@ impl SchedulerConfig {
         SchedulerConfig::from_json(&Value::Object(keys).to_string())
     }
 
+    /// What StableDiffusionPipeline does to an outdated scheduler config when it is built
+    /// (diffusers 0.42 `pipeline_stable_diffusion.py`, `__init__`): a `steps_offset` other than 1
+    /// (a key absent from the file counts as its class's default, 0) becomes 1, and
+    /// `clip_sample` true (DDPMScheduler's and DDIMScheduler's default) becomes false. A
+    /// sampler chosen with `--sampler` then starts from the amended config, as
+    /// `DDIMScheduler.from_config(pipe.scheduler.config)` does. Returns a note per change.
+    pub fn stable_diffusion_amendments(&mut self) -> Result<Vec<String>, String> {
+        let class = self
+            .str_key("_class_name")?
+            .unwrap_or_else(|| "DDPMScheduler".into());
+        let mut notes = Vec::new();
+        // The classes whose configs have no steps_offset (getattr(…, 1) leaves them alone).
+        let no_offset = [
+            "EDMEulerScheduler",
+            "EDMDPMSolverMultistepScheduler",
+            "ScoreSdeVeScheduler",
+        ];
+        let offset = self.usize_key("steps_offset")?.unwrap_or(0);
+        if !no_offset.contains(&class.as_str()) && offset != 1 {
+            self.keys.insert("steps_offset".into(), 1.into());
+            notes.push(format!(
+                "steps_offset {offset} is set to 1, as StableDiffusionPipeline does with outdated configs"
+            ));
+        }
+        let clip_default = matches!(class.as_str(), "DDPMScheduler" | "DDIMScheduler");
+        if self.bool_key("clip_sample")?.unwrap_or(clip_default) {
+            self.keys.insert("clip_sample".into(), false.into());
+            notes.push(
+                "clip_sample is set to false, as StableDiffusionPipeline does with outdated configs"
+                    .into(),
+            );
+        }
+        Ok(notes)
+    }
+
     /// A key's value as it is in the file (for messages and tests).
     pub fn get(&self, key: &str) -> Option<&Value> {
         self.keys.get(key).filter(|v| !v.is_null())
@@ -814,6 +849,28 @@ mod tests {
 
     fn ddpm_cfg() -> SchedulerConfig {
         SchedulerConfig::ddpm_default()
+    }
+
+    /// StableDiffusionPipeline's amendments: steps_offset to 1 (absent counts as 0) and
+    /// clip_sample to false (absent counts as true for DDPM and DDIM, not for PNDM); EDM
+    /// configs have no steps_offset; an up-to-date SD config is left as it is.
+    #[test]
+    fn stable_diffusion_amends_outdated_configs() {
+        let amend = |json: &str| {
+            let mut cfg = SchedulerConfig::from_json(json).unwrap();
+            let notes = cfg.stable_diffusion_amendments().unwrap();
+            (cfg, notes.len())
+        };
+        let (cfg, n) = amend(r#"{"_class_name": "DDPMScheduler"}"#);
+        assert_eq!(n, 2);
+        assert_eq!(cfg.get("steps_offset"), Some(&Value::from(1)));
+        assert_eq!(cfg.get("clip_sample"), Some(&Value::from(false)));
+        let (cfg, n) = amend(r#"{"_class_name": "PNDMScheduler", "steps_offset": 0}"#);
+        assert_eq!(n, 1);
+        assert_eq!(cfg.get("clip_sample"), None);
+        let sd = r#"{"_class_name": "PNDMScheduler", "steps_offset": 1, "clip_sample": false}"#;
+        assert_eq!(amend(sd).1, 0);
+        assert_eq!(amend(r#"{"_class_name": "EDMEulerScheduler"}"#).1, 0);
     }
 
     /// PNDM runs as PLMS: a PNDMScheduler config without skip_prk_steps, or a sample-predicting

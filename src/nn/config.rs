@@ -205,17 +205,45 @@ impl UNetConfig {
                     8,
                 )
             }),
+            // Stable Diffusion's layout at MNIST's latent size (issue 23, `--vae` with
+            // `--text-conditional`): a UNet2DConditionModel on mnist-vae's 4×8×8 latents with
+            // cross-attention to the 64-wide text encoder at 8×8 and 4×4 (64 and 16 tokens)
+            // and in the mid-block, 32 groups as SD's U-Net.
+            "mnist-sd" => Some(UNetConfig {
+                norm_eps: 1e-5,
+                flip_sin_to_cos: true,
+                freq_shift: 0.0,
+                downsample_padding: 1,
+                cross_attention: Some(CrossAttention {
+                    cross_attention_dim: 64,
+                    heads: vec![4, 4],
+                    transformer_layers: vec![1, 1],
+                    use_linear_projection: false,
+                    upcast_attention: false,
+                    mid_block: true,
+                }),
+                ..ddpm(
+                    8,
+                    4,
+                    &[64, 128],
+                    2,
+                    &[CROSS_DOWN, CROSS_DOWN],
+                    &[CROSS_UP, CROSS_UP],
+                    32,
+                )
+            }),
             _ => None,
         }
     }
 
-    pub const PRESETS: [&'static str; 6] = [
+    pub const PRESETS: [&'static str; 7] = [
         "tiny16",
         "tiny28",
         "mnist28",
         "mnist-ldm",
         "cifar32",
         "mnist28-text",
+        "mnist-sd",
     ];
 
     /// Parses a diffusers `UNet2DModel` config.json: diffusers' defaults fill missing keys (and keys set to

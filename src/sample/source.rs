@@ -167,6 +167,7 @@ impl ModelSource {
                     .transpose()?
                     .flatten(),
             };
+            source.amend_for_pipeline()?;
             return Ok(source);
         }
         if dir.join("unet").join("config.json").is_file() {
@@ -177,6 +178,7 @@ impl ModelSource {
             source.vae = LatentVae::beside(dir)?;
             source.latent = source.vae.is_some();
             source.text = TextConditioning::from_pipeline(dir)?;
+            source.amend_for_pipeline()?;
             return Ok(source);
         }
         if dir.join("model").is_dir() {
@@ -193,6 +195,26 @@ impl ModelSource {
             "{} holds no model: expected config.json + {MODEL_WEIGHTS} (a diffusers model directory), unet/ + scheduler/ (a pipeline directory), or a run folder with model/",
             dir.display()
         )
+    }
+
+    /// A StableDiffusionPipeline directory samples with the scheduler settings that pipeline
+    /// amends an outdated config to ([`SchedulerConfig::stable_diffusion_amendments`]).
+    fn amend_for_pipeline(&mut self) -> Result<()> {
+        let stable_diffusion = self
+            .text
+            .as_ref()
+            .and_then(|t| t.pipeline.as_deref())
+            .is_some_and(|c| c.starts_with("StableDiffusion"));
+        if stable_diffusion {
+            let origin = &self.scheduler_origin;
+            let notes = self
+                .scheduler
+                .stable_diffusion_amendments()
+                .map_err(|e| anyhow!("{origin}: {e}"))?;
+            self.notes
+                .extend(notes.into_iter().map(|n| format!("{origin}: {n}")));
+        }
+        Ok(())
     }
 
     fn from_unet_dir(dir: &Path, scheduler_paths: &[PathBuf]) -> Result<ModelSource> {

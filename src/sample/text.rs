@@ -39,6 +39,8 @@ pub struct TextConditioning {
     pub tokenizer: ClipTokenizer,
     /// Notes for the user (ignored pipeline components).
     pub notes: Vec<String>,
+    /// The pipeline class `model_index.json` names (None: a run's checkpoint, or no index).
+    pub pipeline: Option<String>,
     /// The weights of a run's checkpoint (its joint store's tensors under this prefix, e.g.
     /// `ema.text_encoder.`) instead of `encoder_dir`'s model.safetensors.
     checkpoint: Option<(Arc<LoadedTensors>, String)>,
@@ -102,7 +104,7 @@ impl TextConditioning {
             (true, true) => {}
         }
         // A text-conditional pipeline of another kind (its loop differs from this one's).
-        if let Some(class) = class.filter(|c| !PIPELINES.contains(&c.as_str())) {
+        if let Some(class) = class.as_ref().filter(|c| !PIPELINES.contains(&c.as_str())) {
             bail!(
                 "{}: a `{class}` is not supported ({})",
                 dir.join("model_index.json").display(),
@@ -120,6 +122,7 @@ impl TextConditioning {
             config,
             tokenizer,
             notes,
+            pipeline: class,
             checkpoint: None,
         };
         conditioning.weights_path()?;
@@ -150,6 +153,7 @@ impl TextConditioning {
             config,
             tokenizer: ClipTokenizer::from_dir(&tokenizer_dir)?,
             notes: Vec::new(),
+            pipeline: None,
             checkpoint: Some((ck.clone(), format!("{prefix}.text_encoder."))),
         };
         conditioning.check_tokenizer()?;

@@ -353,14 +353,25 @@ impl TrainConfig {
         }
         match self.edm() {
             Some(edm) => Ok(edm.scheduler_config_json()),
-            None => Ok(NoiseSchedule::new(
-                self.beta_schedule,
-                self.num_train_timesteps,
-                self.beta_start,
-                self.beta_end,
-            )?
-            // A latent model's x0 is a scaled latent, not an image in [-1, 1]: no clipping.
-            .scheduler_config_json(self.prediction_type, self.vae.is_none())),
+            None => {
+                let json = NoiseSchedule::new(
+                    self.beta_schedule,
+                    self.num_train_timesteps,
+                    self.beta_start,
+                    self.beta_end,
+                )?
+                // A latent model's x0 is a scaled latent, not an image in [-1, 1]: no clipping.
+                .scheduler_config_json(self.prediction_type, self.vae.is_none());
+                if !(self.text_conditional && self.vae.is_some()) {
+                    return Ok(json);
+                }
+                // A Stable Diffusion pipeline: steps_offset 1, as SD's configs have it (and
+                // as StableDiffusionPipeline would amend any other value).
+                let mut v: serde_json::Value =
+                    serde_json::from_str(&json).map_err(|e| e.to_string())?;
+                v["steps_offset"] = 1.into();
+                serde_json::to_string_pretty(&v).map_err(|e| e.to_string())
+            }
         }
     }
 

@@ -344,3 +344,100 @@ fn a_latent_checkpoint_without_its_vae_asks_for_one() {
         &["inpaint", "latent"],
     );
 }
+
+/// Text to image in latent space (`train --text-conditional --vae`): the default preset is
+/// mnist-sd (a UNet2DConditionModel on the VAE's 4×8×8 latents); the export is a Stable
+/// Diffusion pipeline directory whose `model_index.json` names what the one diffusers 0.42.1
+/// saved for tests/fixtures/sd_pipeline names, component by component, with every
+/// component's files; `sample --prompt` reads it and decodes 16×16 images, and a resumed run
+/// equals an uninterrupted one.
+#[test]
+fn latent_text_runs_export_a_stable_diffusion_pipeline() {
+    let root = scratch("text");
+    let vae = vae_fixture();
+    let train = |out: &Path, steps: &str| {
+        succeeds(&[
+            "train",
+            "--text-conditional",
+            "--vae",
+            s(&vae),
+            "--steps",
+            steps,
+            "--batch-size",
+            "2",
+            "--checkpoint-every",
+            "1",
+            "--sample-every",
+            "0",
+            "--out",
+            s(out),
+        ])
+    };
+    let whole = root.join("whole");
+    train(&whole, "2");
+    let config = std::fs::read_to_string(whole.join("model/unet/config.json")).unwrap();
+    let config: serde_json::Value = serde_json::from_str(&config).unwrap();
+    assert_eq!(config["_class_name"], "UNet2DConditionModel", "{config}");
+    assert_eq!(config["sample_size"], 8, "{config}");
+    let killed = root.join("killed");
+    train(&killed, "1");
+    succeeds(&["train", "--resume", s(&killed), "--steps", "2"]);
+    let unet_weights = "model/unet/diffusion_pytorch_model.safetensors";
+    assert!(
+        std::fs::read(whole.join(unet_weights)).unwrap()
+            == std::fs::read(killed.join(unet_weights)).unwrap(),
+        "a resumed latent text run differs from an uninterrupted one"
+    );
+
+    let index = |dir: &Path| -> serde_json::Value {
+        let text = std::fs::read_to_string(dir.join("model_index.json")).unwrap();
+        serde_json::from_str(&text).unwrap()
+    };
+    let ours = index(&whole.join("model"));
+    let saved = index(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sd_pipeline"));
+    for (key, value) in saved.as_object().unwrap() {
+        if key.starts_with('_') || key == "scheduler" {
+            continue; // versions; our scheduler is DDPM's, the fixture's PNDM
+        }
+        assert_eq!(&ours[key], value, "model_index.json `{key}`: {ours}");
+    }
+    assert_eq!(ours["_class_name"], "StableDiffusionPipeline", "{ours}");
+    // SD's scheduler settings: no deprecation amendments when diffusers builds the pipeline.
+    let scheduler = whole.join("model/scheduler/scheduler_config.json");
+    let scheduler: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(scheduler).unwrap()).unwrap();
+    assert_eq!(scheduler["steps_offset"], 1, "{scheduler}");
+    assert_eq!(scheduler["clip_sample"], false, "{scheduler}");
+    for file in [
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/config.json",
+        "vae/diffusion_pytorch_model.safetensors",
+        "text_encoder/config.json",
+        "text_encoder/model.safetensors",
+        "tokenizer/vocab.json",
+        "tokenizer/merges.txt",
+        "scheduler/scheduler_config.json",
+    ] {
+        assert!(whole.join("model").join(file).is_file(), "model/{file}");
+    }
+
+    let out = root.join("samples");
+    let err = succeeds(&[
+        "sample",
+        "--model",
+        s(&whole.join("model")),
+        "--prompt",
+        "a handwritten seven",
+        "--num",
+        "2",
+        "--steps",
+        "2",
+        "--out",
+        s(&out),
+    ]);
+    assert!(err.contains("decoding with the VAE"), "{err}");
+    let img = image::open(out.join("00001.png")).unwrap();
+    assert_eq!((img.width(), img.height()), (16, 16));
+    let _ = std::fs::remove_dir_all(&root);
+}

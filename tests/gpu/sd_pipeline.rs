@@ -294,3 +294,57 @@ fn sample_cli_takes_a_prompt_and_names_what_does_not_fit() {
         let _ = std::fs::remove_dir_all(d);
     }
 }
+
+/// A pipeline whose scheduler config is outdated (steps_offset 0, as our exports before
+/// 2026-12-07 and old SD repositories have it) samples as StableDiffusionPipeline does, which
+/// amends it to 1 when it is built: the same images as the diffusers-saved config (steps_offset
+/// 1), with a note; DDIM chosen with --sampler starts from the amended config too.
+#[test]
+fn an_outdated_scheduler_config_is_amended_as_stable_diffusion_pipeline_does() {
+    let current = pipeline_copy("offset-1", |_| {});
+    let outdated = pipeline_copy("offset-0", |p| {
+        edit_json(
+            &p.join("scheduler/scheduler_config.json"),
+            "steps_offset",
+            0.into(),
+        )
+    });
+    for sampler in ["pndm", "ddim"] {
+        let run = |dir: &Path| {
+            let out = dir.join(format!("samples-{sampler}"));
+            let tensor = dir.join(format!("samples-{sampler}.safetensors"));
+            let (ok, stderr) = run_cli(&[
+                "sample",
+                "--model",
+                dir.to_str().unwrap(),
+                "--prompt",
+                "a seven",
+                "--sampler",
+                sampler,
+                "--steps",
+                "3",
+                "--save-tensor",
+                tensor.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+            ]);
+            assert!(ok, "{stderr}");
+            let tensors = LoadedTensors::read(&tensor).unwrap();
+            (tensors.get("sample").unwrap().1, stderr)
+        };
+        let (want, quiet) = run(&current);
+        let (got, noted) = run(&outdated);
+        assert!(!quiet.contains("steps_offset"), "{quiet}");
+        assert!(noted.contains("steps_offset 0 is set to 1"), "{noted}");
+        let (worst, _) = max_diff(&got, &want);
+        assert!(
+            worst == 0.0,
+            "{sampler}: the amended config samples differently (max |diff| {worst}; first values {:?} vs {:?})",
+            &got[..4],
+            &want[..4]
+        );
+    }
+    for d in [current, outdated] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
