@@ -323,23 +323,12 @@ impl TrainArgs {
             c.data = self.data.clone();
         }
         let from_preset = c.model_config.is_none() && c.init.is_none();
-        // Super-resolution is measured on 28x28 digits (eval-sr): its preset is tiny28.
-        if from_preset && c.task == Task::Sr && self.model.is_none() && !file_sets_model {
-            c.model = "tiny28".into();
-        }
-        // Latent diffusion's preset is the U-Net on mnist-vae's 4×8×8 latents.
-        if from_preset && c.vae.is_some() && self.model.is_none() && !file_sets_model {
-            c.model = "mnist-ldm".into();
-        }
-        // Text-to-image's preset: a UNet2DConditionModel at MNIST's size, or on the VAE's
-        // latents (Stable Diffusion's layout).
-        if from_preset && c.text_conditional && self.model.is_none() && !file_sets_model {
-            c.model = if c.vae.is_some() {
-                "mnist-sd"
-            } else {
-                "mnist28-text"
-            }
-            .into();
+        if from_preset
+            && self.model.is_none()
+            && !file_sets_model
+            && let Some(preset) = default_preset(&c)
+        {
+            c.model = preset.into();
         }
         if from_preset && UNetConfig::preset(&c.model).is_none() {
             anyhow::bail!(
@@ -452,6 +441,21 @@ fn changed_keys(
         .filter(|k| a.get(*k) != b.get(*k))
         .map(|k| (k.clone(), show(a.get(k)), show(b.get(k))))
         .collect())
+}
+
+/// The model preset of a run whose --model and config file name none, when its task or data
+/// call for another than the default.
+fn default_preset(c: &TrainConfig) -> Option<&'static str> {
+    match (c.text_conditional, c.vae.is_some()) {
+        // Text to image: a UNet2DConditionModel at MNIST's size, or on the VAE's latents
+        // (Stable Diffusion's layout).
+        (true, true) => Some("mnist-sd"),
+        (true, false) => Some("mnist28-text"),
+        // Latent diffusion: the U-Net on mnist-vae's 4×8×8 latents.
+        (false, true) => Some("mnist-ldm"),
+        // Super-resolution is measured on 28x28 digits (eval-sr).
+        (false, false) => (c.task == Task::Sr).then_some("tiny28"),
+    }
 }
 
 /// A flag raised by the first Ctrl-C or SIGTERM (the run then writes a checkpoint and stops);

@@ -94,36 +94,11 @@ pub const MAX_SAMPLE_SIZE: usize = 4096;
 pub const MAX_CLASSES: usize = 1 << 20;
 
 impl UNetConfig {
-    /// Named presets: tiny16, mnist28, cifar32 (google/ddpm-cifar10-32), and tiny28
-    /// (tiny16's network at 28×28).
+    /// Named presets ([`UNetConfig::PRESETS`]): tiny16, mnist28, cifar32
+    /// (google/ddpm-cifar10-32), tiny28 (tiny16's network at 28×28), mnist-ldm (latents), and
+    /// the text-to-image ones of [`UNetConfig::text_preset`].
     pub fn preset(name: &str) -> Option<UNetConfig> {
-        let ddpm =
-            |sample_size, in_out, blocks: &[usize], layers, down: &[&str], up: &[&str], groups| {
-                UNetConfig {
-                    sample_size,
-                    in_channels: in_out,
-                    out_channels: in_out,
-                    block_out_channels: blocks.to_vec(),
-                    layers_per_block: layers,
-                    down_block_types: down.iter().map(|s| s.to_string()).collect(),
-                    up_block_types: up.iter().map(|s| s.to_string()).collect(),
-                    norm_num_groups: groups,
-                    norm_eps: 1e-6,
-                    flip_sin_to_cos: false,
-                    freq_shift: 1.0,
-                    downsample_padding: 0,
-                    mid_block_scale_factor: 1.0,
-                    attention_head_dim: None,
-                    dropout: 0.0,
-                    act_fn: "silu".into(),
-                    center_input_sample: false,
-                    time_embedding_type: "positional".into(),
-                    num_class_embeds: None,
-                    null_class: None,
-                    sr_scale: None,
-                    cross_attention: None,
-                }
-            };
+        let ddpm = Self::preset_layout;
         match name {
             "tiny16" => Some(ddpm(
                 16,
@@ -178,6 +153,50 @@ impl UNetConfig {
                 &["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
                 32,
             )),
+            _ => Self::text_preset(name),
+        }
+    }
+
+    /// The layout every preset starts from: a DDPM UNet2DModel (google/ddpm-*'s settings).
+    fn preset_layout(
+        sample_size: usize,
+        in_out: usize,
+        blocks: &[usize],
+        layers: usize,
+        down: &[&str],
+        up: &[&str],
+        groups: usize,
+    ) -> UNetConfig {
+        UNetConfig {
+            sample_size,
+            in_channels: in_out,
+            out_channels: in_out,
+            block_out_channels: blocks.to_vec(),
+            layers_per_block: layers,
+            down_block_types: down.iter().map(|s| s.to_string()).collect(),
+            up_block_types: up.iter().map(|s| s.to_string()).collect(),
+            norm_num_groups: groups,
+            norm_eps: 1e-6,
+            flip_sin_to_cos: false,
+            freq_shift: 1.0,
+            downsample_padding: 0,
+            mid_block_scale_factor: 1.0,
+            attention_head_dim: None,
+            dropout: 0.0,
+            act_fn: "silu".into(),
+            center_input_sample: false,
+            time_embedding_type: "positional".into(),
+            num_class_embeds: None,
+            null_class: None,
+            sr_scale: None,
+            cross_attention: None,
+        }
+    }
+
+    /// The text-to-image presets (UNet2DConditionModel, issue 23).
+    fn text_preset(name: &str) -> Option<UNetConfig> {
+        let ddpm = Self::preset_layout;
+        match name {
             // Text-to-image on MNIST (issue 23): a UNet2DConditionModel at 28, 14 and 7 pixels
             // with cross-attention to a 64-wide text encoder at 7×7 (down, mid and up: 49
             // tokens, where attention is cheap), and UNet2DConditionModel's own defaults (sin
