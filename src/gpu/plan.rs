@@ -97,6 +97,15 @@ pub struct Recorder {
     /// once after the buffers are written instead of at every replay.
     frozen: Vec<Tensor>,
     setup: Option<Box<Recorder>>,
+    /// Pack textures no later step can reach: their cache entry was dropped (`touch`), so every
+    /// dispatch that reads them is recorded already, and replays run each step after the one
+    /// before. A later pack of the same size writes one of these instead of a new texture.
+    /// Empty, and unused, in a setup recorder, whose textures the main plan reads afterwards.
+    free_textures: Vec<Texture2d>,
+    reuse_textures: bool,
+    /// [`Recorder::recycle_packs`]: how many packs of one texture size stay cached before the
+    /// oldest one's texture is written again (None: all stay).
+    packs_per_size: Option<usize>,
     /// Floating-point operations of the GEMM-shaped work recorded (2 per multiply-add), for
     /// the benchmark's achieved GFLOP/s.
     flops: f64,
@@ -115,6 +124,9 @@ impl Recorder {
             packs: Vec::new(),
             frozen: Vec::new(),
             setup: None,
+            free_textures: Vec::new(),
+            reuse_textures: true,
+            packs_per_size: None,
             flops: 0.0,
         }
     }
@@ -126,8 +138,40 @@ impl Recorder {
     pub fn freeze(&mut self, buffers: &[Tensor]) {
         self.frozen.extend(buffers.iter().cloned());
         let gpu = self.gpu.clone();
-        self.setup
-            .get_or_insert_with(|| Box::new(Recorder::new(gpu)));
+        self.setup.get_or_insert_with(|| {
+            let mut setup = Recorder::new(gpu);
+            setup.reuse_textures = false;
+            Box::new(setup)
+        });
+    }
+
+    /// Keeps at most `per_size` packs of each texture size cached: a pack past that writes the
+    /// texture of the oldest one, dropping it from the cache (a later GEMM or conv of its
+    /// tensor packs it again). For plans without a backward pass (sampling), where each pack
+    /// is read by the op that made it and at most its neighbours, this bounds the textures to a
+    /// few per size instead of one per packed activation. Frozen buffers' packs (the setup
+    /// plan's) are not affected.
+    pub fn recycle_packs(&mut self, per_size: usize) {
+        self.packs_per_size = Some(per_size.max(1));
+    }
+
+    /// A `width × height` texture for a pack: a free one of that size ([`Recorder`]'s
+    /// `free_textures`), the oldest cached pack's of that size past
+    /// [`Recorder::recycle_packs`]'s limit, or a new one.
+    pub fn texture(&mut self, width: u32, height: u32, label: &str) -> Texture2d {
+        let fits = |t: &Texture2d| t.width == width && t.height == height;
+        if let Some(i) = self.free_textures.iter().position(fits) {
+            return self.free_textures.swap_remove(i);
+        }
+        if let Some(limit) = self.packs_per_size.filter(|_| self.reuse_textures) {
+            let same_size = self.packs.iter().filter(|(_, _, t)| fits(t)).count();
+            if same_size >= limit
+                && let Some(oldest) = self.packs.iter().position(|(_, _, t)| fits(t))
+            {
+                return self.packs.remove(oldest).2;
+            }
+        }
+        Texture2d::new(&self.gpu, width, height, label)
     }
 
     /// The recorder a texture pack of `t` belongs in: the setup recorder when `t` lies in a
@@ -251,7 +295,15 @@ impl Recorder {
                 && src.offset() < t.offset() + t.numel().max(1)
                 && t.offset() < src.offset() + src.numel().max(1)
         };
-        self.packs.retain(|(src, _, _)| !overlaps(src));
+        let (gone, kept) = std::mem::take(&mut self.packs)
+            .into_iter()
+            .partition(|(src, _, _)| overlaps(src));
+        self.packs = kept;
+        if self.reuse_textures {
+            let gone: Vec<(Tensor, String, Texture2d)> = gone;
+            self.free_textures
+                .extend(gone.into_iter().map(|(_, _, tex)| tex));
+        }
     }
 
     /// Records a zero fill of `t` (e.g. gradients at the start of a step).

@@ -111,7 +111,7 @@ fn dispatch_pack(
     src: &Tensor,
     label: &str,
 ) -> Texture2d {
-    let tex = Texture2d::new(&rec.gpu, p.width, p.height, label);
+    let tex = rec.texture(p.width, p.height, label);
     let groups = [p.width.div_ceil(16), p.height.div_ceil(4), 1];
     rec.dispatch(
         KernelKey::new("pack", entry),
@@ -188,7 +188,7 @@ pub fn pack_matrix(
         && batches_contiguous
         && m.tensor.byte_offset().is_multiple_of(256)
     {
-        let tex = Texture2d::new(&rec.gpu, p.width, p.height, label);
+        let tex = rec.texture(p.width, p.height, label);
         rec.copy_to_texture(m.tensor, &tex);
         rec.remember_pack(m.tensor, layout, &tex);
         return Ok(tex);
@@ -202,7 +202,7 @@ pub fn pack_matrix(
         )));
     }
     let rows_padded = rows_padded as u32;
-    let tex = Texture2d::new(&rec.gpu, p.width, p.height, label);
+    let tex = rec.texture(p.width, p.height, label);
     let (entry, groups, src_slot) = if aligned {
         (
             "pack_matrix_vec4",
@@ -269,7 +269,7 @@ pub fn pack_nhwc_layout(
         && (layout.width * 16) % 256 == 0
         && x.byte_offset().is_multiple_of(256)
     {
-        let tex = Texture2d::new(&rec.gpu, layout.width, layout.height, label);
+        let tex = rec.texture(layout.width, layout.height, label);
         rec.copy_to_texture(x, &tex);
         tex
     } else {

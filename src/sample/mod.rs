@@ -135,6 +135,7 @@ impl Sampler {
         // The weights' texture packs go to a setup plan that runs when they are written.
         let mut rec = gpu.recorder();
         rec.freeze(&unet.params.value_buffers());
+        rec.recycle_packs(PACKS_PER_SIZE);
         let sr = record_model_input(&mut rec, model, &unet, &x, &coeffs, &shape, copies)?;
         unet.forward(&mut rec)?;
         let guided = record_guidance(&mut rec, &unet, guidance, &shape)?;
@@ -179,6 +180,7 @@ impl Sampler {
                 let codec = vae.load(gpu, batch, options.size)?;
                 let mut rec = gpu.recorder();
                 rec.freeze(&codec.vae.params.value_buffers());
+                rec.recycle_packs(PACKS_PER_SIZE);
                 codec.record_decode(&mut rec, &x)?;
                 // The VAE's weights are written by `load`: pack them now, once.
                 let (packs, plan) = rec.finish_with_setup();
@@ -565,6 +567,11 @@ fn check_model_and_schedule(
     }
     Ok(())
 }
+
+/// Cached activation packs per texture size in a sampling plan ([`Recorder::recycle_packs`]):
+/// a forward pass reads each pack in the op that made it (Q, K and V share their input's), so
+/// two are plenty.
+const PACKS_PER_SIZE: usize = 2;
 
 /// The U-Net in eval mode for batches of `batch`: a UNet2DConditionModel attends to
 /// `context_tokens` rows of context per image, which only it takes.

@@ -283,11 +283,12 @@ fn conv2d_rejects_bad_shapes() {
 }
 
 /// A conv's dY is packed once for its backward-weight and backward-input passes; a tensor bound
-/// by anything in between (possibly written) is packed again.
+/// by anything in between (possibly written) is packed again, into a freed texture of the same
+/// size; a frozen buffer's packs are never freed.
 #[test]
 fn packed_textures_are_reused_until_their_tensor_is_bound() {
     use std::sync::Arc;
-    use wgpu_diffusion::ops::pack::pack_nhwc;
+    use wgpu_diffusion::ops::pack::{pack_conv_weight, pack_nhwc};
     let g = gpu();
     let mut rec = g.recorder();
     let x = g.tensor(&[2, 4, 4, 8], "x");
@@ -298,9 +299,26 @@ fn packed_textures_are_reused_until_their_tensor_is_bound() {
     let flat = x.reshape(&[1, 8, 4, 8]);
     let other = pack_nhwc(&mut rec, &flat, "x").unwrap();
     assert!(!Arc::ptr_eq(&first.texture, &other.texture));
+    let before = rec.len();
     wgpu_diffusion::ops::elementwise::scale(&mut rec, 2.0, &x).unwrap();
     let after = pack_nhwc(&mut rec, &x, "x").unwrap();
-    assert!(!Arc::ptr_eq(&first.texture, &after.texture));
+    assert_eq!(
+        rec.len(),
+        before + 2,
+        "x was not packed again after `scale` bound it"
+    );
+    // The forgotten packs' textures are free (every dispatch that reads them is recorded): the
+    // new pack of the same size writes one of them instead of allocating.
+    assert!(
+        Arc::ptr_eq(&first.texture, &after.texture) || Arc::ptr_eq(&other.texture, &after.texture)
+    );
+    // A frozen buffer's packs live in the setup plan, read after it: never handed out again.
+    let w = g.tensor(&[8, 8, 3, 3], "w");
+    let mut rec = g.recorder();
+    rec.freeze(std::slice::from_ref(&w));
+    let (packed, _) = pack_conv_weight(&mut rec, &w, false, "w").unwrap();
+    let (swapped, _) = pack_conv_weight(&mut rec, &w, true, "w").unwrap();
+    assert!(!Arc::ptr_eq(&packed.texture, &swapped.texture));
 }
 
 /// A bias gradient that does not directly follow its weight gradient (another tensor between
@@ -420,6 +438,77 @@ fn frozen_weights_are_packed_once_by_the_setup_plan() {
             let want = c.forward(&x, &w, Some(&b));
             let what = format!("{}: frozen weights, seed {seed}", g.gemm_path);
             assert_close(&what, &read(&g, &y), &want, 1e-5 * max_abs(&want), 1e-4);
+        }
+    }
+}
+
+/// `Recorder::recycle_packs(k)` (sampling plans): a pack past k cached ones of its size writes
+/// the oldest one's texture, which leaves the cache (its tensor is packed again if needed);
+/// a chain of convs whose inputs share a few textures still equals the reference, replayed
+/// twice.
+#[test]
+fn recycled_pack_textures_keep_a_conv_chain_exact() {
+    use std::sync::Arc;
+    use wgpu_diffusion::ops::pack::pack_nhwc;
+    use wgpu_diffusion::reference::conv2d::Conv;
+    let g = gpu();
+    let mut rec = g.recorder();
+    rec.recycle_packs(2);
+    let t: Vec<_> = (0..3)
+        .map(|i| g.tensor(&[1, 4, 4, 8], &format!("t{i}")))
+        .collect();
+    let packs: Vec<_> = t
+        .iter()
+        .map(|x| pack_nhwc(&mut rec, x, "x").unwrap())
+        .collect();
+    assert!(Arc::ptr_eq(&packs[0].texture, &packs[2].texture));
+    let before = rec.len();
+    let again = pack_nhwc(&mut rec, &t[1], "x").unwrap();
+    assert!(Arc::ptr_eq(&packs[1].texture, &again.texture));
+    assert_eq!(rec.len(), before, "t1 is still cached");
+
+    let c = Conv {
+        n: 1,
+        h: 6,
+        w: 5,
+        ci: 8,
+        co: 8,
+        kh: 3,
+        kw: 3,
+        stride: 1,
+        pad: [1; 4],
+    };
+    let geometry = Conv2dGeometry::same(1, 1);
+    let x = random(c.n * c.h * c.w * c.ci, 170);
+    let ws: Vec<Vec<f64>> = (0..4).map(|i| random(8 * 8 * 9, 171 + i)).collect();
+    let mut want = x.clone();
+    for w in &ws {
+        want = f32_round(&c.forward(&want, w, None));
+    }
+    for g in gemm_paths() {
+        let shape = [c.n, c.h, c.w, c.ci];
+        let mut acts = vec![upload(&g, &shape, &x, "x")];
+        acts.extend((0..4).map(|i| g.tensor(&shape, &format!("y{i}"))));
+        let wts: Vec<_> = ws
+            .iter()
+            .map(|w| upload(&g, &[8, 8, 3, 3], w, "w"))
+            .collect();
+        let mut rec = g.recorder();
+        rec.recycle_packs(1);
+        for (i, w) in wts.iter().enumerate() {
+            conv2d_forward(&mut rec, &acts[i], w, None, &acts[i + 1], &geometry).unwrap();
+        }
+        let plan = rec.finish();
+        for replay in 0..2 {
+            g.run(&[&plan]).unwrap();
+            let what = format!("{}: recycled packs, replay {replay}", g.gemm_path);
+            assert_close(
+                &what,
+                &read(&g, &acts[4]),
+                &want,
+                1e-5 * max_abs(&want),
+                1e-4,
+            );
         }
     }
 }

@@ -219,7 +219,8 @@ fn gemm_rejects_bad_operands() {
 }
 
 /// A GEMM operand packed twice the same way in one plan is packed once, until its buffer is
-/// bound again; packed another way (another leading dimension) it is another texture.
+/// bound again (then it is packed again, into the freed texture); packed another way (another
+/// leading dimension) it is another texture.
 #[test]
 fn packed_matrices_are_reused_until_their_tensor_is_bound() {
     use std::sync::Arc;
@@ -234,9 +235,16 @@ fn packed_matrices_are_reused_until_their_tensor_is_bound() {
     let halves = MatRef::dense(&x, 4);
     let other = pack_matrix(&mut rec, &halves, 24, 4, 24, 1, 1, "x").unwrap();
     assert!(!Arc::ptr_eq(&first.texture, &other.texture));
+    let before = rec.len();
     wgpu_diffusion::ops::elementwise::scale(&mut rec, 2.0, &x).unwrap();
     let after = pack_matrix(&mut rec, &dense, 12, 8, 12, 1, 1, "x").unwrap();
-    assert!(!Arc::ptr_eq(&first.texture, &after.texture));
+    assert_eq!(
+        rec.len(),
+        before + 2,
+        "x was not packed again after `scale` bound it"
+    );
+    // Into the forgotten pack's texture, which every dispatch reading it precedes.
+    assert!(Arc::ptr_eq(&first.texture, &after.texture));
     // Views of one buffer (as the parameters are): binding one keeps the other's pack; binding
     // a view that overlaps it does not.
     let store = g.tensor(&[256], "store");
@@ -248,6 +256,7 @@ fn packed_matrices_are_reused_until_their_tensor_is_bound() {
     assert!(Arc::ptr_eq(&packed_w.texture, &still.texture));
     let overlapping = store.view(0, &[4], "overlapping");
     wgpu_diffusion::ops::elementwise::scale(&mut rec, 2.0, &overlapping).unwrap();
-    let repacked = pack_matrix(&mut rec, &w_ref, 8, 8, 8, 1, 1, "w").unwrap();
-    assert!(!Arc::ptr_eq(&packed_w.texture, &repacked.texture));
+    let before = rec.len();
+    pack_matrix(&mut rec, &w_ref, 8, 8, 8, 1, 1, "w").unwrap();
+    assert_eq!(rec.len(), before + 1, "w was not packed again");
 }
