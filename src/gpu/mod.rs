@@ -12,7 +12,10 @@ pub use kernels::{
     INCLUDES, KernelKey, Kernels, SHADERS, entry_points, expand_template, shader_source,
 };
 pub use plan::{Binding, Plan, PlanProfile, Recorder, StepRecord, grid_1d};
-pub use tensor::{NoGradGuard, Tensor, Texture2d, grad_enabled, no_grad};
+pub use tensor::{
+    NoGradGuard, Tensor, Texture2d, UnusedActivationsGuard, grad_enabled, no_grad,
+    unused_activations,
+};
 
 use std::sync::Arc;
 

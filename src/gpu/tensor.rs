@@ -10,6 +10,8 @@ use super::{Gpu, GpuError, human_bytes};
 thread_local! {
     /// Whether models built on this thread keep gradient storage (see [`no_grad`]).
     static GRAD_MODE: Cell<bool> = const { Cell::new(true) };
+    /// Whether activations built on this thread have storage (see [`unused_activations`]).
+    static ACTIVATION_MODE: Cell<bool> = const { Cell::new(true) };
 }
 
 /// torch's `no_grad()` for model builds: while the guard lives, models built on this thread
@@ -38,6 +40,26 @@ impl Drop for NoGradGuard {
 /// Whether builds on this thread keep gradients (false inside [`no_grad`]).
 pub fn grad_enabled() -> bool {
     GRAD_MODE.with(|m| m.get())
+}
+
+/// For a part of a model that a build never runs (the VAE encoder of a sampler, which only
+/// decodes, whose parameters still load with the rest): while the guard lives, activations
+/// built on this thread ([`Gpu::activation_tensor`]) have no storage, and recording a kernel
+/// that binds one is refused with its name, as under [`no_grad`].
+pub fn unused_activations() -> UnusedActivationsGuard {
+    UnusedActivationsGuard {
+        previous: ACTIVATION_MODE.with(|m| m.replace(false)),
+    }
+}
+
+pub struct UnusedActivationsGuard {
+    previous: bool,
+}
+
+impl Drop for UnusedActivationsGuard {
+    fn drop(&mut self) {
+        ACTIVATION_MODE.with(|m| m.set(self.previous));
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -266,8 +288,18 @@ impl Gpu {
     }
 
     /// A gradient tensor: zero-filled storage, or none inside [`no_grad`] (see there).
+    /// An activation's value: a new tensor, or one without storage inside
+    /// [`unused_activations`].
+    pub fn activation_tensor(&self, shape: &[usize], label: &str) -> Tensor {
+        if ACTIVATION_MODE.with(|m| m.get()) {
+            Tensor::new(self, shape, label)
+        } else {
+            Tensor::unbacked(self, shape, label)
+        }
+    }
+
     pub fn grad_tensor(&self, shape: &[usize], label: &str) -> Tensor {
-        if grad_enabled() {
+        if grad_enabled() && ACTIVATION_MODE.with(|m| m.get()) {
             Tensor::new(self, shape, label)
         } else {
             Tensor::unbacked(self, shape, label)

@@ -40,7 +40,8 @@ pub struct Act {
 impl Act {
     pub fn new(gpu: &Arc<Gpu>, shape: &[usize], label: &str) -> Act {
         Act {
-            value: gpu.tensor(shape, label),
+            // No storage inside `gpu::unused_activations` (parts a build never runs).
+            value: gpu.activation_tensor(shape, label),
             // None inside `gpu::no_grad` (sampling builds).
             grad: gpu.grad_tensor(shape, &format!("d {label}")),
         }

@@ -322,7 +322,29 @@ impl Vae {
         gpu: &Arc<Gpu>,
         config: &VaeConfig,
         batch: usize,
+        size: (usize, usize),
+    ) -> Result<Vae, GpuError> {
+        Self::build(gpu, config, batch, size, true)
+    }
+
+    /// [`Vae::at`] for decoding only (a sampler): the encoder's parameters are there, so the
+    /// weights load as a whole, but its activations have no storage (at SD's 512 × 512, over
+    /// 1.5 GB), and recording [`Vae::encode`] is refused.
+    pub fn decoder_at(
+        gpu: &Arc<Gpu>,
+        config: &VaeConfig,
+        batch: usize,
+        size: (usize, usize),
+    ) -> Result<Vae, GpuError> {
+        Self::build(gpu, config, batch, size, false)
+    }
+
+    fn build(
+        gpu: &Arc<Gpu>,
+        config: &VaeConfig,
+        batch: usize,
         (h, w): (usize, usize),
+        with_encoder: bool,
     ) -> Result<Vae, GpuError> {
         config.validate().map_err(GpuError::Invalid)?;
         config.check_image_size((h, w)).map_err(GpuError::Invalid)?;
@@ -333,9 +355,11 @@ impl Vae {
         let l = c.latent_channels;
         let (lh, lw) = (h / c.downscale(), w / c.downscale());
         let mut d = ParamDecls::default();
+        let unused = (!with_encoder).then(crate::gpu::unused_activations);
         let sample = Act::new(gpu, &[batch, h, w, c.in_channels], "sample");
         let encoder = encoder(gpu, &mut d, c, &sample);
         let enc_out = Act::new(gpu, &[batch, lh, lw, 2 * l], "encoder.conv_out");
+        drop(unused);
         let quant_conv = c.use_quant_conv.then(|| {
             Conv2d::new(
                 &mut d,

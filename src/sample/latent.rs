@@ -109,18 +109,25 @@ impl LatentVae {
     }
 
     /// The VAE on the GPU for batches of `batch` images of `size` (its square sample_size when
-    /// None), with its weights.
+    /// None), with its weights: whole to encode (training), or `decode_only` (sampling: the
+    /// encoder's activations get no storage).
     pub fn load(
         &self,
         gpu: &Arc<Gpu>,
         batch: usize,
         size: Option<(usize, usize)>,
+        decode_only: bool,
     ) -> Result<LatentCodec> {
         let s = self.config.sample_size;
+        let size = size.unwrap_or((s, s));
         // Frozen: encode for training, decode for sampling; no gradients kept.
         let _no_grad = crate::gpu::no_grad();
-        let vae = Vae::at(gpu, &self.config, batch, size.unwrap_or((s, s)))
-            .with_context(|| format!("building the VAE of {}", self.dir.display()))?;
+        let vae = if decode_only {
+            Vae::decoder_at(gpu, &self.config, batch, size)
+        } else {
+            Vae::at(gpu, &self.config, batch, size)
+        }
+        .with_context(|| format!("building the VAE of {}", self.dir.display()))?;
         let weights = read_model_weights(&self.dir, &vae.params)?;
         if let Some(i) = weights.iter().position(|v| !v.is_finite()) {
             bail!(

@@ -177,7 +177,7 @@ impl Sampler {
         let reset_plan = rec.finish();
         let decoder = match &options.vae {
             Some(vae) => {
-                let codec = vae.load(gpu, batch, options.size)?;
+                let codec = vae.load(gpu, batch, options.size, true)?;
                 let mut rec = gpu.recorder();
                 rec.freeze(&codec.vae.params.value_buffers());
                 rec.recycle_packs(PACKS_PER_SIZE);

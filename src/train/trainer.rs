@@ -468,7 +468,7 @@ impl Trainer {
                 .collect(),
             None => Vec::new(),
         };
-        let latent = vae.map(|v| v.load(&gpu, b, None)).transpose()?;
+        let latent = vae.map(|v| v.load(&gpu, b, None, false)).transpose()?;
         let x0 = data_tensors(&gpu, &image_shape, latent.as_ref(), accum);
         let losses: Vec<Tensor> = (0..accum)
             .map(|i| gpu.tensor(&[1], &format!("loss {i}")))

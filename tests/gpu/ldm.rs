@@ -86,7 +86,7 @@ fn latent_codec_scales_and_shifts_like_diffusers() {
     });
     let source = LatentVae::from_dir(&dir).unwrap();
     let b = 3;
-    let codec = source.load(&g, b, None).unwrap();
+    let codec = source.load(&g, b, None, false).unwrap();
     let vae = &codec.vae;
     let images: Vec<f32> = random(vae.sample.value.numel(), 7)
         .iter()
@@ -125,6 +125,46 @@ fn latent_codec_scales_and_shifts_like_diffusers() {
     let want = read(&g, &vae.output.value);
     let want64: Vec<f64> = want.iter().map(|v| *v as f64).collect();
     assert_close("decode(x0 / scale + shift)", &decoded, &want64, 1e-6, 1e-6);
+}
+
+/// A sampler's decode-only VAE (`load(.., decode_only)`): the encoder's activations have no
+/// storage (the build allocates less than the whole VAE), decoding gives the whole VAE's bits,
+/// and recording the encoder is refused with the tensor's name.
+#[test]
+fn a_decode_only_vae_skips_the_encoders_activations() {
+    let g = &capped_gpus(u64::MAX, None)[0];
+    let source = LatentVae::from_dir(&vae_fixture()).unwrap();
+    let before = g.allocated_bytes();
+    let whole = source.load(g, 2, None, false).unwrap();
+    let whole_bytes = g.allocated_bytes() - before;
+    let decoder = source.load(g, 2, None, true).unwrap();
+    let decoder_bytes = g.allocated_bytes() - before - whole_bytes;
+    assert!(
+        decoder_bytes < whole_bytes,
+        "decode-only {decoder_bytes} B, whole {whole_bytes} B"
+    );
+    let latents: Vec<f32> = random(whole.vae.latent.value.numel(), 9)
+        .iter()
+        .map(|v| *v as f32)
+        .collect();
+    let x0 = g
+        .tensor_from(whole.vae.latent.value.shape(), &latents, "x0")
+        .unwrap();
+    let decode = |codec: &wgpu_diffusion::sample::LatentCodec| {
+        g.run(&[&run(g, |rec| codec.record_decode(rec, &x0).unwrap())])
+            .unwrap();
+        read(g, codec.output())
+    };
+    assert_eq!(
+        decode(&decoder),
+        decode(&whole),
+        "decode-only decodes differently"
+    );
+    g.check().unwrap();
+    let mut rec = g.recorder();
+    decoder.vae.encode(&mut rec).unwrap();
+    let err = g.check().unwrap_err().to_string();
+    assert!(err.contains("has no storage"), "{err}");
 }
 
 /// A latent run: trains, is killed after its first checkpoint and resumed to the same bits as
