@@ -86,6 +86,24 @@ impl VaeConfig {
         1 << (self.block_out_channels.len().max(1) - 1)
     }
 
+    /// The most values one of the decoder's activations holds per image of `(h, w)`: up-block
+    /// i works at 2^i × the latents' size with the i-th of the reversed block channels, and
+    /// its upsampler (all but the last block's) doubles that size.
+    pub fn largest_decoder_activation(&self, (h, w): (usize, usize)) -> usize {
+        let levels = self.block_out_channels.len();
+        let (lh, lw) = (h / self.downscale(), w / self.downscale());
+        self.block_out_channels
+            .iter()
+            .rev()
+            .enumerate()
+            .map(|(i, &c)| {
+                let up = if i + 1 < levels { 2 } else { 1 };
+                (lh << i) * (lw << i) * c * up * up
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Images of `(height, width)` other than the square `sample_size`: each side in
     /// 1..=MAX_SAMPLE_SIZE and a multiple of [`Self::downscale`].
     pub fn check_image_size(&self, (h, w): (usize, usize)) -> Result<(), String> {

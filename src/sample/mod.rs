@@ -85,7 +85,7 @@ pub struct Sampler {
     /// Super-resolution models: the batch's low-resolution input and its bicubic upsampling.
     sr: Option<SuperResolution>,
     /// Latent diffusion: the VAE and its plan decoding x into images.
-    decoder: Option<(LatentCodec, Plan)>,
+    decoder: Option<Decoder>,
 }
 
 struct SuperResolution {
@@ -175,20 +175,11 @@ impl Sampler {
         rec.clear(&aux3);
         rec.clear(&z);
         let reset_plan = rec.finish();
-        let decoder = match &options.vae {
-            Some(vae) => {
-                let codec = vae.load(gpu, batch, options.size, true)?;
-                let mut rec = gpu.recorder();
-                rec.freeze(&codec.vae.params.value_buffers());
-                rec.recycle_packs(PACKS_PER_SIZE);
-                codec.record_decode(&mut rec, &x)?;
-                // The VAE's weights are written by `load`: pack them now, once.
-                let (packs, plan) = rec.finish_with_setup();
-                gpu.run(&[&packs])?;
-                Some((codec, plan))
-            }
-            None => None,
-        };
+        let decoder = options
+            .vae
+            .as_ref()
+            .map(|vae| Decoder::new(gpu, vae, &x, options.size))
+            .transpose()?;
         Ok(Sampler {
             gpu: gpu.clone(),
             unet,
@@ -215,7 +206,7 @@ impl Sampler {
     /// [B, H, W, C] of a batch of images (NHWC): the decoded images of a latent model.
     pub fn image_shape(&self) -> [usize; 4] {
         let s = match &self.decoder {
-            Some((codec, _)) => codec.output().shape(),
+            Some(d) => d.images.shape(),
             None => self.x.shape(),
         };
         [s[0], s[1], s[2], s[3]]
@@ -302,8 +293,8 @@ impl Sampler {
     /// own submit (`sample --profile`).
     pub fn profile(&self) -> crate::gpu::PlanProfile {
         let mut plans = vec![&self.step_plan];
-        if let Some((_, decode)) = &self.decoder {
-            plans.push(decode);
+        if let Some(d) = &self.decoder {
+            plans.push(&d.plan);
         }
         crate::gpu::PlanProfile::of(&self.gpu, &plans)
     }
@@ -396,9 +387,9 @@ impl Sampler {
             }
         }
         let out = match &self.decoder {
-            Some((codec, plan)) => {
-                g.submit(&[plan]);
-                g.read(codec.output())?
+            Some(d) => {
+                g.submit(&[&d.plan]);
+                g.read(&d.images)?
             }
             None => g.read(&self.x)?,
         };
@@ -566,6 +557,69 @@ fn check_model_and_schedule(
         }
     }
     Ok(())
+}
+
+/// A latent sampler's decoder: the VAE and the plan decoding x into `images`, the whole batch
+/// at once, or one image after another (the same VAE buffers each time) when a batch of the
+/// decoder's largest activation would not fit one storage binding — row bands split one image,
+/// not a batch (SD's 512 × 512 decoder holds 256 MiB per image at its widest).
+struct Decoder {
+    /// The VAE the plan decodes with (its buffers live as long as the plan reads them).
+    _vae: LatentCodec,
+    plan: Plan,
+    /// The decoded batch, NHWC.
+    images: Tensor,
+}
+
+impl Decoder {
+    fn new(
+        gpu: &Arc<Gpu>,
+        vae: &LatentVae,
+        x: &Tensor,
+        size: Option<(usize, usize)>,
+    ) -> Result<Decoder> {
+        let batch = x.shape()[0];
+        let s = vae.config.sample_size;
+        let widest = vae
+            .config
+            .largest_decoder_activation(size.unwrap_or((s, s)))
+            * 4;
+        let max_binding = gpu.limits.max_storage_buffer_binding_size as usize;
+        let per_image = batch > 1 && batch * widest > max_binding;
+        let codec = vae.load(gpu, if per_image { 1 } else { batch }, size, true)?;
+        let mut rec = gpu.recorder();
+        rec.freeze(&codec.vae.params.value_buffers());
+        rec.recycle_packs(PACKS_PER_SIZE);
+        let images = if per_image {
+            let one = codec.output().shape().to_vec();
+            let images = gpu.tensor(&[&[batch], &one[1..]].concat(), "decoded images");
+            let (latent_len, image_len) = (x.numel() / batch, codec.output().numel());
+            for i in 0..batch {
+                let latent = x.view(
+                    i * latent_len,
+                    &[1, x.shape()[1], x.shape()[2], x.shape()[3]],
+                    "latent",
+                );
+                codec.record_decode(&mut rec, &latent)?;
+                rec.copy(
+                    codec.output(),
+                    &images.view(i * image_len, &one, "decoded image"),
+                )?;
+            }
+            images
+        } else {
+            codec.record_decode(&mut rec, x)?;
+            codec.output().clone()
+        };
+        // The VAE's weights are written by `load`: pack them now, once.
+        let (packs, plan) = rec.finish_with_setup();
+        gpu.run(&[&packs])?;
+        Ok(Decoder {
+            _vae: codec,
+            plan,
+            images,
+        })
+    }
 }
 
 /// Cached activation packs per texture size in a sampling plan ([`Recorder::recycle_packs`]):

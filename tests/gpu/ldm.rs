@@ -167,6 +167,63 @@ fn a_decode_only_vae_skips_the_encoders_activations() {
     assert!(err.contains("has no storage"), "{err}");
 }
 
+/// A sampling batch whose decoder activations would not fit one storage binding is decoded one
+/// image after another (row bands split one image, not a batch): with bindings capped at
+/// 76 KiB (the U-Net's widest weights take 72 KiB), five 16×16 images (the fixture VAE's
+/// widest activation is 16 KiB each) decode one by one into what the uncapped device decodes
+/// for the whole batch at once.
+#[test]
+fn a_batch_too_wide_for_one_binding_decodes_image_by_image() {
+    use wgpu_diffusion::diffusion::scheduler::{SamplerKind, SamplingSchedule, SchedulerConfig};
+    use wgpu_diffusion::nn::config::UNetConfig;
+    use wgpu_diffusion::sample::{Noise, Sampler, SamplerOptions};
+    let root = scratch("per-image");
+    let text = std::fs::read_to_string(unet_config(&root, 8, 4)).unwrap();
+    let config = UNetConfig::from_json(&text).unwrap();
+    let vae = LatentVae::from_dir(&vae_fixture()).unwrap();
+    assert_eq!(
+        vae.config.largest_decoder_activation((16, 16)) * 4,
+        16 << 10
+    );
+    let sample = |g: &std::sync::Arc<wgpu_diffusion::gpu::Gpu>| {
+        let schedule = SamplingSchedule::new(
+            &SchedulerConfig::ddpm_default(),
+            SamplerKind::Ddim,
+            3,
+            None,
+            0.0,
+        )
+        .unwrap();
+        let opts = SamplerOptions {
+            guidance: None,
+            inpaint: None,
+            vae: Some(vae.clone()),
+            context_tokens: None,
+            size: None,
+        };
+        let mut s = Sampler::new(g, &config, schedule, 5, &opts).unwrap();
+        s.set_weights(&wgpu_diffusion::nn::init::default_init(&s.unet.params, 0))
+            .unwrap();
+        assert_eq!(s.image_shape(), [5, 16, 16, 1]);
+        s.sample_batch(0, &Noise::Seeded(4), None, &mut |_| {})
+            .unwrap()
+    };
+    // Each capped device against an uncapped one of its GEMM path (the same sums).
+    for capped in capped_gpus(76 << 10, None) {
+        let path = capped.gemm_path;
+        let uncapped = capped_gpus(u64::MAX, None)
+            .into_iter()
+            .find(|g| g.gemm_path == path)
+            .unwrap();
+        let whole = sample(&uncapped);
+        let by_image = sample(&capped);
+        let want: Vec<f64> = whole.iter().map(|v| *v as f64).collect();
+        let what = format!("{path}: decoded image by image");
+        assert_close(&what, &by_image, &want, 1e-6, 1e-5);
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}
+
 /// A latent run: trains, is killed after its first checkpoint and resumed to the same bits as
 /// an uninterrupted run, exports unet/ + vae/ + scheduler/ (the VAE listed in
 /// model_index.json), and `sample` decodes its samples into the VAE's 16×16 grey images from
