@@ -195,62 +195,51 @@ impl UNetConfig {
 
     /// The text-to-image presets (UNet2DConditionModel, issue 23).
     fn text_preset(name: &str) -> Option<UNetConfig> {
+        // UNet2DConditionModel's own defaults (sin first, no shift, eps 1e-5, padding 1) and
+        // 4 heads of cross-attention to the 64-wide text encoder at every level of `layout`
+        // whose blocks have it, and in the mid-block.
+        let conditional = |layout: UNetConfig| UNetConfig {
+            norm_eps: 1e-5,
+            flip_sin_to_cos: true,
+            freq_shift: 0.0,
+            downsample_padding: 1,
+            cross_attention: Some(CrossAttention {
+                cross_attention_dim: 64,
+                heads: vec![4; layout.block_out_channels.len()],
+                transformer_layers: vec![1; layout.block_out_channels.len()],
+                use_linear_projection: false,
+                upcast_attention: false,
+                mid_block: true,
+            }),
+            ..layout
+        };
         let ddpm = Self::preset_layout;
         match name {
             // Text-to-image on MNIST (issue 23): a UNet2DConditionModel at 28, 14 and 7 pixels
-            // with cross-attention to a 64-wide text encoder at 7×7 (down, mid and up: 49
-            // tokens, where attention is cheap), and UNet2DConditionModel's own defaults (sin
-            // first, no shift, eps 1e-5, padding 1).
-            "mnist28-text" => Some(UNetConfig {
-                norm_eps: 1e-5,
-                flip_sin_to_cos: true,
-                freq_shift: 0.0,
-                downsample_padding: 1,
-                cross_attention: Some(CrossAttention {
-                    cross_attention_dim: 64,
-                    heads: vec![4, 4, 4],
-                    transformer_layers: vec![1, 1, 1],
-                    use_linear_projection: false,
-                    upcast_attention: false,
-                    mid_block: true,
-                }),
-                ..ddpm(
-                    28,
-                    1,
-                    &[32, 64, 64],
-                    1,
-                    &["DownBlock2D", "DownBlock2D", CROSS_DOWN],
-                    &[CROSS_UP, "UpBlock2D", "UpBlock2D"],
-                    8,
-                )
-            }),
+            // with cross-attention at 7×7 (down, mid and up: 49 tokens, where attention is
+            // cheap).
+            "mnist28-text" => Some(conditional(ddpm(
+                28,
+                1,
+                &[32, 64, 64],
+                1,
+                &["DownBlock2D", "DownBlock2D", CROSS_DOWN],
+                &[CROSS_UP, "UpBlock2D", "UpBlock2D"],
+                8,
+            ))),
             // Stable Diffusion's layout at MNIST's latent size (issue 23, `--vae` with
             // `--text-conditional`): a UNet2DConditionModel on mnist-vae's 4×8×8 latents with
-            // cross-attention to the 64-wide text encoder at 8×8 and 4×4 (64 and 16 tokens)
-            // and in the mid-block, 32 groups as SD's U-Net.
-            "mnist-sd" => Some(UNetConfig {
-                norm_eps: 1e-5,
-                flip_sin_to_cos: true,
-                freq_shift: 0.0,
-                downsample_padding: 1,
-                cross_attention: Some(CrossAttention {
-                    cross_attention_dim: 64,
-                    heads: vec![4, 4],
-                    transformer_layers: vec![1, 1],
-                    use_linear_projection: false,
-                    upcast_attention: false,
-                    mid_block: true,
-                }),
-                ..ddpm(
-                    8,
-                    4,
-                    &[64, 128],
-                    2,
-                    &[CROSS_DOWN, CROSS_DOWN],
-                    &[CROSS_UP, CROSS_UP],
-                    32,
-                )
-            }),
+            // cross-attention at 8×8 and 4×4 (64 and 16 tokens) and in the mid-block, 32
+            // groups as SD's U-Net.
+            "mnist-sd" => Some(conditional(ddpm(
+                8,
+                4,
+                &[64, 128],
+                2,
+                &[CROSS_DOWN, CROSS_DOWN],
+                &[CROSS_UP, CROSS_UP],
+                32,
+            ))),
             _ => None,
         }
     }

@@ -26,6 +26,17 @@ fn dispatches(plan: &Plan, entry_prefix: &str) -> usize {
         .count()
 }
 
+/// The geometry of a reference conv (stride, padding [top, left, bottom, right]).
+fn geometry_of(c: &Conv) -> Conv2dGeometry {
+    Conv2dGeometry {
+        stride: c.stride,
+        pad_top: c.pad[0],
+        pad_left: c.pad[1],
+        pad_bottom: c.pad[2],
+        pad_right: c.pad[3],
+    }
+}
+
 /// 16 KiB bindings: one sample of [29, 16, 16] is 29 KiB, so every op below runs in bands.
 const BINDING: u64 = 16 << 10;
 
@@ -58,13 +69,7 @@ fn conv2d_in_row_bands_matches_reference() {
             let wt = upload(&g, &[c.co, c.ci, c.kh, c.kw], &w, "w");
             let bt = upload(&g, &[c.co], &b, "b");
             let y = g.tensor(&[c.n, oh, ow, c.co], "y");
-            let geometry = Conv2dGeometry {
-                stride: c.stride,
-                pad_top: c.pad[0],
-                pad_left: c.pad[1],
-                pad_bottom: c.pad[2],
-                pad_right: c.pad[3],
-            };
+            let geometry = geometry_of(c);
             let plan = run(&g, |rec| {
                 conv2d_forward(rec, &xt, &wt, Some(&bt), &y, &geometry).unwrap()
             });
@@ -208,70 +213,93 @@ fn a_sampling_build_keeps_no_gradients() {
     drop(training);
 }
 
+/// A subgroup-path device whose textures are capped at 256 texels a side, or None on an adapter
+/// without the subgroup path (nothing is packed there).
+fn small_texture_gpu() -> Option<std::sync::Arc<wgpu_diffusion::gpu::Gpu>> {
+    use wgpu_diffusion::gpu::{GemmPathChoice, Gpu, GpuOptions};
+    if gemm_paths().len() < 2 {
+        return None;
+    }
+    let options = GpuOptions {
+        gemm_path: Some(GemmPathChoice::Subgroup),
+        cap_texture: Some(256),
+        ..Default::default()
+    };
+    Some(Gpu::new(&options).unwrap())
+}
+
+/// Records conv `c`'s forward and backward-input (inputs drawn from `seed`), checks that
+/// neither fell back to the portable kernel and both equal the f64 reference (tests/gpu/
+/// conv2d.rs's tolerances), and returns the plan.
+fn folded_conv_matches_reference(
+    g: &std::sync::Arc<wgpu_diffusion::gpu::Gpu>,
+    c: &Conv,
+    seed: u64,
+    what: &str,
+) -> Plan {
+    use wgpu_diffusion::ops::conv2d::conv2d_backward_input;
+    let (oh, ow) = (c.out_h(), c.out_w());
+    let x = random(c.n * c.h * c.w * c.ci, seed);
+    let w = random(c.co * c.ci * c.kh * c.kw, seed + 1);
+    let dy = random(c.n * oh * ow * c.co, seed + 2);
+    let xt = upload(g, &[c.n, c.h, c.w, c.ci], &x, "x");
+    let wt = upload(g, &[c.co, c.ci, c.kh, c.kw], &w, "w");
+    let dyt = upload(g, &[c.n, oh, ow, c.co], &dy, "dy");
+    let y = g.tensor(&[c.n, oh, ow, c.co], "y");
+    let dx = g.tensor(&[c.n, c.h, c.w, c.ci], "dx");
+    let geometry = geometry_of(c);
+    let plan = run(g, |rec| {
+        conv2d_forward(rec, &xt, &wt, None, &y, &geometry).unwrap();
+        conv2d_backward_input(rec, &dyt, &wt, &dx, &geometry, false).unwrap();
+    });
+    g.check().unwrap();
+    let portable = plan.records().iter().filter(|r| r.shader == "gemm").count();
+    assert_eq!(
+        portable, 0,
+        "{what}: a conv fell back to the portable kernel"
+    );
+    let want = c.forward(&x, &w, None);
+    let tol = 1e-5 * max_abs(&want);
+    assert_close(&format!("{what}: forward"), &read(g, &y), &want, tol, 1e-4);
+    let (want_dx, _, _) = c.backward(&x, &w, &dy);
+    let tol = 1e-5 * max_abs(&want_dx);
+    assert_close(&format!("{what}: dx"), &read(g, &dx), &want_dx, tol, 1e-4);
+    plan
+}
+
+fn conv3x3(
+    n: usize,
+    h: usize,
+    w: usize,
+    ci: usize,
+    co: usize,
+    stride: usize,
+    pad: [usize; 4],
+) -> Conv {
+    Conv {
+        n,
+        h,
+        w,
+        ci,
+        co,
+        kh: 3,
+        kw: 3,
+        stride,
+        pad,
+    }
+}
+
 /// Conv weights whose packed matrix is taller than a texture (SD 1.5's 2560-channel 3×3 convs:
 /// 23040 rows against lavapipe's 16384) are folded into column blocks of whole taps and stay on
 /// the subgroup kernels: with textures capped at 256 rows, 64 channels × 9 taps (576 rows) fold
 /// into 3 blocks of 4 taps. Forward and backward-input against the reference.
 #[test]
 fn conv_weights_taller_than_a_texture_fold_at_whole_taps() {
-    use wgpu_diffusion::gpu::{GemmPathChoice, Gpu, GpuOptions};
-    use wgpu_diffusion::ops::conv2d::conv2d_backward_input;
-    if gemm_paths().len() < 2 {
-        return; // no subgroup path on this adapter: nothing is packed
-    }
-    let g = Gpu::new(&GpuOptions {
-        gemm_path: Some(GemmPathChoice::Subgroup),
-        cap_texture: Some(256),
-        ..Default::default()
-    })
-    .unwrap();
-    let c = Conv {
-        n: 2,
-        h: 7,
-        w: 8,
-        ci: 64,
-        co: 64,
-        kh: 3,
-        kw: 3,
-        stride: 1,
-        pad: [1; 4],
+    let Some(g) = small_texture_gpu() else {
+        return;
     };
-    let x = random(c.n * c.h * c.w * c.ci, 120);
-    let w = random(c.co * c.ci * 9, 121);
-    let dy = random(c.n * c.h * c.w * c.co, 122);
-    let (xt, wt) = (
-        upload(&g, &[2, 7, 8, 64], &x, "x"),
-        upload(&g, &[64, 64, 3, 3], &w, "w"),
-    );
-    let dyt = upload(&g, &[2, 7, 8, 64], &dy, "dy");
-    let (y, dx) = (
-        g.tensor(&[2, 7, 8, 64], "y"),
-        g.tensor(&[2, 7, 8, 64], "dx"),
-    );
-    let geometry = Conv2dGeometry::same(1, 1);
-    let plan = run(&g, |rec| {
-        conv2d_forward(rec, &xt, &wt, None, &y, &geometry).unwrap();
-        conv2d_backward_input(rec, &dyt, &wt, &dx, &geometry, false).unwrap();
-    });
-    g.check().unwrap();
-    let portable = plan.records().iter().filter(|r| r.shader == "gemm").count();
-    assert_eq!(portable, 0, "a conv fell back to the portable kernel");
-    let want = c.forward(&x, &w, None);
-    assert_close(
-        "folded forward",
-        &read(&g, &y),
-        &want,
-        1e-5 * max_abs(&want),
-        1e-4,
-    );
-    let (want_dx, _, _) = c.backward(&x, &w, &dy);
-    assert_close(
-        "folded dx",
-        &read(&g, &dx),
-        &want_dx,
-        1e-5 * max_abs(&want_dx),
-        1e-4,
-    );
+    let c = conv3x3(2, 7, 8, 64, 64, 1, [1; 4]);
+    folded_conv_matches_reference(&g, &c, 120, "folded weights");
 }
 
 /// NHWC activations whose image rows are wider than a texture (SD's VAE decoder at 512²:
@@ -284,90 +312,17 @@ fn conv_weights_taller_than_a_texture_fold_at_whole_taps() {
 /// packs, under a stride-2 conv with asymmetric padding. Against the f64 reference.
 #[test]
 fn activation_rows_wider_than_a_texture_fold_into_parts() {
-    use wgpu_diffusion::gpu::{GemmPathChoice, Gpu, GpuOptions};
-    use wgpu_diffusion::ops::conv2d::conv2d_backward_input;
-    if gemm_paths().len() < 2 {
-        return; // no subgroup path on this adapter: nothing is packed
-    }
-    let g = Gpu::new(&GpuOptions {
-        gemm_path: Some(GemmPathChoice::Subgroup),
-        cap_texture: Some(256),
-        ..Default::default()
-    })
-    .unwrap();
+    let Some(g) = small_texture_gpu() else {
+        return;
+    };
     let cases = [
-        (
-            Conv {
-                n: 2,
-                h: 5,
-                w: 37,
-                ci: 30,
-                co: 64,
-                kh: 3,
-                kw: 3,
-                stride: 1,
-                pad: [1; 4],
-            },
-            true,
-        ),
-        (
-            Conv {
-                n: 2,
-                h: 9,
-                w: 48,
-                ci: 64,
-                co: 8,
-                kh: 3,
-                kw: 3,
-                stride: 2,
-                pad: [0, 0, 1, 1],
-            },
-            false,
-        ),
+        (conv3x3(2, 5, 37, 30, 64, 1, [1; 4]), true),
+        (conv3x3(2, 9, 48, 64, 8, 2, [0, 0, 1, 1]), false),
     ];
     for (i, (c, by_kernel)) in cases.iter().enumerate() {
-        let (oh, ow) = (c.out_h(), c.out_w());
-        let x = random(c.n * c.h * c.w * c.ci, 130 + i as u64);
-        let w = random(c.co * c.ci * 9, 140 + i as u64);
-        let dy = random(c.n * oh * ow * c.co, 150 + i as u64);
-        let xt = upload(&g, &[c.n, c.h, c.w, c.ci], &x, "x");
-        let wt = upload(&g, &[c.co, c.ci, 3, 3], &w, "w");
-        let dyt = upload(&g, &[c.n, oh, ow, c.co], &dy, "dy");
-        let y = g.tensor(&[c.n, oh, ow, c.co], "y");
-        let dx = g.tensor(&[c.n, c.h, c.w, c.ci], "dx");
-        let geometry = Conv2dGeometry {
-            stride: c.stride,
-            pad_top: c.pad[0],
-            pad_left: c.pad[1],
-            pad_bottom: c.pad[2],
-            pad_right: c.pad[3],
-        };
-        let plan = run(&g, |rec| {
-            conv2d_forward(rec, &xt, &wt, None, &y, &geometry).unwrap();
-            conv2d_backward_input(rec, &dyt, &wt, &dx, &geometry, false).unwrap();
-        });
-        g.check().unwrap();
-        let portable = plan.records().iter().filter(|r| r.shader == "gemm").count();
-        assert_eq!(
-            portable, 0,
-            "case {i}: a conv fell back to the portable kernel"
-        );
+        let what = format!("folded rows, case {i}");
+        let plan = folded_conv_matches_reference(&g, c, 130 + 10 * i as u64, &what);
         let packed_by_kernel = dispatches(&plan, "pack_nhwc") > 0;
-        assert_eq!(
-            packed_by_kernel, *by_kernel,
-            "case {i}: pack kernel or copy"
-        );
-        let want = c.forward(&x, &w, None);
-        let what = format!("case {i}: folded-row forward");
-        assert_close(&what, &read(&g, &y), &want, 1e-5 * max_abs(&want), 1e-4);
-        let (want_dx, _, _) = c.backward(&x, &w, &dy);
-        let what = format!("case {i}: folded-row dx");
-        assert_close(
-            &what,
-            &read(&g, &dx),
-            &want_dx,
-            1e-5 * max_abs(&want_dx),
-            1e-4,
-        );
+        assert_eq!(packed_by_kernel, *by_kernel, "{what}: pack kernel or copy");
     }
 }
