@@ -12,7 +12,7 @@
 
 use crate::common::*;
 use wgpu_diffusion::gpu::Plan;
-use wgpu_diffusion::ops::conv2d::{Conv2dGeometry, conv2d_forward};
+use wgpu_diffusion::ops::conv2d::conv2d_forward;
 use wgpu_diffusion::ops::embedding::embedding_add_forward;
 use wgpu_diffusion::ops::group_norm::{group_norm_forward, group_norm_silu_forward};
 use wgpu_diffusion::ops::upsample::upsample_nearest2x_forward;
@@ -24,17 +24,6 @@ fn dispatches(plan: &Plan, entry_prefix: &str) -> usize {
         .iter()
         .filter(|r| r.kind == "dispatch" && r.entry.starts_with(entry_prefix))
         .count()
-}
-
-/// The geometry of a reference conv (stride, padding [top, left, bottom, right]).
-fn geometry_of(c: &Conv) -> Conv2dGeometry {
-    Conv2dGeometry {
-        stride: c.stride,
-        pad_top: c.pad[0],
-        pad_left: c.pad[1],
-        pad_bottom: c.pad[2],
-        pad_right: c.pad[3],
-    }
 }
 
 /// 16 KiB bindings: one sample of [29, 16, 16] is 29 KiB, so every op below runs in bands.
@@ -69,7 +58,7 @@ fn conv2d_in_row_bands_matches_reference() {
             let wt = upload(&g, &[c.co, c.ci, c.kh, c.kw], &w, "w");
             let bt = upload(&g, &[c.co], &b, "b");
             let y = g.tensor(&[c.n, oh, ow, c.co], "y");
-            let geometry = geometry_of(c);
+            let geometry = conv_geometry(c);
             let plan = run(&g, |rec| {
                 conv2d_forward(rec, &xt, &wt, Some(&bt), &y, &geometry).unwrap()
             });
@@ -247,7 +236,7 @@ fn folded_conv_matches_reference(
     let dyt = upload(g, &[c.n, oh, ow, c.co], &dy, "dy");
     let y = g.tensor(&[c.n, oh, ow, c.co], "y");
     let dx = g.tensor(&[c.n, c.h, c.w, c.ci], "dx");
-    let geometry = geometry_of(c);
+    let geometry = conv_geometry(c);
     let plan = run(g, |rec| {
         conv2d_forward(rec, &xt, &wt, None, &y, &geometry).unwrap();
         conv2d_backward_input(rec, &dyt, &wt, &dx, &geometry, false).unwrap();

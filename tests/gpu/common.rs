@@ -80,6 +80,19 @@ pub fn upload(g: &Arc<Gpu>, shape: &[usize], data: &[f64], label: &str) -> Tenso
 }
 
 /// Rounds test inputs to f32 so the f64 reference sees exactly what the GPU sees.
+/// The geometry of a reference conv (stride, padding [top, left, bottom, right]).
+pub fn conv_geometry(
+    c: &wgpu_diffusion::reference::conv2d::Conv,
+) -> wgpu_diffusion::ops::conv2d::Conv2dGeometry {
+    wgpu_diffusion::ops::conv2d::Conv2dGeometry {
+        stride: c.stride,
+        pad_top: c.pad[0],
+        pad_left: c.pad[1],
+        pad_bottom: c.pad[2],
+        pad_right: c.pad[3],
+    }
+}
+
 pub fn f32_round(v: &[f64]) -> Vec<f64> {
     v.iter().map(|&x| x as f32 as f64).collect()
 }

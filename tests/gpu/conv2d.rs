@@ -9,16 +9,6 @@ use wgpu_diffusion::ops::conv2d::{
 };
 use wgpu_diffusion::reference::conv2d::Conv;
 
-fn geometry(c: &Conv) -> Conv2dGeometry {
-    Conv2dGeometry {
-        stride: c.stride,
-        pad_top: c.pad[0],
-        pad_left: c.pad[1],
-        pad_bottom: c.pad[2],
-        pad_right: c.pad[3],
-    }
-}
-
 /// Many pixels, few output tiles: the backward-weight pass splits K into slices summed afterwards
 /// (on both paths).
 const SPLIT_K: Conv = Conv {
@@ -184,7 +174,7 @@ fn conv2d_all_passes() {
             let tgrads2 = g.tensor(&[db_at + c.co], "gradients 2");
             let tdw_two = tgrads2.view(0, &[c.co, c.ci, c.kh, c.kw], "dw in gradients 2");
             let tdb_two = tgrads2.view(db_at, &[c.co], "db in gradients 2");
-            let geo = geometry(c);
+            let geo = conv_geometry(c);
             run(&g, |rec| {
                 conv2d_forward(rec, &tx, &tw, Some(&tb), &ty, &geo).unwrap();
                 conv2d_backward_input(rec, &tdy, &tw, &tdx, &geo, false).unwrap();
@@ -344,7 +334,8 @@ fn bias_gradient_apart_from_its_weight_gradient_leaves_the_gap_alone() {
         let tx = upload(&g, &[c.n, c.h, c.w, c.ci], &x, "x");
         let tdy = upload(&g, &[c.n, c.h, c.w, c.co], &dy, "dy");
         run(&g, |rec| {
-            conv2d_backward_weight(rec, &tx, &tdy, &tdw, Some(&tdb), &geometry(&c), false).unwrap();
+            conv2d_backward_weight(rec, &tx, &tdy, &tdw, Some(&tdb), &conv_geometry(&c), false)
+                .unwrap();
         });
         let w = vec![0.0; numel];
         let (_, dw, db) = c.backward(&x, &w, &dy);
