@@ -295,12 +295,11 @@ impl Recorder {
                 && src.offset() < t.offset() + t.numel().max(1)
                 && t.offset() < src.offset() + src.numel().max(1)
         };
-        let (gone, kept) = std::mem::take(&mut self.packs)
+        let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.packs)
             .into_iter()
             .partition(|(src, _, _)| overlaps(src));
         self.packs = kept;
         if self.reuse_textures {
-            let gone: Vec<(Tensor, String, Texture2d)> = gone;
             self.free_textures
                 .extend(gone.into_iter().map(|(_, _, tex)| tex));
         }
