@@ -20,21 +20,7 @@ struct Params {
     _pad1: u32,
 }
 
-// Host-computed per-step values (src/ops/adamw.rs: AdamwHyper; same field order).
-struct Hyper {
-    lr: f32,
-    beta1: f32,
-    beta2: f32,
-    eps: f32,
-    weight_decay: f32,
-    decay_mul: f32,             // 1 − lr·wd, rounded once from f64 as torch's Python scalar
-    step_size: f32,             // lr / (1 − β1^t)
-    bias_correction2_sqrt: f32, // sqrt(1 − β2^t)
-    one_minus_beta1: f32,
-    one_minus_beta2: f32,
-    ema_one_minus_decay: f32,   // 1 − diffusers EMAModel.get_decay(step)
-    _pad: f32,
-}
+//#include adamw_hyper
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> h: Hyper;
@@ -48,6 +34,9 @@ struct Hyper {
 @group(0) @binding(9) var<storage, read_write> partials: array<f32>;
 @group(0) @binding(10) var<storage, read> partials_in: array<f32>;
 @group(0) @binding(11) var<storage, read_write> norm_out: array<f32>;
+// The loss scale the gradients carry (element 0: GradScaler's scale, or a tensor holding 1.0);
+// the norm is taken of the unscaled gradients, as after torch's `scaler.unscale_(optimizer)`.
+@group(0) @binding(18) var<storage, read> loss_scale: array<f32>;
 
 const WG: u32 = 256u;
 const ITEMS: u32 = 8u;          // elements per thread in the sum of squares
@@ -65,6 +54,7 @@ fn lerp(a: f32, b: f32, w: f32) -> f32 {
 @compute @workgroup_size(256)
 fn adamw_step(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
               @builtin(local_invocation_index) lid: u32) {
+    if (h.skip != 0.0) { return; }
     let i = group_index(wid, nwg) * WG + lid;
     if (i >= p.n) { return; }
     let g = grads[i] * grad_scale[0];
@@ -96,6 +86,7 @@ fn lerp4(a: vec4<f32>, b: vec4<f32>, w: f32) -> vec4<f32> {
 @compute @workgroup_size(256)
 fn adamw_step4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                @builtin(local_invocation_index) lid: u32) {
+    if (h.skip != 0.0) { return; }
     let i = group_index(wid, nwg) * WG + lid;
     if (i >= p.n / 4u) { return; }
     let g = grads4[i] * grad_scale[0];
@@ -111,6 +102,7 @@ fn adamw_step4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
 @compute @workgroup_size(256)
 fn ema_update4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                @builtin(local_invocation_index) lid: u32) {
+    if (h.skip != 0.0) { return; }
     let i = group_index(wid, nwg) * WG + lid;
     if (i >= p.n / 4u) { return; }
     let e = ema4[i];
@@ -121,6 +113,7 @@ fn ema_update4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
 @compute @workgroup_size(256)
 fn ema_update(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
               @builtin(local_invocation_index) lid: u32) {
+    if (h.skip != 0.0) { return; }
     let i = group_index(wid, nwg) * WG + lid;
     if (i >= p.n) { return; }
     let e = ema[i];
@@ -129,17 +122,20 @@ fn ema_update(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
 
 //#include tree_sum
 
-// Stage 1: partials[g] = Σ over chunk g of grad² (unscaled gradients).
+// Stage 1: partials[g] = Σ over chunk g of (grad / loss_scale)².
 @compute @workgroup_size(256)
 fn sumsq_partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                  @builtin(local_invocation_index) lid: u32) {
     let g = group_index(wid, nwg);
     let base = g * CHUNK + lid;
+    // A power-of-two scale makes x exactly torch's unscaled gradient; an inf or NaN gradient
+    // makes the sum, and so the norm, non-finite (src/ops/grad_scaler.rs reads that as found_inf).
+    let unscale = 1.0 / loss_scale[0];
     var acc = 0.0;
     for (var k = 0u; k < ITEMS; k = k + 1u) {
         let i = base + k * WG;
         if (i < p.n) {
-            let x = grads[i];
+            let x = grads[i] * unscale;
             acc = acc + x * x;
         }
     }

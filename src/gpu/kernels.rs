@@ -46,6 +46,10 @@ pub const SHADERS: &[(&str, &str)] = &[
     ),
     ("loss", include_str!("../../shaders/loss.wgsl")),
     ("adamw", include_str!("../../shaders/adamw.wgsl")),
+    (
+        "grad_scaler",
+        include_str!("../../shaders/grad_scaler.wgsl"),
+    ),
     ("noise", include_str!("../../shaders/noise.wgsl")),
     ("diffusion", include_str!("../../shaders/diffusion.wgsl")),
     ("samplers", include_str!("../../shaders/samplers.wgsl")),
@@ -55,6 +59,10 @@ pub const SHADERS: &[(&str, &str)] = &[
 
 /// The shared pieces a shader pulls in with `//#include NAME`: (NAME, WGSL).
 pub const INCLUDES: &[(&str, &str)] = &[
+    (
+        "adamw_hyper",
+        include_str!("../../shaders/include/adamw_hyper.wgsl"),
+    ),
     (
         "attention_common",
         include_str!("../../shaders/include/attention_common.wgsl"),

@@ -37,7 +37,9 @@ pub struct AdamwHyper {
     pub one_minus_beta2: f32,
     /// 1 − EMA decay for this step ([`EmaConfig::get_decay`]).
     pub ema_one_minus_decay: f32,
-    pub _pad: f32,
+    /// Non-zero: skip the step (AdamW and the EMA leave everything as is). The host writes 0;
+    /// `grad_scaler_update` writes 1 when the gradients are not finite.
+    pub skip: f32,
 }
 
 /// Elements of the `hyper` tensor.
@@ -84,7 +86,7 @@ impl AdamwHyper {
             one_minus_beta1: (1.0 - cfg.beta1) as f32,
             one_minus_beta2: (1.0 - cfg.beta2) as f32,
             ema_one_minus_decay: (1.0 - ema_decay) as f32,
-            _pad: 0.0,
+            skip: 0.0,
         }
     }
 }
@@ -288,8 +290,31 @@ pub fn grad_norm_chunks(
     max_norm: Option<f32>,
     out: &Tensor,
 ) -> OpResult {
+    let one = rec
+        .gpu
+        .tensor_from(&[1], &[1.0], "grad norm: loss scale 1")?;
+    grad_norm_unscaled(rec, chunks, max_norm, &one, out)
+}
+
+/// [`grad_norm_chunks`] of the gradients divided by `loss_scale[0]` (a GradScaler's scale,
+/// element 0 of its state; `ops::grad_scaler`): the norm and clip factor torch's
+/// `clip_grad_norm_` computes after `scaler.unscale_(optimizer)`. A non-finite gradient makes
+/// the norm non-finite.
+pub fn grad_norm_unscaled(
+    rec: &mut Recorder,
+    chunks: &[Tensor],
+    max_norm: Option<f32>,
+    loss_scale: &Tensor,
+    out: &Tensor,
+) -> OpResult {
     const OP: &str = "grad_norm";
     expect_numel(OP, "out", out, 2)?;
+    if loss_scale.numel() == 0 {
+        return Err(invalid(format!(
+            "{OP}: `loss_scale` (`{}`) is empty",
+            loss_scale.label()
+        )));
+    }
     if chunks.is_empty() {
         return Err(invalid(format!("{OP}: no gradient tensors")));
     }
@@ -316,7 +341,11 @@ pub fn grad_norm_chunks(
         rec.dispatch(
             key("sumsq_partial"),
             &p,
-            &[(2, grads.into()), (9, (&view).into())],
+            &[
+                (2, grads.into()),
+                (9, (&view).into()),
+                (18, loss_scale.into()),
+            ],
             grid_1d(groups),
         );
         offset += len;

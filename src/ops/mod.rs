@@ -11,6 +11,7 @@ pub mod elementwise;
 pub mod embedding;
 pub mod gelu;
 pub mod gemm;
+pub mod grad_scaler;
 pub mod group_norm;
 pub mod layer_norm;
 pub mod loss;

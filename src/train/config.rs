@@ -40,6 +40,16 @@ pub struct TrainConfig {
     pub weight_decay: f64,
     /// Clip the global gradient norm to this (0 = off).
     pub max_grad_norm: f64,
+    /// Dynamic loss scaling with torch.amp.GradScaler's semantics (`ops::grad_scaler`): the
+    /// loss gradient × a scale; a step whose gradients are not finite is skipped (parameters,
+    /// moments, AdamW's t and the EMA untouched) and the scale halves; after
+    /// `grad_scaler_growth_interval` clean steps in a row it doubles. Half precision needs it;
+    /// in f32 it turns an overflowing step into a skipped one instead of a stopped run.
+    pub grad_scaler: bool,
+    /// The scale the run starts from: a power of two (torch's default 2^16).
+    pub grad_scaler_init_scale: f64,
+    /// Clean steps in a row after which the scale doubles (torch's default 2000).
+    pub grad_scaler_growth_interval: u64,
     /// `ddpm` (the beta schedule and prediction type below) or `edm` (Karras et al. 2022:
     /// preconditioned denoiser, ln σ ~ N(−1.2, 1.2²); the beta keys then do not apply).
     pub objective: Objective,
@@ -133,6 +143,9 @@ impl Default for TrainConfig {
             adam_eps: 1e-8,
             weight_decay: 1e-6,
             max_grad_norm: 1.0,
+            grad_scaler: false,
+            grad_scaler_init_scale: 65536.0,
+            grad_scaler_growth_interval: 2000,
             objective: Objective::Ddpm,
             sigma_data: 0.5,
             ve_sigma_min: 0.01,
@@ -173,6 +186,26 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// The scale must stay a power of two (unscaling is then exact) within f32's normal range,
+    /// where the run's stop rule (below 2^-24) and f32 can both hold it.
+    fn validate_grad_scaler(&self) -> Result<(), String> {
+        let s = self.grad_scaler_init_scale;
+        let power_of_two = s.is_finite() && s > 0.0 && s.log2().fract() == 0.0;
+        if !(power_of_two && (2f64.powi(-24)..=2f64.powi(127)).contains(&s)) {
+            return Err(format!(
+                "grad_scaler_init_scale must be a power of two between 2^-24 and 2^127, is {s}"
+            ));
+        }
+        if !(1..=u32::MAX as u64).contains(&self.grad_scaler_growth_interval) {
+            return Err(format!(
+                "grad_scaler_growth_interval must be in 1..={}, is {}",
+                u32::MAX,
+                self.grad_scaler_growth_interval
+            ));
+        }
+        Ok(())
+    }
+
     /// Checks every numeric option, naming the key (flags use the same names with dashes).
     pub fn validate(&self) -> Result<(), String> {
         fn at_least_one(name: &str, v: u64) -> Result<(), String> {
@@ -223,6 +256,7 @@ impl TrainConfig {
         finite_non_negative("lr", self.lr)?;
         finite_non_negative("weight_decay", self.weight_decay)?;
         finite_non_negative("max_grad_norm", self.max_grad_norm)?;
+        self.validate_grad_scaler()?;
         finite_non_negative("snr_gamma", self.snr_gamma)?;
         finite_non_negative("ema_power", self.ema_power)?;
         in_unit_interval("adam_beta1", self.adam_beta1)?;

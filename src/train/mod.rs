@@ -5,6 +5,7 @@
 
 mod all_reduce;
 pub mod config;
+pub mod loss_scaling;
 pub mod plot;
 pub mod run_dir;
 pub mod text;
@@ -921,7 +922,7 @@ impl LossLog {
     /// the steps after it (a checkpoint or the run's end need not fall on a window's end).
     fn drain(
         &mut self,
-        trainer: &Trainer,
+        trainer: &mut Trainer,
         history: &mut Vec<(u64, f32)>,
         metrics: &mut Option<std::fs::File>,
         progress: &mut dyn Progress,
@@ -937,7 +938,7 @@ impl LossLog {
     /// Waits for the pending window (if any), checks every loss and records it.
     fn finish(
         &mut self,
-        trainer: &Trainer,
+        trainer: &mut Trainer,
         history: &mut Vec<(u64, f32)>,
         metrics: &mut Option<std::fs::File>,
         progress: &mut dyn Progress,
@@ -975,7 +976,7 @@ impl LossLog {
             bail!("the loss readback of steps {}..={} failed", p.first, p.last);
         }
         let slots = trainer.read_losses()?;
-        let cfg = &trainer.cfg;
+        let cfg = trainer.cfg.clone();
         let now = Instant::now();
         // The whole job's images: every rank's micro-batches.
         let per_step = cfg.batch_size * cfg.grad_accum * trainer.world.size();
@@ -988,15 +989,38 @@ impl LossLog {
         self.window_start = (p.last, now);
         let mut last_loss = None;
         for s in p.first..=p.last {
-            let loss = slots[((s - 1) % cfg.log_every) as usize];
-            if !loss.is_finite() {
+            let logged = slots[((s - 1) % cfg.log_every) as usize];
+            let loss = logged.loss;
+            // With a GradScaler a step with inf/NaN gradients is skipped, not the run's end;
+            // the run stops on its rules (loss_scaling::check_health).
+            let skipped = match (logged.scaler, trainer.scaler.as_mut()) {
+                (Some(state), Some(scaler)) => {
+                    scaler.note(s, state)?;
+                    let skipped = state.skipped_in_row > 0;
+                    if skipped {
+                        progress.message(&format!(
+                            "step {s}: inf/NaN gradients, optimizer step skipped ({} skipped so far); loss scale now {}",
+                            state.skipped_total, state.scale
+                        ));
+                    }
+                    Some((state, skipped))
+                }
+                _ => None,
+            };
+            if !loss.is_finite() && skipped.is_none_or(|(_, skipped)| !skipped) {
                 bail!(
                     "the loss became non-finite ({loss}) at step {s}; training stopped. Lower --lr or set --max-grad-norm."
                 );
             }
-            history.push((s, loss));
+            if loss.is_finite() {
+                history.push((s, loss));
+            }
             if let Some(metrics) = metrics.as_mut() {
                 let mut row = serde_json::json!({"step": s, "loss": loss, "lr": cfg.lr_at(s), "img_per_s": ips, "elapsed_s": self.run_start.elapsed().as_secs_f64()});
+                if let Some((state, _)) = skipped {
+                    row["loss_scale"] = state.scale.into();
+                    row["skipped_steps"] = state.skipped_total.into();
+                }
                 if trainer.world.is_parallel() {
                     // Seconds per step in the gradient readback, all-reduce and upload.
                     let steps = (trainer.step - self.first_step).max(1) as f64;
@@ -1005,7 +1029,11 @@ impl LossLog {
                 }
                 writeln!(metrics, "{row}")?;
             }
-            last_loss = Some(loss);
+            // After its row is written: the step that stops the run is in metrics.jsonl.
+            if let Some((state, _)) = skipped {
+                loss_scaling::check_health(s, &state)?;
+            }
+            last_loss = loss.is_finite().then_some(loss).or(last_loss);
         }
         progress.update(p.last, last_loss, cfg.lr_at(p.last), ips);
         Ok(())

@@ -97,7 +97,10 @@ pub fn truncate_metrics(path: &Path, up_to: u64) -> std::io::Result<Vec<(u64, f3
         let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
             continue;
         };
-        let (Some(step), Some(loss)) = (v["step"].as_u64(), v["loss"].as_f64()) else {
+        // A step a GradScaler skipped may have a non-finite loss, written as null.
+        let loss = v["loss"].as_f64();
+        let logged = v.get("loss").is_some_and(|l| l.is_number() || l.is_null());
+        let Some(step) = v["step"].as_u64().filter(|_| logged) else {
             continue;
         };
         // Steps only go up; a repeated or older step is a leftover of an earlier resume.
@@ -105,7 +108,9 @@ pub fn truncate_metrics(path: &Path, up_to: u64) -> std::io::Result<Vec<(u64, f3
             continue;
         }
         last = step;
-        history.push((step, loss as f32));
+        if let Some(loss) = loss {
+            history.push((step, loss as f32));
+        }
         kept.push_str(line);
         kept.push('\n');
     }

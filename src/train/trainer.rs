@@ -11,6 +11,7 @@ use anyhow::{Context, Result, anyhow, bail};
 
 use super::all_reduce::GradExchange;
 use super::config::TrainConfig;
+use super::loss_scaling::StepScaler;
 use super::text::{TextTraining, TrainerText};
 use crate::diffusion::edm::{P_MEAN, P_STD};
 use crate::diffusion::{NoiseSchedule, PredictionType};
@@ -21,12 +22,13 @@ use crate::nn::{ParamStore, UNet, UNetConfig, text_unet};
 use crate::ops::OpResult;
 use crate::ops::adamw::{
     AdamwConfig, AdamwHyper, EmaConfig, HYPER_LEN, adamw_step, ema_update, grad_norm_chunks,
-    write_hyper,
+    grad_norm_unscaled, write_hyper,
 };
 use crate::ops::diffusion::{
     edm_noised, edm_sigmas, min_snr_weights, v_target, ve_noised, ve_sigmas,
 };
 use crate::ops::elementwise::{cast_u32_to_f32, copy_channels};
+use crate::ops::grad_scaler::{STATE_LEN, ScalerState, grad_scaler_update, scale_loss_gradient};
 use crate::ops::loss::{mse_backward, mse_loss};
 use crate::ops::noise::{purpose, q_sample, random_normal, random_uniform_u32, write_rng_state};
 use crate::ops::upsample::{avg_pool_forward, upsample_bicubic_forward};
@@ -66,14 +68,30 @@ pub struct Trainer {
     exchange: Option<GradExchange>,
     adam: AdamwConfig,
     ema_cfg: EmaConfig,
-    /// Optimizer steps done.
+    /// Steps done (the data, RNG and learning-rate position).
     pub step: u64,
+    /// AdamW's t: optimizer steps taken (= `step` unless a GradScaler skipped some; with one,
+    /// the last count read back from the GPU).
+    pub optimizer_steps: u64,
+    /// Dynamic loss scaling (`cfg.grad_scaler`).
+    pub scaler: Option<StepScaler>,
+    /// Words per step in the loss log: the micro-batches' losses, then the scaler's state.
+    log_record: usize,
     /// Images consumed from the data stream.
     pub data_position: u64,
     /// Class names by label (class-conditional runs), saved with checkpoints and exports.
     pub class_names: Vec<String>,
     /// Text-conditional runs: the text encoder sharing the U-Net's store, the captions' ids.
     pub text: Option<TrainerText>,
+}
+
+/// One step's record in the loss log.
+#[derive(Clone, Copy, Debug)]
+pub struct LoggedStep {
+    /// The mean loss over the step's micro-batches (and ranks).
+    pub loss: f32,
+    /// The GradScaler's state after the step (runs with one).
+    pub scaler: Option<ScalerState>,
 }
 
 /// The step's per-micro-batch scratch: what the noising, the loss and the optimizer update read
@@ -95,6 +113,9 @@ struct StepScratch {
     /// VE-SDE (`objective = "ve-sde"`): (σ_min, σ_max, ε), the loss weights σ² and the score
     /// target −z/σ.
     ve: Option<((f32, f32, f32), Tensor, Tensor)>,
+    /// The GradScaler's state (`train.grad_scaler`): the loss gradient is multiplied by its
+    /// scale.
+    loss_scale: Option<Tensor>,
 }
 
 /// The per-step tensors of EDM training.
@@ -152,6 +173,7 @@ impl StepScratch {
                     gpu.tensor(image_shape, "VE-SDE score target"),
                 )
             }),
+            loss_scale: None,
         })
     }
 }
@@ -290,7 +312,11 @@ fn record_loss(
         weights,
         scale,
         &unet.output.grad,
-    )
+    )?;
+    match &s.loss_scale {
+        Some(state) => scale_loss_gradient(rec, state, &unet.output.grad),
+        None => Ok(()),
+    }
 }
 
 /// The optimizer state a step updates after the accumulated backward passes.
@@ -299,6 +325,7 @@ struct OptimizerState<'a> {
     ema: &'a Tensor,
     exp_avg: &'a Tensor,
     exp_avg_sq: &'a Tensor,
+    scaler: Option<&'a StepScaler>,
 }
 
 /// Records global-norm clipping, AdamW and the EMA update, chunk by chunk of the parameter store.
@@ -310,7 +337,21 @@ fn record_optimizer_update(
     clip: &Tensor,
 ) -> OpResult {
     let max_norm = (cfg.max_grad_norm > 0.0).then_some(cfg.max_grad_norm as f32);
-    grad_norm_chunks(rec, &store.chunk_views(&store.grads), max_norm, clip)?;
+    let grads = store.chunk_views(&store.grads);
+    // With a GradScaler: the norm of the unscaled gradients, then the skip decision and this
+    // step's AdamW/EMA values in the scaler's own hyper tensor.
+    let hyper = match state.scaler {
+        Some(scaler) => {
+            grad_norm_unscaled(rec, &grads, max_norm, &scaler.state, clip)?;
+            let host = (state.hyper, scaler.table());
+            grad_scaler_update(rec, &scaler.cfg, &scaler.state, clip, host, &scaler.hyper)?;
+            &scaler.hyper
+        }
+        None => {
+            grad_norm_chunks(rec, &grads, max_norm, clip)?;
+            state.hyper
+        }
+    };
     let views = |t: &Tensor| store.chunk_views(t);
     let (p_v, g_v, m_v, v_v, e_v) = (
         views(store.params()),
@@ -320,9 +361,9 @@ fn record_optimizer_update(
         views(state.ema),
     );
     for i in 0..store.chunks.len() {
-        adamw_step(rec, state.hyper, clip, &g_v[i], &p_v[i], &m_v[i], &v_v[i])?;
+        adamw_step(rec, hyper, clip, &g_v[i], &p_v[i], &m_v[i], &v_v[i])?;
         if cfg.ema {
-            ema_update(rec, state.hyper, &p_v[i], &e_v[i])?;
+            ema_update(rec, hyper, &p_v[i], &e_v[i])?;
         }
     }
     Ok(())
@@ -401,6 +442,24 @@ fn build_models(
     })
 }
 
+/// AdamW's and the EMA's settings from the run's options.
+fn optimizer_configs(cfg: &TrainConfig) -> (AdamwConfig, EmaConfig) {
+    let adam = AdamwConfig {
+        beta1: cfg.adam_beta1,
+        beta2: cfg.adam_beta2,
+        eps: cfg.adam_eps,
+        weight_decay: cfg.weight_decay,
+    };
+    let ema = EmaConfig {
+        decay: cfg.ema_decay,
+        min_decay: cfg.ema_min_decay,
+        use_ema_warmup: cfg.ema_warmup,
+        power: cfg.ema_power,
+        ..Default::default()
+    };
+    (adam, ema)
+}
+
 impl Trainer {
     /// Allocates everything a step touches and records the step once: per micro-batch the
     /// noised input, forward, loss and backward; then clipping, AdamW and EMA.
@@ -460,7 +519,9 @@ impl Trainer {
         let n = unet.params.len;
         let b = cfg.batch_size;
         let image_shape = unet.output.shape().to_vec();
-        let scratch = StepScratch::new(&gpu, &cfg, model, &schedule, &image_shape)?;
+        let scaler = StepScaler::new(&gpu, &cfg)?;
+        let mut scratch = StepScratch::new(&gpu, &cfg, model, &schedule, &image_shape)?;
+        scratch.loss_scale = scaler.as_ref().map(|s| s.state.clone());
         let accum = cfg.grad_accum;
         let labels: Vec<Tensor> = match &unet.class_labels {
             Some(_) => (0..accum)
@@ -479,7 +540,8 @@ impl Trainer {
         let ema = gpu.tensor(&[n], "ema");
         let exp_avg = gpu.tensor(&[n], "exp_avg");
         let exp_avg_sq = gpu.tensor(&[n], "exp_avg_sq");
-        let log_len = cfg.log_every as usize * accum;
+        let log_record = accum + if scaler.is_some() { STATE_LEN } else { 0 };
+        let log_len = cfg.log_every as usize * log_record;
         let loss_log = gpu.tensor(&[log_len], "loss log");
         let staging = gpu.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("loss readback"),
@@ -502,6 +564,7 @@ impl Trainer {
             ema: &ema,
             exp_avg: &exp_avg,
             exp_avg_sq: &exp_avg_sq,
+            scaler: scaler.as_ref(),
         };
         record_optimizer_update(&mut rec, &cfg, &unet.params, &state, &scratch.clip)?;
         let update_plan = rec.finish();
@@ -509,19 +572,7 @@ impl Trainer {
             .is_parallel()
             .then(|| GradExchange::new(&gpu, &unet.params.grads, &grad_plan, cfg.bucket_mb));
 
-        let adam = AdamwConfig {
-            beta1: cfg.adam_beta1,
-            beta2: cfg.adam_beta2,
-            eps: cfg.adam_eps,
-            weight_decay: cfg.weight_decay,
-        };
-        let ema_cfg = EmaConfig {
-            decay: cfg.ema_decay,
-            min_decay: cfg.ema_min_decay,
-            use_ema_warmup: cfg.ema_warmup,
-            power: cfg.ema_power,
-            ..Default::default()
-        };
+        let (adam, ema_cfg) = optimizer_configs(&cfg);
         Ok(Trainer {
             gpu,
             cfg,
@@ -546,6 +597,9 @@ impl Trainer {
             adam,
             ema_cfg,
             step: 0,
+            optimizer_steps: 0,
+            scaler,
+            log_record,
             data_position: 0,
             class_names: Vec::new(),
             text,
@@ -738,12 +792,15 @@ impl Trainer {
                 self.gpu.write_u32(t, &dropped)?;
             }
         }
-        let ema_decay = self.ema_cfg.get_decay(step);
-        write_hyper(
-            &self.gpu,
-            &self.hyper,
-            &AdamwHyper::new(&self.adam, self.cfg.lr_at(step), step as u32, ema_decay),
-        )?;
+        // AdamW's t and the EMA's count: one past the optimizer steps taken. With a GradScaler
+        // the GPU picks them from the table (the t-dependent values written here go unused).
+        let (lr, t) = (self.cfg.lr_at(step), self.optimizer_steps + 1);
+        let ema_decay = self.ema_cfg.get_decay(t);
+        let hyper = AdamwHyper::new(&self.adam, lr, t as u32, ema_decay);
+        write_hyper(&self.gpu, &self.hyper, &hyper)?;
+        if let Some(scaler) = self.scaler.as_mut() {
+            scaler.write_table(&self.gpu, step, (&self.adam, &self.ema_cfg), lr)?;
+        }
         write_rng_state(&self.gpu, &self.rng_state, self.cfg.seed, step as u32)?;
         let mut enc = self
             .gpu
@@ -763,18 +820,23 @@ impl Trainer {
             None => self.grad_plan.encode(&mut enc),
         }
         self.update_plan.encode(&mut enc);
-        let slot = ((step - 1) % self.cfg.log_every) as usize * self.losses.len();
+        let slot = ((step - 1) % self.cfg.log_every) as usize * self.log_record;
+        let log = |enc: &mut wgpu::CommandEncoder, t: &Tensor, at: usize| {
+            let (buffer, offset) = (self.loss_log.buffer(), self.loss_log.byte_offset());
+            let at = offset + (at * 4) as u64;
+            enc.copy_buffer_to_buffer(t.buffer(), t.byte_offset(), buffer, at, t.byte_len());
+        };
         for (i, l) in self.losses.iter().enumerate() {
-            enc.copy_buffer_to_buffer(
-                l.buffer(),
-                l.byte_offset(),
-                self.loss_log.buffer(),
-                ((slot + i) * 4) as u64,
-                4,
-            );
+            log(&mut enc, l, slot + i);
+        }
+        if let Some(scaler) = &self.scaler {
+            log(&mut enc, &scaler.state, slot + self.losses.len());
         }
         let idx = self.gpu.submit_encoder(enc);
         self.step = step;
+        if self.scaler.is_none() {
+            self.optimizer_steps += 1;
+        }
         Ok(idx)
     }
 
@@ -803,8 +865,9 @@ impl Trainer {
         (ready, submission)
     }
 
-    /// Per-step mean losses of the last readback, by slot.
-    pub fn read_losses(&self) -> Result<Vec<f32>> {
+    /// Per-step mean losses of the last readback (with the scaler's state after the step when
+    /// the run has one), by slot.
+    pub fn read_losses(&self) -> Result<Vec<LoggedStep>> {
         let view = self
             .staging
             .slice(..)
@@ -814,9 +877,10 @@ impl Trainer {
         drop(view);
         self.staging.unmap();
         let accum = self.losses.len();
-        let mut means: Vec<f32> = all
-            .chunks(accum)
-            .map(|c| c.iter().sum::<f32>() / accum as f32)
+        let records = all.chunks(self.log_record);
+        let mut means: Vec<f32> = records
+            .clone()
+            .map(|c| c[..accum].iter().sum::<f32>() / accum as f32)
             .collect();
         // Data parallel: the job's loss is the mean over every rank's micro-batches (a
         // collective: every rank reads the same windows).
@@ -825,7 +889,15 @@ impl Trainer {
             self.world.sum_in_rank_order(&mut means);
             means.iter_mut().for_each(|m| *m /= ranks as f32);
         }
-        Ok(means)
+        let states = records.map(|c| {
+            let words: &[u32] = bytemuck::cast_slice(&c[accum..]);
+            ScalerState::from_words(words)
+        });
+        Ok(means
+            .into_iter()
+            .zip(states)
+            .map(|(loss, scaler)| LoggedStep { loss, scaler })
+            .collect())
     }
 
     /// Everything needed to continue the run, as one safetensors file.
@@ -838,6 +910,13 @@ impl Trainer {
         let mut meta = HashMap::new();
         meta.insert("format".into(), "wgpu-diffusion checkpoint v1".into());
         meta.insert("step".into(), self.step.to_string());
+        let mut optimizer_steps = self.optimizer_steps;
+        if let Some(scaler) = &self.scaler {
+            let state = scaler.read(g)?;
+            optimizer_steps = state.optimizer_steps as u64;
+            meta.insert("grad_scaler".into(), StepScaler::to_metadata(&state));
+        }
+        meta.insert("optimizer_steps".into(), optimizer_steps.to_string());
         meta.insert("data_position".into(), self.data_position.to_string());
         meta.insert(
             "rng".into(),
@@ -912,6 +991,19 @@ impl Trainer {
         g.write(&self.exp_avg_sq, &ck.flat(store, "exp_avg_sq")?)?;
         self.step = num("step")?;
         self.data_position = num("data_position")?;
+        // Checkpoints from before GradScalers: every step was an optimizer step.
+        self.optimizer_steps = match meta.get("optimizer_steps") {
+            Some(_) => num("optimizer_steps")?,
+            None => self.step,
+        };
+        if let Some(scaler) = self.scaler.as_mut() {
+            let state = match meta.get("grad_scaler") {
+                Some(text) => StepScaler::from_metadata(text)?,
+                // A run that starts scaling on resume: a fresh scale, t where AdamW stood.
+                None => ScalerState::fresh(scaler.cfg.init_scale, self.optimizer_steps as u32),
+            };
+            scaler.reset(g, self.step, state)?;
+        }
         Ok(())
     }
 }

@@ -14,7 +14,8 @@ use wgpu_diffusion::train::{TrainConfig, Trainer};
 use crate::common::gemm_paths;
 
 /// Records (without running) a tiny16 training step, plain and class-conditional with label
-/// dropout, and sampling with every sampler, with guidance and with RePaint inpainting.
+/// dropout and a GradScaler, and sampling with every sampler, with guidance and with RePaint
+/// inpainting.
 fn record_a_run(gpu: &Arc<Gpu>) {
     let plain = UNetConfig::preset("tiny16").unwrap();
     let mut classes = plain.clone();
@@ -26,6 +27,8 @@ fn record_a_run(gpu: &Arc<Gpu>) {
             batch_size: 4,
             class_conditional: cond_drop > 0.0,
             cond_drop,
+            // The GradScaler's kernels too.
+            grad_scaler: cond_drop > 0.0,
             ..Default::default()
         };
         Trainer::new(gpu.clone(), cfg, model).expect("tiny16 trainer");

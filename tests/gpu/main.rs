@@ -16,6 +16,7 @@ mod elementwise;
 mod embedding;
 mod gelu;
 mod gemm;
+mod grad_scaler;
 mod group_norm;
 mod hostile;
 mod kernel_keys;

@@ -137,6 +137,93 @@ fn interrupted_run_resumes_to_identical_parameters() {
     resume_matches_straight_run("plain", |c| c);
 }
 
+/// The same with a GradScaler: its scale continues across the resume (growth every 2 clean
+/// steps: the resumed run must start from the checkpoint's scale and growth tracker, not a
+/// fresh scaler) and metrics.jsonl logs it.
+#[test]
+fn a_run_with_a_grad_scaler_resumes_identically_and_logs_its_scale() {
+    let (_, b) = resume_matches_straight_run("scaler", |mut c| {
+        c.grad_scaler = true;
+        c.grad_scaler_growth_interval = 2;
+        c
+    });
+    let scales = |d: &Path| -> Vec<(u64, f64, u64)> {
+        std::fs::read_to_string(d.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                let field = |k: &str| v[k].as_f64().unwrap_or_else(|| panic!("{k} in {l}"));
+                (
+                    v["step"].as_u64().unwrap(),
+                    field("loss_scale"),
+                    field("skipped_steps") as u64,
+                )
+            })
+            .collect()
+    };
+    let want: Vec<(u64, f64, u64)> = [65536.0, 131072.0, 131072.0, 262144.0, 262144.0, 524288.0]
+        .iter()
+        .enumerate()
+        .map(|(i, &s)| (i as u64 + 1, s, 0))
+        .collect();
+    assert_eq!(scales(&b), want, "the resumed run");
+    let _ = std::fs::remove_dir_all(&b);
+}
+
+/// A GradScaler run whose weights blow up: each step with inf/NaN gradients is skipped, logged
+/// (null loss, the scale halving) and the run goes on, until 100 in a row stop it with a clear
+/// error; the rows before the stop survive a resume's truncation of metrics.jsonl.
+#[test]
+fn a_run_whose_gradients_stay_non_finite_stops_after_100_skipped_steps() {
+    let g = gpu();
+    let out = temp_dir("skips");
+    let cfg = TrainConfig {
+        grad_scaler: true,
+        // High enough that halving 100 times stays above the 2^-24 floor: the in-a-row rule
+        // stops the run, not the floor.
+        grad_scaler_init_scale: 2f64.powi(127),
+        lr: 1e30,
+        lr_warmup_steps: 0,
+        lr_schedule: LrSchedule::Constant,
+        max_grad_norm: 0.0,
+        ..small_config(&out, 400)
+    };
+    let never = Arc::new(AtomicBool::new(false));
+    let mut quiet = StopAt {
+        stop: never.clone(),
+        stop_at: u64::MAX,
+    };
+    let e = run(g, cfg, None, never, &mut quiet).expect_err("the run stops");
+    let e = format!("{e:#}");
+    assert!(e.contains("100 steps in a row"), "{e}");
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let skipped = rows.iter().filter(|r| r["loss"].is_null()).count();
+    assert!(
+        skipped >= 100,
+        "{skipped} rows with a null loss of {}",
+        rows.len()
+    );
+    let last = rows.last().unwrap();
+    assert_eq!(
+        last["skipped_steps"].as_u64(),
+        Some(skipped as u64),
+        "{last}"
+    );
+    let kept =
+        wgpu_diffusion::train::run_dir::truncate_metrics(&out.join("metrics.jsonl"), 1000).unwrap();
+    assert_eq!(
+        kept.len(),
+        rows.len() - skipped,
+        "finite losses in the history"
+    );
+    let _ = std::fs::remove_dir_all(&out);
+}
+
 /// The same with class labels and label dropout (drawn per step from the host's Philox stream).
 #[test]
 fn class_conditional_run_resumes_and_samples_every_class() {
