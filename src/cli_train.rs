@@ -549,6 +549,8 @@ pub struct TrainProgress {
     console: ConsoleProgress,
     last_loss: Option<f32>,
     last_ips: f64,
+    /// GradScaler runs: the loss scale and the steps skipped so far.
+    loss_scale: Option<(f32, u32)>,
 }
 
 impl TrainProgress {
@@ -558,6 +560,7 @@ impl TrainProgress {
             console: ConsoleProgress::new("step", ""),
             last_loss: None,
             last_ips: 0.0,
+            loss_scale: None,
         }
     }
 }
@@ -586,8 +589,12 @@ impl Progress for TrainProgress {
             self.last_loss = loss;
             self.last_ips = images_per_s;
         }
+        let scale = self
+            .loss_scale
+            .map(|(s, skipped)| format!(" scale {s} ({skipped} skipped)"))
+            .unwrap_or_default();
         self.console.set_message(format!(
-            "loss {} lr {lr:.2e} {:.0} img/s",
+            "loss {} lr {lr:.2e}{scale} {:.0} img/s",
             self.last_loss
                 .map(|l| format!("{l:.4}"))
                 .unwrap_or_else(|| "-".into()),
@@ -595,6 +602,10 @@ impl Progress for TrainProgress {
         ));
         // Log lines wait for a read-back loss.
         self.console.set(step, loss.is_some());
+    }
+
+    fn loss_scale(&mut self, scale: f32, skipped: u32) {
+        self.loss_scale = Some((scale, skipped));
     }
 
     fn message(&mut self, text: &str) {

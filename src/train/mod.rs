@@ -211,6 +211,8 @@ pub struct RunSummary {
 pub trait Progress {
     fn start(&mut self, first_step: u64, total: u64);
     fn update(&mut self, step: u64, loss: Option<f32>, lr: f64, images_per_s: f64);
+    /// GradScaler runs: the loss scale and the steps skipped so far, as of the last readback.
+    fn loss_scale(&mut self, _scale: f32, _skipped: u32) {}
     fn message(&mut self, text: &str);
     fn finish(&mut self);
 }
@@ -996,6 +998,7 @@ impl LossLog {
             let skipped = match (logged.scaler, trainer.scaler.as_mut()) {
                 (Some(state), Some(scaler)) => {
                     scaler.note(s, state)?;
+                    progress.loss_scale(state.scale, state.skipped_total);
                     let skipped = state.skipped_in_row > 0;
                     if skipped {
                         progress.message(&format!(
