@@ -24,6 +24,9 @@ override BK: u32 = 16u;
 override TM: u32 = 4u;
 override TN: u32 = 4u;
 override WG: u32 = 256u; // must equal (BM / TM) * (BN / TN)
+// Half-precision operands (Precision::F16): each A and B value rounded to f16 as it is loaded
+// (torch.autocast's f16 GEMM inputs); accumulation stays f32.
+override HALF: bool = false;
 
 var<workgroup> a_tile: array<f32, BK * BM>; // [k][m]
 var<workgroup> b_tile: array<f32, BK * BN>; // [k][n]
@@ -122,6 +125,13 @@ fn c_index(mode: u32, c_base: u32, m: u32, n: u32) -> u32 {
     return c_base + m * p.c_ld + n;
 }
 
+//#include half_round
+
+fn operand(x: f32) -> f32 {
+    if (HALF) { return half_round4(vec4<f32>(x)).x; }
+    return x;
+}
+
 fn tiled(mode: u32, wid: vec3<u32>, tid: u32) {
     let m0 = wid.y * BM;
     let n0 = wid.x * BN;
@@ -153,13 +163,13 @@ fn tiled(mode: u32, wid: vec3<u32>, tid: u32) {
             let mm = i % BM;
             let kk = i / BM;
             let k = k0 + kk;
-            a_tile[kk * BM + mm] = select(0.0, load_a(mode, a_base, m0 + mm, k), k < k_end);
+            a_tile[kk * BM + mm] = select(0.0, operand(load_a(mode, a_base, m0 + mm, k)), k < k_end);
         }
         for (var i = tid; i < BN * BK; i += WG) {
             let nn = i % BN;
             let kk = i / BN;
             let k = k0 + kk;
-            b_tile[kk * BN + nn] = select(0.0, load_b(mode, b_base, k, n0 + nn), k < k_end);
+            b_tile[kk * BN + nn] = select(0.0, operand(load_b(mode, b_base, k, n0 + nn)), k < k_end);
         }
         workgroupBarrier();
         for (var kk = 0u; kk < BK; kk++) {

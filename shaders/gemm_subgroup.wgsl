@@ -20,8 +20,17 @@
 //#include gemm_params
 
 @group(0) @binding(0) var<uniform> p: Params;
+//#if HALF == 0
 @group(0) @binding(1) var a_tex: texture_storage_2d<rgba32float, read>;
 @group(0) @binding(2) var b_tex: texture_storage_2d<rgba32float, read>;
+//#end
+// Template HALF = 1: half-precision operands, as torch.autocast gives a GEMM or conv on a GPU:
+// rgba16float textures (widened to f32 on load; accumulation stays f32), and an A read from its
+// buffer rounded to f16 first.
+//#if HALF
+@group(0) @binding(1) var a_tex: texture_storage_2d<rgba16float, read>;
+@group(0) @binding(2) var b_tex: texture_storage_2d<rgba16float, read>;
+//#end
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 //#if CV == 0
 @group(0) @binding(4) var<storage, read_write> c: array<f32>;
@@ -39,6 +48,18 @@
 // Template ABUF = 2: A is the transpose of a stored matrix S (A[m, k] = S[k, m]): each lane reads
 // its 4 k values as 4 scalar loads of one column of S, so a transposed A needs no pack either.
 @group(0) @binding(6) var<storage, read> a_scalar: array<f32>;
+
+//#include half_round
+
+// An operand read from a buffer as the GEMM uses it: itself, or rounded to f16 (HALF).
+fn operand4(v: vec4<f32>) -> vec4<f32> {
+//#if HALF
+    return half_round4(v);
+//#end
+//#if HALF == 0
+    return v;
+//#end
+}
 
 // Element idx of C, whatever its vector type.
 fn c_load(idx: u32) -> f32 {
@@ -153,7 +174,7 @@ fn gemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         let a{{rb}} = textureLoad(a_tex, vec2<i32>(i32(k4), arow{{rb}}));
 //#end
 //#if ABUF == 1
-        let a{{rb}} = a_buf[arow{{rb}} + k4];
+        let a{{rb}} = operand4(a_buf[arow{{rb}} + k4]);
 //#end
 //#if ABUF == 2
         var a{{rb}} = vec4<f32>(0.0);
@@ -161,6 +182,7 @@ fn gemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             let k = k4 * 4u + kk;
             if (k < p.k) { a{{rb}}[kk] = a_scalar[acol{{rb}} + k * p.a_ld]; }
         }
+        a{{rb}} = operand4(a{{rb}});
 //#end
 //#end
 //#if TB == 0

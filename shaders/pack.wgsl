@@ -1,5 +1,5 @@
-// Packs GEMM operands from storage buffers into rgba32float textures for the subgroup path
-// (gemm_subgroup.wgsl). On lavapipe, texture loads are vectorised while non-uniform buffer loads
+// Packs GEMM operands from storage buffers into rgba32float (or, HALF, rgba16float) textures for
+// the subgroup path (gemm_subgroup.wgsl). On lavapipe, texture loads are vectorised while non-uniform buffer loads
 // become per-lane scalar loops (docs/ARCHITECTURE.md, "Fast GEMM on lavapipe"), so the GEMM reads textures.
 // A texel holds 4 consecutive columns; columns and rows beyond the matrix are zero, so the
 // GEMM needs no bounds checks along K.
@@ -35,9 +35,28 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> src: array<f32>;
+//#if HALF == 0
 @group(0) @binding(2) var dst: texture_storage_2d<rgba32float, write>;
+//#end
+// Template HALF = 1: half-precision operands (the store rounds each value to f16).
+//#if HALF
+@group(0) @binding(2) var dst: texture_storage_2d<rgba16float, write>;
+//#end
 // The same source seen as vec4s (pack_matrix_vec4: rows of whole, aligned texels).
 @group(0) @binding(3) var<storage, read> src4: array<vec4<f32>>;
+
+//#include half_round
+
+// A texel as the texture keeps it: rounded to f16 by hand for rgba16float (HALF; see
+// half_round), as is for rgba32float.
+fn stored(v: vec4<f32>) -> vec4<f32> {
+//#if HALF
+    return half_round4(v);
+//#end
+//#if HALF == 0
+    return v;
+//#end
+}
 
 fn texel_coords(wid: vec3<u32>, lid: vec3<u32>) -> vec2<u32> {
     return vec2<u32>(wid.x * 16u + lid.x, wid.y * 4u + lid.y);
@@ -73,7 +92,7 @@ fn pack_matrix(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
             }
         }
     }
-    textureStore(dst, vec2<u32>(t.x, wid.z * p.rows_padded + r), v);
+    textureStore(dst, vec2<u32>(t.x, wid.z * p.rows_padded + r), stored(v));
 }
 
 // pack_matrix for the common case of a non-transposed matrix whose rows are whole, 16-byte
@@ -88,7 +107,7 @@ fn pack_matrix_vec4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
     if (r < p.rows) {
         v = src4[(batch_base(wid.z) + r * p.ld) / 4u + t.x];
     }
-    textureStore(dst, vec2<u32>(t.x, wid.z * p.rows_padded + r), v);
+    textureStore(dst, vec2<u32>(t.x, wid.z * p.rows_padded + r), stored(v));
 }
 
 // An NHWC activation [N, H, W, C] as a texture of ceil(C/4) texels per pixel, channels
@@ -111,7 +130,18 @@ fn pack_nhwc(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id
             if (c0 + e < p.channels) { v[e] = src[pixel * p.channels + c0 + e]; }
         }
     }
-    textureStore(dst, t, v);
+    textureStore(dst, t, stored(v));
+}
+
+// pack_nhwc where each texture row is a run of the buffer (channels a multiple of 4, image rows
+// of whole parts): texel (x, y) is vec4 y · width + x, one load and no division per texel. What
+// a buffer-to-texture copy does, for the rows a copy cannot take (a pitch not a multiple of 256
+// bytes) and for rgba16float, which needs the rounding.
+@compute @workgroup_size(16, 4)
+fn pack_nhwc_vec4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let t = texel_coords(wid, lid);
+    if (t.x >= p.width || t.y >= p.height) { return; }
+    textureStore(dst, t, stored(src4[t.y * p.width + t.x]));
 }
 
 // Conv weights W [Co, Ci, KH, KW] as the B operand of an implicit GEMM: row (tap, kc) with kc
@@ -138,5 +168,5 @@ fn pack_conv_weight(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
             }
         }
     }
-    textureStore(dst, t, v);
+    textureStore(dst, t, stored(v));
 }

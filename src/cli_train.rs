@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use crate::diffusion::{BetaSchedule, PredictionType};
 use crate::dist::World;
-use crate::gpu::{GemmPathChoice, Gpu, GpuOptions};
+use crate::gpu::{GemmPathChoice, Gpu, GpuOptions, Precision};
 use crate::nn::UNetConfig;
 use crate::progress::ConsoleProgress;
 use crate::train::config::Task;
@@ -370,6 +370,18 @@ impl TrainArgs {
             return self.resolve(None).map(Some);
         };
         let point = ResumePoint::read(dir)?;
+        // ... and its precision.
+        let precision = match point.precision.as_deref() {
+            Some("f16") => Precision::F16,
+            _ => Precision::F32,
+        };
+        if point.checkpoint.is_some() && precision != opts.precision {
+            eprintln!(
+                "note: --resume {} continues in {precision}, the precision the run started with",
+                dir.display()
+            );
+            opts.precision = precision;
+        }
         if let Some(path) = &point.gemm_path {
             // A resumed run keeps the kernel path it started with (the same bits).
             opts.gemm_path = Some(if path == "portable" {
@@ -477,9 +489,11 @@ pub fn stop_on_interrupt() -> anyhow::Result<std::sync::Arc<std::sync::atomic::A
 /// `wgpu-diffusion train`: the options (a resumed run's from its folder, its checkpoint's header
 /// only), then the GPU, then the run.
 pub fn run(mut opts: GpuOptions, args: &TrainArgs) -> anyhow::Result<()> {
-    let Some(cfg) = args.prepare(&mut opts)? else {
+    let Some(mut cfg) = args.prepare(&mut opts)? else {
         return Ok(());
     };
+    // Half precision trains as torch's autocast with a GradScaler does.
+    cfg.grad_scaler |= opts.precision == Precision::F16;
     if args.resume.is_none() {
         // A U-Net that does not fit the objective or task, or a VAE that does not fit the
         // U-Net, is refused before the GPU starts.

@@ -2,8 +2,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use wgpu_diffusion::gpu::{
-    BackendChoice, GemmPathChoice, Gpu, GpuOptions, configure_llvmpipe_environment, list_adapters,
-    summarize,
+    BackendChoice, GemmPathChoice, Gpu, GpuOptions, Precision, configure_llvmpipe_environment,
+    list_adapters, summarize,
 };
 
 /// Train and sample DDPM diffusion models with every op a WGSL compute shader (wgpu).
@@ -25,6 +25,11 @@ struct DeviceArgs {
     /// GEMM/conv kernel path: auto picks subgroup on lavapipe, portable on GPUs.
     #[arg(long, value_enum, default_value_t = GemmPathChoice::Auto)]
     gemm_path: GemmPathChoice,
+    /// f16: GEMM and conv operands rounded to half precision with f32 accumulation (autocast's
+    /// matmul numerics; rgba16float packs on the subgroup path, half their memory); `train`
+    /// then scales the loss (GradScaler). Activations stay f32 for now.
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    precision: Precision,
 }
 
 impl DeviceArgs {
@@ -33,6 +38,7 @@ impl DeviceArgs {
             backend: self.backend,
             adapter: self.adapter.clone(),
             gemm_path: Some(self.gemm_path),
+            precision: self.precision,
             ..Default::default()
         }
     }

@@ -64,7 +64,8 @@ fn every_kernel_specialization_validates_and_translates() {
 /// pasted, and validates with no template values.
 #[test]
 fn only_register_tile_kernels_are_templates() {
-    const TEMPLATES: [&str; 3] = ["gemm_subgroup", "attention_subgroup", "attention"];
+    // pack: its texture's format (rgba32float or, for half-precision operands, rgba16float).
+    const TEMPLATES: [&str; 4] = ["gemm_subgroup", "attention_subgroup", "attention", "pack"];
     for (name, src) in SHADERS {
         let templated = src.contains("//#for") || src.contains("//#if") || src.contains("{{");
         if TEMPLATES.contains(name) {

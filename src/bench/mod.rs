@@ -303,6 +303,8 @@ pub struct TrainResult {
     pub adapter: String,
     pub backend: String,
     pub path: String,
+    /// GEMM and conv operands: f32 or f16 (`--precision`).
+    pub precision: String,
     /// Clipping and EMA off (the like-for-like row against Burn, which has neither).
     pub minimal: bool,
     /// Median of the timed steps (after warm-up), each submit + wait.
@@ -434,6 +436,8 @@ pub fn train_steps(
     let mut cfg = crate::train::TrainConfig {
         model: model.to_string(),
         batch_size: batch,
+        // As `train --precision f16` runs it.
+        grad_scaler: gpu.precision == crate::gpu::Precision::F16,
         ..Default::default()
     };
     if minimal {
@@ -499,6 +503,7 @@ pub fn train_steps(
         adapter: gpu.adapter.name.clone(),
         backend: gpu.adapter.backend.clone(),
         path: gpu.gemm_path.to_string(),
+        precision: gpu.precision.to_string(),
         minimal,
         train_step_s: median,
         train_step_min_s: times[0],
@@ -529,6 +534,8 @@ pub struct SampleResult {
     pub images_per_s: f64,
     pub first_batch_s: f64,
     pub path: String,
+    /// GEMM and conv operands: f32 or f16 (`--precision`).
+    pub precision: String,
     pub adapter: String,
 }
 
@@ -589,6 +596,7 @@ pub fn sample_batches(
         images_per_s: batch as f64 / median,
         first_batch_s,
         path: gpu.gemm_path.to_string(),
+        precision: gpu.precision.to_string(),
         adapter: gpu.adapter.name.clone(),
     })
 }

@@ -76,6 +76,10 @@ pub const INCLUDES: &[(&str, &str)] = &[
         include_str!("../../shaders/include/group_index.wgsl"),
     ),
     (
+        "half_round",
+        include_str!("../../shaders/include/half_round.wgsl"),
+    ),
+    (
         "linear_index",
         include_str!("../../shaders/include/linear_index.wgsl"),
     ),

@@ -68,6 +68,29 @@ pub enum GemmPath {
     Subgroup { lanes: u32 },
 }
 
+/// The precision of GEMM and convolution operands (`--precision`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Precision {
+    /// Everything in float32.
+    #[default]
+    F32,
+    /// Half-precision operands, as `torch.autocast(dtype=torch.float16)` gives a GEMM or a
+    /// convolution on a GPU: each operand rounded to f16, products accumulated in f32. On the
+    /// subgroup path the packed operand textures are `rgba16float` (half the memory); the
+    /// portable path rounds the operands as it loads them. Activations stay f32 (issue 21 goes
+    /// on from here).
+    F16,
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Precision::F32 => write!(f, "f32"),
+            Precision::F16 => write!(f, "f16"),
+        }
+    }
+}
+
 impl std::fmt::Display for GemmPath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -163,6 +186,8 @@ pub struct GpuOptions {
     pub cap_buffer: Option<u64>,
     /// As the caps above, for the side of a 2-D texture (the subgroup path's packed operands).
     pub cap_texture: Option<u32>,
+    /// GEMM and convolution operands in f32 or f16 ([`Precision`]).
+    pub precision: Precision,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -282,6 +307,8 @@ pub struct Gpu {
     pub features: wgpu::Features,
     pub limits: wgpu::Limits,
     pub gemm_path: GemmPath,
+    /// GEMM and convolution operands ([`Precision`]).
+    pub precision: Precision,
     pub kernels: Kernels,
     /// Problems found while building plans (a tensor past a limit of the adapter), wgpu errors
     /// nobody captured, and device loss: reported as errors by [`Gpu::check`], never panics.
@@ -415,6 +442,7 @@ impl Gpu {
             features,
             limits,
             gemm_path,
+            precision: opts.precision,
             health,
         }))
     }
@@ -445,8 +473,14 @@ impl Gpu {
         true
     }
 
-    /// Whether a `width` x `height` rgba32float texture fits; records the problem if not.
-    pub(crate) fn admit_texture(&self, width: u32, height: u32, label: &str) -> bool {
+    /// Whether a `width` x `height` texture of `texel_bytes` per texel fits; records the
+    /// problem if not.
+    pub(crate) fn admit_texture(
+        &self,
+        (width, height): (u32, u32),
+        texel_bytes: u64,
+        label: &str,
+    ) -> bool {
         let max = self.limits.max_texture_dimension_2d;
         if width > max || height > max {
             self.limit_problem(format!(
@@ -455,7 +489,7 @@ impl Gpu {
             return false;
         }
         self.health.allocated.fetch_add(
-            width.max(1) as u64 * height.max(1) as u64 * 16,
+            width.max(1) as u64 * height.max(1) as u64 * texel_bytes,
             std::sync::atomic::Ordering::Relaxed,
         );
         true
@@ -536,12 +570,16 @@ impl Gpu {
 
     pub fn describe(&self) -> String {
         format!(
-            "{} ({}, {}, {}; gemm path {})",
+            "{} ({}, {}, {}; gemm path {}{})",
             self.adapter.name,
             self.adapter.backend,
             self.adapter.device_type,
             self.adapter.driver_info,
-            self.gemm_path
+            self.gemm_path,
+            match self.precision {
+                Precision::F32 => "",
+                Precision::F16 => ", f16 operands",
+            }
         )
     }
 

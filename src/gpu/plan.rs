@@ -159,7 +159,8 @@ impl Recorder {
     /// `free_textures`), the oldest cached pack's of that size past
     /// [`Recorder::recycle_packs`]'s limit, or a new one.
     pub fn texture(&mut self, width: u32, height: u32, label: &str) -> Texture2d {
-        let fits = |t: &Texture2d| t.width == width && t.height == height;
+        let half = self.half_operands();
+        let fits = |t: &Texture2d| t.width == width && t.height == height && t.half == half;
         if let Some(i) = self.free_textures.iter().position(fits) {
             return self.free_textures.swap_remove(i);
         }
@@ -171,7 +172,14 @@ impl Recorder {
                 return self.packs.remove(oldest).2;
             }
         }
-        Texture2d::new(&self.gpu, width, height, label)
+        Texture2d::new(&self.gpu, width, height, half, label)
+    }
+
+    /// Whether GEMM and conv operands are half precision ([`crate::gpu::Precision::F16`]):
+    /// rounded to f16 as the portable kernels load them, packed into `rgba16float` textures on
+    /// the subgroup path.
+    pub fn half_operands(&self) -> bool {
+        self.gpu.precision == crate::gpu::Precision::F16
     }
 
     /// The recorder a texture pack of `t` belongs in: the setup recorder when `t` lies in a

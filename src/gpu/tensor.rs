@@ -177,14 +177,17 @@ impl Tensor {
     }
 }
 
-/// An `rgba32float` 2-D texture used as a read-only GEMM operand on the subgroup path.
+/// An `rgba32float` (or, for half-precision operands, `rgba16float`) 2-D texture used as a
+/// read-only GEMM operand on the subgroup path.
 #[derive(Clone, Debug)]
 pub struct Texture2d {
     pub texture: Arc<wgpu::Texture>,
     pub view: Arc<wgpu::TextureView>,
-    /// Width in texels (4 floats each) and height in rows.
+    /// Width in texels (4 values each) and height in rows.
     pub width: u32,
     pub height: u32,
+    /// `rgba16float`: values stored as f16.
+    pub half: bool,
 }
 
 /// The allocated extent of a texture side: `v`, or the next odd size when `v` is a power of two
@@ -205,19 +208,22 @@ fn non_power_of_two(v: u32, max: u32) -> u32 {
 }
 
 impl Texture2d {
-    pub fn new(gpu: &Gpu, width: u32, height: u32, label: &str) -> Texture2d {
+    pub fn new(gpu: &Gpu, width: u32, height: u32, half: bool, label: &str) -> Texture2d {
         let max = gpu.limits.max_texture_dimension_2d;
         let (alloc_width, alloc_height) = (
             non_power_of_two(width.max(1), max),
             non_power_of_two(height.max(1), max),
         );
         // Past the adapter's limit: a 1 x 1 stand-in, refused by `Gpu::check` before use.
-        let (width, height, alloc_width, alloc_height) =
-            if gpu.admit_texture(alloc_width, alloc_height, label) {
-                (width, height, alloc_width, alloc_height)
-            } else {
-                (1, 1, 1, 1)
-            };
+        let (width, height, alloc_width, alloc_height) = if gpu.admit_texture(
+            (alloc_width, alloc_height),
+            if half { 8 } else { 16 },
+            label,
+        ) {
+            (width, height, alloc_width, alloc_height)
+        } else {
+            (1, 1, 1, 1)
+        };
         let texture = gpu.device.create_texture(&wgpu::TextureDescriptor {
             label: Some(label),
             size: wgpu::Extent3d {
@@ -228,7 +234,11 @@ impl Texture2d {
             mip_level_count: 1,
             sample_count: 1,
             dimension: wgpu::TextureDimension::D2,
-            format: wgpu::TextureFormat::Rgba32Float,
+            format: if half {
+                wgpu::TextureFormat::Rgba16Float
+            } else {
+                wgpu::TextureFormat::Rgba32Float
+            },
             usage: wgpu::TextureUsages::STORAGE_BINDING | wgpu::TextureUsages::COPY_DST,
             view_formats: &[],
         });
@@ -238,6 +248,7 @@ impl Texture2d {
             view: Arc::new(view),
             width,
             height,
+            half,
         }
     }
 }

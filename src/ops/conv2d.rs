@@ -279,6 +279,7 @@ fn run_implicit(
         let (a_tex, a_layout) = pack::pack_nhwc_layout(rec, a, true, "conv A")?;
         let (b_tex, fold_taps) = pack::pack_conv_weight(rec, w, transposed, "conv weights")?;
         let mut tile = subgroup_conv_tile(lanes, n);
+        tile.half = b_tex.half;
         tile.c_width = store_width(
             tile.lane_columns,
             n,
@@ -318,7 +319,7 @@ fn run_implicit(
         ];
         check_groups(op, groups)?;
         rec.dispatch(
-            portable_key(entry, t),
+            portable_key(entry, t, rec.half_operands()),
             &p,
             &[
                 (1, a.into()),
@@ -472,12 +473,10 @@ pub fn conv2d_backward_weight(
         Some(l) => {
             let a_tex = pack::pack_nhwc(rec, dy, "conv dY")?;
             let b_tex = pack::pack_nhwc(rec, x, "conv X")?;
+            let mut tile = subgroup_backward_weight_tile(l, d.co);
+            tile.half = b_tex.half;
             rec.dispatch(
-                subgroup_tile_key(
-                    "conv2d_backward_weight",
-                    l,
-                    subgroup_backward_weight_tile(l, d.co),
-                ),
+                subgroup_tile_key("conv2d_backward_weight", l, tile),
                 &p,
                 &[
                     (1, (&a_tex).into()),
@@ -490,7 +489,11 @@ pub fn conv2d_backward_weight(
         None => {
             let dummy = rec.dummy();
             rec.dispatch(
-                portable_key("conv2d_backward_weight", PORTABLE_TILES),
+                portable_key(
+                    "conv2d_backward_weight",
+                    PORTABLE_TILES,
+                    rec.half_operands(),
+                ),
                 &p,
                 &[
                     (1, dy.into()),

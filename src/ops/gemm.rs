@@ -157,7 +157,7 @@ pub fn gemm(
         )));
     }
     rec.dispatch(
-        portable_key("gemm", t),
+        portable_key("gemm", t, rec.half_operands()),
         &params,
         &[
             (1, a.tensor.into()),
@@ -311,6 +311,7 @@ fn gemm_subgroup(
         let k_pad = k.next_multiple_of(4);
         pack::pack_matrix(rec, b, k, n, k_pad, batch_outer, batch_inner, "gemm B")?
     };
+    tile.half = b_tex.half;
     let a_binding = match a_source {
         AOperand::Buffer => {
             tile.a_source = 1;

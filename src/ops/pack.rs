@@ -1,4 +1,6 @@
-//! `shaders/pack.wgsl`: buffers → `rgba32float` textures for the subgroup GEMM path.
+//! `shaders/pack.wgsl`: buffers → `rgba32float` textures for the subgroup GEMM path, or
+//! `rgba16float` ones for half-precision operands (`Recorder::half_operands`; those are always
+//! packed by the kernel, which rounds, never copied).
 //! Each call allocates its texture while the plan is recorded (never during a step).
 
 use super::tiles::MatRef;
@@ -113,13 +115,20 @@ fn dispatch_pack(
 ) -> Texture2d {
     let tex = rec.texture(p.width, p.height, label);
     let groups = [p.width.div_ceil(16), p.height.div_ceil(4), 1];
+    // The vec4 kernels read their source as `src4`.
+    let src_slot = if entry.ends_with("_vec4") { 3 } else { 1 };
     rec.dispatch(
-        KernelKey::new("pack", entry),
+        pack_key(entry, tex.half),
         p,
-        &[(1, src.into()), (2, (&tex).into())],
+        &[(src_slot, src.into()), (2, (&tex).into())],
         groups,
     );
     tex
+}
+
+/// A pack kernel writing an `rgba32float` or (`half`) an `rgba16float` texture.
+pub fn pack_key(entry: &'static str, half: bool) -> KernelKey {
+    KernelKey::new("pack", entry).template("HALF", half as i64)
 }
 
 fn check_fits(rec: &Recorder, op: &str, rows: usize, cols: usize) -> OpResult {
@@ -181,6 +190,7 @@ pub fn pack_matrix(
     let batches_contiguous = (batch_inner == 1 || m.batch_inner == rows * cols)
         && (batch_outer == 1 || m.batch_outer == batch_inner * rows * cols);
     if aligned
+        && !rec.half_operands()
         && (cols * 4).is_multiple_of(256)
         && m.ld == cols
         && rows_padded == rows
@@ -217,7 +227,7 @@ pub fn pack_matrix(
         )
     };
     rec.dispatch(
-        KernelKey::new("pack", entry),
+        pack_key(entry, tex.half),
         &p,
         &[(src_slot, m.tensor.into()), (2, (&tex).into())],
         groups,
@@ -264,8 +274,11 @@ pub fn pack_nhwc_layout(
     if let Some(tex) = rec.packed(x, &key) {
         return Ok((tex, layout));
     }
-    let tex = if c % 4 == 0
-        && w.is_multiple_of(1 << layout.shift)
+    // Whole texels per pixel and whole parts per image row: each texture row is a run of the
+    // buffer, so the texture's image is the buffer itself.
+    let runs = c % 4 == 0 && w.is_multiple_of(1 << layout.shift);
+    let tex = if runs
+        && !rec.half_operands()
         && (layout.width * 16) % 256 == 0
         && x.byte_offset().is_multiple_of(256)
     {
@@ -281,7 +294,12 @@ pub fn pack_nhwc_layout(
             fold_parts: layout.parts,
             ..Default::default()
         };
-        dispatch_pack(rec, "pack_nhwc", &p, x, label)
+        let entry = if runs && x.byte_offset().is_multiple_of(16) {
+            "pack_nhwc_vec4"
+        } else {
+            "pack_nhwc"
+        };
+        dispatch_pack(rec, entry, &p, x, label)
     };
     rec.remember_pack(x, key, &tex);
     Ok((tex, layout))

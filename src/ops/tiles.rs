@@ -77,9 +77,11 @@ pub const PORTABLE_TILES: PortableTiles = PortableTiles {
     tn: 4,
 };
 
-pub fn portable_key(entry: &'static str, t: PortableTiles) -> KernelKey {
-    KernelKey::new("gemm", entry)
-        .constant("BM", t.bm as f64)
+/// The portable kernel `entry` with tile `t`; `half`: operands rounded to f16 on load.
+pub fn portable_key(entry: &'static str, t: PortableTiles, half: bool) -> KernelKey {
+    let key = KernelKey::new("gemm", entry);
+    let key = if half { key.constant("HALF", 1.0) } else { key };
+    key.constant("BM", t.bm as f64)
         .constant("BN", t.bn as f64)
         .constant("BK", t.bk as f64)
         .constant("TM", t.tm as f64)
@@ -182,6 +184,9 @@ pub struct SubgroupTile {
     /// How the GEMM and conv tiles store C (CV): whole vec4s or vec2s, or 0 element by element
     /// ([`store_width`]).
     pub c_width: u32,
+    /// Half-precision operands (HALF): `rgba16float` textures, an A read from its buffer
+    /// rounded to f16.
+    pub half: bool,
 }
 
 impl SubgroupTile {
@@ -194,6 +199,7 @@ impl SubgroupTile {
             a_source: 0,
             b_transposed: false,
             c_width: 0,
+            half: false,
         }
     }
 }
@@ -209,6 +215,7 @@ pub fn subgroup_tile_key(entry: &'static str, lanes: u32, tile: SubgroupTile) ->
         .template("ABUF", tile.a_source as i64)
         .template("TB", tile.b_transposed as i64)
         .template("CV", tile.c_width as i64)
+        .template("HALF", tile.half as i64)
 }
 
 /// The widest vector (4 or 2 elements, at most the `lane_columns` a lane owns) in which a
@@ -285,11 +292,20 @@ pub fn kernel_keys() -> Vec<KernelKey> {
         "conv2d_backward_weight",
     ]
     .iter()
-    .map(|e| portable_key(e, PORTABLE_TILES))
+    .flat_map(|e| [false, true].map(|half| portable_key(e, PORTABLE_TILES, half)))
     .collect();
-    for lanes in [8, 16] {
+    for (lanes, half) in [(8, false), (16, false), (8, true), (16, true)] {
+        let mut push = |entry: &'static str, mut tile: SubgroupTile| {
+            tile.half = half;
+            keys.push(subgroup_tile_key(entry, lanes, tile));
+        };
         for entry in ["gemm", "conv2d_implicit", "conv2d_backward_weight"] {
-            keys.push(subgroup_key(entry, lanes));
+            let rb = if entry == "gemm" {
+                GEMM_ROW_BLOCKS
+            } else {
+                CONV_ROW_BLOCKS
+            };
+            push(entry, SubgroupTile::wide(lanes, rb));
         }
         for a_source in 0..3 {
             for b_transposed in [false, true] {
@@ -301,7 +317,7 @@ pub fn kernel_keys() -> Vec<KernelKey> {
                 tile.b_transposed = b_transposed;
                 for c_width in [0, 2, 4] {
                     tile.c_width = c_width;
-                    keys.push(subgroup_tile_key("gemm", lanes, tile));
+                    push("gemm", tile);
                 }
             }
         }
@@ -310,12 +326,14 @@ pub fn kernel_keys() -> Vec<KernelKey> {
         for n in [1, 2, wide - 1, wide - 2, wide] {
             let mut tile = subgroup_conv_tile(lanes, n);
             tile.c_width = store_width(tile.lane_columns, n, &[n], 0);
-            keys.push(subgroup_tile_key("conv2d_implicit", lanes, tile));
+            push("conv2d_implicit", tile);
         }
         let mut co = 4;
         while co < 4 * lanes as usize {
-            let tile = subgroup_backward_weight_tile(lanes, co);
-            keys.push(subgroup_tile_key("conv2d_backward_weight", lanes, tile));
+            push(
+                "conv2d_backward_weight",
+                subgroup_backward_weight_tile(lanes, co),
+            );
             co *= 2;
         }
     }

@@ -33,6 +33,16 @@ pub fn all_kernel_keys() -> Vec<KernelKey> {
             }
             continue;
         }
+        if *shader == "pack" {
+            for half in [false, true] {
+                keys.extend(
+                    entry_points(src)
+                        .into_iter()
+                        .map(|e| super::pack::pack_key(e, half)),
+                );
+            }
+            continue;
+        }
         if *shader == "softmax_subgroup" {
             for lanes in [8, 16] {
                 keys.extend(

@@ -227,6 +227,9 @@ pub struct ResumePoint {
     pub step: u64,
     /// The GEMM path the run started with (the checkpoint's `gemm_path`).
     pub gemm_path: Option<String>,
+    /// The precision the run started with (the checkpoint's `precision`; f32 before it was
+    /// recorded).
+    pub precision: Option<String>,
 }
 
 impl ResumePoint {
@@ -245,32 +248,38 @@ impl ResumePoint {
         })?;
         let config: TrainConfig =
             toml::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
-        let (checkpoint, step, gemm_path) = last_checkpoint(dir)?;
+        let (checkpoint, step, meta) = last_checkpoint(dir)?;
         Ok(ResumePoint {
             config,
             checkpoint,
             step,
-            gemm_path,
+            gemm_path: meta.get("gemm_path").cloned(),
+            precision: meta.get("precision").cloned(),
         })
     }
 }
 
-/// The last checkpoint of the run in `dir`, the step it holds and its GEMM path, from its
-/// header (None, 0, None without one).
-fn last_checkpoint(dir: &Path) -> Result<(Option<PathBuf>, u64, Option<String>)> {
+/// The last checkpoint of the run in `dir`, the step it holds and its header's metadata
+/// (None, 0, nothing without one).
+fn last_checkpoint(
+    dir: &Path,
+) -> Result<(
+    Option<PathBuf>,
+    u64,
+    std::collections::HashMap<String, String>,
+)> {
     let rd = RunDir {
         root: dir.to_path_buf(),
     };
     let Some(last) = rd.list_checkpoints().pop() else {
-        return Ok((None, 0, None));
+        return Ok((None, 0, Default::default()));
     };
     let meta = read_metadata(&last)?;
     let step = meta
         .get("step")
         .and_then(|s| s.parse::<u64>().ok())
         .ok_or_else(|| anyhow!("{}: no step in its metadata", last.display()))?;
-    let gemm_path = meta.get("gemm_path").cloned();
-    Ok((Some(last), step, gemm_path))
+    Ok((Some(last), step, meta))
 }
 
 /// The run folder of a new run (refused when it holds a run) or of a resumed one, with its last

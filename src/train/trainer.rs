@@ -944,6 +944,7 @@ impl Trainer {
             meta.insert("vae_config".into(), codec.vae.config.to_json());
         }
         meta.insert("gemm_path".into(), self.gpu.gemm_path.to_string());
+        meta.insert("precision".into(), self.gpu.precision.to_string());
         // Data parallel: the ranks the step's micro-batches were spread over.
         meta.insert("ranks".into(), self.world.size().to_string());
         let kernels: Vec<String> = self

@@ -40,6 +40,34 @@ pub fn gpu_with_path(path: GemmPathChoice) -> Arc<Gpu> {
     .clone()
 }
 
+/// GPUs with half-precision GEMM and conv operands (`Precision::F16`), one per GEMM path.
+pub fn half_gpus() -> Vec<Arc<Gpu>> {
+    static HALF: OnceLock<Vec<Arc<Gpu>>> = OnceLock::new();
+    HALF.get_or_init(|| {
+        gemm_paths()
+            .iter()
+            .map(|g| {
+                let path = match g.gemm_path {
+                    wgpu_diffusion::gpu::GemmPath::Portable => GemmPathChoice::Portable,
+                    _ => GemmPathChoice::Subgroup,
+                };
+                let opts = GpuOptions {
+                    gemm_path: Some(path),
+                    precision: wgpu_diffusion::gpu::Precision::F16,
+                    ..Default::default()
+                };
+                Gpu::new(&opts).unwrap_or_else(|e| panic!("half-precision operands: {e}"))
+            })
+            .collect()
+    })
+    .clone()
+}
+
+/// Each value rounded to the nearest f16 (ties to even), as `tensor.half()` does.
+pub fn f16_round(v: &[f64]) -> Vec<f64> {
+    v.iter().map(|&x| half::f16::from_f64(x).to_f64()).collect()
+}
+
 /// A fresh device per GEMM path (both where the adapter has the subgroup one) whose storage
 /// bindings end at `binding` bytes and buffers at `buffer` (`GpuOptions::cap_binding`): how
 /// tests reach the code for tensors and models past an adapter's limits on tiny shapes.

@@ -18,6 +18,7 @@ mod gelu;
 mod gemm;
 mod grad_scaler;
 mod group_norm;
+mod half_operands;
 mod hostile;
 mod kernel_keys;
 mod layer_norm;
