@@ -157,7 +157,8 @@ fn conv_passes_with_half_operands_are_those_of_f16_rounded_inputs() {
 
 /// The rounding itself, through both ways an operand reaches the kernel (a packed texture, and
 /// a buffer read in place): C = A · e₀ must be A rounded to f16 exactly, ties to even, down to
-/// f16's subnormals (lavapipe's own rgba16float conversion truncates; the kernels round first).
+/// f16's subnormals and to ±inf past its range (lavapipe's own rgba16float conversion
+/// truncates; the kernels round first).
 #[test]
 fn operands_round_to_the_nearest_f16_ties_to_even() {
     for g in half_gpus() {
@@ -166,10 +167,13 @@ fn operands_round_to_the_nearest_f16_ties_to_even() {
             1.0 + 3.0 * 2f64.powi(-11),               // a tie: up to 1 + 2^-9 (even)
             -(1.0 + 2f64.powi(-11) + 2f64.powi(-20)), // past the tie: away from 1
             0.1,
-            -3.3e-5, // subnormal in f16: a multiple of 2^-24
-            7.0e-8,  // rounds to 2^-24
-            2.0e-8,  // rounds to 0
-            65504.0, // f16's largest
+            -3.3e-5,  // subnormal in f16: a multiple of 2^-24
+            7.0e-8,   // rounds to 2^-24
+            2.0e-8,   // rounds to 0
+            65504.0,  // f16's largest
+            65519.0,  // below the halfway point to 65536: 65504
+            -65520.0, // the halfway point: -inf, as torch's .half()
+            1.0e6,    // inf
             1.2345678e3,
             -0.33333334,
             6.103515625e-5, // f16's smallest normal
