@@ -499,6 +499,12 @@ impl TrainVaeArgs {
 /// `train-vae`: trains an AutoencoderKL on MNIST (or continues a run) and exports it (see
 /// `train::vae_run`). Everything is checked before the GPU starts.
 pub fn run_train_vae(opts: &GpuOptions, args: &TrainVaeArgs) -> Result<()> {
+    if opts.precision == crate::gpu::Precision::F16 {
+        // Half-precision operands without loss scaling would flush small gradients to zero.
+        anyhow::bail!(
+            "train-vae runs in f32 only: its step has no loss scaling (GradScaler) yet, which f16 training needs; drop --precision f16 (the VAE's sampling and `vae` take it)"
+        );
+    }
     let mut gpu_opts = opts.clone();
     let (config, run_opts, out, point) = match &args.resume {
         None => {

@@ -720,7 +720,7 @@ fn vae_reconstructs_encodes_and_decodes() {
 
 /// `train-vae`: a short mnist-vae run writes metrics.jsonl, reconstructions.png and a diffusers
 /// VAE directory whose config records the measured scaling_factor and which `vae` loads; a preset
-/// that does not exist and a VAE of 3 channels are refused before the GPU.
+/// that does not exist, a VAE of 3 channels and `--precision f16` are refused before the GPU.
 #[test]
 fn train_vae_writes_a_vae_that_loads() {
     let dir = scratch("train-vae");
@@ -735,6 +735,11 @@ fn train_vae_writes_a_vae_that_loads() {
         s(&out),
     ]);
     assert!(ok && err.contains("train-vae"), "{err}");
+    // f16 needs loss scaling, which the VAE's step does not have: refused, nothing written.
+    let f16_out = dir.join("f16");
+    let (ok, err) = run_cli(&["train-vae", "--precision", "f16", "--out", s(&f16_out)]);
+    assert!(!ok && err.contains("f32 only"), "{err}");
+    assert!(!f16_out.exists());
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     assert_eq!(metrics.lines().count(), 2, "{metrics}");
     assert!(out.join("reconstructions.png").is_file());
