@@ -987,7 +987,7 @@ impl LossLog {
             bail!("the loss readback of steps {}..={} failed", p.first, p.last);
         }
         let slots = trainer.read_losses()?;
-        let cfg = trainer.cfg.clone();
+        let cfg = &trainer.cfg;
         let now = Instant::now();
         // The whole job's images: every rank's micro-batches.
         let per_step = cfg.batch_size * cfg.grad_accum * trainer.world.size();
