@@ -2,6 +2,8 @@
 // src[s * stride + j]. Column sums of an [R, C] matrix (bias gradients) and the sum of split-K
 // partials are both this. Each output is one invocation's sum in a fixed order, and the chunk
 // partition depends only on the shape, so the result is bit-identical run to run (no atomics).
+// With `round_half`, each term is rounded to f16 first: a bias gradient in a half-precision run
+// sums the same f16 dY that the weight gradient's GEMM reads (the sum itself stays f32).
 
 struct Params {
     n: u32,          // elements per slice (columns)
@@ -10,13 +12,23 @@ struct Params {
     chunk: u32,      // slices per output group
     out_stride: u32, // elements between output groups
     beta: f32,
-    _pad0: u32,
-    _pad1: u32,
+    round_half: u32,
+    _pad: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> src: array<f32>;
 @group(0) @binding(2) var<storage, read_write> dst: array<f32>;
+
+//#include half_round
+
+// A term of the sum: as stored, or rounded to f16 (`round_half`).
+fn term4(v: vec4<f32>) -> vec4<f32> {
+    if (p.round_half != 0u) {
+        return half_round4(v);
+    }
+    return v;
+}
 
 @compute @workgroup_size(64)
 fn sum_slices(@builtin(global_invocation_id) gid: vec3<u32>) {
@@ -27,7 +39,7 @@ fn sum_slices(@builtin(global_invocation_id) gid: vec3<u32>) {
     let s1 = min(p.slices, s0 + p.chunk);
     var acc = 0.0;
     for (var s = s0; s < s1; s++) {
-        acc += src[s * p.stride + j];
+        acc += term4(vec4<f32>(src[s * p.stride + j])).x;
     }
     let o = g * p.out_stride + j;
     if (p.beta != 0.0) { acc += p.beta * dst[o]; }
@@ -52,7 +64,7 @@ fn sum_slices4(@builtin(global_invocation_id) gid: vec3<u32>) {
     let stride4 = p.stride / 4u;
     var acc = vec4<f32>(0.0);
     for (var s = s0; s < s1; s++) {
-        acc += src4[s * stride4 + j];
+        acc += term4(src4[s * stride4 + j]);
     }
     let o = g * (p.out_stride / 4u) + j;
     if (p.beta != 0.0) { acc += p.beta * dst4[o]; }

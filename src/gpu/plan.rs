@@ -109,6 +109,9 @@ pub struct Recorder {
     /// Floating-point operations of the GEMM-shaped work recorded (2 per multiply-add), for
     /// the benchmark's achieved GFLOP/s.
     flops: f64,
+    /// Inside [`Recorder::full_precision`]: GEMM and conv operands stay f32 in a half-precision
+    /// run.
+    f32_operands: bool,
 }
 
 const PARAMS_ALIGN: usize = 256;
@@ -128,6 +131,7 @@ impl Recorder {
             reuse_textures: true,
             packs_per_size: None,
             flops: 0.0,
+            f32_operands: false,
         }
     }
 
@@ -138,9 +142,11 @@ impl Recorder {
     pub fn freeze(&mut self, buffers: &[Tensor]) {
         self.frozen.extend(buffers.iter().cloned());
         let gpu = self.gpu.clone();
+        let f32_operands = self.f32_operands;
         self.setup.get_or_insert_with(|| {
             let mut setup = Recorder::new(gpu);
             setup.reuse_textures = false;
+            setup.f32_operands = f32_operands;
             Box::new(setup)
         });
     }
@@ -179,7 +185,25 @@ impl Recorder {
     /// rounded to f16 as the portable kernels load them, packed into `rgba16float` textures on
     /// the subgroup path.
     pub fn half_operands(&self) -> bool {
-        self.gpu.precision == crate::gpu::Precision::F16
+        self.gpu.precision == crate::gpu::Precision::F16 && !self.f32_operands
+    }
+
+    /// Records `body` with f32 GEMM and conv operands even in a half-precision run: the
+    /// time-embedding MLP (issue 21 keeps it in f32, as the timestep embedding it reads). Packs
+    /// made inside are f32 textures; a half pack of the same tensor is a different one.
+    pub fn full_precision<T>(&mut self, body: impl FnOnce(&mut Recorder) -> T) -> T {
+        let before = self.f32_operands;
+        self.set_f32_operands(true);
+        let out = body(self);
+        self.set_f32_operands(before);
+        out
+    }
+
+    fn set_f32_operands(&mut self, on: bool) {
+        self.f32_operands = on;
+        if let Some(setup) = self.setup.as_deref_mut() {
+            setup.f32_operands = on;
+        }
     }
 
     /// The recorder a texture pack of `t` belongs in: the setup recorder when `t` lies in a
@@ -279,8 +303,9 @@ impl Recorder {
     pub fn packed(&self, t: &Tensor, layout: &str) -> Option<Texture2d> {
         self.packs
             .iter()
-            .find(|(src, l, _)| {
+            .find(|(src, l, tex)| {
                 *l == layout
+                    && tex.half == self.half_operands()
                     && src.shares_buffer(t)
                     && src.offset() == t.offset()
                     && src.shape() == t.shape()

@@ -510,11 +510,14 @@ impl UNet {
                 c.freq_shift as f32,
             )?;
         }
-        self.linear_1
-            .forward(rec, p, &self.t_proj.value, &self.t1.value)?;
-        silu_forward(rec, &self.t1.value, &self.t1_act.value)?;
-        self.linear_2
-            .forward(rec, p, &self.t1_act.value, &self.emb.value)?;
+        // The time-embedding MLP keeps f32 operands in a half-precision run (issue 21).
+        rec.full_precision(|rec| {
+            self.linear_1
+                .forward(rec, p, &self.t_proj.value, &self.t1.value)?;
+            silu_forward(rec, &self.t1.value, &self.t1_act.value)?;
+            self.linear_2
+                .forward(rec, p, &self.t1_act.value, &self.emb.value)
+        })?;
         if let (Some(table), Some(labels)) = (&self.class_embedding, &self.class_labels) {
             let (w, _) = p.get(table);
             embedding_add_forward(rec, labels, &w, &self.emb.value)?;
@@ -579,11 +582,13 @@ impl UNet {
             let (_, dw) = p.get(table);
             embedding_backward(rec, labels, &self.emb.grad, &dw)?;
         }
-        self.linear_2
-            .backward(rec, p, gt, &self.t1_act, &self.emb.grad, true)?;
-        silu_backward(rec, &self.t1.value, &self.t1_act.grad, &self.t1.grad, false)?;
-        self.linear_1
-            .backward(rec, p, gt, &self.t_proj, &self.t1.grad, false)
+        rec.full_precision(|rec| {
+            self.linear_2
+                .backward(rec, p, gt, &self.t1_act, &self.emb.grad, true)?;
+            silu_backward(rec, &self.t1.value, &self.t1_act.grad, &self.t1.grad, false)?;
+            self.linear_1
+                .backward(rec, p, gt, &self.t_proj, &self.t1.grad, false)
+        })
     }
 
     /// Named intermediate activations (diffusers module names, NHWC) for debugging against the

@@ -12,7 +12,10 @@ pub struct ReduceParams {
     pub chunk: u32,
     pub out_stride: u32,
     pub beta: f32,
-    pub _pad: [u32; 2],
+    /// 1: each term is rounded to f16 before it is added (the bias gradients of a
+    /// half-precision run).
+    pub round_half: u32,
+    pub _pad: u32,
 }
 
 /// Records one slice-sum pass over `groups` output groups: 4 columns per invocation
@@ -46,6 +49,18 @@ pub fn sum_slices(
     out: &Tensor,
     accumulate: bool,
 ) -> OpResult {
+    sum_terms(rec, (src, slices, stride, n), out, accumulate, false)
+}
+
+/// [`sum_slices`] of `(src, slices, stride, n)`, each term rounded to f16 first with
+/// `round_half`.
+fn sum_terms(
+    rec: &mut Recorder,
+    (src, slices, stride, n): (&Tensor, usize, usize, usize),
+    out: &Tensor,
+    accumulate: bool,
+    round_half: bool,
+) -> OpResult {
     const OP: &str = "sum_slices";
     if slices == 0 || n == 0 {
         return Err(invalid(format!(
@@ -68,6 +83,7 @@ pub fn sum_slices(
         chunk: slices as u32,
         out_stride: 0,
         beta: if accumulate { 1.0 } else { 0.0 },
+        round_half: round_half as u32,
         ..Default::default()
     };
     dispatch_sums(rec, &p, src, out, 1);
@@ -76,6 +92,9 @@ pub fn sum_slices(
 
 /// Column sums of a row-major [rows, cols] matrix: out[c] (+)= Σ_r m[r, c]. Long columns are
 /// summed in two fixed-order stages (chunks of rows, then the chunk partials) for parallelism.
+/// The bias gradients of the GEMMs and convolutions: with half-precision operands
+/// ([`Recorder::half_operands`]) each dY term is rounded to f16 as the weight gradient's GEMM
+/// reads it (the subgroup conv kernel that sums the bias beside dW sums its f16 texels too).
 pub fn sum_rows(
     rec: &mut Recorder,
     m: &Tensor,
@@ -87,8 +106,9 @@ pub fn sum_rows(
     const OP: &str = "sum_rows";
     expect_numel(OP, "matrix", m, rows * cols)?;
     let chunk = 64;
+    let round_half = rec.half_operands();
     if rows <= 2 * chunk {
-        return sum_slices(rec, m, rows, cols, cols, out, accumulate);
+        return sum_terms(rec, (m, rows, cols, cols), out, accumulate, round_half);
     }
     let groups = rows.div_ceil(chunk);
     let partial = rec.gpu.tensor(&[groups, cols], "sum_rows partials");
@@ -99,6 +119,7 @@ pub fn sum_rows(
         chunk: chunk as u32,
         out_stride: cols as u32,
         beta: 0.0,
+        round_half: round_half as u32,
         ..Default::default()
     };
     if groups > 65535 {

@@ -7,7 +7,7 @@
 
 use crate::common::*;
 use wgpu_diffusion::ops::conv2d::{conv2d_backward_input, conv2d_backward_weight, conv2d_forward};
-use wgpu_diffusion::ops::gemm::{GemmShape, MatRef, gemm};
+use wgpu_diffusion::ops::gemm::{GemmShape, MatRef, gemm, linear_backward};
 use wgpu_diffusion::reference::conv2d::Conv;
 use wgpu_diffusion::reference::gemm as r;
 
@@ -152,6 +152,122 @@ fn conv_passes_with_half_operands_are_those_of_f16_rounded_inputs() {
                 &dw,
             );
         }
+    }
+}
+
+/// Σ over the rows of a row-major [rows, cols] matrix, per column.
+fn column_sums(m: &[f64], rows: usize, cols: usize) -> Vec<f64> {
+    (0..cols)
+        .map(|c| (0..rows).map(|r| m[r * cols + c]).sum())
+        .collect()
+}
+
+/// A bias gradient with half-precision operands is Σ f16(dY), the sum of the same rounded dY
+/// the weight gradient's GEMM reads (torch.autocast's f16 dY), the sum in f32: a Linear's over
+/// short and long (two-stage) row counts, a conv's from its own pass (`sum_rows`) and fused into
+/// the subgroup backward-weight kernel (the bias stored right after the weights, as in the
+/// parameter store).
+#[test]
+fn bias_gradients_with_half_operands_sum_the_f16_rounded_dy() {
+    for g in half_gpus() {
+        for (rows, fin, fout) in [(40, 12, 9), (300, 8, 20)] {
+            let x = random(rows * fin, 60);
+            let w = random(fout * fin, 61);
+            let dy = random(rows * fout, 62);
+            let tx = upload(&g, &[rows, fin], &x, "x");
+            let tw = upload(&g, &[fout, fin], &w, "w");
+            let tdy = upload(&g, &[rows, fout], &dy, "dy");
+            let (tdw, tdb) = (g.tensor(&[fout, fin], "dw"), g.tensor(&[fout], "db"));
+            run(&g, |rec| {
+                linear_backward(rec, &tx, &tw, &tdy, None, &tdw, Some(&tdb), false).unwrap()
+            });
+            check(
+                &format!("half linear bias gradient {} rows={rows}", g.gemm_path),
+                &read(&g, &tdb),
+                &column_sums(&f16_round(&dy), rows, fout),
+                &column_sums(&dy, rows, fout),
+            );
+        }
+        let c = Conv {
+            n: 2,
+            h: 9,
+            w: 7,
+            ci: 8,
+            co: 12,
+            kh: 3,
+            kw: 3,
+            stride: 1,
+            pad: [1; 4],
+        };
+        let (oh, ow) = (c.out_h(), c.out_w());
+        let x = random(c.n * c.h * c.w * c.ci, 63);
+        let dy = random(c.n * oh * ow * c.co, 64);
+        let tx = upload(&g, &[c.n, c.h, c.w, c.ci], &x, "x");
+        let tdy = upload(&g, &[c.n, oh, ow, c.co], &dy, "dy");
+        let numel = c.co * c.ci * c.kh * c.kw;
+        let bias_at = numel.next_multiple_of(64);
+        let store = g.tensor(&[bias_at + c.co], "dw and db");
+        let tdw = store.view(0, &[c.co, c.ci, c.kh, c.kw], "dw");
+        let beside = store.view(bias_at, &[c.co], "db beside dw");
+        let apart = g.tensor(&[c.co], "db");
+        let geo = conv_geometry(&c);
+        let (_, _, db_h) = c.backward(&f16_round(&x), &vec![0.0; numel], &f16_round(&dy));
+        let (_, _, db) = c.backward(&x, &vec![0.0; numel], &dy);
+        for db_t in [&beside, &apart] {
+            run(&g, |rec| {
+                conv2d_backward_weight(rec, &tx, &tdy, &tdw, Some(db_t), &geo, false).unwrap()
+            });
+            check(
+                &format!("half conv bias gradient {} ({})", g.gemm_path, db_t.label()),
+                &read(&g, db_t),
+                &db_h,
+                &db,
+            );
+        }
+    }
+}
+
+/// The time-embedding MLP (`time_embedding.linear_1/linear_2`) keeps f32 operands in a
+/// half-precision U-Net (issue 21): its output equals the f32 run's bit for bit, while the first
+/// convolution's, on f16 operands, does not.
+#[test]
+fn the_time_embedding_mlp_keeps_f32_operands_in_a_half_precision_unet() {
+    let config = wgpu_diffusion::nn::UNetConfig::preset("tiny16").unwrap();
+    for (g32, g16) in gemm_paths().iter().zip(half_gpus()) {
+        let [full, half] = [g32, &g16].map(|g| {
+            let unet = wgpu_diffusion::nn::UNet::new(g, &config, 3).unwrap();
+            let flat: Vec<f32> = random(unet.params.len, 70)
+                .iter()
+                .map(|&v| 0.2 * v as f32)
+                .collect();
+            unet.params.write_values(g, &flat).unwrap();
+            g.write(&unet.timesteps, &[3.0, 500.0, 999.0]).unwrap();
+            let x = random(unet.sample.value.numel(), 71);
+            g.write(
+                &unet.sample.value,
+                &x.iter().map(|&v| v as f32).collect::<Vec<_>>(),
+            )
+            .unwrap();
+            run(g, |rec| unet.forward(rec).unwrap());
+            let act = |name: &str| {
+                let (_, t) = unet
+                    .activations()
+                    .into_iter()
+                    .find(|(n, _)| n == name)
+                    .unwrap();
+                read(g, &t)
+            };
+            (act("time_embedding"), act("conv_in"))
+        });
+        let path = &g16.gemm_path;
+        assert_eq!(
+            full.0, half.0,
+            "time embedding on the {path} path: half-precision operands reached the MLP"
+        );
+        assert_ne!(
+            full.1, half.1,
+            "conv_in on the {path} path: operands not rounded"
+        );
     }
 }
 
