@@ -15,7 +15,7 @@ struct Params {
     n: u32,        // P·L: elements of z
     latent: u32,   // L
     factor: f32,   // KL backward: w / B
-    _pad0: u32,
+    scaled: u32,   // KL backward: 1 when the gradient is of the loss × loss_scale[0]
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -25,6 +25,9 @@ struct Params {
 @group(0) @binding(4) var<storage, read> dz: array<f32>;            // [P, L]
 @group(0) @binding(5) var<storage, read_write> dmoments: array<f32>; // [P, 2L]
 @group(0) @binding(6) var<storage, read_write> partials: array<f32>; // KL stage 1
+// The GradScaler's state (its scale first) when `scaled`: a half-precision step's gradients are
+// of the loss × scale, the reconstruction term's and this one's alike.
+@group(0) @binding(7) var<storage, read> loss_scale: array<f32>;
 
 const WG: u32 = 256u;
 const ITEMS: u32 = 8u;          // elements per thread in the KL's stage 1
@@ -94,7 +97,7 @@ fn posterior_kl_partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_work
     if (lid == 0u) { partials[g] = total; }
 }
 
-// dmoments += the gradient of factor·Σ KL terms.
+// dmoments += the gradient of factor·Σ KL terms (× loss_scale[0] when `scaled`).
 @compute @workgroup_size(256)
 fn posterior_kl_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                          @builtin(local_invocation_index) lid: u32) {
@@ -104,6 +107,7 @@ fn posterior_kl_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_wor
     let raw = moments[at.y];
     let inside = raw >= LOGVAR_MIN && raw <= LOGVAR_MAX;
     let var_ = exp(clamp(raw, LOGVAR_MIN, LOGVAR_MAX));
-    dmoments[at.x] = dmoments[at.x] + p.factor * moments[at.x];
-    dmoments[at.y] = dmoments[at.y] + select(0.0, p.factor * 0.5 * (var_ - 1.0), inside);
+    let factor = select(p.factor, p.factor * loss_scale[0], p.scaled != 0u);
+    dmoments[at.x] = dmoments[at.x] + factor * moments[at.x];
+    dmoments[at.y] = dmoments[at.y] + select(0.0, factor * 0.5 * (var_ - 1.0), inside);
 }

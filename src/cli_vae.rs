@@ -13,7 +13,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use safetensors::{Dtype, tensor::TensorView};
 
 use crate::cli_sample::{check_output_dir, check_output_file};
-use crate::gpu::{GemmPathChoice, Gpu, GpuOptions};
+use crate::gpu::{GemmPathChoice, Gpu, GpuOptions, Precision};
 use crate::io::atomic::atomic_write;
 use crate::io::images::{save_grid, save_image};
 use crate::io::model_dir::read_model_weights;
@@ -413,8 +413,9 @@ pub struct TrainVaeArgs {
 }
 
 impl TrainVaeArgs {
-    /// The VAE config and options of a new run (flags and defaults), checked.
-    fn new_run(&self) -> Result<(VaeConfig, VaeRunOptions, PathBuf)> {
+    /// The VAE config and options of a new run (flags and defaults, `precision` from
+    /// `--precision`), checked.
+    fn new_run(&self, precision: Precision) -> Result<(VaeConfig, VaeRunOptions, PathBuf)> {
         let config = match &self.model_config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
@@ -440,6 +441,7 @@ impl TrainVaeArgs {
                 kl_weight: self.kl_weight,
                 seed: self.seed,
                 rec_loss: self.rec_loss,
+                precision,
             },
         };
         let out = self.out.clone().unwrap_or_else(|| {
@@ -474,6 +476,17 @@ impl TrainVaeArgs {
                 point.step
             );
         }
+        // ... and the precision it started with.
+        if opts.train.precision != gpu.precision {
+            if point.checkpoint.is_some() {
+                eprintln!(
+                    "note: --resume {} continues in {}, the precision the run started with",
+                    dir.display(),
+                    opts.train.precision
+                );
+            }
+            gpu.precision = opts.train.precision;
+        }
         if let Some(path) = &point.gemm_path {
             // A resumed run keeps the kernel path it trained with (the same bits).
             let stored = if path == "portable" {
@@ -499,16 +512,10 @@ impl TrainVaeArgs {
 /// `train-vae`: trains an AutoencoderKL on MNIST (or continues a run) and exports it (see
 /// `train::vae_run`). Everything is checked before the GPU starts.
 pub fn run_train_vae(opts: &GpuOptions, args: &TrainVaeArgs) -> Result<()> {
-    if opts.precision == crate::gpu::Precision::F16 {
-        // Half-precision operands without loss scaling would flush small gradients to zero.
-        anyhow::bail!(
-            "train-vae runs in f32 only: its step has no loss scaling (GradScaler) yet, which f16 training needs; drop --precision f16 (the VAE's sampling and `vae` take it)"
-        );
-    }
     let mut gpu_opts = opts.clone();
     let (config, run_opts, out, point) = match &args.resume {
         None => {
-            let (config, run_opts, out) = args.new_run()?;
+            let (config, run_opts, out) = args.new_run(opts.precision)?;
             (config, run_opts, out, None)
         }
         Some(dir) => {

@@ -26,8 +26,8 @@ struct DeviceArgs {
     #[arg(long, value_enum, default_value_t = GemmPathChoice::Auto)]
     gemm_path: GemmPathChoice,
     /// f16: GEMM and conv operands rounded to half precision with f32 accumulation (autocast's
-    /// matmul numerics; rgba16float packs on the subgroup path, half their memory); `train`
-    /// then scales the loss (GradScaler). Activations stay f32 for now.
+    /// matmul numerics; rgba16float packs on the subgroup path, half their memory); `train` and
+    /// `train-vae` then scale the loss (GradScaler). Activations stay f32 for now.
     #[arg(long, value_enum, default_value_t = Precision::F32)]
     precision: Precision,
 }

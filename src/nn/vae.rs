@@ -448,6 +448,17 @@ impl Vae {
     /// `output.grad` (the reconstruction loss's gradient, written by the caller); the KL term's
     /// gradient is added at the posterior. Parameter gradients accumulate into `params.grads`.
     pub fn backward(&self, rec: &mut Recorder, kl_weight: f32) -> OpResult {
+        self.backward_scaled(rec, kl_weight, None)
+    }
+
+    /// [`backward`](Self::backward) of a step whose loss gradient a GradScaler multiplied by
+    /// its scale (`loss_scale`, the scaler's state): the KL term's gradient is scaled too.
+    pub fn backward_scaled(
+        &self,
+        rec: &mut Recorder,
+        kl_weight: f32,
+        loss_scale: Option<&Tensor>,
+    ) -> OpResult {
         let p = &self.params;
         let mut gt = GradTracker::default();
         let gt = &mut gt;
@@ -464,7 +475,8 @@ impl Vae {
             &self.moments.grad,
         )?;
         if kl_weight != 0.0 {
-            posterior_kl_backward(rec, &self.moments.value, kl_weight, &self.moments.grad)?;
+            let (moments, grad) = (&self.moments.value, &self.moments.grad);
+            posterior_kl_backward(rec, moments, kl_weight, loss_scale, grad)?;
         }
         if let Some(q) = &self.quant_conv {
             q.backward(rec, p, gt, &self.enc_out, &self.moments, true)?;

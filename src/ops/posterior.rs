@@ -13,7 +13,8 @@ pub struct PosteriorParams {
     pub n: u32,
     pub latent: u32,
     pub factor: f32,
-    pub _pad: u32,
+    /// 1: the KL gradient is also multiplied by the GradScaler's scale (binding 7).
+    pub scaled: u32,
 }
 
 /// Latent elements per workgroup of the KL's first stage (`CHUNK` in the shader).
@@ -135,28 +136,39 @@ pub fn posterior_kl(rec: &mut Recorder, moments: &Tensor, kl: &Tensor) -> OpResu
     Ok(())
 }
 
-/// dmoments += d(weight · kl)/d moments, with kl as [`posterior_kl`] computes it.
+/// dmoments += d(weight · kl)/d moments, with kl as [`posterior_kl`] computes it; with a
+/// `loss_scale` (a GradScaler's state, its scale first) the gradient of weight · kl · scale, as
+/// the rest of a scaled step's gradients are.
 pub fn posterior_kl_backward(
     rec: &mut Recorder,
     moments: &Tensor,
     weight: f32,
+    loss_scale: Option<&Tensor>,
     dmoments: &Tensor,
 ) -> OpResult {
     const OP: &str = "posterior_kl_backward";
     let latent = latent_channels(OP, moments)?;
     expect_numel(OP, "dmoments", dmoments, moments.numel())?;
     expect_distinct(OP, moments, dmoments)?;
+    if let Some(scale) = loss_scale {
+        expect_distinct(OP, scale, dmoments)?;
+    }
     let n = moments.numel() / 2;
     let p = PosteriorParams {
         n: u32_of(OP, "n", n)?,
         latent: latent as u32,
         factor: (weight as f64 / moments.shape()[0] as f64) as f32,
-        ..Default::default()
+        scaled: loss_scale.is_some() as u32,
     };
+    let scale = loss_scale.cloned().unwrap_or_else(|| rec.dummy());
     rec.dispatch(
         key("posterior_kl_backward"),
         &p,
-        &[(1, moments.into()), (5, dmoments.into())],
+        &[
+            (1, moments.into()),
+            (5, dmoments.into()),
+            (7, (&scale).into()),
+        ],
         grid_1d(n.div_ceil(256)),
     );
     Ok(())

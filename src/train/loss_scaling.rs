@@ -43,15 +43,20 @@ impl StepScaler {
             growth_interval: cfg.grad_scaler_growth_interval as u32,
             ..Default::default()
         };
+        StepScaler::with_config(gpu, scaler_cfg).map(Some)
+    }
+
+    /// A scaler with `cfg`, fresh at step 0.
+    pub fn with_config(gpu: &Gpu, cfg: GradScalerConfig) -> Result<StepScaler> {
         let mut scaler = StepScaler {
-            cfg: scaler_cfg,
+            cfg,
             state: gpu.tensor(&[STATE_LEN], "grad scaler state"),
             table: gpu.tensor(&[TABLE_LEN], "grad scaler t table"),
             hyper: gpu.tensor(&[HYPER_LEN], "adamw hyper (grad scaler)"),
             known: (0, ScalerState::default()),
         };
-        scaler.reset(gpu, 0, ScalerState::fresh(scaler_cfg.init_scale, 0))?;
-        Ok(Some(scaler))
+        scaler.reset(gpu, 0, ScalerState::fresh(cfg.init_scale, 0))?;
+        Ok(scaler)
     }
 
     /// Sets the state after `step` (a fresh run, a resumed one, or a test).
@@ -70,6 +75,11 @@ impl StepScaler {
     /// The table tensor `grad_scaler_update` reads.
     pub fn table(&self) -> &Tensor {
         &self.table
+    }
+
+    /// The last state read back.
+    pub fn last_read(&self) -> ScalerState {
+        self.known.1
     }
 
     /// Optimizer steps (AdamW's t) as of the last state read.

@@ -403,6 +403,22 @@ impl VaeRun<'_> {
             let mut row = serde_json::json!({"step": step, "loss": loss, "rec_loss": rec,
                 "rec_loss_kind": opts.train.rec_loss.to_string(), "kl": kl});
             let mut message = format!("loss {loss:.2}");
+            // Half precision: the GradScaler's scale and skipped steps (a skipped step's
+            // non-finite loss is logged as null and left out of the loss curve).
+            if let Some(state) = trainer.scaler_state() {
+                row["loss_scale"] = serde_json::json!(state.scale);
+                row["skipped_steps"] = serde_json::json!(state.skipped_total);
+                message += &format!(", scale {}", state.scale);
+                if state.skipped_total > 0 {
+                    message += &format!(" ({} skipped)", state.skipped_total);
+                }
+                if state.skipped_in_row > 0 {
+                    progress.println(&format!(
+                        "step {step}: inf/NaN gradients, optimizer step skipped; loss scale now {}",
+                        state.scale
+                    ));
+                }
+            }
             if opts.is_sample_step(step) {
                 let path = self.rd.samples().join(format!("step-{step:08}.png"));
                 let psnr = self.held_out.write_reconstructions(trainer, &path)?;
@@ -411,7 +427,9 @@ impl VaeRun<'_> {
             }
             writeln!(metrics, "{row}")
                 .with_context(|| format!("writing {}", self.rd.metrics().display()))?;
-            losses.push((step, loss));
+            if loss.is_finite() {
+                losses.push((step, loss));
+            }
             progress.set_message(message);
             progress.set(step, true);
             if opts.checkpoint_every > 0

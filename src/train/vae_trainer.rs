@@ -9,6 +9,12 @@
 //! Adam's bias corrections) and the batch, so a checkpoint of the first three
 //! ([`VaeTrainer::checkpoint_bytes`], [`VaeTrainer::restore`]) resumes a run bit for bit.
 //!
+//! In half precision (`precision = "f16"`: f16 GEMM and conv operands) the step scales its loss
+//! with the U-Net's GPU-side GradScaler ([`StepScaler`]): the reconstruction gradient and the KL
+//! term's are multiplied by the scale, and a step with inf/NaN gradients leaves the parameters,
+//! the moments and Adam's t alone. Adam's t is then the scaler's count of steps taken, and the
+//! scaler's state goes into checkpoints beside it.
+//!
 //! MNIST for the `mnist-vae` preset is padded from 28×28 to 32×32 with the background value
 //! (−1 in [−1, 1]); PSNR is measured on the 28×28 crop ([`crop_psnr`]).
 
@@ -18,11 +24,17 @@ use std::sync::Arc;
 use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::gpu::{Gpu, Plan, Tensor};
+use super::loss_scaling::{StepScaler, check_health};
+use crate::gpu::{Gpu, Plan, Precision, Tensor};
 use crate::io::tensors::{LoadedTensors, serialize_named};
 use crate::metrics::{psnr, to_unit};
 use crate::nn::{Vae, VaeConfig};
-use crate::ops::adamw::{AdamwConfig, AdamwHyper, HYPER_LEN, adamw_step, write_hyper};
+use crate::ops::adamw::{
+    AdamwConfig, AdamwHyper, EmaConfig, HYPER_LEN, adamw_step, grad_norm_unscaled, write_hyper,
+};
+use crate::ops::grad_scaler::{
+    GradScalerConfig, ScalerState, grad_scaler_update, scale_loss_gradient,
+};
 use crate::ops::loss::{l1_backward, l1_loss, l2_backward, l2_loss};
 use crate::ops::noise::{purpose, random_normal, write_rng_state};
 use crate::ops::posterior::posterior_kl;
@@ -57,6 +69,10 @@ pub struct VaeTrainConfig {
     pub kl_weight: f64,
     pub seed: u64,
     pub rec_loss: RecLoss,
+    /// f16: half-precision GEMM and conv operands with a GradScaler (torch.amp's defaults:
+    /// initial scale 2^16, growth every 2000 clean steps). Runs from before it are f32.
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 impl Default for VaeTrainConfig {
@@ -67,6 +83,7 @@ impl Default for VaeTrainConfig {
             kl_weight: 1e-6,
             seed: 0,
             rec_loss: RecLoss::L1,
+            precision: Precision::F32,
         }
     }
 }
@@ -95,8 +112,10 @@ pub struct VaeTrainer {
     pub rec_loss: Tensor,
     pub kl: Tensor,
     step_plan: Plan,
-    /// Optimizer steps done.
+    /// Steps done (with a GradScaler, skipped ones included).
     pub step: u64,
+    /// Dynamic loss scaling (half precision).
+    scaler: Option<StepScaler>,
 }
 
 impl VaeTrainConfig {
@@ -122,6 +141,18 @@ impl VaeTrainer {
     /// Allocates the VAE and the optimizer state and records the step once.
     pub fn new(gpu: Arc<Gpu>, cfg: VaeTrainConfig, model: &VaeConfig) -> Result<VaeTrainer> {
         cfg.validate()?;
+        if cfg.precision != gpu.precision {
+            bail!(
+                "the VAE run trains in {}, the GPU was opened for {}: give --precision {}",
+                cfg.precision,
+                gpu.precision,
+                cfg.precision
+            );
+        }
+        let scaler = match cfg.precision {
+            Precision::F16 => Some(StepScaler::with_config(&gpu, GradScalerConfig::default())?),
+            Precision::F32 => None,
+        };
         let vae = Vae::new(&gpu, model, cfg.batch_size).context("building the VAE")?;
         let n = vae.params.len;
         let rng_state = gpu.tensor(&[4], "vae rng state");
@@ -150,15 +181,31 @@ impl VaeTrainer {
                 l2_backward(&mut rec, x_rec, x, 1.0, &vae.output.grad)?;
             }
         }
+        let loss_scale = scaler.as_ref().map(|s| &s.state);
+        if let Some(state) = loss_scale {
+            scale_loss_gradient(&mut rec, state, &vae.output.grad)?;
+        }
         posterior_kl(&mut rec, &vae.moments.value, &kl)?;
-        vae.backward(&mut rec, cfg.kl_weight as f32)?;
+        vae.backward_scaled(&mut rec, cfg.kl_weight as f32, loss_scale)?;
         let p = &vae.params;
         let (p_v, g_v) = (p.chunk_views(p.params()), p.chunk_views(&p.grads));
         let (m_v, v_v) = (p.chunk_views(&exp_avg), p.chunk_views(&exp_avg_sq));
+        // With a GradScaler: the unscaled gradients' norm (non-finite on an overflow), then the
+        // skip decision and this step's Adam values in the scaler's hyper tensor; the update
+        // multiplies the gradients by `grad_scale`[0] = 1/scale.
+        let step_hyper = match &scaler {
+            Some(s) => {
+                grad_norm_unscaled(&mut rec, &g_v, None, &s.state, &grad_scale)?;
+                let host = (&hyper, s.table());
+                grad_scaler_update(&mut rec, &s.cfg, &s.state, &grad_scale, host, &s.hyper)?;
+                &s.hyper
+            }
+            None => &hyper,
+        };
         for i in 0..p_v.len() {
             adamw_step(
                 &mut rec,
-                &hyper,
+                step_hyper,
                 &grad_scale,
                 &g_v[i],
                 &p_v[i],
@@ -180,7 +227,13 @@ impl VaeTrainer {
             kl,
             step_plan,
             step: 0,
+            scaler,
         })
+    }
+
+    /// The GradScaler's state after the last step (half precision only).
+    pub fn scaler_state(&self) -> Option<ScalerState> {
+        self.scaler.as_ref().map(StepScaler::last_read)
     }
 
     /// Starts from these weights (the flat layout of `vae.params`), with fresh Adam moments.
@@ -191,30 +244,58 @@ impl VaeTrainer {
         g.write(&self.exp_avg, &zeros)?;
         g.write(&self.exp_avg_sq, &zeros)?;
         self.step = 0;
+        if let Some(scaler) = self.scaler.as_mut() {
+            scaler.reset(g, 0, ScalerState::fresh(scaler.cfg.init_scale, 0))?;
+        }
         Ok(())
     }
 
-    /// One optimizer step on `images` (NHWC, the batch's [B, S, S, C]); returns (loss,
-    /// reconstruction loss, KL) read back.
+    /// One step on `images` (NHWC, the batch's [B, S, S, C]); returns (loss, reconstruction
+    /// loss, KL) read back. With a GradScaler, a step whose gradients overflowed is skipped
+    /// (its loss may be non-finite: [`scaler_state`](Self::scaler_state) tells), and the run
+    /// stops on the scaler's rules.
     pub fn train_step(&mut self, images: &[f32]) -> Result<(f32, f32, f32)> {
         let g = &self.gpu;
         g.write(&self.vae.sample.value, images)?;
         let t = self.step + 1;
         write_rng_state(g, &self.rng_state, self.cfg.seed, self.step as u32)?;
+        // Adam's t: one past the steps taken (with a GradScaler the GPU picks it from the
+        // table, skipped steps not counted).
+        let adam_t = self.optimizer_steps() + 1;
+        let lr = self.cfg.lr;
         write_hyper(
             g,
             &self.hyper,
-            &AdamwHyper::new(&VAE_ADAM, self.cfg.lr, t as u32, 0.0),
+            &AdamwHyper::new(&VAE_ADAM, lr, adam_t as u32, 0.0),
         )?;
+        if let Some(scaler) = self.scaler.as_mut() {
+            scaler.write_table(g, t, (&VAE_ADAM, &EmaConfig::default()), lr)?;
+        }
         g.run(&[&self.step_plan])?;
         self.step = t;
         let both = g.read(&self.losses)?;
         let (rec, kl) = (both[0], both[both.len() - 1]);
         let loss = (rec as f64 + self.cfg.kl_weight * kl as f64) as f32;
+        if let Some(scaler) = self.scaler.as_mut() {
+            let state = scaler.read(g)?;
+            scaler.note(t, state)?;
+            check_health(t, &state)?;
+            if state.skipped_in_row > 0 {
+                return Ok((loss, rec, kl));
+            }
+        }
         if !loss.is_finite() {
             bail!("the VAE loss became non-finite ({loss}) at step {t}; lower --lr or --kl-weight");
         }
         Ok((loss, rec, kl))
+    }
+
+    /// Adam's steps taken: every step, or with a GradScaler those not skipped.
+    pub fn optimizer_steps(&self) -> u64 {
+        match &self.scaler {
+            Some(scaler) => scaler.known_optimizer_steps(),
+            None => self.step,
+        }
     }
 
     /// A checkpoint: the parameters (`param.<name>`), Adam's moments (`exp_avg.<name>`,
@@ -239,6 +320,10 @@ impl VaeTrainer {
         );
         meta.insert("gemm_path".into(), g.gemm_path.to_string());
         meta.insert("train_config".into(), toml::to_string(&self.cfg)?);
+        if let Some(scaler) = &self.scaler {
+            let state = scaler.read(g)?;
+            meta.insert("grad_scaler".into(), StepScaler::to_metadata(&state));
+        }
         serialize_named(
             &self.vae.params,
             &[("param", &params), ("exp_avg", &m), ("exp_avg_sq", &v)],
@@ -276,6 +361,17 @@ impl VaeTrainer {
         g.write(&self.exp_avg, &ck.flat(store, "exp_avg")?)?;
         g.write(&self.exp_avg_sq, &ck.flat(store, "exp_avg_sq")?)?;
         self.step = step;
+        if let Some(scaler) = self.scaler.as_mut() {
+            let state = meta
+                .get("grad_scaler")
+                .ok_or_else(|| {
+                    anyhow!(
+                        "{path}: metadata `grad_scaler` is missing (an f16 run's checkpoint has it)"
+                    )
+                })
+                .and_then(|m| StepScaler::from_metadata(m))?;
+            scaler.reset(g, step, state)?;
+        }
         Ok(())
     }
 }
@@ -332,4 +428,28 @@ pub fn crop_psnr(
         })
         .sum::<f64>()
         / n as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Run options written before `precision` existed read as f32; f16 round-trips.
+    #[test]
+    fn precision_defaults_to_f32_and_round_trips() {
+        let f16 = VaeTrainConfig {
+            precision: Precision::F16,
+            ..Default::default()
+        };
+        let text = toml::to_string(&f16).unwrap();
+        assert!(text.contains("precision = \"f16\""), "{text}");
+        assert_eq!(toml::from_str::<VaeTrainConfig>(&text).unwrap(), f16);
+        let old: String = text
+            .lines()
+            .filter(|l| !l.starts_with("precision"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let read: VaeTrainConfig = toml::from_str(&old).unwrap();
+        assert_eq!(read.precision, Precision::F32);
+    }
 }

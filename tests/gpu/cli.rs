@@ -720,7 +720,8 @@ fn vae_reconstructs_encodes_and_decodes() {
 
 /// `train-vae`: a short mnist-vae run writes metrics.jsonl, reconstructions.png and a diffusers
 /// VAE directory whose config records the measured scaling_factor and which `vae` loads; a preset
-/// that does not exist, a VAE of 3 channels and `--precision f16` are refused before the GPU.
+/// that does not exist and a VAE of 3 channels are refused before the GPU; `--precision f16`
+/// trains with a loss scale and resumes in f16.
 #[test]
 fn train_vae_writes_a_vae_that_loads() {
     let dir = scratch("train-vae");
@@ -735,11 +736,32 @@ fn train_vae_writes_a_vae_that_loads() {
         s(&out),
     ]);
     assert!(ok && err.contains("train-vae"), "{err}");
-    // f16 needs loss scaling, which the VAE's step does not have: refused, nothing written.
+    // f16 (half-precision operands, a GradScaler): each metrics row has the loss scale, and a
+    // resume continues in f16 without --precision (the checkpoint restores the scaler).
     let f16_out = dir.join("f16");
-    let (ok, err) = run_cli(&["train-vae", "--precision", "f16", "--out", s(&f16_out)]);
-    assert!(!ok && err.contains("f32 only"), "{err}");
-    assert!(!f16_out.exists());
+    let f16_run = [
+        "train-vae",
+        "--precision",
+        "f16",
+        "--steps",
+        "2",
+        "--batch-size",
+        "8",
+        "--sample-every",
+        "0",
+        "--out",
+        s(&f16_out),
+    ];
+    let (ok, err) = run_cli(&f16_run);
+    assert!(ok, "{err}");
+    let (ok, err) = run_cli(&["train-vae", "--resume", s(&f16_out), "--steps", "3"]);
+    assert!(ok && err.contains("continues in f16"), "{err}");
+    let rows = std::fs::read_to_string(f16_out.join("metrics.jsonl")).unwrap();
+    assert_eq!(rows.lines().count(), 3, "{rows}");
+    for row in rows.lines() {
+        let v: serde_json::Value = serde_json::from_str(row).unwrap();
+        assert!(v["loss_scale"].as_f64().is_some_and(|s| s > 0.0), "{row}");
+    }
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     assert_eq!(metrics.lines().count(), 2, "{metrics}");
     assert!(out.join("reconstructions.png").is_file());

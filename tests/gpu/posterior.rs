@@ -102,30 +102,41 @@ fn posterior_kl_and_its_gradient_match_reference() {
         let before = random(p * 2 * latent, 8 + latent as u64);
         let tm = upload(&g, &[batch, pixels, 2 * latent], &moments, "moments");
         let kl = g.tensor(&[1], "kl");
-        let td = upload(&g, &[batch, pixels, 2 * latent], &before, "dmoments");
-        run(&g, |rec| {
-            op::posterior_kl(rec, &tm, &kl).unwrap();
-            op::posterior_kl_backward(rec, &tm, 0.3, &td).unwrap();
-        });
-        let what = format!("B{batch} P{pixels} L{latent}");
-        assert_close(
-            &format!("posterior_kl {what}"),
-            &read(&g, &kl),
-            &[r::posterior_kl(&moments, latent, batch)],
-            1e-6,
-            1e-5,
-        );
-        let want: Vec<f64> = r::posterior_kl_backward(&moments, latent, batch, 0.3)
-            .iter()
-            .zip(&before)
-            .map(|(d, b)| d + b)
-            .collect();
-        assert_close(
-            &format!("posterior_kl_backward {what}"),
-            &read(&g, &td),
-            &want,
-            1e-6,
-            2e-6,
-        );
+        // Without a GradScaler, and with one whose scale (its state's first word) is 8.
+        for scale in [None, Some(8.0)] {
+            let td = upload(&g, &[batch, pixels, 2 * latent], &before, "dmoments");
+            let state = scale.map(|s| {
+                upload(
+                    &g,
+                    &[8],
+                    &[s, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+                    "scaler state",
+                )
+            });
+            run(&g, |rec| {
+                op::posterior_kl(rec, &tm, &kl).unwrap();
+                op::posterior_kl_backward(rec, &tm, 0.3, state.as_ref(), &td).unwrap();
+            });
+            let what = format!("B{batch} P{pixels} L{latent} loss scale {scale:?}");
+            assert_close(
+                &format!("posterior_kl {what}"),
+                &read(&g, &kl),
+                &[r::posterior_kl(&moments, latent, batch)],
+                1e-6,
+                1e-5,
+            );
+            let want: Vec<f64> = r::posterior_kl_backward(&moments, latent, batch, 0.3)
+                .iter()
+                .zip(&before)
+                .map(|(d, b)| d * scale.unwrap_or(1.0) + b)
+                .collect();
+            assert_close(
+                &format!("posterior_kl_backward {what}"),
+                &read(&g, &td),
+                &want,
+                1e-6,
+                2e-6 * scale.unwrap_or(1.0),
+            );
+        }
     }
 }
