@@ -160,12 +160,16 @@ impl StepScaler {
     }
 }
 
-/// The stop rules of a scaled run: too many skipped steps in a row, or a scale too small for
-/// any gradient to survive.
-pub fn check_health(step: u64, state: &ScalerState) -> Result<()> {
+/// What a `train` run whose gradients keep overflowing can change.
+pub const UNET_ADVICE: &str = "Lower --lr or set --max-grad-norm.";
+
+/// The stop rules of a scaled run: too many skipped steps in a row (the error ends with
+/// `advice`, the flags of the command that can help), or a scale too small for any gradient
+/// to survive.
+pub fn check_health(step: u64, state: &ScalerState, advice: &str) -> Result<()> {
     if state.skipped_in_row >= MAX_SKIPPED_IN_ROW {
         bail!(
-            "{} steps in a row up to step {step} had inf/NaN gradients and were skipped (loss scale now {}); training stopped. Lower --lr or set --max-grad-norm.",
+            "{} steps in a row up to step {step} had inf/NaN gradients and were skipped (loss scale now {}); training stopped. {advice}",
             state.skipped_in_row,
             state.scale
         );
@@ -191,12 +195,15 @@ mod tests {
         let back = StepScaler::from_metadata(&StepScaler::to_metadata(&s)).unwrap();
         assert_eq!(back, s);
         assert!(StepScaler::from_metadata("{\"scale\": 1}").is_err());
-        assert!(check_health(5, &s).is_ok());
+        assert!(check_health(5, &s, UNET_ADVICE).is_ok());
         s.skipped_in_row = MAX_SKIPPED_IN_ROW;
-        let e = check_health(5, &s).unwrap_err().to_string();
-        assert!(e.contains("100 steps in a row"), "{e}");
+        let e = check_health(5, &s, UNET_ADVICE).unwrap_err().to_string();
+        assert!(
+            e.contains("100 steps in a row") && e.ends_with(UNET_ADVICE),
+            "{e}"
+        );
         let tiny = ScalerState::fresh(2f64.powi(-25), 0);
-        let e = check_health(9, &tiny).unwrap_err().to_string();
+        let e = check_health(9, &tiny, UNET_ADVICE).unwrap_err().to_string();
         assert!(e.contains("below 2^-24"), "{e}");
     }
 }

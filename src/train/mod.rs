@@ -1043,7 +1043,7 @@ impl LossLog {
             }
             // After its row is written: the step that stops the run is in metrics.jsonl.
             if let Some((state, _)) = skipped {
-                loss_scaling::check_health(s, &state)?;
+                loss_scaling::check_health(s, &state, loss_scaling::UNET_ADVICE)?;
             }
             last_loss = loss.is_finite().then_some(loss).or(last_loss);
         }

@@ -279,7 +279,7 @@ impl VaeTrainer {
         if let Some(scaler) = self.scaler.as_mut() {
             let state = scaler.read(g)?;
             scaler.note(t, state)?;
-            check_health(t, &state)?;
+            check_health(t, &state, "Lower --lr or --kl-weight.")?;
             if state.skipped_in_row > 0 {
                 return Ok((loss, rec, kl));
             }
