@@ -9,6 +9,10 @@
 //! - **unfused** elsewhere: GEMM, (causal mask,) softmax, GEMM, keeping the probabilities for the
 //!   backward (dP = dO Vᵀ, dV = Pᵀ dO, dS = softmax'(P) dP, dQ = s dS K, dK = s dSᵀ Q).
 //!
+//! Either way the core computes in f32 in a half-precision run (`Recorder::full_precision`
+//! around the unfused GEMMs; the fused kernels have no f16 variant): only the projections
+//! around it take f16 operands.
+//!
 //! q, o and their gradients are `[samples · Tq, heads · head_dim]` rows, k, v and theirs
 //! `[samples · Tk, heads · head_dim]`, head h in columns h · head_dim ..
 
@@ -127,6 +131,18 @@ impl AttentionCore {
             }
             Storage::Unfused { scores, probs, .. } => (scores, &probs.value),
         };
+        // The core keeps f32 operands in a half-precision run, as the fused kernels compute it:
+        // the numerics do not depend on which of the two runs.
+        rec.full_precision(|rec| self.forward_unfused(rec, (q, k, v, o), scores, probs))
+    }
+
+    fn forward_unfused(
+        &self,
+        rec: &mut Recorder,
+        (q, k, v, o): (&Tensor, &Tensor, &Tensor, &Tensor),
+        scores: &Tensor,
+        probs: &Tensor,
+    ) -> OpResult {
         let AttentionShape {
             samples: n,
             query_tokens: tq,
@@ -158,6 +174,16 @@ impl AttentionCore {
             }
             Storage::Unfused { probs, dscores, .. } => (probs, dscores),
         };
+        rec.full_precision(|rec| self.backward_unfused(rec, t, probs, dscores))
+    }
+
+    fn backward_unfused(
+        &self,
+        rec: &mut Recorder,
+        t: &AttentionGrads,
+        probs: &Act,
+        dscores: &Tensor,
+    ) -> OpResult {
         let AttentionShape {
             samples: n,
             query_tokens: tq,

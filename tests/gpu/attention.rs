@@ -172,6 +172,17 @@ fn unfused_attention_core_matches_reference() {
     check_cases(&gpu_with_path(GemmPathChoice::Portable), Core::Unfused);
 }
 
+/// In a half-precision run (`Precision::F16`: GEMM and conv operands rounded to f16) the
+/// unfused core still computes in f32, as the fused kernels do, so a model's numerics do not
+/// depend on which core runs: the f32 tolerances hold on both GEMM paths (with f16 operands
+/// its GEMMs would be ~1e-3 off).
+#[test]
+fn unfused_attention_core_keeps_f32_in_a_half_precision_run() {
+    for g in half_gpus() {
+        check_cases(&g, Core::Unfused);
+    }
+}
+
 #[test]
 fn fused_attention_rejects_what_it_cannot_run() {
     let g = gpu();
