@@ -1,8 +1,9 @@
 // Elementwise kernels: add, scale, axpby, SiLU forward/backward, per-channel broadcast add
 // (time-embedding injection), channel-slice copies (concat and its backward) and the division
 // of each sample by its own scalar (a fourier U-Net's output / σ, and its backward).
-// Tensors are flat f32 arrays; images are channels-last (NHWC), so a pixel's channels are
-// contiguous. One invocation per element; the grid may be 2-D when it exceeds 65535 groups.
+// Tensors are flat arrays of f32 or f16 (each binding's `ElemN` is the bound tensor's type,
+// src/gpu/kernels.rs; arithmetic is f32); images are channels-last (NHWC), so a pixel's channels
+// are contiguous. One invocation per element; the grid may be 2-D when it exceeds 65535 groups.
 
 struct Params {
     n: u32,          // number of elements (or of pixels, for the channel kernels)
@@ -20,9 +21,9 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(2) var<storage, read_write> y: array<f32>;
-@group(0) @binding(3) var<storage, read_write> z: array<f32>;
+@group(0) @binding(1) var<storage, read> x: array<Elem1>;
+@group(0) @binding(2) var<storage, read_write> y: array<Elem2>;
+@group(0) @binding(3) var<storage, read_write> z: array<Elem3>;
 
 const WG: u32 = 256u;
 
@@ -33,7 +34,7 @@ const WG: u32 = 256u;
 fn add(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
        @builtin(local_invocation_index) lid: u32) {
     let i = linear_index(wid, nwg, lid);
-    if (i < p.n) { z[i] = x[i] + y[i]; }
+    if (i < p.n) { z[i] = to_elem3(f32(x[i]) + f32(y[i])); }
 }
 
 // y = alpha * x + beta * y   (beta = 0 overwrites y: then y is never read, so NaNs in it vanish)
@@ -42,9 +43,9 @@ fn axpby(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: ve
          @builtin(local_invocation_index) lid: u32) {
     let i = linear_index(wid, nwg, lid);
     if (i < p.n) {
-        var v = p.alpha * x[i];
-        if (p.beta != 0.0) { v = v + p.beta * y[i]; }
-        y[i] = v;
+        var v = p.alpha * f32(x[i]);
+        if (p.beta != 0.0) { v = v + p.beta * f32(y[i]); }
+        y[i] = to_elem2(v);
     }
 }
 
@@ -53,7 +54,7 @@ fn axpby(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: ve
 fn scale(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
          @builtin(local_invocation_index) lid: u32) {
     let i = linear_index(wid, nwg, lid);
-    if (i < p.n) { y[i] = p.alpha * y[i]; }
+    if (i < p.n) { y[i] = to_elem2(p.alpha * f32(y[i])); }
 }
 
 // z = x / y[i / pixels_per_sample]: each sample divided by its own scalar (here
@@ -63,7 +64,7 @@ fn scale(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: ve
 fn divide_per_sample(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                      @builtin(local_invocation_index) lid: u32) {
     let i = linear_index(wid, nwg, lid);
-    if (i < p.n) { z[i] = x[i] / y[i / p.pixels_per_sample]; }
+    if (i < p.n) { z[i] = to_elem3(f32(x[i]) / f32(y[i / p.pixels_per_sample])); }
 }
 
 // Causal mask of attention scores [blocks · T, T] (p.channels = T keys per row, p.n elements):
@@ -77,7 +78,7 @@ fn causal_mask(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     if (i < p.n) {
         let row = i / p.channels;
         let key = i % p.channels;
-        if (key > row % p.channels) { y[i] = -3.40282347e38; }
+        if (key > row % p.channels) { y[i] = to_elem2(-3.40282347e38); }
     }
 }
 
@@ -89,8 +90,8 @@ fn silu_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
                 @builtin(local_invocation_index) lid: u32) {
     let i = linear_index(wid, nwg, lid);
     if (i < p.n) {
-        let v = x[i];
-        y[i] = v * sigmoid(v);
+        let v = f32(x[i]);
+        y[i] = to_elem2(v * sigmoid(v));
     }
 }
 
@@ -102,11 +103,11 @@ fn silu_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
                  @builtin(local_invocation_index) lid: u32) {
     let i = linear_index(wid, nwg, lid);
     if (i < p.n) {
-        let v = x[i];
+        let v = f32(x[i]);
         let s = sigmoid(v);
-        var g = y[i] * s * (1.0 + v * (1.0 - s));
-        if (p.beta != 0.0) { g = g + p.beta * z[i]; }
-        z[i] = g;
+        var g = f32(y[i]) * s * (1.0 + v * (1.0 - s));
+        if (p.beta != 0.0) { g = g + p.beta * f32(z[i]); }
+        z[i] = to_elem3(g);
     }
 }
 
@@ -119,7 +120,7 @@ fn add_channel_bias(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgrou
     if (i < p.n) {
         let c = i % p.channels;
         let sample = i / (p.channels * p.pixels_per_sample);
-        y[i] = y[i] + p.alpha * x[sample * p.channels + c];
+        y[i] = to_elem2(f32(y[i]) + p.alpha * f32(x[sample * p.channels + c]));
     }
 }
 
@@ -133,9 +134,9 @@ fn copy_channels(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
         let q = i / p.channels;
         let c = i % p.channels;
         let d = q * p.dst_stride + p.dst_offset + c;
-        var v = x[q * p.src_stride + p.src_offset + c];
-        if (p.beta != 0.0) { v = v + p.beta * y[d]; }
-        y[d] = v;
+        var v = f32(x[q * p.src_stride + p.src_offset + c]);
+        if (p.beta != 0.0) { v = v + p.beta * f32(y[d]); }
+        y[d] = to_elem2(v);
     }
 }
 
@@ -145,7 +146,7 @@ fn copy_channels(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
 fn cast_u32_to_f32(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                    @builtin(local_invocation_index) lid: u32) {
     let i = linear_index(wid, nwg, lid);
-    if (i < p.n) { y[i] = f32(bitcast<u32>(x[i])); }
+    if (i < p.n) { y[i] = to_elem2(f32(bitcast<u32>(f32(x[i])))); }
 }
 
 // ---- Vectorised variants (used when every count, offset and stride is a multiple of 4 and the
@@ -153,15 +154,15 @@ fn cast_u32_to_f32(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroup
 // on lavapipe (docs/ARCHITECTURE.md, "Memory-bound kernels on lavapipe"), so a vec4 moves 4 values for the cost of one.
 // p.n and the channel fields keep their scalar meaning; each kernel divides by 4 itself.
 
-@group(0) @binding(4) var<storage, read> x4: array<vec4<f32>>;
-@group(0) @binding(5) var<storage, read_write> y4: array<vec4<f32>>;
-@group(0) @binding(6) var<storage, read_write> z4: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read> x4: array<Elem4x4>;
+@group(0) @binding(5) var<storage, read_write> y4: array<Elem5x4>;
+@group(0) @binding(6) var<storage, read_write> z4: array<Elem6x4>;
 
 @compute @workgroup_size(256)
 fn add4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
     let i = linear_index(wid, nwg, lid);
-    if (i < p.n / 4u) { z4[i] = x4[i] + y4[i]; }
+    if (i < p.n / 4u) { z4[i] = to_elem6x4(vec4<f32>(x4[i]) + vec4<f32>(y4[i])); }
 }
 
 @compute @workgroup_size(256)
@@ -169,9 +170,9 @@ fn axpby4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
           @builtin(local_invocation_index) lid: u32) {
     let i = linear_index(wid, nwg, lid);
     if (i < p.n / 4u) {
-        var v = p.alpha * x4[i];
-        if (p.beta != 0.0) { v = v + p.beta * y4[i]; }
-        y4[i] = v;
+        var v = p.alpha * vec4<f32>(x4[i]);
+        if (p.beta != 0.0) { v = v + p.beta * vec4<f32>(y4[i]); }
+        y4[i] = to_elem5x4(v);
     }
 }
 
@@ -185,7 +186,7 @@ fn add_channel_bias4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
     if (q < p.n / p.channels) {
         let v0 = (q / p.pixels_per_sample) * c4n;
         for (var c4 = 0u; c4 < c4n; c4++) {
-            y4[q * c4n + c4] = y4[q * c4n + c4] + p.alpha * x4[v0 + c4];
+            y4[q * c4n + c4] = to_elem5x4(vec4<f32>(y4[q * c4n + c4]) + p.alpha * vec4<f32>(x4[v0 + c4]));
         }
     }
 }
@@ -199,9 +200,9 @@ fn copy_channels4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
         let d0 = (q * p.dst_stride + p.dst_offset) / 4u;
         let s0 = (q * p.src_stride + p.src_offset) / 4u;
         for (var c4 = 0u; c4 < p.channels / 4u; c4++) {
-            var v = x4[s0 + c4];
-            if (p.beta != 0.0) { v = v + p.beta * y4[d0 + c4]; }
-            y4[d0 + c4] = v;
+            var v = vec4<f32>(x4[s0 + c4]);
+            if (p.beta != 0.0) { v = v + p.beta * vec4<f32>(y4[d0 + c4]); }
+            y4[d0 + c4] = to_elem5x4(v);
         }
     }
 }

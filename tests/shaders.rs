@@ -1,7 +1,7 @@
 //! Every shader, with every specialization the runtime builds, parses and validates with naga
 //! and translates to MSL (Metal) and HLSL (DX12) — the back ends CI cannot run. No GPU needed.
 
-use wgpu_diffusion::gpu::{KernelKey, SHADERS};
+use wgpu_diffusion::gpu::{KernelKey, SHADERS, f16_capable_bindings};
 
 fn validate(key: &KernelKey) {
     let src = key
@@ -30,8 +30,13 @@ fn validate(key: &KernelKey) {
     };
     naga::back::msl::write_string(&module, &info, &Default::default(), &msl_pipeline)
         .unwrap_or_else(|e| panic!("{key:?}: MSL: {e}"));
+    // DX12 has f16 from shader model 6.2 on (what wgpu asks for with SHADER_F16).
     let hlsl_options = naga::back::hlsl::Options {
-        shader_model: naga::back::hlsl::ShaderModel::V6_0,
+        shader_model: if key.f16_bindings != 0 {
+            naga::back::hlsl::ShaderModel::V6_2
+        } else {
+            naga::back::hlsl::ShaderModel::V6_0
+        },
         ..Default::default()
     };
     let hlsl_pipeline = naga::back::hlsl::PipelineOptions {
@@ -46,8 +51,19 @@ fn validate(key: &KernelKey) {
 #[test]
 fn every_kernel_specialization_validates_and_translates() {
     let keys = wgpu_diffusion::ops::variants::all_kernel_keys();
+    let mut half = 0;
     for key in &keys {
         validate(key);
+        // With f16 tensors at every binding that takes them: a module holds all of a shader's
+        // entry points, so each must compile whatever the bound tensors' types.
+        let f16_bindings = f16_capable_bindings(key.shader);
+        if f16_bindings != 0 {
+            validate(&KernelKey {
+                f16_bindings,
+                ..key.clone()
+            });
+            half += 1;
+        }
     }
     // Every shader file is covered by at least one specialization.
     for (name, _) in SHADERS {
@@ -56,7 +72,10 @@ fn every_kernel_specialization_validates_and_translates() {
             "shader `{name}` has no kernel key in ops::variants::all_kernel_keys()"
         );
     }
-    eprintln!("validated {} kernel specializations", keys.len());
+    eprintln!(
+        "validated {} kernel specializations, {half} of them also with f16 bindings",
+        keys.len()
+    );
 }
 
 /// Templates are for what an `override` cannot express (register tiles unrolled into separate

@@ -7,8 +7,17 @@
 //! once with `//#for` blocks and expanded for the lane count in use (see [`expand_template`]);
 //! anything an `override` constant can express is an `override` instead, so those files are
 //! plain WGSL once their includes are pasted.
-//! Pipelines are keyed by shader + entry point + template values + `override` constants, and are
-//! all created while a plan is recorded, before the first step runs.
+//! Pipelines are keyed by shader + entry point + template values + `override` constants + the
+//! element types of the bound tensors, and are all created while a plan is recorded, before the
+//! first step runs.
+//!
+//! Element types. A storage binding that may hold f16 tensors (half-precision activations) is
+//! declared with the element type `ElemN` (`ElemNx2`, `ElemNx4` for vectors), N its binding
+//! number; it reads as `f32(x[i])` and is written through `to_elemN(v)` (`to_elemNx4`). The
+//! recorder sets each N's type from the tensor it binds (f32 or f16, see [`binding_prelude`]), so
+//! the f16 variant of a kernel is the same source specialized, never a copy; a binding declared
+//! `array<f32>` refuses an f16 tensor by name (`Gpu::check`), rather than reading its bytes
+//! as f32.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -127,6 +136,9 @@ pub struct KernelKey {
     pub template: Vec<(&'static str, i64)>,
     /// WGSL `override` constants, sorted by name (values as f64 bits).
     pub constants: Vec<(&'static str, u64)>,
+    /// Bit N set: binding N holds an f16 tensor (its `ElemN` is `f16`). Set by the recorder
+    /// from the tensors bound.
+    pub f16_bindings: u32,
 }
 
 impl KernelKey {
@@ -136,6 +148,7 @@ impl KernelKey {
             entry,
             template: Vec::new(),
             constants: Vec::new(),
+            f16_bindings: 0,
         }
     }
     pub fn template(mut self, name: &'static str, value: i64) -> Self {
@@ -148,11 +161,13 @@ impl KernelKey {
         self.constants.sort();
         self
     }
-    /// The WGSL after pasting its includes and expanding its template.
+    /// The WGSL after pasting its includes and expanding its template, behind the element
+    /// types of its bindings ([`binding_prelude`]).
     pub fn source(&self) -> Result<String, String> {
         let src = shader_source(self.shader)
             .ok_or_else(|| format!("unknown shader `{}`", self.shader))?;
-        expand_template(src, &self.template)
+        let body = expand_template(src, &self.template)?;
+        Ok(binding_prelude(&body, self.f16_bindings) + &body)
     }
     pub fn constants_f64(&self) -> Vec<(&'static str, f64)> {
         self.constants
@@ -162,7 +177,7 @@ impl KernelKey {
     }
 }
 
-type ModuleKey = (&'static str, Vec<(&'static str, i64)>);
+type ModuleKey = (&'static str, Vec<(&'static str, i64)>, u32);
 
 pub struct Kernels {
     device: wgpu::Device,
@@ -184,7 +199,7 @@ impl Kernels {
             return p.clone();
         }
         let module = {
-            let mk = (key.shader, key.template.clone());
+            let mk = (key.shader, key.template.clone(), key.f16_bindings);
             let mut modules = self.modules.lock().unwrap();
             modules
                 .entry(mk)
@@ -241,6 +256,80 @@ impl Kernels {
         k.sort_by(|a, b| format!("{a:?}").cmp(&format!("{b:?}")));
         k
     }
+}
+
+/// The declarations in front of an expanded shader `body` for the element types of its
+/// storage bindings: for each binding N that `body` declares with `ElemN`, the aliases `ElemN`,
+/// `ElemNx2`, `ElemNx4` and the stores `to_elemN`, `to_elemNx2`, `to_elemNx4` from f32 values.
+/// With bit N of `f16_bindings` set they are `f16` and round to nearest, ties to even (torch's
+/// `.half()`, overflow to ±inf, see `half_round.wgsl`: WGSL leaves the rounding of an f32 to
+/// f16 conversion open), behind `enable f16;`; otherwise `f32` and the identity.
+pub fn binding_prelude(body: &str, f16_bindings: u32) -> String {
+    let mut out = String::new();
+    if f16_bindings != 0 {
+        out.push_str("enable f16;\n");
+        if !body.contains("fn half_round4(") {
+            let round = INCLUDES
+                .iter()
+                .find(|(n, _)| *n == "half_round")
+                .map_or("", |(_, s)| *s);
+            out.push_str(round);
+            out.push('\n');
+        }
+    }
+    for n in 0..32u32 {
+        if !body.contains(&format!("Elem{n}>")) && !body.contains(&format!("Elem{n}x")) {
+            continue;
+        }
+        let half = f16_bindings & (1 << n) != 0;
+        let (t, v) = if half { ("f16", "h") } else { ("f32", "f") };
+        out.push_str(&format!(
+            "alias Elem{n} = {t};\nalias Elem{n}x2 = vec2{v};\nalias Elem{n}x4 = vec4{v};\n"
+        ));
+        for (suffix, ty, lanes) in [
+            ("", "f32", 1),
+            ("x2", "vec2<f32>", 2),
+            ("x4", "vec4<f32>", 4),
+        ] {
+            let value = if !half {
+                "v".to_string()
+            } else {
+                match lanes {
+                    1 => "f16(half_round4(vec4<f32>(v)).x)".to_string(),
+                    2 => "vec2h(half_round4(vec4<f32>(v, 0.0, 0.0)).xy)".to_string(),
+                    _ => "vec4h(half_round4(v))".to_string(),
+                }
+            };
+            out.push_str(&format!(
+                "fn to_elem{n}{suffix}(v: {ty}) -> Elem{n}{suffix} {{ return {value}; }}\n"
+            ));
+        }
+    }
+    out
+}
+
+/// Whether every declaration of storage binding `n` in `shader` takes f16 tensors (is declared
+/// with `ElemN`). A shader without such a declaration reads an f16 tensor's bytes as f32.
+pub fn binding_takes_f16(shader: &str, n: u32) -> bool {
+    let Some(src) = shader_source(shader) else {
+        return false;
+    };
+    let tag = format!("@binding({n})");
+    let mut declared = false;
+    for line in src.lines().filter(|l| l.contains(&tag)) {
+        if !(line.contains(&format!("Elem{n}>")) || line.contains(&format!("Elem{n}x"))) {
+            return false;
+        }
+        declared = true;
+    }
+    declared
+}
+
+/// The bindings of `shader` that take f16 tensors, as a mask (bit N: binding N).
+pub fn f16_capable_bindings(shader: &str) -> u32 {
+    (0..32)
+        .filter(|&n| binding_takes_f16(shader, n))
+        .fold(0, |m, n| m | (1 << n))
 }
 
 /// Expands a WGSL template.
@@ -437,6 +526,36 @@ mod tests {
         );
         assert!(expand_template("//#if 1\n", &[]).is_err());
         assert!(expand_template("{{M}}", &[]).is_err());
+    }
+
+    #[test]
+    fn binding_prelude_types_each_declared_binding_from_the_mask() {
+        let body = "@group(0) @binding(1) var<storage, read> x: array<Elem1>;\n\
+                    @group(0) @binding(3) var<storage, read_write> y: array<Elem3x4>;\n";
+        let f32_only = binding_prelude(body, 0);
+        assert!(!f32_only.contains("enable f16"), "{f32_only}");
+        assert!(
+            f32_only.contains("alias Elem1 = f32;") && f32_only.contains("alias Elem3x4 = vec4f;")
+        );
+        assert!(f32_only.contains("fn to_elem1(v: f32) -> Elem1 { return v; }"));
+        assert!(
+            !f32_only.contains("Elem2"),
+            "undeclared bindings get nothing: {f32_only}"
+        );
+        let mixed = binding_prelude(body, 1 << 3);
+        assert!(mixed.starts_with("enable f16;\n"), "{mixed}");
+        assert!(mixed.contains("alias Elem1 = f32;") && mixed.contains("alias Elem3x4 = vec4h;"));
+        assert!(
+            mixed.contains("fn half_round4("),
+            "f16 stores round explicitly: {mixed}"
+        );
+        assert!(mixed.contains("-> Elem3x4 { return vec4h(half_round4(v)); }"));
+        assert!(binding_takes_f16("elementwise", 1) && binding_takes_f16("elementwise", 6));
+        assert!(!binding_takes_f16("adamw", 1), "optimizer state stays f32");
+        assert!(
+            !binding_takes_f16("elementwise", 0),
+            "the parameter block is no tensor"
+        );
     }
 
     #[test]

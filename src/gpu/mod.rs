@@ -9,11 +9,12 @@ mod plan;
 mod tensor;
 
 pub use kernels::{
-    INCLUDES, KernelKey, Kernels, SHADERS, entry_points, expand_template, shader_source,
+    INCLUDES, KernelKey, Kernels, SHADERS, binding_prelude, binding_takes_f16, entry_points,
+    expand_template, f16_capable_bindings, shader_source,
 };
 pub use plan::{Binding, Plan, PlanProfile, Recorder, StepRecord, grid_1d};
 pub use tensor::{
-    NoGradGuard, Tensor, Texture2d, UnusedActivationsGuard, grad_enabled, no_grad,
+    Dtype, NoGradGuard, Tensor, Texture2d, UnusedActivationsGuard, grad_enabled, no_grad,
     unused_activations,
 };
 
@@ -132,6 +133,8 @@ pub enum GpuError {
     Invalid(String),
     #[error("the step does not fit this adapter:\n{0}")]
     TooLarge(String),
+    #[error("this adapter cannot run the step:\n{0}")]
+    Unsupported(String),
     #[error("the GPU ran out of memory: {0}\n{FIT_ADVICE}")]
     OutOfMemory(String),
     #[error("the GPU device was lost ({0})")]
@@ -199,6 +202,9 @@ pub struct GpuOptions {
     pub cap_texture: Option<u32>,
     /// GEMM and convolution operands in f32 or f16 ([`Precision`]).
     pub precision: Precision,
+    /// Open the adapter as if it lacked `SHADER_F16`: how the tests reach the error a user of
+    /// such an adapter gets.
+    pub without_f16: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -331,6 +337,9 @@ pub struct Gpu {
 struct Health {
     /// Sizes past the adapter's limits, found when a tensor, texture or dispatch was recorded.
     limits: std::sync::Mutex<Vec<String>>,
+    /// What the step asks of the adapter that it cannot do, whatever the sizes (f16 storage
+    /// without `SHADER_F16`, an f16 tensor where a kernel reads f32), each with its own advice.
+    unsupported: std::sync::Mutex<Vec<String>>,
     /// Errors wgpu reported outside any error scope (validation, out of memory, internal).
     uncaptured: std::sync::Mutex<Vec<String>>,
     /// Set by the device-lost callback.
@@ -401,7 +410,10 @@ impl Gpu {
         let wanted = USEFUL_FEATURES
             .iter()
             .fold(wgpu::Features::empty(), |acc, (f, _)| acc | *f);
-        let features = adapter.features() & wanted;
+        let mut features = adapter.features() & wanted;
+        if opts.without_f16 {
+            features.remove(wgpu::Features::SHADER_F16);
+        }
         let limits = adapter.limits();
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("wgpu-diffusion"),
@@ -463,6 +475,16 @@ impl Gpu {
     fn limit_problem(&self, what: String) {
         if let Ok(mut v) = self.health.limits.lock()
             && v.len() < 8
+        {
+            v.push(what);
+        }
+    }
+
+    /// Records something the step asks that this adapter cannot do (see `Health::unsupported`).
+    fn unsupported_problem(&self, what: String) {
+        if let Ok(mut v) = self.health.unsupported.lock()
+            && v.len() < 8
+            && !v.contains(&what)
         {
             v.push(what);
         }
@@ -531,6 +553,11 @@ impl Gpu {
         // Called before every step: nothing is copied unless something went wrong.
         if let Some(reason) = self.health.lost.lock().ok().and_then(|l| l.clone()) {
             return Err(GpuError::Lost(reason));
+        }
+        if let Ok(problems) = self.health.unsupported.lock()
+            && !problems.is_empty()
+        {
+            return Err(GpuError::Unsupported(problems.join("\n")));
         }
         if let Ok(limits) = self.health.limits.lock()
             && !limits.is_empty()

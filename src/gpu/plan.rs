@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use super::{Gpu, GpuError, KernelKey, Tensor, Texture2d};
+use super::{Dtype, Gpu, GpuError, KernelKey, Tensor, Texture2d};
 
 /// A resource bound to a kernel, in binding order after the parameter block.
 #[derive(Clone, Debug)]
@@ -245,11 +245,22 @@ impl Recorder {
     pub fn dispatch_as<P: bytemuck::Pod>(
         &mut self,
         entry: &'static str,
-        key: KernelKey,
+        mut key: KernelKey,
         params: &P,
         bindings: &[(u32, Binding)],
         groups: [u32; 3],
     ) {
+        // Each binding's element type is the bound tensor's: an f16 tensor makes its binding's
+        // `ElemN` f16 (kernels.rs), where the shader declares one.
+        let mut typed = true;
+        for (i, b) in bindings {
+            if let Binding::Buffer(t) = b
+                && t.dtype() == Dtype::F16
+            {
+                key.f16_bindings |= 1 << i;
+                typed &= self.gpu.admit_f16_binding(t, key.shader, *i, key.entry);
+            }
+        }
         let align = PARAMS_ALIGN.max(self.gpu.limits.min_uniform_buffer_offset_alignment as usize);
         let offset = self.params.len().next_multiple_of(align);
         self.params.resize(offset, 0);
@@ -260,10 +271,12 @@ impl Recorder {
         self.params.resize(offset + size, 0);
         // A binding or grid past the adapter's limits is recorded (and reported by `Gpu::check`
         // before anything runs) instead of reaching wgpu, whose validation would panic.
-        let fits = bindings.iter().all(|(_, b)| match b {
-            Binding::Buffer(t) => self.gpu.admit_binding(t, key.entry),
-            Binding::Texture(_) => true,
-        }) && self.gpu.admit_workgroups(groups, key.entry);
+        let fits = typed
+            && bindings.iter().all(|(_, b)| match b {
+                Binding::Buffer(t) => self.gpu.admit_binding(t, key.entry),
+                Binding::Texture(_) => true,
+            })
+            && self.gpu.admit_workgroups(groups, key.entry);
         for (_, b) in bindings {
             if let Binding::Buffer(t) = b {
                 self.touch(t);
@@ -357,13 +370,25 @@ impl Recorder {
     }
 
     pub fn copy(&mut self, src: &Tensor, dst: &Tensor) -> Result<(), GpuError> {
-        if src.numel() != dst.numel() {
+        if src.numel() != dst.numel() || src.dtype() != dst.dtype() {
             return Err(GpuError::Invalid(format!(
-                "copy `{}` {:?} -> `{}` {:?}: element counts differ",
+                "copy `{}` {:?} {:?} -> `{}` {:?} {:?}: element counts or types differ",
                 src.label(),
                 src.shape(),
+                src.dtype(),
                 dst.label(),
-                dst.shape()
+                dst.shape(),
+                dst.dtype()
+            )));
+        }
+        if !src.byte_len().is_multiple_of(4) {
+            // Buffer copies move whole 4-byte words: an odd count of f16 elements would
+            // overwrite the half after `dst`.
+            return Err(GpuError::Invalid(format!(
+                "copy `{}` -> `{}`: {} f16 elements is not a whole number of 4-byte words; copy with a kernel",
+                src.label(),
+                dst.label(),
+                src.numel()
             )));
         }
         self.records.push(StepRecord {

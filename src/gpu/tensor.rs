@@ -1,6 +1,7 @@
 //! GPU tensors: f32 (or u32) elements in a storage buffer, row-major, activations channels-last
-//! (NHWC). A tensor may be a view into a larger buffer (parameters and gradients live in one
-//! flat buffer each, so AdamW, EMA and the gradient norm are one dispatch over everything).
+//! (NHWC); or f16 elements ([`Dtype::F16`], half-precision activations, WGSL's `f16` behind
+//! `SHADER_F16`). A tensor may be a view into a larger buffer (parameters and gradients live in
+//! one flat buffer each, so AdamW, EMA and the gradient norm are one dispatch over everything).
 
 use std::cell::Cell;
 use std::sync::Arc;
@@ -62,6 +63,23 @@ impl Drop for UnusedActivationsGuard {
     }
 }
 
+/// The element type of a tensor's storage. u32 tensors share the f32 storage (4-byte words).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Dtype {
+    F32,
+    /// IEEE binary16, WGSL `f16`: needs the adapter's `SHADER_F16` feature.
+    F16,
+}
+
+impl Dtype {
+    pub fn bytes(self) -> usize {
+        match self {
+            Dtype::F32 => 4,
+            Dtype::F16 => 2,
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Tensor {
     buffer: Arc<wgpu::Buffer>,
@@ -69,32 +87,33 @@ pub struct Tensor {
     offset: usize,
     shape: Vec<usize>,
     label: Arc<str>,
+    dtype: Dtype,
 }
 
 impl Tensor {
-    pub(super) fn new(gpu: &Gpu, shape: &[usize], label: &str) -> Tensor {
+    pub(super) fn new(gpu: &Gpu, shape: &[usize], dtype: Dtype, label: &str) -> Tensor {
         // Saturating: a shape whose product overflows is past every limit, not a panic.
         let numel = shape
             .iter()
             .try_fold(1usize, |a, &d| a.checked_mul(d))
             .unwrap_or(usize::MAX / 8);
         // Never zero-sized: wgpu rejects empty bindings.
-        let mut size = (numel.max(1) as u64 * 4).next_multiple_of(16);
-        if !gpu.admit_buffer(size, label, shape) {
+        let mut size = (numel.max(1) as u64 * dtype.bytes() as u64).next_multiple_of(16);
+        if !gpu.admit_buffer(size, label, shape) || !gpu.admit_dtype(dtype, label) {
             // A stand-in: the plan is refused by `Gpu::check` before it could run.
             size = 16;
         }
-        Self::in_buffer(gpu, size, shape, label)
+        Self::in_buffer(gpu, size, shape, dtype, label)
     }
 
     /// A tensor with no storage behind it (a 16-byte buffer): a gradient under [`no_grad`].
     /// Binding it is refused by the recorder's admission check, never reaches wgpu.
-    fn unbacked(gpu: &Gpu, shape: &[usize], label: &str) -> Tensor {
-        Self::in_buffer(gpu, 16, shape, label)
+    fn unbacked(gpu: &Gpu, shape: &[usize], dtype: Dtype, label: &str) -> Tensor {
+        Self::in_buffer(gpu, 16, shape, dtype, label)
     }
 
     /// `shape` over a new storage buffer of `size` bytes.
-    fn in_buffer(gpu: &Gpu, size: u64, shape: &[usize], label: &str) -> Tensor {
+    fn in_buffer(gpu: &Gpu, size: u64, shape: &[usize], dtype: Dtype, label: &str) -> Tensor {
         let buffer = gpu.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
             size,
@@ -108,6 +127,7 @@ impl Tensor {
             offset: 0,
             shape: shape.to_vec(),
             label: label.into(),
+            dtype,
         }
     }
 
@@ -117,13 +137,15 @@ impl Tensor {
     }
 
     /// A view of `shape` starting `offset` elements into this tensor's buffer. The caller keeps
-    /// `offset` a multiple of the adapter's storage offset alignment (64 elements covers 256 B).
+    /// `offset` a multiple of the adapter's storage offset alignment (64 elements covers 256 B
+    /// of f32, 128 of f16).
     pub fn view(&self, offset: usize, shape: &[usize], label: &str) -> Tensor {
         Tensor {
             buffer: self.buffer.clone(),
             offset: self.offset + offset,
             shape: shape.to_vec(),
             label: label.into(),
+            dtype: self.dtype,
         }
     }
 
@@ -156,11 +178,14 @@ impl Tensor {
     pub fn offset(&self) -> usize {
         self.offset
     }
+    pub fn dtype(&self) -> Dtype {
+        self.dtype
+    }
     pub fn byte_offset(&self) -> u64 {
-        (self.offset * 4) as u64
+        (self.offset * self.dtype.bytes()) as u64
     }
     pub fn byte_len(&self) -> u64 {
-        (self.numel() * 4) as u64
+        (self.numel() * self.dtype.bytes()) as u64
     }
     /// Whether both live in the same wgpu buffer. wgpu tracks usage per buffer, so a buffer may
     /// not be bound read-only and read-write in one dispatch even through disjoint views.
@@ -172,7 +197,10 @@ impl Tensor {
         wgpu::BindingResource::Buffer(wgpu::BufferBinding {
             buffer: &self.buffer,
             offset: self.byte_offset(),
-            size: std::num::NonZeroU64::new(self.byte_len().max(4)),
+            // Storage bindings are whole 4-byte words: an odd count of f16 elements binds the
+            // padding half after the last one (inside the buffer: buffers are 16-byte
+            // multiples, views start 256-byte aligned).
+            size: std::num::NonZeroU64::new(self.byte_len().max(4).next_multiple_of(4)),
         })
     }
 }
@@ -284,6 +312,20 @@ impl Gpu {
         true
     }
 
+    /// Whether an f16 tensor may be bound to binding `n` of `shader` (declared with `ElemN`,
+    /// see kernels.rs); records the problem if not.
+    pub(crate) fn admit_f16_binding(&self, t: &Tensor, shader: &str, n: u32, entry: &str) -> bool {
+        if super::kernels::binding_takes_f16(shader, n) {
+            return true;
+        }
+        self.unsupported_problem(format!(
+            "tensor `{}` {:?} is stored as f16, and binding {n} of kernel `{entry}` ({shader}.wgsl) reads f32 only",
+            t.label(),
+            t.shape()
+        ));
+        false
+    }
+
     /// Whether `t` has storage; a gradient of a [`no_grad`] build has none, and using it is
     /// recorded as a problem (`Gpu::check` reports it) instead of reaching wgpu.
     pub(crate) fn admit_backed(&self, t: &Tensor, what: &str) -> bool {
@@ -303,23 +345,47 @@ impl Gpu {
     /// [`unused_activations`].
     pub fn activation_tensor(&self, shape: &[usize], label: &str) -> Tensor {
         if ACTIVATION_MODE.with(|m| m.get()) {
-            Tensor::new(self, shape, label)
+            Tensor::new(self, shape, Dtype::F32, label)
         } else {
-            Tensor::unbacked(self, shape, label)
+            Tensor::unbacked(self, shape, Dtype::F32, label)
         }
     }
 
     pub fn grad_tensor(&self, shape: &[usize], label: &str) -> Tensor {
         if grad_enabled() && ACTIVATION_MODE.with(|m| m.get()) {
-            Tensor::new(self, shape, label)
+            Tensor::new(self, shape, Dtype::F32, label)
         } else {
-            Tensor::unbacked(self, shape, label)
+            Tensor::unbacked(self, shape, Dtype::F32, label)
         }
     }
 
     /// Allocates a zero-filled f32 tensor in its own storage buffer.
     pub fn tensor(&self, shape: &[usize], label: &str) -> Tensor {
-        Tensor::new(self, shape, label)
+        Tensor::new(self, shape, Dtype::F32, label)
+    }
+
+    /// Allocates a zero-filled tensor of `dtype` in its own storage buffer. An f16 tensor on an
+    /// adapter without `SHADER_F16` is a stand-in that `Gpu::check` refuses with the feature's
+    /// and the adapter's names.
+    pub fn tensor_of(&self, shape: &[usize], dtype: Dtype, label: &str) -> Tensor {
+        Tensor::new(self, shape, dtype, label)
+    }
+
+    /// Whether tensors may have f16 storage here (the adapter has `SHADER_F16`).
+    pub fn supports_f16_storage(&self) -> bool {
+        self.features.contains(wgpu::Features::SHADER_F16)
+    }
+
+    /// Whether this adapter can hold `dtype`; records the problem if not.
+    pub(crate) fn admit_dtype(&self, dtype: Dtype, label: &str) -> bool {
+        if dtype == Dtype::F32 || self.supports_f16_storage() {
+            return true;
+        }
+        self.unsupported_problem(format!(
+            "tensor `{label}` is stored as f16, which needs the SHADER_F16 feature, and adapter `{}` does not have it: use --precision f32 on this adapter",
+            self.adapter.name
+        ));
+        false
     }
 
     /// Allocates a tensor and uploads `data` into it.
@@ -329,7 +395,7 @@ impl Gpu {
         data: &[f32],
         label: &str,
     ) -> Result<Tensor, GpuError> {
-        let t = Tensor::new(self, shape, label);
+        let t = Tensor::new(self, shape, Dtype::F32, label);
         self.write(&t, data)?;
         Ok(t)
     }
@@ -344,8 +410,32 @@ impl Gpu {
                 t.numel()
             )));
         }
-        self.queue
-            .write_buffer(t.buffer(), t.byte_offset(), bytemuck::cast_slice(data));
+        match t.dtype() {
+            Dtype::F32 => {
+                self.queue
+                    .write_buffer(t.buffer(), t.byte_offset(), bytemuck::cast_slice(data));
+            }
+            Dtype::F16 => {
+                // Rounded to nearest, ties to even (torch's `.half()`). Buffer writes are whole
+                // 4-byte words: an odd count keeps the half after the last element as it was.
+                let mut halves: Vec<u16> = data
+                    .iter()
+                    .map(|&v| half::f16::from_f32(v).to_bits())
+                    .collect();
+                if !halves.len().is_multiple_of(2) {
+                    let next = t.byte_offset() + t.byte_len();
+                    let kept = if next + 2 <= t.buffer().size() {
+                        let word = self.read_bytes(t.buffer(), next - 2, 4)?;
+                        u16::from_le_bytes([word[2], word[3]])
+                    } else {
+                        0
+                    };
+                    halves.push(kept);
+                }
+                self.queue
+                    .write_buffer(t.buffer(), t.byte_offset(), bytemuck::cast_slice(&halves));
+            }
+        }
         Ok(())
     }
 
@@ -354,10 +444,26 @@ impl Gpu {
         self.write(t, bytemuck::cast_slice(data))
     }
 
-    /// Reads a tensor back (blocks until the GPU is done with everything submitted).
+    /// Reads a tensor back as f32 values (blocks until the GPU is done with everything
+    /// submitted); f16 elements are widened exactly.
     pub fn read(&self, t: &Tensor) -> Result<Vec<f32>, GpuError> {
-        let bytes = self.read_bytes(t.buffer(), t.byte_offset(), t.byte_len())?;
-        Ok(bytemuck::pod_collect_to_vec(&bytes))
+        match t.dtype() {
+            Dtype::F32 => {
+                let bytes = self.read_bytes(t.buffer(), t.byte_offset(), t.byte_len())?;
+                Ok(bytemuck::pod_collect_to_vec(&bytes))
+            }
+            Dtype::F16 => {
+                // Copies between buffers are whole 4-byte words: read the words that hold the
+                // elements (views start 4-byte aligned) and drop a trailing half.
+                let len = t.byte_len().next_multiple_of(4);
+                let bytes = self.read_bytes(t.buffer(), t.byte_offset(), len)?;
+                Ok(bytes
+                    .chunks_exact(2)
+                    .take(t.numel())
+                    .map(|h| half::f16::from_bits(u16::from_le_bytes([h[0], h[1]])).to_f32())
+                    .collect())
+            }
+        }
     }
 
     pub fn read_u32(&self, t: &Tensor) -> Result<Vec<u32>, GpuError> {

@@ -14,6 +14,7 @@ mod conv2d;
 mod edm;
 mod elementwise;
 mod embedding;
+mod f16_storage;
 mod gelu;
 mod gemm;
 mod grad_scaler;

@@ -1,0 +1,216 @@
+//! f16 storage (issue 21: half-precision activations): tensors of `Dtype::F16`, their uploads
+//! and readbacks, and the kernels that read and write them, against the f64 reference.
+//!
+//! Tolerance: a kernel reads f16 values, computes in f32 and stores its result rounded to the
+//! nearest f16 (ties to even), as torch's half tensors do. The reference computes in f64 from
+//! the same f16 inputs and rounds to f16 the same way. The two can differ only where the f32
+//! result lies within an f32 rounding error of an f16 rounding boundary, and then by one f16
+//! ulp: so each element must be within one ulp (rtol 2^-10, atol 2^-24 for subnormals), and
+//! all but 1 % of them exactly equal (truncating instead of rounding would miss about half).
+
+use std::sync::Arc;
+
+use crate::common::*;
+use wgpu_diffusion::gpu::{Dtype, Gpu, GpuOptions, Tensor};
+use wgpu_diffusion::ops::elementwise as ew;
+use wgpu_diffusion::reference::elementwise as r;
+
+/// An f16 tensor holding `data` rounded to f16; returns it with the values it holds.
+fn upload_f16(g: &Arc<Gpu>, shape: &[usize], data: &[f64], label: &str) -> (Tensor, Vec<f64>) {
+    let t = g.tensor_of(shape, Dtype::F16, label);
+    let v: Vec<f32> = data.iter().map(|&x| x as f32).collect();
+    g.write(&t, &v).expect("upload");
+    (t, f16_round(data))
+}
+
+/// `gpu` (read from an f16 tensor) against `reference` computed in f64 and rounded to f16 here.
+fn assert_half_stored(what: &str, gpu: &[f32], reference: &[f64]) {
+    let rounded = f16_round(reference);
+    assert_close(what, gpu, &rounded, 2f64.powi(-24), 2f64.powi(-10));
+    let inexact = gpu
+        .iter()
+        .zip(&rounded)
+        .filter(|(a, b)| **a as f64 != **b)
+        .count();
+    assert!(
+        inexact * 100 <= gpu.len(),
+        "{what}: {inexact} of {} elements are not the f16 rounding of the reference (first values {:?} vs {:?})",
+        gpu.len(),
+        &gpu[..gpu.len().min(4)],
+        &rounded[..rounded.len().min(4)]
+    );
+}
+
+/// Values spread over f16's normal and subnormal ranges.
+fn spread(n: usize, seed: u64, scale: f64) -> Vec<f64> {
+    test_data(n, seed)
+        .iter()
+        .enumerate()
+        .map(|(i, v)| v * scale * if i % 7 == 0 { 1e-5 } else { 1.0 })
+        .collect()
+}
+
+/// Multiples of 4 run the vectorised kernels, the others the scalar ones.
+const SIZES: [usize; 7] = [1, 3, 4, 7, 33, 64, 70_004];
+
+#[test]
+fn f16_tensors_round_on_upload_read_back_exactly_and_keep_their_neighbours() {
+    let g = gpu();
+    // Ties go to even: 1 + 2^-11 lies halfway between 1 and 1 + 2^-10.
+    let data = [
+        1.0 + 2f64.powi(-11),
+        1.0 + 3.0 * 2f64.powi(-11),
+        7e-8,
+        70000.0,
+        -0.1,
+    ];
+    let (t, held) = upload_f16(&g, &[5], &data, "halves");
+    assert_eq!(t.byte_len(), 10);
+    let back = read(&g, &t);
+    assert_eq!(back[0], 1.0);
+    assert_eq!(back[1] as f64, 1.0 + 4.0 * 2f64.powi(-11));
+    assert_eq!(
+        back[3],
+        f32::INFINITY,
+        "past f16's range is inf, as in torch"
+    );
+    for (a, b) in back.iter().zip(&held) {
+        assert_eq!(*a as f64, *b);
+    }
+    // An odd-length view written in the middle of a buffer leaves the element after it alone.
+    let whole = g.tensor_of(&[256], Dtype::F16, "whole");
+    g.write(&whole, &vec![5.0; 256]).unwrap();
+    let view = whole.view(128, &[3], "view");
+    g.write(&view, &[1.0, 2.0, 3.0]).unwrap();
+    let all = read(&g, &whole);
+    assert_eq!(&all[127..132], &[5.0, 1.0, 2.0, 3.0, 5.0]);
+    assert_eq!(read(&g, &view), vec![1.0, 2.0, 3.0]);
+}
+
+#[test]
+fn elementwise_kernels_read_and_store_f16() {
+    let g = gpu();
+    for (i, &n) in SIZES.iter().enumerate() {
+        let s = 40 + 10 * i as u64;
+        let (ta, a) = upload_f16(&g, &[n], &spread(n, s, 30.0), "a");
+        let (tb, b) = upload_f16(&g, &[n], &spread(n, s + 1, 30.0), "b");
+        let (tx, x) = upload_f16(&g, &[n], &spread(n, s + 2, 8.0), "x");
+        let (tdy, dy) = upload_f16(&g, &[n], &spread(n, s + 3, 1.0), "dy");
+        let (tacc, prior) = upload_f16(&g, &[n], &spread(n, s + 4, 1.0), "acc");
+        let f32_b = upload(&g, &[n], &b, "b as f32");
+        let sum16 = g.tensor_of(&[n], Dtype::F16, "sum16");
+        let mixed32 = g.tensor(&[n], "mixed32");
+        let (ty, tdx) = (
+            g.tensor_of(&[n], Dtype::F16, "y"),
+            g.tensor_of(&[n], Dtype::F16, "dx"),
+        );
+        run(&g, |rec| {
+            ew::add(rec, &ta, &tb, &sum16).unwrap();
+            // f16 + f32 into an f32 tensor: each binding has its own element type.
+            ew::add(rec, &ta, &f32_b, &mixed32).unwrap();
+            ew::silu_forward(rec, &tx, &ty).unwrap();
+            ew::silu_backward(rec, &tx, &tdy, &tdx, false).unwrap();
+            ew::silu_backward(rec, &tx, &tdy, &tacc, true).unwrap();
+            ew::axpby(rec, 0.5, &ta, -2.0, &tb).unwrap();
+            ew::scale(rec, 3.0, &ta).unwrap();
+        });
+        let sum: Vec<f64> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
+        assert_half_stored(&format!("add n={n}"), &read(&g, &sum16), &sum);
+        assert_close(
+            &format!("add f16 + f32 -> f32 n={n}"),
+            &read(&g, &mixed32),
+            &sum,
+            1e-7,
+            1e-6,
+        );
+        let silu = r::silu_forward(&x);
+        assert_half_stored(&format!("silu_forward n={n}"), &read(&g, &ty), &silu);
+        let dx = r::silu_backward(&x, &dy);
+        assert_half_stored(&format!("silu_backward n={n}"), &read(&g, &tdx), &dx);
+        // The accumulating backward adds to the stored (f16) prior gradient.
+        let acc: Vec<f64> = dx.iter().zip(&prior).map(|(d, p)| d + p).collect();
+        assert_half_stored(&format!("silu_backward += n={n}"), &read(&g, &tacc), &acc);
+        let axpby: Vec<f64> = a.iter().zip(&b).map(|(x, y)| 0.5 * x - 2.0 * y).collect();
+        assert_half_stored(&format!("axpby n={n}"), &read(&g, &tb), &axpby);
+        let scaled: Vec<f64> = a.iter().map(|x| 3.0 * x).collect();
+        assert_half_stored(&format!("scale n={n}"), &read(&g, &ta), &scaled);
+    }
+}
+
+#[test]
+fn channel_kernels_read_and_store_f16() {
+    let g = gpu();
+    // Channel counts that are all multiples of 4 run the vectorised kernels.
+    for &(n, h, w, ca, cb) in &[(2, 3, 5, 7, 3), (2, 4, 4, 64, 32), (2, 17, 9, 12, 8)] {
+        let q = h * w;
+        let (th, hx) = upload_f16(&g, &[n, h, w, ca], &spread(n * q * ca, 60, 4.0), "h");
+        // The time-embedding projection stays f32 (issue 21: the time-embedding MLP runs in f32).
+        let v = random(n * ca, 61);
+        let tv = upload(&g, &[n, ca], &v, "v");
+        let (tb, b) = upload_f16(&g, &[n, h, w, cb], &spread(n * q * cb, 62, 4.0), "b");
+        let (ta, a) = upload_f16(&g, &[n, h, w, ca], &spread(n * q * ca, 63, 4.0), "a");
+        let tcat = g.tensor_of(&[n, h, w, ca + cb], Dtype::F16, "cat");
+        let (tacc, prior) = upload_f16(&g, &[n, h, w, cb], &spread(n * q * cb, 64, 4.0), "acc");
+        run(&g, |rec| {
+            ew::add_channel_bias(rec, &tv, 0.5, &th).unwrap();
+            ew::copy_channels(rec, &ta, 0, &tcat, 0, ca, false).unwrap();
+            ew::copy_channels(rec, &tb, 0, &tcat, ca, cb, false).unwrap();
+        });
+        run(&g, |rec| {
+            ew::copy_channels(rec, &tcat, ca, &tacc, 0, cb, true).unwrap();
+        });
+        let shape = format!("{n}x{h}x{w}x{ca}+{cb}");
+        assert_half_stored(
+            &format!("add_channel_bias {shape}"),
+            &read(&g, &th),
+            &r::add_channel_bias(&hx, &v, 0.5, q, ca),
+        );
+        assert_half_stored(
+            &format!("concat {shape}"),
+            &read(&g, &tcat),
+            &r::concat_channels(&a, ca, &b, cb),
+        );
+        let acc: Vec<f64> = b.iter().zip(&prior).map(|(x, y)| x + y).collect();
+        assert_half_stored(&format!("copy_channels += {shape}"), &read(&g, &tacc), &acc);
+    }
+}
+
+/// A kernel whose binding reads f32 only is refused an f16 tensor, by name, before anything
+/// runs, rather than reading its bytes as f32.
+#[test]
+fn an_f16_tensor_where_a_kernel_reads_f32_is_refused_by_name() {
+    // A device of its own: the refusal stays recorded on it.
+    let g = Gpu::new(&GpuOptions::default()).expect("adapter");
+    let timesteps = g.tensor_of(&[3], Dtype::F16, "half timesteps");
+    let out = g.tensor(&[3, 8], "embedding");
+    let mut rec = g.recorder();
+    wgpu_diffusion::ops::timestep_embedding::timestep_embedding(
+        &mut rec, &timesteps, &out, true, 0.0,
+    )
+    .unwrap();
+    let e = g.check().unwrap_err().to_string();
+    assert!(
+        e.contains("half timesteps") && e.contains("f16") && e.contains("timestep_embedding"),
+        "{e}"
+    );
+}
+
+#[test]
+fn without_shader_f16_an_f16_tensor_is_an_error_naming_the_feature_and_the_adapter() {
+    let g = Gpu::new(&GpuOptions {
+        without_f16: true,
+        ..Default::default()
+    })
+    .expect("adapter");
+    assert!(!g.supports_f16_storage());
+    // f32 works on it.
+    let t = g.tensor_from(&[2], &[1.0, 2.0], "f32").unwrap();
+    assert_eq!(read(&g, &t), vec![1.0, 2.0]);
+    let _ = g.tensor_of(&[4], Dtype::F16, "activation");
+    let e = g.check().unwrap_err().to_string();
+    assert!(
+        e.contains("SHADER_F16") && e.contains(&g.adapter.name) && e.contains("--precision f32"),
+        "{e}"
+    );
+    assert!(!e.contains("--batch-size"), "not a size problem: {e}");
+}
