@@ -43,15 +43,15 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(1) var<storage, read> x: array<Elem1>;
 @group(0) @binding(2) var<storage, read> gamma: array<f32>;
 @group(0) @binding(3) var<storage, read> beta: array<f32>;
-@group(0) @binding(4) var<storage, read_write> y: array<f32>;
+@group(0) @binding(4) var<storage, read_write> y: array<Elem4>;
 @group(0) @binding(5) var<storage, read_write> mean_out: array<f32>;
 @group(0) @binding(6) var<storage, read_write> rstd_out: array<f32>;
 @group(0) @binding(7) var<storage, read> mean: array<f32>;
 @group(0) @binding(8) var<storage, read> rstd: array<f32>;
-@group(0) @binding(9) var<storage, read> dy: array<f32>;
+@group(0) @binding(9) var<storage, read> dy: array<Elem9>;
 // [2, N*S, C]: row-sums of dy*xhat (part 0) and of dy (part 1) per (n, split, c).
 @group(0) @binding(10) var<storage, read_write> partials_out: array<f32>;
 @group(0) @binding(11) var<storage, read> partials: array<f32>;
@@ -60,7 +60,7 @@ struct Params {
 @group(0) @binding(13) var<storage, read_write> dgamma: array<f32>;
 @group(0) @binding(14) var<storage, read_write> dbeta: array<f32>;
 @group(0) @binding(15) var<storage, read> gsums: array<f32>;
-@group(0) @binding(16) var<storage, read_write> dx: array<f32>;
+@group(0) @binding(16) var<storage, read_write> dx: array<Elem16>;
 
 const WG: u32 = 256u;
 
@@ -99,13 +99,13 @@ fn group_norm_stats_partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(loca
     let base = n * p.pixels * p.channels + c;
     var sum = 0.0;
     for (var q = q0; q < q1; q = q + 1u) {
-        sum = sum + x[base + q * p.channels];
+        sum = sum + f32(x[base + q * p.channels]);
     }
     let cnt = f32(q1 - q0);
     let m = sum / cnt;
     var m2 = 0.0;
     for (var q = q0; q < q1; q = q + 1u) {
-        let d = x[base + q * p.channels] - m;
+        let d = f32(x[base + q * p.channels]) - m;
         m2 = m2 + d * d;
     }
     let rows = p.batch * p.splits;
@@ -161,8 +161,8 @@ fn group_norm_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invo
     let base = n * p.pixels * p.channels + c;
     for (var q = q0; q < q1; q = q + 1u) {
         let idx = base + q * p.channels;
-        let v = (x[idx] - mu) * rs * ga + be;
-        if (p.silu != 0u) { y[idx] = v * sigmoid(v); } else { y[idx] = v; }
+        let v = (f32(x[idx]) - mu) * rs * ga + be;
+        if (p.silu != 0u) { y[idx] = to_elem4(v * sigmoid(v)); } else { y[idx] = to_elem4(v); }
     }
 }
 
@@ -188,8 +188,8 @@ fn group_norm_backward_partials(@builtin(workgroup_id) wid: vec3<u32>, @builtin(
         let be = beta[c];
         for (var q = q0 + k; q < q1; q = q + 8u) {
             let idx = (n * p.pixels + q) * p.channels + c;
-            let xhat = (x[idx] - mu) * rs;
-            let g = grad_of_norm(dy[idx], xhat, ga, be);
+            let xhat = (f32(x[idx]) - mu) * rs;
+            let g = grad_of_norm(f32(dy[idx]), xhat, ga, be);
             acc_g = acc_g + g * xhat;
             acc_b = acc_b + g;
         }
@@ -279,10 +279,10 @@ fn group_norm_backward_dx(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_
     let base = n * p.pixels * p.channels + c;
     for (var q = q0; q < q1; q = q + 1u) {
         let idx = base + q * p.channels;
-        let xhat = (x[idx] - mu) * rs;
-        var v = rs * (ga * grad_of_norm(dy[idx], xhat, ga, be) - m1 - xhat * m2);
-        if (p.add_dx != 0u) { v = v + dx[idx]; }
-        dx[idx] = v;
+        let xhat = (f32(x[idx]) - mu) * rs;
+        var v = rs * (ga * grad_of_norm(f32(dy[idx]), xhat, ga, be) - m1 - xhat * m2);
+        if (p.add_dx != 0u) { v = v + f32(dx[idx]); }
+        dx[idx] = to_elem16(v);
     }
 }
 
@@ -293,10 +293,10 @@ fn group_norm_backward_dx(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_
 // workgroup. Each component follows the scalar kernel's formula; the partial rows keep its
 // [2, N*S, C] layout, so group_norm_stats, _backward_group_sums and _backward_params serve both.
 
-@group(0) @binding(17) var<storage, read> x4: array<vec4<f32>>;
-@group(0) @binding(18) var<storage, read_write> y4: array<vec4<f32>>;
-@group(0) @binding(19) var<storage, read> dy4: array<vec4<f32>>;
-@group(0) @binding(20) var<storage, read_write> dx4: array<vec4<f32>>;
+@group(0) @binding(17) var<storage, read> x4: array<Elem17x4>;
+@group(0) @binding(18) var<storage, read_write> y4: array<Elem18x4>;
+@group(0) @binding(19) var<storage, read> dy4: array<Elem19x4>;
+@group(0) @binding(20) var<storage, read_write> dx4: array<Elem20x4>;
 @group(0) @binding(21) var<storage, read_write> partials4_out: array<vec4<f32>>;
 
 const WG4: u32 = 64u;
@@ -364,12 +364,12 @@ fn group_norm_stats_partial4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num
     let rows = p.batch * p.splits;
     var sum = vec4<f32>(0.0);
     for (var q = r.q0; q < r.q1; q = q + 1u) {
-        sum = sum + x4[r.base + q * r.c4n];
+        sum = sum + vec4<f32>(x4[r.base + q * r.c4n]);
     }
     let m = sum / f32(r.q1 - r.q0);
     var m2 = vec4<f32>(0.0);
     for (var q = r.q0; q < r.q1; q = q + 1u) {
-        let d = x4[r.base + q * r.c4n] - m;
+        let d = vec4<f32>(x4[r.base + q * r.c4n]) - m;
         m2 = m2 + d * d;
     }
     partials4_out[r.row * r.c4n + r.c4] = m;
@@ -387,8 +387,8 @@ fn group_norm_forward4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workg
     let be = beta4(r.c4);
     for (var q = r.q0; q < r.q1; q = q + 1u) {
         let idx = r.base + q * r.c4n;
-        let v = (x4[idx] - mu) * rs * ga + be;
-        if (p.silu != 0u) { y4[idx] = v * sigmoid4(v); } else { y4[idx] = v; }
+        let v = (vec4<f32>(x4[idx]) - mu) * rs * ga + be;
+        if (p.silu != 0u) { y4[idx] = to_elem18x4(v * sigmoid4(v)); } else { y4[idx] = to_elem18x4(v); }
     }
 }
 
@@ -407,8 +407,8 @@ fn group_norm_backward_partials4(@builtin(workgroup_id) wid: vec3<u32>, @builtin
     var acc_b = vec4<f32>(0.0);
     for (var q = r.q0; q < r.q1; q = q + 1u) {
         let idx = r.base + q * r.c4n;
-        let xhat = (x4[idx] - mu) * rs;
-        let g = grad_of_norm4(dy4[idx], xhat, ga, be);
+        let xhat = (vec4<f32>(x4[idx]) - mu) * rs;
+        let g = grad_of_norm4(vec4<f32>(dy4[idx]), xhat, ga, be);
         acc_g = acc_g + g * xhat;
         acc_b = acc_b + g;
     }
@@ -435,9 +435,9 @@ fn group_norm_backward_dx4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_w
     let be = beta4(r.c4);
     for (var q = r.q0; q < r.q1; q = q + 1u) {
         let idx = r.base + q * r.c4n;
-        let xhat = (x4[idx] - mu) * rs;
-        var v = rs * (ga * grad_of_norm4(dy4[idx], xhat, ga, be) - m1 - xhat * m2);
-        if (p.add_dx != 0u) { v = v + dx4[idx]; }
-        dx4[idx] = v;
+        let xhat = (vec4<f32>(x4[idx]) - mu) * rs;
+        var v = rs * (ga * grad_of_norm4(vec4<f32>(dy4[idx]), xhat, ga, be) - m1 - xhat * m2);
+        if (p.add_dx != 0u) { v = v + vec4<f32>(dx4[idx]); }
+        dx4[idx] = to_elem20x4(v);
     }
 }

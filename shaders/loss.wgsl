@@ -23,13 +23,13 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> pred: array<f32>;
-@group(0) @binding(2) var<storage, read> tgt: array<f32>;
+@group(0) @binding(1) var<storage, read> pred: array<Elem1>;
+@group(0) @binding(2) var<storage, read> tgt: array<Elem2>;
 @group(0) @binding(3) var<storage, read> weights: array<f32>;
 @group(0) @binding(4) var<storage, read_write> partials: array<f32>;
 @group(0) @binding(5) var<storage, read> partials_in: array<f32>;
 @group(0) @binding(6) var<storage, read_write> result: array<f32>;
-@group(0) @binding(7) var<storage, read_write> dpred: array<f32>;
+@group(0) @binding(7) var<storage, read_write> dpred: array<Elem7>;
 
 const WG: u32 = 256u;
 const ITEMS: u32 = 8u;          // elements per thread in stage 1
@@ -41,7 +41,7 @@ const CHUNK: u32 = WG * ITEMS;  // elements per workgroup in stage 1 (src/ops/lo
 //#include tree_sum
 
 fn sq_err(i: u32) -> f32 {
-    let d = pred[i] - tgt[i];
+    let d = f32(pred[i]) - f32(tgt[i]);
     return d * d;
 }
 
@@ -84,7 +84,7 @@ fn l1_partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     var acc = 0.0;
     for (var k = 0u; k < ITEMS; k = k + 1u) {
         let i = base + k * WG;
-        if (i < p.n) { acc = acc + abs(pred[i] - tgt[i]); }
+        if (i < p.n) { acc = acc + abs(f32(pred[i]) - f32(tgt[i])); }
     }
     let total = tree_sum(lid, acc);
     if (lid == 0u) { partials[g] = total; }
@@ -96,7 +96,7 @@ fn l1_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
                @builtin(local_invocation_index) lid: u32) {
     let i = group_index(wid, nwg) * WG + lid;
     if (i < p.n) {
-        dpred[i] = p.factor * sign(pred[i] - tgt[i]);
+        dpred[i] = to_elem7(p.factor * sign(f32(pred[i]) - f32(tgt[i])));
     }
 }
 
@@ -118,7 +118,7 @@ fn mse_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
                 @builtin(local_invocation_index) lid: u32) {
     let i = group_index(wid, nwg) * WG + lid;
     if (i < p.n) {
-        dpred[i] = p.factor * (pred[i] - tgt[i]);
+        dpred[i] = to_elem7(p.factor * (f32(pred[i]) - f32(tgt[i])));
     }
 }
 
@@ -128,6 +128,6 @@ fn mse_backward_weighted(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_wor
                          @builtin(local_invocation_index) lid: u32) {
     let i = group_index(wid, nwg) * WG + lid;
     if (i < p.n) {
-        dpred[i] = p.factor * weights[i / p.per_sample] * (pred[i] - tgt[i]);
+        dpred[i] = to_elem7(p.factor * weights[i / p.per_sample] * (f32(pred[i]) - f32(tgt[i])));
     }
 }

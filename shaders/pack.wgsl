@@ -34,7 +34,7 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> src: array<f32>;
+@group(0) @binding(1) var<storage, read> src: array<Elem1>;
 //#if HALF == 0
 @group(0) @binding(2) var dst: texture_storage_2d<rgba32float, write>;
 //#end
@@ -43,7 +43,7 @@ struct Params {
 @group(0) @binding(2) var dst: texture_storage_2d<rgba16float, write>;
 //#end
 // The same source seen as vec4s (pack_matrix_vec4: rows of whole, aligned texels).
-@group(0) @binding(3) var<storage, read> src4: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> src4: array<Elem3x4>;
 
 //#include half_round
 
@@ -88,7 +88,7 @@ fn pack_matrix(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
             if (col < p.cols) {
                 var idx = base + r * p.ld + col;
                 if (p.trans != 0u) { idx = base + col * p.ld + r; }
-                v[e] = src[idx];
+                v[e] = f32(src[idx]);
             }
         }
     }
@@ -105,7 +105,7 @@ fn pack_matrix_vec4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
     if (t.x >= p.width || r >= p.rows_padded) { return; }
     var v = vec4<f32>(0.0);
     if (r < p.rows) {
-        v = src4[(batch_base(wid.z) + r * p.ld) / 4u + t.x];
+        v = vec4<f32>(src4[(batch_base(wid.z) + r * p.ld) / 4u + t.x]);
     }
     textureStore(dst, vec2<u32>(t.x, wid.z * p.rows_padded + r), stored(v));
 }
@@ -127,7 +127,7 @@ fn pack_nhwc(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id
     var v = vec4<f32>(0.0);
     if (x < p.image_w) {
         for (var e = 0u; e < 4u; e++) {
-            if (c0 + e < p.channels) { v[e] = src[pixel * p.channels + c0 + e]; }
+            if (c0 + e < p.channels) { v[e] = f32(src[pixel * p.channels + c0 + e]); }
         }
     }
     textureStore(dst, t, stored(v));
@@ -141,7 +141,7 @@ fn pack_nhwc(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id
 fn pack_nhwc_vec4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
     let t = texel_coords(wid, lid);
     if (t.x >= p.width || t.y >= p.height) { return; }
-    textureStore(dst, t, stored(src4[t.y * p.width + t.x]));
+    textureStore(dst, t, stored(vec4<f32>(src4[t.y * p.width + t.x])));
 }
 
 // Conv weights W [Co, Ci, KH, KW] as the B operand of an implicit GEMM: row (tap, kc) with kc
@@ -164,7 +164,7 @@ fn pack_conv_weight(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
                 var ci = kc;
                 if (p.io_swapped != 0u) { co = kc; ci = nc; }
                 let in_c = select(p.k_channels, p.n_channels, p.io_swapped != 0u);
-                v[e] = src[(co * in_c + ci) * p.taps + tap];
+                v[e] = f32(src[(co * in_c + ci) * p.taps + tap]);
             }
         }
     }

@@ -17,7 +17,7 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> src: array<f32>;
+@group(0) @binding(1) var<storage, read> src: array<Elem1>;
 @group(0) @binding(2) var<storage, read_write> dst: array<f32>;
 
 //#include half_round
@@ -39,7 +39,7 @@ fn sum_slices(@builtin(global_invocation_id) gid: vec3<u32>) {
     let s1 = min(p.slices, s0 + p.chunk);
     var acc = 0.0;
     for (var s = s0; s < s1; s++) {
-        acc += term4(vec4<f32>(src[s * p.stride + j])).x;
+        acc += term4(vec4<f32>(f32(src[s * p.stride + j]))).x;
     }
     let o = g * p.out_stride + j;
     if (p.beta != 0.0) { acc += p.beta * dst[o]; }
@@ -51,7 +51,7 @@ fn sum_slices(@builtin(global_invocation_id) gid: vec3<u32>) {
 // vec4 per lane makes a quarter of those trips. Per element: the same slices in the same
 // order, the same bits. 16 invocations per workgroup: one lavapipe SIMD row, so short rows
 // (64 columns: 16 texels) leave no lanes idle.
-@group(0) @binding(3) var<storage, read> src4: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> src4: array<Elem3x4>;
 @group(0) @binding(4) var<storage, read_write> dst4: array<vec4<f32>>;
 
 @compute @workgroup_size(16)
@@ -64,7 +64,7 @@ fn sum_slices4(@builtin(global_invocation_id) gid: vec3<u32>) {
     let stride4 = p.stride / 4u;
     var acc = vec4<f32>(0.0);
     for (var s = s0; s < s1; s++) {
-        acc += term4(src4[s * stride4 + j]);
+        acc += term4(vec4<f32>(src4[s * stride4 + j]));
     }
     let o = g * (p.out_stride / 4u) + j;
     if (p.beta != 0.0) { acc += p.beta * dst4[o]; }

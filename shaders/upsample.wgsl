@@ -21,8 +21,8 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> src: array<f32>;
-@group(0) @binding(2) var<storage, read_write> dst: array<f32>;
+@group(0) @binding(1) var<storage, read> src: array<Elem1>;
+@group(0) @binding(2) var<storage, read_write> dst: array<Elem2>;
 
 const WG: u32 = 256u;
 
@@ -40,7 +40,7 @@ fn upsample_nearest2x_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(nu
     let t = pix / (2u * p.width);
     let oy = t % (2u * p.height);
     let n = t / (2u * p.height);
-    dst[i] = src[((n * p.height + oy / 2u) * p.width + ox / 2u) * p.channels + c];
+    dst[i] = to_elem2(f32(src[((n * p.height + oy / 2u) * p.width + ox / 2u) * p.channels + c]));
 }
 
 // src = dy [N, 2H, 2W, C], dst = dx [N, H, W, C].
@@ -57,15 +57,15 @@ fn upsample_nearest2x_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(n
     let n = t / p.height;
     let row = 2u * p.width * p.channels; // one output row
     let b = ((n * 2u * p.height + 2u * iy) * 2u * p.width + 2u * ix) * p.channels + c;
-    dst[i] = ((src[b] + src[b + p.channels]) + src[b + row]) + src[b + row + p.channels];
+    dst[i] = to_elem2(((f32(src[b]) + f32(src[b + p.channels])) + f32(src[b + row])) + f32(src[b + row + p.channels]));
 }
 
 // The same for C a multiple of 4, one thread per (input pixel, 4-channel texel), without the
 // scalar kernels' five integer divisions per element (llvmpipe runs a vector integer division
 // as one scalar division per lane; the scalar forward wrote 0.6 GB/s). Workgroup row wid.y + nwg.y
 // * wid.z is input row r = n H + iy, whose output rows are 2r and 2r + 1; x runs over W C/4.
-@group(0) @binding(3) var<storage, read> src4: array<vec4<f32>>;
-@group(0) @binding(4) var<storage, read_write> dst4: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> src4: array<Elem3x4>;
+@group(0) @binding(4) var<storage, read_write> dst4: array<Elem4x4>;
 
 const WG4: u32 = 64u;
 
@@ -96,11 +96,11 @@ fn upsample_nearest2x_forward4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(n
                                @builtin(local_invocation_index) lid: u32) {
     let t = texel_site(wid, nwg, lid);
     if (!t.live) { return; }
-    let v = src4[t.small];
-    dst4[t.big] = v;
-    dst4[t.big + t.c4n] = v;
-    dst4[t.big + t.out_row] = v;
-    dst4[t.big + t.out_row + t.c4n] = v;
+    let v = vec4<f32>(src4[t.small]);
+    dst4[t.big] = to_elem4x4(v);
+    dst4[t.big + t.c4n] = to_elem4x4(v);
+    dst4[t.big + t.out_row] = to_elem4x4(v);
+    dst4[t.big + t.out_row + t.c4n] = to_elem4x4(v);
 }
 
 // src = dy [N, 2H, 2W, C], dst = dx [N, H, W, C]: children summed in the scalar kernel's order.
@@ -110,7 +110,7 @@ fn upsample_nearest2x_backward4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(
     let t = texel_site(wid, nwg, lid);
     if (!t.live) { return; }
     let b = t.big;
-    dst4[t.small] = ((src4[b] + src4[b + t.c4n]) + src4[b + t.out_row]) + src4[b + t.out_row + t.c4n];
+    dst4[t.small] = to_elem4x4(((vec4<f32>(src4[b]) + vec4<f32>(src4[b + t.c4n])) + vec4<f32>(src4[b + t.out_row])) + vec4<f32>(src4[b + t.out_row + t.c4n]));
 }
 
 // torch F.interpolate(mode="bicubic", align_corners=False, scale_factor=k) (Keys' cubic
@@ -161,11 +161,11 @@ fn upsample_bicubic_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_
         var row = 0.0;
         for (var b = 0; b < 4; b = b + 1) {
             let sx = u32(clamp(i32(fx) - 1 + b, 0, last_x));
-            row = row + wx[b] * src[((n * p.height + sy) * p.width + sx) * p.channels + c];
+            row = row + wx[b] * f32(src[((n * p.height + sy) * p.width + sx) * p.channels + c]);
         }
         acc = acc + wy[a] * row;
     }
-    dst[i] = acc;
+    dst[i] = to_elem2(acc);
 }
 
 // Average pooling by k (torch F.avg_pool2d(kernel_size=k)): src = [N, kH, kW, C] (the big
@@ -186,8 +186,8 @@ fn avg_pool_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgrou
     var acc = 0.0;
     for (var a = 0u; a < k; a = a + 1u) {
         for (var b = 0u; b < k; b = b + 1u) {
-            acc = acc + src[((n * k * p.height + k * y + a) * bw + k * x + b) * p.channels + c];
+            acc = acc + f32(src[((n * k * p.height + k * y + a) * bw + k * x + b) * p.channels + c]);
         }
     }
-    dst[i] = acc / f32(k * k);
+    dst[i] = to_elem2(acc / f32(k * k));
 }

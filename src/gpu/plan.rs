@@ -411,10 +411,24 @@ impl Recorder {
         Ok(())
     }
 
+    /// Whether `t` can be packed into this recorder's operand textures by a plain copy: its
+    /// elements are the texels' (f32 into `rgba32float`, f16 into `rgba16float`). Otherwise a
+    /// pack kernel converts (and, into f16 texels, rounds to nearest even).
+    pub fn texture_copies(&self, t: &Tensor) -> bool {
+        (t.dtype() == Dtype::F16) == self.half_operands()
+    }
+
     /// Records a copy of a buffer whose rows are exactly `dst.width` texels into a texture
-    /// (`bytes_per_row` must be a multiple of 256).
+    /// (`bytes_per_row` must be a multiple of 256; the tensor's elements are the texels' type,
+    /// [`Recorder::texture_copies`]).
     pub fn copy_to_texture(&mut self, src: &Tensor, dst: &Texture2d) {
-        let bytes_per_row = dst.width * 16;
+        assert_eq!(
+            src.dtype() == Dtype::F16,
+            dst.half,
+            "copy of `{}` into a texture of another element type",
+            src.label()
+        );
+        let bytes_per_row = dst.width * if dst.half { 8 } else { 16 };
         debug_assert_eq!(bytes_per_row % 256, 0);
         self.records.push(StepRecord {
             kind: "copy_to_texture",

@@ -190,8 +190,8 @@ pub fn pack_matrix(
     let batches_contiguous = (batch_inner == 1 || m.batch_inner == rows * cols)
         && (batch_outer == 1 || m.batch_outer == batch_inner * rows * cols);
     if aligned
-        && !rec.half_operands()
-        && (cols * 4).is_multiple_of(256)
+        && rec.texture_copies(m.tensor)
+        && (cols * m.tensor.dtype().bytes()).is_multiple_of(256)
         && m.ld == cols
         && rows_padded == rows
         && m.offset == 0
@@ -278,8 +278,8 @@ pub fn pack_nhwc_layout(
     // buffer, so the texture's image is the buffer itself.
     let runs = c % 4 == 0 && w.is_multiple_of(1 << layout.shift);
     let tex = if runs
-        && !rec.half_operands()
-        && (layout.width * 16) % 256 == 0
+        && rec.texture_copies(x)
+        && (layout.width as usize * 4 * x.dtype().bytes()).is_multiple_of(256)
         && x.byte_offset().is_multiple_of(256)
     {
         let tex = rec.texture(layout.width, layout.height, label);

@@ -11,9 +11,13 @@
 use std::sync::Arc;
 
 use crate::common::*;
-use wgpu_diffusion::gpu::{Dtype, Gpu, GpuOptions, Tensor};
+use wgpu_diffusion::gpu::{Dtype, GemmPath, Gpu, GpuOptions, Tensor};
 use wgpu_diffusion::ops::elementwise as ew;
+use wgpu_diffusion::ops::{group_norm as gn, loss, reduce, upsample as up};
 use wgpu_diffusion::reference::elementwise as r;
+use wgpu_diffusion::reference::{
+    conv2d as rconv, group_norm as rgn, loss as rloss, upsample as rup,
+};
 
 /// An f16 tensor holding `data` rounded to f16; returns it with the values it holds.
 fn upload_f16(g: &Arc<Gpu>, shape: &[usize], data: &[f64], label: &str) -> (Tensor, Vec<f64>) {
@@ -213,4 +217,237 @@ fn without_shader_f16_an_f16_tensor_is_an_error_naming_the_feature_and_the_adapt
         "{e}"
     );
     assert!(!e.contains("--batch-size"), "not a size problem: {e}");
+}
+
+/// f16 `x` of shape [n, h, w, c] with an offset mean (the two-pass variance), with its values.
+fn norm_input(g: &Arc<Gpu>, shape: [usize; 4], seed: u64) -> (Tensor, Vec<f64>) {
+    let numel = shape.iter().product();
+    let x: Vec<f64> = test_data(numel, seed)
+        .iter()
+        .map(|v| 3.0 + 2.0 * v)
+        .collect();
+    upload_f16(g, &shape, &x, "x")
+}
+
+/// GroupNorm reads f16 activations and stores f16 outputs and input gradients; its statistics
+/// and its parameter gradients stay f32 (torch autocast runs group_norm in f32). Scalar and
+/// vectorised kernels.
+#[test]
+fn group_norm_reads_and_stores_f16_with_f32_statistics_and_parameter_gradients() {
+    let g = gpu();
+    for (i, &(n, h, w, c, groups)) in [(3, 7, 7, 33, 3), (2, 8, 8, 64, 32)].iter().enumerate() {
+        let what = format!("{n}x{h}x{w}x{c} G={groups}");
+        let shape = [n, h, w, c];
+        let (tx, x) = norm_input(&g, shape, 200 + i as u64);
+        let (tdy, dy) = upload_f16(&g, &shape, &random(n * h * w * c, 210 + i as u64), "dy");
+        let gamma: Vec<f64> = test_data(c, 220).iter().map(|v| 1.0 + 0.5 * v).collect();
+        let gamma = f32_round(&gamma);
+        let beta = random(c, 221);
+        let (tg, tb) = (
+            upload(&g, &[c], &gamma, "gamma"),
+            upload(&g, &[c], &beta, "beta"),
+        );
+        let ty = g.tensor_of(&shape, Dtype::F16, "y");
+        let tdx = g.tensor_of(&shape, Dtype::F16, "dx");
+        let (tm, ts) = (
+            g.tensor(&[n * groups], "mean"),
+            g.tensor(&[n * groups], "rstd"),
+        );
+        let (tdg, tdb) = (g.tensor(&[c], "dgamma"), g.tensor(&[c], "dbeta"));
+        run(&g, |rec| {
+            gn::group_norm_forward(rec, &tx, &tg, &tb, groups, 1e-5, &ty, &tm, &ts).unwrap();
+            gn::group_norm_backward(
+                rec, &tx, &tdy, &tg, &tm, &ts, &tdx, &tdg, &tdb, false, false,
+            )
+            .unwrap();
+        });
+        let (y, stats) = rgn::group_norm_forward(&x, n, h * w, c, groups, &gamma, &beta, 1e-5);
+        let (dx, dgamma, dbeta) =
+            rgn::group_norm_backward(&x, &dy, n, h * w, c, groups, &gamma, &stats);
+        assert_close(
+            &format!("mean {what}"),
+            &read(&g, &tm),
+            &stats.mean,
+            1e-5,
+            1e-5,
+        );
+        assert_close(
+            &format!("rstd {what}"),
+            &read(&g, &ts),
+            &stats.rstd,
+            0.0,
+            1e-5,
+        );
+        assert_half_stored(&format!("y {what}"), &read(&g, &ty), &y);
+        // dx cancels (dxhat − mean(dxhat) − xhat·mean(dxhat·xhat)): the f32 tolerance of the
+        // f32 test (1e-4 relative, 1e-5 of the largest) plus the f16 rounding of the store.
+        let big = max_abs(&dx);
+        assert_close(
+            &format!("dx {what}"),
+            &read(&g, &tdx),
+            &f16_round(&dx),
+            1e-5 * big,
+            1e-3,
+        );
+        let (bg, bb) = (max_abs(&dgamma), max_abs(&dbeta));
+        assert_close(
+            &format!("dgamma {what}"),
+            &read(&g, &tdg),
+            &dgamma,
+            1e-5 * bg,
+            1e-4,
+        );
+        assert_close(
+            &format!("dbeta {what}"),
+            &read(&g, &tdb),
+            &dbeta,
+            1e-5 * bb,
+            1e-4,
+        );
+    }
+}
+
+/// Nearest 2x upsampling (forward and its 2 x 2 sum backward), the row sums of bias gradients
+/// and the MSE loss and its gradient, over f16 tensors (scalar and vectorised kernels).
+#[test]
+fn upsample_row_sums_and_loss_read_and_store_f16() {
+    let g = gpu();
+    for &(n, h, w, c) in &[(2, 3, 5, 7), (2, 4, 4, 8)] {
+        let what = format!("{n}x{h}x{w}x{c}");
+        let (tx, x) = upload_f16(&g, &[n, h, w, c], &spread(n * h * w * c, 300, 4.0), "x");
+        let big = [n, 2 * h, 2 * w, c];
+        let (tdy, dy) = upload_f16(&g, &big, &spread(4 * n * h * w * c, 301, 4.0), "dy");
+        let ty = g.tensor_of(&big, Dtype::F16, "y");
+        let tdx = g.tensor_of(&[n, h, w, c], Dtype::F16, "dx");
+        // Bias gradient of a conv whose output gradient is f16: Σ over pixels, into f32.
+        let rows = n * h * w;
+        let tsum = g.tensor(&[c], "bias grad");
+        let target = random(n * h * w * c, 302);
+        let ttarget = upload(&g, &[n, h, w, c], &target, "target (f32)");
+        let (tloss, tdpred) = (
+            g.tensor(&[1], "loss"),
+            g.tensor_of(&[n, h, w, c], Dtype::F16, "dpred"),
+        );
+        run(&g, |rec| {
+            up::upsample_nearest2x_forward(rec, &tx, &ty).unwrap();
+            up::upsample_nearest2x_backward(rec, &tdy, &tdx).unwrap();
+            reduce::sum_rows(rec, &tx, rows, c, &tsum, false).unwrap();
+            loss::mse_loss(rec, &tx, &ttarget, None, &tloss).unwrap();
+            loss::mse_backward(rec, &tx, &ttarget, None, 1024.0, &tdpred).unwrap();
+        });
+        let y = rup::upsample_nearest2x_forward(&x, n, h, w, c);
+        assert_half_stored(&format!("upsample {what}"), &read(&g, &ty), &y);
+        let dx = rup::upsample_nearest2x_backward(&dy, n, h, w, c);
+        assert_half_stored(&format!("upsample backward {what}"), &read(&g, &tdx), &dx);
+        let sums: Vec<f64> = (0..c)
+            .map(|j| (0..rows).map(|r| x[r * c + j]).sum())
+            .collect();
+        assert_close(
+            &format!("sum_rows {what}"),
+            &read(&g, &tsum),
+            &sums,
+            1e-5,
+            1e-5,
+        );
+        let l = rloss::mse_loss(&x, &target, None);
+        assert_close(&format!("mse {what}"), &read(&g, &tloss), &[l], 0.0, 1e-5);
+        let d = rloss::mse_backward(&x, &target, None, 1024.0);
+        assert_half_stored(&format!("mse backward {what}"), &read(&g, &tdpred), &d);
+    }
+}
+
+/// An f16 activation as a convolution operand: packed for the GEMM by the pack kernel (into
+/// f32 texels), it gives the convolution of its f16 values to the f32 tolerance.
+#[test]
+fn an_f16_activation_is_a_convolution_operand() {
+    // The portable GEMM reads activations from their buffers, which take f32 only so far.
+    let Some(g) = gemm_paths()
+        .into_iter()
+        .find(|g| g.gemm_path != GemmPath::Portable)
+    else {
+        return;
+    };
+    let conv = rconv::Conv {
+        n: 2,
+        h: 7,
+        w: 5,
+        ci: 8,
+        co: 7,
+        kh: 3,
+        kw: 3,
+        stride: 1,
+        pad: [1; 4],
+    };
+    let (tx, x) = upload_f16(&g, &[2, 7, 5, 8], &random(2 * 7 * 5 * 8, 400), "x");
+    let wt = random(7 * 8 * 9, 401);
+    let tw = upload(&g, &[7, 8, 3, 3], &wt, "w");
+    let ty = g.tensor(&[2, conv.out_h(), conv.out_w(), 7], "y");
+    run(&g, |rec| {
+        wgpu_diffusion::ops::conv2d::conv2d_forward(
+            rec,
+            &tx,
+            &tw,
+            None,
+            &ty,
+            &conv_geometry(&conv),
+        )
+        .unwrap();
+    });
+    assert_close(
+        "conv of f16 x",
+        &read(&g, &ty),
+        &conv.forward(&x, &wt, None),
+        1e-5,
+        1e-4,
+    );
+}
+
+/// With half-precision operands, an f16 activation whose rows are whole texture rows is packed
+/// by a plain copy into the `rgba16float` operand texture (its elements are the texels), no
+/// conversion kernel: the result is the convolution of the f16 values.
+#[test]
+fn with_half_operands_an_f16_activation_is_copied_into_its_operand_texture() {
+    for g in half_gpus()
+        .into_iter()
+        .filter(|g| g.gemm_path != GemmPath::Portable)
+    {
+        let conv = rconv::Conv {
+            n: 1,
+            h: 4,
+            w: 16,
+            ci: 64,
+            co: 8,
+            kh: 3,
+            kw: 3,
+            stride: 1,
+            pad: [1; 4],
+        };
+        let (tx, x) = upload_f16(&g, &[1, 4, 16, 64], &random(4 * 16 * 64, 410), "x");
+        let wt = random(8 * 64 * 9, 411);
+        let tw = upload(&g, &[8, 64, 3, 3], &wt, "w");
+        let ty = g.tensor(&[1, 4, 16, 8], "y");
+        let plan = run(&g, |rec| {
+            let geometry = conv_geometry(&conv);
+            wgpu_diffusion::ops::conv2d::conv2d_forward(rec, &tx, &tw, None, &ty, &geometry)
+                .unwrap();
+        });
+        assert!(
+            plan.records()
+                .iter()
+                .any(|r| r.kind == "copy_to_texture" && r.bindings[0] == "x"),
+            "x was not copied: {:?}",
+            plan.records()
+                .iter()
+                .map(|r| (r.kind, r.entry))
+                .collect::<Vec<_>>()
+        );
+        let want = conv.forward(&x, &f16_round(&wt), None);
+        assert_close(
+            "conv of f16 x, f16 operands",
+            &read(&g, &ty),
+            &want,
+            1e-5,
+            1e-4,
+        );
+    }
 }
