@@ -36,8 +36,8 @@ fn load_key_tiles(krow0: u32, first: u32, h: u32, lid: u32) {
     workgroupBarrier();
     for (var e = lid; e < TILE * DH4; e += {{ROWS}}u) {
         let src = texel_of(krow0, min(first + e / DH4, p.k_tokens - 1u), h) + e % DH4;
-        tile_a[e] = k[src];
-        tile_b[e] = v[src];
+        tile_a[e] = vec4<f32>(k[src]);
+        tile_b[e] = vec4<f32>(v[src]);
     }
     workgroupBarrier();
 }
@@ -48,8 +48,8 @@ fn load_query_tiles(row0: u32, first: u32, h: u32, stat0: u32, lid: u32) {
     workgroupBarrier();
     for (var e = lid; e < TILE * DH4; e += {{ROWS}}u) {
         let src = texel_of(row0, min(first + e / DH4, p.q_tokens - 1u), h) + e % DH4;
-        tile_a[e] = q[src] * p.scale;
-        tile_b[e] = d_o[src];
+        tile_a[e] = vec4<f32>(q[src]) * p.scale;
+        tile_b[e] = vec4<f32>(d_o[src]);
     }
     if (lid < TILE) {
         let r = min(first + lid, p.q_tokens - 1u);
@@ -72,7 +72,7 @@ fn attention_forward(@builtin(workgroup_id) wid: vec3<u32>,
     var qr: array<vec4<f32>, {{DH4}}>;
     var acc: array<vec4<f32>, {{DH4}}>;
     for (var d = 0u; d < DH4; d++) {
-        qr[d] = q[qi + d] * p.scale;
+        qr[d] = vec4<f32>(q[qi + d]) * p.scale;
         acc[d] = vec4<f32>(0.0);
     }
     var m = -3.0e38;
@@ -99,7 +99,7 @@ fn attention_forward(@builtin(workgroup_id) wid: vec3<u32>,
     }
     if (i < t) {
         for (var d = 0u; d < DH4; d++) {
-            o[qi + d] = acc[d] / l;
+            o[qi + d] = to_elem4x4(acc[d] / l);
         }
         stats[wid.y * t + i] = m + log(l);
     }
@@ -123,9 +123,9 @@ fn attention_backward_dq(@builtin(workgroup_id) wid: vec3<u32>,
     var acc: array<vec4<f32>, {{DH4}}>;
     var delta = 0.0;
     for (var d = 0u; d < DH4; d++) {
-        qr[d] = q[qi + d] * p.scale;
-        dor[d] = d_o[qi + d];
-        delta += dot(dor[d], o[qi + d]);
+        qr[d] = vec4<f32>(q[qi + d]) * p.scale;
+        dor[d] = vec4<f32>(d_o[qi + d]);
+        delta += dot(dor[d], vec4<f32>(o[qi + d]));
         acc[d] = vec4<f32>(0.0);
     }
     let lse = stats[wid.y * t + il];
@@ -149,7 +149,7 @@ fn attention_backward_dq(@builtin(workgroup_id) wid: vec3<u32>,
     }
     if (i < t) {
         for (var d = 0u; d < DH4; d++) {
-            grad_a[qi + d] = acc[d] * p.scale;
+            grad_a[qi + d] = to_elem7x4(acc[d] * p.scale);
         }
         stats[p.stat_rows + wid.y * t + i] = delta;
     }
@@ -173,8 +173,8 @@ fn attention_backward_dkv(@builtin(workgroup_id) wid: vec3<u32>,
     var dk: array<vec4<f32>, {{DH4}}>;
     var dv: array<vec4<f32>, {{DH4}}>;
     for (var d = 0u; d < DH4; d++) {
-        kr[d] = k[kj + d];
-        vr[d] = v[kj + d];
+        kr[d] = vec4<f32>(k[kj + d]);
+        vr[d] = vec4<f32>(v[kj + d]);
         dk[d] = vec4<f32>(0.0);
         dv[d] = vec4<f32>(0.0);
     }
@@ -201,8 +201,8 @@ fn attention_backward_dkv(@builtin(workgroup_id) wid: vec3<u32>,
     }
     if (j < tk) {
         for (var d = 0u; d < DH4; d++) {
-            grad_a[kj + d] = dk[d];
-            grad_b[kj + d] = dv[d];
+            grad_a[kj + d] = to_elem7x4(dk[d]);
+            grad_b[kj + d] = to_elem8x4(dv[d]);
         }
     }
 }

@@ -35,14 +35,14 @@ fn attention_forward(@builtin(workgroup_id) wid: vec3<u32>,
     let end = key_end(wid.x * {{L}}u);
     let qi = texel_of(row0, min(i, t - 1u), h);
 //#for d in 0..DH4
-    let q{{d}} = q[qi + {{d}}u] * p.scale;
+    let q{{d}} = vec4<f32>(q[qi + {{d}}u]) * p.scale;
 //#end
     // Pass 1: the row maximum of the scaled scores.
     var m = -3.0e38;
     for (var j0 = 0u; j0 < end; j0 += {{L}}u) {
         let kj = texel_of(krow0, min(j0 + lane, tk - 1u), h);
 //#for d in 0..DH4
-        let k{{d}} = k[kj + {{d}}u];
+        let k{{d}} = vec4<f32>(k[kj + {{d}}u]);
 //#end
 //#for r in 0..L
         var s{{r}} = 0.0;
@@ -60,8 +60,8 @@ fn attention_forward(@builtin(workgroup_id) wid: vec3<u32>,
     for (var j0 = 0u; j0 < end; j0 += {{L}}u) {
         let kj = texel_of(krow0, min(j0 + lane, tk - 1u), h);
 //#for d in 0..DH4
-        let k{{d}} = k[kj + {{d}}u];
-        let v{{d}} = v[kj + {{d}}u];
+        let k{{d}} = vec4<f32>(k[kj + {{d}}u]);
+        let v{{d}} = vec4<f32>(v[kj + {{d}}u]);
 //#end
 //#for r in 0..L
         var s{{r}} = 0.0;
@@ -77,7 +77,7 @@ fn attention_forward(@builtin(workgroup_id) wid: vec3<u32>,
     }
     if (i < t) {
 //#for d in 0..DH4
-        o[qi + {{d}}u] = acc{{d}} / l;
+        o[qi + {{d}}u] = to_elem4x4(acc{{d}} / l);
 //#end
         stats[wid.y * t + i] = m + log(l);
     }
@@ -99,17 +99,17 @@ fn attention_backward_dq(@builtin(workgroup_id) wid: vec3<u32>,
     let qi = texel_of(row0, il, h);
     var delta = 0.0;
 //#for d in 0..DH4
-    let q{{d}} = q[qi + {{d}}u] * p.scale;
-    let do{{d}} = d_o[qi + {{d}}u];
-    delta += dot(do{{d}}, o[qi + {{d}}u]);
+    let q{{d}} = vec4<f32>(q[qi + {{d}}u]) * p.scale;
+    let do{{d}} = vec4<f32>(d_o[qi + {{d}}u]);
+    delta += dot(do{{d}}, vec4<f32>(o[qi + {{d}}u]));
     var acc{{d}} = vec4<f32>(0.0);
 //#end
     let lse = stats[wid.y * t + il];
     for (var j0 = 0u; j0 < end; j0 += {{L}}u) {
         let kj = texel_of(krow0, min(j0 + lane, tk - 1u), h);
 //#for d in 0..DH4
-        let k{{d}} = k[kj + {{d}}u];
-        let v{{d}} = v[kj + {{d}}u];
+        let k{{d}} = vec4<f32>(k[kj + {{d}}u]);
+        let v{{d}} = vec4<f32>(v[kj + {{d}}u]);
 //#end
 //#for r in 0..L
         var s{{r}} = 0.0;
@@ -127,7 +127,7 @@ fn attention_backward_dq(@builtin(workgroup_id) wid: vec3<u32>,
     }
     if (i < t) {
 //#for d in 0..DH4
-        grad_a[qi + {{d}}u] = acc{{d}} * p.scale;
+        grad_a[qi + {{d}}u] = to_elem7x4(acc{{d}} * p.scale);
 //#end
         stats[p.stat_rows + wid.y * t + i] = delta;
     }
@@ -147,8 +147,8 @@ fn attention_backward_dkv(@builtin(workgroup_id) wid: vec3<u32>,
     let start = select(0u, wid.x * {{L}}u, p.causal != 0u);
     let kj = texel_of(krow0, min(j, tk - 1u), h);
 //#for d in 0..DH4
-    let k{{d}} = k[kj + {{d}}u];
-    let v{{d}} = v[kj + {{d}}u];
+    let k{{d}} = vec4<f32>(k[kj + {{d}}u]);
+    let v{{d}} = vec4<f32>(v[kj + {{d}}u]);
     var dk{{d}} = vec4<f32>(0.0);
     var dv{{d}} = vec4<f32>(0.0);
 //#end
@@ -156,8 +156,8 @@ fn attention_backward_dkv(@builtin(workgroup_id) wid: vec3<u32>,
         let il = min(i0 + lane, t - 1u);
         let qi = texel_of(row0, il, h);
 //#for d in 0..DH4
-        let q{{d}} = q[qi + {{d}}u] * p.scale;
-        let do{{d}} = d_o[qi + {{d}}u];
+        let q{{d}} = vec4<f32>(q[qi + {{d}}u]) * p.scale;
+        let do{{d}} = vec4<f32>(d_o[qi + {{d}}u]);
 //#end
         let lse = stats[wid.y * t + il];
         let delta = stats[p.stat_rows + wid.y * t + il];
@@ -180,8 +180,8 @@ fn attention_backward_dkv(@builtin(workgroup_id) wid: vec3<u32>,
     }
     if (j < tk) {
 //#for d in 0..DH4
-        grad_a[kj + {{d}}u] = dk{{d}};
-        grad_b[kj + {{d}}u] = dv{{d}};
+        grad_a[kj + {{d}}u] = to_elem7x4(dk{{d}});
+        grad_b[kj + {{d}}u] = to_elem8x4(dv{{d}});
 //#end
     }
 }

@@ -19,9 +19,9 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(2) var<storage, read> dy: array<f32>;
-@group(0) @binding(3) var<storage, read_write> y: array<f32>;
+@group(0) @binding(1) var<storage, read> x: array<Elem1>;
+@group(0) @binding(2) var<storage, read> dy: array<Elem2>;
+@group(0) @binding(3) var<storage, read_write> y: array<Elem3>;
 
 const WG: u32 = 256u;
 
@@ -56,7 +56,7 @@ fn gelu_grad(v: f32) -> f32 {
 fn gelu_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                 @builtin(local_invocation_index) lid: u32) {
     let i = linear_index(wid, nwg, lid);
-    if (i < p.n) { y[i] = gelu(x[i]); }
+    if (i < p.n) { y[i] = to_elem3(gelu(f32(x[i]))); }
 }
 
 // y = dx = dy·gelu'(x)
@@ -64,7 +64,7 @@ fn gelu_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
 fn gelu_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                  @builtin(local_invocation_index) lid: u32) {
     let i = linear_index(wid, nwg, lid);
-    if (i < p.n) { y[i] = dy[i] * gelu_grad(x[i]); }
+    if (i < p.n) { y[i] = to_elem3(f32(dy[i]) * gelu_grad(f32(x[i]))); }
 }
 
 // y[r, j] = x[r, j]·gelu(x[r, inner + j]), n = rows·inner.
@@ -74,7 +74,7 @@ fn geglu_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
     let i = linear_index(wid, nwg, lid);
     if (i < p.n) {
         let h = (i / p.inner) * 2u * p.inner + i % p.inner;
-        y[i] = x[h] * gelu(x[h + p.inner]);
+        y[i] = to_elem3(f32(x[h]) * gelu(f32(x[h + p.inner])));
     }
 }
 
@@ -88,11 +88,11 @@ fn geglu_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
         let col = i % (2u * p.inner);
         let j = col % p.inner;
         let h = row * 2u * p.inner + j;
-        let g = dy[row * p.inner + j];
+        let g = f32(dy[row * p.inner + j]);
         if (col < p.inner) {
-            y[i] = g * gelu(x[h + p.inner]);
+            y[i] = to_elem3(g * gelu(f32(x[h + p.inner])));
         } else {
-            y[i] = g * x[h] * gelu_grad(x[h + p.inner]);
+            y[i] = to_elem3(g * f32(x[h]) * gelu_grad(f32(x[h + p.inner])));
         }
     }
 }
@@ -102,8 +102,8 @@ fn quick_gelu_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
                       @builtin(local_invocation_index) lid: u32) {
     let i = linear_index(wid, nwg, lid);
     if (i < p.n) {
-        let v = x[i];
-        y[i] = v * sigmoid(1.702 * v);
+        let v = f32(x[i]);
+        y[i] = to_elem3(v * sigmoid(1.702 * v));
     }
 }
 
@@ -112,8 +112,8 @@ fn quick_gelu_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workg
                        @builtin(local_invocation_index) lid: u32) {
     let i = linear_index(wid, nwg, lid);
     if (i < p.n) {
-        let v = x[i];
+        let v = f32(x[i]);
         let s = sigmoid(1.702 * v);
-        y[i] = dy[i] * (s + 1.702 * v * s * (1.0 - s));
+        y[i] = to_elem3(f32(dy[i]) * (s + 1.702 * v * s * (1.0 - s)));
     }
 }

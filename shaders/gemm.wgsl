@@ -13,10 +13,10 @@
 //#include gemm_params
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> a: array<f32>;
-@group(0) @binding(2) var<storage, read> b: array<f32>;
+@group(0) @binding(1) var<storage, read> a: array<Elem1>;
+@group(0) @binding(2) var<storage, read> b: array<Elem2>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
-@group(0) @binding(4) var<storage, read_write> c: array<f32>;
+@group(0) @binding(4) var<storage, read_write> c: array<Elem4>;
 
 override BM: u32 = 64u;
 override BN: u32 = 64u;
@@ -51,7 +51,7 @@ fn load_a(mode: u32, a_base: u32, m: u32, k: u32) -> f32 {
             let iy = i32(oy * p.stride + ky) - i32(p.pad_top);
             let ix = i32(ox * p.stride + kx) - i32(p.pad_left);
             if (iy < 0 || ix < 0 || iy >= i32(p.in_h) || ix >= i32(p.in_w)) { return 0.0; }
-            return a[((nn * p.in_h + u32(iy)) * p.in_w + u32(ix)) * p.in_c + ci];
+            return f32(a[((nn * p.in_h + u32(iy)) * p.in_w + u32(ix)) * p.in_c + ci]);
         }
         case 2u: { // conv backward-input: m = input pixel (n, iy, ix), k = (ky, kx, co), A = dY
             let co = k % p.out_c;
@@ -67,14 +67,14 @@ fn load_a(mode: u32, a_base: u32, m: u32, k: u32) -> f32 {
             let oy = u32(ty) / p.stride;
             let ox = u32(tx) / p.stride;
             if (u32(ty) % p.stride != 0u || u32(tx) % p.stride != 0u || oy >= p.out_h || ox >= p.out_w) { return 0.0; }
-            return a[((nn * p.out_h + oy) * p.out_w + ox) * p.out_c + co];
+            return f32(a[((nn * p.out_h + oy) * p.out_w + ox) * p.out_c + co]);
         }
         case 3u: { // conv backward-weight: m = co, k = output pixel, A = dY (NHWC)
-            return a[k * p.out_c + m];
+            return f32(a[k * p.out_c + m]);
         }
         default: {
-            if (p.trans_a != 0u) { return a[a_base + k * p.a_ld + m]; }
-            return a[a_base + m * p.a_ld + k];
+            if (p.trans_a != 0u) { return f32(a[a_base + k * p.a_ld + m]); }
+            return f32(a[a_base + m * p.a_ld + k]);
         }
     }
 }
@@ -87,12 +87,12 @@ fn load_b(mode: u32, b_base: u32, k: u32, n: u32) -> f32 {
         case 1u: { // conv forward: B[(ky, kx, ci), co] = W[co, ci, ky, kx]
             let ci = k % p.in_c;
             let tap = k / p.in_c;
-            return b[(n * p.in_c + ci) * taps + tap];
+            return f32(b[(n * p.in_c + ci) * taps + tap]);
         }
         case 2u: { // conv backward-input: B[(ky, kx, co), ci] = W[co, ci, ky, kx]
             let co = k % p.out_c;
             let tap = k / p.out_c;
-            return b[(co * p.in_c + n) * taps + tap];
+            return f32(b[(co * p.in_c + n) * taps + tap]);
         }
         case 3u: { // conv backward-weight: B[pixel, (ky, kx, ci)] = X[n, oy*s + ky - pt, ox*s + kx - pl, ci]
             let ci = n % p.in_c;
@@ -105,11 +105,11 @@ fn load_b(mode: u32, b_base: u32, k: u32, n: u32) -> f32 {
             let iy = i32(oy * p.stride + ky) - i32(p.pad_top);
             let ix = i32(ox * p.stride + kx) - i32(p.pad_left);
             if (iy < 0 || ix < 0 || iy >= i32(p.in_h) || ix >= i32(p.in_w)) { return 0.0; }
-            return b[((nn * p.in_h + u32(iy)) * p.in_w + u32(ix)) * p.in_c + ci];
+            return f32(b[((nn * p.in_h + u32(iy)) * p.in_w + u32(ix)) * p.in_c + ci]);
         }
         default: {
-            if (p.trans_b != 0u) { return b[b_base + n * p.b_ld + k]; }
-            return b[b_base + k * p.b_ld + n];
+            if (p.trans_b != 0u) { return f32(b[b_base + n * p.b_ld + k]); }
+            return f32(b[b_base + k * p.b_ld + n]);
         }
     }
 }
@@ -192,8 +192,8 @@ fn tiled(mode: u32, wid: vec3<u32>, tid: u32) {
             let ci = c_index(mode, c_base, m, n);
             var v = p.alpha * acc[i * TN + j];
             if (p.has_bias != 0u) { v += bias[n]; }
-            if (p.beta != 0.0) { v += p.beta * c[ci]; }
-            c[ci] = v;
+            if (p.beta != 0.0) { v += p.beta * f32(c[ci]); }
+            c[ci] = to_elem4(v);
         }
     }
 }

@@ -33,21 +33,21 @@
 //#end
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 //#if CV == 0
-@group(0) @binding(4) var<storage, read_write> c: array<f32>;
+@group(0) @binding(4) var<storage, read_write> c: array<Elem4>;
 //#end
 //#if CV == 2
-@group(0) @binding(4) var<storage, read_write> c: array<vec2<f32>>;
+@group(0) @binding(4) var<storage, read_write> c: array<Elem4x2>;
 //#end
 //#if CV == 4
-@group(0) @binding(4) var<storage, read_write> c: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> c: array<Elem4x4>;
 //#end
 // Template ABUF = 1: the GEMM reads A straight from its row-major buffer (K, ld, offsets and
 // batch strides multiples of 4), one vec4 per lane and k-step: A's loads are shared across the
 // subgroup by the broadcasts, so reading them from a buffer costs little, and A needs no pack.
-@group(0) @binding(5) var<storage, read> a_buf: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read> a_buf: array<Elem5x4>;
 // Template ABUF = 2: A is the transpose of a stored matrix S (A[m, k] = S[k, m]): each lane reads
 // its 4 k values as 4 scalar loads of one column of S, so a transposed A needs no pack either.
-@group(0) @binding(6) var<storage, read> a_scalar: array<f32>;
+@group(0) @binding(6) var<storage, read> a_scalar: array<Elem6>;
 
 //#include half_round
 
@@ -64,19 +64,19 @@ fn operand4(v: vec4<f32>) -> vec4<f32> {
 // Element idx of C, whatever its vector type.
 fn c_load(idx: u32) -> f32 {
 //#if CV == 0
-    return c[idx];
+    return f32(c[idx]);
 //#end
 //#if CV != 0
-    return c[idx / {{CV}}u][idx % {{CV}}u];
+    return f32(c[idx / {{CV}}u][idx % {{CV}}u]);
 //#end
 }
 
 fn c_store(idx: u32, r: f32) {
 //#if CV == 0
-    c[idx] = r;
+    c[idx] = to_elem4(r);
 //#end
 //#if CV != 0
-    c[idx / {{CV}}u][idx % {{CV}}u] = r;
+    c[idx / {{CV}}u][idx % {{CV}}u] = to_elem4(r);
 //#end
 }
 
@@ -100,8 +100,8 @@ fn store_row(m: u32, n0: u32, v: vec4<f32>, c_base: u32, b: vec4<f32>) {
     if (n0 < p.n) {
         let i = (row + n0) / 4u;
         var r = p.alpha * v + b;
-        if (p.beta != 0.0) { r += p.beta * c[i]; }
-        c[i] = r;
+        if (p.beta != 0.0) { r += p.beta * vec4<f32>(c[i]); }
+        c[i] = to_elem4x4(r);
     }
 //#end
 //#if CV == 2
@@ -109,8 +109,8 @@ fn store_row(m: u32, n0: u32, v: vec4<f32>, c_base: u32, b: vec4<f32>) {
         if (n0 + 2u * h < p.n) {
             let i = (row + n0) / 2u + h;
             var r = p.alpha * select(v.xy, v.zw, h == 1u) + select(b.xy, b.zw, h == 1u);
-            if (p.beta != 0.0) { r += p.beta * c[i]; }
-            c[i] = r;
+            if (p.beta != 0.0) { r += p.beta * vec2<f32>(c[i]); }
+            c[i] = to_elem4x2(r);
         }
     }
 //#end
@@ -118,8 +118,8 @@ fn store_row(m: u32, n0: u32, v: vec4<f32>, c_base: u32, b: vec4<f32>) {
     for (var e = 0u; e < 4u; e++) {
         if (n0 + e < p.n) {
             var r = p.alpha * v[e] + b[e];
-            if (p.beta != 0.0) { r += p.beta * c[row + n0 + e]; }
-            c[row + n0 + e] = r;
+            if (p.beta != 0.0) { r += p.beta * f32(c[row + n0 + e]); }
+            c[row + n0 + e] = to_elem4(r);
         }
     }
 //#end
@@ -174,13 +174,13 @@ fn gemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         let a{{rb}} = textureLoad(a_tex, vec2<i32>(i32(k4), arow{{rb}}));
 //#end
 //#if ABUF == 1
-        let a{{rb}} = operand4(a_buf[arow{{rb}} + k4]);
+        let a{{rb}} = operand4(vec4<f32>(a_buf[arow{{rb}} + k4]));
 //#end
 //#if ABUF == 2
         var a{{rb}} = vec4<f32>(0.0);
         for (var kk = 0u; kk < 4u; kk++) {
             let k = k4 * 4u + kk;
-            if (k < p.k) { a{{rb}}[kk] = a_scalar[acol{{rb}} + k * p.a_ld]; }
+            if (k < p.k) { a{{rb}}[kk] = f32(a_scalar[acol{{rb}} + k * p.a_ld]); }
         }
         a{{rb}} = operand4(a{{rb}});
 //#end
@@ -227,8 +227,8 @@ fn store_conv_row(m: u32, n0: u32, v: vec{{W}}<f32>, b: vec{{W}}<f32>) {
     if (n0 < p.n) {
         let i = (row + n0) / {{W}}u;
         var r = v + b;
-        if (p.beta != 0.0) { r += p.beta * c[i]; }
-        c[i] = r;
+        if (p.beta != 0.0) { r += p.beta * vec{{W}}<f32>(c[i]); }
+        c[i] = to_elem4x{{W}}(r);
     }
 //#end
 //#if CV * 10 + W == 24
@@ -237,8 +237,8 @@ fn store_conv_row(m: u32, n0: u32, v: vec{{W}}<f32>, b: vec{{W}}<f32>) {
         if (n0 + 2u * h < p.n) {
             let i = (row + n0) / 2u + h;
             var r = select(v.xy, v.zw, h == 1u) + select(b.xy, b.zw, h == 1u);
-            if (p.beta != 0.0) { r += p.beta * c[i]; }
-            c[i] = r;
+            if (p.beta != 0.0) { r += p.beta * vec2<f32>(c[i]); }
+            c[i] = to_elem4x2(r);
         }
     }
 //#end
@@ -246,8 +246,8 @@ fn store_conv_row(m: u32, n0: u32, v: vec{{W}}<f32>, b: vec{{W}}<f32>) {
     for (var e = 0u; e < {{W}}u; e++) {
         if (n0 + e < p.n) {
             var r = v[e] + b[e];
-            if (p.beta != 0.0) { r += p.beta * c[row + n0 + e]; }
-            c[row + n0 + e] = r;
+            if (p.beta != 0.0) { r += p.beta * f32(c[row + n0 + e]); }
+            c[row + n0 + e] = to_elem4(r);
         }
     }
 //#end

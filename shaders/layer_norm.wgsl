@@ -29,14 +29,14 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(1) var<storage, read> x: array<Elem1>;
 @group(0) @binding(2) var<storage, read> gamma: array<f32>;
 @group(0) @binding(3) var<storage, read> beta: array<f32>;
-@group(0) @binding(4) var<storage, read_write> y: array<f32>;
+@group(0) @binding(4) var<storage, read_write> y: array<Elem4>;
 // (mean, rstd) of each row.
 @group(0) @binding(5) var<storage, read_write> stats: array<f32>;
-@group(0) @binding(6) var<storage, read> dy: array<f32>;
-@group(0) @binding(7) var<storage, read_write> dx: array<f32>;
+@group(0) @binding(6) var<storage, read> dy: array<Elem6>;
+@group(0) @binding(7) var<storage, read_write> dx: array<Elem7>;
 // [chunks, C] each: Σ dy·x̂ and Σ dy over each chunk of rows.
 @group(0) @binding(8) var<storage, read_write> dgamma_partials: array<f32>;
 @group(0) @binding(9) var<storage, read_write> dbeta_partials: array<f32>;
@@ -56,17 +56,17 @@ fn layer_norm_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
     if (row >= p.rows) { return; }
     let base = row * p.cols;
     var s = 0.0;
-    for (var c = lid; c < p.cols; c += WG) { s += x[base + c]; }
+    for (var c = lid; c < p.cols; c += WG) { s += f32(x[base + c]); }
     let mean = tree_sum(lid, s) / f32(p.cols);
     workgroupBarrier();
     var q = 0.0;
     for (var c = lid; c < p.cols; c += WG) {
-        let d = x[base + c] - mean;
+        let d = f32(x[base + c]) - mean;
         q += d * d;
     }
     let rstd = 1.0 / sqrt(tree_sum(lid, q) / f32(p.cols) + p.eps);
     for (var c = lid; c < p.cols; c += WG) {
-        y[base + c] = (x[base + c] - mean) * rstd * gamma[c] + beta[c];
+        y[base + c] = to_elem4((f32(x[base + c]) - mean) * rstd * gamma[c] + beta[c]);
     }
     if (lid == 0u) {
         stats[2u * row] = mean;
@@ -85,18 +85,18 @@ fn layer_norm_backward_dx(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_wo
     var s1 = 0.0;
     var s2 = 0.0;
     for (var c = lid; c < p.cols; c += WG) {
-        let g = dy[base + c] * gamma[c];
+        let g = f32(dy[base + c]) * gamma[c];
         s1 += g;
-        s2 += g * (x[base + c] - mean) * rstd;
+        s2 += g * (f32(x[base + c]) - mean) * rstd;
     }
     let m1 = tree_sum(lid, s1) / f32(p.cols);
     workgroupBarrier();
     let m2 = tree_sum(lid, s2) / f32(p.cols);
     for (var c = lid; c < p.cols; c += WG) {
-        let xhat = (x[base + c] - mean) * rstd;
-        var v = rstd * (dy[base + c] * gamma[c] - m1 - xhat * m2);
-        if (p.add_dx != 0u) { v += dx[base + c]; }
-        dx[base + c] = v;
+        let xhat = (f32(x[base + c]) - mean) * rstd;
+        var v = rstd * (f32(dy[base + c]) * gamma[c] - m1 - xhat * m2);
+        if (p.add_dx != 0u) { v += f32(dx[base + c]); }
+        dx[base + c] = to_elem7(v);
     }
 }
 
@@ -109,8 +109,8 @@ fn layer_norm_param_partials(@builtin(global_invocation_id) gid: vec3<u32>) {
     var dg = 0.0;
     var db = 0.0;
     for (var r = g * p.chunk; r < r1; r++) {
-        let xhat = (x[r * p.cols + c] - stats[2u * r]) * stats[2u * r + 1u];
-        let d = dy[r * p.cols + c];
+        let xhat = (f32(x[r * p.cols + c]) - stats[2u * r]) * stats[2u * r + 1u];
+        let d = f32(dy[r * p.cols + c]);
         dg += d * xhat;
         db += d;
     }
@@ -129,16 +129,16 @@ fn layer_norm_forward_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_w
     if (row >= p.rows) { return; }
     let base = row * p.cols;
     var s = 0.0;
-    for (var c = 0u; c < p.cols; c++) { s += x[base + c]; }
+    for (var c = 0u; c < p.cols; c++) { s += f32(x[base + c]); }
     let mean = s / f32(p.cols);
     var q = 0.0;
     for (var c = 0u; c < p.cols; c++) {
-        let d = x[base + c] - mean;
+        let d = f32(x[base + c]) - mean;
         q += d * d;
     }
     let rstd = 1.0 / sqrt(q / f32(p.cols) + p.eps);
     for (var c = 0u; c < p.cols; c++) {
-        y[base + c] = (x[base + c] - mean) * rstd * gamma[c] + beta[c];
+        y[base + c] = to_elem4((f32(x[base + c]) - mean) * rstd * gamma[c] + beta[c]);
     }
     stats[2u * row] = mean;
     stats[2u * row + 1u] = rstd;
@@ -155,16 +155,16 @@ fn layer_norm_backward_dx_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(n
     var s1 = 0.0;
     var s2 = 0.0;
     for (var c = 0u; c < p.cols; c++) {
-        let g = dy[base + c] * gamma[c];
+        let g = f32(dy[base + c]) * gamma[c];
         s1 += g;
-        s2 += g * (x[base + c] - mean) * rstd;
+        s2 += g * (f32(x[base + c]) - mean) * rstd;
     }
     let m1 = s1 / f32(p.cols);
     let m2 = s2 / f32(p.cols);
     for (var c = 0u; c < p.cols; c++) {
-        let xhat = (x[base + c] - mean) * rstd;
-        var v = rstd * (dy[base + c] * gamma[c] - m1 - xhat * m2);
-        if (p.add_dx != 0u) { v += dx[base + c]; }
-        dx[base + c] = v;
+        let xhat = (f32(x[base + c]) - mean) * rstd;
+        var v = rstd * (f32(dy[base + c]) * gamma[c] - m1 - xhat * m2);
+        if (p.add_dx != 0u) { v += f32(dx[base + c]); }
+        dx[base + c] = to_elem7(v);
     }
 }

@@ -18,7 +18,7 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> src: array<Elem1>;
-@group(0) @binding(2) var<storage, read_write> dst: array<f32>;
+@group(0) @binding(2) var<storage, read_write> dst: array<Elem2>;
 
 //#include half_round
 
@@ -42,8 +42,8 @@ fn sum_slices(@builtin(global_invocation_id) gid: vec3<u32>) {
         acc += term4(vec4<f32>(f32(src[s * p.stride + j]))).x;
     }
     let o = g * p.out_stride + j;
-    if (p.beta != 0.0) { acc += p.beta * dst[o]; }
-    dst[o] = acc;
+    if (p.beta != 0.0) { acc += p.beta * f32(dst[o]); }
+    dst[o] = to_elem2(acc);
 }
 
 // The same sums 4 columns per invocation, when n, the strides and both bindings' offsets are
@@ -52,7 +52,7 @@ fn sum_slices(@builtin(global_invocation_id) gid: vec3<u32>) {
 // order, the same bits. 16 invocations per workgroup: one lavapipe SIMD row, so short rows
 // (64 columns: 16 texels) leave no lanes idle.
 @group(0) @binding(3) var<storage, read> src4: array<Elem3x4>;
-@group(0) @binding(4) var<storage, read_write> dst4: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> dst4: array<Elem4x4>;
 
 @compute @workgroup_size(16)
 fn sum_slices4(@builtin(global_invocation_id) gid: vec3<u32>) {
@@ -67,6 +67,6 @@ fn sum_slices4(@builtin(global_invocation_id) gid: vec3<u32>) {
         acc += term4(vec4<f32>(src4[s * stride4 + j]));
     }
     let o = g * (p.out_stride / 4u) + j;
-    if (p.beta != 0.0) { acc += p.beta * dst4[o]; }
-    dst4[o] = acc;
+    if (p.beta != 0.0) { acc += p.beta * vec4<f32>(dst4[o]); }
+    dst4[o] = to_elem4x4(acc);
 }

@@ -16,11 +16,11 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(2) var<storage, read_write> y: array<f32>;
-@group(0) @binding(3) var<storage, read> y_in: array<f32>;
-@group(0) @binding(4) var<storage, read> dy: array<f32>;
-@group(0) @binding(5) var<storage, read_write> dx: array<f32>;
+@group(0) @binding(1) var<storage, read> x: array<Elem1>;
+@group(0) @binding(2) var<storage, read_write> y: array<Elem2>;
+@group(0) @binding(3) var<storage, read> y_in: array<Elem3>;
+@group(0) @binding(4) var<storage, read> dy: array<Elem4>;
+@group(0) @binding(5) var<storage, read_write> dx: array<Elem5>;
 
 const WG: u32 = 64u;
 
@@ -66,13 +66,13 @@ fn softmax_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroup
     let len = select(0u, p.len, live);
     let base = select(0u, row * p.len, live);
     // Start from the row's first element (len >= 1) rather than -FLT_MAX so rows holding -inf stay exact.
-    var m = x[base];
-    for (var j = lane; j < len; j = j + p.tpr) { m = max(m, x[base + j]); }
+    var m = f32(x[base]);
+    for (var j = lane; j < len; j = j + p.tpr) { m = max(m, f32(x[base + j])); }
     m = row_max(lid, m);
     var s = 0.0;
-    for (var j = lane; j < len; j = j + p.tpr) { s = s + exp(x[base + j] - m); }
+    for (var j = lane; j < len; j = j + p.tpr) { s = s + exp(f32(x[base + j]) - m); }
     s = row_sum(lid, s);
-    for (var j = lane; j < len; j = j + p.tpr) { y[base + j] = exp(x[base + j] - m) / s; }
+    for (var j = lane; j < len; j = j + p.tpr) { y[base + j] = to_elem2(exp(f32(x[base + j]) - m) / s); }
 }
 
 @compute @workgroup_size(64)
@@ -85,10 +85,10 @@ fn softmax_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgrou
     let len = select(0u, p.len, row < p.rows);
     let base = row * p.len;
     var d = 0.0;
-    for (var j = lane; j < len; j = j + p.tpr) { d = d + dy[base + j] * y_in[base + j]; }
+    for (var j = lane; j < len; j = j + p.tpr) { d = d + f32(dy[base + j]) * f32(y_in[base + j]); }
     d = row_sum(lid, d);
     for (var j = lane; j < len; j = j + p.tpr) {
-        let yj = y_in[base + j];
-        dx[base + j] = yj * (dy[base + j] - d);
+        let yj = f32(y_in[base + j]);
+        dx[base + j] = to_elem5(yj * (f32(dy[base + j]) - d));
     }
 }

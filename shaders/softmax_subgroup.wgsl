@@ -17,11 +17,11 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(2) var<storage, read_write> y: array<f32>;
-@group(0) @binding(3) var<storage, read> y_in: array<f32>;
-@group(0) @binding(4) var<storage, read> dy: array<f32>;
-@group(0) @binding(5) var<storage, read_write> dx: array<f32>;
+@group(0) @binding(1) var<storage, read> x: array<Elem1>;
+@group(0) @binding(2) var<storage, read_write> y: array<Elem2>;
+@group(0) @binding(3) var<storage, read> y_in: array<Elem3>;
+@group(0) @binding(4) var<storage, read> dy: array<Elem4>;
+@group(0) @binding(5) var<storage, read_write> dx: array<Elem5>;
 
 override LANES: u32 = 16u;
 
@@ -33,21 +33,21 @@ fn softmax_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroup
     for (var row = first; row < end; row++) {
         let base = row * p.len;
         // Start from the row's first element rather than -FLT_MAX so rows holding -inf stay exact.
-        var m = x[base];
+        var m = f32(x[base]);
         for (var j0 = 0u; j0 < p.len; j0 += LANES) {
             let j = j0 + lane;
-            if (j < p.len) { m = max(m, x[base + j]); }
+            if (j < p.len) { m = max(m, f32(x[base + j])); }
         }
         m = subgroupMax(m);
         var s = 0.0;
         for (var j0 = 0u; j0 < p.len; j0 += LANES) {
             let j = j0 + lane;
-            if (j < p.len) { s += exp(x[base + j] - m); }
+            if (j < p.len) { s += exp(f32(x[base + j]) - m); }
         }
         s = subgroupAdd(s);
         for (var j0 = 0u; j0 < p.len; j0 += LANES) {
             let j = j0 + lane;
-            if (j < p.len) { y[base + j] = exp(x[base + j] - m) / s; }
+            if (j < p.len) { y[base + j] = to_elem2(exp(f32(x[base + j]) - m) / s); }
         }
     }
 }
@@ -62,14 +62,14 @@ fn softmax_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgrou
         var d = 0.0;
         for (var j0 = 0u; j0 < p.len; j0 += LANES) {
             let j = j0 + lane;
-            if (j < p.len) { d += dy[base + j] * y_in[base + j]; }
+            if (j < p.len) { d += f32(dy[base + j]) * f32(y_in[base + j]); }
         }
         d = subgroupAdd(d);
         for (var j0 = 0u; j0 < p.len; j0 += LANES) {
             let j = j0 + lane;
             if (j < p.len) {
-                let yj = y_in[base + j];
-                dx[base + j] = yj * (dy[base + j] - d);
+                let yj = f32(y_in[base + j]);
+                dx[base + j] = to_elem5(yj * (f32(dy[base + j]) - d));
             }
         }
     }
@@ -79,11 +79,11 @@ fn softmax_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgrou
 // and load: llvmpipe loads storage buffers lane by lane, and a vec4 per lane makes a quarter
 // of those trips. Lane l reads texels l, l + LANES, ...; a lane adds its texel's 4 terms
 // pairwise before the running sum (a fixed order: deterministic).
-@group(0) @binding(6) var<storage, read> x4: array<vec4<f32>>;
-@group(0) @binding(7) var<storage, read_write> y4: array<vec4<f32>>;
-@group(0) @binding(8) var<storage, read> y_in4: array<vec4<f32>>;
-@group(0) @binding(9) var<storage, read> dy4: array<vec4<f32>>;
-@group(0) @binding(10) var<storage, read_write> dx4: array<vec4<f32>>;
+@group(0) @binding(6) var<storage, read> x4: array<Elem6x4>;
+@group(0) @binding(7) var<storage, read_write> y4: array<Elem7x4>;
+@group(0) @binding(8) var<storage, read> y_in4: array<Elem8x4>;
+@group(0) @binding(9) var<storage, read> dy4: array<Elem9x4>;
+@group(0) @binding(10) var<storage, read_write> dx4: array<Elem10x4>;
 
 fn sum4(v: vec4<f32>) -> f32 {
     return (v.x + v.y) + (v.z + v.w);
@@ -97,11 +97,11 @@ fn softmax_forward4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgrou
     let len4 = p.len / 4u;
     for (var row = first; row < end; row++) {
         let base = row * len4;
-        var m = x4[base].x;
+        var m = vec4<f32>(x4[base]).x;
         for (var j0 = 0u; j0 < len4; j0 += LANES) {
             let j = j0 + lane;
             if (j < len4) {
-                let v = x4[base + j];
+                let v = vec4<f32>(x4[base + j]);
                 m = max(m, max(max(v.x, v.y), max(v.z, v.w)));
             }
         }
@@ -109,12 +109,12 @@ fn softmax_forward4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgrou
         var s = 0.0;
         for (var j0 = 0u; j0 < len4; j0 += LANES) {
             let j = j0 + lane;
-            if (j < len4) { s += sum4(exp(x4[base + j] - m)); }
+            if (j < len4) { s += sum4(exp(vec4<f32>(x4[base + j]) - m)); }
         }
         s = subgroupAdd(s);
         for (var j0 = 0u; j0 < len4; j0 += LANES) {
             let j = j0 + lane;
-            if (j < len4) { y4[base + j] = exp(x4[base + j] - m) / s; }
+            if (j < len4) { y4[base + j] = to_elem7x4(exp(vec4<f32>(x4[base + j]) - m) / s); }
         }
     }
 }
@@ -130,12 +130,12 @@ fn softmax_backward4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
         var d = 0.0;
         for (var j0 = 0u; j0 < len4; j0 += LANES) {
             let j = j0 + lane;
-            if (j < len4) { d += sum4(dy4[base + j] * y_in4[base + j]); }
+            if (j < len4) { d += sum4(vec4<f32>(dy4[base + j]) * vec4<f32>(y_in4[base + j])); }
         }
         d = subgroupAdd(d);
         for (var j0 = 0u; j0 < len4; j0 += LANES) {
             let j = j0 + lane;
-            if (j < len4) { dx4[base + j] = y_in4[base + j] * (dy4[base + j] - d); }
+            if (j < len4) { dx4[base + j] = to_elem10x4(vec4<f32>(y_in4[base + j]) * (vec4<f32>(dy4[base + j]) - d)); }
         }
     }
 }

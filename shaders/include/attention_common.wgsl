@@ -16,19 +16,19 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> k: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read> v: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read> q: array<Elem1x4>;
+@group(0) @binding(2) var<storage, read> k: array<Elem2x4>;
+@group(0) @binding(3) var<storage, read> v: array<Elem3x4>;
 // Forward: written. dQ pass: read.
-@group(0) @binding(4) var<storage, read_write> o: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> o: array<Elem4x4>;
 // [stat_rows]: each query row's log-sum-exp of its scaled scores (forward); then
 // [stat_rows, 2 stat_rows): D_i = dO_i · O_i (dQ pass, read by the dK/dV pass).
 @group(0) @binding(5) var<storage, read_write> stats: array<f32>;
-@group(0) @binding(6) var<storage, read> d_o: array<vec4<f32>>;
+@group(0) @binding(6) var<storage, read> d_o: array<Elem6x4>;
 // dQ (dQ pass) or dK (dK/dV pass).
-@group(0) @binding(7) var<storage, read_write> grad_a: array<vec4<f32>>;
+@group(0) @binding(7) var<storage, read_write> grad_a: array<Elem7x4>;
 // dV (dK/dV pass).
-@group(0) @binding(8) var<storage, read_write> grad_b: array<vec4<f32>>;
+@group(0) @binding(8) var<storage, read_write> grad_b: array<Elem8x4>;
 
 // First texel of head h of token `token` of the sample whose first token row is `row0`.
 fn texel_of(row0: u32, token: u32, h: u32) -> u32 {

@@ -314,9 +314,15 @@ pub fn binding_takes_f16(shader: &str, n: u32) -> bool {
     let Some(src) = shader_source(shader) else {
         return false;
     };
+    // The shader's own lines and those of the pieces it includes (declarations may live there).
+    let included = src.lines().filter_map(|l| {
+        let name = l.trim().strip_prefix("//#include ")?.trim();
+        INCLUDES.iter().find(|(n, _)| *n == name).map(|(_, s)| *s)
+    });
     let tag = format!("@binding({n})");
     let mut declared = false;
-    for line in src.lines().filter(|l| l.contains(&tag)) {
+    let lines = std::iter::once(src).chain(included).flat_map(str::lines);
+    for line in lines.filter(|l| l.contains(&tag)) {
         if !(line.contains(&format!("Elem{n}>")) || line.contains(&format!("Elem{n}x"))) {
             return false;
         }

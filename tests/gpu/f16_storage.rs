@@ -13,10 +13,14 @@ use std::sync::Arc;
 use crate::common::*;
 use wgpu_diffusion::gpu::{Dtype, GemmPath, Gpu, GpuOptions, Tensor};
 use wgpu_diffusion::ops::elementwise as ew;
-use wgpu_diffusion::ops::{group_norm as gn, loss, reduce, upsample as up};
+use wgpu_diffusion::ops::{
+    attention, conv2d, gelu, gemm, group_norm as gn, layer_norm, loss, reduce, softmax,
+    upsample as up,
+};
 use wgpu_diffusion::reference::elementwise as r;
 use wgpu_diffusion::reference::{
-    conv2d as rconv, group_norm as rgn, loss as rloss, upsample as rup,
+    attention as rattn, conv2d as rconv, gelu as rgelu, gemm as rgemm, group_norm as rgn,
+    layer_norm as rln, loss as rloss, softmax as rsoft, upsample as rup,
 };
 
 /// An f16 tensor holding `data` rounded to f16; returns it with the values it holds.
@@ -356,50 +360,87 @@ fn upsample_row_sums_and_loss_read_and_store_f16() {
     }
 }
 
-/// An f16 activation as a convolution operand: packed for the GEMM by the pack kernel (into
-/// f32 texels), it gives the convolution of its f16 values to the f32 tolerance.
+/// Convolutions over f16 activations on both GEMM paths: forward (packed by the pack kernel
+/// into f32 texels on the subgroup path, read from the buffer on the portable one) into an f16
+/// output, the input gradient from an f16 dY into f16, the weight and bias gradients into f32.
 #[test]
-fn an_f16_activation_is_a_convolution_operand() {
-    // The portable GEMM reads activations from their buffers, which take f32 only so far.
-    let Some(g) = gemm_paths()
+fn convolutions_read_and_store_f16_on_both_paths() {
+    for g in gemm_paths() {
+        for (i, conv) in [
+            rconv::Conv {
+                n: 2,
+                h: 7,
+                w: 5,
+                ci: 8,
+                co: 7,
+                kh: 3,
+                kw: 3,
+                stride: 1,
+                pad: [1; 4],
+            },
+            rconv::Conv {
+                n: 2,
+                h: 8,
+                w: 8,
+                ci: 4,
+                co: 8,
+                kh: 3,
+                kw: 3,
+                stride: 2,
+                pad: [1; 4],
+            },
+        ]
         .into_iter()
-        .find(|g| g.gemm_path != GemmPath::Portable)
-    else {
-        return;
-    };
-    let conv = rconv::Conv {
-        n: 2,
-        h: 7,
-        w: 5,
-        ci: 8,
-        co: 7,
-        kh: 3,
-        kw: 3,
-        stride: 1,
-        pad: [1; 4],
-    };
-    let (tx, x) = upload_f16(&g, &[2, 7, 5, 8], &random(2 * 7 * 5 * 8, 400), "x");
-    let wt = random(7 * 8 * 9, 401);
-    let tw = upload(&g, &[7, 8, 3, 3], &wt, "w");
-    let ty = g.tensor(&[2, conv.out_h(), conv.out_w(), 7], "y");
-    run(&g, |rec| {
-        wgpu_diffusion::ops::conv2d::conv2d_forward(
-            rec,
-            &tx,
-            &tw,
-            None,
-            &ty,
-            &conv_geometry(&conv),
-        )
-        .unwrap();
-    });
-    assert_close(
-        "conv of f16 x",
-        &read(&g, &ty),
-        &conv.forward(&x, &wt, None),
-        1e-5,
-        1e-4,
-    );
+        .enumerate()
+        {
+            let what = format!("{}: conv {i}", g.gemm_path);
+            let (oh, ow) = (conv.out_h(), conv.out_w());
+            let xs = [conv.n, conv.h, conv.w, conv.ci];
+            let ys = [conv.n, oh, ow, conv.co];
+            let (tx, x) = upload_f16(&g, &xs, &random(xs.iter().product(), 400), "x");
+            let (tdy, dy) = upload_f16(&g, &ys, &random(ys.iter().product(), 402), "dy");
+            let wt = random(conv.co * conv.ci * 9, 401);
+            let b = random(conv.co, 403);
+            let tw = upload(&g, &[conv.co, conv.ci, 3, 3], &wt, "w");
+            let tb = upload(&g, &[conv.co], &b, "b");
+            let ty = g.tensor_of(&ys, Dtype::F16, "y");
+            let tdx = g.tensor_of(&xs, Dtype::F16, "dx");
+            let (tdw, tdb) = (
+                g.tensor(&[conv.co, conv.ci, 3, 3], "dw"),
+                g.tensor(&[conv.co], "db"),
+            );
+            let geometry = conv_geometry(&conv);
+            run(&g, |rec| {
+                conv2d::conv2d_forward(rec, &tx, &tw, Some(&tb), &ty, &geometry).unwrap();
+                conv2d::conv2d_backward_input(rec, &tdy, &tw, &tdx, &geometry, false).unwrap();
+                conv2d::conv2d_backward_weight(rec, &tx, &tdy, &tdw, Some(&tdb), &geometry, false)
+                    .unwrap();
+            });
+            let y = conv.forward(&x, &wt, Some(&b));
+            assert_half_near(&format!("y {what}"), &read(&g, &ty), &y, 1e-6 * max_abs(&y));
+            let (dx, dw, db) = conv.backward(&x, &wt, &dy);
+            assert_half_near(
+                &format!("dx {what}"),
+                &read(&g, &tdx),
+                &dx,
+                1e-6 * max_abs(&dx),
+            );
+            assert_close(
+                &format!("dw {what}"),
+                &read(&g, &tdw),
+                &dw,
+                1e-6 * max_abs(&dw),
+                1e-5,
+            );
+            assert_close(
+                &format!("db {what}"),
+                &read(&g, &tdb),
+                &db,
+                1e-6 * max_abs(&db),
+                1e-5,
+            );
+        }
+    }
 }
 
 /// With half-precision operands, an f16 activation whose rows are whole texture rows is packed
@@ -449,5 +490,283 @@ fn with_half_operands_an_f16_activation_is_copied_into_its_operand_texture() {
             1e-5,
             1e-4,
         );
+    }
+}
+
+/// `gpu` (an f16 tensor) against `reference` rounded to f16, where the f32 computation itself
+/// carries an error of `atol` (sums with cancellation): one f16 ulp plus that.
+fn assert_half_near(what: &str, gpu: &[f32], reference: &[f64], atol: f64) {
+    assert_close(what, gpu, &f16_round(reference), atol, 2f64.powi(-10));
+}
+
+/// Linear layers (GEMM) and the fused attention cores read f16 activations and store f16
+/// outputs and activation gradients; weight and bias gradients stay f32. Both GEMM paths, odd
+/// and vec4-aligned widths; attention: self and cross (9 keys), heads of 16 and 32.
+#[test]
+fn linear_layers_and_fused_attention_read_and_store_f16_on_both_paths() {
+    for g in gemm_paths() {
+        let path = g.gemm_path;
+        for &(rows, in_f, out_f) in &[(33, 12, 7), (64, 16, 32)] {
+            let what = format!("{path}: {rows}x{in_f} -> {out_f}");
+            let (tx, x) = upload_f16(&g, &[rows, in_f], &random(rows * in_f, 500), "x");
+            let (tdy, dy) = upload_f16(&g, &[rows, out_f], &random(rows * out_f, 501), "dy");
+            let (w, b) = (random(out_f * in_f, 502), random(out_f, 503));
+            let (tw, tb) = (
+                upload(&g, &[out_f, in_f], &w, "w"),
+                upload(&g, &[out_f], &b, "b"),
+            );
+            let ty = g.tensor_of(&[rows, out_f], Dtype::F16, "y");
+            let tdx = g.tensor_of(&[rows, in_f], Dtype::F16, "dx");
+            let (tdw, tdb) = (g.tensor(&[out_f, in_f], "dw"), g.tensor(&[out_f], "db"));
+            run(&g, |rec| {
+                gemm::linear_forward(rec, &tx, &tw, Some(&tb), &ty).unwrap();
+                gemm::linear_backward(
+                    rec,
+                    &tx,
+                    &tw,
+                    &tdy,
+                    Some((&tdx, false)),
+                    &tdw,
+                    Some(&tdb),
+                    false,
+                )
+                .unwrap();
+            });
+            let y = rgemm::linear_forward(&x, &w, Some(&b), rows, in_f, out_f);
+            assert_half_near(
+                &format!("linear y {what}"),
+                &read(&g, &ty),
+                &y,
+                1e-6 * max_abs(&y),
+            );
+            let (dx, dw, db) = rgemm::linear_backward(&x, &w, &dy, rows, in_f, out_f);
+            assert_half_near(
+                &format!("linear dx {what}"),
+                &read(&g, &tdx),
+                &dx,
+                1e-6 * max_abs(&dx),
+            );
+            assert_close(
+                &format!("linear dw {what}"),
+                &read(&g, &tdw),
+                &dw,
+                1e-6 * max_abs(&dw),
+                1e-5,
+            );
+            assert_close(
+                &format!("linear db {what}"),
+                &read(&g, &tdb),
+                &db,
+                1e-6 * max_abs(&db),
+                1e-5,
+            );
+        }
+        for &(n, tq, tk, heads, head_dim) in &[(2, 49, 9, 4, 16), (2, 17, 17, 1, 32)] {
+            let what = format!("{path}: attention n{n} tq{tq} tk{tk} h{heads} d{head_dim}");
+            let dims = rattn::AttentionDims {
+                n,
+                query_tokens: tq,
+                key_tokens: tk,
+                heads,
+                head_dim,
+                causal: false,
+            };
+            let shape = attention::AttentionShape {
+                samples: n,
+                query_tokens: tq,
+                key_tokens: tk,
+                heads,
+                causal: false,
+            };
+            let c = heads * head_dim;
+            let (rows_q, rows_k) = ([n * tq, c], [n * tk, c]);
+            let (tq_, q) = upload_f16(&g, &rows_q, &spread(n * tq * c, 510, 3.0), "q");
+            let (tk_, k) = upload_f16(&g, &rows_k, &spread(n * tk * c, 511, 3.0), "k");
+            let (tv, v) = upload_f16(&g, &rows_k, &random(n * tk * c, 512), "v");
+            let (tdo, d_o) = upload_f16(&g, &rows_q, &random(n * tq * c, 513), "d_o");
+            let half = |shape: &[usize], label: &str| g.tensor_of(shape, Dtype::F16, label);
+            let (to, tdq, tdk, tdv) = (
+                half(&rows_q, "o"),
+                half(&rows_q, "dq"),
+                half(&rows_k, "dk"),
+                half(&rows_k, "dv"),
+            );
+            let stats = g.tensor(&[attention::stats_len(n, heads, tq)], "stats");
+            let scale = 1.0 / (head_dim as f64).sqrt();
+            let grads = attention::AttentionGrads {
+                q: &tq_,
+                k: &tk_,
+                v: &tv,
+                o: &to,
+                d_o: &tdo,
+                dq: &tdq,
+                dk: &tdk,
+                dv: &tdv,
+            };
+            run(&g, |rec| {
+                attention::attention_forward(
+                    rec,
+                    shape,
+                    &tq_,
+                    &tk_,
+                    &tv,
+                    &to,
+                    &stats,
+                    scale as f32,
+                )
+                .unwrap();
+                attention::attention_backward(rec, shape, &grads, &stats, scale as f32).unwrap();
+            });
+            let o = rattn::attention_forward(dims, &q, &k, &v, scale);
+            assert_half_near(&format!("o {what}"), &read(&g, &to), &o, 1e-6 * max_abs(&o));
+            // The backward reads the stored (f16) o for D = rowsum(dO ∘ O): its rounding enters
+            // dS = P (dP − D), so the gradients are held to f16's precision relative to the row.
+            let (dq, dk, dv) = rattn::attention_backward(dims, &q, &k, &v, &d_o, scale);
+            for (name, t, want) in [("dq", &tdq, &dq), ("dk", &tdk, &dk), ("dv", &tdv, &dv)] {
+                let atol = 2f64.powi(-9) * max_abs(want);
+                assert_half_near(&format!("{name} {what}"), &read(&g, t), want, atol);
+            }
+        }
+    }
+}
+
+/// LayerNorm (statistics and parameter gradients f32), GELU, GEGLU, quick-GELU and softmax
+/// read f16 activations and store f16 outputs and gradients.
+#[test]
+fn layer_norm_gelus_and_softmax_read_and_store_f16() {
+    let g = gpu();
+    for &(rows, cols) in &[(7, 33), (5, 64)] {
+        let what = format!("{rows}x{cols}");
+        let (tx, x) = upload_f16(&g, &[rows, cols], &spread(rows * cols, 600, 3.0), "x");
+        let (tdy, dy) = upload_f16(&g, &[rows, cols], &random(rows * cols, 601), "dy");
+        let gamma = f32_round(
+            &test_data(cols, 602)
+                .iter()
+                .map(|v| 1.0 + 0.5 * v)
+                .collect::<Vec<_>>(),
+        );
+        let beta = random(cols, 603);
+        let (tg, tb) = (
+            upload(&g, &[cols], &gamma, "gamma"),
+            upload(&g, &[cols], &beta, "beta"),
+        );
+        let half = |label: &str| g.tensor_of(&[rows, cols], Dtype::F16, label);
+        let (ty, tdx) = (half("y"), half("dx"));
+        let (tdg, tdb) = (g.tensor(&[cols], "dgamma"), g.tensor(&[cols], "dbeta"));
+        let (tgelu, tdgelu, tquick, tdquick) =
+            (half("gelu"), half("dgelu"), half("quick"), half("dquick"));
+        let (tsoft, tdsoft) = (half("softmax"), half("dsoftmax"));
+        let inner = cols / 2;
+        let geglu_in = g.tensor_of(&[rows, 2 * inner], Dtype::F16, "geglu in");
+        let (tgeglu, tdgeglu_out) = (
+            g.tensor_of(&[rows, inner], Dtype::F16, "geglu"),
+            g.tensor_of(&[rows, 2 * inner], Dtype::F16, "dgeglu"),
+        );
+        let geglu_x: Vec<f64> = x[..rows * 2 * inner].to_vec();
+        g.write(
+            &geglu_in,
+            &geglu_x.iter().map(|&v| v as f32).collect::<Vec<_>>(),
+        )
+        .unwrap();
+        let (tgdy, gdy) = upload_f16(&g, &[rows, inner], &random(rows * inner, 604), "geglu dy");
+        let mut stats = None;
+        run(&g, |rec| {
+            let st = layer_norm::stats_tensor(rec, &tx, cols, "stats");
+            layer_norm::layer_norm_forward(rec, &tx, (&tg, &tb), 1e-5, &ty, &st).unwrap();
+            let grads = layer_norm::LayerNormGrads {
+                dx: &tdx,
+                add_dx: false,
+                dgamma: &tdg,
+                dbeta: &tdb,
+            };
+            layer_norm::layer_norm_backward(rec, &tx, &tg, &st, &tdy, &grads).unwrap();
+            stats = Some(st);
+            gelu::gelu_forward(rec, &tx, &tgelu).unwrap();
+            gelu::gelu_backward(rec, &tx, &tdy, &tdgelu).unwrap();
+            gelu::quick_gelu_forward(rec, &tx, &tquick).unwrap();
+            gelu::quick_gelu_backward(rec, &tx, &tdy, &tdquick).unwrap();
+            gelu::geglu_forward(rec, &geglu_in, &tgeglu).unwrap();
+            gelu::geglu_backward(rec, &geglu_in, &tgdy, &tdgeglu_out).unwrap();
+            softmax::softmax_forward(rec, &tx, &tsoft).unwrap();
+            softmax::softmax_backward(rec, &tsoft, &tdy, &tdsoft).unwrap();
+        });
+        let (y, st) = rln::layer_norm_forward(&x, cols, &gamma, &beta, 1e-5);
+        assert_half_near(
+            &format!("layer_norm y {what}"),
+            &read(&g, &ty),
+            &y,
+            1e-6 * max_abs(&y),
+        );
+        let (dx, dgamma, dbeta) = rln::layer_norm_backward(&x, cols, &gamma, &st, &dy);
+        assert_half_near(
+            &format!("layer_norm dx {what}"),
+            &read(&g, &tdx),
+            &dx,
+            1e-5 * max_abs(&dx),
+        );
+        assert_close(
+            &format!("dgamma {what}"),
+            &read(&g, &tdg),
+            &dgamma,
+            1e-5 * max_abs(&dgamma),
+            1e-4,
+        );
+        assert_close(
+            &format!("dbeta {what}"),
+            &read(&g, &tdb),
+            &dbeta,
+            1e-5 * max_abs(&dbeta),
+            1e-4,
+        );
+        let each = |f: fn(f64) -> f64| x.iter().map(|&v| f(v)).collect::<Vec<_>>();
+        let times = |a: Vec<f64>| a.iter().zip(&dy).map(|(a, d)| a * d).collect::<Vec<_>>();
+        assert_half_stored(
+            &format!("gelu {what}"),
+            &read(&g, &tgelu),
+            &each(rgelu::gelu),
+        );
+        assert_half_near(
+            &format!("gelu backward {what}"),
+            &read(&g, &tdgelu),
+            &times(each(rgelu::gelu_grad)),
+            1e-7,
+        );
+        assert_half_near(
+            &format!("quick_gelu {what}"),
+            &read(&g, &tquick),
+            &each(rgelu::quick_gelu),
+            1e-7,
+        );
+        assert_half_near(
+            &format!("quick_gelu backward {what}"),
+            &read(&g, &tdquick),
+            &times(each(rgelu::quick_gelu_grad)),
+            1e-7,
+        );
+        let gx = f16_round(&geglu_x);
+        assert_half_near(
+            &format!("geglu {what}"),
+            &read(&g, &tgeglu),
+            &rgelu::geglu_forward(&gx, inner),
+            1e-7,
+        );
+        assert_half_near(
+            &format!("geglu backward {what}"),
+            &read(&g, &tdgeglu_out),
+            &rgelu::geglu_backward(&gx, inner, &gdy),
+            1e-7,
+        );
+        // Softmax of the f16 scores; its backward reads the stored (f16) probabilities.
+        let p = rsoft::softmax_forward(&x, cols);
+        assert_half_near(&format!("softmax {what}"), &read(&g, &tsoft), &p, 1e-7);
+        let held: Vec<f64> = read(&g, &tsoft).iter().map(|&v| v as f64).collect();
+        let dp = rsoft::softmax_backward(&held, &dy, cols);
+        assert_half_near(
+            &format!("softmax backward {what}"),
+            &read(&g, &tdsoft),
+            &dp,
+            1e-6 * max_abs(&dp),
+        );
+        drop(stats);
     }
 }
