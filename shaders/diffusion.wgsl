@@ -14,12 +14,12 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> a: array<f32>;          // x0 / model output
-@group(0) @binding(2) var<storage, read> b: array<f32>;          // noise
+@group(0) @binding(1) var<storage, read> a: array<Elem1>;          // x0 / model output
+@group(0) @binding(2) var<storage, read> b: array<Elem2>;          // noise
 @group(0) @binding(3) var<storage, read> timesteps: array<u32>;  // per sample
 @group(0) @binding(4) var<storage, read> alphas_cumprod: array<f32>;
-@group(0) @binding(5) var<storage, read_write> out: array<f32>;
-@group(0) @binding(6) var<storage, read_write> out2: array<f32>;
+@group(0) @binding(5) var<storage, read_write> out: array<Elem5>;
+@group(0) @binding(6) var<storage, read_write> out2: array<Elem6>;
 @group(0) @binding(7) var<storage, read> sigma_of: array<f32>;    // EDM, VE-SDE: σ per sample
 
 const WG: u32 = 256u;
@@ -33,7 +33,7 @@ fn v_target(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
     let i = linear_index(wid, nwg, lid);
     if (i >= p.n) { return; }
     let acp = alphas_cumprod[timesteps[i / p.per_sample]];
-    out[i] = sqrt(acp) * b[i] - sqrt(1.0 - acp) * a[i];
+    out[i] = to_elem5(sqrt(acp) * f32(b[i]) - sqrt(1.0 - acp) * f32(a[i]));
 }
 
 // Per-sample min-SNR-γ weight (Hang et al. 2023, eq. 10), SNR = ᾱ/(1 − ᾱ):
@@ -48,7 +48,7 @@ fn min_snr_weights(@builtin(global_invocation_id) gid: vec3<u32>) {
     var w = m;
     if (p.prediction == 0u) { w = m / snr; }
     if (p.prediction == 1u) { w = m / (snr + 1.0); }
-    out[s] = w;
+    out[s] = to_elem5(w);
 }
 
 // EDM training noise levels (Karras et al. 2022, Table 1), per sample from a standard normal
@@ -58,9 +58,9 @@ fn min_snr_weights(@builtin(global_invocation_id) gid: vec3<u32>) {
 fn edm_sigmas(@builtin(global_invocation_id) gid: vec3<u32>) {
     let s = gid.x;
     if (s >= p.n) { return; }
-    let sigma = exp(a[s] * p.k1 + p.k0);
-    out[s] = sigma;
-    out2[s] = 0.25 * log(sigma);
+    let sigma = exp(f32(a[s]) * p.k1 + p.k0);
+    out[s] = to_elem5(sigma);
+    out2[s] = to_elem6(0.25 * log(sigma));
 }
 
 // EDM's preconditioned training input and target, per element (Table 1): a = y = x0,
@@ -78,12 +78,12 @@ fn edm_noised(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     let sigma_data = p.k2;
     let sd2 = sigma_data * sigma_data;
     let v = sigma * sigma + sd2;
-    let x = a[i] + b[i] * sigma;
+    let x = f32(a[i]) + f32(b[i]) * sigma;
     let c_skip = sd2 / v;
     let c_out = sigma * sigma_data / sqrt(v);
     let c_in = 1.0 / sqrt(v);
-    out[i] = c_in * x;
-    out2[i] = (a[i] - c_skip * x) / c_out;
+    out[i] = to_elem5(c_in * x);
+    out2[i] = to_elem6((f32(a[i]) - c_skip * x) / c_out);
 }
 
 // VE-SDE training noise levels (Song et al. 2021, Appendix C): from u32 draws k in [0, 2^24)
@@ -97,8 +97,8 @@ fn ve_sigmas(@builtin(global_invocation_id) gid: vec3<u32>) {
     let u = f32(timesteps[s]) / 16777216.0;
     let t = u * (1.0 - p.k2) + p.k2;
     let sigma = p.k0 * pow(p.k1 / p.k0, t);
-    out[s] = sigma;
-    out2[s] = sigma * sigma;
+    out[s] = to_elem5(sigma);
+    out2[s] = to_elem6(sigma * sigma);
 }
 
 // The VE-SDE's perturbed input and score target per element: the data x0 in [−1, 1] (a) is
@@ -110,7 +110,7 @@ fn ve_noised(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
     let i = linear_index(wid, nwg, lid);
     if (i >= p.n) { return; }
     let sigma = sigma_of[i / p.per_sample];
-    let y = 0.5 * a[i] + 0.5;
-    out[i] = y + b[i] * sigma;
-    out2[i] = -b[i] / sigma;
+    let y = 0.5 * f32(a[i]) + 0.5;
+    out[i] = to_elem5(y + f32(b[i]) * sigma);
+    out2[i] = to_elem6(-f32(b[i]) / sigma);
 }

@@ -17,8 +17,8 @@ struct Params {
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> labels: array<u32>;
 @group(0) @binding(2) var<storage, read> table: array<f32>;        // [rows, dim]
-@group(0) @binding(3) var<storage, read_write> out: array<f32>;    // [batch, dim]
-@group(0) @binding(4) var<storage, read> d_out: array<f32>;        // [batch, dim]
+@group(0) @binding(3) var<storage, read_write> out: array<Elem3>;    // [batch, dim]
+@group(0) @binding(4) var<storage, read> d_out: array<Elem4>;        // [batch, dim]
 @group(0) @binding(5) var<storage, read_write> d_table: array<f32>; // [rows, dim]
 
 @compute @workgroup_size(64)
@@ -31,7 +31,7 @@ fn embedding_add_forward(@builtin(global_invocation_id) gid: vec3<u32>) {
     // (or to no row at all) and adds nothing here.
     let label = labels[b];
     if (label < p.first || label - p.first >= p.rows) { return; }
-    out[i] = out[i] + table[(label - p.first) * p.dim + j];
+    out[i] = to_elem3(f32(out[i]) + table[(label - p.first) * p.dim + j]);
 }
 
 @compute @workgroup_size(64)
@@ -42,7 +42,7 @@ fn embedding_backward(@builtin(global_invocation_id) gid: vec3<u32>) {
     let j = i % p.dim;
     var acc = 0.0;
     for (var b = 0u; b < p.batch; b = b + 1u) {
-        if (labels[b] == k) { acc = acc + d_out[b * p.dim + j]; }
+        if (labels[b] == k) { acc = acc + f32(d_out[b * p.dim + j]); }
     }
     d_table[i] = d_table[i] + acc;
 }

@@ -19,11 +19,11 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> moments: array<f32>;       // [P, 2L]
-@group(0) @binding(2) var<storage, read> eps: array<f32>;           // [P, L]
-@group(0) @binding(3) var<storage, read_write> z: array<f32>;       // [P, L]
-@group(0) @binding(4) var<storage, read> dz: array<f32>;            // [P, L]
-@group(0) @binding(5) var<storage, read_write> dmoments: array<f32>; // [P, 2L]
+@group(0) @binding(1) var<storage, read> moments: array<Elem1>;       // [P, 2L]
+@group(0) @binding(2) var<storage, read> eps: array<Elem2>;           // [P, L]
+@group(0) @binding(3) var<storage, read_write> z: array<Elem3>;       // [P, L]
+@group(0) @binding(4) var<storage, read> dz: array<Elem4>;            // [P, L]
+@group(0) @binding(5) var<storage, read_write> dmoments: array<Elem5>; // [P, 2L]
 @group(0) @binding(6) var<storage, read_write> partials: array<f32>; // KL stage 1
 // The GradScaler's state (its scale first) when `scaled`: a half-precision step's gradients are
 // of the loss × scale, the reconstruction term's and this one's alike.
@@ -55,8 +55,8 @@ fn posterior_sample(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgrou
     let i = linear_index(wid, nwg, lid);
     if (i >= p.n) { return; }
     let at = moment_index(i);
-    let logvar = clamp(moments[at.y], LOGVAR_MIN, LOGVAR_MAX);
-    z[i] = moments[at.x] + exp(0.5 * logvar) * eps[i];
+    let logvar = clamp(f32(moments[at.y]), LOGVAR_MIN, LOGVAR_MAX);
+    z[i] = to_elem3(f32(moments[at.x]) + exp(0.5 * logvar) * f32(eps[i]));
 }
 
 // Writes both halves of dmoments (overwriting): one invocation per element of z.
@@ -67,18 +67,18 @@ fn posterior_sample_backward(@builtin(workgroup_id) wid: vec3<u32>,
     let i = linear_index(wid, nwg, lid);
     if (i >= p.n) { return; }
     let at = moment_index(i);
-    let raw = moments[at.y];
+    let raw = f32(moments[at.y]);
     let inside = raw >= LOGVAR_MIN && raw <= LOGVAR_MAX;
     let sigma = exp(0.5 * clamp(raw, LOGVAR_MIN, LOGVAR_MAX));
-    dmoments[at.x] = dz[i];
-    dmoments[at.y] = select(0.0, dz[i] * eps[i] * 0.5 * sigma, inside);
+    dmoments[at.x] = to_elem5(f32(dz[i]));
+    dmoments[at.y] = to_elem5(select(0.0, f32(dz[i]) * f32(eps[i]) * 0.5 * sigma, inside));
 }
 
 // ½(μ² + exp(logvar) − 1 − logvar) of element i of the latent.
 fn kl_term(i: u32) -> f32 {
     let at = moment_index(i);
-    let mean = moments[at.x];
-    let logvar = clamp(moments[at.y], LOGVAR_MIN, LOGVAR_MAX);
+    let mean = f32(moments[at.x]);
+    let logvar = clamp(f32(moments[at.y]), LOGVAR_MIN, LOGVAR_MAX);
     return 0.5 * (mean * mean + exp(logvar) - 1.0 - logvar);
 }
 
@@ -104,10 +104,10 @@ fn posterior_kl_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_wor
     let i = linear_index(wid, nwg, lid);
     if (i >= p.n) { return; }
     let at = moment_index(i);
-    let raw = moments[at.y];
+    let raw = f32(moments[at.y]);
     let inside = raw >= LOGVAR_MIN && raw <= LOGVAR_MAX;
     let var_ = exp(clamp(raw, LOGVAR_MIN, LOGVAR_MAX));
     let factor = select(p.factor, p.factor * loss_scale[0], p.scaled != 0u);
-    dmoments[at.x] = dmoments[at.x] + factor * moments[at.x];
-    dmoments[at.y] = dmoments[at.y] + select(0.0, factor * 0.5 * (var_ - 1.0), inside);
+    dmoments[at.x] = to_elem5(f32(dmoments[at.x]) + factor * f32(moments[at.x]));
+    dmoments[at.y] = to_elem5(f32(dmoments[at.y]) + select(0.0, factor * 0.5 * (var_ - 1.0), inside));
 }

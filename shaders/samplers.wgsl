@@ -27,7 +27,7 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> model_output: array<f32>;
+@group(0) @binding(1) var<storage, read> model_output: array<Elem1>;
 @group(0) @binding(2) var<storage, read> z: array<f32>;            // fresh noise of this step
 @group(0) @binding(3) var<storage, read> coeffs: array<f32>;
 @group(0) @binding(4) var<storage, read_write> x: array<f32>;      // the sample, updated in place
@@ -79,8 +79,8 @@ fn guidance_combine(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgrou
                     @builtin(local_invocation_index) lid: u32) {
     let i = linear_index(wid, nwg, lid);
     if (i >= p.n) { return; }
-    let c = model_output[i];
-    let u = model_output[p.n + i];
+    let c = f32(model_output[i]);
+    let u = f32(model_output[p.n + i]);
     x[i] = u + p.guidance * (c - u);
 }
 
@@ -91,7 +91,7 @@ fn ddpm_step(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
     let i = linear_index(wid, nwg, lid);
     if (i >= p.n) { return; }
     let xv = x[i];
-    let x0 = clipped(x0_raw(xv, model_output[i]));
+    let x0 = clipped(x0_raw(xv, f32(model_output[i])));
     var next = coeffs[2] * x0 + coeffs[3] * xv;
     if (coeffs[4] != 0.0) { next = next + coeffs[4] * z[i]; }
     x[i] = next;
@@ -106,7 +106,7 @@ fn ddim_step(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
     let i = linear_index(wid, nwg, lid);
     if (i >= p.n) { return; }
     let xv = x[i];
-    let m = model_output[i];
+    let m = f32(model_output[i]);
     let a = coeffs[0];
     let s = coeffs[1];
     let raw = x0_raw(xv, m);
@@ -128,7 +128,7 @@ fn dpm_solver_step(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroup
     let i = linear_index(wid, nwg, lid);
     if (i >= p.n) { return; }
     let xv = x[i];
-    let x0 = clipped(x0_raw(xv, model_output[i]));
+    let x0 = clipped(x0_raw(xv, f32(model_output[i])));
     var next = coeffs[2] * xv - coeffs[3] * x0;
     if (coeffs[4] != 0.0) { next = next - coeffs[4] * (x0 - aux0[i]); }
     aux0[i] = x0;
@@ -145,7 +145,7 @@ fn sigma_step(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     let i = linear_index(wid, nwg, lid);
     if (i >= p.n) { return; }
     let xv = x[i];
-    let x0 = clipped(x0_raw(xv, model_output[i]));
+    let x0 = clipped(x0_raw(xv, f32(model_output[i])));
     let d = (xv - x0) / coeffs[2];
     let dt = coeffs[3];
     let stage = coeffs[4];
@@ -199,7 +199,7 @@ fn ve_step_size(@builtin(local_invocation_index) lid: u32) {
         var gs = 0.0;
         var ns = 0.0;
         for (var j = lid; j < p.per_image; j = j + WG) {
-            let m = model_output[b * p.per_image + j];
+            let m = f32(model_output[b * p.per_image + j]);
             let zz = z[b * p.per_image + j];
             gs = gs + m * m;
             ns = ns + zz * zz;
@@ -230,7 +230,7 @@ fn ve_step(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
     let i = linear_index(wid, nwg, lid);
     if (i >= p.n) { return; }
     let xv = x[i];
-    let m = model_output[i];
+    let m = f32(model_output[i]);
     let stage = coeffs[4];
     if (stage == 0.0) {
         let e = aux1[0];
@@ -264,7 +264,7 @@ fn plms_step(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
     if (i >= p.n) { return; }
     let flags = u32(coeffs[11]);
     let xv = x[i];
-    let m = model_output[i];
+    let m = f32(model_output[i]);
     let h0 = aux0[i];
     let h1 = aux1[i];
     var base = xv;

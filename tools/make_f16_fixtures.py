@@ -11,15 +11,23 @@ Not needed to build or test wgpu-diffusion; it only regenerates what the tests c
 
 What it models (say it plainly: it is not torch.autocast on the CPU). On a GPU, autocast runs
 each conv and Linear with f16 inputs and f32 accumulation and hands back an f16 output. Our
-`--precision f16` keeps activations and gradients in f32 and rounds only the operands of every
-GEMM and convolution to f16 as the kernels load them. So every `F.conv2d` and `F.linear` of the
-model is replaced here by an autograd function that computes in f32 (or f64, below) from
-f16-rounded operands, in the forward pass (x, W) and in both backward products (dY and W for dX,
-dY and x for dW); a bias gradient is the sum of the rounded dY (the sum itself in f32). The bias
-is added in f32. Everything else is as in f32 training: GroupNorm, SiLU, the attention core
-(softmax(QKᵀ)V, scaled_dot_product_attention, which our fused kernel computes in f32), the
-timestep embedding and the time-embedding MLP (`time_embedding.linear_1/linear_2` are left
-unrounded, issue 21: "the time-embedding MLP runs in f32"), the loss.
+`--precision f16` does the same with explicit rules, which this script reproduces:
+- Operands: every `F.conv2d` and `F.linear` of the model is replaced by an autograd function
+  that computes in f32 (or f64, below) from f16-rounded operands, in the forward pass (x, W) and
+  in both backward products (dY and W for dX, dY and x for dW); a bias gradient is the sum of the
+  rounded dY (the sum itself in f32). The bias is added in f32.
+- Storage: the activations the run keeps are stored as f16, and so are their gradients. Each is
+  modelled by `StoredHalf`, which rounds the value in the forward pass and the incoming gradient
+  in the backward pass, at the points where our U-Net stores one: the output of every conv and
+  Linear (conv_in, conv1, conv2, conv_shortcut, time_emb_proj, the down/upsampling convs, to_q,
+  to_k, to_v, to_out.0), every SiLU after a GroupNorm (GroupNorm + SiLU is one kernel: the norm's
+  own output is not stored), the input of each resnet's norm2 (conv1's output plus the time
+  embedding, summed in place), each resnet's and attention block's output (the residual sums),
+  an attention block's GroupNorm output and the attention core's output. Not rounded (f32, as
+  autocast keeps them): the model input, the timestep embedding and the time-embedding MLP
+  (`time_embedding.linear_1/linear_2` also keep f32 operands, issue 21), conv_out's output (the
+  loss reads it), the attention core's internals (softmax(QKᵀ)V in f32, as our fused kernel
+  computes it), the loss.
 
 The loss gradient is scaled by GradScaler's initial scale 2^16 (meta `loss_scale`) before the
 backward pass, as a `--precision f16` run does, and the stored gradients are unscaled (divided by
@@ -117,6 +125,47 @@ class HalfOperandLinear(torch.autograd.Function):
         return dx, dw, db
 
 
+class StoredHalf(torch.autograd.Function):
+    """An activation stored as f16: its value rounded, and its gradient when it is stored."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return f16(x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return f16(dy)
+
+
+def stored(out):
+    return StoredHalf.apply(out[0]) if isinstance(out, tuple) else StoredHalf.apply(out)
+
+
+SDPA = F.scaled_dot_product_attention
+
+
+def half_storage(model):
+    """Rounds, value and gradient, what our U-Net stores as f16 (see the module docstring)."""
+    for name, mod in model.named_modules():
+        leaf = name.split(".")[-1]
+        if name.startswith("time_embedding") or name == "conv_out":
+            continue
+        rounds_output = (
+            isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear))
+            or (isinstance(mod, torch.nn.GroupNorm) and leaf == "group_norm")
+            or type(mod).__name__ in ("ResnetBlock2D", "Attention")
+        )
+        if rounds_output:
+            mod.register_forward_hook(lambda _m, _i, out: stored(out))
+        if isinstance(mod, torch.nn.SiLU):
+            # The SiLU of the time embedding (2-D, inside each resnet) stays f32.
+            mod.register_forward_hook(lambda _m, i, out: stored(out) if out.dim() == 4 else out)
+        if leaf == "norm2":
+            mod.register_forward_pre_hook(lambda _m, i: (StoredHalf.apply(i[0]),))
+    # The attention core's output (o) is stored; its internals are f32.
+    F.scaled_dot_product_attention = lambda *a, **k: StoredHalf.apply(SDPA(*a, **k))
+
+
 def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
     return HalfOperandConv2d.apply(x, w, b, stride, padding, dilation, groups)
 
@@ -201,6 +250,7 @@ def main():
 
     for m in (model, model64):
         half_operands(m)
+        half_storage(m)
     acts = {}
     x_t, eps, loss = run_step(model, x0, noise, t, acp, acts)
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -256,8 +306,11 @@ def main():
         model_class="diffusers.UNet2DModel",
         precision="f16",
         operands="f16-rounded inputs of every conv and Linear (forward and both backward "
-        "products), f32 accumulation and outputs, bias in f32, bias gradient = sum of rounded "
-        "dY; time_embedding.linear_1/2, attention core, norms, activations, loss in f32",
+        "products), f32 accumulation, bias in f32, bias gradient = sum of rounded dY; "
+        "time_embedding.linear_1/2, attention core internals, norms' statistics, loss in f32",
+        storage="f16 values and gradients of the stored activations: conv and Linear outputs "
+        "(not conv_out, not the time-embedding MLP), SiLU after GroupNorm, norm2's input, resnet "
+        "and attention block outputs, attention GroupNorm output, attention core output",
         loss_scale=LOSS_SCALE,
         seed=a.seed,
         batch=a.batch,

@@ -14,8 +14,8 @@ pub use kernels::{
 };
 pub use plan::{Binding, Plan, PlanProfile, Recorder, StepRecord, grid_1d};
 pub use tensor::{
-    Dtype, NoGradGuard, Tensor, Texture2d, UnusedActivationsGuard, grad_enabled, no_grad,
-    unused_activations,
+    Dtype, F32ActivationsGuard, NoGradGuard, Tensor, Texture2d, UnusedActivationsGuard,
+    f32_activations, grad_enabled, no_grad, unused_activations,
 };
 
 use std::sync::Arc;

@@ -13,6 +13,29 @@ thread_local! {
     static GRAD_MODE: Cell<bool> = const { Cell::new(true) };
     /// Whether activations built on this thread have storage (see [`unused_activations`]).
     static ACTIVATION_MODE: Cell<bool> = const { Cell::new(true) };
+    /// Whether activations built on this thread stay f32 in a half-precision run (see
+    /// [`f32_activations`]).
+    static F32_ACTIVATIONS: Cell<bool> = const { Cell::new(false) };
+}
+
+/// For the parts of a model that torch.autocast keeps in f32 (the time-embedding MLP, a model's
+/// input and output): while the guard lives, activations built on this thread
+/// ([`Gpu::activation_dtype`]) are f32 even in a half-precision run.
+pub fn f32_activations() -> F32ActivationsGuard {
+    F32ActivationsGuard {
+        previous: F32_ACTIVATIONS.with(|m| m.replace(true)),
+    }
+}
+
+#[must_use = "activations stay f32 only while the guard lives"]
+pub struct F32ActivationsGuard {
+    previous: bool,
+}
+
+impl Drop for F32ActivationsGuard {
+    fn drop(&mut self) {
+        F32_ACTIVATIONS.with(|m| m.set(self.previous));
+    }
 }
 
 /// torch's `no_grad()` for model builds: while the guard lives, models built on this thread
@@ -344,18 +367,39 @@ impl Gpu {
     /// An activation's value: a new tensor, or one without storage inside
     /// [`unused_activations`].
     pub fn activation_tensor(&self, shape: &[usize], label: &str) -> Tensor {
+        self.activation_tensor_of(shape, Dtype::F32, label)
+    }
+
+    /// [`Gpu::activation_tensor`] of `dtype`.
+    pub fn activation_tensor_of(&self, shape: &[usize], dtype: Dtype, label: &str) -> Tensor {
         if ACTIVATION_MODE.with(|m| m.get()) {
-            Tensor::new(self, shape, Dtype::F32, label)
+            Tensor::new(self, shape, dtype, label)
         } else {
-            Tensor::unbacked(self, shape, Dtype::F32, label)
+            Tensor::unbacked(self, shape, dtype, label)
         }
     }
 
     pub fn grad_tensor(&self, shape: &[usize], label: &str) -> Tensor {
+        self.grad_tensor_of(shape, Dtype::F32, label)
+    }
+
+    /// [`Gpu::grad_tensor`] of `dtype`.
+    pub fn grad_tensor_of(&self, shape: &[usize], dtype: Dtype, label: &str) -> Tensor {
         if grad_enabled() && ACTIVATION_MODE.with(|m| m.get()) {
-            Tensor::new(self, shape, Dtype::F32, label)
+            Tensor::new(self, shape, dtype, label)
         } else {
-            Tensor::unbacked(self, shape, Dtype::F32, label)
+            Tensor::unbacked(self, shape, dtype, label)
+        }
+    }
+
+    /// The element type of a model's activations and their gradients: f16 in a half-precision
+    /// run (what backward keeps, as torch.autocast's f16 tensors), f32 otherwise and inside
+    /// [`f32_activations`].
+    pub fn activation_dtype(&self) -> Dtype {
+        if self.precision == super::Precision::F16 && !F32_ACTIVATIONS.with(|m| m.get()) {
+            Dtype::F16
+        } else {
+            Dtype::F32
         }
     }
 

@@ -84,7 +84,8 @@ impl AttentionCore {
             let square = [samples * heads * tq, tk];
             Storage::Unfused {
                 scores: gpu.tensor(&square, &format!("{prefix}.scores")),
-                probs: Act::new(gpu, &square, &format!("{prefix}.probs")),
+                // The core computes in f32 in a half-precision run, as the fused kernels do.
+                probs: Act::new_f32(gpu, &square, &format!("{prefix}.probs")),
                 dscores: gpu.grad_tensor(&square, &format!("{prefix}.dscores")),
             }
         };

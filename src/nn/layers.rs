@@ -356,10 +356,12 @@ impl ResnetBlock {
         let [n, h, w, cin] = [x_shape[0], x_shape[1], x_shape[2], x_shape[3]];
         let hs = [n, h, w, cout];
         let a = |shape: &[usize], what: &str| Act::new(gpu, shape, &format!("{prefix}.{what}"));
+        // The run's activation type (f16 in a half-precision run), as every Act's.
+        let dtype = gpu.activation_dtype();
         // With output_scale 1, conv2's output gradient *is* the block's output gradient.
         let c2 = if output_scale == 1.0 {
             Act {
-                value: gpu.tensor(&hs, &format!("{prefix}.conv2")),
+                value: gpu.activation_tensor_of(&hs, dtype, &format!("{prefix}.conv2")),
                 grad: out.grad.clone(),
             }
         } else {
@@ -413,7 +415,11 @@ impl ResnetBlock {
             shortcut: (cin != cout).then(|| {
                 if output_scale == 1.0 {
                     Act {
-                        value: gpu.tensor(&hs, &format!("{prefix}.conv_shortcut")),
+                        value: gpu.activation_tensor_of(
+                            &hs,
+                            dtype,
+                            &format!("{prefix}.conv_shortcut"),
+                        ),
                         grad: out.grad.clone(),
                     }
                 } else {

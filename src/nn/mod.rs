@@ -38,13 +38,22 @@ pub struct Act {
 }
 
 impl Act {
+    /// An activation of the run's activation type (`Gpu::activation_dtype`: f16 in a
+    /// half-precision run), its gradient of the same type.
     pub fn new(gpu: &Arc<Gpu>, shape: &[usize], label: &str) -> Act {
+        let dtype = gpu.activation_dtype();
         Act {
             // No storage inside `gpu::unused_activations` (parts a build never runs).
-            value: gpu.activation_tensor(shape, label),
+            value: gpu.activation_tensor_of(shape, dtype, label),
             // None inside `gpu::no_grad` (sampling builds).
-            grad: gpu.grad_tensor(shape, &format!("d {label}")),
+            grad: gpu.grad_tensor_of(shape, dtype, &format!("d {label}")),
         }
+    }
+
+    /// An f32 activation whatever the precision (see `gpu::f32_activations`).
+    pub fn new_f32(gpu: &Arc<Gpu>, shape: &[usize], label: &str) -> Act {
+        let _f32 = crate::gpu::f32_activations();
+        Act::new(gpu, shape, label)
     }
     pub fn shape(&self) -> &[usize] {
         self.value.shape()

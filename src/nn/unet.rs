@@ -195,24 +195,26 @@ impl UNet {
             )
         });
 
-        let sample = act(&[batch, sh, sw, c.in_channels], "sample");
+        // torch.autocast keeps the model's input, the timestep embedding and its MLP in f32.
+        let act_f32 = |shape: &[usize], label: &str| Act::new_f32(gpu, shape, label);
+        let sample = act_f32(&[batch, sh, sw, c.in_channels], "sample");
         let timesteps = gpu.tensor(&[batch], "timesteps");
-        let t_proj = act(&[batch, c.time_proj_dim()], "time_proj");
+        let t_proj = act_f32(&[batch, c.time_proj_dim()], "time_proj");
         let linear_1 = Linear::new(
             &mut d,
             "time_embedding.linear_1",
             c.time_proj_dim(),
             c.time_embed_dim(),
         );
-        let t1 = act(&[batch, c.time_embed_dim()], "time_embedding.linear_1");
-        let t1_act = act(&[batch, c.time_embed_dim()], "time_embedding.act");
+        let t1 = act_f32(&[batch, c.time_embed_dim()], "time_embedding.linear_1");
+        let t1_act = act_f32(&[batch, c.time_embed_dim()], "time_embedding.act");
         let linear_2 = Linear::new(
             &mut d,
             "time_embedding.linear_2",
             c.time_embed_dim(),
             c.time_embed_dim(),
         );
-        let emb = act(&[batch, c.time_embed_dim()], "time_embedding");
+        let emb = act_f32(&[batch, c.time_embed_dim()], "time_embedding");
         // diffusers: emb = time_embedding(t_emb) + class_embedding(class_labels).
         let class_embedding = c.num_class_embeds.map(|k| {
             d.0.push((
@@ -224,7 +226,7 @@ impl UNet {
         let class_labels = c
             .num_class_embeds
             .map(|_| gpu.tensor(&[batch], "class labels u32"));
-        let emb_act = act(&[batch, c.time_embed_dim()], "silu(time_embedding)");
+        let emb_act = act_f32(&[batch, c.time_embed_dim()], "silu(time_embedding)");
         let conv_in = Conv2d::new(
             &mut d,
             "conv_in",
@@ -450,9 +452,10 @@ impl UNet {
             3,
             Conv2dGeometry::same(1, 1),
         );
-        let output = act(&[batch, sh, sw, c.out_channels], "conv_out");
+        // The model output stays f32 (the loss and the samplers compute in f32 from it).
+        let output = act_f32(&[batch, sh, sw, c.out_channels], "conv_out");
         let (raw_output, frozen) = if c.is_fourier() {
-            let raw = act(&[batch, sh, sw, c.out_channels], "conv_out before / σ");
+            let raw = act_f32(&[batch, sh, sw, c.out_channels], "conv_out before / σ");
             (Some(raw), vec![(FOURIER_WEIGHT.to_string(), vec![c0])])
         } else {
             (None, Vec::new())

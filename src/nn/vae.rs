@@ -356,7 +356,7 @@ impl Vae {
         let (lh, lw) = (h / c.downscale(), w / c.downscale());
         let mut d = ParamDecls::default();
         let unused = (!with_encoder).then(crate::gpu::unused_activations);
-        let sample = Act::new(gpu, &[batch, h, w, c.in_channels], "sample");
+        let sample = Act::new_f32(gpu, &[batch, h, w, c.in_channels], "sample");
         let encoder = encoder(gpu, &mut d, c, &sample);
         let enc_out = Act::new(gpu, &[batch, lh, lw, 2 * l], "encoder.conv_out");
         drop(unused);
@@ -393,7 +393,8 @@ impl Vae {
             latent.clone()
         };
         let decoder = decoder(gpu, &mut d, c, &dec_in);
-        let output = Act::new(gpu, &[batch, h, w, c.out_channels], "decoder.conv_out");
+        // The output stays f32 (the loss computes from it in f32), as a U-Net's does.
+        let output = Act::new_f32(gpu, &[batch, h, w, c.out_channels], "decoder.conv_out");
         let params = ParamStore::new(gpu, &d.0)?;
         Ok(Vae {
             config: c.clone(),

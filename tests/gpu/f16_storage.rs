@@ -770,3 +770,50 @@ fn layer_norm_gelus_and_softmax_read_and_store_f16() {
         drop(stats);
     }
 }
+
+/// Issue 21's memory target: a half-precision U-Net stores its activations and their gradients
+/// as f16 (its input, output and time-embedding MLP stay f32), so a tiny16 training step at
+/// batch 32 allocates at most 0.6× the bytes of the f32 step (fresh devices, each counting only
+/// its own buffers and textures; `bench` measures mnist28 likewise, README).
+#[test]
+fn a_half_precision_trainer_stores_f16_activations_in_at_most_0_6_of_the_memory() {
+    use wgpu_diffusion::gpu::Precision;
+    use wgpu_diffusion::nn::UNetConfig;
+    use wgpu_diffusion::train::{TrainConfig, Trainer};
+    let model = UNetConfig::preset("tiny16").unwrap();
+    let bytes = |precision: Precision| {
+        let g = Gpu::new(&GpuOptions {
+            precision,
+            ..Default::default()
+        })
+        .expect("adapter");
+        let cfg = TrainConfig {
+            batch_size: 32,
+            grad_scaler: precision == Precision::F16,
+            ..Default::default()
+        };
+        let t = Trainer::new(g.clone(), cfg, &model).unwrap();
+        let acts: std::collections::HashMap<_, _> = t
+            .unet
+            .activations()
+            .into_iter()
+            .map(|(name, tensor)| (name, tensor.dtype()))
+            .collect();
+        (g.allocated_bytes(), acts, t.unet.output.value.dtype())
+    };
+    let (full, full_acts, _) = bytes(Precision::F32);
+    let (half, half_acts, output) = bytes(Precision::F16);
+    assert!(full_acts.values().all(|d| *d == Dtype::F32));
+    assert_eq!(half_acts["conv_in"], Dtype::F16);
+    assert_eq!(half_acts["down_blocks.0.resnets.0"], Dtype::F16);
+    assert_eq!(half_acts["time_embedding"], Dtype::F32);
+    assert_eq!(output, Dtype::F32, "the loss reads the output in f32");
+    eprintln!(
+        "allocated: f32 {full} B, f16 {half} B ({:.3}x)",
+        half as f64 / full as f64
+    );
+    assert!(
+        half as f64 <= 0.6 * full as f64,
+        "f16 step allocates {half} B, more than 0.6 x the f32 step's {full} B"
+    );
+}
