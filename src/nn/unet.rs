@@ -188,15 +188,16 @@ impl UNet {
         if cross.is_some() && context_tokens == 0 {
             return Err(GpuError::Invalid("a context of 0 tokens".into()));
         }
+        // torch.autocast keeps the model's inputs (the sample; the text encoder's last hidden
+        // state, the output of a LayerNorm), the timestep embedding and its MLP in f32.
+        let act_f32 = |shape: &[usize], label: &str| Act::new_f32(gpu, shape, label);
         let encoder_hidden_states = cross.map(|x| {
-            act(
+            act_f32(
                 &[batch * context_tokens, x.cross_attention_dim],
                 "encoder_hidden_states",
             )
         });
 
-        // torch.autocast keeps the model's input, the timestep embedding and its MLP in f32.
-        let act_f32 = |shape: &[usize], label: &str| Act::new_f32(gpu, shape, label);
         let sample = act_f32(&[batch, sh, sw, c.in_channels], "sample");
         let timesteps = gpu.tensor(&[batch], "timesteps");
         let t_proj = act_f32(&[batch, c.time_proj_dim()], "time_proj");

@@ -376,7 +376,9 @@ impl Vae {
             enc_out.clone()
         };
         let eps = gpu.tensor(&[batch, lh, lw, l], "posterior eps");
-        let latent = Act::new(gpu, &[batch, lh, lw, l], "latent z");
+        // The latent is what a latent U-Net reads (f32, as its inputs are) and what a sampler
+        // writes for the decoder: f32 whatever the precision.
+        let latent = Act::new_f32(gpu, &[batch, lh, lw, l], "latent z");
         let post_quant_conv = c.use_post_quant_conv.then(|| {
             Conv2d::new(
                 &mut d,

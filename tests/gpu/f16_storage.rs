@@ -817,3 +817,48 @@ fn a_half_precision_trainer_stores_f16_activations_in_at_most_0_6_of_the_memory(
         "f16 step allocates {half} B, more than 0.6 x the f32 step's {full} B"
     );
 }
+
+/// A half-precision Stable Diffusion run (text encoder + U-Net in the VAE's latent space) trains
+/// and samples: the text encoder's last hidden state and the VAE's latent cross from f32 parts
+/// into the f16 U-Net as its f32 inputs (a copy between tensors of two types is refused).
+#[test]
+fn a_half_precision_latent_text_run_trains_and_samples() {
+    let dir = std::env::temp_dir().join(format!("wd-f16-sd-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let vae = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/vae/model");
+    let out = dir.join("run");
+    let (ok, log) = run_cli(&[
+        "train",
+        "--text-conditional",
+        "--vae",
+        vae,
+        "--precision",
+        "f16",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{log}");
+    let samples = dir.join("samples");
+    let (ok, log) = run_cli(&[
+        "sample",
+        "--model",
+        out.join("model").to_str().unwrap(),
+        "--prompt",
+        "a handwritten seven",
+        "--precision",
+        "f16",
+        "--steps",
+        "2",
+        "--num",
+        "2",
+        "--out",
+        samples.to_str().unwrap(),
+    ]);
+    assert!(ok, "{log}");
+    assert!(samples.join("grid.png").is_file());
+    let _ = std::fs::remove_dir_all(&dir);
+}
