@@ -6,12 +6,12 @@ Not needed to build or test wgpu-diffusion. Two steps, with torch (CPU is enough
     pip install torch numpy pillow
     python tools/prompt_accuracy.py train-classifier [--mnist ../shared/data/mnist] [--out classifier.pt]
     python tools/prompt_accuracy.py eval --model runs/text/model [--classifier classifier.pt] \\
-        [--num 50] [--guidance 1 3] [--steps 25] [--bin target/release/wgpu-diffusion]
+        [--num 50] [--guidance 1 3] [--steps 25] [--sampler ddim --eta 0] [--bin target/release/wgpu-diffusion]
 
 `train-classifier` trains a small CNN (two conv layers, one hidden dense layer) on MNIST's 60k
 training digits for 3 epochs and prints its accuracy on the 10k test digits (>= 98% is what the
 evaluation needs; it stops with an error below that). `eval` samples `--num` images per prompt
-"a handwritten <digit name>" with `wgpu-diffusion sample` (DDIM, `--steps`, seeds fixed) at each
+"a handwritten <digit name>" with `wgpu-diffusion sample` (DDIM unless `--sampler`, `--steps`, seeds fixed) at each
 guidance scale, classifies them, and prints a Markdown table: the share read as the prompted
 digit, per prompt and overall.
 """
@@ -82,12 +82,19 @@ def evaluate(a):
     rows = []
     totals = {g: [0, 0] for g in a.guidance}
     for d, word in enumerate(WORDS):
+        if d not in a.digits:
+            continue
         prompt = f"a handwritten {word}"
         row = [prompt]
         for g in a.guidance:
             out = os.path.join(a.work, f"g{g}", word)
-            cmd = [a.bin, "sample", "--model", a.model, "--prompt", prompt, "--guidance-scale", str(g),
+            source = "--checkpoint" if a.model.endswith(".safetensors") else "--model"
+            cmd = [a.bin, "sample", source, a.model, "--prompt", prompt, "--guidance-scale", str(g),
                    "--num", str(a.num), "--sample-steps", str(a.steps), "--seed", str(a.seed + d), "--out", out]
+            if a.sampler:
+                cmd += ["--sampler", a.sampler]
+            if a.eta is not None:
+                cmd += ["--eta", str(a.eta)]
             run = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             if run.returncode != 0:
                 sys.exit(f"{' '.join(cmd)} failed:\n{run.stderr}")
@@ -116,11 +123,14 @@ def main():
     t.add_argument("--mnist", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mnist"))
     t.add_argument("--out", default="classifier.pt")
     e = sub.add_parser("eval")
-    e.add_argument("--model", required=True)
+    e.add_argument("--model", required=True, help="a pipeline directory, or a run's checkpoint (.safetensors)")
     e.add_argument("--classifier", default="classifier.pt")
     e.add_argument("--num", type=int, default=50)
     e.add_argument("--steps", type=int, default=25)
     e.add_argument("--seed", type=int, default=100)
+    e.add_argument("--digits", type=int, nargs="+", default=list(range(10)), help="the prompts' digits (default: all ten)")
+    e.add_argument("--sampler", help="wgpu-diffusion's --sampler (default: the model's scheduler, DDIM)")
+    e.add_argument("--eta", type=float, help="DDIM's eta (0: deterministic, 1: DDPM-like noise)")
     e.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0])
     e.add_argument("--bin", default="target/release/wgpu-diffusion")
     e.add_argument("--work", default="prompt-accuracy")
