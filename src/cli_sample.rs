@@ -35,8 +35,10 @@ pub struct SampleArgs {
     /// With --checkpoint: the raw weights instead of the EMA ones.
     #[arg(long)]
     pub no_ema: bool,
-    /// The sampler: ddim by default; an EDM model's are euler (its default) and heun; a VE-SDE
-    /// model's pc (predictor-corrector, its default) and ode (probability flow).
+    /// The sampler: ddim by default, pndm when the scheduler config names PNDMScheduler, ddpm
+    /// for a text-to-image pipeline naming DDPMScheduler (as StableDiffusionPipeline samples
+    /// it); an EDM model's are euler (its default) and heun; a VE-SDE model's pc
+    /// (predictor-corrector, its default) and ode (probability flow).
     #[arg(long, value_enum)]
     pub sampler: Option<SamplerKind>,
     /// VE-SDE predictor-corrector: the corrector's signal-to-noise ratio r (overrides the
@@ -536,9 +538,13 @@ fn sampling_schedule(
 ) -> Result<SamplingSchedule> {
     let edm = source.scheduler.edm().map_err(|e| anyhow!(e))?.is_some();
     let ve = source.scheduler.ve().map_err(|e| anyhow!(e))?.is_some();
-    // The model's own scheduler when we run it (Stable Diffusion 1.x names PNDMScheduler).
-    let pndm =
-        source.scheduler.get("_class_name").and_then(|c| c.as_str()) == Some("PNDMScheduler");
+    // The model's own scheduler when we run it (Stable Diffusion 1.x names PNDMScheduler); a
+    // text-to-image pipeline naming DDPMScheduler (what `train --text-conditional` exports) is
+    // sampled with it, ancestrally, as StableDiffusionPipeline would: under guidance 3 the
+    // deterministic DDIM turns these models' digits into blobs (README, Training text to image).
+    let class = source.scheduler.get("_class_name").and_then(|c| c.as_str());
+    let pndm = class == Some("PNDMScheduler");
+    let text_ddpm = source.text.is_some() && class == Some("DDPMScheduler");
     if let Some(c) = source.scheduler.unknown_class()
         && args.sampler.is_none()
     {
@@ -551,6 +557,7 @@ fn sampling_schedule(
         (true, _) => SamplerKind::Euler,
         (_, true) => SamplerKind::Pc,
         _ if pndm => SamplerKind::Pndm,
+        _ if text_ddpm => SamplerKind::Ddpm,
         _ => SamplerKind::Ddim,
     });
     let mut overrides = Vec::new();

@@ -953,6 +953,8 @@ fn text_conditional_run_resumes_identically_and_exports_a_pipeline() {
             tensor.to_str().unwrap(),
         ]);
         assert!(ok, "{log}");
+        // Without --sampler, the exported DDPMScheduler: ancestral, as StableDiffusionPipeline.
+        assert!(log.contains("sampler: DDPMScheduler"), "{log}");
         assert!(out.join("grid.png").is_file());
         LoadedTensors::read(&tensor)
             .unwrap()
