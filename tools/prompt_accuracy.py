@@ -11,7 +11,8 @@ Not needed to build or test wgpu-diffusion. Two steps, with torch (CPU is enough
 `train-classifier` trains a small CNN (two conv layers, one hidden dense layer) on MNIST's 60k
 training digits for 3 epochs and prints its accuracy on the 10k test digits (>= 98% is what the
 evaluation needs; it stops with an error below that). `eval` samples `--num` images per prompt
-"a handwritten <digit name>" with `wgpu-diffusion sample` (DDIM unless `--sampler`, `--steps`, seeds fixed) at each
+"a handwritten <digit name>" with `wgpu-diffusion sample` (`--steps` of its default sampler for the model,
+ancestral DDPM for a `train --text-conditional` export, unless `--sampler`; seeds fixed) at each
 guidance scale, classifies them, and prints a Markdown table: the share read as the prompted
 digit, per prompt and overall.
 """
@@ -129,7 +130,7 @@ def main():
     e.add_argument("--steps", type=int, default=25)
     e.add_argument("--seed", type=int, default=100)
     e.add_argument("--digits", type=int, nargs="+", default=list(range(10)), help="the prompts' digits (default: all ten)")
-    e.add_argument("--sampler", help="wgpu-diffusion's --sampler (default: the model's scheduler, DDIM)")
+    e.add_argument("--sampler", help="wgpu-diffusion's --sampler (default: sample's own choice, ddpm for a text export)")
     e.add_argument("--eta", type=float, help="DDIM's eta (0: deterministic, 1: DDPM-like noise)")
     e.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0])
     e.add_argument("--bin", default="target/release/wgpu-diffusion")
